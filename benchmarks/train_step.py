@@ -1,0 +1,167 @@
+"""Train-step throughput of the DLRM against table size.
+
+Shape (issue 3): batch 2048, 26 single-hot tables of dim 64, dense MLP
+512-256-64, final MLP 512-256, dot interaction, SGD for tables and MLPs. Each
+table size runs in a fresh subprocess, so its peak resident memory is its own.
+
+  python -m benchmarks.train_step                 # 1e4, 1e5, 1e6, 1e7 rows
+  python -m benchmarks.train_step --rows=10000,1000000 --steps=50
+
+(run from the repository root).
+
+Prints examples/s and peak memory per size; the last line is
+`step_time_ratio_1e6_over_1e4=<ratio>`. Runs unchanged on GPU/TPU.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+_ROWS = flags.DEFINE_list('rows', ['10000', '100000', '1000000', '10000000'],
+                          'Rows per table.')
+_STEPS = flags.DEFINE_integer('steps', 40, 'Timed steps per size.')
+_WARMUP = flags.DEFINE_integer('warmup', 5, 'Untimed steps per size.')
+_BATCH = flags.DEFINE_integer('batch', 2048, 'Global batch size.')
+_DIM = flags.DEFINE_integer('dim', 64, 'Embedding dim.')
+_ARCH_WITH_SPARSE = flags.DEFINE_bool(
+    'arch_with_sparse', False,
+    'Feed the sparse embeddings to the final MLP too (TorchEasyRec); the'
+    ' reference DLRM and TorchRec do not, so off by default.')
+_SPARSE_OPT = flags.DEFINE_string('sparse_optimizer', 'sgd',
+                                  'sgd, adagrad, rowwise_adagrad or adam.')
+_CHILD = flags.DEFINE_integer('child_rows', 0, 'Internal: run one size.')
+_MEM_FRACTION = flags.DEFINE_float(
+    'memory_fraction', 0.7,
+    'Skip a size whose tables and optimizer state exceed this share of the'
+    ' available memory.')
+
+
+def config_for(rows: int):
+  from configs import criteo  # pylint: disable=g-import-not-at-top
+  config = criteo.get_config()
+  for i in range(26):
+    f = config.features[f'cat_{i}']
+    f.num_buckets = rows
+    f.embedding_dim = _DIM.value
+  config.model.dense_mlp.hidden_units = [512, 256, _DIM.value]
+  config.model.final.hidden_units = [512, 256]
+  config.model.arch_with_sparse = _ARCH_WITH_SPARSE.value
+  config.embedding.optimizer.kind = _SPARSE_OPT.value
+  config.embedding.optimizer.schedule.learning_rate = 0.01
+  config.optimizer.kind = 'sgd'
+  config.optimizer.schedule.learning_rate = 0.01
+  config.batch_size = _BATCH.value
+  config.eval_batch_size = _BATCH.value
+  config.mesh.data, config.mesh.model = 1, -1
+  return config
+
+
+def run_one(rows: int) -> dict:
+  """Times the train step for one table size (in this process)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from dlrm_jax import train  # pylint: disable=g-import-not-at-top
+
+  config = config_for(rows)
+  t0 = time.time()
+  trainer = train.Trainer(config)
+  state = trainer.init_state(0)
+  jax.block_until_ready(state)
+  init_s = time.time() - t0
+  rng = np.random.default_rng(0)
+  batches = []
+  b = _BATCH.value // jax.process_count()
+  for _ in range(4):
+    host = {
+        'dense': rng.normal(size=(b, 13)).astype(np.float32),
+        # Uniform over the whole table: the worst case for caches.
+        'ids': rng.integers(0, rows, (b, 26)).astype(np.int32),
+        'label': (rng.random(b) < 0.25).astype(np.float32),
+    }
+    batches.append(trainer.put_batch(host))
+  acc = jax.device_put(train._zero_acc(), trainer._replicated)  # pylint: disable=protected-access
+  t0 = time.time()
+  state, acc = trainer.train_step(state, batches[0], acc)
+  jax.block_until_ready(acc)
+  compile_s = time.time() - t0
+  for i in range(_WARMUP.value):
+    state, acc = trainer.train_step(state, batches[i % 4], acc)
+  jax.block_until_ready(acc)
+  t0 = time.time()
+  for i in range(_STEPS.value):
+    state, acc = trainer.train_step(state, batches[i % 4], acc)
+  jax.block_until_ready((state, acc))
+  dt = (time.time() - t0) / _STEPS.value
+  emb_bytes = sum(x.nbytes for x in jax.tree.leaves(state.emb))
+  loss = float(acc['loss_sum']) / int(acc['steps'])
+  return {
+      'rows': rows, 'step_s': dt, 'examples_per_s': _BATCH.value / dt,
+      'init_s': init_s, 'compile_s': compile_s, 'loss': loss,
+      'table_bytes': emb_bytes,
+      'peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                        * 1024,
+      'device': str(jax.devices()[0].device_kind), 'num_devices':
+          jax.device_count(),
+  }
+
+
+def available_bytes() -> int:
+  with open('/proc/meminfo') as f:
+    for line in f:
+      if line.startswith('MemAvailable:'):
+        return int(line.split()[1]) * 1024
+  return 1 << 62
+
+
+def main(argv):
+  del argv
+  if _CHILD.value:
+    print('RESULT ' + json.dumps(run_one(_CHILD.value)), flush=True)
+    return
+  results = {}
+  bytes_per_row = 26 * _DIM.value * 4 * {
+      'sgd': 1, 'adagrad': 2, 'rowwise_adagrad': 1, 'adam': 3}[
+          _SPARSE_OPT.value]
+  print(f'batch {_BATCH.value}, 26 tables x dim {_DIM.value}, dense MLP '
+        f'512-256-{_DIM.value}, final 512-256, sparse optimizer '
+        f'{_SPARSE_OPT.value}, arch_with_sparse={_ARCH_WITH_SPARSE.value}')
+  print(f'{"rows/table":>12} {"examples/s":>12} {"step ms":>9} '
+        f'{"tables GB":>10} {"peak RSS GB":>12} {"init s":>7}')
+  for r in (int(float(x)) for x in _ROWS.value):
+    need = r * bytes_per_row
+    if need > _MEM_FRACTION.value * available_bytes():
+      print(f'{r:>12,} skipped: tables and optimizer state need '
+            f'{need / 2**30:.1f} GiB, more than {_MEM_FRACTION.value:.0%} of '
+            f'the {available_bytes() / 2**30:.1f} GiB available')
+      continue
+    cmd = [sys.executable, '-m', 'benchmarks.train_step',
+           f'--child_rows={r}'] + [
+        a for a in sys.argv[1:] if not a.startswith('--rows')]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
+    if out.returncode or not lines:
+      print(f'{r:>12,} failed (exit {out.returncode}):\n{out.stderr[-2000:]}')
+      continue
+    res = json.loads(lines[-1][len('RESULT '):])
+    results[r] = res
+    print(f'{r:>12,} {res["examples_per_s"]:>12,.0f} '
+          f'{res["step_s"] * 1e3:>9.1f} {res["table_bytes"] / 1e9:>10.2f} '
+          f'{res["peak_rss_bytes"] / 1e9:>12.2f} {res["init_s"]:>7.1f}',
+          flush=True)
+  if results:
+    print(f'device: {next(iter(results.values()))["device"]}')
+  if 10_000 in results and 1_000_000 in results:
+    ratio = results[1_000_000]['step_s'] / results[10_000]['step_s']
+    print(f'step_time_ratio_1e6_over_1e4={ratio:.3f}')
+  else:
+    print('step_time_ratio_1e6_over_1e4=nan')
+
+
+if __name__ == '__main__':
+  app.run(main)

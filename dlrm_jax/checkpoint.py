@@ -1,0 +1,117 @@
+"""Checkpoints: an orbax CheckpointManager holding the train state and metadata.
+
+Each checkpoint step holds two items:
+  state: the TrainState pytree (dense parameters and optimizer state, embedding
+         stacks and their optimizer state, step, RNG), every process writing
+         its own shards;
+  meta:  JSON: the model signature (what fixes the state's shapes), the
+         embedding sharding plan, the input pipeline position, the config.
+
+Saves are atomic (orbax writes to a temporary directory and renames it), so a
+run killed mid-save leaves the previous checkpoints intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+class IncompatibleCheckpointError(ValueError):
+  """The checkpoint was written by a config with different shapes."""
+
+
+def signature_diff(saved: dict[str, Any], current: dict[str, Any],
+                   prefix: str = '') -> list[str]:
+  """Human-readable differences between two nested signature dicts."""
+  out = []
+  for k in sorted(set(saved) | set(current)):
+    a, b = saved.get(k, '<absent>'), current.get(k, '<absent>')
+    key = f'{prefix}{k}'
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += signature_diff(a, b, key + '.')
+    elif a != b:
+      out.append(f'{key}: checkpoint has {a!r}, config has {b!r}')
+  return out
+
+
+class Checkpointer:
+  """Saves and restores train states under `<workdir>/checkpoints`."""
+
+  def __init__(self, workdir: str, *, max_to_keep: int = 3,
+               async_save: bool = True):
+    self.directory = epath.Path(workdir) / 'checkpoints'
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True),
+    )
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    self.manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave(meta)),
+        force=True)
+
+  def read_meta(self, step: int) -> dict[str, Any]:
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return restored.meta
+
+  def restore(self, step: int, abstract_state: Any,
+              signature: dict[str, Any] | None = None
+              ) -> tuple[Any, dict[str, Any]]:
+    """Restores a step onto the shardings of `abstract_state`.
+
+    Args:
+      step: the checkpoint step.
+      abstract_state: ShapeDtypeStructs (with shardings) of the state.
+      signature: the current model signature; when given it must equal the
+        saved one.
+
+    Raises:
+      IncompatibleCheckpointError: if the signatures differ.
+    """
+    meta = self.read_meta(step)
+    if signature is not None:
+      diff = signature_diff(meta.get('signature', {}), signature)
+      if diff:
+        raise IncompatibleCheckpointError(
+            f'the checkpoint at {self.directory / str(step)} does not fit the'
+            ' current config:\n  ' + '\n  '.join(diff) +
+            '\nUse a new --workdir, or run with the config the checkpoint was'
+            ' written with (saved in the workdir as config.json).')
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
+    return restored.state, meta
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes JSON atomically (temp file + rename)."""
+  path = os.fspath(path)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, path)

@@ -1,0 +1,379 @@
+"""From an ml_collections config to typed, validated specs.
+
+Everything a config can get wrong is checked here, and every error is a
+ValueError that names the config field and its value, e.g.
+`config.model.dense_mlp.hidden_units[-1] (64) must equal the sparse embedding
+dim (16)`. The modules downstream take the typed specs, never a ConfigDict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import optax
+from ml_collections import config_dict
+
+from dlrm_jax import features as features_lib
+from dlrm_jax import schedules
+from dlrm_jax.embedding import specs as emb_specs
+from dlrm_jax.models import DLRMSpec, MLPSpec
+
+FEATURE_TYPES = ('raw', 'id', 'sequence_id')
+DENSE_OPTIMIZERS = ('sgd', 'adagrad', 'adam', 'adamw')
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSetup:
+  """Everything static about a model: features, transform, specs."""
+
+  features: dict[str, features_lib.Feature]
+  transform: features_lib.FeatureTransform
+  model: DLRMSpec
+  tables: tuple[emb_specs.TableSpec, ...]
+  feature_specs: tuple[emb_specs.FeatureSpec, ...]
+  compute_dtype: Any
+
+  @property
+  def table_rows(self) -> tuple[int, ...]:
+    """Rows of the table of each sparse feature, in sparse-group order."""
+    rows = {t.name: t.num_rows for t in self.tables}
+    return tuple(rows[f.table] for f in self.feature_specs)
+
+
+def _to_dict(value) -> dict:
+  if isinstance(value, config_dict.ConfigDict):
+    return value.to_dict()
+  return dict(value or {})
+
+
+def _positive_int(value, path: str) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f'{path} ({value!r}) must be a positive integer.')
+  return value
+
+
+def build_feature(name: str, cfg: Mapping[str, Any]) -> features_lib.Feature:
+  """One feature from `config.features.<name>`."""
+  path = f'config.features.{name}'
+  cfg = dict(cfg)
+  kind = cfg.pop('type', None)
+  if kind not in FEATURE_TYPES:
+    raise ValueError(
+        f'{path}.type ({kind!r}) must be one of {list(FEATURE_TYPES)}.')
+  column = cfg.pop('input', None) or name
+  col_kind, _ = features_lib.parse_input(column, path=f'{path}.input')
+
+  def known(allowed):
+    unknown = set(cfg) - set(allowed)
+    if unknown:
+      raise ValueError(
+          f'{path} has fields {sorted(unknown)} that a {kind} feature does not'
+          f' take; it takes {sorted(allowed)}.')
+
+  if kind == 'raw':
+    known({'normalizer', 'boundaries', 'embedding_dim', 'embedding_name'})
+    if col_kind != 'int':
+      raise ValueError(
+          f'{path}.input ({column!r}) must be an integer column (int_<i>)'
+          ' for a raw feature.')
+    normalizer = cfg.get('normalizer') or 'none'
+    if normalizer not in features_lib.NORMALIZERS:
+      raise ValueError(
+          f'{path}.normalizer ({normalizer!r}) must be one of'
+          f' {list(features_lib.NORMALIZERS)}.')
+    boundaries = cfg.get('boundaries')
+    dim = cfg.get('embedding_dim')
+    if boundaries is not None:
+      boundaries = tuple(float(b) for b in boundaries)
+      if not boundaries or any(
+          b >= c for b, c in zip(boundaries, boundaries[1:])):
+        raise ValueError(
+            f'{path}.boundaries ({list(boundaries)}) must be a non-empty,'
+            ' strictly increasing list.')
+      _positive_int(dim, f'{path}.embedding_dim')
+    elif dim is not None:
+      raise ValueError(
+          f'{path}.embedding_dim ({dim}) needs {path}.boundaries: a raw'
+          ' feature gets an embedding only when bucketized.')
+    return features_lib.RawFeature(
+        name=name, input=column, normalizer=normalizer, boundaries=boundaries,
+        embedding_dim=dim, embedding_name=cfg.get('embedding_name'))
+
+  allowed = {'embedding_dim', 'num_buckets', 'hash_bucket_size',
+             'embedding_name'}
+  if kind == 'id':
+    allowed |= {'max_ids', 'combiner'}
+  else:
+    allowed |= {'sequence_length'}
+  known(allowed)
+  if col_kind != 'cat':
+    raise ValueError(
+        f'{path}.input ({column!r}) must be a categorical column (cat_<i>)'
+        f' for an {kind} feature.')
+  dim = _positive_int(cfg.get('embedding_dim'), f'{path}.embedding_dim')
+  nb, hb = cfg.get('num_buckets'), cfg.get('hash_bucket_size')
+  if (nb is None) == (hb is None):
+    raise ValueError(
+        f'{path}: give exactly one of num_buckets ({nb!r}) and'
+        f' hash_bucket_size ({hb!r}).')
+  field = 'num_buckets' if nb is not None else 'hash_bucket_size'
+  rows = _positive_int(nb if nb is not None else hb, f'{path}.{field}')
+  if rows < 2:
+    raise ValueError(
+        f'{path}.{field} ({rows}) must be at least 2: row 0 holds missing'
+        ' values.')
+  if kind == 'sequence_id':
+    return features_lib.SequenceIdFeature(
+        name=name, input=column, embedding_dim=dim, num_buckets=nb,
+        hash_bucket_size=hb, embedding_name=cfg.get('embedding_name'),
+        sequence_length=int(cfg.get('sequence_length') or 1))
+  max_ids = _positive_int(cfg.get('max_ids', 1), f'{path}.max_ids')
+  combiner = cfg.get('combiner') or 'sum'
+  if combiner not in features_lib.COMBINERS:
+    raise ValueError(
+        f'{path}.combiner ({combiner!r}) must be one of'
+        f' {list(features_lib.COMBINERS)}.')
+  return features_lib.IdFeature(
+      name=name, input=column, embedding_dim=dim, num_buckets=nb,
+      hash_bucket_size=hb, embedding_name=cfg.get('embedding_name'),
+      max_ids=max_ids, combiner=combiner)
+
+
+def build_mlp(cfg, path: str) -> MLPSpec:
+  cfg = _to_dict(cfg)
+  allowed = {'hidden_units', 'activation', 'use_bn', 'use_ln',
+             'dropout_ratio', 'bias'}
+  unknown = set(cfg) - allowed
+  if unknown:
+    raise ValueError(
+        f'{path} has unknown fields {sorted(unknown)}; an MLP takes'
+        f' {sorted(allowed)}.')
+  return MLPSpec.create(
+      hidden_units=cfg.get('hidden_units'),
+      activation=cfg.get('activation', 'relu'),
+      use_bn=cfg.get('use_bn', False),
+      use_ln=cfg.get('use_ln', False),
+      dropout_ratio=cfg.get('dropout_ratio', 0.0),
+      bias=cfg.get('bias', True),
+      path=path)
+
+
+def build_sparse_optimizer(cfg, path: str) -> emb_specs.SparseOptimizerSpec:
+  cfg = _to_dict(cfg)
+  kind = cfg.get('kind', 'sgd')
+  if kind not in emb_specs.SPARSE_OPTIMIZERS:
+    raise ValueError(
+        f'{path}.kind ({kind!r}) must be one of'
+        f' {list(emb_specs.SPARSE_OPTIMIZERS)}.')
+  schedule = schedules.ScheduleSpec.create(
+      path=f'{path}.schedule', **_to_dict(cfg.get('schedule')))
+  opt = emb_specs.SparseOptimizerSpec(
+      kind=kind, schedule=schedule,
+      initial_accumulator_value=float(cfg.get('initial_accumulator_value',
+                                              0.0)),
+      eps=float(cfg.get('eps', 1e-8)),
+      b1=float(cfg.get('b1', 0.9)), b2=float(cfg.get('b2', 0.999)))
+  if opt.initial_accumulator_value < 0 or opt.eps < 0:
+    raise ValueError(
+        f'{path}.initial_accumulator_value ({opt.initial_accumulator_value})'
+        f' and {path}.eps ({opt.eps}) must be >= 0.')
+  return opt
+
+
+def build(config) -> ModelSetup:
+  """Validates the features, groups, model and embedding configs."""
+  if config.model.get('name', 'dlrm') != 'dlrm':
+    raise ValueError(
+        f"config.model.name ({config.model.name!r}) must be 'dlrm'.")
+  features = {name: build_feature(name, cfg)
+              for name, cfg in _to_dict(config.features).items()}
+  groups = _to_dict(config.model.feature_groups)
+  unknown_groups = set(groups) - {'dense', 'sparse'}
+  if unknown_groups:
+    raise ValueError(
+        f'config.model.feature_groups has groups {sorted(unknown_groups)};'
+        ' DLRM takes a dense and a sparse group.')
+  sparse_names = list(groups.get('sparse') or [])
+  dense_names = list(groups.get('dense') or [])
+  if not sparse_names:
+    raise ValueError(
+        'config.model.feature_groups.sparse is missing or empty; DLRM needs a'
+        ' sparse group.')
+  for group, names in (('dense', dense_names), ('sparse', sparse_names)):
+    seen = set()
+    for n in names:
+      if n not in features:
+        raise ValueError(
+            f'config.model.feature_groups.{group} lists {n!r}, which is not'
+            ' in config.features.')
+      if n in seen:
+        raise ValueError(
+            f'config.model.feature_groups.{group} lists {n!r} twice.')
+      seen.add(n)
+  dense, sparse = [], []
+  for n in dense_names:
+    f = features[n]
+    if isinstance(f, features_lib.SequenceIdFeature):
+      raise ValueError(
+          f'config.model.feature_groups.dense lists {n!r}, a sequence feature;'
+          ' DLRM groups cannot take sequence features.')
+    if not isinstance(f, features_lib.RawFeature) or f.is_sparse:
+      raise ValueError(
+          f'config.model.feature_groups.dense lists {n!r}, which has ids'
+          f' ({type(f).__name__}{", bucketized" if isinstance(f, features_lib.RawFeature) else ""});'
+          ' the dense group takes raw features without boundaries; move it'
+          ' to the sparse group.')
+    dense.append(f)
+  for n in sparse_names:
+    f = features[n]
+    if isinstance(f, features_lib.SequenceIdFeature):
+      raise ValueError(
+          f'config.model.feature_groups.sparse lists {n!r}, a sequence'
+          ' feature; DLRM groups cannot take sequence features.')
+    if isinstance(f, features_lib.RawFeature) and not f.is_sparse:
+      raise ValueError(
+          f'config.model.feature_groups.sparse lists {n!r}, a raw feature'
+          ' without boundaries (no embedding); give it boundaries and an'
+          ' embedding_dim, or move it to the dense group.')
+    sparse.append(f)
+  dims = {f.name: f.embedding_dim for f in sparse}
+  if len(set(dims.values())) > 1:
+    raise ValueError(
+        'config.features: the sparse group\'s features must share one'
+        f' embedding_dim, got {dims}.')
+  dim = sparse[0].embedding_dim
+
+  m = config.model
+  has_dense_mlp = m.get('dense_mlp') is not None and bool(
+      _to_dict(m.dense_mlp))
+  if dense and not has_dense_mlp:
+    raise ValueError(
+        f'config.model.feature_groups.dense has {len(dense)} features but'
+        ' config.model.dense_mlp is not set.')
+  if has_dense_mlp and not dense:
+    raise ValueError(
+        'config.model.dense_mlp is set but there is no dense feature group'
+        ' (config.model.feature_groups.dense); remove dense_mlp or add the'
+        ' group.')
+  dense_mlp = build_mlp(m.dense_mlp, 'config.model.dense_mlp') if dense else None
+  if dense_mlp is not None and dense_mlp.output_dim != dim:
+    raise ValueError(
+        f'config.model.dense_mlp.hidden_units[-1] ({dense_mlp.output_dim})'
+        f' must equal the sparse embedding dim ({dim}).')
+  final = build_mlp(m.final, 'config.model.final')
+  compute = m.get('compute_dtype', 'float32')
+  if compute not in COMPUTE_DTYPES:
+    raise ValueError(
+        f'config.model.compute_dtype ({compute!r}) must be one of'
+        f' {list(COMPUTE_DTYPES)}.')
+  model = DLRMSpec(
+      num_dense=len(dense), num_sparse=len(sparse), embedding_dim=dim,
+      dense_mlp=dense_mlp, final=final,
+      arch_with_sparse=bool(m.get('arch_with_sparse', True)),
+      interaction_self=bool(m.get('interaction_self', False)))
+
+  tables, feature_specs = build_tables(config, sparse)
+  transform = features_lib.FeatureTransform(tuple(dense), tuple(sparse))
+  return ModelSetup(features, transform, model, tables, feature_specs,
+                    jnp.dtype(compute))
+
+
+def build_tables(config, sparse) -> tuple[tuple[emb_specs.TableSpec, ...],
+                                           tuple[emb_specs.FeatureSpec, ...]]:
+  """One table per sparse feature, or shared by features naming one."""
+  e = config.embedding
+  opt = build_sparse_optimizer(e.optimizer, 'config.embedding.optimizer')
+  overrides = _to_dict(e.get('tables'))
+  table_fields: dict[str, dict] = {}
+  owner: dict[str, str] = {}
+  feature_specs = []
+  for f in sparse:
+    name = features_lib.table_name(f)
+    fields = dict(num_rows=f.num_rows, dim=f.embedding_dim,
+                  combiner=f.combiner)
+    if name in table_fields:
+      prev = table_fields[name]
+      for k in ('num_rows', 'dim', 'combiner'):
+        if prev[k] != fields[k]:
+          what = {'num_rows': 'table size', 'dim': 'embedding_dim',
+                  'combiner': 'combiner'}[k]
+          raise ValueError(
+              f'config.features.{f.name} and config.features.{owner[name]}'
+              f' share table {name!r} but differ in {what}'
+              f' ({fields[k]} vs {prev[k]}).')
+    else:
+      table_fields[name] = fields
+      owner[name] = f.name
+    feature_specs.append(emb_specs.FeatureSpec(
+        name=f.name, table=name, max_ids=f.max_ids, dim=f.embedding_dim))
+  for name in overrides:
+    if name not in table_fields:
+      raise ValueError(
+          f'config.embedding.tables.{name} overrides a table that no sparse'
+          f' feature uses (tables: {sorted(table_fields)}).')
+  tables = []
+  for name, fields in table_fields.items():
+    over = dict(overrides.get(name, {}))
+    path = f'config.embedding.tables.{name}'
+    allowed = {'initializer', 'init_scale', 'dtype', 'optimizer'}
+    if set(over) - allowed:
+      raise ValueError(
+          f'{path} has unknown fields {sorted(set(over) - allowed)}; it takes'
+          f' {sorted(allowed)}.')
+    table_opt = opt
+    if 'optimizer' in over:
+      merged = _to_dict(e.optimizer)
+      merged.update(_to_dict(over['optimizer']))
+      table_opt = build_sparse_optimizer(merged, f'{path}.optimizer')
+    initializer = over.get('initializer', e.get('initializer', 'uniform'))
+    if initializer not in emb_specs.INITIALIZERS:
+      src = path if 'initializer' in over else 'config.embedding'
+      raise ValueError(
+          f'{src}.initializer ({initializer!r}) must be one of'
+          f' {list(emb_specs.INITIALIZERS)}.')
+    dtype = over.get('dtype', e.get('dtype', 'float32'))
+    if dtype not in emb_specs.TABLE_DTYPES:
+      src = path if 'dtype' in over else 'config.embedding'
+      raise ValueError(
+          f'{src}.dtype ({dtype!r}) must be one of'
+          f' {list(emb_specs.TABLE_DTYPES)}.')
+    tables.append(emb_specs.TableSpec(
+        name=name, num_rows=fields['num_rows'], dim=fields['dim'],
+        initializer=initializer,
+        init_scale=over.get('init_scale', e.get('init_scale')),
+        optimizer=table_opt, combiner=fields['combiner'], dtype=dtype))
+  emb_specs.validate(tables, feature_specs)
+  return tuple(tables), tuple(feature_specs)
+
+
+def build_dense_optimizer(cfg) -> optax.GradientTransformation:
+  """The optax optimizer of the dense (MLP) parameters."""
+  path = 'config.optimizer'
+  cfg = _to_dict(cfg)
+  kind = cfg.get('kind', 'adam')
+  if kind not in DENSE_OPTIMIZERS:
+    raise ValueError(
+        f'{path}.kind ({kind!r}) must be one of {list(DENSE_OPTIMIZERS)}.')
+  lr = schedules.build(schedules.ScheduleSpec.create(
+      path=f'{path}.schedule', **_to_dict(cfg.get('schedule'))))
+  eps = float(cfg.get('eps', 1e-8))
+  if kind == 'sgd':
+    momentum = float(cfg.get('momentum', 0.0))
+    tx = optax.sgd(lr, momentum=momentum or None)
+  elif kind == 'adagrad':
+    tx = optax.adagrad(lr, eps=eps)
+  elif kind == 'adam':
+    tx = optax.adam(lr, b1=cfg.get('b1', 0.9), b2=cfg.get('b2', 0.999),
+                    eps=eps)
+  else:
+    tx = optax.adamw(lr, b1=cfg.get('b1', 0.9), b2=cfg.get('b2', 0.999),
+                     eps=eps, weight_decay=float(cfg.get('weight_decay', 0.0)))
+  clip = float(cfg.get('grad_clip_norm', 0.0) or 0.0)
+  if clip < 0:
+    raise ValueError(f'{path}.grad_clip_norm ({clip}) must be >= 0.')
+  if clip:
+    tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+  return tx

@@ -1,0 +1,1 @@
+"""Data: Criteo readers, synthetic click logs, input pipelines."""

@@ -1,0 +1,270 @@
+"""Input pipeline: sources of raw rows, batching, host-side checks, prefetch.
+
+A *source* yields raw chunks (see `dlrm_jax.features`) from a row offset:
+`SyntheticSource` (the built-in generator) and `TsvSource` (Criteo text files,
+streamed). `TrainBatches` cuts a source into global batches of fixed size,
+epoch after epoch, optionally shuffling within fixed windows of rows; batch k
+is a pure function of (source, seed, k), so a run resumed at step k sees the
+same batches as a run that never stopped. Each process keeps its own slice of
+every global batch. `EvalBatches` walks a source once, padding the last batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from dlrm_jax import features as features_lib
+from dlrm_jax.data import criteo
+from dlrm_jax.data.synthetic import SyntheticCriteo
+
+_SYNTHETIC_CHUNK = 16384
+
+
+class SyntheticSource:
+  """Rows of one split of the synthetic generator."""
+
+  def __init__(self, generator: SyntheticCriteo, split: str):
+    self.generator = generator
+    self.split = split
+    self.num_rows = generator.num_rows(split)
+    self.description = f'synthetic {split} split ({self.num_rows:,} rows)'
+
+  def iter_rows(self, offset: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    pos = offset
+    while pos < self.num_rows:
+      n = min(_SYNTHETIC_CHUNK, self.num_rows - pos)
+      rows = self.generator.rows(self.split, pos, n)
+      rows.pop('teacher_prob')
+      yield rows
+      pos += n
+
+
+class TsvSource:
+  """Valid rows `start .. stop` of Criteo text files (streamed)."""
+
+  def __init__(self, paths: Sequence[str], *, start: int = 0,
+               stop: int | None = None, labeled: bool = True,
+               bad_lines: str = 'error', chunk_rows: int = 65536,
+               report: criteo.BadLineReport | None = None):
+    self.paths = list(paths)
+    self.start = start
+    if stop is None:
+      stop = criteo.count_rows(self.paths)
+    self.stop = stop
+    self.num_rows = max(0, stop - start)
+    self.labeled = labeled
+    self.bad_lines = bad_lines
+    self.chunk_rows = chunk_rows
+    self.report = report if report is not None else criteo.BadLineReport()
+    names = ', '.join(self.paths[:3]) + (' ...' if len(self.paths) > 3 else '')
+    self.description = f'{names} (rows {start:,}..{stop:,})'
+
+  def iter_rows(self, offset: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    if offset >= self.num_rows:
+      return
+    # Bad lines met while skipping to `offset` are reported once, not again.
+    report = self.report if offset == 0 else criteo.BadLineReport()
+    yield from criteo.read_criteo(
+        self.paths, labeled=self.labeled, bad_lines=self.bad_lines,
+        report=report, chunk_rows=self.chunk_rows,
+        skip_rows=self.start + offset, max_rows=self.num_rows - offset)
+
+
+def _concat(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  if len(chunks) == 1:
+    return chunks[0]
+  return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def _take(chunk: dict[str, np.ndarray], idx) -> dict[str, np.ndarray]:
+  return {k: v[idx] for k, v in chunk.items()}
+
+
+def _rebatch(chunks: Iterator[dict[str, np.ndarray]], size: int
+             ) -> Iterator[dict[str, np.ndarray]]:
+  """Re-cuts a stream of chunks into pieces of `size` rows (last may be short)."""
+  buf, have = [], 0
+  for c in chunks:
+    n = len(next(iter(c.values())))
+    pos = 0
+    while pos < n:
+      take = min(size - have, n - pos)
+      buf.append(_take(c, slice(pos, pos + take)))
+      have += take
+      pos += take
+      if have == size:
+        yield _concat(buf)
+        buf, have = [], 0
+  if have:
+    yield _concat(buf)
+
+
+@dataclasses.dataclass
+class ModelBatchMaker:
+  """Raw rows -> model batch (transform + host-side id check)."""
+
+  transform: features_lib.FeatureTransform
+  table_rows: Sequence[int] | None  # None: no id check
+
+  def __call__(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    batch = self.transform.apply(raw)
+    if self.table_rows is not None:
+      self.transform.check_ids(batch['ids'], self.table_rows)
+    return batch
+
+
+class TrainBatches:
+  """Global training batches, this process's slice of each, from step k on.
+
+  Batch k of epoch e takes rows `[j*B, (j+1)*B)` (j = k mod batches per epoch)
+  of the epoch's row order. With `shuffle_window > 0` the order permutes rows
+  within consecutive windows of that many rows, seeded by (seed, epoch, window).
+  """
+
+  def __init__(self, source, make_batch: ModelBatchMaker, batch_size: int, *,
+               seed: int = 0, shuffle_window: int = 0,
+               process_index: int = 0, process_count: int = 1):
+    if batch_size % process_count:
+      raise ValueError(
+          f'config.batch_size ({batch_size}) must divide evenly over'
+          f' {process_count} processes.')
+    self.source = source
+    self.make_batch = make_batch
+    self.batch_size = batch_size
+    self.seed = seed
+    self.window = int(shuffle_window)
+    if self.window and self.window % batch_size:
+      self.window = -(-self.window // batch_size) * batch_size
+    self.process_index = process_index
+    self.process_count = process_count
+    self.batches_per_epoch = source.num_rows // batch_size
+    if self.batches_per_epoch == 0:
+      raise ValueError(
+          f'the training data ({source.description}) has fewer rows than one'
+          f' batch (config.batch_size={batch_size}).')
+
+  def _epoch_rows(self, epoch: int, offset: int):
+    """Raw rows of an epoch in training order, from row `offset`."""
+    if not self.window:
+      yield from self.source.iter_rows(offset)
+      return
+    w0 = offset // self.window * self.window
+    skip = offset - w0
+    for i, window in enumerate(_rebatch(self.source.iter_rows(w0),
+                                        self.window)):
+      n = len(window['label'])
+      rng = np.random.default_rng([self.seed, epoch, w0 // self.window + i])
+      window = _take(window, rng.permutation(n))
+      if skip:
+        window = _take(window, slice(skip, None))
+        skip = 0
+      yield window
+
+  def iterate(self, position: int = 0
+              ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Endless (position after it, model batch) pairs from `position` on.
+
+    A position is an index into the batch schedule; it equals the train step
+    unless an epoch ended early (rows skipped as malformed). Saving the
+    position of the last batch used and resuming from it repeats the stream
+    exactly.
+    """
+    per = self.batch_size // self.process_count
+    lo, hi = self.process_index * per, (self.process_index + 1) * per
+    step = position
+    while True:
+      epoch, j = divmod(step, self.batches_per_epoch)
+      rows = self._epoch_rows(epoch, j * self.batch_size)
+      for raw in _rebatch(rows, self.batch_size):
+        if len(raw['label']) < self.batch_size:
+          break  # the epoch's remainder is dropped
+        step += 1
+        yield step, self.make_batch(_take(raw, slice(lo, hi)))
+        if step % self.batches_per_epoch == 0:
+          break
+      # Data that ends before the counted number of batches (rows skipped as
+      # malformed) also ends the epoch.
+      step = max(step, (epoch + 1) * self.batches_per_epoch)
+
+
+class EvalBatches:
+  """One pass over a source in order; the last batch is padded.
+
+  Yields (model batch, number of real rows in it). Every process yields the
+  same number of batches (`num_batches`).
+  """
+
+  def __init__(self, source, make_batch: ModelBatchMaker, batch_size: int, *,
+               process_index: int = 0, process_count: int = 1):
+    if batch_size % process_count:
+      raise ValueError(
+          f'config.eval_batch_size ({batch_size}) must divide evenly over'
+          f' {process_count} processes.')
+    self.source = source
+    self.make_batch = make_batch
+    self.batch_size = batch_size
+    self.process_index = process_index
+    self.process_count = process_count
+    self.num_batches = -(-source.num_rows // batch_size)
+
+  def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    per = self.batch_size // self.process_count
+    lo = self.process_index * per
+    for raw in _rebatch(self.source.iter_rows(0), self.batch_size):
+      n = len(raw['label'])
+      if n < self.batch_size:
+        pad = np.zeros(self.batch_size - n, np.int64)
+        raw = {k: np.concatenate([v, v[pad]]) for k, v in raw.items()}
+      mine = _take(raw, slice(lo, lo + per))
+      yield self.make_batch(mine), max(0, min(per, n - lo))
+
+
+def prefetch(iterator: Iterator[Any], size: int) -> Iterator[Any]:
+  """Runs `iterator` in a background thread, `size` items ahead.
+
+  Exceptions in the producer are re-raised in the consumer.
+  """
+  if size <= 0:
+    yield from iterator
+    return
+  q: queue.Queue = queue.Queue(maxsize=size)
+  stop = threading.Event()
+  done = object()
+
+  def produce():
+    try:
+      for item in iterator:
+        while not stop.is_set():
+          try:
+            q.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if stop.is_set():
+          return
+      q.put(done)
+    except BaseException as e:  # pylint: disable=broad-except
+      q.put(e)
+
+  thread = threading.Thread(target=produce, daemon=True)
+  thread.start()
+  try:
+    while True:
+      item = q.get()
+      if item is done:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()
+
+
+def map_iter(fn: Callable[[Any], Any], it: Iterator[Any]) -> Iterator[Any]:
+  for x in it:
+    yield fn(x)

@@ -1,0 +1,8 @@
+"""Embedding tables: specs, sharding plans, lookups and sparse optimizers."""
+
+from dlrm_jax.embedding.engine import EmbeddingEngine
+from dlrm_jax.embedding.plan import Plan, TablePlacement, auto_plan
+from dlrm_jax.embedding.specs import FeatureSpec, SparseOptimizerSpec, TableSpec
+
+__all__ = ['EmbeddingEngine', 'FeatureSpec', 'Plan', 'SparseOptimizerSpec',
+           'TablePlacement', 'TableSpec', 'auto_plan']

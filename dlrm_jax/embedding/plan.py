@@ -1,0 +1,421 @@
+"""Embedding sharding plans and the physical layout they imply.
+
+A `Plan` gives each table a strategy over the `S` shards of the mesh's model
+axis:
+  replicated:  a full copy on every device (data parallel; for small tables).
+  table_wise:  the whole table on one device.
+  row_wise:    rows split in equal blocks over several devices (the last block
+               padded; padding rows are never looked up).
+  column_wise: the embedding dim split in equal pieces, one per device.
+
+The layout packs the pieces into *stacks*: one array per (width, dtype,
+optimizer, replicated?) group, `[S * cap, width]` sharded over the model axis,
+so each device holds `[cap, width]` rows: the pieces placed on it, side by side,
+like FBGEMM's table-batched embeddings. One device is the special case S = 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Sequence
+
+import numpy as np
+
+from dlrm_jax.embedding.specs import FeatureSpec, SparseOptimizerSpec, TableSpec
+from dlrm_jax.embedding import optimizers
+
+STRATEGIES = ('replicated', 'table_wise', 'row_wise', 'column_wise')
+_DTYPE_BYTES = {'float32': 4, 'bfloat16': 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class TablePlacement:
+  """Where one table lives.
+
+  Attributes:
+    table: the table's name.
+    strategy: one of STRATEGIES.
+    devices: model-axis indices holding its pieces, in order (row blocks or
+      column pieces); empty for replicated (all devices).
+  """
+
+  table: str
+  strategy: str
+  devices: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A sharding plan: one placement per table over `num_shards` devices."""
+
+  num_shards: int
+  placements: tuple[TablePlacement, ...]
+
+  def placement(self, table: str) -> TablePlacement:
+    for p in self.placements:
+      if p.table == table:
+        return p
+    raise KeyError(table)
+
+  def to_json(self) -> str:
+    return json.dumps({
+        'num_shards': self.num_shards,
+        'placements': [dataclasses.asdict(p) for p in self.placements],
+    })
+
+  @classmethod
+  def from_json(cls, text: str) -> 'Plan':
+    d = json.loads(text)
+    return cls(d['num_shards'], tuple(
+        TablePlacement(p['table'], p['strategy'], tuple(p['devices']))
+        for p in d['placements']))
+
+
+def table_bytes(t: TableSpec) -> int:
+  """Bytes of a table plus its optimizer state."""
+  total = t.num_rows * t.dim * _DTYPE_BYTES[t.dtype]
+  for shape, _ in optimizers.slot_shapes(t.optimizer, t.num_rows,
+                                         t.dim).values():
+    total += int(np.prod(shape)) * 4
+  return total
+
+
+def validate_plan(plan: Plan, tables: Sequence[TableSpec]) -> None:
+  by_name = {t.name: t for t in tables}
+  seen = set()
+  s = plan.num_shards
+  for p in plan.placements:
+    if p.table not in by_name:
+      raise ValueError(f'the sharding plan places unknown table {p.table!r}.')
+    if p.table in seen:
+      raise ValueError(f'the sharding plan places table {p.table!r} twice.')
+    seen.add(p.table)
+    if p.strategy not in STRATEGIES:
+      raise ValueError(
+          f'table {p.table!r}: strategy ({p.strategy!r}) must be one of'
+          f' {list(STRATEGIES)}.')
+    for d in p.devices:
+      if not 0 <= d < s:
+        raise ValueError(
+            f'table {p.table!r}: device {d} is outside the model axis of'
+            f' {s} devices.')
+    if len(set(p.devices)) != len(p.devices):
+      raise ValueError(
+          f'table {p.table!r}: devices {p.devices} repeat a device.')
+    t = by_name[p.table]
+    if p.strategy == 'replicated' and p.devices:
+      raise ValueError(f'table {p.table!r}: replicated takes no devices.')
+    if p.strategy == 'table_wise' and len(p.devices) != 1:
+      raise ValueError(
+          f'table {p.table!r}: table_wise needs exactly one device, got'
+          f' {p.devices}.')
+    if p.strategy in ('row_wise', 'column_wise') and not p.devices:
+      raise ValueError(f'table {p.table!r}: {p.strategy} needs devices.')
+    if p.strategy == 'column_wise' and t.dim % len(p.devices):
+      raise ValueError(
+          f'table {p.table!r}: dim {t.dim} does not split evenly over'
+          f' {len(p.devices)} devices for column_wise sharding.')
+  missing = set(by_name) - seen
+  if missing:
+    raise ValueError(f'the sharding plan does not place tables {sorted(missing)}.')
+
+
+def auto_plan(
+    tables: Sequence[TableSpec],
+    num_shards: int,
+    *,
+    overrides: dict[str, str] | None = None,
+    replicate_bytes: int = 1 << 20,
+    device_memory_bytes: int | None = None,
+    lookups: dict[str, int] | None = None,
+) -> Plan:
+  """Assigns each table a strategy and devices.
+
+  Rules: with one shard every table is table_wise on it. Otherwise a table
+  whose bytes (with optimizer state) are at most `replicate_bytes` is
+  replicated; a table bigger than an even share of the budget (its bytes over
+  the shard count exceed what greedy packing could balance, i.e. more than
+  1/num_shards of all sharded bytes) is row_wise over all devices; the rest
+  are packed table_wise, largest first, onto the device with the least load,
+  where load weighs bytes and lookups (ids per example) equally. `overrides`
+  maps table names to a strategy, which is then placed over all devices
+  (row_wise, column_wise), or on the least-loaded one (table_wise).
+
+  Raises:
+    ValueError: if a device would need more than `device_memory_bytes`.
+  """
+  overrides = dict(overrides or {})
+  lookups = lookups or {}
+  for name, strategy in overrides.items():
+    if name not in {t.name for t in tables}:
+      raise ValueError(
+          f'config.embedding.sharding_overrides names unknown table {name!r}.')
+    if strategy not in STRATEGIES:
+      raise ValueError(
+          f'config.embedding.sharding_overrides.{name} ({strategy!r}) must be'
+          f' one of {list(STRATEGIES)}.')
+  s = num_shards
+  all_devices = tuple(range(s))
+  placements: dict[str, TablePlacement] = {}
+  if s == 1:
+    for t in tables:
+      strategy = overrides.get(t.name, 'table_wise')
+      devices = () if strategy == 'replicated' else (0,)
+      placements[t.name] = TablePlacement(t.name, strategy, devices)
+    return Plan(1, tuple(placements[t.name] for t in tables))
+  sharded_total = sum(table_bytes(t) for t in tables
+                      if table_bytes(t) > replicate_bytes)
+  mem = np.zeros(s)
+  load = np.zeros(s)
+  to_pack = []
+  for t in tables:
+    b = table_bytes(t)
+    strategy = overrides.get(t.name)
+    if strategy is None:
+      if b <= replicate_bytes:
+        strategy = 'replicated'
+      elif b > sharded_total / s and t.num_rows >= s:
+        strategy = 'row_wise'
+      else:
+        strategy = 'table_wise'
+    if strategy == 'replicated':
+      placements[t.name] = TablePlacement(t.name, 'replicated', ())
+      mem += b
+    elif strategy == 'row_wise':
+      placements[t.name] = TablePlacement(t.name, 'row_wise', all_devices)
+      mem += b / s
+      load += lookups.get(t.name, 1) / s
+    elif strategy == 'column_wise':
+      k = math.gcd(t.dim, s)
+      placements[t.name] = TablePlacement(
+          t.name, 'column_wise', all_devices[:k])
+      mem[:k] += b / k
+      load[:k] += lookups.get(t.name, 1)
+    else:
+      to_pack.append(t)
+  total_lookups = max(1, sum(lookups.get(t.name, 1) for t in tables))
+  total_bytes = max(1, sum(table_bytes(t) for t in tables))
+  for t in sorted(to_pack, key=lambda t: -table_bytes(t)):
+    score = mem / total_bytes + load / total_lookups
+    d = int(np.argmin(score))
+    placements[t.name] = TablePlacement(t.name, 'table_wise', (d,))
+    mem[d] += table_bytes(t)
+    load[d] += lookups.get(t.name, 1)
+  plan = Plan(s, tuple(placements[t.name] for t in tables))
+  if device_memory_bytes is not None:
+    per_device = plan_bytes_per_device(plan, tables)
+    worst = int(np.argmax(per_device))
+    if per_device[worst] > device_memory_bytes:
+      raise ValueError(
+          f'the embedding tables need {per_device[worst] / 2**30:.2f} GiB on'
+          f' device {worst}, more than config.embedding.device_memory_gb'
+          f' ({device_memory_bytes / 2**30:.2f} GiB); use more devices,'
+          ' smaller tables, bfloat16 storage or rowwise_adagrad.')
+  return plan
+
+
+def plan_bytes_per_device(plan: Plan, tables: Sequence[TableSpec]) -> np.ndarray:
+  by_name = {t.name: t for t in tables}
+  mem = np.zeros(plan.num_shards)
+  for p in plan.placements:
+    b = table_bytes(by_name[p.table])
+    if p.strategy == 'replicated':
+      mem += b
+    else:
+      for d in p.devices:
+        mem[d] += b / len(p.devices)
+  return mem
+
+
+def describe(plan: Plan, tables: Sequence[TableSpec]) -> str:
+  """The plan as a text table: table, rows, dim, strategy, devices, bytes."""
+  by_name = {t.name: t for t in tables}
+  rows = [('table', 'rows', 'dim', 'strategy', 'devices', 'bytes/device')]
+  for p in plan.placements:
+    t = by_name[p.table]
+    b = table_bytes(t)
+    if p.strategy == 'replicated':
+      devices, per = 'all', b
+    else:
+      devices = ','.join(map(str, p.devices)) if len(p.devices) <= 4 else (
+          f'{p.devices[0]}..{p.devices[-1]}')
+      per = b / len(p.devices)
+    rows.append((p.table, f'{t.num_rows:,}', str(t.dim), p.strategy, devices,
+                 _human(per)))
+  per_device = plan_bytes_per_device(plan, tables)
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  lines = ['  '.join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+  lines.insert(1, '  '.join('-' * w for w in widths))
+  lines.append(
+      f'per device: min {_human(per_device.min())}, max '
+      f'{_human(per_device.max())} over {plan.num_shards} model shard(s)')
+  return '\n'.join(lines)
+
+
+def _human(n: float) -> str:
+  for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
+    if n < 1024 or unit == 'TiB':
+      return f'{n:.1f} {unit}' if unit != 'B' else f'{int(n)} B'
+    n /= 1024
+  return str(n)
+
+
+# ----------------------------------------------------------------------------
+# Physical layout.
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+  """A block of a table stored on one device of a stack.
+
+  `rows` logical rows from `row_start` and `width` columns from `col_start`,
+  stored at local rows `offset .. offset + capacity` on model device `device`
+  (-1: every device, replicated). `capacity >= rows` (row-wise padding).
+  """
+
+  table: str
+  device: int
+  row_start: int
+  rows: int
+  capacity: int
+  col_start: int
+  width: int
+  offset: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  """How one feature's ids reach one column piece of its table in a stack.
+
+  An id `i` of the feature (columns `id_offset .. id_offset + max_ids` of the
+  packed ids) is valid when `0 <= i < num_rows`; it lives on model device
+  `first_device + i // rows_per_shard` at local row
+  `offsets[device] + i % rows_per_shard`. Replicated: `offsets` has one entry.
+  """
+
+  feature: int
+  id_offset: int
+  max_ids: int
+  num_rows: int
+  col_start: int
+  first_device: int
+  rows_per_shard: int
+  offsets: tuple[int, ...]
+  combiner: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+  """One stacked array: `[num_shards * capacity, width]` (or `[capacity,
+  width]` when replicated)."""
+
+  name: str
+  width: int
+  dtype: str
+  optimizer: SparseOptimizerSpec
+  replicated: bool
+  capacity: int
+  pieces: tuple[Piece, ...]
+  segments: tuple[Segment, ...]
+
+  @property
+  def max_ids(self) -> int:
+    return sum(s.max_ids for s in self.segments)
+
+
+def build_layout(
+    plan: Plan,
+    tables: Sequence[TableSpec],
+    features: Sequence[FeatureSpec],
+    *,
+    row_multiple: int = 8,
+) -> tuple[Stack, ...]:
+  """Packs the plan's pieces into stacks and routes the features to them."""
+  validate_plan(plan, tables)
+  by_name = {t.name: t for t in tables}
+  groups: dict[tuple, list[Piece]] = {}
+  order: list[tuple] = []
+
+  def add(key, piece_args):
+    if key not in groups:
+      groups[key] = []
+      order.append(key)
+    groups[key].append(piece_args)
+
+  for t in tables:
+    p = plan.placement(t.name)
+    if p.strategy == 'replicated':
+      add((t.dim, t.dtype, t.optimizer, True),
+          (t.name, -1, 0, t.num_rows, t.num_rows, 0, t.dim))
+    elif p.strategy == 'table_wise':
+      add((t.dim, t.dtype, t.optimizer, False),
+          (t.name, p.devices[0], 0, t.num_rows, t.num_rows, 0, t.dim))
+    elif p.strategy == 'row_wise':
+      n = len(p.devices)
+      rps = -(-t.num_rows // n)
+      for k, d in enumerate(p.devices):
+        start = k * rps
+        add((t.dim, t.dtype, t.optimizer, False),
+            (t.name, d, start, max(0, min(rps, t.num_rows - start)), rps, 0,
+             t.dim))
+    else:  # column_wise
+      w = t.dim // len(p.devices)
+      for k, d in enumerate(p.devices):
+        add((w, t.dtype, t.optimizer, False),
+            (t.name, d, 0, t.num_rows, t.num_rows, k * w, w))
+
+  stacks = []
+  for i, key in enumerate(order):
+    width, dtype, opt, replicated = key
+    used = np.zeros(plan.num_shards if not replicated else 1, dtype=np.int64)
+    pieces = []
+    for (name, dev, row_start, rows, cap, col_start, w) in groups[key]:
+      slot = 0 if dev < 0 else dev
+      pieces.append(Piece(name, dev, row_start, rows, cap, col_start, w,
+                          int(used[slot])))
+      used[slot] += cap
+    capacity = int(max(1, used.max()))
+    capacity = -(-capacity // row_multiple) * row_multiple
+    kind = 'rep' if replicated else 'shard'
+    name = f'{kind}{i}_{dtype}_d{width}_{opt.kind}'
+    stacks.append(Stack(name, width, dtype, opt, replicated, capacity,
+                        tuple(pieces), ()))
+
+  # Route features: one segment per (feature, column piece of its table).
+  id_offset = 0
+  segs: dict[str, list[Segment]] = {s.name: [] for s in stacks}
+  for fi, f in enumerate(features):
+    t = by_name[f.table]
+    p = plan.placement(t.name)
+    for s in stacks:
+      mine = [pc for pc in s.pieces if pc.table == t.name]
+      if not mine:
+        continue
+      by_col: dict[int, list[Piece]] = {}
+      for pc in mine:
+        by_col.setdefault(pc.col_start, []).append(pc)
+      for col_start, pcs in sorted(by_col.items()):
+        if s.replicated:
+          offsets = (pcs[0].offset,)
+          first, rps = 0, t.num_rows
+        else:
+          offsets_arr = [-1] * plan.num_shards
+          for pc in pcs:
+            offsets_arr[pc.device] = pc.offset
+          offsets = tuple(offsets_arr)
+          if p.strategy == 'row_wise':
+            first, rps = p.devices[0], pcs[0].capacity
+            if tuple(p.devices) != tuple(range(first, first + len(p.devices))):
+              raise ValueError(
+                  f'table {t.name!r}: row_wise devices {p.devices} must be'
+                  ' consecutive.')
+          else:
+            first, rps = pcs[0].device, t.num_rows
+        segs[s.name].append(Segment(
+            fi, id_offset, f.max_ids, t.num_rows, col_start, first, rps,
+            offsets, t.combiner))
+    id_offset += f.max_ids
+  return tuple(dataclasses.replace(s, segments=tuple(segs[s.name]))
+               for s in stacks)

@@ -1,0 +1,152 @@
+"""Embedding table and feature specs (in the manner of keras-rs/TorchRec).
+
+A `TableSpec` says how a table is stored and trained; a `FeatureSpec` says which
+table a feature reads and how many ids it carries, so several features can share
+one table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from dlrm_jax.schedules import ScheduleSpec
+
+COMBINERS = ('sum', 'mean', 'sqrtn')
+INITIALIZERS = ('uniform', 'normal', 'truncated_normal', 'zeros')
+SPARSE_OPTIMIZERS = ('sgd', 'adagrad', 'rowwise_adagrad', 'adam')
+TABLE_DTYPES = ('float32', 'bfloat16')
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseOptimizerSpec:
+  """A sparse (touched-rows-only) optimizer.
+
+  Attributes:
+    kind: 'sgd'; 'adagrad' (per element, optax.adagrad's formula);
+      'rowwise_adagrad' (one accumulator per row, FBGEMM's formula); or 'adam'
+      (lazy: moments of untouched rows are not decayed).
+    schedule: learning-rate schedule.
+    initial_accumulator_value: adagrad accumulators' start value.
+    eps: added to the denominator.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+  """
+
+  kind: str = 'sgd'
+  schedule: ScheduleSpec = ScheduleSpec()
+  initial_accumulator_value: float = 0.0
+  eps: float = 1e-8
+  b1: float = 0.9
+  b2: float = 0.999
+
+
+@dataclasses.dataclass(frozen=True)
+class TableSpec:
+  """One embedding table.
+
+  Attributes:
+    name: unique table name.
+    num_rows: rows (ids 0..num_rows-1).
+    dim: embedding width.
+    initializer: one of INITIALIZERS.
+    init_scale: the uniform bound or normal stddev; None means
+      sqrt(1/num_rows) for 'uniform' (as the reference DLRM and TorchRec)
+      and 1/sqrt(dim) for the normal initializers.
+    optimizer: how its rows are updated.
+    combiner: pooling of multi-hot bags: one of COMBINERS.
+    dtype: storage dtype ('float32' or 'bfloat16'); optimizer state is float32.
+  """
+
+  name: str
+  num_rows: int
+  dim: int
+  initializer: str = 'uniform'
+  init_scale: float | None = None
+  optimizer: SparseOptimizerSpec = SparseOptimizerSpec()
+  combiner: str = 'sum'
+  dtype: str = 'float32'
+
+  @property
+  def scale(self) -> float:
+    if self.init_scale is not None:
+      return float(self.init_scale)
+    if self.initializer == 'uniform':
+      return (1.0 / self.num_rows) ** 0.5
+    return 1.0 / self.dim ** 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+  """A sparse feature: which table it reads and its bag size.
+
+  Attributes:
+    name: unique feature name.
+    table: the table's name.
+    max_ids: the most ids one example carries (1: single-hot).
+    dim: the embedding width the feature expects; None takes the table's.
+  """
+
+  name: str
+  table: str
+  max_ids: int = 1
+  dim: int | None = None
+
+
+def validate(tables: Sequence[TableSpec], features: Sequence[FeatureSpec]):
+  """Raises ValueError on inconsistent specs, naming the offending one."""
+  names = set()
+  for t in tables:
+    if t.name in names:
+      raise ValueError(f'table {t.name!r} is defined twice.')
+    names.add(t.name)
+    for field in ('num_rows', 'dim'):
+      value = getattr(t, field)
+      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(
+            f'table {t.name!r}: {field} ({value!r}) must be a positive integer.')
+    if t.initializer not in INITIALIZERS:
+      raise ValueError(
+          f'table {t.name!r}: initializer ({t.initializer!r}) must be one of'
+          f' {list(INITIALIZERS)}.')
+    if t.init_scale is not None and t.init_scale < 0:
+      raise ValueError(
+          f'table {t.name!r}: init_scale ({t.init_scale}) must be >= 0.')
+    if t.combiner not in COMBINERS:
+      raise ValueError(
+          f'table {t.name!r}: combiner ({t.combiner!r}) must be one of'
+          f' {list(COMBINERS)}.')
+    if t.dtype not in TABLE_DTYPES:
+      raise ValueError(
+          f'table {t.name!r}: dtype ({t.dtype!r}) must be one of'
+          f' {list(TABLE_DTYPES)}.')
+    opt = t.optimizer
+    if opt.kind not in SPARSE_OPTIMIZERS:
+      raise ValueError(
+          f'table {t.name!r}: optimizer kind ({opt.kind!r}) must be one of'
+          f' {list(SPARSE_OPTIMIZERS)}.')
+    if opt.initial_accumulator_value < 0 or opt.eps < 0:
+      raise ValueError(
+          f'table {t.name!r}: optimizer initial_accumulator_value'
+          f' ({opt.initial_accumulator_value}) and eps ({opt.eps}) must be'
+          ' >= 0.')
+  by_name = {t.name: t for t in tables}
+  fnames = set()
+  for f in features:
+    if f.name in fnames:
+      raise ValueError(f'feature {f.name!r} is defined twice.')
+    fnames.add(f.name)
+    if f.table not in names:
+      raise ValueError(
+          f'feature {f.name!r} reads table {f.table!r}, which is not defined'
+          f' (tables: {sorted(names)}).')
+    if isinstance(f.max_ids, bool) or not isinstance(f.max_ids, int) or (
+        f.max_ids <= 0):
+      raise ValueError(
+          f'feature {f.name!r}: max_ids ({f.max_ids!r}) must be a positive'
+          ' integer.')
+    if f.dim is not None and f.dim != by_name[f.table].dim:
+      raise ValueError(
+          f'feature {f.name!r} expects dim {f.dim} but its table {f.table!r}'
+          f' has dim {by_name[f.table].dim}; features sharing a table must'
+          ' use its dim.')

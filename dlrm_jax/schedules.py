@@ -1,0 +1,90 @@
+"""Learning-rate schedules shared by the dense and the sparse optimizers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import optax
+
+SCHEDULES = ('constant', 'warmup_poly', 'cosine')
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleSpec:
+  """A learning-rate schedule.
+
+  Attributes:
+    kind: 'constant'; 'warmup_poly' (linear warmup over `warmup_steps`, flat
+      until `decay_start_step`, then polynomial decay of `power` to
+      `end_learning_rate` over `decay_steps`, as in the MLPerf/NVIDIA DLRM
+      recipes); or 'cosine' (linear warmup, then cosine decay to
+      `end_learning_rate` at `decay_steps` after the warmup).
+    learning_rate: the peak rate.
+    warmup_steps: linear warmup length (warmup_poly, cosine).
+    decay_start_step: first step of the decay (warmup_poly).
+    decay_steps: decay length.
+    end_learning_rate: rate at the end of the decay.
+    power: polynomial power (warmup_poly); 2 in the MLPerf recipe.
+  """
+
+  kind: str = 'constant'
+  learning_rate: float = 0.01
+  warmup_steps: int = 0
+  decay_start_step: int = 0
+  decay_steps: int = 0
+  end_learning_rate: float = 0.0
+  power: float = 2.0
+
+  @classmethod
+  def create(cls, *, path: str, **kwargs) -> 'ScheduleSpec':
+    unknown = set(kwargs) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f'{path} has unknown fields {sorted(unknown)}.')
+    spec = cls(**kwargs)
+    if spec.kind not in SCHEDULES:
+      raise ValueError(
+          f'{path}.kind ({spec.kind!r}) must be one of {list(SCHEDULES)}.')
+    if not spec.learning_rate > 0:
+      raise ValueError(
+          f'{path}.learning_rate ({spec.learning_rate}) must be positive.')
+    for name in ('warmup_steps', 'decay_start_step', 'decay_steps'):
+      if getattr(spec, name) < 0:
+        raise ValueError(
+            f'{path}.{name} ({getattr(spec, name)}) must be >= 0.')
+    if spec.kind == 'cosine' and spec.decay_steps <= 0:
+      raise ValueError(
+          f'{path}.decay_steps ({spec.decay_steps}) must be positive for a'
+          ' cosine schedule.')
+    return spec
+
+
+def build(spec: ScheduleSpec) -> optax.Schedule:
+  """The optax schedule (a step -> rate function) of a spec."""
+  lr = spec.learning_rate
+  if spec.kind == 'constant':
+    return optax.constant_schedule(lr)
+  if spec.kind == 'cosine':
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if spec.warmup_steps else lr,
+        peak_value=lr,
+        warmup_steps=spec.warmup_steps,
+        decay_steps=spec.warmup_steps + spec.decay_steps,
+        end_value=spec.end_learning_rate,
+    )
+  # warmup_poly
+  pieces, boundaries = [], []
+  if spec.warmup_steps:
+    pieces.append(optax.linear_schedule(0.0, lr, spec.warmup_steps))
+    boundaries.append(spec.warmup_steps)
+  start = max(spec.decay_start_step, spec.warmup_steps)
+  if start > spec.warmup_steps:
+    pieces.append(optax.constant_schedule(lr))
+    boundaries.append(start)
+  if spec.decay_steps:
+    pieces.append(optax.polynomial_schedule(
+        lr, spec.end_learning_rate, spec.power, spec.decay_steps))
+  else:
+    pieces.append(optax.constant_schedule(lr))
+  if len(pieces) == 1:
+    return pieces[0]
+  return optax.join_schedules(pieces, boundaries)

@@ -1,0 +1,596 @@
+"""Train state, train and eval steps, and the training loop.
+
+`Trainer` holds everything static about a config (model, embedding engine,
+optimizers, shardings, compiled steps), so notebooks and tests can drive the
+same code as `train_and_evaluate`, the loop behind `python -m dlrm_jax.main`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import time
+from typing import Any, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dlrm_jax import checkpoint as ckpt_lib
+from dlrm_jax import config_lib
+from dlrm_jax import metrics as metrics_lib
+from dlrm_jax import parallel
+from dlrm_jax.data import criteo  # noqa
+from dlrm_jax.data import pipeline
+from dlrm_jax.data import synthetic
+from dlrm_jax.embedding import EmbeddingEngine
+from dlrm_jax.embedding import plan as plan_lib
+from dlrm_jax.models import DLRM
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+class InvalidIdError(ValueError):
+  """Ids outside their tables reached the train step."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training.
+
+  Attributes:
+    step: number of steps taken.
+    params: dense (MLP) parameters.
+    batch_stats: batch-norm running statistics ({} without batch norm).
+    opt_state: optax state of the dense parameters.
+    emb: embedding stacks and their sparse optimizer state.
+    rng: key data of the dropout RNG (folded with the step).
+  """
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  emb: Any
+  rng: jax.Array
+
+
+def _zero_acc() -> dict[str, jax.Array]:
+  return {
+      'loss_sum': jnp.zeros((), jnp.float32),
+      'steps': jnp.zeros((), jnp.int32),
+      'first_nonfinite': jnp.full((), -1, jnp.int32),
+      'invalid_ids': jnp.zeros((), jnp.int32),
+  }
+
+
+def make_plan(config, tables, num_shards: int) -> plan_lib.Plan:
+  """The embedding sharding plan the config asks for."""
+  e = config.embedding
+  strategy = e.get('sharding', 'auto')
+  overrides = dict(e.get('sharding_overrides') or {})
+  if strategy != 'auto':
+    if strategy not in plan_lib.STRATEGIES:
+      raise ValueError(
+          f'config.embedding.sharding ({strategy!r}) must be auto or one of'
+          f' {list(plan_lib.STRATEGIES)}.')
+    for t in tables:
+      overrides.setdefault(t.name, strategy)
+  budget = e.get('device_memory_gb')
+  return plan_lib.auto_plan(
+      tables, num_shards, overrides=overrides,
+      replicate_bytes=int(e.get('replicate_bytes', 1 << 20)),
+      device_memory_bytes=None if budget is None else int(budget * 2**30))
+
+
+class Trainer:
+  """A config's model, embedding engine, optimizers and compiled steps.
+
+  Attributes:
+    config: the config.
+    setup: typed specs built from the config.
+    mesh: the device mesh.
+    engine: the embedding engine.
+    model: the Flax DLRM (dense and over arches).
+    tx: the dense optimizer.
+  """
+
+  def __init__(self, config, *, mesh: Mesh | None = None,
+               plan: plan_lib.Plan | None = None):
+    self.config = config
+    self.setup = config_lib.build(config)
+    self.mesh = mesh if mesh is not None else parallel.create_mesh(
+        config.mesh.data, config.mesh.model)
+    n_dev = self.mesh.devices.size
+    for field in ('batch_size', 'eval_batch_size'):
+      value = config[field]
+      if value <= 0 or value % n_dev:
+        raise ValueError(
+            f'config.{field} ({value}) must be a positive multiple of the'
+            f' number of devices ({n_dev}).')
+    if plan is None:
+      plan = make_plan(config, self.setup.tables, self.mesh.shape['model'])
+    self.engine = EmbeddingEngine(self.setup.tables, self.setup.feature_specs,
+                                  self.mesh, plan)
+    self.model = DLRM(self.setup.model, dtype=self.setup.compute_dtype)
+    self.tx = config_lib.build_dense_optimizer(config.optimizer)
+    self.has_bn = any(
+        m is not None and m.use_bn
+        for m in (self.setup.model.dense_mlp, self.setup.model.final))
+    self._replicated = NamedSharding(self.mesh, P())
+    shardings = self.state_shardings()
+    acc_sh = jax.tree.map(lambda _: self._replicated, _zero_acc())
+    batch_sh = self.batch_shardings()
+    self.train_step = jax.jit(
+        self._train_step, in_shardings=(shardings, batch_sh, acc_sh),
+        out_shardings=(shardings, acc_sh), donate_argnums=(0, 2))
+    self.predict_step = jax.jit(
+        self._predict, in_shardings=(shardings, self.batch_shardings(False)),
+        out_shardings=NamedSharding(self.mesh, P(parallel.BATCH_AXES)))
+
+  @property
+  def plan(self) -> plan_lib.Plan:
+    return self.engine.plan
+
+  # --------------------------------------------------------------------------
+  # State.
+
+  def _init_dense(self, key):
+    m = self.setup.model
+    dense = jnp.zeros((2, m.num_dense)) if m.num_dense else None
+    sparse = jnp.zeros((2, m.num_sparse, m.embedding_dim))
+    variables = self.model.init({'params': key, 'dropout': key}, dense, sparse,
+                                train=False)
+    params = variables['params']
+    return params, variables.get('batch_stats', {}), self.tx.init(params)
+
+  def _dense_shapes(self):
+    return jax.eval_shape(self._init_dense, jax.random.key(0))
+
+  def state_shardings(self) -> TrainState:
+    params, bs, opt = self._dense_shapes()
+    rep = lambda tree: jax.tree.map(lambda _: self._replicated, tree)
+    return TrainState(step=self._replicated, params=rep(params),
+                      batch_stats=rep(bs), opt_state=rep(opt),
+                      emb=self.engine.state_shardings(), rng=self._replicated)
+
+  def abstract_state(self) -> TrainState:
+    """ShapeDtypeStructs (with shardings) of the state; allocates nothing."""
+    params, bs, opt = self._dense_shapes()
+
+    def with_sharding(x):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated)
+
+    key = jax.random.key_data(jax.random.key(0))
+    return TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=self._replicated),
+        params=jax.tree.map(with_sharding, params),
+        batch_stats=jax.tree.map(with_sharding, bs),
+        opt_state=jax.tree.map(with_sharding, opt),
+        emb=self.engine.abstract_state(),
+        rng=jax.ShapeDtypeStruct(key.shape, key.dtype,
+                                 sharding=self._replicated))
+
+  def init_state(self, seed: int) -> TrainState:
+    key = jax.random.key(seed)
+    k_dense, k_emb, k_rng = jax.random.split(key, 3)
+    rep = self.state_shardings()
+    params, bs, opt = jax.jit(
+        self._init_dense,
+        out_shardings=(rep.params, rep.batch_stats, rep.opt_state))(k_dense)
+    emb = self.engine.init(k_emb)
+    put = lambda x: jax.device_put(x, self._replicated)
+    return TrainState(step=put(jnp.int32(0)), params=params, batch_stats=bs,
+                      opt_state=opt, emb=emb,
+                      rng=put(jax.random.key_data(k_rng)))
+
+  def signature(self) -> dict[str, Any]:
+    """What fixes the state's shapes; a checkpoint must match it."""
+    m = self.setup.model
+
+    def mlp(spec):
+      return None if spec is None else {
+          'hidden_units': list(spec.hidden_units), 'use_bn': spec.use_bn,
+          'use_ln': spec.use_ln, 'bias': spec.bias}
+
+    return {
+        'model': {
+            'num_dense': m.num_dense, 'num_sparse': m.num_sparse,
+            'embedding_dim': m.embedding_dim, 'dense_mlp': mlp(m.dense_mlp),
+            'final': mlp(m.final), 'arch_with_sparse': m.arch_with_sparse,
+            'interaction_self': m.interaction_self},
+        'tables': {t.name: {'num_rows': t.num_rows, 'dim': t.dim,
+                            'dtype': t.dtype, 'optimizer': t.optimizer.kind}
+                   for t in self.setup.tables},
+        'dense_optimizer': self.config.optimizer.kind,
+        'grad_clip': bool(self.config.optimizer.get('grad_clip_norm', 0.0)),
+    }
+
+  # --------------------------------------------------------------------------
+  # Batches.
+
+  def batch_shardings(self, with_label: bool = True) -> dict[str, Any]:
+    sh = {'ids': parallel.batch_sharding(self.mesh, 2)}
+    if self.setup.model.num_dense:
+      sh['dense'] = parallel.batch_sharding(self.mesh, 2)
+    if with_label:
+      sh['label'] = parallel.batch_sharding(self.mesh, 1)
+    return sh
+
+  def put_batch(self, host_batch: dict[str, np.ndarray],
+                with_label: bool = True) -> dict[str, jax.Array]:
+    """This process's rows of a batch -> global, batch-sharded arrays."""
+    shardings = self.batch_shardings(with_label)
+    return {k: jax.make_array_from_process_local_data(s, host_batch[k])
+            for k, s in shardings.items()}
+
+  # --------------------------------------------------------------------------
+  # Steps.
+
+  def _apply_model(self, params, batch_stats, dense, emb, *, train, rng=None):
+    sparse = jnp.stack(emb, axis=1)
+    variables = {'params': params}
+    if self.has_bn:
+      variables['batch_stats'] = batch_stats
+    rngs = {'dropout': rng} if rng is not None else None
+    if train and self.has_bn:
+      out, updates = self.model.apply(variables, dense, sparse, train=True,
+                                      rngs=rngs, mutable=['batch_stats'])
+      return out, updates['batch_stats']
+    out = self.model.apply(variables, dense, sparse, train=train, rngs=rngs)
+    return out, batch_stats
+
+  def _train_step(self, state: TrainState, batch, acc):
+    emb, invalid = self.engine.lookup(state.emb['stacks'], batch['ids'])
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss_fn(params, emb):
+      out, new_bs = self._apply_model(params, state.batch_stats,
+                                      batch.get('dense'), emb, train=True,
+                                      rng=rng)
+      loss = optax.sigmoid_binary_cross_entropy(out['logits'],
+                                                batch['label']).mean()
+      return loss, new_bs
+
+    (loss, new_bs), (g_params, g_emb) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(state.params, emb)
+    updates, opt_state = self.tx.update(g_params, state.opt_state,
+                                        state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_emb = self.engine.apply_gradients(state.emb, batch['ids'], g_emb,
+                                          state.step)
+    bad = ~jnp.isfinite(loss) & (acc['first_nonfinite'] < 0)
+    acc = {
+        'loss_sum': acc['loss_sum'] + loss,
+        'steps': acc['steps'] + 1,
+        'first_nonfinite': jnp.where(bad, state.step + 1,
+                                     acc['first_nonfinite']),
+        'invalid_ids': acc['invalid_ids'] + invalid,
+    }
+    new_state = state.replace(step=state.step + 1, params=params,
+                              batch_stats=new_bs, opt_state=opt_state,
+                              emb=new_emb)
+    return new_state, acc
+
+  def _predict(self, state: TrainState, batch):
+    emb, _ = self.engine.lookup(state.emb['stacks'], batch['ids'])
+    out, _ = self._apply_model(state.params, state.batch_stats,
+                               batch.get('dense'), emb, train=False)
+    return out['probs']
+
+  def predict(self, state: TrainState, host_batch) -> np.ndarray:
+    """Click probabilities of this process's rows of a batch, on the host."""
+    probs = self.predict_step(state, self.put_batch(host_batch, False))
+    return np.asarray(
+        multihost_utils.process_allgather(probs, tiled=True)
+        if jax.process_count() > 1 else jax.device_get(probs))
+
+  def evaluate(self, state: TrainState, batches: pipeline.EvalBatches
+               ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Metrics over a whole eval set; also returns (probs, labels)."""
+    probs, labels = [], []
+    for host_batch, n in batches:
+      p = self.predict(state, host_batch)
+      y = host_batch['label']
+      valid = np.zeros(len(y), bool)
+      valid[:n] = True
+      if jax.process_count() > 1:
+        y = np.asarray(multihost_utils.process_allgather(y, tiled=True))
+        valid = np.asarray(
+            multihost_utils.process_allgather(valid, tiled=True))
+      probs.append(p[valid])
+      labels.append(y[valid])
+    probs = np.concatenate(probs) if probs else np.zeros(0, np.float32)
+    labels = np.concatenate(labels) if labels else np.zeros(0, np.float32)
+    return metrics_lib.evaluate(probs, labels), probs, labels
+
+
+# ----------------------------------------------------------------------------
+# Data.
+
+
+@dataclasses.dataclass
+class DataSetup:
+  train: pipeline.TrainBatches
+  eval: pipeline.EvalBatches | None
+  description: str
+  synthetic: bool
+  teacher_auc: float | None
+  bad_lines: criteo.BadLineReport
+
+
+def make_data(config, trainer: Trainer) -> DataSetup:
+  """The train and eval batches the config asks for."""
+  d = config.data
+  source = d.get('source', 'auto')
+  if source == 'auto':
+    source = 'criteo_tsv' if d.get('train_path') else 'synthetic'
+  if source not in ('synthetic', 'criteo_tsv'):
+    raise ValueError(
+        f"config.data.source ({source!r}) must be 'auto', 'synthetic' or"
+        " 'criteo_tsv'.")
+  if d.get('bad_lines', 'error') not in ('error', 'skip'):
+    raise ValueError(
+        f"config.data.bad_lines ({d.bad_lines!r}) must be 'error' or 'skip'.")
+  setup = trainer.setup
+  make_batch = pipeline.ModelBatchMaker(
+      setup.transform, setup.table_rows if d.get('check_ids', True) else None)
+  pi, pc = jax.process_index(), jax.process_count()
+  report = criteo.BadLineReport()
+  teacher_auc = None
+  if source == 'synthetic':
+    s = d.synthetic
+    gen = synthetic.SyntheticCriteo(synthetic.SyntheticSpec(
+        seed=config.seed, num_train=int(s.num_train), num_eval=int(s.num_eval),
+        zipf_exponent=float(s.zipf_exponent),
+        logit_scale=float(s.logit_scale)))
+    train_src = pipeline.SyntheticSource(gen, 'train')
+    eval_src = pipeline.SyntheticSource(gen, 'eval')
+    teacher_auc = gen.teacher_auc()
+    description = (
+        f'SYNTHETIC click logs ({train_src.num_rows:,} train rows,'
+        f' {eval_src.num_rows:,} eval rows, labels from a hidden teacher'
+        f' whose eval AUC is {teacher_auc:.4f}). To train on Criteo, pass'
+        ' --config.data.train_path=/path/to/train.txt (and optionally'
+        ' --config.data.eval_path=...).')
+  else:
+    if not d.get('train_path'):
+      raise ValueError(
+          "config.data.train_path is empty but config.data.source is"
+          " 'criteo_tsv'; give the Criteo train file(s).")
+    train_paths = criteo.expand_paths(d.train_path, field='config.data.train_path')
+    kw = dict(bad_lines=d.get('bad_lines', 'error'),
+              chunk_rows=int(d.get('chunk_rows', 65536)), report=report)
+    if d.get('eval_path'):
+      eval_paths = criteo.expand_paths(d.eval_path, field='config.data.eval_path')
+      train_src = pipeline.TsvSource(train_paths, **kw)
+      eval_src = pipeline.TsvSource(
+          eval_paths, labeled=d.get('labeled_eval', True), **kw)
+      if not d.get('labeled_eval', True):
+        eval_src = None
+    else:
+      frac = float(d.get('eval_fraction', 0.1))
+      if not 0.0 <= frac < 1.0:
+        raise ValueError(
+            f'config.data.eval_fraction ({frac}) must be in [0, 1).')
+      total = criteo.count_rows(train_paths)
+      n_eval = int(total * frac)
+      train_src = pipeline.TsvSource(train_paths, stop=total - n_eval, **kw)
+      eval_src = pipeline.TsvSource(
+          train_paths, start=total - n_eval, stop=total,
+          **kw) if n_eval else None
+    description = f'Criteo files: train {train_src.description}' + (
+        f'; eval {eval_src.description}' if eval_src else '; no eval set')
+  train = pipeline.TrainBatches(
+      train_src, make_batch, config.batch_size, seed=config.seed,
+      shuffle_window=int(d.get('shuffle_buffer', 0)), process_index=pi,
+      process_count=pc)
+  evals = pipeline.EvalBatches(
+      eval_src, make_batch, config.eval_batch_size, process_index=pi,
+      process_count=pc) if eval_src is not None and eval_src.num_rows else None
+  return DataSetup(train, evals, description, source == 'synthetic',
+                   teacher_auc, report)
+
+
+# ----------------------------------------------------------------------------
+# Loop.
+
+
+class MetricsWriter:
+  """Appends JSON rows to `<workdir>/metrics.jsonl` (process 0 only)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.enabled = jax.process_index() == 0
+
+  def write(self, row: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(row, sort_keys=True) + '\n')
+
+
+def _fmt_eta(seconds: float) -> str:
+  return str(datetime.timedelta(seconds=int(max(0, seconds))))
+
+
+def num_train_steps(config, data: DataSetup) -> int:
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  if config.num_train_steps == 0 or config.num_epochs <= 0:
+    raise ValueError(
+        f'config.num_train_steps ({config.num_train_steps}) must be positive,'
+        f' or -1 with a positive config.num_epochs ({config.num_epochs}).')
+  return int(config.num_epochs * data.train.batches_per_epoch)
+
+
+def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
+                       ) -> dict[str, Any]:
+  """Trains (resuming from `workdir` if it holds checkpoints) and evaluates.
+
+  Args:
+    config: the config.
+    workdir: checkpoints, metrics.jsonl, config.json and summary.json go here.
+    trainer: optionally, a Trainer built from a config with the same model,
+      so that several runs share compiled steps (tests, notebooks).
+
+  Returns:
+    A summary: final step, last train loss, final eval metrics, teacher AUC.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  if trainer is None:
+    trainer = Trainer(config)
+  else:
+    same = (trainer.setup == config_lib.build(config) and all(
+        trainer.config[k].to_dict() == config[k].to_dict()
+        for k in ('optimizer', 'embedding', 'mesh')) and all(
+            trainer.config[k] == config[k]
+            for k in ('batch_size', 'eval_batch_size')))
+    if not same:
+      raise ValueError(
+          'the trainer passed to train_and_evaluate was built from a config'
+          ' with another model, optimizer, mesh or batch size.')
+  is_chief = jax.process_index() == 0
+  logging.info('mesh: %s; %d device(s), %d process(es)',
+               dict(trainer.mesh.shape), trainer.mesh.devices.size,
+               jax.process_count())
+  logging.info('embedding plan:\n%s',
+               plan_lib.describe(trainer.plan, trainer.setup.tables))
+  data = make_data(config, trainer)
+  logging.info('data: %s', data.description)
+  total_steps = num_train_steps(config, data)
+
+  ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep)
+  signature = trainer.signature()
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, meta = ckpt.restore(latest, trainer.abstract_state(), signature)
+    if meta.get('plan') != trainer.plan.to_json():
+      raise ckpt_lib.IncompatibleCheckpointError(
+          f'the checkpoint at step {latest} was written with another'
+          ' embedding sharding plan; restoring onto a different plan is not'
+          ' supported yet.')
+    position = int(meta['data_position'])
+    logging.info('resumed from the checkpoint at step %d (%s)', latest,
+                 ckpt.directory)
+  else:
+    state = trainer.init_state(config.seed)
+    position = 0
+  if is_chief:
+    ckpt_lib.write_json(os.path.join(workdir, 'config.json'),
+                        json.loads(config.to_json_best_effort()))
+  writer = MetricsWriter(workdir)
+  step = int(jax.device_get(state.step))
+  if step >= total_steps:
+    logging.info('already trained for %d steps (config asks for %d).', step,
+                 total_steps)
+
+  def save(step, position):
+    meta = {'signature': signature, 'plan': trainer.plan.to_json(),
+            'data_position': position, 'step': step,
+            'config': config.to_json_best_effort()}
+    ckpt.save(step, state, meta)
+
+  def run_eval(step):
+    if data.eval is None:
+      return None
+    t = time.time()
+    result, _, _ = trainer.evaluate(state, data.eval)
+    result = {k: float(v) for k, v in result.items()}
+    extra = ''
+    if data.teacher_auc is not None:
+      result['teacher_auc'] = data.teacher_auc
+      extra = f' (teacher, the best achievable: {data.teacher_auc:.4f})'
+    logging.info(
+        'eval at step %d: auc %.4f%s | log_loss %.4f | accuracy %.4f |'
+        ' calibration %.3f | %d examples in %.1fs', step, result['auc'], extra,
+        result['log_loss'], result['accuracy'], result['calibration'],
+        result['num_examples'], time.time() - t)
+    writer.write({'type': 'eval', 'step': step, 'time': time.time(),
+                  **result})
+    return result
+
+  acc = jax.device_put(_zero_acc(), trainer._replicated)  # pylint: disable=protected-access
+  batches = pipeline.prefetch(data.train.iterate(position),
+                              int(config.data.get('prefetch', 2)))
+  last_eval = None
+  last_loss = None
+  window_step = step
+  rate_start, rate_step = time.time(), step
+  first_step = True
+  try:
+    while step < total_steps:
+      position, host_batch = next(batches)
+      batch = trainer.put_batch(host_batch)
+      state, acc = trainer.train_step(state, batch, acc)
+      step += 1
+      if first_step:
+        # Keep the compilation out of the examples/s figure.
+        jax.block_until_ready(acc)
+        first_step = False
+        rate_start, rate_step = time.time(), step
+      last = step == total_steps
+      do_log = step % config.log_every_steps == 0 or last
+      do_eval = step % config.eval_every_steps == 0 or last
+      do_ckpt = step % config.checkpoint_every_steps == 0 or last
+      if do_log or do_ckpt or do_eval:
+        host_acc = jax.device_get(acc)
+        acc = jax.device_put(_zero_acc(), trainer._replicated)  # pylint: disable=protected-access
+        first_bad = int(host_acc['first_nonfinite'])
+        if first_bad >= 0:
+          good = ckpt.latest_step()
+          raise NonFiniteLossError(
+              f'the training loss became non-finite at step {first_bad}'
+              f' (checked over steps {window_step + 1}..{step}); nothing was'
+              ' saved after it'
+              + (f'; the last good checkpoint is step {good}' if good
+                 is not None else '') +
+              '. Lower the learning rates or check the input data.')
+        if int(host_acc['invalid_ids']):
+          raise InvalidIdError(
+              f'{int(host_acc["invalid_ids"])} ids outside their tables'
+              f' reached the train step between steps {window_step + 1} and'
+              f' {step}; they were ignored. Keep config.data.check_ids on to'
+              ' find the feature and value.')
+        n = int(host_acc['steps'])
+        if n:
+          last_loss = float(host_acc['loss_sum']) / n
+          now = time.time()
+          rate = (step - rate_step) * config.batch_size / max(
+              now - rate_start, 1e-9)
+          eta = (total_steps - step) * config.batch_size / max(rate, 1e-9)
+          logging.info('step %d/%d | %s ex/s | loss %.4f | eta %s', step,
+                       total_steps, f'{rate:,.0f}', last_loss, _fmt_eta(eta))
+          writer.write({'type': 'train', 'step': step, 'loss': last_loss,
+                        'examples_per_sec': rate, 'time': now})
+        if do_eval:
+          last_eval = run_eval(step)
+        if do_ckpt:
+          save(step, position)
+        window_step = step
+        rate_start, rate_step = time.time(), step
+  finally:
+    ckpt.close()
+  if data.bad_lines.count:
+    logging.warning('malformed lines: %s', data.bad_lines.summary())
+  summary = {'step': step, 'train_loss': last_loss, 'eval': last_eval,
+             'teacher_auc': data.teacher_auc,
+             'malformed_lines_skipped': data.bad_lines.count}
+  if is_chief:
+    ckpt_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
+  if last_eval:
+    logging.info('done: step %d, eval auc %.4f%s, log_loss %.4f', step,
+                 last_eval['auc'],
+                 f' (teacher {data.teacher_auc:.4f})'
+                 if data.teacher_auc is not None else '',
+                 last_eval['log_loss'])
+  return summary

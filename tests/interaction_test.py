@@ -1,0 +1,48 @@
+"""Dot interaction against a plain double loop."""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import numpy as np
+
+from dlrm_jax.models import interaction
+
+
+def loop_interaction(x, self_interaction):
+  b, n, _ = x.shape
+  out = []
+  for e in range(b):
+    row = []
+    for i in range(n):
+      for j in range(i if self_interaction else i + 1, n):
+        row.append(float(np.dot(x[e, i], x[e, j])))
+    out.append(row)
+  return np.array(out, np.float32)
+
+
+class InteractionTest(parameterized.TestCase):
+
+  @parameterized.parameters((2, 3, False), (3, 5, False), (4, 27, False),
+                            (2, 4, True), (1, 1, True))
+  def test_matches_double_loop(self, n, d, self_interaction):
+    x = np.random.default_rng(n * 10 + d).normal(size=(3, n, d)).astype(
+        np.float32)
+    got = jax.jit(interaction.dot_interaction, static_argnums=1)(
+        x, self_interaction)
+    want = loop_interaction(x, self_interaction)
+    self.assertEqual(got.shape, want.shape)
+    self.assertEqual(got.shape[1],
+                     interaction.output_dim(n, self_interaction))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+  def test_output_dim(self):
+    self.assertEqual(interaction.output_dim(27), 351)
+    self.assertEqual(interaction.output_dim(27, True), 378)
+
+  def test_rejects_wrong_rank(self):
+    with self.assertRaisesRegex(ValueError, r'\[B, N, D\]'):
+      interaction.dot_interaction(np.zeros((2, 3), np.float32))
+
+
+if __name__ == '__main__':
+  absltest.main()

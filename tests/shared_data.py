@@ -1,0 +1,26 @@
+"""Finds the shared Criteo samples (never copied into the repository)."""
+
+import os
+
+from absl.testing import absltest
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def shared_dir() -> str | None:
+  """`$DLRM_SHARED_DIR`, else `<repo>/../shared`, if it exists."""
+  for d in (os.environ.get('DLRM_SHARED_DIR'),
+            os.path.join(_HERE, '..', '..', 'shared')):
+    if d and os.path.isdir(os.path.join(d, 'data', 'criteo')):
+      return os.path.abspath(d)
+  return None
+
+
+def criteo_file(test: absltest.TestCase, name: str) -> str:
+  """Path of a Criteo sample, or skips the test saying where it looked."""
+  d = shared_dir()
+  if d is None:
+    test.skipTest(
+        'the Criteo samples are not available: set DLRM_SHARED_DIR to the'
+        " 'shared' folder, or put it beside the checkout (../shared).")
+  return os.path.join(d, 'data', 'criteo', name)

@@ -1,0 +1,158 @@
+"""The training loop on the tiny config: learning, resuming, failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from absl.testing import absltest
+import jax
+import numpy as np
+
+from configs import criteo as criteo_config
+from dlrm_jax import checkpoint as ckpt_lib
+from dlrm_jax import train
+from tests import reference
+
+_TRAINER = None
+
+
+def tiny_config(**overrides):
+  config = criteo_config.get_config('tiny')
+  for k, v in overrides.items():
+    target = config
+    *path, last = k.split('.')
+    for p in path:
+      target = target[p]
+    target[last] = v
+  return config
+
+
+def shared_trainer():
+  """One Trainer (and its compiled steps) for every run of the tiny model."""
+  global _TRAINER
+  if _TRAINER is None:
+    _TRAINER = train.Trainer(tiny_config(),
+                             mesh=reference.single_device_mesh())
+  return _TRAINER
+
+
+def restore_final_state(workdir, trainer):
+  ckpt = ckpt_lib.Checkpointer(workdir)
+  state, meta = ckpt.restore(ckpt.latest_step(), trainer.abstract_state())
+  ckpt.close()
+  return state, meta
+
+
+class TrainLoopTest(absltest.TestCase):
+
+  def test_learns_and_resumes_to_the_same_result(self):
+    trainer = shared_trainer()
+    straight = self.create_tempdir().full_path
+    summary = train.train_and_evaluate(tiny_config(), straight, trainer)
+    self.assertEqual(summary['step'], 40)
+    # It learns: eval AUC well above chance, and the train loss went down.
+    self.assertGreater(summary['eval']['auc'], 0.57)
+    rows = [json.loads(l) for l in open(os.path.join(straight,
+                                                      'metrics.jsonl'))]
+    losses = [r['loss'] for r in rows if r['type'] == 'train']
+    self.assertLess(losses[-1], losses[0])
+    self.assertTrue(os.path.exists(os.path.join(straight, 'config.json')))
+
+    # Stop after 20 steps, then run the same command again: it resumes.
+    resumed = self.create_tempdir().full_path
+    first = train.train_and_evaluate(tiny_config(num_train_steps=20), resumed,
+                                     trainer)
+    self.assertEqual(first['step'], 20)
+    second = train.train_and_evaluate(tiny_config(), resumed, trainer)
+    self.assertEqual(second['step'], 40)
+    self.assertEqual(second['eval'], summary['eval'])
+    a, meta_a = restore_final_state(straight, trainer)
+    b, meta_b = restore_final_state(resumed, trainer)
+    self.assertEqual(meta_a['data_position'], meta_b['data_position'])
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+  def test_incompatible_config_is_refused(self):
+    trainer = shared_trainer()
+    workdir = self.create_tempdir().full_path
+    train.train_and_evaluate(tiny_config(num_train_steps=10), workdir,
+                             trainer)
+    config = tiny_config()
+    config.features.cat_3.num_buckets = 57
+    with self.assertRaisesRegex(ckpt_lib.IncompatibleCheckpointError,
+                                r"tables\.cat_3\.num_rows: checkpoint has 101,"
+                                ' config has 57'):
+      train.train_and_evaluate(config, workdir)
+
+  def test_non_finite_loss_stops_before_saving(self):
+    config = tiny_config(**{
+        'embedding.optimizer.kind': 'sgd',
+        'embedding.optimizer.schedule.learning_rate': 1e30,
+        'optimizer.kind': 'sgd', 'optimizer.schedule.learning_rate': 1e30,
+        'checkpoint_every_steps': 10, 'log_every_steps': 10})
+    trainer = train.Trainer(config, mesh=reference.single_device_mesh())
+    workdir = self.create_tempdir().full_path
+    with self.assertRaisesRegex(train.NonFiniteLossError,
+                                r'non-finite at step \d+ \(checked over steps'
+                                r' 1\.\.10\)'):
+      train.train_and_evaluate(config, workdir, trainer)
+    self.assertEqual(ckpt_lib.Checkpointer(workdir).all_steps(), [])
+
+
+class KilledRunTest(absltest.TestCase):
+
+  def test_killed_run_resumes_from_its_checkpoint(self):
+    workdir = self.create_tempdir().full_path
+    cmd = [sys.executable, '-m', 'dlrm_jax.main',
+           '--config=configs/criteo.py:tiny', f'--workdir={workdir}',
+           '--config.num_train_steps=400', '--config.checkpoint_every_steps=20',
+           '--config.eval_every_steps=1000', '--config.mesh.model=1',
+           '--config.mesh.data=1']
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    ckpt_dir = os.path.join(workdir, 'checkpoints')
+    deadline = time.time() + 120
+    while time.time() < deadline:
+      steps = [d for d in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir)
+                           else []) if d.isdigit()]
+      if steps:
+        break
+      time.sleep(0.05)
+    self.assertIsNone(proc.poll(), 'the run ended before it could be killed')
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+    self.assertLess(killed_at, 400)
+    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True,
+                         text=True, check=True)
+    self.assertIn('resumed from the checkpoint at step', out.stderr)
+    summary = json.load(open(os.path.join(workdir, 'summary.json')))
+    self.assertEqual(summary['step'], 400)
+
+
+
+class RealCriteoTest(absltest.TestCase):
+
+  def test_trains_on_real_rows_with_a_held_out_split(self):
+    from tests import shared_data  # pylint: disable=g-import-not-at-top
+    path = shared_data.criteo_file(self, 'kaggle_train_head_4000.tsv')
+    config = tiny_config(**{'data.train_path': path, 'num_train_steps': -1,
+                            'num_epochs': 2, 'data.eval_fraction': 0.1})
+    workdir = self.create_tempdir().full_path
+    summary = train.train_and_evaluate(config, workdir, shared_trainer())
+    self.assertEqual(summary['step'], 2 * (3600 // 128))
+    ev = summary['eval']
+    self.assertEqual(ev['num_examples'], 400)
+    self.assertGreater(ev['auc'], 0.55)
+    for k in ('log_loss', 'accuracy', 'calibration'):
+      self.assertTrue(np.isfinite(ev[k]), k)
+    self.assertIsNone(summary['teacher_auc'])
+
+
+if __name__ == '__main__':
+  absltest.main()
