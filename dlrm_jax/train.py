@@ -193,6 +193,31 @@ class Trainer:
                       opt_state=opt, emb=emb,
                       rng=put(jax.random.key_data(k_rng)))
 
+  def restore(self, ckpt: ckpt_lib.Checkpointer, step: int
+              ) -> tuple[TrainState, dict[str, Any]]:
+    """Restores a checkpoint onto this trainer's mesh and plan.
+
+    A checkpoint written under another sharding plan (another number of
+    devices, say) is restored in its own layout and then moved into this one.
+
+    Raises:
+      IncompatibleCheckpointError: if the model signature differs.
+    """
+    meta = ckpt.read_meta(step)
+    saved = plan_lib.Plan.from_json(meta['plan'])
+    abstract = self.abstract_state()
+    if saved == self.plan:
+      return ckpt.restore(step, abstract, self.signature())
+    old_stacks = plan_lib.build_layout(saved, self.setup.tables,
+                                       self.setup.feature_specs)
+    abstract = abstract.replace(emb=self.engine.abstract_state_of_layout(
+        old_stacks, saved.num_shards))
+    state, meta = ckpt.restore(step, abstract, self.signature())
+    logging.info('moving the embedding tables from the checkpoint\'s plan'
+                 ' (%d model shards) to this one (%d)', saved.num_shards,
+                 self.plan.num_shards)
+    return state.replace(emb=self.engine.relayout(old_stacks, state.emb)), meta
+
   def signature(self) -> dict[str, Any]:
     """What fixes the state's shapes; a checkpoint must match it."""
     m = self.setup.model
@@ -236,8 +261,8 @@ class Trainer:
   # --------------------------------------------------------------------------
   # Steps.
 
-  def _apply_model(self, params, batch_stats, dense, emb, *, train, rng=None):
-    sparse = jnp.stack(emb, axis=1)
+  def _apply_model(self, params, batch_stats, dense, sparse, *, train,
+                   rng=None):
     variables = {'params': params}
     if self.has_bn:
       variables['batch_stats'] = batch_stats
@@ -250,7 +275,8 @@ class Trainer:
     return out, batch_stats
 
   def _train_step(self, state: TrainState, batch, acc):
-    emb, invalid = self.engine.lookup(state.emb['stacks'], batch['ids'])
+    emb, invalid = self.engine.lookup_stacked(state.emb['stacks'],
+                                              batch['ids'])
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def loss_fn(params, emb):
@@ -282,7 +308,7 @@ class Trainer:
     return new_state, acc
 
   def _predict(self, state: TrainState, batch):
-    emb, _ = self.engine.lookup(state.emb['stacks'], batch['ids'])
+    emb, _ = self.engine.lookup_stacked(state.emb['stacks'], batch['ids'])
     out, _ = self._apply_model(state.params, state.batch_stats,
                                batch.get('dense'), emb, train=False)
     return out['probs']
@@ -326,6 +352,7 @@ class DataSetup:
   synthetic: bool
   teacher_auc: float | None
   bad_lines: criteo.BadLineReport
+  eval_bad_lines: criteo.BadLineReport | None = None
 
 
 def make_data(config, trainer: Trainer) -> DataSetup:
@@ -347,6 +374,7 @@ def make_data(config, trainer: Trainer) -> DataSetup:
   pi, pc = jax.process_index(), jax.process_count()
   report = criteo.BadLineReport()
   teacher_auc = None
+  cache_eval = False
   if source == 'synthetic':
     s = d.synthetic
     gen = synthetic.SyntheticCriteo(synthetic.SyntheticSpec(
@@ -370,11 +398,13 @@ def make_data(config, trainer: Trainer) -> DataSetup:
     train_paths = criteo.expand_paths(d.train_path, field='config.data.train_path')
     kw = dict(bad_lines=d.get('bad_lines', 'error'),
               chunk_rows=int(d.get('chunk_rows', 65536)), report=report)
+    eval_report = criteo.BadLineReport()
     if d.get('eval_path'):
       eval_paths = criteo.expand_paths(d.eval_path, field='config.data.eval_path')
       train_src = pipeline.TsvSource(train_paths, **kw)
       eval_src = pipeline.TsvSource(
-          eval_paths, labeled=d.get('labeled_eval', True), **kw)
+          eval_paths, labeled=d.get('labeled_eval', True),
+          **dict(kw, report=eval_report))
       if not d.get('labeled_eval', True):
         eval_src = None
     else:
@@ -387,7 +417,8 @@ def make_data(config, trainer: Trainer) -> DataSetup:
       train_src = pipeline.TsvSource(train_paths, stop=total - n_eval, **kw)
       eval_src = pipeline.TsvSource(
           train_paths, start=total - n_eval, stop=total,
-          **kw) if n_eval else None
+          **dict(kw, report=eval_report)) if n_eval else None
+      cache_eval = True
     description = f'Criteo files: train {train_src.description}' + (
         f'; eval {eval_src.description}' if eval_src else '; no eval set')
   train = pipeline.TrainBatches(
@@ -396,9 +427,11 @@ def make_data(config, trainer: Trainer) -> DataSetup:
       process_count=pc)
   evals = pipeline.EvalBatches(
       eval_src, make_batch, config.eval_batch_size, process_index=pi,
-      process_count=pc) if eval_src is not None and eval_src.num_rows else None
+      process_count=pc, cache=cache_eval
+  ) if eval_src is not None and eval_src.num_rows else None
   return DataSetup(train, evals, description, source == 'synthetic',
-                   teacher_auc, report)
+                   teacher_auc, report,
+                   eval_bad_lines=eval_report if source != 'synthetic' else None)
 
 
 # ----------------------------------------------------------------------------
@@ -473,12 +506,7 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
   signature = trainer.signature()
   latest = ckpt.latest_step()
   if latest is not None:
-    state, meta = ckpt.restore(latest, trainer.abstract_state(), signature)
-    if meta.get('plan') != trainer.plan.to_json():
-      raise ckpt_lib.IncompatibleCheckpointError(
-          f'the checkpoint at step {latest} was written with another'
-          ' embedding sharding plan; restoring onto a different plan is not'
-          ' supported yet.')
+    state, meta = trainer.restore(ckpt, latest)
     position = int(meta['data_position'])
     logging.info('resumed from the checkpoint at step %d (%s)', latest,
                  ckpt.directory)
@@ -580,11 +608,15 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
         rate_start, rate_step = time.time(), step
   finally:
     ckpt.close()
+  eval_bad = data.eval_bad_lines
   if data.bad_lines.count:
-    logging.warning('malformed lines: %s', data.bad_lines.summary())
+    logging.warning('malformed training lines: %s', data.bad_lines.summary())
+  if eval_bad is not None and eval_bad.count:
+    logging.warning('malformed eval lines: %s', eval_bad.summary())
   summary = {'step': step, 'train_loss': last_loss, 'eval': last_eval,
              'teacher_auc': data.teacher_auc,
-             'malformed_lines_skipped': data.bad_lines.count}
+             'malformed_lines_skipped': data.bad_lines.count + (
+                 eval_bad.count if eval_bad is not None else 0)}
   if is_chief:
     ckpt_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
   if last_eval:

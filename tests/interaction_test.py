@@ -35,6 +35,31 @@ class InteractionTest(parameterized.TestCase):
                      interaction.output_dim(n, self_interaction))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
+  @parameterized.parameters((4, 3, False), (5, 2, True))
+  def test_gradient_matches_double_loop(self, n, d, self_interaction):
+    x = np.random.default_rng(n).normal(size=(2, n, d)).astype(np.float32)
+    w = np.random.default_rng(7).normal(
+        size=(2, interaction.output_dim(n, self_interaction))).astype(
+            np.float32)
+
+    def loop_loss(x):
+      total = 0.0
+      for e in range(x.shape[0]):
+        k = 0
+        for i in range(n):
+          for j in range(i if self_interaction else i + 1, n):
+            total += w[e, k] * jax.numpy.dot(x[e, i], x[e, j])
+            k += 1
+      return total
+
+    def loss(x):
+      return jax.numpy.sum(
+          w * interaction.dot_interaction(x, self_interaction))
+
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(loss))(x)),
+                               np.asarray(jax.grad(loop_loss)(x)), rtol=1e-5,
+                               atol=1e-5)
+
   def test_output_dim(self):
     self.assertEqual(interaction.output_dim(27), 351)
     self.assertEqual(interaction.output_dim(27, True), 378)

@@ -153,6 +153,29 @@ class RealCriteoTest(absltest.TestCase):
       self.assertTrue(np.isfinite(ev[k]), k)
     self.assertIsNone(summary['teacher_auc'])
 
+  def test_malformed_lines_under_both_policies(self):
+    from tests import shared_data  # pylint: disable=g-import-not-at-top
+    from dlrm_jax.data import criteo  # pylint: disable=g-import-not-at-top
+    lines = open(shared_data.criteo_file(
+        self, 'kaggle_train_random_1000.tsv')).read().splitlines()
+    for at in (10, 200, 500, 700, 950):  # 3 in the training part, 2 in eval
+      lines.insert(at, '1\t2\t3')
+    path = os.path.join(self.create_tempdir().full_path, 'train.txt')
+    with open(path, 'w') as f:
+      f.write('\n'.join(lines) + '\n')
+    config = tiny_config(**{'data.train_path': path, 'num_train_steps': -1,
+                            'num_epochs': 3, 'data.eval_fraction': 0.2,
+                            'eval_every_steps': 5})
+    with self.assertRaisesRegex(criteo.MalformedLineError,
+                                r'train\.txt:11: expected 40 fields, got 3'):
+      train.train_and_evaluate(config, self.create_tempdir().full_path,
+                               shared_trainer())
+    config.data.bad_lines = 'skip'
+    summary = train.train_and_evaluate(
+        config, self.create_tempdir().full_path, shared_trainer())
+    # Each line counted once, over three epochs and several evaluations.
+    self.assertEqual(summary['malformed_lines_skipped'], 5)
+
 
 if __name__ == '__main__':
   absltest.main()

@@ -1,27 +1,29 @@
 """Streaming reader of Criteo click logs in their raw text layout.
 
-Kaggle `train.txt` and Terabyte `day_N`: one example per line, 40 tab-separated
-fields: the label (0/1), 13 integer features I1..I13 (may be negative), 26
-categorical features C1..C26 written as 8 hex digits; an empty field is a
-missing value. The unlabeled Kaggle `test.txt` layout has 39 fields (no label).
-Files may be plain or gzip (detected by their magic bytes, since `day_N` files
-have no extension).
+Kaggle `train.txt` and Terabyte `day_N` hold one example per line, 40
+tab-separated fields:
+  the label (`0` or `1`),
+  I1..I13: integers (may be negative; empty = missing),
+  C1..C26: 32-bit hashes written as 8 hex digits (empty = missing).
+The unlabeled Kaggle `test.txt` layout has the same 39 feature fields and no
+label. Files may be plain or gzip; gzip is recognized by its magic bytes, not
+by its name (Terabyte `day_N` files have no extension).
 
-Files are parsed with pyarrow's streaming CSV reader, block by block, and
-validated and converted with vectorized numpy: memory stays at a few chunks
-whatever the file size. A malformed line (wrong field count, a label other
-than 0/1, a non-integer, a categorical that is not 1..8 hex digits) either
-stops the read with its file and line number (`bad_lines='error'`) or is
-dropped and reported (`bad_lines='skip'`). Values are never silently wrong.
+`read_criteo` streams the files block by block through pyarrow's CSV reader and
+validates and converts each block with vectorized numpy, so memory stays at a
+few blocks whatever the file size. A malformed line (a wrong field count, a
+label other than 0/1, a non-integer or an integer that does not fit int64, a
+categorical that is not 1..8 hex digits) either stops the read with its file,
+line number and reason (`bad_lines='error'`) or is dropped and recorded in a
+`BadLineReport` (`bad_lines='skip'`). No value is ever silently wrong.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
-import gzip
 import os
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -34,27 +36,46 @@ INT_NAMES = tuple(f'I{i + 1}' for i in range(NUM_INT))
 CAT_NAMES = tuple(f'C{i + 1}' for i in range(NUM_CAT))
 BAD_LINE_POLICIES = ('error', 'skip')
 
-_BLOCK_BYTES = 8 << 20
+# Bytes of text per pyarrow block (one parsed batch). Lines must be shorter.
+_BLOCK_BYTES = 4 << 20
+_READ_BYTES = 16 << 20  # Bytes per read when counting lines.
 _GZIP_MAGIC = b'\x1f\x8b'
+_INT64_DIGITS = 18  # Decimal strings of up to this many digits fit in int64.
 
-# Hex digit value of each byte; 255 marks a byte that is not a hex digit.
-_HEX = np.full(256, 255, np.uint8)
-for _i, _c in enumerate(b'0123456789abcdef'):
-  _HEX[_c] = _i
-for _i, _c in enumerate(b'ABCDEF'):
-  _HEX[_c] = 10 + _i
-_DIGIT = np.full(256, 255, np.uint8)
-for _i, _c in enumerate(b'0123456789'):
-  _DIGIT[_c] = _i
+# True for every byte that is not an ASCII decimal digit.
+_NOT_DIGIT = np.ones(256, bool)
+_NOT_DIGIT[ord('0'):ord('9') + 1] = False
+
+
+def _hex_pair_table() -> np.ndarray:
+  """Value of two hex characters read as one little-endian uint16; -1: bad."""
+  nibble = np.full(256, -1, np.int16)
+  for i, c in enumerate(b'0123456789abcdef'):
+    nibble[c] = i
+  for i, c in enumerate(b'ABCDEF'):
+    nibble[c] = 10 + i
+  first = nibble[np.arange(65536) & 0xff]  # The first character: high nibble.
+  second = nibble[np.arange(65536) >> 8]
+  return np.where((first >= 0) & (second >= 0), first * 16 + second,
+                  -1).astype(np.int16)
+
+
+_HEX_PAIR = _hex_pair_table()
 
 
 class MalformedLineError(ValueError):
-  """A malformed line, reported as `path:line: reason`."""
+  """A malformed line of a Criteo file; the message is `path:line: reason`."""
 
 
 @dataclasses.dataclass
 class BadLineReport:
-  """Malformed lines dropped under `bad_lines='skip'`."""
+  """Malformed lines dropped under `bad_lines='skip'`.
+
+  Attributes:
+    count: lines dropped.
+    examples: the first `max_examples` of them, as `'path:line: reason'`.
+    max_examples: how many examples to keep.
+  """
 
   count: int = 0
   examples: list[str] = dataclasses.field(default_factory=list)
@@ -68,40 +89,59 @@ class BadLineReport:
   def summary(self) -> str:
     if not self.count:
       return 'no malformed lines'
-    return (f'{self.count} malformed line(s) skipped; first: ' +
-            '; '.join(self.examples))
+    plural = 's' if self.count > 1 else ''
+    more = '; ...' if self.count > len(self.examples) else ''
+    return (f'{self.count} malformed line{plural} skipped; first: ' +
+            '; '.join(self.examples) + more)
 
 
 def expand_paths(spec, *, field: str = 'data.train_path') -> list[str]:
-  """Files named by a path, a glob, a comma-separated string or a list.
+  """Files named by a path, a glob, a comma-separated string, or a list.
 
-  Globs expand in sorted order; the order of the patterns is kept; repeated
-  files are kept once.
+  Args:
+    spec: a path, a glob, a comma-separated string of paths and globs, or a
+      list or tuple of those.
+    field: the config field `spec` came from, for error messages.
+
+  Returns:
+    The files in the order given, each glob's matches sorted, each file once
+    (at its first place).
 
   Raises:
-    ValueError: naming `field` and the pattern, for a missing file or a glob
-      that matches nothing.
+    ValueError: naming `field` and the pattern, when a path does not exist or
+      is not a file, or when a glob matches no file.
   """
-  if isinstance(spec, str):
-    patterns = [p.strip() for p in spec.split(',') if p.strip()]
+  if isinstance(spec, (str, os.PathLike)):
+    items = [spec]
+  elif isinstance(spec, (list, tuple)):
+    items = list(spec)
   else:
-    patterns = [str(p).strip() for p in (spec or ()) if str(p).strip()]
+    raise ValueError(
+        f'{field} ({spec!r}) must be a path, a glob, a comma-separated string'
+        ' or a list of those.')
+  patterns = []
+  for item in items:
+    if not isinstance(item, (str, os.PathLike)):
+      raise ValueError(f'{field}: {item!r} is not a path or a glob.')
+    patterns += [p.strip() for p in os.fspath(item).split(',') if p.strip()]
   if not patterns:
-    raise ValueError(f'{field} is empty; give a file, a glob or a list.')
-  out: list[str] = []
+    raise ValueError(f'{field} ({spec!r}) names no file.')
+  out, seen = [], set()
   for pattern in patterns:
-    pattern = os.path.expanduser(pattern)
-    if any(c in pattern for c in '*?['):
-      matches = sorted(glob.glob(pattern))
-      matches = [m for m in matches if os.path.isfile(m)]
+    path = os.path.expanduser(pattern)
+    if os.path.isfile(path):
+      matches = [path]
+    elif glob.has_magic(path):
+      matches = [p for p in sorted(glob.glob(path)) if os.path.isfile(p)]
       if not matches:
         raise ValueError(f'{field}: the pattern {pattern!r} matches no file.')
+    elif os.path.exists(path):
+      raise ValueError(f'{field}: {pattern!r} is not a file.')
     else:
-      if not os.path.isfile(pattern):
-        raise ValueError(f'{field}: the file {pattern!r} does not exist.')
-      matches = [pattern]
+      raise ValueError(f'{field}: the file {pattern!r} does not exist.')
     for m in matches:
-      if m not in out:
+      if m not in seen:
+        seen.add(m)
         out.append(m)
   return out
 
@@ -111,271 +151,311 @@ def _is_gzip(path: str) -> bool:
     return f.read(2) == _GZIP_MAGIC
 
 
-def _open_stream(path: str):
+def _open(path: str) -> pa.NativeFile:
   return pa.input_stream(path, compression='gzip' if _is_gzip(path) else None)
 
 
 def count_rows(paths: Sequence[str] | str) -> int:
-  """Lines of the files (a last line without a newline counts)."""
+  """Lines in the files, gzip decompressed; a last line without `\\n` counts."""
   if isinstance(paths, str):
     paths = [paths]
   total = 0
   for path in paths:
-    opener = gzip.open if _is_gzip(path) else open
     last = b'\n'
-    with opener(path, 'rb') as f:
-      while True:
-        block = f.read(16 << 20)
-        if not block:
-          break
+    with _open(path) as f:
+      while block := f.read(_READ_BYTES):
         total += block.count(b'\n')
         last = block[-1:]
-    if last != b'\n':
-      total += 1
+    total += last != b'\n'
   return total
 
 
-def _fixed_bytes(col: pa.Array, width: int) -> tuple[np.ndarray, np.ndarray]:
-  """A string column -> (`[n, width]` uint8, right-aligned, 0-padded; lengths).
+def _buffers(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """A binary column -> (offsets `[n + 1]`, data bytes, lengths `[n]`).
 
-  Values longer than `width` keep their last `width` bytes; callers check the
-  lengths.
+  Empty fields are nulls of length 0.
   """
-  col = col.cast(pa.string()) if col.type != pa.string() else col
-  if isinstance(col, pa.ChunkedArray):
-    col = col.combine_chunks()
-  offsets = np.frombuffer(col.buffers()[1], np.int32,
-                          count=len(col) + 1, offset=col.offset * 4)
-  data = col.buffers()[2]
-  data = (np.frombuffer(data, np.uint8) if data is not None
-          else np.zeros(0, np.uint8))
-  lengths = np.diff(offsets).astype(np.int64)
   n = len(col)
-  out = np.zeros((n, width), np.uint8)
-  ends = offsets[1:].astype(np.int64)
-  for k in range(1, width + 1):
-    has = lengths >= k
-    if not has.any():
-      break
-    out[has, width - k] = data[ends[has] - k]
-  return out, lengths
-
-
-def _column_buffers(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-  """A string array's (int64 offsets `[n + 1]`, uint8 data)."""
-  if isinstance(col, pa.ChunkedArray):
-    col = col.combine_chunks()
-  if col.type == pa.large_string():
-    offsets = np.frombuffer(col.buffers()[1], np.int64, count=len(col) + 1,
-                            offset=col.offset * 8)
+  bufs = col.buffers()
+  offsets = np.frombuffer(bufs[1], np.int32, count=n + 1,
+                          offset=col.offset * 4).astype(np.int64)
+  if bufs[2] is None or bufs[2].size == 0:
+    data = np.zeros(0, np.uint8)
   else:
-    offsets = np.frombuffer(col.buffers()[1], np.int32, count=len(col) + 1,
-                            offset=col.offset * 4).astype(np.int64)
-  data = col.buffers()[2]
-  data = (np.frombuffer(data, np.uint8) if data is not None
-          else np.zeros(1, np.uint8))
-  return offsets, data
+    data = np.frombuffer(bufs[2], np.uint8)
+  return offsets, data, np.diff(offsets)
+
+
+def _parse_label(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+  """Labels -> (float32 values, bad mask)."""
+  offsets, data, lengths = _buffers(col)
+  if len(col) and (lengths == 1).all():
+    value = data[offsets[0]:offsets[-1]] - np.uint8(ord('0'))
+    bad = value > 1  # Other bytes wrap around to large values.
+  else:
+    first = data[np.minimum(offsets[:-1], max(len(data) - 1, 0))] if len(
+        data) else np.zeros(len(col), np.uint8)
+    value = first - np.uint8(ord('0'))
+    bad = (lengths != 1) | (value > 1)
+  return np.where(bad, 0, value).astype(np.float32), bad
+
+
+def _parse_int(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Decimal integers -> (int64 values, 0 if missing; bad mask; overflow mask).
+
+  Valid: `-?[0-9]+` within int64 (Arrow's own cast also takes `0x1f`, so the
+  bytes are checked first).
+  """
+  n = len(col)
+  offsets, data, lengths = _buffers(col)
+  bad = np.zeros(n, bool)
+  overflow = np.zeros(n, bool)
+  pos = np.flatnonzero(_NOT_DIGIT[data[offsets[0]:offsets[-1]]]) + offsets[0]
+  if pos.size:
+    # The only non-digit allowed is a leading '-' followed by a digit.
+    row = np.searchsorted(offsets, pos, side='right') - 1
+    ok = ((data[pos] == ord('-')) & (offsets[row] == pos) &
+          (lengths[row] >= 2))
+    bad[row[~ok]] = True
+  if n and lengths.max() > _INT64_DIGITS:
+    for i in np.flatnonzero(~bad & (lengths > _INT64_DIGITS)):
+      if not -2**63 <= int(col[int(i)].as_py()) < 2**63:
+        overflow[i] = True
+    bad |= overflow
+  if bad.any():
+    col = pc.if_else(pa.array(bad), pa.scalar(None, col.type), col)
+  values = pc.cast(col, pa.int64()).fill_null(0)
+  return values.to_numpy(), bad, overflow
 
 
 def _parse_hex(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-  """Hex strings -> (int64 values, -1 when empty; bad mask).
-
-  The common case, 8 hex digits or empty, takes one gather and a table
-  lookup; shorter values (1..7 digits) go through a slower general path.
-  """
-  offsets, data = _column_buffers(col)
-  lengths = np.diff(offsets)
-  n = len(lengths)
-  full = lengths == 8
-  idx = np.minimum(offsets[:-1, None] + np.arange(8),
-                   max(len(data) - 1, 0))
-  digits = _HEX[data[idx]]
-  digits[~full] = 0
-  bad = (digits == 255).any(axis=1) | (lengths > 8)
-  digits[bad] = 0
-  packed = (digits[:, 0::2] << 4) | digits[:, 1::2]
-  values = np.ascontiguousarray(packed).view('>u4').reshape(n).astype(
-      np.int64)
-  values[lengths == 0] = -1
-  short = np.flatnonzero((lengths > 0) & (lengths < 8))
-  if short.size:
-    raw, _ = _fixed_bytes(col.take(pa.array(short)), 8)
-    d = _HEX[raw]
-    pad = np.arange(8)[None, :] < (8 - lengths[short])[:, None]
-    d = np.where(pad, 0, d)
-    b = (d == 255).any(axis=1)
-    d = np.where(b[:, None], 0, d)
-    p2 = (d[:, 0::2] << 4) | d[:, 1::2]
-    values[short] = np.ascontiguousarray(p2).view('>u4').reshape(-1)
-    bad[short] = b
-  values[bad] = -1
+  """1..8 hex digits -> (int64 values in [0, 2^32), -1 if missing; bad mask)."""
+  n = len(col)
+  offsets, data, lengths = _buffers(col)
+  present = lengths > 0
+  n_present = np.count_nonzero(present)
+  values = np.full(n, -1, np.int64)
+  bad = np.zeros(n, bool)
+  if not n_present:
+    return values, bad
+  if lengths.max() == 8 and offsets[-1] - offsets[0] == 8 * n_present:
+    # The usual case: every value has 8 digits, so they lie back to back.
+    rows = present
+    chars = data[offsets[0]:offsets[-1]]
+  else:
+    # Left-pad each value of 1..8 digits with '0' to 8 characters.
+    bad = lengths > 8
+    rows = np.flatnonzero(present & ~bad)
+    k = np.arange(8)
+    pad = k[None, :] < (8 - lengths[rows])[:, None]
+    idx = np.where(pad, 0, offsets[rows + 1][:, None] - 8 + k[None, :])
+    chars = np.where(pad, np.uint8(ord('0')), data[idx]).astype(np.uint8)
+    chars = chars.ravel()
+  # Two characters at a time: one byte of the big-endian 32-bit value.
+  pairs = _HEX_PAIR[chars.view('<u2')].reshape(-1, 4)
+  values[rows] = pairs.astype(np.uint8).view('>u4').ravel()
+  if pairs.size and pairs.min() < 0:
+    bad_value = np.zeros(n, bool)
+    bad_value[rows] = (pairs < 0).any(axis=1)
+    bad |= bad_value
+  if bad.any():
+    values[bad] = -1
   return values, bad
 
 
-def _parse_int(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-  """Decimal integer strings -> (int64 values, 0 when empty; bad mask)."""
-  try:  # Fast path: arrow's checked cast, when the whole column is valid.
-    filled = pc.if_else(pc.equal(col, ''), '0', col)
-    values = pc.cast(filled, pa.int64()).to_numpy(zero_copy_only=False)
-    return values.astype(np.int64, copy=False), np.zeros(len(col), bool)
-  except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-    pass
-  raw, lengths = _fixed_bytes(col, 20)
-  first = raw[np.arange(len(raw)), np.clip(20 - lengths, 0, 19)]
-  neg = (first == ord('-')) & (lengths > 1)
-  pos_sign = (first == ord('+')) & (lengths > 1)
-  n_digits = lengths - (neg | pos_sign)
-  body = raw.copy()
-  sign_col = 20 - lengths
-  rows = np.flatnonzero(neg | pos_sign)
-  body[rows, sign_col[rows]] = ord('0')
-  digits = _DIGIT[body]
-  pad = np.arange(20)[None, :] < (20 - np.minimum(lengths, 20))[:, None]
-  digits = np.where(pad, 0, digits)
-  bad = (lengths > 20) | (digits == 255).any(axis=1) | (
-      (lengths > 0) & (n_digits == 0))
-  # Anything over 18 digits may not fit int64: check those exactly.
-  long = np.flatnonzero(~bad & (n_digits > 18))
-  values = np.zeros(len(raw), np.int64)
-  small = ~bad & (n_digits <= 18) & (lengths > 0)
-  weights = (10 ** np.arange(17, -1, -1)).astype(np.int64)
-  values[small] = (digits[small, 2:].astype(np.int64) * weights).sum(axis=1)
-  values = np.where(neg, -values, values)
-  for i in long:
-    v = int(col[int(i)].as_py())
-    if -2**63 <= v < 2**63:
-      values[i] = v
-    else:
-      bad[i] = True
-  return np.where(bad, 0, values), bad
+def _value(col: pa.Array, i: int) -> str:
+  """Field `i` of a column as text, for messages."""
+  raw = col[i].as_py()
+  return '' if raw is None else raw.decode('utf-8', 'backslashreplace')
 
 
-@dataclasses.dataclass
-class _Skipped:
-  lines: list[int] = dataclasses.field(default_factory=list)
-  reasons: list[str] = dataclasses.field(default_factory=list)
+class _Checks:
+  """The failed checks of one batch, in column order, for reasons."""
+
+  def __init__(self, n: int):
+    self.bad = np.zeros(n, bool)
+    self._checks: list[tuple[np.ndarray, Callable[[int], str]]] = []
+
+  def add(self, mask: np.ndarray, reason: Callable[[int], str]) -> None:
+    if mask.any():
+      self.bad |= mask
+      self._checks.append((mask, reason))
+
+  def reason(self, i: int) -> str:
+    for mask, reason in self._checks:
+      if mask[i]:
+        return reason(i)
+    raise AssertionError(f'row {i} is not bad')
+
+
+def _convert(batch: pa.RecordBatch, labeled: bool
+             ) -> tuple[dict[str, np.ndarray], _Checks]:
+  """Parses a batch of binary columns; returns all rows and their checks."""
+  n = batch.num_rows
+  cols = batch.columns
+  checks = _Checks(n)
+  out = {}
+  # An empty line comes out of pyarrow as a row of empty fields.
+  empty = np.flatnonzero(_buffers(cols[0])[2] == 0)
+  for col in cols[1:]:
+    if not empty.size:
+      break
+    empty = empty[_buffers(col)[2][empty] == 0]
+  empty_mask = np.zeros(n, bool)
+  empty_mask[empty] = True
+  checks.add(empty_mask, lambda i: 'empty line')
+  if labeled:
+    label_col = cols[0]
+    label, bad = _parse_label(label_col)
+    checks.add(bad, lambda i: (
+        f'label must be 0 or 1, got {_value(label_col, i)!r}'))
+    out['label'] = label
+    cols = cols[1:]
+  ints = np.empty((NUM_INT, n), np.int64)
+  for j, name in enumerate(INT_NAMES):
+    col = cols[j]
+    ints[j], bad, overflow = _parse_int(col)
+    checks.add(bad, lambda i, col=col, name=name, overflow=overflow: (
+        f'{name} does not fit in int64: {_value(col, i)!r}'
+        if overflow[i] else f'{name} is not an integer: {_value(col, i)!r}'))
+  cats = np.empty((NUM_CAT, n), np.int64)
+  for j, name in enumerate(CAT_NAMES):
+    col = cols[NUM_INT + j]
+    cats[j], bad = _parse_hex(col)
+    checks.add(bad, lambda i, col=col, name=name: (
+        f'{name} is not 8 hex digits: {_value(col, i)!r}'))
+  out['int'] = np.ascontiguousarray(ints.T)
+  out['cat'] = np.ascontiguousarray(cats.T)
+  return out, checks
 
 
 def _read_file(path: str, labeled: bool, bad_lines: str,
-               report: BadLineReport) -> Iterator[dict[str, np.ndarray]]:
-  """Validated chunks of one file, in line order."""
-  n_fields = 1 + NUM_INT + NUM_CAT if labeled else NUM_INT + NUM_CAT
-  names = ((['label'] if labeled else []) + list(INT_NAMES) + list(CAT_NAMES))
-  skipped = _Skipped()
+               report: BadLineReport, limit: int | None, skip: list[int]
+               ) -> Iterator[dict[str, np.ndarray]]:
+  """Valid rows of one file in line order, stopping after `limit` of them.
 
-  def on_invalid(row):
-    # Raising here would be swallowed by pyarrow: record the line and let the
-    # batch loop report it (or stop on it) in line order.
-    reason = (f'expected {n_fields} tab-separated fields, got'
-              f' {row.actual_columns}')
-    skipped.lines.append(int(row.number))
-    skipped.reasons.append(reason)
+  The first `skip[0]` valid rows (counted in `limit`) are passed over, and
+  `skip[0]` is decremented as they are; malformed lines before the first row
+  returned are neither raised nor reported (a resumed or split read has met
+  them already). Malformed lines from there to the last row returned are
+  raised or reported.
+  """
+  names = (('label',) if labeled else ()) + INT_NAMES + CAT_NAMES
+  n_fields = len(names)
+  # Lines with a wrong field count that pyarrow dropped, not yet placed among
+  # the rows, as runs [first line, number of lines, field count] (a file of
+  # the wrong layout is one run). pyarrow parses a few blocks ahead, so these
+  # may lie past the rows of the batch at hand. Line numbers are 1-based.
+  dropped: list[list[int]] = []
+
+  def on_invalid_row(row) -> str:
+    last = dropped[-1] if dropped else None
+    if (last and last[0] + last[1] == row.number and
+        last[2] == row.actual_columns):
+      last[1] += 1
+    else:
+      dropped.append([row.number, 1, row.actual_columns])
     return 'skip'
 
+  def field_count(actual: int) -> str:
+    return f'expected {n_fields} fields, got {actual}'
+
+  def emit(events: list[tuple[int, int, str]]) -> None:
+    """Raises or reports (first line, number of lines, reason) events."""
+    events.sort()
+    if events and bad_lines == 'error':
+      line, _, reason = events[0]
+      raise MalformedLineError(f'{path}:{line}: {reason}')
+    for line, count, reason in events:
+      shown = min(count, max(report.max_examples - len(report.examples), 1))
+      for i in range(shown):
+        report.add(path, line + i, reason)
+      report.count += count - shown
+
+  consumed = 0  # Lines 1..consumed are placed.
   try:
     reader = pa_csv.open_csv(
-        _open_stream(path),
+        _open(path),
         read_options=pa_csv.ReadOptions(
             column_names=names, block_size=_BLOCK_BYTES, use_threads=False),
         parse_options=pa_csv.ParseOptions(
             delimiter='\t', quote_char=False, double_quote=False,
             escape_char=False, newlines_in_values=False,
-            ignore_empty_lines=False, invalid_row_handler=on_invalid),
+            ignore_empty_lines=False, invalid_row_handler=on_invalid_row),
         convert_options=pa_csv.ConvertOptions(
-            column_types={n: pa.string() for n in names},
-            strings_can_be_null=False, quoted_strings_can_be_null=False))
-  except MalformedLineError:
-    raise
+            column_types={name: pa.binary() for name in names},
+            strings_can_be_null=True, null_values=['']))
   except pa.ArrowInvalid as e:
     if 'Empty CSV file' in str(e):
       return
-    raise MalformedLineError(f'{path}: cannot be parsed: {e}') from e
-  rows_before = 0   # rows of earlier batches
-  skipped_seen = 0  # skipped lines already placed before earlier batches
+    raise MalformedLineError(f'{path}:1: cannot be parsed: {e}') from e
+  produced = 0
   while True:
     try:
       batch = reader.read_next_batch()
     except StopIteration:
       break
-    except MalformedLineError:
-      raise
     except pa.ArrowInvalid as e:
-      raise MalformedLineError(f'{path}: cannot be parsed: {e}') from e
+      raise MalformedLineError(
+          f'{path}:{consumed + 1}: cannot be parsed (at or after this line):'
+          f' {e}') from e
     n = batch.num_rows
-    # Line number of each row: its index plus the lines skipped before it.
-    # Skipped lines so far are sorted; those past this batch's rows belong to
-    # the next batch.
-    skip_lines = np.asarray(skipped.lines[skipped_seen:], np.int64)
-    idx = np.arange(n, dtype=np.int64) + rows_before + skipped_seen + 1
-    if skip_lines.size:
-      # The k-th row is on line idx + (skipped lines before it).
-      lines = idx.copy()
-      for s in skip_lines:
-        lines[lines >= s] += 1
-    else:
-      lines = idx
-    cols = {name: batch.column(i) for i, name in enumerate(names)}
-    bad = np.zeros(n, bool)
-    reasons: dict[int, str] = {}
+    if not n:
+      continue
+    out, checks = _convert(batch, labeled)
+    # Row k of the batch lies on line consumed + k + 1 + (dropped lines before
+    # it). All lines of run r come before row k exactly when k >= after[r],
+    # with after[r] = (valid rows between line `consumed` and the run).
+    runs = np.array(dropped, np.int64).reshape(-1, 3)
+    lines_before = np.concatenate([[0], np.cumsum(runs[:, 1])])
+    after = runs[:, 0] - consumed - 1 - lines_before[:-1]
 
-    def flag(mask, reason_fn):
-      new = np.flatnonzero(mask & ~bad)
-      for i in new[:64]:
-        reasons[int(i)] = reason_fn(int(i))
-      bad[new] = True
+    good = ~checks.bad
+    last = n - 1  # The last row needed from this batch.
+    done = False
+    if limit is not None:
+      need = limit - produced
+      good_rows = np.flatnonzero(good)
+      if len(good_rows) >= need:
+        last = int(good_rows[need - 1])
+        done = True
+    n_runs = int(np.searchsorted(after, last, side='right'))
 
-    out = {}
-    if labeled:
-      lab = cols['label']
-      is0 = np.asarray(pc.equal(lab, '0'))
-      is1 = np.asarray(pc.equal(lab, '1'))
+    def line_of(rows):
+      return (consumed + rows + 1 +
+              lines_before[np.searchsorted(after, rows, side='right')])
 
-      def label_reason(i):
-        if all(cols[name][i].as_py() == '' for name in names):
-          return 'empty line'
-        return f'label must be 0 or 1, got {lab[i].as_py()!r}'
-      flag(~(is0 | is1), label_reason)
-      out['label'] = is1.astype(np.float32)
-    ints = np.zeros((n, NUM_INT), np.int64)
-    for j, name in enumerate(INT_NAMES):
-      v, b = _parse_int(cols[name])
-      ints[:, j] = v
-      flag(b, lambda i, name=name: (
-          f'{name} is not an integer: {cols[name][i].as_py()!r}'))
-    cats = np.zeros((n, NUM_CAT), np.int64)
-    for j, name in enumerate(CAT_NAMES):
-      v, b = _parse_hex(cols[name])
-      cats[:, j] = v
-      flag(b, lambda i, name=name: (
-          f'{name} is not 8 hex digits: {cols[name][i].as_py()!r}'))
-    out['int'] = ints
-    out['cat'] = cats
-    # Merge the field-count errors of this batch's span with the value errors,
-    # in line order, for the report.
-    span_end = lines[-1] if n else np.iinfo(np.int64).max
-    in_span = [k for k, s in enumerate(skip_lines) if s <= span_end]
-    events = [(int(skip_lines[k]), skipped.reasons[skipped_seen + k])
-              for k in in_span]
-    events += [(int(lines[i]), reasons.get(int(i), 'malformed'))
-               for i in np.flatnonzero(bad)]
-    events.sort()
-    if events and bad_lines == 'error':
-      raise MalformedLineError(f'{path}:{events[0][0]}: {events[0][1]}')
-    for line, reason in events:
-      report.add(path, line, reason)
-    skipped_seen += len(in_span)
-    rows_before += n
-    if bad.any():
-      keep = ~bad
-      out = {k: v[keep] for k, v in out.items()}
+    first = 0  # The first row returned from this batch.
+    quiet_before = 0  # Malformed lines before this one are passed over.
+    n_good = int(np.count_nonzero(good[:last + 1]))
+    if skip[0]:
+      if n_good <= skip[0]:
+        skip[0] -= n_good
+        first, quiet_before = last + 1, np.iinfo(np.int64).max
+      else:
+        first = int(np.flatnonzero(good[:last + 1])[skip[0]])
+        skip[0] = 0
+        quiet_before = int(line_of(np.array([first]))[0])
+    events = [(start, count, field_count(actual))
+              for start, count, actual in dropped[:n_runs]
+              if start >= quiet_before]
+    bad_rows = np.flatnonzero(checks.bad[first:last + 1]) + first
+    if bad_rows.size:
+      events += [(int(line), 1, checks.reason(int(k)))
+                 for line, k in zip(line_of(bad_rows), bad_rows)]
+    emit(events)
+    consumed += n + int(lines_before[n_runs])
+    del dropped[:n_runs]
+    produced += n_good
+    keep = good[first:last + 1]
+    if first or last + 1 < n or not keep.all():
+      out = {k: v[first:last + 1][keep] for k, v in out.items()}
     if len(out['int']):
       yield out
-  # Field-count errors after the last batch's rows.
-  for line, reason in zip(skipped.lines[skipped_seen:],
-                          skipped.reasons[skipped_seen:]):
-    if bad_lines == 'error':
-      raise MalformedLineError(f'{path}:{line}: {reason}')
-    report.add(path, line, reason)
+    if done:
+      return
+  emit([(start, count, field_count(actual))
+        for start, count, actual in dropped])
 
 
 def read_criteo(
@@ -388,65 +468,71 @@ def read_criteo(
     skip_rows: int = 0,
     max_rows: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-  """Streams valid rows of the files, in file then line order.
+  """Streams the valid rows of Criteo text files, in file then line order.
 
   Args:
-    paths: files (plain or gzip).
-    labeled: 40-field layout with a label; False for the 39-field test layout.
+    paths: the files, plain or gzip (see `expand_paths`).
+    labeled: the 40-field layout with a label; False: the 39-field layout of
+      Kaggle `test.txt`, without one.
     bad_lines: 'error' raises MalformedLineError at the first malformed line;
-      'skip' drops it and records it in `report`.
-    report: where skipped lines are recorded.
-    chunk_rows: rows per yielded chunk (the last may be smaller).
-    skip_rows: valid rows to skip first (resuming).
-    max_rows: stop after this many valid rows.
+      'skip' drops malformed lines and records them in `report`.
+    report: where skipped lines are recorded (a new one if None).
+    chunk_rows: rows per chunk; only the last chunk is smaller. Chunks span
+      file boundaries.
+    skip_rows: valid rows to skip at the start of the stream (to resume, or
+      to read a held-out tail); malformed lines among them are passed over.
+    max_rows: stop after this many valid rows (None: read to the end). Lines
+      after the last row returned are not checked.
 
   Yields:
-    {'label': float32 `[n]` (labeled only), 'int': int64 `[n, 13]` (missing
-    written 0), 'cat': int64 `[n, 26]` (values in [0, 2^32), missing -1)}.
+    Chunks {'label': float32 `[n]` (labeled only), 'int': int64 `[n, 13]`
+    (missing written as 0, negatives kept), 'cat': int64 `[n, 26]` (the hash
+    in [0, 2^32), missing written as -1)}.
+
+  Raises:
+    MalformedLineError: `'path:line: reason'`, for a malformed line under
+      `bad_lines='error'`.
+    ValueError: for a bad argument.
   """
   if bad_lines not in BAD_LINE_POLICIES:
     raise ValueError(
         f"data.bad_lines ({bad_lines!r}) must be 'error' or 'skip'.")
+  if chunk_rows < 1:
+    raise ValueError(f'chunk_rows ({chunk_rows}) must be at least 1.')
+  if skip_rows < 0:
+    raise ValueError(f'skip_rows ({skip_rows}) must be at least 0.')
+  if max_rows is not None and max_rows < 0:
+    raise ValueError(f'max_rows ({max_rows}) must be at least 0 or None.')
   if isinstance(paths, str):
     paths = [paths]
   if report is None:
     report = BadLineReport()
-  to_skip = int(skip_rows)
+  skip = [int(skip_rows)]
   left = None if max_rows is None else int(max_rows)
-  buf: list[dict[str, np.ndarray]] = []
+  pieces: list[dict[str, np.ndarray]] = []
   have = 0
-
-  def flush():
-    merged = {k: np.concatenate([c[k] for c in buf]) for k in buf[0]}
-    return merged
-
   for path in paths:
-    for chunk in _read_file(path, labeled, bad_lines, report):
-      n = len(chunk['int'])
-      if to_skip:
-        if to_skip >= n:
-          to_skip -= n
-          continue
-        chunk = {k: v[to_skip:] for k, v in chunk.items()}
-        n -= to_skip
-        to_skip = 0
+    if left == 0:
+      break
+    limit = None if left is None else skip[0] + left
+    for rows in _read_file(path, labeled, bad_lines, report, limit, skip):
+      n = len(rows['int'])
       if left is not None:
-        if left <= 0:
-          break
-        if n > left:
-          chunk = {k: v[:left] for k, v in chunk.items()}
-          n = left
         left -= n
       pos = 0
       while pos < n:
         take = min(chunk_rows - have, n - pos)
-        buf.append({k: v[pos:pos + take] for k, v in chunk.items()})
+        pieces.append({k: v[pos:pos + take] for k, v in rows.items()})
         have += take
         pos += take
         if have == chunk_rows:
-          yield flush()
-          buf, have = [], 0
-    if left is not None and left <= 0:
-      break
+          yield _concat(pieces)
+          pieces, have = [], 0
   if have:
-    yield flush()
+    yield _concat(pieces)
+
+
+def _concat(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  if len(pieces) == 1:
+    return pieces[0]
+  return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}

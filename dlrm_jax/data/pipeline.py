@@ -61,18 +61,25 @@ class TsvSource:
     self.bad_lines = bad_lines
     self.chunk_rows = chunk_rows
     self.report = report if report is not None else criteo.BadLineReport()
+    self._reported_through = 0  # rows whose malformed lines are reported
     names = ', '.join(self.paths[:3]) + (' ...' if len(self.paths) > 3 else '')
     self.description = f'{names} (rows {start:,}..{stop:,})'
 
   def iter_rows(self, offset: int = 0) -> Iterator[dict[str, np.ndarray]]:
     if offset >= self.num_rows:
       return
-    # Bad lines met while skipping to `offset` are reported once, not again.
-    report = self.report if offset == 0 else criteo.BadLineReport()
-    yield from criteo.read_criteo(
+    # Each malformed line is reported once, not again every epoch.
+    fresh = offset >= self._reported_through
+    report = self.report if fresh else criteo.BadLineReport()
+    pos = offset
+    for chunk in criteo.read_criteo(
         self.paths, labeled=self.labeled, bad_lines=self.bad_lines,
         report=report, chunk_rows=self.chunk_rows,
-        skip_rows=self.start + offset, max_rows=self.num_rows - offset)
+        skip_rows=self.start + offset, max_rows=self.num_rows - offset):
+      pos += len(chunk['int'])
+      if fresh:
+        self._reported_through = max(self._reported_through, pos)
+      yield chunk
 
 
 def _concat(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -196,11 +203,15 @@ class EvalBatches:
   """One pass over a source in order; the last batch is padded.
 
   Yields (model batch, number of real rows in it). Every process yields the
-  same number of batches (`num_batches`).
+  same number of batches (`num_batches`). With `cache`, the model batches of
+  the first pass are kept in memory (about 160 bytes a row) and replayed: for
+  an eval set cut from the end of the training files, which would otherwise
+  be reached by parsing the training rows again at every evaluation.
   """
 
   def __init__(self, source, make_batch: ModelBatchMaker, batch_size: int, *,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1,
+               cache: bool = False):
     if batch_size % process_count:
       raise ValueError(
           f'config.eval_batch_size ({batch_size}) must divide evenly over'
@@ -211,8 +222,20 @@ class EvalBatches:
     self.process_index = process_index
     self.process_count = process_count
     self.num_batches = -(-source.num_rows // batch_size)
+    self._cache = [] if cache else None
+    self._cached = False
 
   def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    if self._cached:
+      yield from self._cache
+      return
+    for item in self._read():
+      if self._cache is not None:
+        self._cache.append(item)
+      yield item
+    self._cached = self._cache is not None
+
+  def _read(self) -> Iterator[tuple[dict[str, np.ndarray], int]]:
     per = self.batch_size // self.process_count
     lo = self.process_index * per
     for raw in _rebatch(self.source.iter_rows(0), self.batch_size):

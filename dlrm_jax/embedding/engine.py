@@ -32,6 +32,7 @@ update nothing, and are counted, so the training loop can stop on them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -53,6 +54,19 @@ EmbeddingState = dict[str, Any]  # {'stacks': {name: W}, 'slots': {name: {..}}}
 _INIT_CHUNK_ROWS = 1 << 16
 
 
+def _hash_uniform(seed: jax.Array, row: jax.Array, col: jax.Array
+                  ) -> jax.Array:
+  """Uniform in [-1, 1) from uint32 (seed, row, col): two rounds of
+  MurmurHash3's finalizer, 24 bits of the result."""
+  def mix(z):
+    z = (z ^ (z >> 16)) * jnp.uint32(0x85EBCA6B)
+    z = (z ^ (z >> 13)) * jnp.uint32(0xC2B2AE35)
+    return z ^ (z >> 16)
+  z = mix(seed ^ (row * jnp.uint32(0x9E3779B1)))
+  z = mix(z ^ (col * jnp.uint32(0x85EBCA77) + jnp.uint32(0x165667B1)))
+  return (z >> 8).astype(jnp.float32) * np.float32(2.0**-23) - 1.0
+
+
 def _combiner_weights(valid: jax.Array, combiner: str) -> jax.Array:
   """`[X, L]` valid mask -> `[X, L]` float32 pooling weight of each id."""
   w = valid.astype(jnp.float32)
@@ -62,6 +76,40 @@ def _combiner_weights(valid: jax.Array, combiner: str) -> jax.Array:
   if combiner == 'mean':
     return w / jnp.maximum(n, 1.0)
   return w * jax.lax.rsqrt(jnp.maximum(n, 1.0))  # sqrtn
+
+
+def _dedup(idx: jax.Array, fill: int) -> tuple[jax.Array, jax.Array]:
+  """Fixed-size unique: `[M]` ids -> (`[M]` sorted unique ids padded with
+  `fill`, `[M]` position of each id among them).
+
+  Equivalent to `jnp.unique(idx, size=M, fill_value=fill,
+  return_inverse=True)` for ids <= fill, but built from a plain sort and a
+  binary search, which XLA runs several times faster on CPU than the
+  two-operand sort behind `jnp.unique`'s inverse.
+  """
+  m = idx.shape[0]
+  s = jnp.sort(idx)
+  is_new = jnp.concatenate([jnp.ones((1,), bool), s[1:] != s[:-1]])
+  pos = jnp.cumsum(is_new) - 1
+  uniq = jnp.full((m,), fill, idx.dtype).at[jnp.where(is_new, pos, m)].set(
+      s, mode='drop', unique_indices=True)
+  inv = jnp.searchsorted(uniq, idx, side='left', method='scan')
+  return uniq, inv.astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Routing:
+  """Constants routing a stack's id columns (L of them) to its rows."""
+
+  cols: np.ndarray        # [L] packed id column of each
+  col_slice: tuple[int, int] | None  # the same, when a contiguous range
+  seg_of_col: np.ndarray  # [L] segment of each
+  num_rows: np.ndarray    # [L] rows of the table
+  first: np.ndarray       # [L] first model shard of the table
+  rps: np.ndarray         # [L] rows per shard
+  offsets: np.ndarray     # [L, S'] local row offset of the piece per shard
+  widths: tuple[int, ...]      # ids per example, per segment
+  combiners: tuple[str, ...]   # per segment
 
 
 class EmbeddingEngine:
@@ -106,6 +154,7 @@ class EmbeddingEngine:
     self.num_id_columns = sum(f.max_ids for f in self.features)
     self._lr = {s.name: schedules.build(s.optimizer.schedule)
                 for s in self.stacks}
+    self._routings: dict[str, _Routing] = {}
 
   # --------------------------------------------------------------------------
   # Shardings.
@@ -192,57 +241,75 @@ class EmbeddingEngine:
         arrs['dim'][d, j] = self._by_name[pc.table].dim
     return arrs
 
-  def _init_stack_local(self, stack, key: jax.Array) -> jax.Array:
-    """This device's `[C, W]` rows of a stack."""
+  def _init_stack_local(self, stack, seeds: jax.Array) -> jax.Array:
+    """This device's `[C, W]` rows of a stack.
+
+    Element (table t, row r, column c) is a counter-based hash of (seed of t,
+    r, c) turned into a uniform in [-1, 1), then into the table's
+    distribution: it does not depend on where the element is stored. Rows are
+    filled in chunks, in place, so nothing table-sized is allocated twice.
+    """
     arrs = self._piece_tables(stack)
     my = self._my_shard(stack)
-    row = {k: jnp.asarray(v)[my] for k, v in arrs.items()}
-    tables = self.tables
-    kinds = np.array([specs_lib.INITIALIZERS.index(t.initializer)
-                      for t in tables], np.int32)
-    scales = np.array([t.scale for t in tables], np.float32)
-    dims = sorted({self._by_name[pc.table].dim for pc in stack.pieces})
-    width = stack.width
+    piece = {k: jnp.asarray(v)[my] for k, v in arrs.items()}
+    kinds = jnp.asarray(np.array(
+        [specs_lib.INITIALIZERS.index(t.initializer) for t in self.tables],
+        np.int32))
+    scales = jnp.asarray(np.array([t.scale for t in self.tables], np.float32))
+    width, dtype = stack.width, jnp.dtype(stack.dtype)
+    sqrt2 = np.float32(math.sqrt(2.0))
+    trunc = np.float32(math.erf(2.0 / math.sqrt(2.0)))
 
-    def one_row(j):
-      p = jnp.searchsorted(row['offset'], j, side='right') - 1
-      p = jnp.maximum(p, 0)
-      r = j - row['offset'][p]
-      valid = (j >= row['offset'][p]) & (r < row['rows'][p])
-      t = row['table'][p]
-      k = jax.random.fold_in(jax.random.fold_in(key, t), row['row_start'][p] + r)
-      out = jnp.zeros((width,), jnp.float32)
-      for d in dims:  # static: the distinct full dims of tables in the stack
-        u = jax.random.uniform(k, (d,), jnp.float32, minval=-1.0, maxval=1.0)
-        piece = jax.lax.dynamic_slice(u, (row['col_start'][p],), (width,))
-        out = jnp.where(row['dim'][p] == d, piece, out)
-      kind = jnp.asarray(kinds)[t]
-      scale = jnp.asarray(scales)[t]
-      sqrt2 = np.float32(math.sqrt(2.0))
-      trunc = np.float32(math.erf(2.0 / math.sqrt(2.0)))
-      normal = sqrt2 * jax.scipy.special.erfinv(out * 0.999999)
-      tnormal = sqrt2 * jax.scipy.special.erfinv(out * trunc)
-      val = jnp.select(
-          [kind == 0, kind == 1, kind == 2],
-          [out, normal, tnormal], jnp.zeros_like(out)) * scale
-      return jnp.where(valid, val, 0.0)
+    def rows_values(j):  # [n] local rows -> [n, W]
+      p = jnp.maximum(jnp.searchsorted(piece['offset'], j, side='right') - 1,
+                      0)
+      r = j - piece['offset'][p]
+      valid = (j >= piece['offset'][p]) & (r < piece['rows'][p])
+      t = piece['table'][p]
+      row = (piece['row_start'][p] + r).astype(jnp.uint32)
+      col = (piece['col_start'][p][:, None] +
+             jnp.arange(width, dtype=jnp.int32)[None, :]).astype(jnp.uint32)
+      u = _hash_uniform(seeds[t][:, None], row[:, None], col)
+      kind = kinds[t][:, None]
+      normal = sqrt2 * jax.scipy.special.erfinv(u * 0.999999)
+      tnormal = sqrt2 * jax.scipy.special.erfinv(u * trunc)
+      val = jnp.select([kind == 0, kind == 1, kind == 2], [u, normal, tnormal],
+                       jnp.zeros_like(u)) * scales[t][:, None]
+      return jnp.where(valid[:, None], val, 0.0).astype(dtype)
 
-    rows = jnp.arange(stack.capacity, dtype=jnp.int32)
-    values = jax.lax.map(one_row, rows, batch_size=_INIT_CHUNK_ROWS)
-    return values.astype(jnp.dtype(stack.dtype))
+    cap = stack.capacity
+    chunk = min(_INIT_CHUNK_ROWS, cap)
+    n_full = cap // chunk
+
+    def body(i, buf):
+      j = i * chunk + jnp.arange(chunk, dtype=jnp.int32)
+      return jax.lax.dynamic_update_slice(buf, rows_values(j), (i * chunk, 0))
+
+    buf = jnp.zeros((cap, width), dtype)
+    if not stack.replicated:  # rows differ per model shard
+      buf = jax.lax.pcast(buf, (MODEL,), to='varying')
+    buf = jax.lax.fori_loop(0, n_full, body, buf)
+    if cap % chunk:
+      j = n_full * chunk + jnp.arange(cap % chunk, dtype=jnp.int32)
+      buf = jax.lax.dynamic_update_slice(buf, rows_values(j),
+                                         (n_full * chunk, 0))
+    return buf
 
   def init(self, key: jax.Array) -> EmbeddingState:
     """Initializes tables and optimizer state, each device making its own rows.
 
-    A row's values depend only on (key, table, row), so every plan and mesh
+    A value depends only on (key, table, row, column), so every plan and mesh
     starts from the same logical tables.
     """
     specs = self.state_specs()
 
     def local(key):
+      seeds = jax.vmap(lambda t: jax.random.bits(
+          jax.random.fold_in(key, t), (), jnp.uint32))(
+              jnp.arange(len(self.tables)))
       stacks, slots = {}, {}
       for s in self.stacks:
-        stacks[s.name] = self._init_stack_local(s, key)
+        stacks[s.name] = self._init_stack_local(s, seeds)
         slots[s.name] = {
             k: jnp.full(shape, value, jnp.float32)
             for k, (shape, value) in optimizers.slot_shapes(
@@ -255,26 +322,73 @@ class EmbeddingEngine:
   # --------------------------------------------------------------------------
   # Routing.
 
-  def _route(self, stack, seg, ids: jax.Array, my: jax.Array):
-    """`[X, T]` ids -> (`[X, L]` local rows or C, `[X, L]` weights, valid)."""
-    cols = ids[:, seg.id_offset:seg.id_offset + seg.max_ids]
-    valid = (cols >= 0) & (cols < seg.num_rows)
-    weights = _combiner_weights(valid, seg.combiner)
+  def _routing(self, stack) -> _Routing:
+    """Per id-column constants of a stack (cached)."""
+    r = self._routings.get(stack.name)
+    if r is not None:
+      return r
+    cols, seg_of_col, rows, first, rps, offsets = [], [], [], [], [], []
+    for k, seg in enumerate(stack.segments):
+      for j in range(seg.max_ids):
+        cols.append(seg.id_offset + j)
+        seg_of_col.append(k)
+        rows.append(seg.num_rows)
+        first.append(seg.first_device)
+        rps.append(seg.rows_per_shard)
+        offsets.append(seg.offsets)
+    cols = np.array(cols, np.int32)
+    contiguous = (len(cols) > 0 and
+                  np.array_equal(cols, np.arange(cols[0], cols[0] + len(cols))))
+    r = _Routing(
+        cols=cols,
+        col_slice=(int(cols[0]), int(cols[0]) + len(cols)) if contiguous
+        else None,
+        seg_of_col=np.array(seg_of_col, np.int32),
+        num_rows=np.array(rows, np.int32),
+        first=np.array(first, np.int32),
+        rps=np.array(rps, np.int32),
+        offsets=np.array(offsets, np.int32),
+        widths=tuple(seg.max_ids for seg in stack.segments),
+        combiners=tuple(seg.combiner for seg in stack.segments))
+    self._routings[stack.name] = r
+    return r
+
+  def _route(self, stack, ids: jax.Array, my: jax.Array):
+    """`[X, T]` packed ids -> (`[X, L]` local rows, C where not owned or
+    invalid; `[X, L]` float32 pooling weights), L the stack's id columns."""
+    r = self._routing(stack)
+    if r.col_slice is not None:
+      cols = ids[:, r.col_slice[0]:r.col_slice[1]]
+    else:
+      cols = jnp.take(ids, jnp.asarray(r.cols), axis=1)
+    valid = (cols >= 0) & (cols < r.num_rows)
     safe = jnp.where(valid, cols, 0)
     if stack.replicated:
-      local = seg.offsets[0] + safe
+      local = r.offsets[:, 0] + safe
       mine = valid
     else:
-      owner = seg.first_device + safe // seg.rows_per_shard
-      offsets = jnp.asarray(np.array(seg.offsets, np.int32))
-      mine = valid & (owner == my)
-      local = offsets[my] + safe % seg.rows_per_shard
+      off = jnp.take(jnp.asarray(r.offsets), my, axis=1)
+      if np.all(r.rps >= r.num_rows):  # no row-wise pieces
+        owner_ok = (r.first == my) & (off >= 0)
+        mine = valid & owner_ok
+        local = off + safe
+      else:
+        mine = valid & (r.first + safe // r.rps == my) & (off >= 0)
+        local = off + safe % r.rps
     local = jnp.where(mine, local, stack.capacity)
-    return local, weights, valid
+    weights = valid.astype(jnp.float32)
+    if any(w > 1 and c != 'sum' for w, c in zip(r.widths, r.combiners)):
+      parts, start = [], 0
+      for w, c in zip(r.widths, r.combiners):
+        piece = weights[:, start:start + w]
+        parts.append(_combiner_weights(piece > 0, c) if w > 1 else piece)
+        start += w
+      weights = jnp.concatenate(parts, axis=1)
+    return local, weights
 
   @staticmethod
   def _pool(rows: jax.Array, widths: Sequence[int]) -> jax.Array:
-    """`[X, L_total, W]` weighted rows -> `[X, n_segments, W]` bag sums."""
+    """`[X, L, W]` weighted rows -> `[X, n_segments, W]` bag sums."""
     if all(w == 1 for w in widths):
       return rows
     out, start = [], 0
@@ -283,8 +397,48 @@ class EmbeddingEngine:
       start += w
     return jnp.stack(out, axis=1)
 
+  def _invalid_count(self, ids: jax.Array) -> jax.Array:
+    rows = np.concatenate([
+        np.full(f.max_ids, self._by_name[f.table].num_rows, np.int32)
+        for f in self.features])
+    return jnp.sum((ids != -1) & ((ids < 0) | (ids >= rows))).astype(
+        jnp.int32)
+
   # --------------------------------------------------------------------------
   # Lookup.
+
+  def _lookup_local(self, stacks, ids):
+    """Inside shard_map: [(stack, `[B_l, n_segments, W]` pooled)]."""
+    out = []
+    ids_grp = None
+    for s in self.stacks:
+      if not s.segments:
+        continue
+      if s.replicated:
+        src = ids
+      else:
+        if ids_grp is None:
+          ids_grp = jax.lax.all_gather(ids, MODEL, axis=0, tiled=True)
+        src = ids_grp
+      idx, wts = self._route(s, src, self._my_shard(s))
+      rows = stacks[s.name].at[idx].get(mode='fill', fill_value=0)
+      rows = rows.astype(jnp.float32)
+      widths = self._routing(s).widths
+      if any(w > 1 for w in widths):
+        # Invalid and padding ids read as zero already, so single ids need
+        # no weights; bags do (mean, sqrtn).
+        rows = rows * wts[..., None]
+      pooled = self._pool(rows, widths)
+      if not s.replicated:
+        pooled = jax.lax.psum_scatter(
+            pooled, MODEL, scatter_dimension=0, tiled=True)
+      out.append((s, pooled))
+    return out
+
+  def _whole_feature_stacks(self) -> bool:
+    """True when every feature lives whole (all columns) in one stack."""
+    return all(seg.col_start == 0 and s.width == self.feature_dims[seg.feature]
+               for s in self.stacks for seg in s.segments)
 
   def lookup(self, stacks: dict[str, jax.Array], ids: jax.Array
              ) -> tuple[tuple[jax.Array, ...], jax.Array]:
@@ -298,35 +452,11 @@ class EmbeddingEngine:
       (one `[B, D_k]` float32 array per feature, batch-sharded; the number of
       invalid ids in the batch, a scalar).
     """
-    stack_specs = self.state_specs()['stacks']
     n_feat = len(self.features)
 
     def local(stacks, ids):
       pieces = [[] for _ in range(n_feat)]
-      ids_grp = None
-      for s in self.stacks:
-        if not s.segments:
-          continue
-        if s.replicated:
-          src = ids
-        else:
-          if ids_grp is None:
-            ids_grp = jax.lax.all_gather(ids, MODEL, axis=0, tiled=True)
-          src = ids_grp
-        my = self._my_shard(s)
-        idx, wts = [], []
-        for seg in s.segments:
-          local_rows, w, _ = self._route(s, seg, src, my)
-          idx.append(local_rows)
-          wts.append(w)
-        idx = jnp.concatenate(idx, axis=1)
-        wts = jnp.concatenate(wts, axis=1)
-        rows = stacks[s.name].at[idx].get(mode='fill', fill_value=0)
-        rows = rows.astype(jnp.float32) * wts[..., None]
-        pooled = self._pool(rows, [seg.max_ids for seg in s.segments])
-        if not s.replicated:
-          pooled = jax.lax.psum_scatter(
-              pooled, MODEL, scatter_dimension=0, tiled=True)
+      for s, pooled in self._lookup_local(stacks, ids):
         for k, seg in enumerate(s.segments):
           pieces[seg.feature].append((seg.col_start, pooled[:, k]))
       outs = []
@@ -334,19 +464,41 @@ class EmbeddingEngine:
         parts = [x for _, x in sorted(pieces[f], key=lambda t: t[0])]
         outs.append(parts[0] if len(parts) == 1 else
                     jnp.concatenate(parts, axis=-1))
-      invalid = jnp.int32(0)
-      for k, f in enumerate(self.features):
-        start = sum(g.max_ids for g in self.features[:k])
-        cols = ids[:, start:start + f.max_ids]
-        rows_k = self._by_name[f.table].num_rows
-        invalid += jnp.sum((cols != -1) & ((cols < 0) | (cols >= rows_k)))
-      invalid = jax.lax.psum(invalid, BATCH_AXES)
+      invalid = jax.lax.psum(self._invalid_count(ids), BATCH_AXES)
       return tuple(outs), invalid
 
     fn = jax.shard_map(
         local, mesh=self.mesh,
-        in_specs=(stack_specs, self.ids_spec()),
+        in_specs=(self.state_specs()['stacks'], self.ids_spec()),
         out_specs=(tuple(P(BATCH_AXES, None) for _ in range(n_feat)), P()))
+    return fn(stacks, ids)
+
+  def lookup_stacked(self, stacks: dict[str, jax.Array], ids: jax.Array
+                     ) -> tuple[jax.Array, jax.Array]:
+    """Like `lookup`, as one `[B, N, D]` array (all features of dim D)."""
+    dims = set(self.feature_dims)
+    if len(dims) != 1:
+      raise ValueError(
+          f'lookup_stacked needs one embedding dim, got {sorted(dims)}.')
+    if not self._whole_feature_stacks():
+      embs, invalid = self.lookup(stacks, ids)
+      return jnp.stack(embs, axis=1), invalid
+    order = [seg.feature for s in self.stacks for seg in s.segments]
+    perm = np.argsort(order)
+    identity = np.array_equal(perm, np.arange(len(order)))
+
+    def local(stacks, ids):
+      parts = [pooled for _, pooled in self._lookup_local(stacks, ids)]
+      out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+      if not identity:
+        out = jnp.take(out, jnp.asarray(perm), axis=1)
+      invalid = jax.lax.psum(self._invalid_count(ids), BATCH_AXES)
+      return out, invalid
+
+    fn = jax.shard_map(
+        local, mesh=self.mesh,
+        in_specs=(self.state_specs()['stacks'], self.ids_spec()),
+        out_specs=(P(BATCH_AXES, None, None), P()))
     return fn(stacks, ids)
 
   # --------------------------------------------------------------------------
@@ -356,7 +508,7 @@ class EmbeddingEngine:
       self,
       state: EmbeddingState,
       ids: jax.Array,
-      grads: Sequence[jax.Array],
+      grads: Sequence[jax.Array] | jax.Array,
       step: jax.Array,
   ) -> EmbeddingState:
     """Applies each table's sparse optimizer to the rows the batch touched.
@@ -364,8 +516,9 @@ class EmbeddingEngine:
     Args:
       state: the embedding state.
       ids: `[B, T]` packed ids of the batch, batch-sharded.
-      grads: one `[B, D_k]` gradient per feature (of the loss with respect to
-        the pooled embeddings returned by `lookup`), batch-sharded.
+      grads: the gradient of the loss with respect to the pooled embeddings
+        returned by `lookup` (one `[B, D_k]` array per feature) or by
+        `lookup_stacked` (one `[B, N, D]` array), batch-sharded.
       step: the 0-based step (for the learning-rate schedules and Adam).
 
     Returns:
@@ -373,7 +526,22 @@ class EmbeddingEngine:
     """
     specs = self.state_specs()
     n_feat = len(self.features)
+    stacked = not isinstance(grads, (tuple, list))
     lrs = {s.name: self._lr[s.name](step) for s in self.stacks}
+
+    def stack_grads(s, grads):
+      """`[B_l, n_segments, W]` gradients of a stack's segments."""
+      feats = [seg.feature for seg in s.segments]
+      whole = all(seg.col_start == 0 and s.width == self.feature_dims[f]
+                  for seg, f in zip(s.segments, feats))
+      if stacked and whole:
+        if feats == list(range(feats[0], feats[0] + len(feats))):
+          return grads[:, feats[0]:feats[0] + len(feats)]
+        return jnp.take(grads, jnp.asarray(feats), axis=1)
+      per = (lambda f: grads[:, f]) if stacked else (lambda f: grads[f])
+      return jnp.stack(
+          [per(seg.feature)[:, seg.col_start:seg.col_start + s.width]
+           for seg in s.segments], axis=1)
 
     def local(state, ids, grads, lrs, step):
       ids_all = jax.lax.all_gather(ids, BATCH_AXES, axis=0, tiled=True,
@@ -386,28 +554,32 @@ class EmbeddingEngine:
           new_stacks[s.name], new_slots[s.name] = table, slots
           continue
         my = self._my_shard(s)
-        g_seg = jnp.stack(
-            [grads[seg.feature][:, seg.col_start:seg.col_start + s.width]
-             for seg in s.segments], axis=1).astype(jnp.float32)
+        r = self._routing(s)
+        g_seg = stack_grads(s, grads).astype(jnp.float32)
         g_all = jax.lax.all_gather(g_seg, BATCH_AXES, axis=0, tiled=True,
                                    to='invarying')
-        idx, g_ids = [], []
-        for k, seg in enumerate(s.segments):
-          local_rows, w, _ = self._route(s, seg, ids_all, my)
-          idx.append(local_rows.reshape(-1))
-          g_ids.append((g_all[:, k, None, :] * w[..., None]).reshape(
-              -1, s.width))
-        idx = jnp.concatenate(idx)
-        g_ids = jnp.concatenate(g_ids)
+        idx, w = self._route(s, ids_all, my)
+        if r.widths != (1,) * len(s.segments):
+          g_all = jnp.take(g_all, jnp.asarray(r.seg_of_col), axis=1)
+          g_all = g_all * w[..., None]
+        # (Single ids need no weights: invalid ones are routed nowhere.)
+        g_ids = g_all.reshape(-1, s.width)
+        idx = idx.reshape(-1)
         m = idx.shape[0]
-        uniq, inv = jnp.unique(idx, size=m, fill_value=s.capacity,
-                               return_inverse=True)
-        inv = inv.reshape(-1)
+        if s.optimizer.kind == 'sgd':
+          # Plain SGD is linear in the gradient: a scatter-add sums repeated
+          # ids itself, no deduplication needed.
+          lr = jnp.asarray(lrs[s.name], jnp.float32)
+          new_stacks[s.name] = table.at[idx].add(
+              (-lr * g_ids).astype(table.dtype), mode='drop')
+          new_slots[s.name] = slots
+          continue
+        uniq, inv = _dedup(idx, s.capacity)
         g_sum = jax.ops.segment_sum(g_ids, inv, num_segments=m)
         row_msq = None
         if s.optimizer.kind == 'rowwise_adagrad' and any(
             self.feature_dims[seg.feature] != s.width for seg in s.segments):
-          row_msq = self._full_row_msq(s, g_all, grads, ids_all, my, inv, m)
+          row_msq = self._full_row_msq(s, grads, stacked, ids_all, my, inv, m)
         w_rows = table.at[uniq].get(mode='fill', fill_value=0)
         slot_rows = {k: v.at[uniq].get(mode='fill', fill_value=0)
                      for k, v in slots.items()}
@@ -415,45 +587,130 @@ class EmbeddingEngine:
             s.optimizer, lrs[s.name], step, w_rows.astype(jnp.float32), g_sum,
             slot_rows, row_msq=row_msq)
         new_stacks[s.name] = table.at[uniq].set(
-            new_rows.astype(table.dtype), mode='drop')
+            new_rows.astype(table.dtype), mode='drop', unique_indices=True)
         new_slots[s.name] = {
-            k: slots[k].at[uniq].set(v, mode='drop')
+            k: slots[k].at[uniq].set(v, mode='drop', unique_indices=True)
             for k, v in new_slot_rows.items()}
       return {'stacks': new_stacks, 'slots': new_slots}
 
-    grad_specs = tuple(P(BATCH_AXES, None) for _ in range(n_feat))
+    grad_specs = P(BATCH_AXES, None, None) if stacked else tuple(
+        P(BATCH_AXES, None) for _ in range(n_feat))
     fn = jax.shard_map(
         local, mesh=self.mesh,
         in_specs=(specs, self.ids_spec(), grad_specs,
                   {k: P() for k in lrs}, P()),
         out_specs=specs)
-    return fn(state, ids, tuple(grads), lrs, step)
+    return fn(state, ids, grads if stacked else tuple(grads), lrs, step)
 
-  def _full_row_msq(self, s, g_all, grads, ids_all, my, inv, m):
+  def _full_row_msq(self, s, grads, stacked, ids_all, my, inv, m):
     """Row-wise Adagrad on column pieces: mean square over the full row.
 
     A column piece only sees its own columns, but the accumulator of a row is
     the mean over all of them; every device has the full-width pooled
     gradients, so it sums those per unique row instead.
     """
-    del g_all
+    r = self._routing(s)
     d_max = max(self.feature_dims[seg.feature] for seg in s.segments)
-    full, dims = [], []
+    full = []
     for seg in s.segments:
-      g = jax.lax.all_gather(grads[seg.feature].astype(jnp.float32),
-                             BATCH_AXES, axis=0, tiled=True, to='invarying')
+      g = grads[:, seg.feature] if stacked else grads[seg.feature]
+      g = jax.lax.all_gather(g.astype(jnp.float32), BATCH_AXES, axis=0,
+                             tiled=True, to='invarying')
       d = self.feature_dims[seg.feature]
-      if d < d_max:
-        g = jnp.pad(g, ((0, 0), (0, d_max - d)))
-      _, w, _ = self._route(s, seg, ids_all, my)
-      full.append((g[:, None, :] * w[..., None]).reshape(-1, d_max))
-      dims.append(jnp.full((w.size,), d, jnp.float32))
-    full = jax.ops.segment_sum(jnp.concatenate(full), inv, num_segments=m)
-    dims = jax.ops.segment_max(jnp.concatenate(dims), inv, num_segments=m)
+      full.append(jnp.pad(g, ((0, 0), (0, d_max - d))) if d < d_max else g)
+    full = jnp.stack(full, axis=1)  # [B, n_segments, d_max]
+    _, w = self._route(s, ids_all, my)
+    full = jnp.take(full, jnp.asarray(r.seg_of_col), axis=1) * w[..., None]
+    dims = np.array([self.feature_dims[s.segments[k].feature]
+                     for k in r.seg_of_col], np.float32)
+    dims = jnp.broadcast_to(jnp.asarray(dims), w.shape).reshape(-1)
+    full = jax.ops.segment_sum(full.reshape(-1, d_max), inv, num_segments=m)
+    dims = jax.ops.segment_max(dims, inv, num_segments=m)
     return jnp.sum(full * full, axis=-1) / jnp.maximum(dims, 1.0)
 
   # --------------------------------------------------------------------------
-  # Logical views (tests, export, checkpoint re-layout).
+  # Checkpoints written under another plan or mesh.
+
+  def abstract_state_of_layout(self, stacks: Sequence[plan_lib.Stack],
+                               num_shards: int) -> EmbeddingState:
+    """ShapeDtypeStructs of a state laid out as `stacks` over `num_shards`
+    shards, placed on this engine's mesh (rows split over every device where
+    they divide evenly, else replicated), for restoring a checkpoint that was
+    written under another plan."""
+    n = self.num_devices
+
+    def struct(shape, dtype):
+      spec = P(BATCH_AXES, *([None] * (len(shape) - 1))) if (
+          shape[0] % n == 0) else P()
+      return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype),
+                                  sharding=NamedSharding(self.mesh, spec))
+
+    out = {'stacks': {}, 'slots': {}}
+    for s in stacks:
+      rows = s.capacity if s.replicated else num_shards * s.capacity
+      out['stacks'][s.name] = struct((rows, s.width), s.dtype)
+      out['slots'][s.name] = {
+          k: struct(shape, jnp.float32)
+          for k, (shape, _) in optimizers.slot_shapes(
+              s.optimizer, rows, s.width).items()}
+    return out
+
+  def relayout(self, old_stacks: Sequence[plan_lib.Stack],
+               old_state: EmbeddingState) -> EmbeddingState:
+    """Moves tables and optimizer state from another layout into this one.
+
+    Every overlap of an old piece and a new piece of the same table (rows and
+    columns) is copied with static slices, so the compiler moves only those
+    blocks between devices. Used when a checkpoint written on one mesh or plan
+    is restored on another.
+    """
+    old_by_table: dict[str, list[tuple[plan_lib.Stack, plan_lib.Piece]]] = {}
+    for s in old_stacks:
+      for pc in s.pieces:
+        old_by_table.setdefault(pc.table, []).append((s, pc))
+
+    def base(stack, pc):
+      return pc.offset + (0 if stack.replicated else pc.device * stack.capacity)
+
+    def move(old_state):
+      new_stacks, new_slots = {}, {}
+      for s in self.stacks:
+        rows, width = self._stack_shape(s)
+        table = jnp.zeros((rows, width), jnp.dtype(s.dtype))
+        slot_shapes = optimizers.slot_shapes(s.optimizer, rows, width)
+        slots = {k: jnp.full(shape, v, jnp.float32)
+                 for k, (shape, v) in slot_shapes.items()}
+        for pc in s.pieces:
+          for os_, opc in old_by_table.get(pc.table, ()):
+            r0 = max(pc.row_start, opc.row_start)
+            r1 = min(pc.row_start + pc.rows, opc.row_start + opc.rows)
+            c0 = max(pc.col_start, opc.col_start)
+            c1 = min(pc.col_start + pc.width, opc.col_start + opc.width)
+            if r0 >= r1 or c0 >= c1:
+              continue
+            dst = base(s, pc) + r0 - pc.row_start
+            src = base(os_, opc) + r0 - opc.row_start
+            n = r1 - r0
+            block = old_state['stacks'][os_.name][
+                src:src + n, c0 - opc.col_start:c1 - opc.col_start]
+            table = table.at[dst:dst + n,
+                             c0 - pc.col_start:c1 - pc.col_start].set(
+                                 block.astype(table.dtype))
+            for k in slots:
+              old = old_state['slots'][os_.name][k]
+              if old.ndim == 1:
+                slots[k] = slots[k].at[dst:dst + n].set(old[src:src + n])
+              else:
+                slots[k] = slots[k].at[
+                    dst:dst + n, c0 - pc.col_start:c1 - pc.col_start].set(
+                        old[src:src + n, c0 - opc.col_start:c1 - opc.col_start])
+        new_stacks[s.name], new_slots[s.name] = table, slots
+      return {'stacks': new_stacks, 'slots': new_slots}
+
+    return jax.jit(move, out_shardings=self.state_shardings())(old_state)
+
+  # --------------------------------------------------------------------------
+  # Logical views (tests, export).
 
   def gather_table(self, state: EmbeddingState, name: str,
                    slot: str | None = None) -> np.ndarray:
