@@ -31,6 +31,7 @@ setuptools.setup(
         'test': [
             'pytest>=8',
             'pytest-xdist>=3',
+            'pyyaml>=6',
         ],
     },
 )

@@ -13,6 +13,7 @@ import datetime
 import logging as std_logging
 import os
 
+import jax
 from absl import app
 from absl import flags
 from absl import logging
@@ -54,6 +55,8 @@ def main(argv):
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value)
+  if jax.process_index() != 0:  # only process 0 writes logs
+    logging.set_verbosity(logging.WARNING)
   workdir = _WORKDIR.value or os.path.join(
       'runs', datetime.datetime.now().strftime('%Y%m%d-%H%M%S'))
   logging.info('workdir: %s', workdir)

@@ -75,9 +75,10 @@ def initialize_distributed(coordinator_address: str | None = None,
   """Starts `jax.distributed` when asked to or when a cluster is detected.
 
   Values come from the arguments, else from the environment
-  (`DLRM_COORDINATOR_ADDRESS`, `DLRM_NUM_PROCESSES`, `DLRM_PROCESS_ID`); with
-  none set, JAX's own detection (SLURM, TPU VMs, Kubernetes JobSet / MPI) is
-  tried only where it finds a cluster. A single process does nothing.
+  (`DLRM_COORDINATOR_ADDRESS`, `DLRM_NUM_PROCESSES`, `DLRM_PROCESS_ID`). With
+  none set, JAX's own cluster detection runs when `DLRM_DISTRIBUTED=1` (TPU
+  VMs) or a SLURM or Open MPI job is found. Otherwise a single process does
+  nothing.
   """
   env = os.environ
   coordinator_address = coordinator_address or env.get(
@@ -92,13 +93,13 @@ def initialize_distributed(coordinator_address: str | None = None,
           'a coordinator address was given without the process count and id'
           ' (--num_processes/--process_id or DLRM_NUM_PROCESSES/'
           'DLRM_PROCESS_ID).')
-    logging.info('jax.distributed.initialize(%s, %d processes, id %d)',
-                  coordinator_address, num_processes, process_id)
+    if process_id == 0:
+      logging.info('jax.distributed.initialize(%s, %d processes)',
+                   coordinator_address, num_processes)
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
     return
-  cluster_env = ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES', 'OMPI_COMM_WORLD_SIZE',
-                 'JOBSET_NAME')
-  if any(k in env for k in cluster_env) and not env.get(
-      'DLRM_NO_AUTO_DISTRIBUTED'):
+  cluster_env = ('SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE')
+  if env.get('DLRM_DISTRIBUTED') == '1' or (
+      any(k in env for k in cluster_env) and env.get('DLRM_DISTRIBUTED') != '0'):
     logging.info('cluster environment detected; jax.distributed.initialize()')
     jax.distributed.initialize()

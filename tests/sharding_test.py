@@ -1,0 +1,214 @@
+"""Sharded embeddings on 8 fake CPU devices against one device.
+
+For every strategy (replicated, table-wise, row-wise, column-wise), a plan
+mixing them, and the auto planner: lookups, updated tables and optimizer state
+equal the single-device engine over several steps; the trainer's losses,
+dense parameters (hence their gradients) and tables equal the single-device
+trainer's; shards hold only their share of a table.
+"""
+
+import dataclasses
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import criteo as criteo_config
+from dlrm_jax import train
+from dlrm_jax.embedding import EmbeddingEngine
+from dlrm_jax.embedding import plan as plan_lib
+from tests import embedding_test
+from tests import reference
+
+STRATEGIES = ('replicated', 'table_wise', 'row_wise', 'column_wise')
+
+
+def uniform_plan(tables, strategy, num_shards):
+  return plan_lib.auto_plan(tables, num_shards,
+                            overrides={t.name: strategy for t in tables})
+
+
+def mixed_plan(tables, num_shards):
+  """'shared' row-wise, 'bag' column-wise on 4 shards, 'small' replicated."""
+  return plan_lib.Plan(num_shards, (
+      plan_lib.TablePlacement('shared', 'row_wise', tuple(range(num_shards))),
+      plan_lib.TablePlacement('bag', 'column_wise', (1, 2, 3, 0)),
+      plan_lib.TablePlacement('small', 'table_wise', (num_shards - 1,)),
+  ))
+
+
+_SINGLE = {}
+
+
+def single_device_harness(kind):
+  """One single-device engine (and its compiled steps) per optimizer."""
+  if kind not in _SINGLE:
+    tables, features = embedding_test.make_specs(kind)
+    _SINGLE[kind] = embedding_test.EngineHarness(
+        tables, features, reference.single_device_mesh())
+  return _SINGLE[kind]
+
+
+_CASES = (
+    [(s, 'rowwise_adagrad', (2, 4)) for s in STRATEGIES + ('mixed',)] +
+    [(s, 'adagrad', (1, 8)) for s in STRATEGIES + ('mixed',)] +
+    [('mixed', 'adam', (1, 8)), ('mixed', 'sgd', (2, 4))])
+
+
+class EngineShardingTest(parameterized.TestCase):
+
+  @parameterized.parameters(*_CASES)
+  def test_matches_single_device(self, strategy, kind, mesh_shape):
+    tables, features = embedding_test.make_specs(kind)
+    mesh = reference.mesh_of(*mesh_shape)
+    s = mesh_shape[1]
+    plan = (mixed_plan(tables, s) if strategy == 'mixed'
+            else uniform_plan(tables, strategy, s))
+    sharded = embedding_test.EngineHarness(tables, features, mesh, plan)
+    single = single_device_harness(kind)
+    a = sharded.engine.init(jax.random.key(4))
+    b = single.engine.init(jax.random.key(4))
+    for t in tables:  # the same logical tables, whatever the layout
+      np.testing.assert_array_equal(sharded.engine.gather_table(a, t.name),
+                                    single.engine.gather_table(b, t.name))
+    rng = np.random.default_rng(0)
+    for step in range(3):
+      ids = embedding_test.make_ids(rng, features, tables)
+      a, emb_a, _ = sharded.sparse_step(a, ids, step)
+      b, emb_b, _ = single.sparse_step(b, ids, step)
+      for x, y in zip(emb_a, emb_b):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6,
+                                   atol=1e-6)
+    for t in tables:
+      np.testing.assert_allclose(sharded.engine.gather_table(a, t.name),
+                                 single.engine.gather_table(b, t.name),
+                                 rtol=1e-5, atol=1e-6, err_msg=t.name)
+      for slot in a['slots'][next(iter(a['slots']))]:
+        np.testing.assert_allclose(
+            sharded.engine.gather_table(a, t.name, slot),
+            single.engine.gather_table(b, t.name, slot), rtol=1e-5,
+            atol=1e-6, err_msg=f'{t.name} {slot}')
+
+  def test_shards_hold_their_share(self):
+    tables, features = embedding_test.make_specs('rowwise_adagrad')
+    mesh = reference.mesh_of(1, 8)
+    for strategy in ('row_wise', 'column_wise', 'table_wise'):
+      engine = EmbeddingEngine(tables, features, mesh,
+                               uniform_plan(tables, strategy, 8))
+      state = engine.init(jax.random.key(0))
+      for name, arr in state['stacks'].items():
+        shards = arr.addressable_shards
+        self.assertLen(shards, 8)
+        shapes = {sh.data.shape for sh in shards}
+        self.assertLen(shapes, 1, name)  # every device the same block
+        rows, width = shapes.pop()
+        total_elems = sum(t.num_rows * t.dim for t in tables)
+        if strategy == 'row_wise':
+          # Each device holds about 1/8 of every table (rounded up to 8).
+          self.assertLessEqual(rows, sum(-(-t.num_rows // 8) for t in tables)
+                               + 8)
+          self.assertLess(rows, max(t.num_rows for t in tables))
+        if strategy == 'column_wise':
+          self.assertEqual(width, 1)  # dim 8 over 8 devices
+        self.assertLess(rows * width, total_elems)  # no full copy anywhere
+
+  def test_auto_plan_mixes_strategies_and_prints(self):
+    tables = [dataclasses.replace(t, num_rows=r) for t, r in zip(
+        embedding_test.make_specs('adagrad')[0], (50_000, 900, 7))]
+    plan = plan_lib.auto_plan(tables, 8, replicate_bytes=10_000)
+    got = {p.table: p.strategy for p in plan.placements}
+    self.assertEqual(got, {'shared': 'row_wise', 'bag': 'table_wise',
+                           'small': 'replicated'})
+    text = plan_lib.describe(plan, tables)
+    for word in ('table', 'rows', 'dim', 'strategy', 'devices',
+                 'bytes/device', 'row_wise', '50,000'):
+      self.assertIn(word, text)
+    with self.assertRaisesRegex(ValueError, 'device_memory_gb'):
+      plan_lib.auto_plan(tables, 8, device_memory_bytes=1000)
+    self.assertEqual(plan_lib.Plan.from_json(plan.to_json()), plan)
+
+  def test_plan_errors(self):
+    tables, _ = embedding_test.make_specs('sgd')
+    bad = plan_lib.Plan(4, (
+        plan_lib.TablePlacement('shared', 'column_wise', (0, 1, 2)),
+        plan_lib.TablePlacement('bag', 'table_wise', (0,)),
+        plan_lib.TablePlacement('small', 'table_wise', (0,))))
+    with self.assertRaisesRegex(ValueError, 'dim 8 does not split evenly'):
+      plan_lib.validate_plan(bad, tables)
+    with self.assertRaisesRegex(ValueError, 'must be one of'):
+      plan_lib.auto_plan(tables, 4, overrides={'shared': 'diagonal'})
+
+
+def trainer_config(strategy):
+  config = criteo_config.get_config('tiny')
+  config.optimizer.kind = 'sgd'  # params move by -lr * grad: equal params,
+  config.optimizer.schedule.learning_rate = 0.5  # equal gradients
+  config.embedding.sharding = strategy
+  if strategy == 'auto':
+    for i, rows in enumerate((5000, 3000, 2000, 700)):
+      config.features[f'cat_{i}'].num_buckets = rows
+    config.embedding.replicate_bytes = 20_000
+  return config
+
+
+def host_batches(trainer, n, seed=0):
+  rng = np.random.default_rng(seed)
+  rows = trainer.setup.table_rows
+  out = []
+  for _ in range(n):
+    b = trainer.config.batch_size
+    out.append({
+        'dense': rng.normal(size=(b, 13)).astype(np.float32),
+        'ids': np.stack([rng.integers(0, r, b) for r in rows], 1).astype(
+            np.int32),
+        'label': (rng.random(b) < 0.3).astype(np.float32)})
+  return out
+
+
+_SINGLE_TRAINERS = {}
+
+
+def single_device_trainer(strategy):
+  """On one device every strategy stores the same: share one per config."""
+  key = 'auto' if strategy == 'auto' else 'fixed'
+  if key not in _SINGLE_TRAINERS:
+    _SINGLE_TRAINERS[key] = train.Trainer(
+        trainer_config(strategy), mesh=reference.single_device_mesh())
+  return _SINGLE_TRAINERS[key]
+
+
+class TrainerShardingTest(parameterized.TestCase):
+
+  @parameterized.parameters(*(STRATEGIES + ('auto',)))
+  def test_training_steps_match_one_device(self, strategy):
+    config = trainer_config(strategy)
+    sharded = train.Trainer(config, mesh=reference.mesh_of(2, 4))
+    single = single_device_trainer(strategy)
+    if strategy == 'auto':
+      used = {p.strategy for p in sharded.plan.placements}
+      self.assertEqual(used, {'replicated', 'row_wise', 'table_wise'})
+    a = sharded.init_state(0)
+    b = single.init_state(0)
+    acc_a = jax.device_put(train._zero_acc(), sharded._replicated)  # pylint: disable=protected-access
+    acc_b = jax.device_put(train._zero_acc(), single._replicated)  # pylint: disable=protected-access
+    for batch in host_batches(single, 3):
+      a, acc_a = sharded.train_step(a, sharded.put_batch(batch), acc_a)
+      b, acc_b = single.train_step(b, single.put_batch(batch), acc_b)
+      np.testing.assert_allclose(float(acc_a['loss_sum']),
+                                 float(acc_b['loss_sum']), rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4,
+                                 atol=1e-6)
+    for t in single.setup.tables:
+      np.testing.assert_allclose(sharded.engine.gather_table(a.emb, t.name),
+                                 single.engine.gather_table(b.emb, t.name),
+                                 rtol=1e-4, atol=1e-6, err_msg=t.name)
+    probs_a = sharded.predict(a, host_batches(single, 1, seed=9)[0])
+    probs_b = single.predict(b, host_batches(single, 1, seed=9)[0])
+    np.testing.assert_allclose(probs_a, probs_b, rtol=1e-5, atol=1e-6)
+
+
+if __name__ == '__main__':
+  absltest.main()
