@@ -26,6 +26,7 @@ setuptools.setup(
         'orbax-checkpoint>=0.11',
         'pyarrow>=17',
         'tensorflow-datasets>=4.9.7',
+        'tqdm>=4.60',
     ],
     extras_require={
         'test': [

@@ -22,6 +22,10 @@ TERABYTE_NUM_BUCKETS = (
     405282, 10, 2209, 11938, 155, 4, 976, 14, 40000000, 40000000, 40000000,
     590152, 12973, 108, 36)
 
+# MLPerf DLRM-DCNv2's bag sizes of the 26 categorical features.
+MLPERF_HOTNESS = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12,
+                  100, 27, 10, 3, 1, 1)
+
 # Distinct values per categorical column of Criteo Kaggle, capped at 100k:
 # every table stays small enough for a laptop.
 KAGGLE_NUM_BUCKETS = (
@@ -52,6 +56,12 @@ def _features(embedding_dim, num_buckets, normalizer):
         embedding_name=None,          # share a table with other features
         max_ids=1,                    # ids per example (1: single-hot)
         combiner='sum',               # bag pooling: sum, mean, sqrtn
+        # Set num_rows for a managed-collision remapper that gives each live
+        # value its own row, evicting by policy (replaces num_buckets).
+        managed_collision=config_dict.ConfigDict(dict(
+            num_rows=config_dict.placeholder(int),  # table rows
+            policy='lru',                           # eviction: lru or lfu
+        )),
     ))
   return features
 
@@ -92,16 +102,29 @@ def get_config(arg=None):
 
   # ----- Data ---------------------------------------------------------------
   config.data = config_dict.ConfigDict()
-  config.data.source = 'auto'        # auto: criteo_tsv if train_path, else synthetic
-  config.data.train_path = ''        # file, glob, comma list or list (plain/gzip)
-  config.data.eval_path = ''         # same; empty: hold out eval_fraction of train
-  config.data.eval_fraction = 0.1    # last share of the train rows used for eval
+  config.data.source = 'auto'        # auto, synthetic, criteo_tsv, binary, tfds
+                                     # (auto: criteo_tsv if train_path, else synthetic)
+  config.data.train_path = ''        # criteo_tsv: file, glob, comma list or list
+  config.data.eval_path = ''         # criteo_tsv: same; empty: eval_fraction split
+  config.data.eval_fraction = 0.1    # share of the train rows held out for eval
   config.data.labeled_eval = True    # eval files carry labels (40 fields)
   config.data.bad_lines = 'error'    # malformed lines: 'error' (stop) or 'skip'
   config.data.check_ids = True       # reject ids outside their table on the host
-  config.data.shuffle_buffer = 0     # rows in a seeded shuffle window (0: in order)
-  config.data.chunk_rows = 65536     # rows per read from the text files
-  config.data.prefetch = 2           # batches prepared ahead in a thread
+  config.data.binary_dir = ''        # binary: output_dir of dlrm_jax.data.preprocess
+  config.data.tfds_name = 'criteo_kaggle'  # tfds: criteo_kaggle or criteo_terabyte
+  config.data.tfds_data_dir = ''     # tfds: data_dir of the prepared dataset
+  config.data.tfds_train_split = 'train'  # tfds: training split
+  config.data.tfds_eval_split = ''   # tfds: eval split; empty: eval_fraction
+  config.data.shuffle = True         # global shuffle of random-access sources
+  config.data.shuffle_buffer = 0     # criteo_tsv: rows per seeded shuffle window
+  config.data.chunk_rows = 65536     # criteo_tsv: rows per read
+  config.data.num_threads = 2        # grain: threads preparing batches
+  config.data.prefetch = 2           # batches prepared ahead
+  config.data.record_batches = False  # log a digest of each batch's ids
+  config.data.multi_hot = config_dict.ConfigDict()
+  config.data.multi_hot.enabled = False  # MLPerf DLRM-DCNv2 synthetic bags
+  config.data.multi_hot.hotness = list(MLPERF_HOTNESS)  # bag size per id feature
+  config.data.multi_hot.distribution = 'uniform'  # extra ids: uniform or pareto
   config.data.synthetic = config_dict.ConfigDict()
   config.data.synthetic.num_train = 3_000_000  # rows in the synthetic train split
   config.data.synthetic.num_eval = 100_000     # rows in the synthetic eval split

@@ -5,7 +5,10 @@ Each checkpoint step holds two items:
          stacks and their optimizer state, step, RNG), every process writing
          its own shards;
   meta:  JSON: the model signature (what fixes the state's shapes), the
-         embedding sharding plan, the input pipeline position, the config.
+         embedding sharding plan, the input pipeline position, the config;
+  data:  the grain iterator's state (random-access sources), one file per
+         process;
+  remappers: the managed-collision remappers' arrays, when there are any.
 
 Saves are atomic (orbax writes to a temporary directory and renames it), so a
 run killed mid-save leaves the previous checkpoints intact.
@@ -17,6 +20,7 @@ import json
 import os
 from typing import Any
 
+import grain
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -59,13 +63,36 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-    self.manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave(meta)),
-        force=True)
+  def save(self, step: int, state: Any, meta: dict[str, Any],
+           data_iter: Any = None, remappers: Any = None) -> None:
+    """Saves a step; `data_iter`, a grain iterator, saves its position;
+    `remappers`, numpy arrays of managed-collision remappers."""
+    items = dict(state=ocp.args.StandardSave(state),
+                 meta=ocp.args.JsonSave(meta))
+    if data_iter is not None:
+      items['data'] = grain.checkpoint.CheckpointSave(data_iter)
+    if remappers is not None:
+      items['remappers'] = ocp.args.StandardSave(remappers)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore_remappers(self, step: int) -> Any:
+    """The managed-collision remappers' arrays saved at `step`."""
+    if 'remappers' not in self.manager.item_metadata(step):
+      raise IncompatibleCheckpointError(
+          f'the checkpoint at {self.directory / str(step)} holds no'
+          ' managed-collision state; it was written without'
+          ' managed_collision features.')
+    return self.manager.restore(step, args=ocp.args.Composite(
+        remappers=ocp.args.StandardRestore())).remappers
+
+  def restore_data_iterator(self, step: int, data_iter: Any) -> None:
+    """Sets a grain iterator to where it was when `step` was saved."""
+    if 'data' not in self.manager.item_metadata(step):
+      raise IncompatibleCheckpointError(
+          f'the checkpoint at {self.directory / str(step)} holds no input'
+          ' pipeline state; it was written with another config.data.source.')
+    self.manager.restore(step, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointRestore(data_iter)))
 
   def read_meta(self, step: int) -> dict[str, Any]:
     restored = self.manager.restore(

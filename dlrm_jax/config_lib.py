@@ -105,7 +105,7 @@ def build_feature(name: str, cfg: Mapping[str, Any]) -> features_lib.Feature:
   allowed = {'embedding_dim', 'num_buckets', 'hash_bucket_size',
              'embedding_name'}
   if kind == 'id':
-    allowed |= {'max_ids', 'combiner'}
+    allowed |= {'max_ids', 'combiner', 'managed_collision'}
   else:
     allowed |= {'sequence_length'}
   known(allowed)
@@ -115,11 +115,29 @@ def build_feature(name: str, cfg: Mapping[str, Any]) -> features_lib.Feature:
         f' for an {kind} feature.')
   dim = _positive_int(cfg.get('embedding_dim'), f'{path}.embedding_dim')
   nb, hb = cfg.get('num_buckets'), cfg.get('hash_bucket_size')
+  mc = _to_dict(cfg.get('managed_collision'))
+  policy = None
+  if mc.get('num_rows') is not None:
+    unknown = set(mc) - {'num_rows', 'policy'}
+    if unknown:
+      raise ValueError(
+          f'{path}.managed_collision has unknown fields {sorted(unknown)};'
+          ' it takes num_rows and policy.')
+    policy = mc.get('policy', 'lru')
+    if policy not in ('lru', 'lfu'):
+      raise ValueError(
+          f"{path}.managed_collision.policy ({policy!r}) must be 'lru' or"
+          " 'lfu'.")
+    # The remapper's table replaces num_buckets / hash_bucket_size.
+    hb = None
+    nb = _positive_int(mc.get('num_rows'),
+                       f'{path}.managed_collision.num_rows')
   if (nb is None) == (hb is None):
     raise ValueError(
         f'{path}: give exactly one of num_buckets ({nb!r}) and'
         f' hash_bucket_size ({hb!r}).')
-  field = 'num_buckets' if nb is not None else 'hash_bucket_size'
+  field = ('managed_collision.num_rows' if policy else
+           'num_buckets' if nb is not None else 'hash_bucket_size')
   rows = _positive_int(nb if nb is not None else hb, f'{path}.{field}')
   if rows < 2:
     raise ValueError(
@@ -136,10 +154,14 @@ def build_feature(name: str, cfg: Mapping[str, Any]) -> features_lib.Feature:
     raise ValueError(
         f'{path}.combiner ({combiner!r}) must be one of'
         f' {list(features_lib.COMBINERS)}.')
+  if policy and max_ids != 1:
+    raise ValueError(
+        f'{path}: managed_collision takes single-valued features; max_ids is'
+        f' {max_ids}.')
   return features_lib.IdFeature(
       name=name, input=column, embedding_dim=dim, num_buckets=nb,
       hash_bucket_size=hb, embedding_name=cfg.get('embedding_name'),
-      max_ids=max_ids, combiner=combiner)
+      max_ids=max_ids, combiner=combiner, managed_collision=policy)
 
 
 def build_mlp(cfg, path: str) -> MLPSpec:
@@ -289,11 +311,19 @@ def build_tables(config, sparse) -> tuple[tuple[emb_specs.TableSpec, ...],
   overrides = _to_dict(e.get('tables'))
   table_fields: dict[str, dict] = {}
   owner: dict[str, str] = {}
+  features_by_name = {f.name: f for f in sparse}
   feature_specs = []
   for f in sparse:
     name = features_lib.table_name(f)
     fields = dict(num_rows=f.num_rows, dim=f.embedding_dim,
                   combiner=f.combiner)
+    if name in table_fields and (
+        getattr(f, 'managed_collision', None) or getattr(
+            features_by_name.get(owner[name]), 'managed_collision', None)):
+      raise ValueError(
+          f'config.features.{f.name} and config.features.{owner[name]}:'
+          f' features with managed_collision cannot share table {name!r}'
+          ' (each remapper owns its table\'s rows).')
     if name in table_fields:
       prev = table_fields[name]
       for k in ('num_rows', 'dim', 'combiner'):

@@ -4,6 +4,8 @@ A *raw batch* is what the data readers produce, as numpy arrays:
   'label': `[B]` float32 (absent for unlabeled data),
   'int':   `[B, 13]` int64, Criteo's integer columns, missing written as 0,
   'cat':   `[B, 26]` int64, Criteo's categorical hashes, missing written as -1,
+  or instead 'ids': `[B, 26]` int32 ids already mapped to table rows
+  (preprocessed data),
   and optionally one `[B, L]` int64 array per multi-valued input column, keyed
   by the column name (padding -1).
 Input columns are named `int_<i>` and `cat_<i>`.
@@ -89,6 +91,9 @@ class IdFeature:
     embedding_name: optional name of a table shared with other features.
     max_ids: most ids one example carries (1: single-hot).
     combiner: pooling of a multi-hot bag: one of COMBINERS.
+    managed_collision: eviction policy ('lru' or 'lfu') when the raw values
+      are mapped to the `num_buckets` rows by a managed-collision remapper
+      (each live value its own row) instead of by modulo; None otherwise.
   """
 
   name: str
@@ -99,6 +104,7 @@ class IdFeature:
   embedding_name: str | None = None
   max_ids: int = 1
   combiner: str = 'sum'
+  managed_collision: str | None = None
 
   @property
   def is_sparse(self) -> bool:
@@ -222,12 +228,22 @@ class FeatureTransform:
       out['dense'] = xp.stack(cols, axis=1)
     id_cols = []
     for f in self.sparse:
-      col = self._column(raw, f.input)
+      col = None if ('ids' in raw and isinstance(f, IdFeature)) else (
+          self._column(raw, f.input))
       if isinstance(f, RawFeature):
         x = xp.maximum(col.astype(xp.float32), 0.0)
         ids = xp.searchsorted(
             xp.asarray(f.boundaries, dtype=xp.float32), x, side='right')
         ids = ids.astype(xp.int32)
+      elif f.managed_collision:
+        # Raw values go to the remapper, which fills the ids in (in order,
+        # outside the input threads: it keeps state).
+        values = col if col.ndim == 2 else col[:, None]
+        out.setdefault('mc_raw', {})[f.name] = values.astype(xp.int64)
+        ids = xp.full(values.shape, -1, xp.int32)
+      elif 'ids' in raw and f.input.startswith('cat_'):
+        # Ids mapped ahead of time (preprocessed data): take them as they are.
+        ids = raw['ids'][:, int(f.input[4:])].astype(xp.int32)
       else:
         ids = map_ids(col, f, xp)
         if col.ndim == 2:  # multi-valued: keep the padding marker

@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import time
+import zlib
 from typing import Any, Iterator
 
 import flax
@@ -27,10 +28,10 @@ from dlrm_jax import checkpoint as ckpt_lib
 from dlrm_jax import config_lib
 from dlrm_jax import metrics as metrics_lib
 from dlrm_jax import parallel
-from dlrm_jax.data import criteo  # noqa
+from dlrm_jax.data import inputs
 from dlrm_jax.data import pipeline
-from dlrm_jax.data import synthetic
 from dlrm_jax.embedding import EmbeddingEngine
+from dlrm_jax.embedding import remapping
 from dlrm_jax.embedding import plan as plan_lib
 from dlrm_jax.models import DLRM
 
@@ -122,6 +123,7 @@ class Trainer:
     self.engine = EmbeddingEngine(self.setup.tables, self.setup.feature_specs,
                                   self.mesh, plan)
     self.model = DLRM(self.setup.model, dtype=self.setup.compute_dtype)
+    self.remapper = self.new_remapper()
     self.tx = config_lib.build_dense_optimizer(config.optimizer)
     self.has_bn = any(
         m is not None and m.use_bn
@@ -140,6 +142,12 @@ class Trainer:
   @property
   def plan(self) -> plan_lib.Plan:
     return self.engine.plan
+
+  def new_remapper(self) -> remapping.BatchRemapper:
+    """Fresh (empty) managed-collision remappers of the model's features."""
+    return remapping.BatchRemapper(
+        self.setup.transform, process_index=jax.process_index(),
+        process_count=jax.process_count())
 
   # --------------------------------------------------------------------------
   # State.
@@ -249,6 +257,8 @@ class Trainer:
       sh['dense'] = parallel.batch_sharding(self.mesh, 2)
     if with_label:
       sh['label'] = parallel.batch_sharding(self.mesh, 1)
+      if self.remapper:
+        sh['reset'] = parallel.batch_sharding(self.mesh, 2)
     return sh
 
   def put_batch(self, host_batch: dict[str, np.ndarray],
@@ -275,6 +285,9 @@ class Trainer:
     return out, batch_stats
 
   def _train_step(self, state: TrainState, batch, acc):
+    if 'reset' in batch:  # rows given to new managed-collision values
+      state = state.replace(emb=self.engine.reset_rows(state.emb,
+                                                       batch['reset']))
     emb, invalid = self.engine.lookup_stacked(state.emb['stacks'],
                                               batch['ids'])
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -315,6 +328,8 @@ class Trainer:
 
   def predict(self, state: TrainState, host_batch) -> np.ndarray:
     """Click probabilities of this process's rows of a batch, on the host."""
+    if 'mc_raw' in host_batch:
+      host_batch = self.remapper.eval(host_batch)
     probs = self.predict_step(state, self.put_batch(host_batch, False))
     return np.asarray(
         multihost_utils.process_allgather(probs, tiled=True)
@@ -341,100 +356,6 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------
-# Data.
-
-
-@dataclasses.dataclass
-class DataSetup:
-  train: pipeline.TrainBatches
-  eval: pipeline.EvalBatches | None
-  description: str
-  synthetic: bool
-  teacher_auc: float | None
-  bad_lines: criteo.BadLineReport
-  eval_bad_lines: criteo.BadLineReport | None = None
-
-
-def make_data(config, trainer: Trainer) -> DataSetup:
-  """The train and eval batches the config asks for."""
-  d = config.data
-  source = d.get('source', 'auto')
-  if source == 'auto':
-    source = 'criteo_tsv' if d.get('train_path') else 'synthetic'
-  if source not in ('synthetic', 'criteo_tsv'):
-    raise ValueError(
-        f"config.data.source ({source!r}) must be 'auto', 'synthetic' or"
-        " 'criteo_tsv'.")
-  if d.get('bad_lines', 'error') not in ('error', 'skip'):
-    raise ValueError(
-        f"config.data.bad_lines ({d.bad_lines!r}) must be 'error' or 'skip'.")
-  setup = trainer.setup
-  make_batch = pipeline.ModelBatchMaker(
-      setup.transform, setup.table_rows if d.get('check_ids', True) else None)
-  pi, pc = jax.process_index(), jax.process_count()
-  report = criteo.BadLineReport()
-  teacher_auc = None
-  cache_eval = False
-  if source == 'synthetic':
-    s = d.synthetic
-    gen = synthetic.SyntheticCriteo(synthetic.SyntheticSpec(
-        seed=config.seed, num_train=int(s.num_train), num_eval=int(s.num_eval),
-        zipf_exponent=float(s.zipf_exponent),
-        logit_scale=float(s.logit_scale)))
-    train_src = pipeline.SyntheticSource(gen, 'train')
-    eval_src = pipeline.SyntheticSource(gen, 'eval')
-    teacher_auc = gen.teacher_auc()
-    description = (
-        f'SYNTHETIC click logs ({train_src.num_rows:,} train rows,'
-        f' {eval_src.num_rows:,} eval rows, labels from a hidden teacher'
-        f' whose eval AUC is {teacher_auc:.4f}). To train on Criteo, pass'
-        ' --config.data.train_path=/path/to/train.txt (and optionally'
-        ' --config.data.eval_path=...).')
-  else:
-    if not d.get('train_path'):
-      raise ValueError(
-          "config.data.train_path is empty but config.data.source is"
-          " 'criteo_tsv'; give the Criteo train file(s).")
-    train_paths = criteo.expand_paths(d.train_path, field='config.data.train_path')
-    kw = dict(bad_lines=d.get('bad_lines', 'error'),
-              chunk_rows=int(d.get('chunk_rows', 65536)), report=report)
-    eval_report = criteo.BadLineReport()
-    if d.get('eval_path'):
-      eval_paths = criteo.expand_paths(d.eval_path, field='config.data.eval_path')
-      train_src = pipeline.TsvSource(train_paths, **kw)
-      eval_src = pipeline.TsvSource(
-          eval_paths, labeled=d.get('labeled_eval', True),
-          **dict(kw, report=eval_report))
-      if not d.get('labeled_eval', True):
-        eval_src = None
-    else:
-      frac = float(d.get('eval_fraction', 0.1))
-      if not 0.0 <= frac < 1.0:
-        raise ValueError(
-            f'config.data.eval_fraction ({frac}) must be in [0, 1).')
-      total = criteo.count_rows(train_paths)
-      n_eval = int(total * frac)
-      train_src = pipeline.TsvSource(train_paths, stop=total - n_eval, **kw)
-      eval_src = pipeline.TsvSource(
-          train_paths, start=total - n_eval, stop=total,
-          **dict(kw, report=eval_report)) if n_eval else None
-      cache_eval = True
-    description = f'Criteo files: train {train_src.description}' + (
-        f'; eval {eval_src.description}' if eval_src else '; no eval set')
-  train = pipeline.TrainBatches(
-      train_src, make_batch, config.batch_size, seed=config.seed,
-      shuffle_window=int(d.get('shuffle_buffer', 0)), process_index=pi,
-      process_count=pc)
-  evals = pipeline.EvalBatches(
-      eval_src, make_batch, config.eval_batch_size, process_index=pi,
-      process_count=pc, cache=cache_eval
-  ) if eval_src is not None and eval_src.num_rows else None
-  return DataSetup(train, evals, description, source == 'synthetic',
-                   teacher_auc, report,
-                   eval_bad_lines=eval_report if source != 'synthetic' else None)
-
-
-# ----------------------------------------------------------------------------
 # Loop.
 
 
@@ -456,7 +377,7 @@ def _fmt_eta(seconds: float) -> str:
   return str(datetime.timedelta(seconds=int(max(0, seconds))))
 
 
-def num_train_steps(config, data: DataSetup) -> int:
+def num_train_steps(config, data: inputs.DataSetup) -> int:
   if config.num_train_steps > 0:
     return int(config.num_train_steps)
   if config.num_train_steps == 0 or config.num_epochs <= 0:
@@ -480,6 +401,7 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
     A summary: final step, last train loss, final eval metrics, teacher AUC.
   """
   os.makedirs(workdir, exist_ok=True)
+  config = inputs.prepare_config(config)
   if trainer is None:
     trainer = Trainer(config)
   else:
@@ -498,16 +420,24 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
                jax.process_count())
   logging.info('embedding plan:\n%s',
                plan_lib.describe(trainer.plan, trainer.setup.tables))
-  data = make_data(config, trainer)
+  data = inputs.make_data(config, trainer.setup,
+                          process_index=jax.process_index(),
+                          process_count=jax.process_count())
   logging.info('data: %s', data.description)
   total_steps = num_train_steps(config, data)
 
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep)
   signature = trainer.signature()
   latest = ckpt.latest_step()
+  data_iter = data.train.iterator() if data.uses_grain else None
+  trainer.remapper = trainer.new_remapper()  # this run's
   if latest is not None:
     state, meta = trainer.restore(ckpt, latest)
-    position = int(meta['data_position'])
+    position = int(meta.get('data_position') or 0)  # text sources
+    if data_iter is not None:
+      ckpt.restore_data_iterator(latest, data_iter)
+    if trainer.remapper:
+      trainer.remapper.load_state_dict(ckpt.restore_remappers(latest))
     logging.info('resumed from the checkpoint at step %d (%s)', latest,
                  ckpt.directory)
   else:
@@ -526,7 +456,9 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
     meta = {'signature': signature, 'plan': trainer.plan.to_json(),
             'data_position': position, 'step': step,
             'config': config.to_json_best_effort()}
-    ckpt.save(step, state, meta)
+    ckpt.save(step, state, meta, data_iter=data_iter,
+              remappers=trainer.remapper.state_dict() if trainer.remapper
+              else None)
 
   def run_eval(step):
     if data.eval is None:
@@ -548,8 +480,13 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
     return result
 
   acc = jax.device_put(_zero_acc(), trainer._replicated)  # pylint: disable=protected-access
-  batches = pipeline.prefetch(data.train.iterate(position),
-                              int(config.data.get('prefetch', 2)))
+  if data_iter is not None:  # grain prefetches in its own threads
+    batches = ((None, b) for b in data_iter)
+  else:
+    batches = pipeline.prefetch(data.train.iterate(position),
+                                int(config.data.get('prefetch', 2)))
+  record = (open(os.path.join(workdir, 'batches.jsonl'), 'a', buffering=1)
+            if config.data.get('record_batches') else None)
   last_eval = None
   last_loss = None
   window_step = step
@@ -558,6 +495,13 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
   try:
     while step < total_steps:
       position, host_batch = next(batches)
+      if record is not None:  # what each step consumed (tests, debugging)
+        record.write(json.dumps({
+            'step': step + 1, 'process': jax.process_index(),
+            'ids_crc32': zlib.crc32(np.ascontiguousarray(
+                host_batch['ids']).tobytes())}) + '\n')
+      if trainer.remapper:  # in step order: the remappers keep state
+        host_batch = trainer.remapper.train(host_batch, step)
       batch = trainer.put_batch(host_batch)
       state, acc = trainer.train_step(state, batch, acc)
       step += 1
@@ -608,6 +552,8 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
         rate_start, rate_step = time.time(), step
   finally:
     ckpt.close()
+    if record is not None:
+      record.close()
   eval_bad = data.eval_bad_lines
   if data.bad_lines.count:
     logging.warning('malformed training lines: %s', data.bad_lines.summary())

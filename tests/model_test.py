@@ -202,8 +202,8 @@ class ConfigErrorTest(parameterized.TestCase):
   def test_sequence_feature_rejected(self):
     def m(c):
       c.features.cat_0.type = 'sequence_id'
-      del c.features.cat_0['max_ids']
-      del c.features.cat_0['combiner']
+      for field in ('max_ids', 'combiner', 'managed_collision'):
+        del c.features.cat_0[field]
     with self.assertRaisesRegex(ValueError,
                                 "'cat_0', a sequence feature"):
       self._build(m)
@@ -260,6 +260,24 @@ class ConfigErrorTest(parameterized.TestCase):
     setup = self._build(m)
     self.assertEqual(setup.model.num_sparse, 27)
     self.assertEqual(setup.tables[-1].num_rows, 4)
+
+  def test_managed_collision_cannot_share_a_table(self):
+    def m(c):
+      c.features.cat_1.embedding_name = 'shared'
+      c.features.cat_2.embedding_name = 'shared'
+      c.features.cat_1.managed_collision.num_rows = 101
+      c.features.cat_2.managed_collision.num_rows = 101
+    with self.assertRaisesRegex(ValueError,
+                                "managed_collision.*cannot share table"):
+      self._build(m)
+
+  def test_managed_collision_policy(self):
+    def m(c):
+      c.features.cat_1.managed_collision.num_rows = 50
+      c.features.cat_1.managed_collision.policy = 'fifo'
+    with self.assertRaisesRegex(
+        ValueError, r"cat_1\.managed_collision\.policy \('fifo'\)"):
+      self._build(m)
 
   def test_num_buckets_and_hash_bucket_size_exclusive(self):
     def m(c):

@@ -330,7 +330,8 @@ def _convert(batch: pa.RecordBatch, labeled: bool
 
 
 def _read_file(path: str, labeled: bool, bad_lines: str,
-               report: BadLineReport, limit: int | None, skip: list[int]
+               report: BadLineReport, limit: int | None, skip: list[int],
+               stream: pa.NativeFile | None = None, line_offset: int = 0
                ) -> Iterator[dict[str, np.ndarray]]:
   """Valid rows of one file in line order, stopping after `limit` of them.
 
@@ -338,7 +339,8 @@ def _read_file(path: str, labeled: bool, bad_lines: str,
   `skip[0]` is decremented as they are; malformed lines before the first row
   returned are neither raised nor reported (a resumed or split read has met
   them already). Malformed lines from there to the last row returned are
-  raised or reported.
+  raised or reported. With `stream`, the text comes from it (a byte range of
+  `path` whose first line is line `line_offset + 1` of the file).
   """
   names = (('label',) if labeled else ()) + INT_NAMES + CAT_NAMES
   n_fields = len(names)
@@ -365,17 +367,17 @@ def _read_file(path: str, labeled: bool, bad_lines: str,
     events.sort()
     if events and bad_lines == 'error':
       line, _, reason = events[0]
-      raise MalformedLineError(f'{path}:{line}: {reason}')
+      raise MalformedLineError(f'{path}:{line + line_offset}: {reason}')
     for line, count, reason in events:
       shown = min(count, max(report.max_examples - len(report.examples), 1))
       for i in range(shown):
-        report.add(path, line + i, reason)
+        report.add(path, line + line_offset + i, reason)
       report.count += count - shown
 
   consumed = 0  # Lines 1..consumed are placed.
   try:
     reader = pa_csv.open_csv(
-        _open(path),
+        stream if stream is not None else _open(path),
         read_options=pa_csv.ReadOptions(
             column_names=names, block_size=_BLOCK_BYTES, use_threads=False),
         parse_options=pa_csv.ParseOptions(
@@ -388,7 +390,8 @@ def _read_file(path: str, labeled: bool, bad_lines: str,
   except pa.ArrowInvalid as e:
     if 'Empty CSV file' in str(e):
       return
-    raise MalformedLineError(f'{path}:1: cannot be parsed: {e}') from e
+    raise MalformedLineError(
+        f'{path}:{line_offset + 1}: cannot be parsed: {e}') from e
   produced = 0
   while True:
     try:
@@ -397,7 +400,8 @@ def _read_file(path: str, labeled: bool, bad_lines: str,
       break
     except pa.ArrowInvalid as e:
       raise MalformedLineError(
-          f'{path}:{consumed + 1}: cannot be parsed (at or after this line):'
+          f'{path}:{consumed + line_offset + 1}: cannot be parsed (at or'
+          ' after this line):'
           f' {e}') from e
     n = batch.num_rows
     if not n:
@@ -536,3 +540,25 @@ def _concat(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   if len(pieces) == 1:
     return pieces[0]
   return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+
+
+def read_criteo_range(path: str, start: int, end: int, first_line: int, *,
+                      labeled: bool = True, bad_lines: str = 'error',
+                      report: BadLineReport | None = None
+                      ) -> Iterator[dict[str, np.ndarray]]:
+  """Valid rows of bytes `[start, end)` of a plain (not gzip) file.
+
+  The range must start at a line start; `first_line` is the 1-based line
+  number of its first line, so errors name the right line of the file. Holds
+  the range in memory: keep ranges to a few hundred MB.
+  """
+  if bad_lines not in BAD_LINE_POLICIES:
+    raise ValueError(
+        f"data.bad_lines ({bad_lines!r}) must be 'error' or 'skip'.")
+  with open(path, 'rb') as f:
+    f.seek(start)
+    data = f.read(end - start)
+  yield from _read_file(path, labeled, bad_lines,
+                        report if report is not None else BadLineReport(),
+                        None, [0], stream=pa.BufferReader(data),
+                        line_offset=first_line - 1)

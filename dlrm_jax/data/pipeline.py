@@ -38,10 +38,19 @@ class SyntheticSource:
     pos = offset
     while pos < self.num_rows:
       n = min(_SYNTHETIC_CHUNK, self.num_rows - pos)
-      rows = self.generator.rows(self.split, pos, n)
-      rows.pop('teacher_prob')
-      yield rows
+      yield self.read(np.arange(pos, pos + n))
       pos += n
+
+  def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows at `indices` (fast for a contiguous range)."""
+    idx = np.asarray(indices, np.int64)
+    if len(idx) and np.array_equal(idx, np.arange(idx[0], idx[0] + len(idx))):
+      rows = self.generator.rows(self.split, int(idx[0]), len(idx))
+    else:
+      parts = [self.generator.rows(self.split, int(i), 1) for i in idx]
+      rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    rows.pop('teacher_prob')
+    return rows
 
 
 class TsvSource:
@@ -113,13 +122,16 @@ def _rebatch(chunks: Iterator[dict[str, np.ndarray]], size: int
 
 @dataclasses.dataclass
 class ModelBatchMaker:
-  """Raw rows -> model batch (transform + host-side id check)."""
+  """Raw rows -> model batch (transform, multi-hot bags, host-side id check)."""
 
   transform: features_lib.FeatureTransform
   table_rows: Sequence[int] | None  # None: no id check
+  multi_hot: Any = None  # a loader.MultiHot, or None
 
   def __call__(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     batch = self.transform.apply(raw)
+    if self.multi_hot is not None:
+      batch['ids'] = self.multi_hot.expand(batch['ids'])
     if self.table_rows is not None:
       self.transform.check_ids(batch['ids'], self.table_rows)
     return batch

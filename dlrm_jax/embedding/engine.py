@@ -502,6 +502,49 @@ class EmbeddingEngine:
     return fn(stacks, ids)
 
   # --------------------------------------------------------------------------
+  # Row resets (managed collisions).
+
+  def reset_rows(self, state: EmbeddingState, rows: jax.Array
+                 ) -> EmbeddingState:
+    """Zeroes rows and restores their optimizer state to its initial value.
+
+    Args:
+      state: the embedding state.
+      rows: `[B, T]` int32, laid out like packed ids (a feature's columns
+        name rows of its table), -1 where nothing is reset; batch-sharded.
+        Used when a managed-collision remapper gives a row to a new id.
+
+    Returns:
+      The new state.
+    """
+    specs = self.state_specs()
+
+    def local(state, rows):
+      rows_all = jax.lax.all_gather(rows, BATCH_AXES, axis=0, tiled=True,
+                                    to='invarying')
+      new_stacks, new_slots = {}, {}
+      for s in self.stacks:
+        table = state['stacks'][s.name]
+        slots = state['slots'][s.name]
+        if not s.segments:
+          new_stacks[s.name], new_slots[s.name] = table, slots
+          continue
+        idx, _ = self._route(s, rows_all, self._my_shard(s))
+        idx = idx.reshape(-1)
+        new_stacks[s.name] = table.at[idx].set(
+            jnp.zeros((idx.shape[0], s.width), table.dtype), mode='drop')
+        init = optimizers.slot_shapes(s.optimizer, 1, s.width)
+        new_slots[s.name] = {
+            k: v.at[idx].set(jnp.full((idx.shape[0],) + v.shape[1:],
+                                      init[k][1], v.dtype), mode='drop')
+            for k, v in slots.items()}
+      return {'stacks': new_stacks, 'slots': new_slots}
+
+    fn = jax.shard_map(local, mesh=self.mesh,
+                       in_specs=(specs, self.ids_spec()), out_specs=specs)
+    return fn(state, rows)
+
+  # --------------------------------------------------------------------------
   # Sparse update.
 
   def apply_gradients(

@@ -1,0 +1,227 @@
+"""Input pipeline and preprocessing throughput, against the training step.
+
+  python -m benchmarks.input_pipeline                  # from the repo root
+  python -m benchmarks.input_pipeline --rows=1000000,4000000 --tfds_rows=500000
+
+1. Writes Criteo-format text files of the given sizes (rows of the synthetic
+   generator, in Kaggle's layout) to --work_dir.
+2. Preprocesses each (modulo ids) in a fresh process: rows/s and the peak
+   resident memory of any one process, which must not grow with the file.
+3. Reads global batches of --batch rows through the grain pipeline, shuffled,
+   from the binary format and from the TFDS ArrayRecord dataset (prepared
+   from the --tfds_rows file), with the default config's feature transform:
+   examples/s.
+4. Times the default config's training step at the same batch size.
+The last line is `input_over_step=<slower input / training step>`.
+"""
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+_ROWS = flags.DEFINE_list('rows', ['1000000', '3000000'],
+                          'Rows of the generated text files.')
+_TFDS_ROWS = flags.DEFINE_integer('tfds_rows', 300_000,
+                                  'Rows of the TFDS dataset prepared.')
+_BATCH = flags.DEFINE_integer('batch', 8192, 'Global batch size.')
+_BATCHES = flags.DEFINE_integer('batches', 40, 'Batches read per source.')
+_WORK = flags.DEFINE_string('work_dir', '/tmp/dlrm_input_bench',
+                            'Scratch directory (big files).')
+_WORKERS = flags.DEFINE_integer('workers', None, 'Preprocessing processes.')
+_CHILD = flags.DEFINE_string('child', '', 'Internal: one measurement.')
+
+
+def write_criteo_text(path: str, rows: int, seed: int = 0) -> None:
+  """Criteo-layout text of synthetic rows, written with pyarrow."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.csv as pa_csv  # pylint: disable=g-import-not-at-top
+  from dlrm_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  gen = synthetic.SyntheticCriteo(synthetic.SyntheticSpec(
+      seed=seed, num_train=rows, num_eval=1))
+  hexd = np.frombuffer(b'0123456789abcdef', np.uint8)
+  with open(path, 'wb') as out:
+    for start in range(0, rows, 262144):
+      n = min(262144, rows - start)
+      r = gen.rows('train', start, n)
+      cols = {'label': pa.array(r['label'].astype(np.int64)).cast(pa.string())}
+      for j in range(13):
+        v = r['int'][:, j]
+        cols[f'i{j}'] = pa.array(v, mask=(v == 0) & (
+            np.random.default_rng([seed, start, j]).random(n) < 0.3)).cast(
+                pa.string())
+      for j in range(26):
+        v = r['cat'][:, j]
+        nib = (v[:, None].astype(np.uint32) >> np.arange(28, -1, -4,
+                                                         dtype=np.uint32)) & 15
+        chars = hexd[nib].astype(np.uint8)
+        arr = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(8), n, [None, pa.py_buffer(chars.tobytes())])
+        cols[f'c{j}'] = pa.array(arr.to_numpy(zero_copy_only=False),
+                                 type=pa.binary(), mask=v < 0).cast(pa.string())
+      table = pa.table(cols)
+      pa_csv.write_csv(table, out, pa_csv.WriteOptions(
+          include_header=False, delimiter='\t', quoting_style='none'))
+
+
+def peak_rss_gb() -> float:
+  return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+             resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1e6
+
+
+def child(task: dict) -> dict:
+  kind = task['kind']
+  if kind == 'preprocess':
+    from dlrm_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+    t0 = time.time()
+    meta = preprocess.run([task['input']], task['output'], workers=task[
+        'workers'], num_buckets=task['buckets'], progress=False)
+    rows = sum(p['rows'] for p in meta.splits['train'])
+    return {'rows': rows, 'seconds': time.time() - t0,
+            'peak_rss_gb': peak_rss_gb()}
+  if kind == 'tfds_prepare':
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    from dlrm_jax.data import tfds_criteo  # pylint: disable=g-import-not-at-top,unused-import
+    os.makedirs(task['manual'], exist_ok=True)
+    target = os.path.join(task['manual'], 'train.txt')
+    if not os.path.exists(target):
+      os.symlink(task['input'], target)
+    t0 = time.time()
+    builder = tfds.builder('criteo_kaggle', data_dir=task['data_dir'])
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=task['manual']))
+    return {'seconds': time.time() - t0}
+  if kind in ('read_binary', 'read_tfds'):
+    from configs import criteo as criteo_config  # pylint: disable=g-import-not-at-top
+    from dlrm_jax import config_lib  # pylint: disable=g-import-not-at-top
+    from dlrm_jax.data import binary, inputs, loader  # pylint: disable=g-import-not-at-top
+    config = criteo_config.get_config()
+    if kind == 'read_binary':
+      config.data.source, config.data.binary_dir = 'binary', task['dir']
+      config = inputs.prepare_config(config)
+      source = binary.BinarySource(task['dir'], 'train')
+    else:
+      from dlrm_jax.data import tfds_criteo  # pylint: disable=g-import-not-at-top
+      source = tfds_criteo.TfdsCriteoSource('criteo_kaggle', 'train',
+                                            task['dir'])
+    setup = config_lib.build(config)
+    data = loader.GrainTrainData(
+        inputs.RandomAccessRows(source), inputs.make_batch_maker(config, setup),
+        task['batch'], num_batches=1 << 30, seed=0, shuffle=True,
+        num_threads=2, prefetch=4)
+    it = data.iterator()
+    for _ in range(3):
+      next(it)
+    t0 = time.time()
+    for _ in range(task['batches']):
+      b = next(it)
+    dt = time.time() - t0
+    assert b['ids'].shape == (task['batch'], 26)
+    return {'examples_per_s': task['batch'] * task['batches'] / dt}
+  if kind == 'train_step':
+    import jax  # pylint: disable=g-import-not-at-top
+    from configs import criteo as criteo_config  # pylint: disable=g-import-not-at-top
+    from dlrm_jax import train  # pylint: disable=g-import-not-at-top
+    config = criteo_config.get_config()
+    config.batch_size = task['batch']
+    config.eval_batch_size = task['batch']
+    trainer = train.Trainer(config)
+    state = trainer.init_state(0)
+    rng = np.random.default_rng(0)
+    rows = trainer.setup.table_rows
+    b = task['batch']
+    batch = trainer.put_batch({
+        'dense': rng.normal(size=(b, 13)).astype(np.float32),
+        'ids': np.stack([rng.integers(0, r, b) for r in rows], 1).astype(
+            np.int32),
+        'label': (rng.random(b) < 0.25).astype(np.float32)})
+    acc = jax.device_put(train._zero_acc(), trainer._replicated)  # pylint: disable=protected-access
+    for _ in range(3):
+      state, acc = trainer.train_step(state, batch, acc)
+    jax.block_until_ready(acc)
+    best = float('inf')
+    for _ in range(3):
+      t0 = time.time()
+      for _ in range(10):
+        state, acc = trainer.train_step(state, batch, acc)
+      jax.block_until_ready(acc)
+      best = min(best, (time.time() - t0) / 10)
+    return {'examples_per_s': b / best}
+  raise ValueError(kind)
+
+
+def run_child(task: dict) -> dict:
+  out = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.input_pipeline',
+       '--child=' + json.dumps(task)], capture_output=True, text=True,
+      check=False)
+  lines = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
+  if out.returncode or not lines:
+    raise RuntimeError(f'{task["kind"]} failed:\n{out.stderr[-3000:]}')
+  return json.loads(lines[-1][len('RESULT '):])
+
+
+def main(argv):
+  del argv
+  if _CHILD.value:
+    print('RESULT ' + json.dumps(child(json.loads(_CHILD.value))), flush=True)
+    return
+  os.makedirs(_WORK.value, exist_ok=True)
+  workers = _WORKERS.value or os.cpu_count()
+  sizes = [int(float(r)) for r in _ROWS.value]
+  print(f'preprocessing (modulo ids, {workers} workers):')
+  print(f'{"rows":>12} {"text GB":>8} {"rows/s":>10} {"peak RSS GB":>12}')
+  last_bin = None
+  for n in sizes:
+    text = os.path.join(_WORK.value, f'criteo_{n}.txt')
+    if not os.path.exists(text):
+      write_criteo_text(text, n)
+    out = os.path.join(_WORK.value, f'bin_{n}')
+    shutil.rmtree(out, ignore_errors=True)
+    res = run_child({'kind': 'preprocess', 'input': text, 'output': out,
+                     'workers': workers, 'buckets': 100_000})
+    print(f'{n:>12,} {os.path.getsize(text) / 1e9:>8.2f} '
+          f'{res["rows"] / res["seconds"]:>10,.0f} '
+          f'{res["peak_rss_gb"]:>12.2f}', flush=True)
+    last_bin = out
+  rates = {}
+  res = run_child({'kind': 'read_binary', 'dir': last_bin,
+                   'batch': _BATCH.value, 'batches': _BATCHES.value})
+  rates['binary'] = res['examples_per_s']
+  try:
+    import dlrm_jax.data.tfds_criteo  # pylint: disable=g-import-not-at-top,unused-import
+    have_tfds = True
+  except ImportError:
+    have_tfds = False
+  if have_tfds:
+    text = os.path.join(_WORK.value, f'criteo_{_TFDS_ROWS.value}.txt')
+    if not os.path.exists(text):
+      write_criteo_text(text, _TFDS_ROWS.value, seed=1)
+    tfds_dir = os.path.join(_WORK.value, f'tfds_{_TFDS_ROWS.value}')
+    prep = run_child({'kind': 'tfds_prepare', 'input': text,
+                      'manual': os.path.join(_WORK.value, 'manual'),
+                      'data_dir': tfds_dir})
+    print(f'TFDS prepare of {_TFDS_ROWS.value:,} rows: '
+          f'{_TFDS_ROWS.value / prep["seconds"]:,.0f} rows/s')
+    res = run_child({'kind': 'read_tfds', 'dir': tfds_dir,
+                     'batch': _BATCH.value, 'batches': _BATCHES.value})
+    rates['tfds'] = res['examples_per_s']
+  step = run_child({'kind': 'train_step', 'batch': _BATCH.value})
+  print(f'input pipeline, batches of {_BATCH.value}, shuffled, default'
+        ' config transform:')
+  for k, v in rates.items():
+    print(f'  {k:8s} {v:>12,.0f} examples/s')
+  print(f'training step (default config, batch {_BATCH.value}): '
+        f'{step["examples_per_s"]:,.0f} examples/s')
+  print(f'input_over_step={min(rates.values()) / step["examples_per_s"]:.2f}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,251 @@
+"""The input pipeline a config asks for: sources, batches, eval sets.
+
+`config.data.source`:
+  synthetic:  the built-in generator (rows by index; no shuffle needed);
+  criteo_tsv: Criteo text files, streamed in order (resumed by position);
+  binary:     a directory written by `python -m dlrm_jax.data.preprocess`;
+  tfds:       a prepared TFDS dataset (`criteo_kaggle`, `criteo_terabyte`);
+  auto:       criteo_tsv when `data.train_path` is set, else synthetic.
+Random-access sources (all but criteo_tsv) go through the grain pipeline of
+`dlrm_jax.data.loader` with a global shuffle.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Iterator
+
+import numpy as np
+from absl import logging
+
+from dlrm_jax.data import binary
+from dlrm_jax.data import criteo
+from dlrm_jax.data import loader
+from dlrm_jax.data import pipeline
+from dlrm_jax.data import synthetic
+
+SOURCES = ('auto', 'synthetic', 'criteo_tsv', 'binary', 'tfds')
+_READ_CHUNK = 65536
+
+
+def source_kind(config) -> str:
+  d = config.data
+  source = d.get('source', 'auto')
+  if source not in SOURCES:
+    raise ValueError(
+        f'config.data.source ({source!r}) must be one of {list(SOURCES)}.')
+  if source == 'auto':
+    source = 'criteo_tsv' if d.get('train_path') else 'synthetic'
+  return source
+
+
+def prepare_config(config):
+  """A copy of the config completed from the data: the table sizes of a
+  preprocessed dataset, and bag sizes for multi-hot data."""
+  config = copy.deepcopy(config)
+  kind = source_kind(config)
+  id_features = [n for n in config.model.feature_groups.get('sparse', [])
+                 if config.features[n].get('type') == 'id']
+  if kind == 'binary':
+    if not config.data.get('binary_dir'):
+      raise ValueError(
+          "config.data.source is 'binary' but config.data.binary_dir is"
+          ' empty; give the output_dir of dlrm_jax.data.preprocess.')
+    meta = binary.Metadata.load(config.data.binary_dir)
+    for name in id_features:
+      f = config.features[name]
+      index = int(f.get('input', name).split('_')[-1])
+      size = int(meta.num_buckets[index])
+      if f.get('num_buckets') != size:
+        logging.info('config.features.%s.num_buckets: %s -> %d (from %s)',
+                     name, f.get('num_buckets'), size,
+                     config.data.binary_dir)
+      f.num_buckets = size
+      f.hash_bucket_size = None
+  mh = config.data.get('multi_hot')
+  if mh is not None and mh.get('enabled'):
+    hotness = list(mh.get('hotness') or loader.MLPERF_HOTNESS)
+    if len(hotness) != len(id_features):
+      raise ValueError(
+          f'config.data.multi_hot.hotness has {len(hotness)} values for'
+          f' {len(id_features)} id features of the sparse group.')
+    for name, h in zip(id_features, hotness):
+      config.features[name].max_ids = int(h)
+  return config
+
+
+class RandomAccessRows:
+  """Adds in-order reading (`iter_rows`) to a random-access source, for the
+  eval loop; `rows` restricts it to a range."""
+
+  def __init__(self, source, rows: tuple[int, int] | None = None):
+    self.source = source
+    self.lo, self.hi = rows if rows is not None else (0, source.num_rows)
+    self.num_rows = self.hi - self.lo
+    self.description = source.description + (
+        f' rows {self.lo:,}..{self.hi:,}' if rows is not None else '')
+
+  def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    return self.source.read(np.asarray(indices, np.int64) + self.lo)
+
+  def iter_rows(self, offset: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    for start in range(offset, self.num_rows, _READ_CHUNK):
+      stop = min(start + _READ_CHUNK, self.num_rows)
+      yield self.read(np.arange(start, stop, dtype=np.int64))
+
+
+@dataclasses.dataclass
+class DataSetup:
+  """Train and eval data of a run.
+
+  Attributes:
+    train: `pipeline.TrainBatches` (streamed text) or
+      `loader.GrainTrainData` (random access, grain).
+    eval: the eval batches, or None.
+    description: what the data is, for the log.
+    synthetic: whether it is the built-in generator's.
+    teacher_auc: the generator's best achievable AUC.
+    bad_lines: malformed training lines skipped.
+    eval_bad_lines: malformed eval lines skipped.
+  """
+
+  train: Any
+  eval: pipeline.EvalBatches | None
+  description: str
+  synthetic: bool
+  teacher_auc: float | None
+  bad_lines: criteo.BadLineReport
+  eval_bad_lines: criteo.BadLineReport | None = None
+
+  @property
+  def uses_grain(self) -> bool:
+    return isinstance(self.train, loader.GrainTrainData)
+
+
+def make_batch_maker(config, setup) -> pipeline.ModelBatchMaker:
+  d = config.data
+  multi_hot = None
+  mh = d.get('multi_hot')
+  if mh is not None and mh.get('enabled'):
+    multi_hot = loader.MultiHot(
+        hotness=tuple(f.max_ids for f in setup.feature_specs),
+        num_rows=setup.table_rows,
+        distribution=mh.get('distribution', 'uniform'),
+        seed=int(config.seed))
+  return pipeline.ModelBatchMaker(
+      setup.transform, setup.table_rows if d.get('check_ids', True) else None,
+      multi_hot=multi_hot)
+
+
+def make_data(config, setup, *, process_index: int = 0,
+              process_count: int = 1) -> DataSetup:
+  """The train and eval data the config asks for (see the module doc)."""
+  d = config.data
+  kind = source_kind(config)
+  if d.get('bad_lines', 'error') not in ('error', 'skip'):
+    raise ValueError(
+        f"config.data.bad_lines ({d.bad_lines!r}) must be 'error' or 'skip'.")
+  make_batch = make_batch_maker(config, setup)
+  pi, pc = process_index, process_count
+  report = criteo.BadLineReport()
+  eval_report = None
+  teacher_auc = None
+  cache_eval = False
+  shuffle = bool(d.get('shuffle', True))
+  if kind == 'synthetic':
+    s = d.synthetic
+    gen = synthetic.SyntheticCriteo(synthetic.SyntheticSpec(
+        seed=config.seed, num_train=int(s.num_train), num_eval=int(s.num_eval),
+        zipf_exponent=float(s.zipf_exponent),
+        logit_scale=float(s.logit_scale)))
+    train_src = pipeline.SyntheticSource(gen, 'train')
+    eval_src = pipeline.SyntheticSource(gen, 'eval')
+    shuffle = False  # rows are i.i.d. draws already
+    teacher_auc = gen.teacher_auc()
+    description = (
+        f'SYNTHETIC click logs ({train_src.num_rows:,} train rows,'
+        f' {eval_src.num_rows:,} eval rows, labels from a hidden teacher'
+        f' whose eval AUC is {teacher_auc:.4f}). To train on Criteo, pass'
+        ' --config.data.train_path=/path/to/train.txt (and optionally'
+        ' --config.data.eval_path=...), or preprocess it first with'
+        ' python -m dlrm_jax.data.preprocess.')
+  elif kind == 'criteo_tsv':
+    if not d.get('train_path'):
+      raise ValueError(
+          "config.data.train_path is empty but config.data.source is"
+          " 'criteo_tsv'; give the Criteo train file(s).")
+    train_paths = criteo.expand_paths(d.train_path,
+                                      field='config.data.train_path')
+    kw = dict(bad_lines=d.get('bad_lines', 'error'),
+              chunk_rows=int(d.get('chunk_rows', 65536)), report=report)
+    eval_report = criteo.BadLineReport()
+    if d.get('eval_path'):
+      eval_paths = criteo.expand_paths(d.eval_path,
+                                       field='config.data.eval_path')
+      train_src = pipeline.TsvSource(train_paths, **kw)
+      eval_src = pipeline.TsvSource(
+          eval_paths, labeled=d.get('labeled_eval', True),
+          **dict(kw, report=eval_report)) if d.get('labeled_eval', True) else (
+              None)
+    else:
+      frac = _eval_fraction(d)
+      total = criteo.count_rows(train_paths)
+      n_eval = int(total * frac)
+      train_src = pipeline.TsvSource(train_paths, stop=total - n_eval, **kw)
+      eval_src = pipeline.TsvSource(
+          train_paths, start=total - n_eval, stop=total,
+          **dict(kw, report=eval_report)) if n_eval else None
+      cache_eval = True
+    description = f'Criteo files: train {train_src.description}' + (
+        f'; eval {eval_src.description}' if eval_src else '; no eval set')
+  else:
+    if kind == 'binary':
+      train_all = binary.BinarySource(d.binary_dir, 'train')
+      eval_all = (binary.BinarySource(d.binary_dir, 'eval')
+                  if 'eval' in train_all.metadata.splits else None)
+    else:
+      from dlrm_jax.data import tfds_criteo  # pylint: disable=g-import-not-at-top
+      name = d.get('tfds_name', 'criteo_kaggle')
+      data_dir = d.get('tfds_data_dir') or None
+      train_all = tfds_criteo.TfdsCriteoSource(
+          name, d.get('tfds_train_split', 'train'), data_dir)
+      split = d.get('tfds_eval_split', '')
+      eval_all = tfds_criteo.TfdsCriteoSource(name, split, data_dir) if (
+          split) else None
+    if eval_all is not None:
+      train_src, eval_src = RandomAccessRows(train_all), RandomAccessRows(
+          eval_all)
+    else:
+      n = train_all.num_rows
+      n_eval = int(n * _eval_fraction(d))
+      train_src = RandomAccessRows(train_all, (0, n - n_eval))
+      eval_src = RandomAccessRows(train_all, (n - n_eval, n)) if n_eval else (
+          None)
+    description = f'{kind}: train {train_src.description}' + (
+        f'; eval {eval_src.description}' if eval_src else '; no eval set')
+  if kind == 'criteo_tsv':
+    train = pipeline.TrainBatches(
+        train_src, make_batch, config.batch_size, seed=config.seed,
+        shuffle_window=int(d.get('shuffle_buffer', 0)), process_index=pi,
+        process_count=pc)
+  else:
+    train = loader.GrainTrainData(
+        train_src, make_batch, config.batch_size,
+        num_batches=1 << 40, seed=int(config.seed),
+        shuffle=shuffle, process_index=pi, process_count=pc,
+        num_threads=int(d.get('num_threads', 2)),
+        prefetch=max(1, int(d.get('prefetch', 2))))
+  evals = pipeline.EvalBatches(
+      eval_src, make_batch, config.eval_batch_size, process_index=pi,
+      process_count=pc, cache=cache_eval
+  ) if eval_src is not None and eval_src.num_rows else None
+  return DataSetup(train, evals, description, kind == 'synthetic',
+                   teacher_auc, report, eval_bad_lines=eval_report)
+
+
+def _eval_fraction(d) -> float:
+  frac = float(d.get('eval_fraction', 0.1))
+  if not 0.0 <= frac < 1.0:
+    raise ValueError(f'config.data.eval_fraction ({frac}) must be in [0, 1).')
+  return frac

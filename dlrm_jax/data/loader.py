@@ -1,0 +1,222 @@
+"""grain input pipeline over random-access sources (binary, TFDS, synthetic).
+
+The grain dataset's elements are whole training batches: element k is global
+batch k (epoch k // batches_per_epoch). Its rows are positions
+`[j*B, (j+1)*B)` of the epoch's order, which is a seeded pseudo-random
+permutation of all rows (a global shuffle that stores nothing: a Feistel
+network over the row numbers, re-keyed every epoch). Each process reads only
+its own slice of each batch (the equivalent of `ShardByJaxProcess`: over an
+epoch the processes cover every row exactly once), with one vectorized read
+per batch, not one per record. grain prefetches batches in background threads
+and its iterator state (the next batch index) goes into the orbax checkpoint,
+so a resumed run sees exactly the batches an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Protocol
+
+import grain
+import numpy as np
+
+from dlrm_jax import features as features_lib
+
+
+class RowSource(Protocol):
+  """Random access to the rows of a data set."""
+
+  num_rows: int
+  description: str
+
+  def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Raw rows at `indices` (see `dlrm_jax.features`), in that order."""
+
+
+def _mix(x: np.ndarray, key: np.uint64, mask: np.uint64) -> np.ndarray:
+  """A keyed 64-bit mix (SplitMix64's finalizer), truncated to `mask`."""
+  with np.errstate(over='ignore'):
+    z = (x ^ key) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+  return z & mask
+
+
+class FeistelPermutation:
+  """A seeded bijection of `[0, n)`, evaluated on arrays of positions.
+
+  A 4-round balanced Feistel network on the smallest even number of bits
+  covering n, with cycle walking to stay below n. Nothing of size n is stored.
+  """
+
+  def __init__(self, n: int, seed: int, rounds: int = 4):
+    if n <= 0:
+      raise ValueError(f'cannot permute {n} rows.')
+    self.n = n
+    half = max(1, (int(n - 1).bit_length() + 1) // 2)
+    self.half = np.uint64(half)
+    self.mask = np.uint64((1 << half) - 1)
+    rng = np.random.default_rng([seed, n, 0x5EED])
+    self.keys = [np.uint64(k) for k in rng.integers(0, 2**63, rounds)]
+
+  def _once(self, x: np.ndarray) -> np.ndarray:
+    left, right = x >> self.half, x & self.mask
+    for k in self.keys:
+      left, right = right, left ^ _mix(right, k, self.mask)
+    return (left << self.half) | right
+
+  def __call__(self, positions: np.ndarray) -> np.ndarray:
+    x = self._once(np.asarray(positions, np.uint64))
+    bad = x >= self.n
+    while bad.any():  # cycle walking: expected < 4 rounds
+      x[bad] = self._once(x[bad])
+      bad = x >= self.n
+    return x.astype(np.int64)
+
+
+class _Batches:
+  """grain random-access source whose element k is this process's rows of
+  global batch k."""
+
+  def __init__(self, source: RowSource, make_batch, batch_size: int,
+               num_batches: int, seed: int, shuffle: bool, process_index: int,
+               process_count: int):
+    self.source = source
+    self.make_batch = make_batch
+    self.batch_size = batch_size
+    self.batches_per_epoch = source.num_rows // batch_size
+    self.num_batches = num_batches
+    self.seed = seed
+    self.shuffle = shuffle
+    per = batch_size // process_count
+    self.lo, self.hi = process_index * per, (process_index + 1) * per
+    self._perms: dict[int, FeistelPermutation] = {}
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def rows_of(self, k: int) -> np.ndarray:
+    """Row numbers this process reads for global batch k."""
+    epoch, j = divmod(int(k), self.batches_per_epoch)
+    positions = np.arange(j * self.batch_size + self.lo,
+                          j * self.batch_size + self.hi, dtype=np.int64)
+    if not self.shuffle:
+      return positions
+    perm = self._perms.get(epoch)
+    if perm is None:
+      perm = FeistelPermutation(self.source.num_rows, self.seed * 1_000_003
+                                + epoch)
+      self._perms = {epoch: perm}
+    return perm(positions)
+
+  def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+    return self.make_batch(self.source.read(self.rows_of(k)))
+
+
+@dataclasses.dataclass
+class GrainTrainData:
+  """Training batches from a random-access source through grain.
+
+  Attributes:
+    source: the rows.
+    batch_size: the global batch size.
+    batches_per_epoch: full batches in an epoch (the rest is dropped).
+  """
+
+  source: RowSource
+  make_batch: Any
+  batch_size: int
+  num_batches: int
+  seed: int = 0
+  shuffle: bool = True
+  process_index: int = 0
+  process_count: int = 1
+  num_threads: int = 2
+  prefetch: int = 4
+
+  def __post_init__(self):
+    if self.batch_size % self.process_count:
+      raise ValueError(
+          f'config.batch_size ({self.batch_size}) must divide evenly over'
+          f' {self.process_count} processes.')
+    self.batches_per_epoch = self.source.num_rows // self.batch_size
+    if self.batches_per_epoch == 0:
+      raise ValueError(
+          f'the training data ({self.source.description}) has fewer rows than'
+          f' one batch (config.batch_size={self.batch_size}).')
+    self.elements = _Batches(
+        self.source, self.make_batch, self.batch_size, self.num_batches,
+        self.seed, self.shuffle, self.process_index, self.process_count)
+
+  def iterator(self) -> grain.DatasetIterator:
+    """A fresh grain iterator from batch 0 (restore its state to resume)."""
+    ds = grain.MapDataset.source(self.elements)
+    read = grain.ReadOptions(num_threads=self.num_threads,
+                             prefetch_buffer_size=self.prefetch)
+    return iter(ds.to_iter_dataset(read))
+
+
+# ----------------------------------------------------------------------------
+# Multi-hot data (MLPerf DLRM-DCNv2's synthetic multi-hot scheme).
+
+MLPERF_HOTNESS = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12,
+                  100, 27, 10, 3, 1, 1)
+DISTRIBUTIONS = ('uniform', 'pareto')
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiHot:
+  """Turns single-hot ids into bags, deterministically.
+
+  As in MLPerf's DLRM-DCNv2 benchmark, an id `i` of feature k becomes the bag
+  `[i, e_1(i), ..., e_{h-1}(i)]` of hotness h = hotness[k], where the extra
+  ids are fixed pseudo-random rows of the same table, uniform or Pareto
+  (a = 0.25) distributed. MLPerf keeps them in a table per feature seeded by
+  k; here they are a keyed hash of (k, i, j), so nothing is stored and every
+  process and run computes the same bags.
+
+  Attributes:
+    hotness: bag size per sparse feature.
+    num_rows: table size per sparse feature.
+    distribution: 'uniform' or 'pareto'.
+    seed: key of the hash.
+  """
+
+  hotness: tuple[int, ...]
+  num_rows: tuple[int, ...]
+  distribution: str = 'uniform'
+  seed: int = 0
+
+  def __post_init__(self):
+    if len(self.hotness) != len(self.num_rows):
+      raise ValueError(
+          f'config.data.multi_hot.hotness has {len(self.hotness)} values but'
+          f' the sparse group has {len(self.num_rows)} features.')
+    if min(self.hotness) < 1:
+      raise ValueError(
+          f'config.data.multi_hot.hotness ({list(self.hotness)}) must be >= 1.')
+    if self.distribution not in DISTRIBUTIONS:
+      raise ValueError(
+          f'config.data.multi_hot.distribution ({self.distribution!r}) must be'
+          f' one of {list(DISTRIBUTIONS)}.')
+
+  def expand(self, ids: np.ndarray) -> np.ndarray:
+    """`[B, T]` packed ids whose bags hold one id then -1 padding -> bags."""
+    out = ids.copy()
+    start = 0
+    for k, (h, rows) in enumerate(zip(self.hotness, self.num_rows)):
+      if h > 1:
+        first = ids[:, start]
+        j = np.arange(1, h, dtype=np.uint64)[None, :]
+        key = np.uint64((self.seed * 1_000_003 + k) & (2**63 - 1))
+        u = _mix(first.astype(np.uint64)[:, None] * np.uint64(h) + j, key,
+                 np.uint64(2**53 - 1)).astype(np.float64) / 2.0**53
+        if self.distribution == 'uniform':
+          extra = np.floor(u * rows).astype(np.int64)
+        else:  # numpy's pareto(a) = (1-u)^(-1/a) - 1, taken modulo the rows
+          extra = np.floor(np.minimum((1.0 - u) ** -4.0 - 1.0, 2.0**62))
+          extra = extra.astype(np.int64) % rows
+        out[:, start + 1:start + h] = np.where(first[:, None] >= 0, extra, -1)
+      start += h
+    return out

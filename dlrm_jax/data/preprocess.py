@@ -1,0 +1,464 @@
+"""Criteo text files -> the binary format of `dlrm_jax.data.binary`.
+
+  python -m dlrm_jax.data.preprocess --train='/data/criteo/day_{0..22}' \
+      --eval=/data/criteo/day_23 --output_dir=/data/criteo_bin \
+      --id_scheme=vocab --vocab_threshold=3
+
+Files (plain or gzip) are cut into units: a gzip file is one unit, a plain
+file is cut into byte ranges of about `--range_bytes` at line starts. Units
+are parsed in parallel (`--workers` processes) with the streaming reader, so
+memory stays at a few ranges per worker whatever the input size.
+
+Id schemes, as the peers offer:
+  modulo: a categorical value v maps to 1 + v % (num_buckets - 1), missing to
+          0 (the same mapping the trainer applies to raw text), with
+          `--num_buckets` one size or 26 sizes;
+  vocab:  a first pass counts every value; values seen at least
+          `--vocab_threshold` times get their own id (2, 3, ... by decreasing
+          count), rarer ones share the out-of-vocabulary id 1, missing ones
+          0 (NVIDIA's and MLPerf's recipes). The vocabularies are saved in
+          `<output_dir>/vocab/cat_<i>.npz` (values in id order, counts).
+Table sizes go to `<output_dir>/metadata.json`, which the trainer reads
+(`config.data.source='binary'`, `config.data.binary_dir=<output_dir>`).
+
+Each finished unit leaves a marker under `<output_dir>/_work/`; a restarted run
+skips finished units (and finished counting passes), so an interrupted run
+loses at most the units in flight. Malformed lines follow `--bad_lines`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import resource
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+
+from dlrm_jax import features as features_lib
+from dlrm_jax.data import binary
+from dlrm_jax.data import criteo
+
+ID_SCHEMES = ('modulo', 'vocab')
+MISSING_ID, OOV_ID = 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  """A piece of an input file processed by one worker."""
+
+  split: str
+  path: str
+  index: int            # position of the unit in its split
+  start: int | None     # byte range of a plain file; None: the whole file
+  end: int | None
+  first_line: int       # 1-based line number of the range's first line
+  labeled: bool
+
+  @property
+  def key(self) -> str:
+    h = hashlib.sha1(f'{self.path}:{self.start}:{self.end}'.encode())
+    return f'{self.split}-{self.index:05d}-{h.hexdigest()[:10]}'
+
+  @property
+  def bytes(self) -> int:
+    if self.start is None:
+      return os.path.getsize(self.path)
+    return self.end - self.start
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  output_dir: str
+  id_scheme: str
+  num_buckets: tuple[int, ...]
+  vocab_threshold: int
+  vocab_max_rows: int
+  bad_lines: str
+
+
+def _is_gzip(path: str) -> bool:
+  with open(path, 'rb') as f:
+    return f.read(2) == b'\x1f\x8b'
+
+
+def _range_starts(path: str, range_bytes: int) -> list[int]:
+  """Byte offsets of line starts about `range_bytes` apart."""
+  size = os.path.getsize(path)
+  starts = [0]
+  with open(path, 'rb') as f:
+    pos = range_bytes
+    while pos < size:
+      f.seek(pos)
+      tail = f.read(1 << 20)
+      nl = tail.find(b'\n')
+      while nl < 0 and tail:
+        more = f.read(1 << 20)
+        if not more:
+          break
+        nl = len(tail) + more.find(b'\n') if b'\n' in more else -1
+        tail += more
+      if nl < 0:
+        break
+      start = pos + nl + 1
+      if start >= size:
+        break
+      starts.append(start)
+      pos = start + range_bytes
+  return starts
+
+
+def _count_newlines(path: str, start: int, end: int) -> int:
+  n = 0
+  with open(path, 'rb') as f:
+    f.seek(start)
+    left = end - start
+    while left > 0:
+      block = f.read(min(left, 16 << 20))
+      if not block:
+        break
+      n += block.count(b'\n')
+      left -= len(block)
+  return n
+
+
+def plan_units(split: str, paths: Sequence[str], range_bytes: int,
+               labeled: bool, pool) -> list[Unit]:
+  """Cuts the files into units; counts lines so errors name file lines."""
+  pieces = []
+  for path in paths:
+    if _is_gzip(path):
+      pieces.append((path, None, None))
+      continue
+    starts = _range_starts(path, range_bytes)
+    ends = starts[1:] + [os.path.getsize(path)]
+    pieces += [(path, s, e) for s, e in zip(starts, ends)]
+  counts = list(pool.map(
+      _count_newlines,
+      [p for p, s, _ in pieces if s is not None],
+      [s for _, s, _ in pieces if s is not None],
+      [e for _, s, e in pieces if s is not None]))
+  units, first, it = [], {}, iter(counts)
+  for i, (path, s, e) in enumerate(pieces):
+    line = 1
+    if s is not None:
+      line = first.get(path, 1)
+      first[path] = line + next(it)
+    units.append(Unit(split, path, i, s, e, line, labeled))
+  return units
+
+
+def _rows(unit: Unit, bad_lines: str) -> tuple[list[dict], criteo.BadLineReport]:
+  report = criteo.BadLineReport()
+  if unit.start is None:
+    chunks = list(criteo.read_criteo([unit.path], labeled=unit.labeled,
+                                     bad_lines=bad_lines, report=report,
+                                     chunk_rows=1 << 20))
+  else:
+    chunks = list(criteo.read_criteo_range(
+        unit.path, unit.start, unit.end, unit.first_line,
+        labeled=unit.labeled, bad_lines=bad_lines, report=report))
+  return chunks, report
+
+
+def _work_dir(opts: Options, *parts: str) -> str:
+  d = os.path.join(opts.output_dir, '_work', *parts)
+  os.makedirs(d, exist_ok=True)
+  return d
+
+
+def count_unit(unit: Unit, opts: Options) -> dict:
+  """Vocab pass 1: counts of each categorical value in a unit."""
+  out = os.path.join(_work_dir(opts, 'counts'), unit.key + '.npz')
+  if os.path.exists(out):
+    return {'unit': unit.key, 'skipped': True, 'bytes': unit.bytes, 'rows': 0}
+  chunks, _ = _rows(unit, opts.bad_lines)
+  cats = (np.concatenate([c['cat'] for c in chunks]) if chunks
+          else np.zeros((0, criteo.NUM_CAT), np.int64))
+  arrays = {}
+  for j in range(criteo.NUM_CAT):
+    col = cats[:, j]
+    values, counts = np.unique(col[col >= 0], return_counts=True)
+    arrays[f'values_{j}'] = values.astype(np.uint32)
+    arrays[f'counts_{j}'] = counts.astype(np.int64)
+  tmp = out + f'.tmp-{os.getpid()}.npz'
+  np.savez(tmp, **arrays)
+  os.replace(tmp, out)
+  return {'unit': unit.key, 'skipped': False, 'bytes': unit.bytes,
+          'rows': len(cats)}
+
+
+def build_vocabularies(units: Sequence[Unit], opts: Options
+                       ) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Merges the unit counts into one vocabulary per categorical column.
+
+  Returns, per column, (values sorted ascending, their ids), for lookups.
+  """
+  vocab_dir = os.path.join(opts.output_dir, 'vocab')
+  os.makedirs(vocab_dir, exist_ok=True)
+  lookups = []
+  for j in range(criteo.NUM_CAT):
+    values = np.zeros(0, np.uint32)
+    counts = np.zeros(0, np.int64)
+    for u in units:
+      with np.load(os.path.join(opts.output_dir, '_work', 'counts',
+                                u.key + '.npz')) as z:
+        values = np.concatenate([values, z[f'values_{j}']])
+        counts = np.concatenate([counts, z[f'counts_{j}']])
+      if len(values) > (1 << 22):  # merge as we go: memory ~ distinct values
+        values, counts = _merge(values, counts)
+    values, counts = _merge(values, counts)
+    keep = counts >= opts.vocab_threshold
+    values, counts = values[keep], counts[keep]
+    order = np.lexsort((values, -counts))  # by count desc, then value
+    if opts.vocab_max_rows:
+      order = order[:max(0, opts.vocab_max_rows - 2)]
+    values, counts = values[order], counts[order]
+    tmp = os.path.join(vocab_dir, f'cat_{j}.tmp.npz')
+    np.savez(tmp, values=values, counts=counts)
+    os.replace(tmp, os.path.join(vocab_dir, f'cat_{j}.npz'))
+    ids = np.arange(2, 2 + len(values), dtype=np.int32)
+    by_value = np.argsort(values, kind='stable')
+    lookups.append((values[by_value], ids[by_value]))
+  return lookups
+
+
+def _merge(values: np.ndarray, counts: np.ndarray):
+  order = np.argsort(values, kind='stable')
+  values, counts = values[order], counts[order]
+  if not len(values):
+    return values, counts
+  starts = np.flatnonzero(np.concatenate(([True], values[1:] != values[:-1])))
+  return values[starts], np.add.reduceat(counts, starts)
+
+
+def map_vocab(cats: np.ndarray, lookups) -> np.ndarray:
+  """`[n, 26]` raw values (-1 missing) -> ids with the vocabularies."""
+  ids = np.empty(cats.shape, np.int32)
+  for j, (values, col_ids) in enumerate(lookups):
+    col = cats[:, j]
+    pos = np.searchsorted(values, col.astype(np.uint32) if len(col) else col)
+    pos = np.minimum(pos, max(len(values) - 1, 0))
+    found = (len(values) > 0) & (col >= 0)
+    if len(values):
+      found = found & (values[pos] == col)
+      mapped = col_ids[pos]
+    else:
+      mapped = np.zeros(len(col), np.int32)
+    ids[:, j] = np.where(col < 0, MISSING_ID, np.where(found, mapped, OOV_ID))
+  return ids
+
+
+def map_modulo(cats: np.ndarray, num_buckets: Sequence[int]) -> np.ndarray:
+  ids = np.empty(cats.shape, np.int32)
+  for j, nb in enumerate(num_buckets):
+    f = features_lib.IdFeature(f'cat_{j}', f'cat_{j}', 1, num_buckets=nb)
+    ids[:, j] = features_lib.map_ids(cats[:, j], f)
+  return ids
+
+
+_VOCAB_LOOKUPS = None
+
+
+def write_unit(unit: Unit, opts: Options) -> dict:
+  """Pass 2: parse, map ids, write the unit's part file and its marker."""
+  marker = os.path.join(_work_dir(opts, 'done'), unit.key + '.json')
+  part = os.path.join(unit.split, f'part-{unit.index:05d}.bin')
+  if os.path.exists(marker):
+    with open(marker) as f:
+      done = json.load(f)
+    if os.path.exists(os.path.join(opts.output_dir, part)):
+      return dict(done, skipped=True, bytes=unit.bytes)
+  chunks, report = _rows(unit, opts.bad_lines)
+  n = sum(len(c['int']) for c in chunks)
+  records = np.empty((n, binary.NUM_FIELDS), np.int32)
+  pos = 0
+  for c in chunks:
+    k = len(c['int'])
+    rec = records[pos:pos + k]
+    rec[:, 0] = c['label'] if 'label' in c else -1
+    rec[:, 1:14] = np.clip(c['int'], -2**31, 2**31 - 1)
+    if opts.id_scheme == 'modulo':
+      rec[:, 14:] = map_modulo(c['cat'], opts.num_buckets)
+    else:
+      rec[:, 14:] = map_vocab(c['cat'], _vocab_lookups(opts))
+    pos += k
+  os.makedirs(os.path.join(opts.output_dir, unit.split), exist_ok=True)
+  binary.write_part(os.path.join(opts.output_dir, part), records)
+  done = {'unit': unit.key, 'file': part, 'rows': n, 'source': unit.path,
+          'byte_range': [unit.start, unit.end],
+          'bad_lines': report.count, 'bad_examples': report.examples}
+  tmp = marker + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(done, f)
+  os.replace(tmp, marker)
+  return dict(done, skipped=False, bytes=unit.bytes)
+
+
+def _vocab_lookups(opts: Options):
+  """The vocabularies, loaded once per worker process."""
+  global _VOCAB_LOOKUPS
+  if _VOCAB_LOOKUPS is None or _VOCAB_LOOKUPS[0] != opts.output_dir:
+    lookups = []
+    for j in range(criteo.NUM_CAT):
+      with np.load(os.path.join(opts.output_dir, 'vocab',
+                                f'cat_{j}.npz')) as z:
+        values = z['values']
+      ids = np.arange(2, 2 + len(values), dtype=np.int32)
+      order = np.argsort(values, kind='stable')
+      lookups.append((values[order], ids[order]))
+    _VOCAB_LOOKUPS = (opts.output_dir, lookups)
+  return _VOCAB_LOOKUPS[1]
+
+
+class _Progress:
+  """A progress bar (tqdm) over input bytes, with rows/s and ETA."""
+
+  def __init__(self, total_bytes: int, desc: str):
+    import tqdm  # pylint: disable=g-import-not-at-top
+    self.bar = tqdm.tqdm(total=total_bytes, desc=desc, unit='B',
+                         unit_scale=True, unit_divisor=1024,
+                         file=sys.stderr, dynamic_ncols=True)
+    self.rows = 0
+    self.t0 = time.time()
+
+  def update(self, result: dict) -> None:
+    self.rows += int(result.get('rows', 0))
+    rate = self.rows / max(time.time() - self.t0, 1e-9)
+    self.bar.set_postfix_str(f'{self.rows:,} rows, {rate:,.0f} rows/s')
+    self.bar.update(result['bytes'])
+
+  def close(self):
+    self.bar.close()
+
+
+def run(train: Sequence[str], output_dir: str, *,
+        eval_paths: Sequence[str] = (), id_scheme: str = 'modulo',
+        num_buckets: Sequence[int] | int = 40_000_000,
+        vocab_threshold: int = 1, vocab_max_rows: int = 0,
+        bad_lines: str = 'error', labeled_eval: bool = True,
+        workers: int | None = None, range_bytes: int = 128 << 20,
+        progress: bool = True) -> binary.Metadata:
+  """Preprocesses the files; returns the metadata it wrote."""
+  if id_scheme not in ID_SCHEMES:
+    raise ValueError(f'--id_scheme ({id_scheme!r}) must be one of'
+                     f' {list(ID_SCHEMES)}.')
+  if bad_lines not in criteo.BAD_LINE_POLICIES:
+    raise ValueError(f"--bad_lines ({bad_lines!r}) must be 'error' or 'skip'.")
+  if isinstance(num_buckets, int):
+    num_buckets = [num_buckets] * criteo.NUM_CAT
+  num_buckets = [int(n) for n in num_buckets]
+  if len(num_buckets) != criteo.NUM_CAT or min(num_buckets) < 2:
+    raise ValueError(
+        f'--num_buckets needs one size >= 2 or {criteo.NUM_CAT} of them, got'
+        f' {num_buckets}.')
+  if vocab_threshold < 1:
+    raise ValueError(f'--vocab_threshold ({vocab_threshold}) must be >= 1.')
+  train = criteo.expand_paths(train, field='--train')
+  eval_paths = criteo.expand_paths(eval_paths, field='--eval') if (
+      eval_paths) else []
+  os.makedirs(output_dir, exist_ok=True)
+  opts = Options(output_dir, id_scheme, tuple(num_buckets), vocab_threshold,
+                 vocab_max_rows, bad_lines)
+  workers = workers or os.cpu_count() or 1
+  with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+    units = plan_units('train', train, range_bytes, True, pool)
+    if eval_paths:
+      units += plan_units('eval', eval_paths, range_bytes, labeled_eval, pool)
+    total = sum(u.bytes for u in units)
+    logging.info('%d input file(s), %.2f GB, in %d unit(s), %d worker(s)',
+                 len(train) + len(eval_paths), total / 1e9, len(units),
+                 workers)
+    if id_scheme == 'vocab':
+      bar = _Progress(total, 'counting') if progress else None
+      for result in pool.map(count_unit, units, [opts] * len(units)):
+        if bar:
+          bar.update(result)
+      if bar:
+        bar.close()
+      train_units = [u for u in units if u.split == 'train']
+      lookups = build_vocabularies(train_units, opts)
+      num_buckets = [2 + len(v) for v, _ in lookups]
+    bar = _Progress(total, 'writing') if progress else None
+    results = []
+    for result in pool.map(write_unit, units, [opts] * len(units)):
+      results.append(result)
+      if bar:
+        bar.update(result)
+    if bar:
+      bar.close()
+  splits: dict[str, list[dict]] = {}
+  bad = {'count': 0, 'examples': []}
+  for u, r in zip(units, results):
+    splits.setdefault(u.split, []).append(
+        {'file': r['file'], 'rows': r['rows'], 'source': r['source'],
+         'byte_range': r['byte_range']})
+    bad['count'] += r['bad_lines']
+    bad['examples'] += r['bad_examples'][:max(0, 10 - len(bad['examples']))]
+  meta = binary.Metadata(
+      id_scheme=id_scheme, num_buckets=num_buckets, splits=splits,
+      threshold=vocab_threshold if id_scheme == 'vocab' else None,
+      bad_lines=bad,
+      sources={'train': train, 'eval': eval_paths})
+  meta.save(output_dir)
+  if bad['count']:
+    logging.warning('%d malformed line(s) skipped; first: %s', bad['count'],
+                    '; '.join(bad['examples']))
+  return meta
+
+
+_TRAIN = flags.DEFINE_list('train', None, 'Training files or globs.')
+_EVAL = flags.DEFINE_list('eval', [], 'Eval files or globs (optional).')
+_OUTPUT = flags.DEFINE_string('output_dir', None, 'Where to write.')
+_SCHEME = flags.DEFINE_enum('id_scheme', 'modulo', ID_SCHEMES,
+                            'How categorical values become table ids.')
+_BUCKETS = flags.DEFINE_list(
+    'num_buckets', ['40000000'],
+    'modulo: table size, one for all or 26 comma-separated.')
+_THRESHOLD = flags.DEFINE_integer(
+    'vocab_threshold', 1, 'vocab: values seen fewer times share the OOV id.')
+_MAX_ROWS = flags.DEFINE_integer(
+    'vocab_max_rows', 0, 'vocab: cap on table rows (0: none).')
+_BAD_LINES = flags.DEFINE_enum('bad_lines', 'error', criteo.BAD_LINE_POLICIES,
+                               'Malformed lines: stop or skip and count.')
+_LABELED_EVAL = flags.DEFINE_bool('labeled_eval', True,
+                                  'Eval files have labels (40 fields).')
+_WORKERS = flags.DEFINE_integer('workers', None, 'Processes (default: CPUs).')
+_RANGE = flags.DEFINE_integer('range_mb', 128,
+                              'Plain files are cut into ranges of this size.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.INFO)
+  t0 = time.time()
+  buckets = [int(b) for b in _BUCKETS.value]
+  meta = run(_TRAIN.value, _OUTPUT.value, eval_paths=_EVAL.value,
+             id_scheme=_SCHEME.value,
+             num_buckets=buckets[0] if len(buckets) == 1 else buckets,
+             vocab_threshold=_THRESHOLD.value,
+             vocab_max_rows=_MAX_ROWS.value, bad_lines=_BAD_LINES.value,
+             labeled_eval=_LABELED_EVAL.value, workers=_WORKERS.value,
+             range_bytes=_RANGE.value << 20)
+  rows = sum(p['rows'] for parts in meta.splits.values() for p in parts)
+  dt = time.time() - t0
+  peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+             resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1e6
+  logging.info('%s rows in %.1fs (%.0f rows/s), peak memory of a process'
+               ' %.2f GB; table sizes %s; metadata in %s', f'{rows:,}', dt,
+               rows / max(dt, 1e-9), peak, meta.num_buckets,
+               os.path.join(_OUTPUT.value, binary.METADATA))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['train', 'output_dir'])
+  app.run(main)
