@@ -1,15 +1,25 @@
 """Command line: `python -m dlrm_jax.main --config=configs/criteo.py`.
 
+Modes (`--mode`):
+  train    (default) train and evaluate; resumes from --workdir's checkpoints.
+  eval     evaluate the latest checkpoint of --workdir on the config's eval set
+           or on --input files (labeled Criteo text).
+  predict  write one click probability per row of --input (labeled or
+           unlabeled Criteo text), in input order, to --output.
+  export   write the inference function (raw features in, probability out)
+           with jax.export to the --output directory.
+
 Flags:
   --config: a config file, optionally with a `:variant` suffix, and
     `--config.<field>=<value>` overrides (ml_collections config_flags).
-  --workdir: where checkpoints, metrics.jsonl and config.json go (default: a
-    new folder under ./runs/). Running again with the same workdir resumes.
+  --workdir: the run's directory (default for training: a new folder under
+    ./runs/). Checkpoints, metrics.jsonl, TensorBoard events, plots.
   --coordinator_address, --num_processes, --process_id: multi-process runs
     (else taken from the environment, see dlrm_jax.parallel).
 """
 
 import datetime
+import json
 import logging as std_logging
 import os
 
@@ -22,11 +32,25 @@ from ml_collections import config_flags
 from dlrm_jax import parallel
 from dlrm_jax import train
 
+MODES = ('train', 'eval', 'predict', 'export')
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file (with an optional :variant).',
     lock_config=True)
+_MODE = flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
 _WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Work directory (default: a new folder under ./runs/).')
+    'workdir', None, 'Run directory (train default: a new folder under'
+    ' ./runs/; required by the other modes).')
+_INPUT = flags.DEFINE_list(
+    'input', [], 'eval/predict: Criteo text files (file, glob or list).')
+_OUTPUT = flags.DEFINE_string(
+    'output', None, 'predict: the scores file; export: the directory.')
+_EXPORT_BATCH = flags.DEFINE_integer(
+    'export_batch_size', 0, 'export: a fixed batch size (0: symbolic, any).')
+_REQUEST_COLUMNS = flags.DEFINE_list(
+    'request_columns', [],
+    'export: input columns (int_<i>, cat_<j>) that are the same for every'
+    ' candidate of a request; adds a tiled function.')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0 (multi-process).')
 _NUM_PROCESSES = flags.DEFINE_integer(
@@ -57,10 +81,39 @@ def main(argv):
                                   _PROCESS_ID.value)
   if jax.process_index() != 0:  # only process 0 writes logs
     logging.set_verbosity(logging.WARNING)
-  workdir = _WORKDIR.value or os.path.join(
-      'runs', datetime.datetime.now().strftime('%Y%m%d-%H%M%S'))
-  logging.info('workdir: %s', workdir)
-  train.train_and_evaluate(_CONFIG.value, workdir)
+  mode = _MODE.value
+  if mode == 'train':
+    workdir = _WORKDIR.value or os.path.join(
+        'runs', datetime.datetime.now().strftime('%Y%m%d-%H%M%S'))
+    logging.info('workdir: %s', workdir)
+    train.train_and_evaluate(_CONFIG.value, workdir)
+    return
+  from dlrm_jax import inference  # pylint: disable=g-import-not-at-top
+  if not _WORKDIR.value:
+    raise app.UsageError(f'--mode={mode} needs the --workdir of a run.')
+  if mode in ('predict', 'export') and not _OUTPUT.value:
+    raise app.UsageError(f'--mode={mode} needs --output.')
+  if mode == 'predict' and not _INPUT.value:
+    raise app.UsageError('--mode=predict needs --input files.')
+  model = inference.load(_CONFIG.value, _WORKDIR.value)
+  logging.info('restored step %d of %s', model.step, _WORKDIR.value)
+  if mode == 'eval':
+    result = inference.evaluate(model, _INPUT.value or None)
+    result = {k: float(v) for k, v in result.items()}
+    logging.info('eval: %s', json.dumps(result, sort_keys=True))
+    if jax.process_index() == 0:
+      path = os.path.join(_WORKDIR.value, f'eval_step{model.step}.json')
+      with open(path, 'w') as f:
+        json.dump(result, f, indent=2, sort_keys=True)
+      print(json.dumps(result, sort_keys=True))
+  elif mode == 'predict':
+    n = inference.predict(model, _INPUT.value, _OUTPUT.value)
+    print(f'{n} scores written to {_OUTPUT.value}')
+  else:
+    out = inference.export(
+        model, _OUTPUT.value, batch_size=_EXPORT_BATCH.value or None,
+        request_columns=_REQUEST_COLUMNS.value)
+    print(f'exported to {out}')
 
 
 if __name__ == '__main__':

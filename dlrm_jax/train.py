@@ -28,6 +28,7 @@ from dlrm_jax import checkpoint as ckpt_lib
 from dlrm_jax import config_lib
 from dlrm_jax import metrics as metrics_lib
 from dlrm_jax import parallel
+from dlrm_jax import reporting
 from dlrm_jax.data import inputs
 from dlrm_jax.data import pipeline
 from dlrm_jax.embedding import EmbeddingEngine
@@ -359,20 +360,6 @@ class Trainer:
 # Loop.
 
 
-class MetricsWriter:
-  """Appends JSON rows to `<workdir>/metrics.jsonl` (process 0 only)."""
-
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-    self.enabled = jax.process_index() == 0
-
-  def write(self, row: dict[str, Any]) -> None:
-    if not self.enabled:
-      return
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(row, sort_keys=True) + '\n')
-
-
 def _fmt_eta(seconds: float) -> str:
   return str(datetime.timedelta(seconds=int(max(0, seconds))))
 
@@ -446,7 +433,8 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
   if is_chief:
     ckpt_lib.write_json(os.path.join(workdir, 'config.json'),
                         json.loads(config.to_json_best_effort()))
-  writer = MetricsWriter(workdir)
+  writer = reporting.MetricsLogger(workdir, enabled=is_chief)
+  final_eval = {}  # the last eval's predictions, for the ROC plot
   step = int(jax.device_get(state.step))
   if step >= total_steps:
     logging.info('already trained for %d steps (config asks for %d).', step,
@@ -464,7 +452,8 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
     if data.eval is None:
       return None
     t = time.time()
-    result, _, _ = trainer.evaluate(state, data.eval)
+    result, probs, labels = trainer.evaluate(state, data.eval)
+    final_eval.update(probs=probs, labels=labels)
     result = {k: float(v) for k, v in result.items()}
     extra = ''
     if data.teacher_auc is not None:
@@ -552,6 +541,7 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
         rate_start, rate_step = time.time(), step
   finally:
     ckpt.close()
+    writer.close()
     if record is not None:
       record.close()
   eval_bad = data.eval_bad_lines
@@ -565,10 +555,7 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
                  eval_bad.count if eval_bad is not None else 0)}
   if is_chief:
     ckpt_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
-  if last_eval:
-    logging.info('done: step %d, eval auc %.4f%s, log_loss %.4f', step,
-                 last_eval['auc'],
-                 f' (teacher {data.teacher_auc:.4f})'
-                 if data.teacher_auc is not None else '',
-                 last_eval['log_loss'])
+    plots = reporting.write_plots(workdir, final_eval.get('probs'),
+                                  final_eval.get('labels'), data.teacher_auc)
+    logging.info('%s', reporting.summary_text(summary, workdir, plots))
   return summary

@@ -102,6 +102,26 @@ class TrainLoopTest(absltest.TestCase):
     self.assertEqual(ckpt_lib.Checkpointer(workdir).all_steps(), [])
 
 
+class MultiHotTrainingTest(absltest.TestCase):
+
+  def test_trains_on_mlperf_bags(self):
+    from dlrm_jax.data import inputs  # pylint: disable=g-import-not-at-top
+    config = tiny_config(**{'data.multi_hot.enabled': True,
+                            'num_train_steps': 20})
+    prepared = inputs.prepare_config(config)
+    self.assertEqual(prepared.features.cat_20.max_ids, 100)
+    trainer = train.Trainer(prepared, mesh=reference.single_device_mesh())
+    data = inputs.make_data(prepared, trainer.setup)
+    batch = next(data.train.iterator())
+    self.assertEqual(batch['ids'].shape, (128, sum(
+        criteo_config.MLPERF_HOTNESS)))
+    self.assertGreater((batch['ids'] >= 0).mean(), 0.9)
+    summary = train.train_and_evaluate(config, self.create_tempdir().full_path,
+                                       trainer)
+    self.assertEqual(summary['step'], 20)
+    self.assertTrue(np.isfinite(summary['eval']['log_loss']))
+
+
 class KilledRunTest(absltest.TestCase):
 
   def test_killed_run_resumes_with_the_same_batches(self):

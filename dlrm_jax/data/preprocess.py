@@ -32,6 +32,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import resource
 import sys
@@ -369,7 +370,11 @@ def run(train: Sequence[str], output_dir: str, *,
   opts = Options(output_dir, id_scheme, tuple(num_buckets), vocab_threshold,
                  vocab_max_rows, bad_lines)
   workers = workers or os.cpu_count() or 1
-  with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+  # Forking a process that runs JAX's threads can deadlock: spawn then.
+  context = multiprocessing.get_context(
+      'spawn' if 'jax' in sys.modules else None)
+  with concurrent.futures.ProcessPoolExecutor(workers,
+                                              mp_context=context) as pool:
     units = plan_units('train', train, range_bytes, True, pool)
     if eval_paths:
       units += plan_units('eval', eval_paths, range_bytes, labeled_eval, pool)
@@ -415,40 +420,48 @@ def run(train: Sequence[str], output_dir: str, *,
   return meta
 
 
-_TRAIN = flags.DEFINE_list('train', None, 'Training files or globs.')
-_EVAL = flags.DEFINE_list('eval', [], 'Eval files or globs (optional).')
-_OUTPUT = flags.DEFINE_string('output_dir', None, 'Where to write.')
-_SCHEME = flags.DEFINE_enum('id_scheme', 'modulo', ID_SCHEMES,
-                            'How categorical values become table ids.')
-_BUCKETS = flags.DEFINE_list(
-    'num_buckets', ['40000000'],
-    'modulo: table size, one for all or 26 comma-separated.')
-_THRESHOLD = flags.DEFINE_integer(
-    'vocab_threshold', 1, 'vocab: values seen fewer times share the OOV id.')
-_MAX_ROWS = flags.DEFINE_integer(
-    'vocab_max_rows', 0, 'vocab: cap on table rows (0: none).')
-_BAD_LINES = flags.DEFINE_enum('bad_lines', 'error', criteo.BAD_LINE_POLICIES,
-                               'Malformed lines: stop or skip and count.')
-_LABELED_EVAL = flags.DEFINE_bool('labeled_eval', True,
-                                  'Eval files have labels (40 fields).')
-_WORKERS = flags.DEFINE_integer('workers', None, 'Processes (default: CPUs).')
-_RANGE = flags.DEFINE_integer('range_mb', 128,
-                              'Plain files are cut into ranges of this size.')
+def define_flags() -> dict:
+  """The command line's flags (defined only when run as a program)."""
+  return dict(
+      train=flags.DEFINE_list('train', None, 'Training files or globs.'),
+      eval=flags.DEFINE_list('eval', [], 'Eval files or globs (optional).'),
+      output_dir=flags.DEFINE_string('output_dir', None, 'Where to write.'),
+      id_scheme=flags.DEFINE_enum('id_scheme', 'modulo', ID_SCHEMES,
+                                  'How categorical values become table ids.'),
+      num_buckets=flags.DEFINE_list(
+          'num_buckets', ['40000000'],
+          'modulo: table size, one for all or 26 comma-separated.'),
+      vocab_threshold=flags.DEFINE_integer(
+          'vocab_threshold', 1,
+          'vocab: values seen fewer times share the OOV id.'),
+      vocab_max_rows=flags.DEFINE_integer(
+          'vocab_max_rows', 0, 'vocab: cap on table rows (0: none).'),
+      bad_lines=flags.DEFINE_enum(
+          'bad_lines', 'error', criteo.BAD_LINE_POLICIES,
+          'Malformed lines: stop or skip and count.'),
+      labeled_eval=flags.DEFINE_bool('labeled_eval', True,
+                                     'Eval files have labels (40 fields).'),
+      workers=flags.DEFINE_integer('workers', None,
+                                   'Processes (default: CPUs).'),
+      range_mb=flags.DEFINE_integer(
+          'range_mb', 128, 'Plain files are cut into ranges of this size.'),
+  )
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
+  f = {k: v.value for k, v in _FLAGS.items()}
   t0 = time.time()
-  buckets = [int(b) for b in _BUCKETS.value]
-  meta = run(_TRAIN.value, _OUTPUT.value, eval_paths=_EVAL.value,
-             id_scheme=_SCHEME.value,
+  buckets = [int(b) for b in f['num_buckets']]
+  meta = run(f['train'], f['output_dir'], eval_paths=f['eval'],
+             id_scheme=f['id_scheme'],
              num_buckets=buckets[0] if len(buckets) == 1 else buckets,
-             vocab_threshold=_THRESHOLD.value,
-             vocab_max_rows=_MAX_ROWS.value, bad_lines=_BAD_LINES.value,
-             labeled_eval=_LABELED_EVAL.value, workers=_WORKERS.value,
-             range_bytes=_RANGE.value << 20)
+             vocab_threshold=f['vocab_threshold'],
+             vocab_max_rows=f['vocab_max_rows'], bad_lines=f['bad_lines'],
+             labeled_eval=f['labeled_eval'], workers=f['workers'],
+             range_bytes=f['range_mb'] << 20)
   rows = sum(p['rows'] for parts in meta.splits.values() for p in parts)
   dt = time.time() - t0
   peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
@@ -456,9 +469,12 @@ def main(argv):
   logging.info('%s rows in %.1fs (%.0f rows/s), peak memory of a process'
                ' %.2f GB; table sizes %s; metadata in %s', f'{rows:,}', dt,
                rows / max(dt, 1e-9), peak, meta.num_buckets,
-               os.path.join(_OUTPUT.value, binary.METADATA))
+               os.path.join(f['output_dir'], binary.METADATA))
 
+
+_FLAGS: dict = {}
 
 if __name__ == '__main__':
+  _FLAGS = define_flags()
   flags.mark_flags_as_required(['train', 'output_dir'])
   app.run(main)

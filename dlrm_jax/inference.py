@@ -1,0 +1,181 @@
+"""Using a trained run: evaluate a checkpoint, predict scores, export.
+
+These back `python -m dlrm_jax.main --mode=eval|predict|export` and the
+inference notebook.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+
+from dlrm_jax import checkpoint as ckpt_lib
+from dlrm_jax import metrics as metrics_lib
+from dlrm_jax import serving
+from dlrm_jax import train
+from dlrm_jax.data import binary
+from dlrm_jax.data import criteo
+from dlrm_jax.data import inputs
+from dlrm_jax.data import preprocess
+
+
+@dataclasses.dataclass
+class TrainedModel:
+  """A restored run: its config, trainer and state."""
+
+  config: Any
+  trainer: train.Trainer
+  state: train.TrainState
+  step: int
+
+  def raw_to_model_rows(self, rows: dict[str, np.ndarray]
+                        ) -> dict[str, np.ndarray]:
+    """Reader rows (raw hashes) -> raw batch for the feature transform,
+    mapping ids as the training data did (vocabularies of preprocessed
+    data)."""
+    d = self.config.data
+    if inputs.source_kind(self.config) == 'binary':
+      meta = binary.Metadata.load(d.binary_dir)
+      if meta.id_scheme == 'vocab':
+        rows = dict(rows)
+        rows['ids'] = preprocess.map_vocab(rows.pop('cat'),
+                                           _vocab_lookups(d.binary_dir))
+    return rows
+
+  def id_tables(self) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+    """Raw hash -> row tables for the export (vocabularies, remappers)."""
+    tables = {}
+    d = self.config.data
+    if inputs.source_kind(self.config) == 'binary':
+      meta = binary.Metadata.load(d.binary_dir)
+      if meta.id_scheme == 'vocab':
+        lookups = _vocab_lookups(d.binary_dir)
+        for f in self.trainer.setup.transform.sparse:
+          if f.input.startswith('cat_'):
+            tables[f.name] = lookups[int(f.input[4:])] + (preprocess.OOV_ID,)
+    for name, r in self.trainer.remapper.remappers.items():
+      live = r.live_ids()
+      keys = np.array(sorted(live), np.int64)
+      if len(keys) and (keys.max() >= 2**32 or keys.min() < 0):
+        raise ValueError(
+            f'feature {name!r} has raw ids outside 32 bits, which the export'
+            ' (uint32 inputs) cannot take.')
+      tables[name] = (keys.astype(np.uint32),
+                      np.array([live[k] for k in keys], np.int32), 0)
+    return tables
+
+
+def _vocab_lookups(binary_dir: str):
+  lookups = []
+  for j in range(criteo.NUM_CAT):
+    with np.load(os.path.join(binary_dir, 'vocab', f'cat_{j}.npz')) as z:
+      values = z['values']
+    ids = np.arange(2, 2 + len(values), dtype=np.int32)
+    order = np.argsort(values, kind='stable')
+    lookups.append((values[order], ids[order]))
+  return lookups
+
+
+def load(config, workdir: str, step: int | None = None) -> TrainedModel:
+  """Restores the latest (or a given) checkpoint of a run."""
+  config = inputs.prepare_config(config)
+  trainer = train.Trainer(config)
+  ckpt = ckpt_lib.Checkpointer(workdir)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise ValueError(
+          f'{workdir} holds no checkpoint (looked in {ckpt.directory}); train'
+          ' first, or pass the --workdir of a run.')
+    state, _ = trainer.restore(ckpt, step)
+    if trainer.remapper:
+      trainer.remapper.load_state_dict(ckpt.restore_remappers(step))
+  finally:
+    ckpt.close()
+  return TrainedModel(config, trainer, state, step)
+
+
+def _labeled(path: str) -> bool:
+  """Whether a Criteo file has the 40-field (labeled) layout."""
+  opener = criteo._open  # pylint: disable=protected-access
+  with opener(path) as f:
+    first = f.read(1 << 16).split(b'\n', 1)[0]
+  n = first.count(b'\t') + 1
+  if n not in (39, 40):
+    raise ValueError(
+        f'{path}:1: expected 40 (labeled) or 39 (unlabeled) tab-separated'
+        f' fields, got {n}.')
+  return n == 40
+
+
+def _batches(model: TrainedModel, paths: Sequence[str], labeled: bool
+             ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+  """Model batches of the files in order; the last is padded."""
+  b = model.config.eval_batch_size
+  maker = inputs.make_batch_maker(model.config, model.trainer.setup)
+  for chunk in criteo.read_criteo(paths, labeled=labeled, chunk_rows=b):
+    n = len(chunk['int'])
+    if n < b:
+      pad = np.zeros(b - n, np.int64)
+      chunk = {k: np.concatenate([v, v[pad]]) for k, v in chunk.items()}
+    if not labeled:
+      chunk['label'] = np.zeros(b, np.float32)
+    yield maker(model.raw_to_model_rows(chunk)), n
+
+
+def predict(model: TrainedModel, paths: Sequence[str] | str,
+            output: str) -> int:
+  """Writes one score per input row, in input order; returns the rows.
+
+  Malformed lines stop it (a skipped line would shift every later score).
+  """
+  paths = criteo.expand_paths(paths, field='--input')
+  labeled = {_labeled(p) for p in paths}
+  if len(labeled) != 1:
+    raise ValueError(f'--input mixes labeled and unlabeled files: {paths}.')
+  labeled = labeled.pop()
+  if jax.process_count() > 1:
+    raise ValueError('--mode=predict runs in one process.')
+  total = 0
+  tmp = output + '.tmp'
+  with open(tmp, 'w') as out:
+    for batch, n in _batches(model, paths, labeled):
+      probs = model.trainer.predict(model.state, batch)[:n]
+      out.write(''.join(f'{p:.7f}\n' for p in probs))
+      total += n
+  os.replace(tmp, output)
+  logging.info('wrote %d scores to %s', total, output)
+  return total
+
+
+def evaluate(model: TrainedModel, paths: Sequence[str] | str | None = None
+             ) -> dict[str, float]:
+  """Eval metrics of the checkpoint on files, or on the config's eval set."""
+  if paths:
+    paths = criteo.expand_paths(paths, field='--input')
+    probs, labels = [], []
+    for batch, n in _batches(model, paths, True):
+      probs.append(model.trainer.predict(model.state, batch)[:n])
+      labels.append(batch['label'][:n])
+    return metrics_lib.evaluate(np.concatenate(probs), np.concatenate(labels))
+  data = inputs.make_data(model.config, model.trainer.setup,
+                          process_index=jax.process_index(),
+                          process_count=jax.process_count())
+  if data.eval is None:
+    raise ValueError('the config has no eval set; pass --input files.')
+  result, _, _ = model.trainer.evaluate(model.state, data.eval)
+  return result
+
+
+def export(model: TrainedModel, out_dir: str, *, batch_size: int | None = None,
+           request_columns: Sequence[str] = ()) -> str:
+  """Exports the inference function (see `dlrm_jax.serving`)."""
+  sm = serving.ServingModel(model.trainer, model.state,
+                            id_tables=model.id_tables(),
+                            request_columns=request_columns)
+  return sm.export(out_dir, batch_size=batch_size)

@@ -1,0 +1,262 @@
+"""Exported inference: raw Criteo features in, click probability out.
+
+`export_model` serializes the inference function with `jax.export`
+(StableHLO), preprocessing included, to a directory:
+
+  model.stablehlo   the function, for a fixed or a symbolic batch size
+  params.npz        its parameters (dense weights, logical embedding tables,
+                    id lookup tables), in the order the function takes them
+  signature.json    input names, shapes and dtypes, and the request-level
+                    columns of the tiled function
+  tiled.stablehlo   (with request-level features) the tiled function
+
+The function takes, for B rows:
+  int:         int32  [B, 13]  Criteo's integer columns, missing written 0
+  cat:         uint32 [B, 26]  the categorical hashes (the 8 hex digits)
+  cat_present: bool   [B, 26]  False where a categorical value is missing
+and returns float32 [B] probabilities. `load_export` loads it with jax and
+numpy only (`dlrm_jax.export_runtime`, a file without other dlrm_jax
+imports), checks inputs and calls it.
+
+Input tiling (TorchEasyRec's INPUT_TILE): request-level columns (the user's,
+the same for every candidate of a request) go in once, as `[1, n]` arrays,
+with K candidates for the other columns; their embeddings are looked up once
+and tiled. The scores equal those of the untiled function on the full rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dlrm_jax import features as features_lib
+from dlrm_jax.export_runtime import INPUTS, NUM_CAT, NUM_INT  # pylint: disable=unused-import
+from dlrm_jax.export_runtime import LoadedModel, load_export, parse_rows  # pylint: disable=unused-import
+
+
+def inputs_from_rows(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Reader rows (`dlrm_jax.data.criteo`) -> the exported function's inputs."""
+  cat = rows['cat']
+  return {'int': np.clip(rows['int'], -2**31, 2**31 - 1).astype(np.int32),
+          'cat': np.where(cat >= 0, cat, 0).astype(np.uint32),
+          'cat_present': cat >= 0}
+
+
+class ServingModel:
+  """The inference function of a trained model, in plain jax.numpy.
+
+  Attributes:
+    params: pytree of arrays the function takes (see `forward`).
+  """
+
+  def __init__(self, trainer, state, *, id_tables: dict[str, Any] | None = None,
+               request_columns: Sequence[str] = ()):
+    """Builds it from a Trainer and a TrainState.
+
+    Args:
+      trainer: the `dlrm_jax.train.Trainer`.
+      state: its trained state.
+      id_tables: per feature name, (sorted raw values, their rows, the row of
+        values not in the table) mapping raw hashes to table rows
+        (vocabularies: unknown -> the out-of-vocabulary row 1; managed
+        collisions: unknown -> row 0); other id features use their modulo /
+        hash mapping. Missing values always read row 0.
+      request_columns: input columns (`int_<i>`, `cat_<j>`) that are the same
+        for every candidate of a request, for the tiled function.
+    """
+    setup = trainer.setup
+    self.trainer = trainer
+    self.transform = setup.transform
+    for f in self.transform.sparse:
+      if f.max_ids != 1:
+        raise ValueError(
+            f'feature {f.name!r} has max_ids {f.max_ids}: the export takes one'
+            ' raw value per feature (synthetic multi-hot bags are not'
+            ' exported).')
+    id_tables = dict(id_tables or {})
+    for f in self.transform.sparse:
+      if isinstance(f, features_lib.IdFeature) and f.managed_collision and (
+          f.name not in id_tables):
+        raise ValueError(
+            f'feature {f.name!r} uses managed collisions: pass its remapper\'s'
+            ' table in id_tables.')
+    self.id_tables = id_tables
+    for c in request_columns:
+      features_lib.parse_input(c, path='request_columns')
+    self.request_columns = tuple(request_columns)
+    tables = {t.name: jnp.asarray(trainer.engine.gather_table(state.emb,
+                                                              t.name))
+              for t in setup.tables}
+    variables = {'params': state.params}
+    if trainer.has_bn:
+      variables['batch_stats'] = state.batch_stats
+    self.params = {
+        'variables': jax.device_get(variables),
+        'tables': jax.device_get(tables),
+        'id_tables': {k: (np.asarray(v[0], np.uint32),
+                          np.asarray(v[1], np.int32),
+                          np.asarray(v[2], np.int32))
+                      for k, v in id_tables.items()},
+    }
+    self._table_of = {f.name: f.table for f in setup.feature_specs}
+
+  # --------------------------------------------------------------------------
+
+  def _ids(self, f, cat, present, id_tables):
+    index = int(f.input[4:])
+    values, missing = cat[:, index], ~present[:, index]
+    if f.name in id_tables:
+      keys, rows, unknown = id_tables[f.name]
+      pos = jnp.clip(jnp.searchsorted(keys, values), 0, keys.shape[0] - 1)
+      found = (keys.shape[0] > 0) & (keys[pos] == values)
+      return jnp.where(missing, 0, jnp.where(found, rows[pos], unknown))
+    return features_lib.map_ids(values, f, jnp, missing=missing)
+
+  def _sparse(self, params, ints, cat, present, features):
+    """`[B, len(features), D]` embeddings of some sparse features."""
+    out = []
+    for f in features:
+      if isinstance(f, features_lib.RawFeature):
+        x = jnp.maximum(ints[:, int(f.input[4:])].astype(jnp.float32), 0.0)
+        ids = jnp.searchsorted(jnp.asarray(f.boundaries, jnp.float32), x,
+                               side='right')
+      else:
+        ids = self._ids(f, cat, present, params['id_tables'])
+      table = params['tables'][self._table_of[f.name]]
+      out.append(jnp.take(table, ids, axis=0).astype(jnp.float32))
+    return jnp.stack(out, axis=1)
+
+  def _dense(self, ints):
+    if not self.transform.dense:
+      return None
+    return jnp.stack([features_lib.normalize(ints[:, int(f.input[4:])],
+                                             f.normalizer, jnp)
+                      for f in self.transform.dense], axis=1)
+
+  def forward(self, params, ints, cat, present) -> jax.Array:
+    """Probabilities `[B]` of raw rows."""
+    sparse = self._sparse(params, ints, cat, present, self.transform.sparse)
+    out = self.trainer.model.apply(params['variables'], self._dense(ints),
+                                   sparse, train=False)
+    return out['probs']
+
+  def _split(self, kind: str) -> tuple[list[int], list[int]]:
+    n = NUM_INT if kind == 'int' else NUM_CAT
+    req = sorted(int(c.split('_')[1]) for c in self.request_columns
+                 if c.startswith(kind + '_'))
+    return req, [i for i in range(n) if i not in req]
+
+  def forward_tiled(self, params, req_int, req_cat, req_present, cand_int,
+                    cand_cat, cand_present) -> jax.Array:
+    """Probabilities `[K]` of one request (`[1, n]` inputs) and K candidates.
+
+    Sparse features of request-level columns are looked up once and tiled.
+    """
+    k = cand_int.shape[0]
+    ri, ci = self._split('int')
+    rc, cc = self._split('cat')
+
+    def assemble(req, cand, req_cols, cand_cols, n, rows):
+      full = [None] * n
+      for j, c in enumerate(req_cols):
+        full[c] = jnp.broadcast_to(req[:, j], (rows,))
+      for j, c in enumerate(cand_cols):
+        full[c] = cand[:, j]
+      return jnp.stack(full, axis=1)
+
+    ints = assemble(req_int, cand_int, ri, ci, NUM_INT, k)
+    cat = assemble(req_cat, cand_cat, rc, cc, NUM_CAT, k)
+    present = assemble(req_present, cand_present, rc, cc, NUM_CAT, k)
+    req_feats = [f for f in self.transform.sparse
+                 if f.input in self.request_columns]
+    once = {}
+    if req_feats:  # the request's own row (candidate columns zero)
+      r_int = assemble(req_int, jnp.zeros((1, len(ci)), jnp.int32), ri, ci,
+                       NUM_INT, 1)
+      r_cat = assemble(req_cat, jnp.zeros((1, len(cc)), jnp.uint32), rc, cc,
+                       NUM_CAT, 1)
+      r_pre = assemble(req_present, jnp.zeros((1, len(cc)), bool), rc, cc,
+                       NUM_CAT, 1)
+      emb = self._sparse(params, r_int, r_cat, r_pre, req_feats)  # [1, n, D]
+      for j, f in enumerate(req_feats):
+        once[f.name] = jnp.broadcast_to(emb[:, j], (k, emb.shape[-1]))
+    cand_feats = [f for f in self.transform.sparse if f.name not in once]
+    cand_emb = self._sparse(params, ints, cat, present, cand_feats)
+    per = dict(once)
+    for j, f in enumerate(cand_feats):
+      per[f.name] = cand_emb[:, j]
+    sparse = jnp.stack([per[f.name] for f in self.transform.sparse], axis=1)
+    out = self.trainer.model.apply(params['variables'], self._dense(ints),
+                                   sparse, train=False)
+    return out['probs']
+
+  # --------------------------------------------------------------------------
+
+  def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """In-process scores (the reference the export is checked against)."""
+    return np.asarray(jax.jit(self.forward)(
+        self.params, *(jnp.asarray(inputs[k]) for k in INPUTS)))
+
+  def export(self, out_dir: str, batch_size: int | None = None) -> str:
+    """Writes the export directory (see the module docstring)."""
+    os.makedirs(out_dir, exist_ok=True)
+    leaves, treedef = jax.tree.flatten(self.params)
+    b = jax.export.symbolic_shape('b')[0] if batch_size is None else int(
+        batch_size)
+
+    def flat(*args):
+      params = jax.tree.unflatten(treedef, args[:len(leaves)])
+      return self.forward(params, *args[len(leaves):])
+
+    leaf_specs = [jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+                  for x in leaves]
+    in_specs = [jax.ShapeDtypeStruct((b, NUM_INT), np.int32),
+                jax.ShapeDtypeStruct((b, NUM_CAT), np.uint32),
+                jax.ShapeDtypeStruct((b, NUM_CAT), np.bool_)]
+    exported = jax.export.export(jax.jit(flat))(*leaf_specs, *in_specs)
+    _write(os.path.join(out_dir, 'model.stablehlo'), exported.serialize())
+    sig = {'format': 'dlrm_jax.export', 'version': 1,
+           'num_params': len(leaves), 'batch_size': batch_size,
+           'inputs': {'int': ['B', NUM_INT, 'int32'],
+                      'cat': ['B', NUM_CAT, 'uint32'],
+                      'cat_present': ['B', NUM_CAT, 'bool']},
+           'output': ['B', 'float32'],
+           'request_columns': list(self.request_columns)}
+    if self.request_columns:
+      k = jax.export.symbolic_shape('k')[0]
+      ri, ci = self._split('int')
+      rc, cc = self._split('cat')
+
+      def flat_tiled(*args):
+        params = jax.tree.unflatten(treedef, args[:len(leaves)])
+        return self.forward_tiled(params, *args[len(leaves):])
+
+      tiled_specs = [
+          jax.ShapeDtypeStruct((1, len(ri)), np.int32),
+          jax.ShapeDtypeStruct((1, len(rc)), np.uint32),
+          jax.ShapeDtypeStruct((1, len(rc)), np.bool_),
+          jax.ShapeDtypeStruct((k, len(ci)), np.int32),
+          jax.ShapeDtypeStruct((k, len(cc)), np.uint32),
+          jax.ShapeDtypeStruct((k, len(cc)), np.bool_)]
+      tiled = jax.export.export(jax.jit(flat_tiled))(*leaf_specs,
+                                                     *tiled_specs)
+      _write(os.path.join(out_dir, 'tiled.stablehlo'), tiled.serialize())
+      sig['tiled'] = {'request_int': ri, 'request_cat': rc,
+                      'candidate_int': ci, 'candidate_cat': cc}
+    np.savez(os.path.join(out_dir, 'params.npz'),
+             **{f'p{i:05d}': np.asarray(x) for i, x in enumerate(leaves)})
+    with open(os.path.join(out_dir, 'signature.json'), 'w') as f:
+      json.dump(sig, f, indent=2)
+    return out_dir
+
+
+def _write(path: str, data: bytes) -> None:
+  with open(path, 'wb') as f:
+    f.write(data)
+
+
