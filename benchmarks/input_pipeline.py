@@ -27,6 +27,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from dlrm_jax.data import synthetic
+
 _ROWS = flags.DEFINE_list('rows', ['1000000', '3000000'],
                           'Rows of the generated text files.')
 _TFDS_ROWS = flags.DEFINE_integer('tfds_rows', 300_000,
@@ -37,38 +39,6 @@ _WORK = flags.DEFINE_string('work_dir', '/tmp/dlrm_input_bench',
                             'Scratch directory (big files).')
 _WORKERS = flags.DEFINE_integer('workers', None, 'Preprocessing processes.')
 _CHILD = flags.DEFINE_string('child', '', 'Internal: one measurement.')
-
-
-def write_criteo_text(path: str, rows: int, seed: int = 0) -> None:
-  """Criteo-layout text of synthetic rows, written with pyarrow."""
-  import pyarrow as pa  # pylint: disable=g-import-not-at-top
-  import pyarrow.csv as pa_csv  # pylint: disable=g-import-not-at-top
-  from dlrm_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  gen = synthetic.SyntheticCriteo(synthetic.SyntheticSpec(
-      seed=seed, num_train=rows, num_eval=1))
-  hexd = np.frombuffer(b'0123456789abcdef', np.uint8)
-  with open(path, 'wb') as out:
-    for start in range(0, rows, 262144):
-      n = min(262144, rows - start)
-      r = gen.rows('train', start, n)
-      cols = {'label': pa.array(r['label'].astype(np.int64)).cast(pa.string())}
-      for j in range(13):
-        v = r['int'][:, j]
-        cols[f'i{j}'] = pa.array(v, mask=(v == 0) & (
-            np.random.default_rng([seed, start, j]).random(n) < 0.3)).cast(
-                pa.string())
-      for j in range(26):
-        v = r['cat'][:, j]
-        nib = (v[:, None].astype(np.uint32) >> np.arange(28, -1, -4,
-                                                         dtype=np.uint32)) & 15
-        chars = hexd[nib].astype(np.uint8)
-        arr = pa.FixedSizeBinaryArray.from_buffers(
-            pa.binary(8), n, [None, pa.py_buffer(chars.tobytes())])
-        cols[f'c{j}'] = pa.array(arr.to_numpy(zero_copy_only=False),
-                                 type=pa.binary(), mask=v < 0).cast(pa.string())
-      table = pa.table(cols)
-      pa_csv.write_csv(table, out, pa_csv.WriteOptions(
-          include_header=False, delimiter='\t', quoting_style='none'))
 
 
 def peak_rss_gb() -> float:
@@ -182,7 +152,7 @@ def main(argv):
   for n in sizes:
     text = os.path.join(_WORK.value, f'criteo_{n}.txt')
     if not os.path.exists(text):
-      write_criteo_text(text, n)
+      synthetic.write_criteo_tsv(text, n)
     out = os.path.join(_WORK.value, f'bin_{n}')
     shutil.rmtree(out, ignore_errors=True)
     res = run_child({'kind': 'preprocess', 'input': text, 'output': out,
@@ -203,7 +173,7 @@ def main(argv):
   if have_tfds:
     text = os.path.join(_WORK.value, f'criteo_{_TFDS_ROWS.value}.txt')
     if not os.path.exists(text):
-      write_criteo_text(text, _TFDS_ROWS.value, seed=1)
+      synthetic.write_criteo_tsv(text, _TFDS_ROWS.value, seed=1)
     tfds_dir = os.path.join(_WORK.value, f'tfds_{_TFDS_ROWS.value}')
     prep = run_child({'kind': 'tfds_prepare', 'input': text,
                       'manual': os.path.join(_WORK.value, 'manual'),

@@ -407,3 +407,20 @@ def build_dense_optimizer(cfg) -> optax.GradientTransformation:
   if clip:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
   return tx
+
+
+def load_config(spec: str):
+  """A config from `path/to/file.py[:variant]`, as `--config=` loads it.
+
+  For notebooks and scripts; the command line uses ml_collections'
+  config_flags with the same syntax.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path, _, variant = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ValueError(f'config file {path!r} does not exist.')
+  module_spec = importlib.util.spec_from_file_location('_dlrm_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant or None)

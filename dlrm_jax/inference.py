@@ -153,23 +153,31 @@ def predict(model: TrainedModel, paths: Sequence[str] | str,
   return total
 
 
-def evaluate(model: TrainedModel, paths: Sequence[str] | str | None = None
-             ) -> dict[str, float]:
-  """Eval metrics of the checkpoint on files, or on the config's eval set."""
+def eval_predictions(model: TrainedModel,
+                     paths: Sequence[str] | str | None = None
+                     ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+  """(metrics, probabilities, labels) of the checkpoint on labeled files, or
+  on the config's eval set."""
   if paths:
     paths = criteo.expand_paths(paths, field='--input')
     probs, labels = [], []
     for batch, n in _batches(model, paths, True):
       probs.append(model.trainer.predict(model.state, batch)[:n])
       labels.append(batch['label'][:n])
-    return metrics_lib.evaluate(np.concatenate(probs), np.concatenate(labels))
+    probs, labels = np.concatenate(probs), np.concatenate(labels)
+    return metrics_lib.evaluate(probs, labels), probs, labels
   data = inputs.make_data(model.config, model.trainer.setup,
                           process_index=jax.process_index(),
                           process_count=jax.process_count())
   if data.eval is None:
     raise ValueError('the config has no eval set; pass --input files.')
-  result, _, _ = model.trainer.evaluate(model.state, data.eval)
-  return result
+  return model.trainer.evaluate(model.state, data.eval)
+
+
+def evaluate(model: TrainedModel, paths: Sequence[str] | str | None = None
+             ) -> dict[str, float]:
+  """Eval metrics of the checkpoint on files, or on the config's eval set."""
+  return eval_predictions(model, paths)[0]
 
 
 def export(model: TrainedModel, out_dir: str, *, batch_size: int | None = None,

@@ -206,3 +206,39 @@ class SyntheticCriteo:
     """AUC of the teacher's own probabilities on the eval split."""
     r = self.rows('eval', 0, self.spec.num_eval)
     return metrics.roc_auc(r['teacher_prob'], r['label'])
+
+
+def write_criteo_tsv(path: str, rows: int, seed: int = 0,
+                     labeled: bool = True) -> None:
+  """Writes synthetic rows in Criteo's text layout (Kaggle `train.txt`, or
+  `test.txt` without labels), streaming, with pyarrow.
+
+  For trying the Criteo code paths (preprocessing, text reading, serving)
+  without the real data. Missing values are written as empty fields.
+  """
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.csv as pa_csv  # pylint: disable=g-import-not-at-top
+  gen = SyntheticCriteo(SyntheticSpec(seed=seed, num_train=rows, num_eval=1))
+  hexd = np.frombuffer(b'0123456789abcdef', np.uint8)
+  shifts = np.arange(28, -1, -4, dtype=np.uint32)
+  with open(path, 'wb') as out:
+    for start in range(0, rows, 262144):
+      n = min(262144, rows - start)
+      r = gen.rows('train', start, n)
+      cols = {}
+      if labeled:
+        cols['label'] = pa.array(r['label'].astype(np.int64)).cast(pa.string())
+      rng = np.random.default_rng([seed, start])
+      for j in range(NUM_INT):
+        v = r['int'][:, j]
+        missing = (v == 0) & (rng.random(n) < 0.3)
+        cols[f'i{j}'] = pa.array(v, mask=missing).cast(pa.string())
+      for j in range(NUM_CAT):
+        v = r['cat'][:, j]
+        chars = hexd[(np.maximum(v, 0)[:, None].astype(np.uint32) >> shifts)
+                     & 15]
+        text = np.frombuffer(chars.astype(np.uint8).tobytes(), 'S8')
+        cols[f'c{j}'] = pa.array(text, type=pa.binary(), mask=v < 0).cast(
+            pa.string())
+      pa_csv.write_csv(pa.table(cols), out, pa_csv.WriteOptions(
+          include_header=False, delimiter='\t', quoting_style='none'))
