@@ -501,6 +501,17 @@ class EmbeddingEngine:
         out_specs=(P(BATCH_AXES, None, None), P()))
     return fn(stacks, ids)
 
+  def _each_stack(self, state: EmbeddingState, fn) -> EmbeddingState:
+    """`fn(stack, table, slots) -> (table, slots)` over the stacks that
+    features read (inside shard_map); the others pass through."""
+    new_stacks, new_slots = {}, {}
+    for s in self.stacks:
+      table, slots = state['stacks'][s.name], state['slots'][s.name]
+      if s.segments:
+        table, slots = fn(s, table, slots)
+      new_stacks[s.name], new_slots[s.name] = table, slots
+    return {'stacks': new_stacks, 'slots': new_slots}
+
   # --------------------------------------------------------------------------
   # Row resets (managed collisions).
 
@@ -522,23 +533,18 @@ class EmbeddingEngine:
     def local(state, rows):
       rows_all = jax.lax.all_gather(rows, BATCH_AXES, axis=0, tiled=True,
                                     to='invarying')
-      new_stacks, new_slots = {}, {}
-      for s in self.stacks:
-        table = state['stacks'][s.name]
-        slots = state['slots'][s.name]
-        if not s.segments:
-          new_stacks[s.name], new_slots[s.name] = table, slots
-          continue
+
+      def reset(s, table, slots):
         idx, _ = self._route(s, rows_all, self._my_shard(s))
         idx = idx.reshape(-1)
-        new_stacks[s.name] = table.at[idx].set(
-            jnp.zeros((idx.shape[0], s.width), table.dtype), mode='drop')
         init = optimizers.slot_shapes(s.optimizer, 1, s.width)
-        new_slots[s.name] = {
-            k: v.at[idx].set(jnp.full((idx.shape[0],) + v.shape[1:],
-                                      init[k][1], v.dtype), mode='drop')
-            for k, v in slots.items()}
-      return {'stacks': new_stacks, 'slots': new_slots}
+        return table.at[idx].set(
+            jnp.zeros((idx.shape[0], s.width), table.dtype), mode='drop'), {
+                k: v.at[idx].set(jnp.full((idx.shape[0],) + v.shape[1:],
+                                          init[k][1], v.dtype), mode='drop')
+                for k, v in slots.items()}
+
+      return self._each_stack(state, reset)
 
     fn = jax.shard_map(local, mesh=self.mesh,
                        in_specs=(specs, self.ids_spec()), out_specs=specs)
@@ -589,13 +595,8 @@ class EmbeddingEngine:
     def local(state, ids, grads, lrs, step):
       ids_all = jax.lax.all_gather(ids, BATCH_AXES, axis=0, tiled=True,
                                    to='invarying')
-      new_stacks, new_slots = {}, {}
-      for s in self.stacks:
-        table = state['stacks'][s.name]
-        slots = state['slots'][s.name]
-        if not s.segments:
-          new_stacks[s.name], new_slots[s.name] = table, slots
-          continue
+
+      def update(s, table, slots):
         my = self._my_shard(s)
         r = self._routing(s)
         g_seg = stack_grads(s, grads).astype(jnp.float32)
@@ -613,10 +614,8 @@ class EmbeddingEngine:
           # Plain SGD is linear in the gradient: a scatter-add sums repeated
           # ids itself, no deduplication needed.
           lr = jnp.asarray(lrs[s.name], jnp.float32)
-          new_stacks[s.name] = table.at[idx].add(
-              (-lr * g_ids).astype(table.dtype), mode='drop')
-          new_slots[s.name] = slots
-          continue
+          return table.at[idx].add((-lr * g_ids).astype(table.dtype),
+                                   mode='drop'), slots
         uniq, inv = _dedup(idx, s.capacity)
         g_sum = jax.ops.segment_sum(g_ids, inv, num_segments=m)
         row_msq = None
@@ -629,12 +628,12 @@ class EmbeddingEngine:
         new_rows, new_slot_rows = optimizers.update_rows(
             s.optimizer, lrs[s.name], step, w_rows.astype(jnp.float32), g_sum,
             slot_rows, row_msq=row_msq)
-        new_stacks[s.name] = table.at[uniq].set(
-            new_rows.astype(table.dtype), mode='drop', unique_indices=True)
-        new_slots[s.name] = {
-            k: slots[k].at[uniq].set(v, mode='drop', unique_indices=True)
-            for k, v in new_slot_rows.items()}
-      return {'stacks': new_stacks, 'slots': new_slots}
+        return table.at[uniq].set(
+            new_rows.astype(table.dtype), mode='drop', unique_indices=True), {
+                k: slots[k].at[uniq].set(v, mode='drop', unique_indices=True)
+                for k, v in new_slot_rows.items()}
+
+      return self._each_stack(state, update)
 
     grad_specs = P(BATCH_AXES, None, None) if stacked else tuple(
         P(BATCH_AXES, None) for _ in range(n_feat))
