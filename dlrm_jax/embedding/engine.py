@@ -157,6 +157,37 @@ class EmbeddingEngine:
     self._routings: dict[str, _Routing] = {}
 
   # --------------------------------------------------------------------------
+  # Collectives. On one device there is nothing to exchange: the engine then
+  # runs its per-device code directly, without `shard_map`, and collectives
+  # over an axis of size 1 are skipped (XLA:CPU would still run them as
+  # copies, a tenth of a single-device step).
+
+  def _shard_map(self, fn, in_specs, out_specs):
+    if self.num_devices == 1:
+      return fn
+    return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs,
+                         out_specs=out_specs)
+
+  def _axes_size(self, axes) -> int:
+    axes = (axes,) if isinstance(axes, str) else axes
+    return int(np.prod([self.mesh.shape[a] for a in axes]))
+
+  def _all_gather(self, x: jax.Array, axes, **kwargs) -> jax.Array:
+    """Tiled all-gather along dim 0."""
+    if self._axes_size(axes) == 1:
+      return x
+    return jax.lax.all_gather(x, axes, axis=0, tiled=True, **kwargs)
+
+  def _psum_scatter(self, x: jax.Array, axes) -> jax.Array:
+    """Tiled reduce-scatter along dim 0."""
+    if self._axes_size(axes) == 1:
+      return x
+    return jax.lax.psum_scatter(x, axes, scatter_dimension=0, tiled=True)
+
+  def _psum(self, x: jax.Array, axes) -> jax.Array:
+    return x if self._axes_size(axes) == 1 else jax.lax.psum(x, axes)
+
+  # --------------------------------------------------------------------------
   # Shardings.
 
   def _stack_spec(self, stack, ndim: int) -> P:
@@ -216,7 +247,7 @@ class EmbeddingEngine:
   # Initialization.
 
   def _my_shard(self, stack) -> jax.Array:
-    if stack.replicated:
+    if stack.replicated or self.num_shards == 1:
       return jnp.int32(0)
     return jax.lax.axis_index(MODEL)
 
@@ -286,7 +317,7 @@ class EmbeddingEngine:
       return jax.lax.dynamic_update_slice(buf, rows_values(j), (i * chunk, 0))
 
     buf = jnp.zeros((cap, width), dtype)
-    if not stack.replicated:  # rows differ per model shard
+    if not stack.replicated and self.num_devices > 1:  # rows differ per shard
       buf = jax.lax.pcast(buf, (MODEL,), to='varying')
     buf = jax.lax.fori_loop(0, n_full, body, buf)
     if cap % chunk:
@@ -316,7 +347,7 @@ class EmbeddingEngine:
                 s.optimizer, s.capacity, s.width).items()}
       return {'stacks': stacks, 'slots': slots}
 
-    fn = jax.shard_map(local, mesh=self.mesh, in_specs=P(), out_specs=specs)
+    fn = self._shard_map(local, in_specs=P(), out_specs=specs)
     return jax.jit(fn, out_shardings=self.state_shardings())(key)
 
   # --------------------------------------------------------------------------
@@ -418,7 +449,7 @@ class EmbeddingEngine:
         src = ids
       else:
         if ids_grp is None:
-          ids_grp = jax.lax.all_gather(ids, MODEL, axis=0, tiled=True)
+          ids_grp = self._all_gather(ids, MODEL)
         src = ids_grp
       idx, wts = self._route(s, src, self._my_shard(s))
       rows = stacks[s.name].at[idx].get(mode='fill', fill_value=0)
@@ -430,8 +461,7 @@ class EmbeddingEngine:
         rows = rows * wts[..., None]
       pooled = self._pool(rows, widths)
       if not s.replicated:
-        pooled = jax.lax.psum_scatter(
-            pooled, MODEL, scatter_dimension=0, tiled=True)
+        pooled = self._psum_scatter(pooled, MODEL)
       out.append((s, pooled))
     return out
 
@@ -464,11 +494,11 @@ class EmbeddingEngine:
         parts = [x for _, x in sorted(pieces[f], key=lambda t: t[0])]
         outs.append(parts[0] if len(parts) == 1 else
                     jnp.concatenate(parts, axis=-1))
-      invalid = jax.lax.psum(self._invalid_count(ids), BATCH_AXES)
+      invalid = self._psum(self._invalid_count(ids), BATCH_AXES)
       return tuple(outs), invalid
 
-    fn = jax.shard_map(
-        local, mesh=self.mesh,
+    fn = self._shard_map(
+        local,
         in_specs=(self.state_specs()['stacks'], self.ids_spec()),
         out_specs=(tuple(P(BATCH_AXES, None) for _ in range(n_feat)), P()))
     return fn(stacks, ids)
@@ -492,11 +522,11 @@ class EmbeddingEngine:
       out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
       if not identity:
         out = jnp.take(out, jnp.asarray(perm), axis=1)
-      invalid = jax.lax.psum(self._invalid_count(ids), BATCH_AXES)
+      invalid = self._psum(self._invalid_count(ids), BATCH_AXES)
       return out, invalid
 
-    fn = jax.shard_map(
-        local, mesh=self.mesh,
+    fn = self._shard_map(
+        local,
         in_specs=(self.state_specs()['stacks'], self.ids_spec()),
         out_specs=(P(BATCH_AXES, None, None), P()))
     return fn(stacks, ids)
@@ -531,8 +561,7 @@ class EmbeddingEngine:
     specs = self.state_specs()
 
     def local(state, rows):
-      rows_all = jax.lax.all_gather(rows, BATCH_AXES, axis=0, tiled=True,
-                                    to='invarying')
+      rows_all = self._all_gather(rows, BATCH_AXES, to='invarying')
 
       def reset(s, table, slots):
         idx, _ = self._route(s, rows_all, self._my_shard(s))
@@ -546,8 +575,8 @@ class EmbeddingEngine:
 
       return self._each_stack(state, reset)
 
-    fn = jax.shard_map(local, mesh=self.mesh,
-                       in_specs=(specs, self.ids_spec()), out_specs=specs)
+    fn = self._shard_map(local, in_specs=(specs, self.ids_spec()),
+                         out_specs=specs)
     return fn(state, rows)
 
   # --------------------------------------------------------------------------
@@ -593,15 +622,13 @@ class EmbeddingEngine:
            for seg in s.segments], axis=1)
 
     def local(state, ids, grads, lrs, step):
-      ids_all = jax.lax.all_gather(ids, BATCH_AXES, axis=0, tiled=True,
-                                   to='invarying')
+      ids_all = self._all_gather(ids, BATCH_AXES, to='invarying')
 
       def update(s, table, slots):
         my = self._my_shard(s)
         r = self._routing(s)
         g_seg = stack_grads(s, grads).astype(jnp.float32)
-        g_all = jax.lax.all_gather(g_seg, BATCH_AXES, axis=0, tiled=True,
-                                   to='invarying')
+        g_all = self._all_gather(g_seg, BATCH_AXES, to='invarying')
         idx, w = self._route(s, ids_all, my)
         if r.widths != (1,) * len(s.segments):
           g_all = jnp.take(g_all, jnp.asarray(r.seg_of_col), axis=1)
@@ -637,8 +664,8 @@ class EmbeddingEngine:
 
     grad_specs = P(BATCH_AXES, None, None) if stacked else tuple(
         P(BATCH_AXES, None) for _ in range(n_feat))
-    fn = jax.shard_map(
-        local, mesh=self.mesh,
+    fn = self._shard_map(
+        local,
         in_specs=(specs, self.ids_spec(), grad_specs,
                   {k: P() for k in lrs}, P()),
         out_specs=specs)
@@ -656,8 +683,8 @@ class EmbeddingEngine:
     full = []
     for seg in s.segments:
       g = grads[:, seg.feature] if stacked else grads[seg.feature]
-      g = jax.lax.all_gather(g.astype(jnp.float32), BATCH_AXES, axis=0,
-                             tiled=True, to='invarying')
+      g = self._all_gather(g.astype(jnp.float32), BATCH_AXES,
+                           to='invarying')
       d = self.feature_dims[seg.feature]
       full.append(jnp.pad(g, ((0, 0), (0, d_max - d))) if d < d_max else g)
     full = jnp.stack(full, axis=1)  # [B, n_segments, d_max]
