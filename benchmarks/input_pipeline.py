@@ -175,6 +175,7 @@ def main(argv):
     if not os.path.exists(text):
       synthetic.write_criteo_tsv(text, _TFDS_ROWS.value, seed=1)
     tfds_dir = os.path.join(_WORK.value, f'tfds_{_TFDS_ROWS.value}')
+    shutil.rmtree(tfds_dir, ignore_errors=True)  # time a full preparation
     prep = run_child({'kind': 'tfds_prepare', 'input': text,
                       'manual': os.path.join(_WORK.value, 'manual'),
                       'data_dir': tfds_dir})

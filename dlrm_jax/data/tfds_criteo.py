@@ -24,8 +24,11 @@ are Tensors with bytes encoding: their little-endian int64 values back to
 back) and appended to ArrayRecord shards of `shard_rows` rows each (record
 group size 1, as TFDS writes them, for random access).
 
-Reading. `TfdsCriteoSource` reads batches of rows through the TFDS data
-source as raw records and decodes the whole batch at once with numpy: a record
+Reading. `TfdsCriteoSource` opens the split as TFDS lays it out (its file
+instructions, so TFDS slices work) and reads batches of raw records from each
+shard with ArrayRecord's own reader, one call per shard (2-3x faster than
+`tfds.data_source`, whose per-key Python bookkeeping costs more than the
+read), then decodes the whole batch at once with numpy: a record
 of the known layout is checked byte for byte outside its values, so any other
 record (one written by TFDS's own serializer, say) goes through TFDS's
 decoder instead. A record that cannot be read or decoded raises
@@ -37,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import threading
 from typing import Any, Iterator, Sequence
 
 from absl import logging
@@ -55,6 +59,8 @@ _CHUNK_ROWS = 1 << 16  # Rows read, serialized and written at a time.
 _INT_BYTES = 8 * criteo.NUM_INT
 _CAT_BYTES = 8 * criteo.NUM_CAT
 _UNLABELED = -1  # The label written for the rows of unlabeled files.
+# ArrayRecord reader options for random access (its docs' recommendation).
+_RANDOM_ACCESS = 'readahead_buffer_size:0,max_parallelism:0'
 
 _CITATION = """\
 @misc{criteo_display_advertising_challenge,
@@ -546,9 +552,13 @@ class TfdsCriteoSource:
     self._source = builder.as_data_source(
         split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
     self._features = builder.info.features
-    self._files = [os.fspath(f.filename)
-                   for f in split_info.file_instructions]
-    self._ends = np.cumsum([f.take for f in split_info.file_instructions])
+    instructions = split_info.file_instructions
+    self._files = [os.fspath(f.filename) for f in instructions]
+    self._skips = np.array([f.skip for f in instructions], np.int64)
+    self._ends = np.cumsum([f.take for f in instructions])
+    self._starts = self._ends - np.array([f.take for f in instructions])
+    self._readers: dict[int, Any] = {}
+    self._open_lock = threading.Lock()
     self.num_rows = len(self._source)
     if self.num_rows != (self._ends[-1] if len(self._ends) else 0):
       raise ValueError(
@@ -594,27 +604,51 @@ class TfdsCriteoSource:
       return {'label': np.zeros(0, np.float32),
               'int': np.zeros((0, criteo.NUM_INT), np.int64),
               'cat': np.zeros((0, criteo.NUM_CAT), np.int64)}
-    keys = indices.astype(np.int64).tolist()
-    try:
-      records = self._source.__getitems__(keys)
-    except Exception as e:  # pylint: disable=broad-except
-      raise self._read_error(indices, e) from e
+    files = self._file_of(indices)
+    order = np.argsort(files, kind='stable')
+    bounds = np.searchsorted(files[order], np.arange(len(self._files) + 1))
+    records: list[Any] = [None] * n
+    for f in np.flatnonzero(np.diff(bounds)):
+      rows = order[bounds[f]:bounds[f + 1]]
+      positions = indices[rows] - self._starts[f] + self._skips[f]
+      ascending = np.argsort(positions, kind='stable')  # file order: faster
+      rows, positions = rows[ascending], positions[ascending]
+      try:
+        got = self._reader(f).read(positions.tolist())
+      except Exception as e:  # pylint: disable=broad-except
+        raise CorruptDataError(
+            f'{self._files[f]}: cannot read records (corrupt or truncated'
+            f' ArrayRecord file?): {type(e).__name__}: {e}') from e
+      for i, r in zip(rows.tolist(), got):
+        records[i] = r
     return self._decode(records, indices)
 
-  def _read_error(self, indices: np.ndarray,
-                  error: Exception) -> CorruptDataError:
-    """The error of a failed read, naming the shard that fails."""
-    files = self._file_of(indices)
-    for f in np.unique(files):
-      try:
-        self._source.__getitems__(indices[files == f].tolist())
-      except Exception as e:  # pylint: disable=broad-except
-        return CorruptDataError(
-            f'{self._files[f]}: cannot read records (corrupt or truncated'
-            f' ArrayRecord file?): {type(e).__name__}: {e}')
-    named = ', '.join(self._files[f] for f in np.unique(files))
-    return CorruptDataError(
-        f'Cannot read records of {named}: {type(error).__name__}: {error}')
+  def _reader(self, f: int):
+    """The reader of shard `f`, opened on first use (and shared by threads:
+    its reads are const and release the GIL)."""
+    reader = self._readers.get(f)
+    if reader is None:
+      with self._open_lock:
+        reader = self._readers.get(f)
+        if reader is None:
+          try:
+            reader = array_record_module.ArrayRecordReader(
+                self._files[f], _RANDOM_ACCESS)
+          except Exception as e:  # pylint: disable=broad-except
+            raise CorruptDataError(
+                f'{self._files[f]}: cannot open (corrupt or truncated'
+                f' ArrayRecord file?): {type(e).__name__}: {e}') from e
+          self._readers[f] = reader
+    return reader
+
+  def __getstate__(self):  # Readers stay in their process (grain workers).
+    state = dict(self.__dict__)
+    state['_readers'], state['_open_lock'] = {}, None
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._open_lock = threading.Lock()
 
   def _decode(self, records: Sequence[bytes],
               indices: np.ndarray) -> dict[str, np.ndarray]:
