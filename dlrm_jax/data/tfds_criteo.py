@@ -549,21 +549,16 @@ class TfdsCriteoSource:
       raise ValueError(
           f'The TFDS dataset {where} has no split {split!r} (its splits:'
           f' {", ".join(sorted(builder.info.splits))}).') from e
-    self._source = builder.as_data_source(
-        split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
     self._features = builder.info.features
     instructions = split_info.file_instructions
     self._files = [os.fspath(f.filename) for f in instructions]
     self._skips = np.array([f.skip for f in instructions], np.int64)
-    self._ends = np.cumsum([f.take for f in instructions])
-    self._starts = self._ends - np.array([f.take for f in instructions])
+    takes = np.array([f.take for f in instructions], np.int64)
+    self._ends = np.cumsum(takes)
+    self._starts = self._ends - takes
     self._readers: dict[int, Any] = {}
     self._open_lock = threading.Lock()
-    self.num_rows = len(self._source)
-    if self.num_rows != (self._ends[-1] if len(self._ends) else 0):
-      raise ValueError(
-          f'The TFDS dataset {where}, split {split!r}: the data source has'
-          f' {self.num_rows} rows, its shards {self._ends[-1]}.')
+    self.num_rows = int(self._ends[-1]) if len(takes) else 0
     self.description = (
         f'TFDS {builder.info.full_name} split {split} in {data_dir}'
         f' ({self.num_rows} rows, {len(self._files)} shards)')
@@ -604,15 +599,14 @@ class TfdsCriteoSource:
       return {'label': np.zeros(0, np.float32),
               'int': np.zeros((0, criteo.NUM_INT), np.int64),
               'cat': np.zeros((0, criteo.NUM_CAT), np.int64)}
-    files = self._file_of(indices)
-    order = np.argsort(files, kind='stable')
-    bounds = np.searchsorted(files[order], np.arange(len(self._files) + 1))
+    # Ascending rows are grouped by shard and in file order (faster reads).
+    order = np.argsort(indices, kind='stable')
+    bounds = np.searchsorted(self._file_of(indices[order]),
+                             np.arange(len(self._files) + 1))
     records: list[Any] = [None] * n
     for f in np.flatnonzero(np.diff(bounds)):
       rows = order[bounds[f]:bounds[f + 1]]
       positions = indices[rows] - self._starts[f] + self._skips[f]
-      ascending = np.argsort(positions, kind='stable')  # file order: faster
-      rows, positions = rows[ascending], positions[ascending]
       try:
         got = self._reader(f).read(positions.tolist())
       except Exception as e:  # pylint: disable=broad-except
