@@ -25,9 +25,10 @@ one scatter-add of the raw gradients; Adagrad: dedup by segment_sum, then
 an update of the unique rows) with Zipf-skewed ids against uniform ids, and
 a bare float32 `table.at[ids].add(...)` into a 64-row table: jaxlib
 0.10.2-0.11.0 compile that to a compare-and-swap loop on NVIDIA GPUs, which
-collapses under repeated ids (openxla/xla#46225, jax-ml/jax#38806). On a GPU
-it times it again in a child process with the LLVM option that restores the
-native atomic (`XLA_FLAGS=--xla_backend_extra_options=-nvptx-allow-ftz-atomics`).
+collapses under repeated ids (openxla/xla#46225, jax-ml/jax#38806). The train-step
+cases run as `dlrm_jax.main` does, with `dlrm_jax.gpu.apply_scatter_workaround`
+(which on those versions passes LLVM the option that restores the native
+atomic); on a GPU the check runs twice, without and with that option.
 
 Each case runs in its own process on an accelerator (so each memory peak is
 its own); --smoke runs them in this process. The last line is
@@ -44,6 +45,8 @@ import time
 
 from absl import app
 from absl import flags
+
+from dlrm_jax import gpu
 
 _SMOKE = flags.DEFINE_bool(
     'smoke', False, 'Toy sizes and a few steps, all in this process (CI).')
@@ -77,10 +80,6 @@ PEAKS = {
     'A100': {'bf16_tflops': 312.0, 'tf32_tflops': 156.0, 'hbm_gbps': 1555},
 }
 
-# jaxlib versions whose float32 GPU scatter-add is a CAS loop
-# (openxla/xla#46225: 0.10.2 and 0.11.0; fixed in 0.11.1).
-SCATTER_REGRESSION = ((0, 10, 2), (0, 11, 1))  # [first, fixed)
-FTZ_ATOMICS_FLAG = '--xla_backend_extra_options=-nvptx-allow-ftz-atomics'
 
 
 def peaks_of(device_kind: str) -> dict | None:
@@ -93,15 +92,6 @@ def peaks_of(device_kind: str) -> dict | None:
         continue
       return dict(PEAKS[name], name=name)
   return None
-
-
-def version_tuple(v: str) -> tuple[int, ...]:
-  return tuple(int(x) for x in v.split('.')[:3] if x.isdigit())
-
-
-def scatter_regression_affected(jaxlib_version: str) -> bool:
-  lo, hi = SCATTER_REGRESSION
-  return lo <= version_tuple(jaxlib_version) < hi
 
 
 # ----------------------------------------------------------------------------
@@ -363,6 +353,7 @@ def _fmt(x, spec):
 def main(argv):
   del argv
   if _CHILD.value:
+    gpu.apply_scatter_workaround()  # as dlrm_jax.main (unless skipped)
     res = (run_contention() if _CHILD.value == 'contention'
            else run_case(_CHILD.value))
     print('RESULT ' + json.dumps(res), flush=True)
@@ -372,7 +363,8 @@ def main(argv):
   kind = str(dev.device_kind)
   peaks = peaks_of(kind)
   jaxlib_v = _jaxlib_version()
-  affected = dev.platform == 'gpu' and scatter_regression_affected(jaxlib_v)
+  affected = dev.platform == 'gpu' and gpu.scatter_regression_affected(
+      jaxlib_v)
   print(f'device: {kind} ({dev.platform}), {jax.device_count()} device(s);'
         f' jax {jax.__version__}, jaxlib {jaxlib_v}; memory'
         f' {_fmt((device_memory_bytes() or 0) / 2**30 or None, ".1f")} GiB')
@@ -431,7 +423,8 @@ def main(argv):
       print(f'{shape}: bfloat16 compute {a["step_ms"] / b["step_ms"]:.2f}x'
             ' the float32 speed')
   if 'contention' in _CASES.value:
-    res = _child(['--child=contention']) if isolate else run_contention()
+    res = (_child(['--child=contention'], {gpu.SKIP_ENV: '1'}) if isolate
+           else run_contention())
     summary['contention'] = res
     if isinstance(res, dict):
       print(f'contention (jaxlib {jaxlib_v}'
@@ -446,17 +439,17 @@ def main(argv):
             f' {res["scatter64_uniform_ms"]:.3f} ms, zipf'
             f' {res["scatter64_zipf_ms"]:.3f} ms')
       if dev.platform == 'gpu':
-        flags_env = ' '.join(
-            x for x in (os.environ.get('XLA_FLAGS'), FTZ_ATOMICS_FLAG) if x)
-        fixed = _child(['--child=contention'], {'XLA_FLAGS': flags_env})
+        xla_flags = gpu.with_ftz_atomics(os.environ.get('XLA_FLAGS', ''))
+        fixed = _child(['--child=contention'],
+                       {'XLA_FLAGS': xla_flags, gpu.SKIP_ENV: '1'})
         summary['contention_ftz_atomics'] = fixed
         if isinstance(fixed, dict):
-          print(f'  with {FTZ_ATOMICS_FLAG}: sgd zipf'
+          print(f'  with {gpu.FTZ_ATOMICS_OPTION}: sgd zipf'
                 f' {fixed["sgd_zipf_ms"]:.3f} ms, adagrad zipf'
                 f' {fixed["adagrad_zipf_ms"]:.3f} ms, scatter64 zipf'
                 f' {fixed["scatter64_zipf_ms"]:.3f} ms')
         else:
-          print(f'  with {FTZ_ATOMICS_FLAG}: {fixed}')
+          print(f'  with {gpu.FTZ_ATOMICS_OPTION}: {fixed}')
     else:
       print(f'contention: {res}')
   print('accelerator_summary=' + json.dumps(summary, sort_keys=True),

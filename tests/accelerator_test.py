@@ -24,13 +24,6 @@ class HelpersTest(absltest.TestCase):
                      'A100')
     self.assertIsNone(accelerator.peaks_of('cpu'))
 
-  def test_scatter_regression_versions(self):
-    affected = accelerator.scatter_regression_affected
-    self.assertFalse(affected('0.10.1'))
-    self.assertTrue(affected('0.10.2'))
-    self.assertTrue(affected('0.11.0'))
-    self.assertFalse(affected('0.11.1'))
-
   def test_capped_rows_is_the_largest_cap_in_budget(self):
     sizes = (40, 3, 17, 40, 9)
     for budget in (5, 20, 60, 109, 1000):
