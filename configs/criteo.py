@@ -104,6 +104,18 @@ MLPERF_BATCH_SIZE = 65_536
 VARIANTS = ('default', 'terabyte', 'tiny', 'mlperf_dcnv2', 'mlperf_dcnv2_tiny')
 
 
+def _tiny_loop(config):
+  """Data and loop sizes of the tiny variants: 40 steps, seconds on a CPU."""
+  config.data.synthetic.num_train = 16_384
+  config.data.synthetic.num_eval = 2048
+  config.batch_size = 128
+  config.eval_batch_size = 512
+  config.num_train_steps = 40
+  config.log_every_steps = 10
+  config.eval_every_steps = 20
+  config.checkpoint_every_steps = 20
+
+
 def get_config(arg=None):
   """Returns the config of a variant (VARIANTS; '' is default)."""
   variant = arg or 'default'
@@ -233,14 +245,7 @@ def get_config(arg=None):
     config.features = _features(8, (101,) * NUM_CAT, 'log(x+1)')
     config.model.dense_mlp = _mlp([16, 8])
     config.model.final = _mlp([16])
-    config.data.synthetic.num_train = 16_384
-    config.data.synthetic.num_eval = 2048
-    config.batch_size = 128
-    config.eval_batch_size = 512
-    config.num_train_steps = 40
-    config.log_every_steps = 10
-    config.eval_every_steps = 20
-    config.checkpoint_every_steps = 20
+    _tiny_loop(config)
   elif variant in ('mlperf_dcnv2', 'mlperf_dcnv2_tiny'):
     _mlperf_dcnv2(config, tiny=variant == 'mlperf_dcnv2_tiny')
   return config
@@ -315,11 +320,4 @@ def _mlperf_dcnv2(config, tiny: bool):
     config.log_every_steps = 200
     config.target_auc = 0.80275  # [rules] DLRM-DCNv2 quality: eval AUC >= 0.80275
   else:
-    config.data.synthetic.num_train = 16_384
-    config.data.synthetic.num_eval = 2048
-    config.batch_size = 128
-    config.eval_batch_size = 512
-    config.num_train_steps = 40
-    config.log_every_steps = 10
-    config.eval_every_steps = 20
-    config.checkpoint_every_steps = 20
+    _tiny_loop(config)
