@@ -45,5 +45,11 @@ setuptools.setup(
             'ipykernel>=7.4',
             'jupyter>=1.0',
         ],
+        # NVIDIA GPUs: jax's own CUDA extras (CUDA wheels included). jaxlib
+        # 0.10.2-0.11.0 have the GPU float32 scatter-add regression
+        # (openxla/xla#46225), which dlrm_jax.gpu works around at start-up.
+        'cuda': ['jax[cuda12]>=0.10.2'],
+        'cuda12': ['jax[cuda12]>=0.10.2'],
+        'cuda13': ['jax[cuda13]>=0.10.2'],
     },
 )

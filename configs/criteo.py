@@ -7,6 +7,11 @@ Variants, chosen with a suffix: `--config=configs/criteo.py:<variant>`.
   terabyte: TorchEasyRec's `examples/dlrm_criteo.config` on Criteo 1TB
             (40M-row tables; needs accelerators with ~20 GB for the tables).
   tiny:     a very small model and data set for tests.
+  mlperf_dcnv2: the MLPerf Training DLRM-DCNv2 recipe on Criteo 1TB with
+            multi-hot bags (DCNv2 cross network, Adagrad, batch 65,536, stop
+            at AUC 0.80275); 97 GiB of float32 tables and as much Adagrad
+            state.
+  mlperf_dcnv2_tiny: the same model family, shrunk for CPU tests.
 
 Any field can be overridden on the command line, e.g.
   --config.data.train_path=/data/criteo/train.txt --config.batch_size=4096
@@ -22,7 +27,8 @@ TERABYTE_NUM_BUCKETS = (
     405282, 10, 2209, 11938, 155, 4, 976, 14, 40000000, 40000000, 40000000,
     590152, 12973, 108, 36)
 
-# MLPerf DLRM-DCNv2's bag sizes of the 26 categorical features.
+# MLPerf DLRM-DCNv2's bag sizes of the 26 categorical features
+# (mlcommons/training recommendation_v2/torchrec_dlrm README, --multi_hot_sizes).
 MLPERF_HOTNESS = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12,
                   100, 27, 10, 3, 1, 1)
 
@@ -89,13 +95,34 @@ def _schedule(learning_rate, kind='constant'):
   ))
 
 
+# MLPerf DLRM-DCNv2 (mlcommons/training recommendation_v2/torchrec_dlrm README):
+# train rows of Criteo 1TB days 0-22 (TOTAL_TRAINING_SAMPLES) and the global
+# batch (GLOBAL_BATCH_SIZE).
+MLPERF_TRAIN_SAMPLES = 4_195_197_692
+MLPERF_BATCH_SIZE = 65_536
+
+VARIANTS = ('default', 'terabyte', 'tiny', 'mlperf_dcnv2', 'mlperf_dcnv2_tiny')
+
+
+def _tiny_loop(config):
+  """Data and loop sizes of the tiny variants: 40 steps, seconds on a CPU."""
+  config.data.synthetic.num_train = 16_384
+  config.data.synthetic.num_eval = 2048
+  config.batch_size = 128
+  config.eval_batch_size = 512
+  config.num_train_steps = 40
+  config.log_every_steps = 10
+  config.eval_every_steps = 20
+  config.checkpoint_every_steps = 20
+
+
 def get_config(arg=None):
-  """Returns the config of a variant: '' (default), 'terabyte' or 'tiny'."""
+  """Returns the config of a variant (VARIANTS; '' is default)."""
   variant = arg or 'default'
-  if variant not in ('default', 'terabyte', 'tiny'):
+  if variant not in VARIANTS:
     raise ValueError(
-        f"unknown variant {variant!r} of configs/criteo.py; choose default,"
-        " terabyte or tiny.")
+        f"unknown variant {variant!r} of configs/criteo.py; choose one of"
+        f" {', '.join(VARIANTS)}.")
   config = config_dict.ConfigDict()
   config.variant = variant                # which get_config variant this is
   config.seed = 0                         # seeds parameters, dropout, data
@@ -145,7 +172,13 @@ def get_config(arg=None):
   config.model.final = _mlp([64, 32])        # over arch
   config.model.arch_with_sparse = True       # feed sparse embeddings to final
   config.model.interaction_self = False      # include the diagonal
-  config.model.compute_dtype = 'float32'     # MLP compute: float32 or bfloat16
+  config.model.compute_dtype = 'float32'     # MLP and cross-net compute: float32
+                                             # or bfloat16 (weights stay float32)
+  config.model.interaction = 'dot'           # dot (DLRM) or dcn (DLRM-DCNv2)
+  config.model.dcn = config_dict.ConfigDict(dict(
+      num_layers=3,  # dcn: cross layers x_{l+1} = x_0 * (U_l V_l x_l + b_l) + x_l
+      rank=512,      # dcn: rank of each layer's U_l V_l
+  ))
 
   # ----- Embedding tables ----------------------------------------------------
   config.embedding = config_dict.ConfigDict()
@@ -173,6 +206,7 @@ def get_config(arg=None):
   config.optimizer.b1 = 0.9                  # adam/adamw
   config.optimizer.b2 = 0.999                # adam/adamw
   config.optimizer.eps = 1e-8                # adam/adamw/adagrad epsilon
+  config.optimizer.initial_accumulator_value = 0.1  # adagrad start (optax's)
   config.optimizer.momentum = 0.0            # sgd momentum
   config.optimizer.grad_clip_norm = 0.0      # clip dense grads (0: off)
 
@@ -190,6 +224,7 @@ def get_config(arg=None):
   config.eval_every_steps = 1000    # full evaluation (and at the end)
   config.checkpoint_every_steps = 1000  # checkpoint (and at the end)
   config.max_to_keep = 3            # checkpoints kept
+  config.target_auc = 0.0           # stop once an eval reaches it (0: off)
 
   if variant == 'terabyte':
     config.features = _features(16, TERABYTE_NUM_BUCKETS, 'log(x+3)')
@@ -210,12 +245,79 @@ def get_config(arg=None):
     config.features = _features(8, (101,) * NUM_CAT, 'log(x+1)')
     config.model.dense_mlp = _mlp([16, 8])
     config.model.final = _mlp([16])
-    config.data.synthetic.num_train = 16_384
-    config.data.synthetic.num_eval = 2048
-    config.batch_size = 128
-    config.eval_batch_size = 512
-    config.num_train_steps = 40
-    config.log_every_steps = 10
-    config.eval_every_steps = 20
-    config.checkpoint_every_steps = 20
+    _tiny_loop(config)
+  elif variant in ('mlperf_dcnv2', 'mlperf_dcnv2_tiny'):
+    _mlperf_dcnv2(config, tiny=variant == 'mlperf_dcnv2_tiny')
   return config
+
+
+def _mlperf_dcnv2(config, tiny: bool):
+  """The MLPerf Training DLRM-DCNv2 recipe (or its CPU-test shrink).
+
+  Sources: [ref] the MLPerf reference, mlcommons/training
+  recommendation_v2/torchrec_dlrm (README.MD run command and dlrm_main.py);
+  [rules] the MLPerf Training rules' DLRM-DCNv2 quality target; [torchrec]
+  TorchRec's DLRM_DCN / LowRankCrossNet, which the reference instantiates.
+  """
+  if not tiny:
+    # [ref] --embedding_dim 128; --num_embeddings_per_feature: the 26 Criteo
+    # 1TB vocabularies capped at 40M rows (= TERABYTE_NUM_BUCKETS); dense
+    # inputs log(x + 3) as TorchRec's Criteo preprocessing (which maps
+    # negatives through the same log; we clamp them to 0 first).
+    config.features = _features(128, TERABYTE_NUM_BUCKETS, 'log(x+3)')
+    config.model.dense_mlp = _mlp([512, 256, 128])  # [ref] --dense_arch_layer_sizes
+    # [ref] --over_arch_layer_sizes 1024,1024,512,256,1: ReLU layers, then
+    # the model's own linear output layer (the final 1).
+    config.model.final = _mlp([1024, 1024, 512, 256])
+    config.model.dcn.num_layers = 3    # [ref] --dcn_num_layers=3
+    config.model.dcn.rank = 512        # [ref] --dcn_low_rank_dim=512
+    lr = 0.005                         # [ref] --learning_rate 0.005
+  else:
+    config.features = _features(8, (101,) * NUM_CAT, 'log(x+3)')
+    config.model.dense_mlp = _mlp([16, 8])
+    config.model.final = _mlp([32, 16])
+    config.model.dcn.num_layers = 2
+    config.model.dcn.rank = 4
+    lr = 0.05                          # 40 steps must learn something
+  config.model.interaction = 'dcn'     # [ref] --interaction_type=dcn
+  config.model.arch_with_sparse = False  # [torchrec] over arch: cross output only
+  config.model.interaction_self = False
+  config.model.compute_dtype = 'float32'  # [ref] fp32; bfloat16 for GPU mixed precision
+
+  # [ref] --multi_hot_sizes / --multi_hot_distribution_type uniform: each
+  # one-hot id expanded on the fly into a bag of MLPERF_HOTNESS[k] ids.
+  config.data.multi_hot.enabled = True
+  config.data.multi_hot.hotness = list(MLPERF_HOTNESS)
+  config.data.multi_hot.distribution = 'uniform'
+  config.data.tfds_name = 'criteo_terabyte'  # days 0-22 train, day 23 eval
+
+  # [ref] --adagrad: torch.optim.Adagrad for the dense and (FBGEMM
+  # EXACT_ADAGRAD, applied in backward) the embedding parameters, with
+  # dlrm_main.py's ADAGRAD_EPS 1e-10, ADAGRAD_INIT_ACC 0, no weight decay.
+  # The schedule is the reference's LRPolicyScheduler with its defaults
+  # --lr_warmup_steps 0 --lr_decay_start 0 --lr_decay_steps 0: constant.
+  schedule = _schedule(lr, 'warmup_poly')
+  config.embedding.optimizer.kind = 'adagrad'
+  config.embedding.optimizer.schedule = schedule
+  config.embedding.optimizer.initial_accumulator_value = 0.0
+  config.embedding.optimizer.eps = 1e-10
+  config.optimizer.kind = 'adagrad'
+  config.optimizer.schedule = config_dict.ConfigDict(schedule.to_dict())
+  config.optimizer.initial_accumulator_value = 0.0
+  config.optimizer.eps = 1e-10
+  config.optimizer.grad_clip_norm = 0.0
+
+  if not tiny:
+    config.batch_size = MLPERF_BATCH_SIZE       # [ref] GLOBAL_BATCH_SIZE=65536
+    config.eval_batch_size = MLPERF_BATCH_SIZE  # [ref] test batch = batch
+    config.num_train_steps = -1
+    config.num_epochs = 1                       # [ref] --epochs 1
+    # [ref] --validation_freq_within_epoch
+    # $((TOTAL_TRAINING_SAMPLES / (GLOBAL_BATCH_SIZE * 20))): 20 evals an
+    # epoch, every 0.05 epoch = 3,200 steps.
+    config.eval_every_steps = MLPERF_TRAIN_SAMPLES // (MLPERF_BATCH_SIZE * 20)
+    config.checkpoint_every_steps = config.eval_every_steps
+    config.log_every_steps = 200
+    config.target_auc = 0.80275  # [rules] DLRM-DCNv2 quality: eval AUC >= 0.80275
+  else:
+    _tiny_loop(config)

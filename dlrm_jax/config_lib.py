@@ -18,7 +18,8 @@ from ml_collections import config_dict
 from dlrm_jax import features as features_lib
 from dlrm_jax import schedules
 from dlrm_jax.embedding import specs as emb_specs
-from dlrm_jax.models import DLRMSpec, MLPSpec
+from dlrm_jax.models import DCNSpec, DLRMSpec, MLPSpec
+from dlrm_jax.models.dlrm import INTERACTIONS
 
 FEATURE_TYPES = ('raw', 'id', 'sequence_id')
 DENSE_OPTIMIZERS = ('sgd', 'adagrad', 'adam', 'adamw')
@@ -183,6 +184,32 @@ def build_mlp(cfg, path: str) -> MLPSpec:
       path=path)
 
 
+def build_interaction(m) -> tuple[str, DCNSpec | None]:
+  """`config.model.interaction` and, for 'dcn', `config.model.dcn`."""
+  kind = m.get('interaction', 'dot')
+  if kind not in INTERACTIONS:
+    raise ValueError(
+        f'config.model.interaction ({kind!r}) must be one of'
+        f' {list(INTERACTIONS)}.')
+  if kind != 'dcn':
+    return kind, None
+  for field in ('arch_with_sparse', 'interaction_self'):
+    if m.get(field, False):
+      raise ValueError(
+          f'config.model.{field} ({m.get(field)!r}) must be False with'
+          " config.model.interaction 'dcn': the over arch sees the cross"
+          ' network output only (TorchRec DLRM_DCN, MLPerf DLRM-DCNv2).')
+  cfg = _to_dict(m.get('dcn'))
+  path = 'config.model.dcn'
+  unknown = set(cfg) - {'num_layers', 'rank'}
+  if unknown:
+    raise ValueError(
+        f'{path} has unknown fields {sorted(unknown)}; it takes num_layers'
+        ' and rank.')
+  return kind, DCNSpec.create(cfg.get('num_layers'), cfg.get('rank'),
+                              path=path)
+
+
 def build_sparse_optimizer(cfg, path: str) -> emb_specs.SparseOptimizerSpec:
   cfg = _to_dict(cfg)
   kind = cfg.get('kind', 'sgd')
@@ -291,11 +318,13 @@ def build(config) -> ModelSetup:
     raise ValueError(
         f'config.model.compute_dtype ({compute!r}) must be one of'
         f' {list(COMPUTE_DTYPES)}.')
+  interaction, dcn = build_interaction(m)
   model = DLRMSpec(
       num_dense=len(dense), num_sparse=len(sparse), embedding_dim=dim,
       dense_mlp=dense_mlp, final=final,
       arch_with_sparse=bool(m.get('arch_with_sparse', True)),
-      interaction_self=bool(m.get('interaction_self', False)))
+      interaction_self=bool(m.get('interaction_self', False)),
+      interaction=interaction, dcn=dcn)
 
   tables, feature_specs = build_tables(config, sparse)
   transform = features_lib.FeatureTransform(tuple(dense), tuple(sparse))
@@ -394,7 +423,13 @@ def build_dense_optimizer(cfg) -> optax.GradientTransformation:
     momentum = float(cfg.get('momentum', 0.0))
     tx = optax.sgd(lr, momentum=momentum or None)
   elif kind == 'adagrad':
-    tx = optax.adagrad(lr, eps=eps)
+    # optax starts the accumulator at 0.1; torch.optim.Adagrad (the MLPerf
+    # DLRM-DCNv2 reference's dense optimizer) at 0.
+    init_acc = float(cfg.get('initial_accumulator_value', 0.1))
+    if init_acc < 0:
+      raise ValueError(
+          f'{path}.initial_accumulator_value ({init_acc}) must be >= 0.')
+    tx = optax.adagrad(lr, initial_accumulator_value=init_acc, eps=eps)
   elif kind == 'adam':
     tx = optax.adam(lr, b1=cfg.get('b1', 0.9), b2=cfg.get('b2', 0.999),
                     eps=eps)

@@ -29,6 +29,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from dlrm_jax import gpu
 from dlrm_jax import parallel
 from dlrm_jax import train
 
@@ -77,6 +78,7 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   if not _LIBRARY_LOGS.value:
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
+  gpu.apply_scatter_workaround()  # before JAX starts: it sets XLA_FLAGS
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value)
   if jax.process_index() != 0:  # only process 0 writes logs

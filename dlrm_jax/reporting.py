@@ -147,6 +147,10 @@ def summary_text(summary: dict[str, Any], workdir: str,
     lines.append(f'  calibration          {ev["calibration"]:.3f}'
                  '   (mean prediction / click rate)')
     lines.append(f'  eval examples        {int(ev["num_examples"]):,}')
+  if summary.get('target_auc'):
+    lines.append(f'  target AUC           {summary["target_auc"]:.5f} ' + (
+        'reached: training stopped' if summary.get('target_auc_reached')
+        else 'not reached'))
   if summary.get('malformed_lines_skipped'):
     lines.append(f'  malformed lines skipped: '
                  f'{summary["malformed_lines_skipped"]}')

@@ -236,12 +236,16 @@ class Trainer:
           'hidden_units': list(spec.hidden_units), 'use_bn': spec.use_bn,
           'use_ln': spec.use_ln, 'bias': spec.bias}
 
+    model = {
+        'num_dense': m.num_dense, 'num_sparse': m.num_sparse,
+        'embedding_dim': m.embedding_dim, 'dense_mlp': mlp(m.dense_mlp),
+        'final': mlp(m.final), 'arch_with_sparse': m.arch_with_sparse,
+        'interaction_self': m.interaction_self}
+    if m.interaction != 'dot':  # dot-interaction signatures stay as they were
+      model['interaction'] = m.interaction
+      model['dcn'] = dataclasses.asdict(m.dcn)
     return {
-        'model': {
-            'num_dense': m.num_dense, 'num_sparse': m.num_sparse,
-            'embedding_dim': m.embedding_dim, 'dense_mlp': mlp(m.dense_mlp),
-            'final': mlp(m.final), 'arch_with_sparse': m.arch_with_sparse,
-            'interaction_self': m.interaction_self},
+        'model': model,
         'tables': {t.name: {'num_rows': t.num_rows, 'dim': t.dim,
                             'dtype': t.dtype, 'optimizer': t.optimizer.kind}
                    for t in self.setup.tables},
@@ -374,6 +378,17 @@ def num_train_steps(config, data: inputs.DataSetup) -> int:
   return int(config.num_epochs * data.train.batches_per_epoch)
 
 
+def target_auc(config) -> float | None:
+  """`config.target_auc`: the eval AUC that ends training; None when off."""
+  value = config.get('target_auc') or 0.0
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+      0.0 <= value <= 1.0):
+    raise ValueError(
+        f'config.target_auc ({value!r}) must be an AUC in (0, 1], or 0 for'
+        ' no target.')
+  return float(value) or None
+
+
 def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
                        ) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints) and evaluates.
@@ -412,6 +427,8 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
                           process_count=jax.process_count())
   logging.info('data: %s', data.description)
   total_steps = num_train_steps(config, data)
+  target = target_auc(config)
+  target_reached = False
 
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep)
   signature = trainer.signature()
@@ -427,6 +444,8 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
       trainer.remapper.load_state_dict(ckpt.restore_remappers(latest))
     logging.info('resumed from the checkpoint at step %d (%s)', latest,
                  ckpt.directory)
+    if meta.get('target_auc_reached'):  # that run ended at its target
+      total_steps, target_reached = latest, True
   else:
     state = trainer.init_state(config.seed)
     position = 0
@@ -440,10 +459,11 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
     logging.info('already trained for %d steps (config asks for %d).', step,
                  total_steps)
 
-  def save(step, position):
+  def save(step, position, reached=False):
     meta = {'signature': signature, 'plan': trainer.plan.to_json(),
             'data_position': position, 'step': step,
-            'config': config.to_json_best_effort()}
+            'config': config.to_json_best_effort(),
+            'target_auc_reached': reached}
     ckpt.save(step, state, meta, data_iter=data_iter,
               remappers=trainer.remapper.state_dict() if trainer.remapper
               else None)
@@ -533,12 +553,20 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
                        total_steps, f'{rate:,.0f}', last_loss, _fmt_eta(eta))
           writer.write({'type': 'train', 'step': step, 'loss': last_loss,
                         'examples_per_sec': rate, 'time': now})
+        reached = False
         if do_eval:
           last_eval = run_eval(step)
-        if do_ckpt:
-          save(step, position)
+          # MLPerf: training stops at the first eval that reaches the target.
+          reached = bool(target and last_eval and last_eval['auc'] >= target)
+        if do_ckpt or reached:
+          save(step, position, reached)
         window_step = step
         rate_start, rate_step = time.time(), step
+        if reached:
+          target_reached = True
+          logging.info('eval AUC %.5f reached config.target_auc %.5f at step'
+                       ' %d: stopping.', last_eval['auc'], target, step)
+          break
   finally:
     ckpt.close()
     writer.close()
@@ -550,6 +578,7 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
   if eval_bad is not None and eval_bad.count:
     logging.warning('malformed eval lines: %s', eval_bad.summary())
   summary = {'step': step, 'train_loss': last_loss, 'eval': last_eval,
+             'target_auc': target, 'target_auc_reached': target_reached,
              'teacher_auc': data.teacher_auc,
              'malformed_lines_skipped': data.bad_lines.count + (
                  eval_bad.count if eval_bad is not None else 0)}

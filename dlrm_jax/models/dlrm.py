@@ -6,6 +6,12 @@ Shape letters used in this package:
   N: number of sparse features of the `sparse` group.
   D: embedding dim, shared by all sparse features (and the dense MLP's output).
 
+Interactions: 'dot' (DLRM's pairwise dot products, the default) or 'dcn'
+(DLRM-DCNv2: TorchRec's `DLRM_DCN` and the MLPerf Training reference, whose
+over arch sees only the output of a low-rank cross network on the flattened
+`[B, (N + 1) * D]` concatenation of the dense arch output and the N pooled
+embeddings; see `dlrm_jax.models.dcn`).
+
 The embedding tables are not part of this module: the embedding engine
 (`dlrm_jax.embedding`) looks up the pooled `[B, N, D]` embeddings and applies
 their sparse updates. The module holds the dense parameters only.
@@ -20,7 +26,11 @@ import jax
 import jax.numpy as jnp
 
 from dlrm_jax.models import interaction
+from dlrm_jax.models.dcn import DCNSpec, LowRankCrossNet
 from dlrm_jax.models.mlp import MLP, MLPSpec
+
+
+INTERACTIONS = ('dot', 'dcn')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +45,8 @@ class DLRMSpec:
     final: the over arch MLP.
     arch_with_sparse: also feed the flattened sparse embeddings to `final`.
     interaction_self: include the diagonal of the interaction.
+    interaction: 'dot' or 'dcn' (INTERACTIONS).
+    dcn: the cross network; given exactly when interaction is 'dcn'.
   """
 
   num_dense: int
@@ -44,8 +56,24 @@ class DLRMSpec:
   final: MLPSpec
   arch_with_sparse: bool = True
   interaction_self: bool = False
+  interaction: str = 'dot'
+  dcn: DCNSpec | None = None
 
   def __post_init__(self):
+    if self.interaction not in INTERACTIONS:
+      raise ValueError(
+          f'interaction ({self.interaction!r}) must be one of'
+          f' {list(INTERACTIONS)}.')
+    if (self.dcn is not None) != (self.interaction == 'dcn'):
+      raise ValueError(
+          f'dcn ({self.dcn}) must be given exactly when interaction is'
+          f" 'dcn' (interaction={self.interaction!r}).")
+    if self.interaction == 'dcn' and (self.arch_with_sparse
+                                      or self.interaction_self):
+      raise ValueError(
+          'arch_with_sparse and interaction_self must be False with the dcn'
+          ' interaction: the over arch sees the cross output only (TorchRec'
+          ' DLRM_DCN).')
     if self.num_sparse <= 0:
       raise ValueError(
           f'DLRM needs at least one sparse feature, got num_sparse='
@@ -66,6 +94,8 @@ class DLRMSpec:
 
   @property
   def final_input_dim(self) -> int:
+    if self.interaction == 'dcn':
+      return self.num_interaction_features * self.embedding_dim
     dim = interaction.output_dim(
         self.num_interaction_features, self.interaction_self)
     if self.dense_mlp is not None:
@@ -76,11 +106,12 @@ class DLRMSpec:
 
 
 class DLRM(nn.Module):
-  """Dense arch, dot interaction and over arch of DLRM.
+  """Dense arch, interaction (dot or DCNv2 cross) and over arch of DLRM.
 
   Attributes:
     spec: the model description.
-    dtype: compute dtype of the MLPs (e.g. bfloat16); logits come out float32.
+    dtype: compute dtype of the MLPs and the cross network (e.g. bfloat16;
+      the parameters stay float32 master weights); logits come out float32.
   """
 
   spec: DLRMSpec
@@ -121,12 +152,18 @@ class DLRM(nn.Module):
       dense_out = MLP(spec.dense_mlp, dtype=self.dtype, name='dense_mlp')(
           dense.astype(self.dtype), train=train)
       feats = jnp.concatenate([dense_out[:, None, :], sparse], axis=1)
-    parts = [interaction.dot_interaction(feats, spec.interaction_self)]
-    if dense_out is not None:
-      parts.append(dense_out)
-    if spec.arch_with_sparse:
-      parts.append(sparse.reshape(b, spec.num_sparse * spec.embedding_dim))
-    x = jnp.concatenate(parts, axis=-1)
+    if spec.interaction == 'dcn':
+      # TorchRec InteractionDCNArch: cross net on [B, (N + 1) * D], its
+      # output alone feeds the over arch.
+      x = LowRankCrossNet(spec.dcn, dtype=self.dtype, name='crossnet')(
+          feats.reshape(b, -1))
+    else:
+      parts = [interaction.dot_interaction(feats, spec.interaction_self)]
+      if dense_out is not None:
+        parts.append(dense_out)
+      if spec.arch_with_sparse:
+        parts.append(sparse.reshape(b, spec.num_sparse * spec.embedding_dim))
+      x = jnp.concatenate(parts, axis=-1)
     x = MLP(spec.final, dtype=self.dtype, name='final')(x, train=train)
     logits = nn.Dense(1, dtype=self.dtype, name='output')(x)[:, 0]
     logits = logits.astype(jnp.float32)
