@@ -1,0 +1,103 @@
+"""get_table / set_table under every sharding strategy on 8 fake devices.
+
+The reference is plain NumPy: the array that was set, and a NumPy gather of
+it for the lookups.
+"""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import numpy as np
+
+from dlrm_jax.embedding import EmbeddingEngine
+from dlrm_jax.embedding import table_access
+from tests import embedding_test
+from tests import reference
+from tests import sharding_test
+
+_CASES = ([(s, 'rowwise_adagrad', (2, 4)) for s in sharding_test.STRATEGIES]
+          + [(s, 'adagrad', (1, 8)) for s in sharding_test.STRATEGIES]
+          + [('mixed', 'adam', (1, 8)), ('auto', 'sgd', (2, 4))])
+
+
+def _plan(strategy, tables, shards):
+  if strategy == 'mixed':
+    return sharding_test.mixed_plan(tables, shards)
+  if strategy == 'auto':
+    return None
+  return sharding_test.uniform_plan(tables, strategy, shards)
+
+
+class TableAccessTest(parameterized.TestCase):
+
+  @parameterized.parameters(*_CASES)
+  def test_round_trip_and_lookup(self, strategy, kind, mesh_shape):
+    tables, features = embedding_test.make_specs(kind)
+    mesh = reference.mesh_of(*mesh_shape)
+    engine = EmbeddingEngine(tables, features, mesh,
+                             _plan(strategy, tables, mesh_shape[1]))
+    state = engine.init(jax.random.key(0))
+    before = {t.name: table_access.get_table(engine, state, t.name)
+              for t in tables}
+    for t in tables:  # get_table reads what the engine's own view reads
+      np.testing.assert_array_equal(before[t.name],
+                                    engine.gather_table(state, t.name))
+    rng = np.random.default_rng(1)
+    new = rng.normal(size=(tables[0].num_rows, tables[0].dim)).astype(
+        np.float32)
+    state2 = table_access.set_table(engine, state, 'shared', new)
+    np.testing.assert_array_equal(
+        table_access.get_table(engine, state2, 'shared'), new)
+    for t in tables[1:]:  # the other tables are untouched
+      np.testing.assert_array_equal(
+          table_access.get_table(engine, state2, t.name), before[t.name])
+    np.testing.assert_array_equal(  # the old state is still valid
+        table_access.get_table(engine, state, 'shared'), before['shared'])
+    for k in table_access.table_slots(engine, 'bag'):
+      shape = table_access.get_slot(engine, state2, 'bag', k).shape
+      vals = rng.uniform(size=shape).astype(np.float32)
+      state2 = table_access.set_slot(engine, state2, 'bag', k, vals)
+      np.testing.assert_array_equal(
+          table_access.get_slot(engine, state2, 'bag', k), vals)
+      np.testing.assert_array_equal(engine.gather_table(state2, 'bag', k),
+                                    vals)
+    tabs = {t.name: table_access.get_table(engine, state2, t.name)
+            for t in tables}
+    ids = embedding_test.make_ids(np.random.default_rng(2), features, tables,
+                                  batch=16)
+    ids[:, 0] = np.arange(16) % tables[0].num_rows
+    ids[:, 5:7] = (np.arange(32).reshape(16, 2) + 7) % tables[0].num_rows
+    embs, _ = engine.lookup(
+        state2['stacks'],
+        jax.device_put(ids, jax.sharding.NamedSharding(mesh,
+                                                       engine.ids_spec())))
+    want = reference.dense_lookup(tabs, tables, features, ids)
+    np.testing.assert_allclose(np.asarray(embs[0]), new[ids[:, 0]],
+                               rtol=1e-6)  # a plain NumPy gather
+    for got, w in zip(embs, want):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(w), rtol=1e-5,
+                                 atol=1e-6)
+
+  def test_memmap_values_and_errors(self):
+    tables, features = embedding_test.make_specs('rowwise_adagrad')
+    mesh = reference.mesh_of(2, 4)
+    engine = EmbeddingEngine(tables, features, mesh, sharding_test.uniform_plan(
+        tables, 'row_wise', 4))
+    state = engine.init(jax.random.key(0))
+    path = self.create_tempfile('t.npy').full_path
+    vals = np.arange(37 * 8, dtype=np.float32).reshape(37, 8)
+    np.save(path, vals)
+    state = table_access.set_table(engine, state, 'bag',
+                                   np.load(path, mmap_mode='r'))
+    np.testing.assert_array_equal(table_access.get_table(engine, state, 'bag'),
+                                  vals)
+    with self.assertRaisesRegex(ValueError, r"'bag' has shape \[37, 8\]"):
+      table_access.set_table(engine, state, 'bag', vals[:5])
+    with self.assertRaisesRegex(ValueError, "unknown table 'nope'"):
+      table_access.get_table(engine, state, 'nope')
+    with self.assertRaisesRegex(ValueError, "slot 'm' does not exist"):
+      table_access.get_slot(engine, state, 'bag', 'm')
+
+
+if __name__ == '__main__':
+  absltest.main()
