@@ -41,6 +41,9 @@ setuptools.setup(
             'pytest-xdist>=3.8',
             'pyyaml>=6.0',
         ],
+        'torch': [  # dlrm_jax.convert reading/writing torch .pt state dicts
+            'torch>=2.4',
+        ],
         'notebooks': [
             'ipykernel>=7.4',
             'jupyter>=1.0',
