@@ -53,6 +53,7 @@ from ml_collections import config_dict
 
 from dlrm_jax import checkpoint as ckpt_lib
 from dlrm_jax import train
+from dlrm_jax.data import inputs
 from dlrm_jax.embedding import table_access
 from dlrm_jax.models import interaction
 
@@ -382,11 +383,18 @@ def import_checkpoint(sd, peer: str, workdir: str, base_config,
   trainer = trainer or train.Trainer(config)
   state, names = state_from_peer(sd, peer, trainer, seed=config.seed)
   os.makedirs(workdir, exist_ok=True)
+  # The input pipeline's start position, so that training resumes from this
+  # checkpoint as a fresh run of the config would start (grain sources).
+  data = inputs.make_data(inputs.prepare_config(config), trainer.setup,
+                          process_index=jax.process_index(),
+                          process_count=jax.process_count())
+  data_iter = data.train.iterator() if data.uses_grain else None
   ckpt = ckpt_lib.Checkpointer(workdir)
   try:
     ckpt.save(0, state, {'signature': trainer.signature(),
                          'plan': trainer.plan.to_json(), 'data_position': 0,
-                         'step': 0, 'config': config.to_json_best_effort()})
+                         'step': 0, 'config': config.to_json_best_effort()},
+              data_iter=data_iter)
   finally:
     ckpt.close()
   if jax.process_index() == 0:
