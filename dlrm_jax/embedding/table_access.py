@@ -48,7 +48,7 @@ def _table_spec(engine, name: str):
       f' {[t.name for t in engine.tables]}.')
 
 
-def _pieces(engine, name: str) -> Iterator[tuple[Any, Any, int]]:
+def pieces(engine, name: str) -> Iterator[tuple[Any, Any, int]]:
   """(stack, piece, first global row of the piece in the stack array)."""
   for s in engine.stacks:
     for pc in s.pieces:
@@ -71,7 +71,7 @@ def _array(engine, state: EmbeddingState, stack, slot: str | None):
 def _logical_shape(engine, name: str, state: EmbeddingState,
                    slot: str | None) -> tuple[int, ...]:
   t = _table_spec(engine, name)
-  stack = next(_pieces(engine, name))[0]
+  stack = next(pieces(engine, name))[0]
   arr = _array(engine, state, stack, slot)
   return (t.num_rows, t.dim) if arr.ndim == 2 else (t.num_rows,)
 
@@ -83,7 +83,7 @@ def _norm(index, shape) -> tuple[tuple[int, int], ...]:
 def table_slots(engine, name: str) -> tuple[str, ...]:
   """The optimizer slot names of a table ('acc', 'm', 'v', ...)."""
   _table_spec(engine, name)
-  stack = next(_pieces(engine, name))[0]
+  stack = next(pieces(engine, name))[0]
   return tuple(optimizers.slot_shapes(stack.optimizer, 1, stack.width))
 
 
@@ -102,7 +102,7 @@ def get_table(engine, state: EmbeddingState, name: str,
   """
   shape = _logical_shape(engine, name, state, slot)
   out = None
-  for s, pc, g0 in _pieces(engine, name):
+  for s, pc, g0 in pieces(engine, name):
     arr = _array(engine, state, s, slot)
     if out is None:
       out = np.zeros(shape, arr.dtype)
@@ -157,22 +157,22 @@ def set_table(engine, state: EmbeddingState, name: str, values,
         f'table {name!r}{"" if slot is None else f" slot {slot!r}"} has shape'
         f' {list(shape)}, got values of shape {list(np.shape(values))}.')
   by_stack: dict[str, list] = {}
-  for s, pc, g0 in _pieces(engine, name):
+  for s, pc, g0 in pieces(engine, name):
     by_stack.setdefault(s.name, []).append((s, pc, g0))
   new_stacks = dict(state['stacks'])
   new_slots = {k: dict(v) for k, v in state['slots'].items()}
-  for stack_name, pieces in by_stack.items():
-    s = pieces[0][0]
+  for stack_name, blocks in by_stack.items():
+    s = blocks[0][0]
     old = _array(engine, state, s, slot)
     local = {}
     for sh in old.addressable_shards:
       local.setdefault(_norm(sh.index, old.shape), sh.data)
 
-    def shard(index, old=old, local=local, pieces=pieces):
+    def shard(index, old=old, local=local, blocks=blocks):
       key = _norm(index, old.shape)
       buf = np.array(local[key])  # this device's old shard, a host copy
       (r0, r1) = key[0]
-      for _, pc, g0 in pieces:
+      for _, pc, g0 in blocks:
         lo, hi = max(g0, r0), min(g0 + pc.rows, r1)
         if lo >= hi:
           continue
