@@ -188,5 +188,7 @@ def export(model: TrainedModel, out_dir: str, *, batch_size: int | None = None,
   sm = serving.ServingModel(model.trainer, model.state,
                             id_tables=model.id_tables(),
                             request_columns=request_columns,
-                            quantize=quantize)
+                            quantize=quantize,
+                            multi_hot=inputs.make_batch_maker(
+                                model.config, model.trainer.setup).multi_hot)
   return sm.export(out_dir, batch_size=batch_size)

@@ -41,6 +41,7 @@ import numpy as np
 
 from dlrm_jax import export_tables
 from dlrm_jax import features as features_lib
+from dlrm_jax import multi_hot_export
 from dlrm_jax.export_runtime import INPUTS, NUM_CAT, NUM_INT  # pylint: disable=unused-import
 from dlrm_jax.export_runtime import LoadedModel, load_export, parse_rows  # pylint: disable=unused-import
 
@@ -62,7 +63,7 @@ class ServingModel:
 
   def __init__(self, trainer, state, *, id_tables: dict[str, Any] | None = None,
                request_columns: Sequence[str] = (),
-               quantize: str | None = None):
+               quantize: str | None = None, multi_hot=None):
     """Builds it from a Trainer and a TrainState.
 
     Args:
@@ -78,16 +79,24 @@ class ServingModel:
       quantize: None, 'fp16' or 'int8': how the tables are stored and served
         (`dlrm_jax.export_tables`); the in-process scores use the same
         (dequantized) rows.
+      multi_hot: the training data's `loader.MultiHot` for a model trained
+        on synthetic multi-hot bags: each raw value is expanded into the
+        same bag inside the function (`dlrm_jax.multi_hot_export`).
     """
     setup = trainer.setup
     self.trainer = trainer
     self.transform = setup.transform
+    self.multi_hot = multi_hot
+    self._packed_index = {f.name: k for k, f in enumerate(setup.feature_specs)}
+    self._combiner = {t.name: t.combiner for t in setup.tables}
     for f in self.transform.sparse:
-      if f.max_ids != 1:
+      hot = (1 if multi_hot is None else
+             multi_hot.hotness[self._packed_index[f.name]])
+      if f.max_ids != hot:
         raise ValueError(
             f'feature {f.name!r} has max_ids {f.max_ids}: the export takes one'
-            ' raw value per feature (synthetic multi-hot bags are not'
-            ' exported).')
+            ' raw value per feature, expanded into a bag only by the'
+            ' synthetic multi-hot scheme (pass multi_hot=).')
     id_tables = dict(id_tables or {})
     for f in self.transform.sparse:
       if isinstance(f, features_lib.IdFeature) and f.managed_collision and (
@@ -156,7 +165,18 @@ class ServingModel:
       else:
         ids = self._ids(f, cat, present, params['id_tables'])
       table = params['tables'][self._table_of[f.name]]
-      out.append(export_tables.take_rows(table, ids))
+      if f.max_ids == 1:
+        out.append(export_tables.take_rows(table, ids))
+        continue
+      bag = multi_hot_export.bags(ids.astype(jnp.int32), self.multi_hot,
+                                  self._packed_index[f.name])
+      pooled = export_tables.take_rows(table, bag).sum(axis=1)  # [B, D]
+      combiner = self._combiner[self._table_of[f.name]]
+      if combiner == 'mean':
+        pooled = pooled / f.max_ids
+      elif combiner == 'sqrtn':
+        pooled = pooled / np.sqrt(f.max_ids)
+      out.append(pooled)
     return jnp.stack(out, axis=1)
 
   def _dense(self, ints):
