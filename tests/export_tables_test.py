@@ -30,6 +30,19 @@ def random_inputs(n, seed=0):
           'cat_present': rng.random((n, 26)) < 0.9}
 
 
+def random_lines(n, seed=0):
+  """Criteo text lines (39 fields), about a tenth of the values missing."""
+  rng = np.random.default_rng(seed)
+  lines = []
+  for _ in range(n):
+    ints = [str(v) if rng.random() > 0.1 else ''
+            for v in rng.integers(0, 500, 13)]
+    cats = [f'{v:08x}' if rng.random() > 0.1 else ''
+            for v in rng.integers(0, 2**32, 26, dtype=np.uint64)]
+    lines.append('\t'.join(ints + cats))
+  return lines
+
+
 def loop_int8(row):
   """FBGEMM FloatOrHalfToFused8BitRowwiseQuantizedSBFloatRef, one row."""
   lo, hi = min(row), max(row)
@@ -163,14 +176,8 @@ class MultiHotExportTest(absltest.TestCase):
     config = inputs_lib.prepare_config(config)
     trainer = train.Trainer(config, mesh=reference.single_device_mesh())
     model = inference.TrainedModel(config, trainer, trainer.init_state(0), 0)
-    path = self.create_tempfile('rows.txt').full_path
-    rng = np.random.default_rng(0)
-    with open(path, 'w') as f:
-      for _ in range(64):
-        ints = [str(v) for v in rng.integers(0, 50, 13)]
-        cats = [f'{v:08x}' if rng.random() > 0.1 else '' for v in
-                rng.integers(0, 2**32, 26, dtype=np.uint64)]
-        f.write('\t'.join(ints + cats) + '\n')
+    path = self.create_tempfile(
+        'rows.txt', '\n'.join(random_lines(64)) + '\n').full_path
     scores = os.path.join(self.create_tempdir().full_path, 's.txt')
     inference.predict(model, path, scores)
     want = np.array([float(x) for x in open(scores)])

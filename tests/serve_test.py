@@ -24,21 +24,9 @@ from dlrm_jax import serve
 from dlrm_jax import serving
 from dlrm_jax import train
 from tests import reference
+from tests.export_tables_test import random_lines
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def random_lines(n, seed=0):
-  """Criteo text lines (39 fields), some values missing."""
-  rng = np.random.default_rng(seed)
-  lines = []
-  for _ in range(n):
-    ints = [str(v) if rng.random() > 0.1 else ''
-            for v in rng.integers(0, 500, 13)]
-    cats = [f'{v:08x}' if rng.random() > 0.1 else ''
-            for v in rng.integers(0, 2**32, 26, dtype=np.uint64)]
-    lines.append('\t'.join(ints + cats))
-  return lines
 
 
 class ServerTest(absltest.TestCase):
