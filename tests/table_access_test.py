@@ -101,3 +101,40 @@ class TableAccessTest(parameterized.TestCase):
 
 if __name__ == '__main__':
   absltest.main()
+
+
+class TwoProcessTest(absltest.TestCase):
+
+  def test_each_process_reads_only_its_rows(self):
+    import json  # pylint: disable=g-import-not-at-top
+    import os  # pylint: disable=g-import-not-at-top
+    import socket  # pylint: disable=g-import-not-at-top
+    import subprocess  # pylint: disable=g-import-not-at-top
+    import sys  # pylint: disable=g-import-not-at-top
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as s:
+      s.bind(('127.0.0.1', 0))
+      port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS='cpu',
+               XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    tmp = self.create_tempdir().full_path
+    outs = [os.path.join(tmp, f'{i}.json') for i in range(2)]
+    procs = [subprocess.Popen(
+        [sys.executable, '-m', 'tests.table_access_multiprocess', str(port),
+         str(i), outs[i]], cwd=root, env=env, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+    for p in procs:
+      _, err = p.communicate(timeout=300)
+      self.assertEqual(p.returncode, 0, err[-3000:])
+    res = [json.load(open(o)) for o in outs]
+    for strategy in sharding_test.STRATEGIES:
+      for r in res:
+        self.assertTrue(r[strategy]['equal'], strategy)
+        self.assertTrue(r[strategy]['acc_equal'], strategy)
+    # Row-wise over 4 devices (2 per process): 10 rows per device, process 0
+    # holds rows 0..19 and reads only those, process 1 the rest.
+    self.assertEqual(res[0]['row_wise']['rows_read'], list(range(20)))
+    self.assertEqual(res[1]['row_wise']['rows_read'], list(range(20, 37)))
+    # Table-wise on one device: only its process reads the table.
+    self.assertEqual(sorted(len(r['table_wise']['rows_read']) for r in res),
+                     [0, 37])
