@@ -103,7 +103,8 @@ def _writer_blocks(engine, state, name):
   for s, pc, g0 in table_access.pieces(engine, name):
     arr = state['stacks'][s.name]
     holders = [d for d, idx in arr.sharding.devices_indices_map(
-        arr.shape).items() if _covers(idx[0], arr.shape[0], g0, pc.rows)]
+        arr.shape).items() if table_access.covers(
+            idx[0], arr.shape[0], g0, pc.rows)]
     writer = min(holders, key=lambda d: d.id)
     if writer.process_index != jax.process_index():
       continue
@@ -111,11 +112,6 @@ def _writer_blocks(engine, state, name):
     r0 = shard.index[0].indices(arr.shape[0])[0]
     out.append((pc, shard, g0 - r0))
   return out
-
-
-def _covers(sl, n, start, rows):
-  a, b, _ = sl.indices(n)
-  return a <= start and start + rows <= b
 
 
 def write_tables(engine, state, out_dir: str, quantize: str | None = None

@@ -138,3 +138,27 @@ class TwoProcessTest(absltest.TestCase):
     # Table-wise on one device: only its process reads the table.
     self.assertEqual(sorted(len(r['table_wise']['rows_read']) for r in res),
                      [0, 37])
+
+
+class CollectiveReadTest(absltest.TestCase):
+
+  def test_a_piece_crosses_devices_alone(self):
+    """The collective read of one piece (several processes) moves only that
+    piece: the compiled HLO's collectives are `[rows, W]`, never the stack."""
+    import re  # pylint: disable=g-import-not-at-top
+    tables, features = embedding_test.make_specs('sgd')
+    mesh = reference.mesh_of(2, 4)
+    engine = EmbeddingEngine(tables, features, mesh,
+                             sharding_test.uniform_plan(tables, 'row_wise', 4))
+    state = engine.init(jax.random.key(0))
+    s, pc, _ = next(table_access.pieces(engine, 'bag'))
+    arr = state['stacks'][s.name]
+    got = table_access._cut(engine, arr, s, pc)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(
+        np.asarray(got), engine.gather_table(state, 'bag')[:pc.rows])
+    hlo = table_access.cut_fn(engine, s, pc, 2).lower(arr).compile().as_text()
+    ops = re.findall(r'= (\w+\[[\d,]*\])\{?[\d,]*\}? ?(all-reduce|all-gather|'
+                     r'collective-permute|all-to-all)\(', hlo)
+    self.assertNotEmpty(ops, hlo)
+    for shape, op in ops:
+      self.assertEqual(shape, f'f32[{pc.rows},{s.width}]', (op, hlo))

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from dlrm_jax.embedding import optimizers
 
@@ -106,17 +106,15 @@ def get_table(engine, state: EmbeddingState, name: str,
     arr = _array(engine, state, s, slot)
     if out is None:
       out = np.zeros(shape, arr.dtype)
-    if arr.is_fully_addressable:
-      block = None
-      for sh in arr.addressable_shards:
-        (r0, r1), = _norm(sh.index[:1], arr.shape[:1])
-        if r0 <= g0 and g0 + pc.rows <= r1:
-          block = np.asarray(sh.data[g0 - r0:g0 - r0 + pc.rows])
-          break
-      if block is None:  # pragma: no cover - every row is on some shard
-        raise RuntimeError(f'no local shard holds rows {g0}.. of {s.name}')
-    else:
-      block = np.asarray(_cut(engine, arr, g0, pc.rows).addressable_data(0))
+    holders = [d for d, idx in arr.sharding.devices_indices_map(
+        arr.shape).items() if covers(idx[0], arr.shape[0], g0, pc.rows)]
+    if {d.process_index for d in holders} == set(range(jax.process_count())):
+      # Every process holds the piece (one process; or replicated): local.
+      sh = next(sh for sh in arr.addressable_shards if sh.device in holders)
+      r0 = sh.index[0].indices(arr.shape[0])[0]
+      block = np.asarray(sh.data[g0 - r0:g0 - r0 + pc.rows])
+    else:  # the same decision in every process: all take part
+      block = np.asarray(_cut(engine, arr, s, pc).addressable_data(0))
     if arr.ndim == 2:
       out[pc.row_start:pc.row_start + pc.rows,
           pc.col_start:pc.col_start + pc.width] = block
@@ -125,11 +123,35 @@ def get_table(engine, state: EmbeddingState, name: str,
   return out
 
 
-def _cut(engine, arr: jax.Array, start: int, rows: int) -> jax.Array:
-  """Rows `start .. start + rows` of a sharded array, replicated everywhere."""
-  fn = jax.jit(lambda a, i: jax.lax.dynamic_slice_in_dim(a, i, rows, 0),
-               out_shardings=NamedSharding(engine.mesh, P()))
-  return fn(arr, jnp.int32(start))
+def covers(sl: slice, n: int, start: int, rows: int) -> bool:
+  a, b, _ = sl.indices(n)
+  return a <= start and start + rows <= b
+
+
+def _cut(engine, arr: jax.Array, stack, pc) -> jax.Array:
+  return cut_fn(engine, stack, pc, arr.ndim)(arr)
+
+
+def cut_fn(engine, stack, pc, ndim: int):
+  """`fn(stack_array)`: a piece's `[rows, ...]` block of a model-sharded stack array,
+  replicated on every device.
+
+  Inside `shard_map`, the owning device cuts the block out of its own shard
+  with static offsets and the others contribute zeros, summed over the
+  model axis: only the block's size crosses devices (a slice of the global
+  array would all-gather the whole stack first).
+  """
+  del stack  # the piece's offsets are within its device's block
+  from dlrm_jax.embedding.engine import MODEL  # pylint: disable=g-import-not-at-top
+  spec = P(MODEL, *([None] * (ndim - 1)))
+
+  def local(a):
+    block = a[pc.offset:pc.offset + pc.rows]
+    mine = jax.lax.axis_index(MODEL) == pc.device
+    return jax.lax.psum(jnp.where(mine, block, jnp.zeros_like(block)), MODEL)
+
+  return jax.jit(jax.shard_map(local, mesh=engine.mesh, in_specs=(spec,),
+                               out_specs=P()))
 
 
 def set_table(engine, state: EmbeddingState, name: str, values,
