@@ -15,7 +15,6 @@ import numpy as np
 from configs import criteo as criteo_config
 from dlrm_jax import convert
 from dlrm_jax import train
-from dlrm_jax.embedding import table_access
 from tests import reference
 
 DIM, ROWS, BOT, TOP = 4, (11, 7, 5), (13, 8, 4), (6, 3, 1)
