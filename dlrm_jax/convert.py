@@ -382,6 +382,18 @@ def import_checkpoint(sd, peer: str, workdir: str, base_config,
   config = config_from_peer(sd, peer, base_config)
   trainer = trainer or train.Trainer(config)
   state, names = state_from_peer(sd, peer, trainer, seed=config.seed)
+  save_initial_checkpoint(trainer, state, config, workdir)
+  if jax.process_index() == 0:
+    ckpt_lib.write_json(os.path.join(workdir, PEER_FILE),
+                        {'peer': peer, 'table_names': names})
+  return config
+
+
+def save_initial_checkpoint(trainer: train.Trainer, state: train.TrainState,
+                            config, workdir: str) -> None:
+  """Writes `state` as the step-0 checkpoint of a run of `config` in
+  `workdir` (with `config.json`), from which training starts as from a
+  fresh initialization."""
   os.makedirs(workdir, exist_ok=True)
   # The input pipeline's start position, so that training resumes from this
   # checkpoint as a fresh run of the config would start (grain sources).
@@ -400,9 +412,6 @@ def import_checkpoint(sd, peer: str, workdir: str, base_config,
   if jax.process_index() == 0:
     ckpt_lib.write_json(os.path.join(workdir, 'config.json'),
                         json.loads(config.to_json_best_effort()))
-    ckpt_lib.write_json(os.path.join(workdir, PEER_FILE),
-                        {'peer': peer, 'table_names': names})
-  return config
 
 
 def config_of_workdir(workdir: str) -> config_dict.ConfigDict:

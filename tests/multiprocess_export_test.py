@@ -11,6 +11,7 @@ from absl.testing import absltest
 import numpy as np
 
 from configs import criteo as criteo_config
+from dlrm_jax import convert
 from dlrm_jax import export_runtime
 from dlrm_jax import inference
 from dlrm_jax import serving
@@ -19,7 +20,7 @@ from tests import export_tables_test
 from tests import reference
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_OVERRIDES = {'num_train_steps': 10, 'embedding.replicate_bytes': 0,
+_OVERRIDES = {'embedding.replicate_bytes': 0,
               'embedding.sharding': 'row_wise'}
 
 
@@ -31,8 +32,9 @@ class MultiProcessExportTest(absltest.TestCase):
       section, _, field = k.rpartition('.')
       (config[section] if section else config)[field] = v
     workdir = tempfile.mkdtemp(prefix='dlrm_mp_export_')
-    train.train_and_evaluate(config, workdir,
-                             train.Trainer(config, mesh=reference.mesh_of(1, 4)))
+    trainer = train.Trainer(config, mesh=reference.mesh_of(1, 4))
+    convert.save_initial_checkpoint(trainer, trainer.init_state(1), config,
+                                    workdir)
     export_dir = os.path.join(workdir, 'export')
     env = dict(os.environ, PYTHON=sys.executable, NUM_PROCESSES='2',
                DEVICES_PER_PROCESS='2')
