@@ -40,6 +40,13 @@ setuptools.setup(
             'pytest>=9.2',
             'pytest-xdist>=3.8',
             'pyyaml>=6.0',
+            'aiohttp>=3.14',  # tests/serve_test.py, benchmarks/serving.py
+        ],
+        'serve': [  # python -m dlrm_jax.serve (see its docstring: why)
+            'aiohttp>=3.14',
+        ],
+        'torch': [  # dlrm_jax.convert reading/writing torch .pt state dicts
+            'torch>=2.4',
         ],
         'notebooks': [
             'ipykernel>=7.4',

@@ -31,9 +31,7 @@ class LoadedModel:
       raise ValueError(f'{export_dir} is not a dlrm_jax export.')
     with open(os.path.join(export_dir, 'model.stablehlo'), 'rb') as f:
       self._fn = jax.export.deserialize(bytearray(f.read()))
-    with np.load(os.path.join(export_dir, 'params.npz')) as z:
-      self._params = [z[f'p{i:05d}']
-                      for i in range(self.signature['num_params'])]
+    self._params = load_params(export_dir, self.signature)
     self._tiled = None
     tiled_path = os.path.join(export_dir, 'tiled.stablehlo')
     if os.path.exists(tiled_path):
@@ -91,6 +89,27 @@ class LoadedModel:
         self._check('candidate_cat_present', candidates['cat_present'],
                     len(t['candidate_cat']), k)]
     return np.asarray(self._tiled.call(*self._params, *args))
+
+
+def load_params(export_dir: str, signature: dict) -> list:
+  """The function's parameters, in order, placed on the default device once.
+
+  Version 2 exports list each parameter's file in `param_files`: an entry
+  of `params.npz` (`params.npz:p00003`) or a table's `.npy`, read with
+  memory mapping, so a table is paged in from disk rather than read whole
+  into this process's heap before it goes to the device.
+  """
+  files = signature.get('param_files') or [
+      f'params.npz:p{i:05d}' for i in range(signature['num_params'])]
+  out = []
+  with np.load(os.path.join(export_dir, 'params.npz')) as z:
+    for rel in files:
+      if rel.startswith('params.npz:'):
+        out.append(jax.device_put(z[rel.split(':', 1)[1]]))
+      else:
+        out.append(jax.device_put(np.load(os.path.join(export_dir, rel),
+                                          mmap_mode='r')))
+  return out
 
 
 def load_export(export_dir: str) -> LoadedModel:

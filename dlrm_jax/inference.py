@@ -181,9 +181,14 @@ def evaluate(model: TrainedModel, paths: Sequence[str] | str | None = None
 
 
 def export(model: TrainedModel, out_dir: str, *, batch_size: int | None = None,
-           request_columns: Sequence[str] = ()) -> str:
-  """Exports the inference function (see `dlrm_jax.serving`)."""
+           request_columns: Sequence[str] = (),
+           quantize: str | None = None) -> str:
+  """Exports the inference function (see `dlrm_jax.serving`); `quantize`:
+  None, 'fp16' or 'int8' tables (`dlrm_jax.export_tables`)."""
   sm = serving.ServingModel(model.trainer, model.state,
                             id_tables=model.id_tables(),
-                            request_columns=request_columns)
+                            request_columns=request_columns,
+                            quantize=quantize,
+                            multi_hot=inputs.make_batch_maker(
+                                model.config, model.trainer.setup).multi_hot)
   return sm.export(out_dir, batch_size=batch_size)

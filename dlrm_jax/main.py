@@ -52,6 +52,9 @@ _REQUEST_COLUMNS = flags.DEFINE_list(
     'request_columns', [],
     'export: input columns (int_<i>, cat_<j>) that are the same for every'
     ' candidate of a request; adds a tiled function.')
+_QUANTIZE = flags.DEFINE_enum(
+    'quantize', 'none', ['none', 'fp16', 'int8'],
+    'export: table storage (int8: FBGEMM row-wise scale and bias).')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0 (multi-process).')
 _NUM_PROCESSES = flags.DEFINE_integer(
@@ -114,7 +117,8 @@ def main(argv):
   else:
     out = inference.export(
         model, _OUTPUT.value, batch_size=_EXPORT_BATCH.value or None,
-        request_columns=_REQUEST_COLUMNS.value)
+        request_columns=_REQUEST_COLUMNS.value,
+        quantize=None if _QUANTIZE.value == 'none' else _QUANTIZE.value)
     print(f'exported to {out}')
 
 

@@ -4,10 +4,15 @@
 (StableHLO), preprocessing included, to a directory:
 
   model.stablehlo   the function, for a fixed or a symbolic batch size
-  params.npz        its parameters (dense weights, logical embedding tables,
-                    id lookup tables), in the order the function takes them
-  signature.json    input names, shapes and dtypes, and the request-level
-                    columns of the tiled function
+  params.npz        its small parameters (dense weights, id lookup tables)
+  tables/           the embedding tables, one `.npy` per table (or per part
+                    of an int8 table), streamed from the devices holding
+                    them and read back with memory mapping
+                    (`dlrm_jax.export_tables`; `quantize=int8|fp16`)
+  signature.json    input names, shapes and dtypes, the file of each
+                    parameter in the order the function takes them
+                    (`param_files`), and the request-level columns of the
+                    tiled function
   tiled.stablehlo   (with request-level features) the tiled function
 
 The function takes, for B rows:
@@ -34,7 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dlrm_jax import export_tables
 from dlrm_jax import features as features_lib
+from dlrm_jax import multi_hot_export
 from dlrm_jax.export_runtime import INPUTS, NUM_CAT, NUM_INT  # pylint: disable=unused-import
 from dlrm_jax.export_runtime import LoadedModel, load_export, parse_rows  # pylint: disable=unused-import
 
@@ -55,7 +62,8 @@ class ServingModel:
   """
 
   def __init__(self, trainer, state, *, id_tables: dict[str, Any] | None = None,
-               request_columns: Sequence[str] = ()):
+               request_columns: Sequence[str] = (),
+               quantize: str | None = None, multi_hot=None):
     """Builds it from a Trainer and a TrainState.
 
     Args:
@@ -68,16 +76,27 @@ class ServingModel:
         hash mapping. Missing values always read row 0.
       request_columns: input columns (`int_<i>`, `cat_<j>`) that are the same
         for every candidate of a request, for the tiled function.
+      quantize: None, 'fp16' or 'int8': how the tables are stored and served
+        (`dlrm_jax.export_tables`); the in-process scores use the same
+        (dequantized) rows.
+      multi_hot: the training data's `loader.MultiHot` for a model trained
+        on synthetic multi-hot bags: each raw value is expanded into the
+        same bag inside the function (`dlrm_jax.multi_hot_export`).
     """
     setup = trainer.setup
     self.trainer = trainer
     self.transform = setup.transform
+    self.multi_hot = multi_hot
+    self._packed_index = {f.name: k for k, f in enumerate(setup.feature_specs)}
+    self._combiner = {t.name: t.combiner for t in setup.tables}
     for f in self.transform.sparse:
-      if f.max_ids != 1:
+      hot = (1 if multi_hot is None else
+             multi_hot.hotness[self._packed_index[f.name]])
+      if f.max_ids != hot:
         raise ValueError(
             f'feature {f.name!r} has max_ids {f.max_ids}: the export takes one'
-            ' raw value per feature (synthetic multi-hot bags are not'
-            ' exported).')
+            ' raw value per feature, expanded into a bag only by the'
+            ' synthetic multi-hot scheme (pass multi_hot=).')
     id_tables = dict(id_tables or {})
     for f in self.transform.sparse:
       if isinstance(f, features_lib.IdFeature) and f.managed_collision and (
@@ -89,21 +108,39 @@ class ServingModel:
     for c in request_columns:
       features_lib.parse_input(c, path='request_columns')
     self.request_columns = tuple(request_columns)
-    tables = {t.name: jnp.asarray(trainer.engine.gather_table(state.emb,
-                                                              t.name))
-              for t in setup.tables}
+    export_tables.check_quantize(quantize)
+    self.quantize = quantize
+    self._emb = state.emb  # tables are read when needed (see `params`)
     variables = {'params': state.params}
     if trainer.has_bn:
       variables['batch_stats'] = state.batch_stats
-    self.params = {
+    self._small = {
         'variables': jax.device_get(variables),
-        'tables': jax.device_get(tables),
         'id_tables': {k: (np.asarray(v[0], np.uint32),
                           np.asarray(v[1], np.int32),
                           np.asarray(v[2], np.int32))
                       for k, v in id_tables.items()},
     }
+    self._params = None
     self._table_of = {f.name: f.table for f in setup.feature_specs}
+
+  @property
+  def params(self) -> dict[str, Any]:
+    """The function's parameters, tables on the host (for `__call__`: small
+    models only; `export` streams the tables instead)."""
+    if self._params is None:
+      engine = self.trainer.engine
+      self._params = dict(self._small, tables={
+          t.name: export_tables.quantize_rows(
+              engine.gather_table(self._emb, t.name), self.quantize)
+          for t in self.trainer.setup.tables})
+    return self._params
+
+  def _abstract_params(self) -> dict[str, Any]:
+    """`params` with ShapeDtypeStructs for the tables (nothing read)."""
+    return dict(self._small, tables={
+        t.name: export_tables.stored_structs(t, self.quantize)
+        for t in self.trainer.setup.tables})
 
   # --------------------------------------------------------------------------
 
@@ -128,7 +165,18 @@ class ServingModel:
       else:
         ids = self._ids(f, cat, present, params['id_tables'])
       table = params['tables'][self._table_of[f.name]]
-      out.append(jnp.take(table, ids, axis=0).astype(jnp.float32))
+      if f.max_ids == 1:
+        out.append(export_tables.take_rows(table, ids))
+        continue
+      bag = multi_hot_export.bags(ids.astype(jnp.int32), self.multi_hot,
+                                  self._packed_index[f.name])
+      pooled = export_tables.take_rows(table, bag).sum(axis=1)  # [B, D]
+      combiner = self._combiner[self._table_of[f.name]]
+      if combiner == 'mean':
+        pooled = pooled / f.max_ids
+      elif combiner == 'sqrtn':
+        pooled = pooled / np.sqrt(f.max_ids)
+      out.append(pooled)
     return jnp.stack(out, axis=1)
 
   def _dense(self, ints):
@@ -205,7 +253,8 @@ class ServingModel:
   def export(self, out_dir: str, batch_size: int | None = None) -> str:
     """Writes the export directory (see the module docstring)."""
     os.makedirs(out_dir, exist_ok=True)
-    leaves, treedef = jax.tree.flatten(self.params)
+    abstract = self._abstract_params()
+    leaves, treedef = jax.tree.flatten(abstract)
     b = jax.export.symbolic_shape('b')[0] if batch_size is None else int(
         batch_size)
 
@@ -213,15 +262,27 @@ class ServingModel:
       params = jax.tree.unflatten(treedef, args[:len(leaves)])
       return self.forward(params, *args[len(leaves):])
 
-    leaf_specs = [jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+    leaf_specs = [x if isinstance(x, jax.ShapeDtypeStruct) else
+                  jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
                   for x in leaves]
     in_specs = [jax.ShapeDtypeStruct((b, NUM_INT), np.int32),
                 jax.ShapeDtypeStruct((b, NUM_CAT), np.uint32),
                 jax.ShapeDtypeStruct((b, NUM_CAT), np.bool_)]
     exported = jax.export.export(jax.jit(flat))(*leaf_specs, *in_specs)
-    _write(os.path.join(out_dir, 'model.stablehlo'), exported.serialize())
-    sig = {'format': 'dlrm_jax.export', 'version': 1,
+    chief = jax.process_index() == 0
+    if chief:
+      _write(os.path.join(out_dir, 'model.stablehlo'), exported.serialize())
+    # Every process writes the table rows its devices hold.
+    table_files = export_tables.write_tables(self.trainer.engine, self._emb,
+                                             out_dir, self.quantize)
+    files = [f'params.npz:p{i:05d}' for i in range(len(leaves))]
+    index = jax.tree.unflatten(treedef, list(range(len(leaves))))
+    for i, rel in zip(jax.tree.leaves(index['tables']),
+                      jax.tree.leaves(table_files)):
+      files[i] = rel
+    sig = {'format': 'dlrm_jax.export', 'version': 2,
            'num_params': len(leaves), 'batch_size': batch_size,
+           'quantize': self.quantize, 'param_files': files,
            'inputs': {'int': ['B', NUM_INT, 'int32'],
                       'cat': ['B', NUM_CAT, 'uint32'],
                       'cat_present': ['B', NUM_CAT, 'bool']},
@@ -245,13 +306,16 @@ class ServingModel:
           jax.ShapeDtypeStruct((k, len(cc)), np.bool_)]
       tiled = jax.export.export(jax.jit(flat_tiled))(*leaf_specs,
                                                      *tiled_specs)
-      _write(os.path.join(out_dir, 'tiled.stablehlo'), tiled.serialize())
+      if chief:
+        _write(os.path.join(out_dir, 'tiled.stablehlo'), tiled.serialize())
       sig['tiled'] = {'request_int': ri, 'request_cat': rc,
                       'candidate_int': ci, 'candidate_cat': cc}
-    np.savez(os.path.join(out_dir, 'params.npz'),
-             **{f'p{i:05d}': np.asarray(x) for i, x in enumerate(leaves)})
-    with open(os.path.join(out_dir, 'signature.json'), 'w') as f:
-      json.dump(sig, f, indent=2)
+    if chief:
+      np.savez(os.path.join(out_dir, 'params.npz'),
+               **{f'p{i:05d}': np.asarray(x) for i, x in enumerate(leaves)
+                  if files[i].startswith('params.npz:')})
+      with open(os.path.join(out_dir, 'signature.json'), 'w') as f:
+        json.dump(sig, f, indent=2)
     return out_dir
 
 
