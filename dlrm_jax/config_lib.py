@@ -192,16 +192,18 @@ def build_sparse_optimizer(cfg, path: str) -> emb_specs.SparseOptimizerSpec:
         f' {list(emb_specs.SPARSE_OPTIMIZERS)}.')
   schedule = schedules.ScheduleSpec.create(
       path=f'{path}.schedule', **_to_dict(cfg.get('schedule')))
+  defaults = emb_specs.SparseOptimizerSpec()
+  floats = ('initial_accumulator_value', 'eps', 'b1', 'b2', 'l1', 'l2',
+            'lr_power', 'beta', 'weight_decay')
+  fields = {k: float(cfg.get(k, getattr(defaults, k))) for k in floats}
   opt = emb_specs.SparseOptimizerSpec(
       kind=kind, schedule=schedule,
-      initial_accumulator_value=float(cfg.get('initial_accumulator_value',
-                                              0.0)),
-      eps=float(cfg.get('eps', 1e-8)),
-      b1=float(cfg.get('b1', 0.9)), b2=float(cfg.get('b2', 0.999)))
-  if opt.initial_accumulator_value < 0 or opt.eps < 0:
-    raise ValueError(
-        f'{path}.initial_accumulator_value ({opt.initial_accumulator_value})'
-        f' and {path}.eps ({opt.eps}) must be >= 0.')
+      weight_decay_mode=cfg.get('weight_decay_mode',
+                                defaults.weight_decay_mode),
+      stochastic_rounding=bool(cfg.get('stochastic_rounding',
+                                       defaults.stochastic_rounding)),
+      **fields)
+  opt.check(path)
   return opt
 
 
