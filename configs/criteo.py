@@ -190,6 +190,15 @@ def get_config(arg=None):
   config.eval_every_steps = 1000    # full evaluation (and at the end)
   config.checkpoint_every_steps = 1000  # checkpoint (and at the end)
   config.max_to_keep = 3            # checkpoints kept
+  config.min_train_steps = 0        # small data: train whole epochs up to this
+  # Early stopping (Keras EarlyStopping semantics): stop after `patience`
+  # evaluations without `metric` improving by more than `min_delta`.
+  config.early_stopping = config_dict.ConfigDict()
+  config.early_stopping.metric = 'auc'      # auc, log_loss, accuracy, loss
+  config.early_stopping.mode = config_dict.placeholder(str)  # max/min; None: by metric
+  config.early_stopping.patience = 0        # evaluations; 0: off
+  config.early_stopping.min_delta = 0.0     # least improvement that counts
+  config.keep_best_metric = config_dict.placeholder(str)  # e.g. 'auc': keep best ckpt
 
   if variant == 'terabyte':
     config.features = _features(16, TERABYTE_NUM_BUCKETS, 'log(x+3)')

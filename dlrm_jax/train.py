@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dlrm_jax import checkpoint as ckpt_lib
 from dlrm_jax import config_lib
+from dlrm_jax import early_stopping
 from dlrm_jax import metrics as metrics_lib
 from dlrm_jax import parallel
 from dlrm_jax import reporting
@@ -371,7 +372,22 @@ def num_train_steps(config, data: inputs.DataSetup) -> int:
     raise ValueError(
         f'config.num_train_steps ({config.num_train_steps}) must be positive,'
         f' or -1 with a positive config.num_epochs ({config.num_epochs}).')
-  return int(config.num_epochs * data.train.batches_per_epoch)
+  steps = int(config.num_epochs * data.train.batches_per_epoch)
+  # Small data: at least config.min_train_steps (whole epochs), so a small
+  # file does not end after a handful of steps (pair it with early stopping).
+  min_steps = int(config.get('min_train_steps', 0) or 0)
+  if min_steps < 0:
+    raise ValueError(
+        f'config.min_train_steps ({min_steps}) must be >= 0 (0: off).')
+  if steps < min_steps:
+    per_epoch = max(1, data.train.batches_per_epoch)
+    epochs = -(-min_steps // per_epoch)
+    logging.info(
+        'small data: %d epoch(s) of %d steps is under config.min_train_steps'
+        ' (%d); training %d epochs (%d steps) instead.', config.num_epochs,
+        per_epoch, min_steps, epochs, epochs * per_epoch)
+    steps = epochs * per_epoch
+  return steps
 
 
 def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
@@ -414,6 +430,16 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
   total_steps = num_train_steps(config, data)
 
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep)
+  stopper = early_stopping.EarlyStopping.from_config(
+      config.get('early_stopping'))
+  best_metric = config.get('keep_best_metric')
+  best_ckpt = best_tracker = None
+  if best_metric:
+    best_tracker = early_stopping.EarlyStopping(
+        best_metric, early_stopping.metric_mode(
+            best_metric, None, 'config.keep_best_metric'))
+    best_ckpt = ckpt_lib.BestCheckpointer(workdir, best_metric,
+                                          best_tracker.mode)
   signature = trainer.signature()
   latest = ckpt.latest_step()
   data_iter = data.train.iterator() if data.uses_grain else None
@@ -425,6 +451,9 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
       ckpt.restore_data_iterator(latest, data_iter)
     if trainer.remapper:
       trainer.remapper.load_state_dict(ckpt.restore_remappers(latest))
+    stopper.load_state_dict(meta.get('early_stopping'))
+    if best_tracker is not None:
+      best_tracker.load_state_dict(meta.get('best_checkpoint'))
     logging.info('resumed from the checkpoint at step %d (%s)', latest,
                  ckpt.directory)
   else:
@@ -436,6 +465,11 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
   writer = reporting.MetricsLogger(workdir, enabled=is_chief)
   final_eval = {}  # the last eval's predictions, for the ROC plot
   step = int(jax.device_get(state.step))
+  if stopper.patience and stopper.since_best >= stopper.patience:
+    logging.info('this run stopped early at step %d (eval %s best %.5f at'
+                 ' step %d); not training further.', step, stopper.metric,
+                 stopper.best, stopper.best_step)
+    total_steps = step
   if step >= total_steps:
     logging.info('already trained for %d steps (config asks for %d).', step,
                  total_steps)
@@ -443,10 +477,28 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
   def save(step, position):
     meta = {'signature': signature, 'plan': trainer.plan.to_json(),
             'data_position': position, 'step': step,
-            'config': config.to_json_best_effort()}
+            'config': config.to_json_best_effort(),
+            'early_stopping': stopper.state_dict(),
+            'best_checkpoint': best_tracker.state_dict() if best_tracker
+            else None}
     ckpt.save(step, state, meta, data_iter=data_iter,
               remappers=trainer.remapper.state_dict() if trainer.remapper
               else None)
+    return meta
+
+  def save_best(step, result):
+    """Keeps this step's state under best_checkpoint when it is the best."""
+    if best_tracker is None or not best_tracker.improved(
+        result[best_metric]):
+      return
+    best_tracker.update(step, result)
+    logging.info('best %s so far (%.5f) at step %d: kept in %s', best_metric,
+                 result[best_metric], step, best_ckpt.directory)
+    best_ckpt.save(step, state, {'step': step, 'signature': signature,
+                                 'plan': trainer.plan.to_json(),
+                                 'config': config.to_json_best_effort()},
+                   remappers=trainer.remapper.state_dict() if trainer.remapper
+                   else None, metrics=result)
 
   def run_eval(step):
     if data.eval is None:
@@ -478,6 +530,7 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
             if config.data.get('record_batches') else None)
   last_eval = None
   last_loss = None
+  stopped_early = False
   window_step = step
   rate_start, rate_step = time.time(), step
   first_step = True
@@ -535,12 +588,25 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
                         'examples_per_sec': rate, 'time': now})
         if do_eval:
           last_eval = run_eval(step)
-        if do_ckpt:
+          if last_eval is not None:
+            save_best(step, last_eval)
+            stopped_early = stopper.update(step, last_eval)
+            if stopped_early:
+              logging.info(
+                  'early stopping at step %d: eval %s has not improved on'
+                  ' %.5f (step %d) by more than %g for %d evaluations.',
+                  step, stopper.metric, stopper.best, stopper.best_step,
+                  stopper.min_delta, stopper.patience)
+        if do_ckpt or stopped_early:
           save(step, position)
         window_step = step
         rate_start, rate_step = time.time(), step
+        if stopped_early:
+          break
   finally:
     ckpt.close()
+    if best_ckpt is not None:
+      best_ckpt.close()
     writer.close()
     if record is not None:
       record.close()
@@ -551,6 +617,10 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
     logging.warning('malformed eval lines: %s', eval_bad.summary())
   summary = {'step': step, 'train_loss': last_loss, 'eval': last_eval,
              'teacher_auc': data.teacher_auc,
+             'stopped_early': stopped_early,
+             'best_eval': ({'step': stopper.best_step, stopper.metric:
+                            stopper.best} if stopper.best is not None
+                           else None),
              'malformed_lines_skipped': data.bad_lines.count + (
                  eval_bad.count if eval_bad is not None else 0)}
   if is_chief:
