@@ -199,6 +199,14 @@ def get_config(arg=None):
   config.early_stopping.patience = 0        # evaluations; 0: off
   config.early_stopping.min_delta = 0.0     # least improvement that counts
   config.keep_best_metric = config_dict.placeholder(str)  # e.g. 'auc': keep best ckpt
+  # Rare-id admission (streaming sources): ids seen fewer than min_count
+  # times in training share row oov_row; counted in a count-min sketch.
+  config.admission = config_dict.ConfigDict()
+  config.admission.min_count = 0            # 0 or 1: off
+  config.admission.oov_row = 0              # row 0: the missing-value row
+  config.admission.depth = 4                # sketch rows
+  config.admission.width = 1 << 18          # counters per sketch row
+  config.admission.features = []            # [] : every id feature
 
   if variant == 'terabyte':
     config.features = _features(16, TERABYTE_NUM_BUCKETS, 'log(x+3)')

@@ -33,6 +33,7 @@ from dlrm_jax import reporting
 from dlrm_jax.data import inputs
 from dlrm_jax.data import pipeline
 from dlrm_jax.embedding import EmbeddingEngine
+from dlrm_jax.embedding import admission as admission_lib
 from dlrm_jax.embedding import remapping
 from dlrm_jax.embedding import plan as plan_lib
 from dlrm_jax.models import DLRM
@@ -126,6 +127,7 @@ class Trainer:
                                   self.mesh, plan)
     self.model = DLRM(self.setup.model, dtype=self.setup.compute_dtype)
     self.remapper = self.new_remapper()
+    self.admission = self.new_admission(config)
     self.tx = config_lib.build_dense_optimizer(config.optimizer)
     self.has_bn = any(
         m is not None and m.use_bn
@@ -144,6 +146,12 @@ class Trainer:
   @property
   def plan(self) -> plan_lib.Plan:
     return self.engine.plan
+
+  def new_admission(self, config) -> admission_lib.IdAdmission | None:
+    """A fresh rare-id admission filter of `config.admission` (None: off)."""
+    return admission_lib.build(config, self.setup.transform,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count())
 
   def new_remapper(self) -> remapping.BatchRemapper:
     """Fresh (empty) managed-collision remappers of the model's features."""
@@ -332,6 +340,8 @@ class Trainer:
     """Click probabilities of this process's rows of a batch, on the host."""
     if 'mc_raw' in host_batch:
       host_batch = self.remapper.eval(host_batch)
+    if self.admission is not None:
+      host_batch = self.admission.eval(host_batch)
     probs = self.predict_step(state, self.put_batch(host_batch, False))
     return np.asarray(
         multihost_utils.process_allgather(probs, tiled=True)
@@ -359,6 +369,30 @@ class Trainer:
 
 # ----------------------------------------------------------------------------
 # Loop.
+
+
+_ADMISSION_KEY = '_id_admission'
+
+
+def _host_state(trainer: Trainer) -> dict[str, Any] | None:
+  """Host-side state saved with each checkpoint (the 'remappers' item): the
+  managed-collision remappers and the rare-id admission sketch."""
+  out = trainer.remapper.state_dict() if trainer.remapper else {}
+  if trainer.admission is not None:
+    out[_ADMISSION_KEY] = trainer.admission.state_dict()
+  return out or None
+
+
+def _load_host_state(trainer: Trainer, state: dict[str, Any]) -> None:
+  if trainer.remapper:
+    trainer.remapper.load_state_dict(
+        {k: v for k, v in state.items() if k != _ADMISSION_KEY})
+  if trainer.admission is not None:
+    if _ADMISSION_KEY not in state:
+      raise ckpt_lib.IncompatibleCheckpointError(
+          'the checkpoint holds no rare-id admission sketch; it was written'
+          ' without config.admission.min_count.')
+    trainer.admission.load_state_dict(state[_ADMISSION_KEY])
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -444,13 +478,14 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
   latest = ckpt.latest_step()
   data_iter = data.train.iterator() if data.uses_grain else None
   trainer.remapper = trainer.new_remapper()  # this run's
+  trainer.admission = trainer.new_admission(config)
   if latest is not None:
     state, meta = trainer.restore(ckpt, latest)
     position = int(meta.get('data_position') or 0)  # text sources
     if data_iter is not None:
       ckpt.restore_data_iterator(latest, data_iter)
-    if trainer.remapper:
-      trainer.remapper.load_state_dict(ckpt.restore_remappers(latest))
+    if trainer.remapper or trainer.admission is not None:
+      _load_host_state(trainer, ckpt.restore_remappers(latest))
     stopper.load_state_dict(meta.get('early_stopping'))
     if best_tracker is not None:
       best_tracker.load_state_dict(meta.get('best_checkpoint'))
@@ -482,8 +517,7 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
             'best_checkpoint': best_tracker.state_dict() if best_tracker
             else None}
     ckpt.save(step, state, meta, data_iter=data_iter,
-              remappers=trainer.remapper.state_dict() if trainer.remapper
-              else None)
+              remappers=_host_state(trainer))
     return meta
 
   def save_best(step, result):
@@ -497,8 +531,7 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
     best_ckpt.save(step, state, {'step': step, 'signature': signature,
                                  'plan': trainer.plan.to_json(),
                                  'config': config.to_json_best_effort()},
-                   remappers=trainer.remapper.state_dict() if trainer.remapper
-                   else None, metrics=result)
+                   remappers=_host_state(trainer), metrics=result)
 
   def run_eval(step):
     if data.eval is None:
@@ -544,6 +577,8 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
                 host_batch['ids']).tobytes())}) + '\n')
       if trainer.remapper:  # in step order: the remappers keep state
         host_batch = trainer.remapper.train(host_batch, step)
+      if trainer.admission is not None:  # counts ids: in step order too
+        host_batch = trainer.admission.train(host_batch)
       batch = trainer.put_batch(host_batch)
       state, acc = trainer.train_step(state, batch, acc)
       step += 1

@@ -655,8 +655,7 @@ class EmbeddingEngine:
             slot_rows, row_msq=row_msq)
         new_rows = self._rows_to_table_dtype(s, new_rows, table.dtype, uniq,
                                              my, step)
-        return table.at[uniq].set(
-            new_rows, mode='drop', unique_indices=True), {
+        return rounding.set_rows(table, uniq, new_rows), {
                 k: slots[k].at[uniq].set(v, mode='drop', unique_indices=True)
                 for k, v in new_slot_rows.items()}
 

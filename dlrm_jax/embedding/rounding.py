@@ -21,14 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dlrm_jax import features as features_lib
+
 LOW_PRECISION = ('bfloat16', 'float16')
 
 
 def _mix(z: jax.Array) -> jax.Array:
   """MurmurHash3's 32-bit finalizer (a bijection on uint32)."""
-  z = (z ^ (z >> 16)) * jnp.uint32(0x85EBCA6B)
-  z = (z ^ (z >> 13)) * jnp.uint32(0xC2B2AE35)
-  return z ^ (z >> 16)
+  return features_lib.mix32(z, jnp)
 
 
 def hash_bits(seed: jax.Array, row: jax.Array, col: jax.Array) -> jax.Array:
@@ -114,3 +114,22 @@ def round_nearest(x: jax.Array, dtype) -> jax.Array:
     out = _bf16_from_bits(x, jnp.uint32(0x7FFF) + lsb)
     return jnp.where(jnp.isnan(x), jnp.bfloat16(jnp.nan), out)
   return x.astype(dtype)
+
+
+def set_rows(table: jax.Array, rows: jax.Array, values: jax.Array
+             ) -> jax.Array:
+  """`table.at[rows].set(values)` (unique rows, out-of-range dropped).
+
+  A bfloat16/float16 table is scattered through its 16-bit integer view:
+  XLA:CPU otherwise normalizes a low-precision scatter to float32, converting
+  the whole table there and back on every step (hundreds of ms for a 1 GB
+  table) instead of writing the touched rows in place.
+  """
+  dtype = table.dtype
+  if dtype.itemsize != 2:
+    return table.at[rows].set(values.astype(dtype), mode='drop',
+                              unique_indices=True)
+  bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
+  vbits = jax.lax.bitcast_convert_type(values.astype(dtype), jnp.uint16)
+  bits = bits.at[rows].set(vbits, mode='drop', unique_indices=True)
+  return jax.lax.bitcast_convert_type(bits, dtype)
