@@ -7,6 +7,10 @@ Variants, chosen with a suffix: `--config=configs/criteo.py:<variant>`.
   terabyte: TorchEasyRec's `examples/dlrm_criteo.config` on Criteo 1TB
             (40M-row tables; needs accelerators with ~20 GB for the tables).
   tiny:     a very small model and data set for tests.
+  tzrec_criteo:    TorchEasyRec's benchmark DLRM recipe on Criteo 1TB.
+  torchrec_criteo: TorchRec's DLRM example (examples/dlrm) on Criteo 1TB.
+  small_data:      the settings benchmarks/quality.py documents for a few
+                   thousand real rows (see the README's small-data advice).
 
 Any field can be overridden on the command line, e.g.
   --config.data.train_path=/data/criteo/train.txt --config.batch_size=4096
@@ -89,13 +93,42 @@ def _schedule(learning_rate, kind='constant'):
   ))
 
 
+def _small_data(config):
+  """Settings for a few thousand real rows (benchmarks/quality.py; chosen on
+  its validation part). Each counters a way a DLRM overfits small data."""
+  config.features = _features(8, KAGGLE_NUM_BUCKETS, 'log(x+1)')  # small dim: fewer free parameters per id
+  config.model.dense_mlp = _mlp([64, 8])          # last = embedding dim
+  config.model.final = _mlp([64, 32])
+  config.model.final.dropout_ratio = 0.2          # dropout in the over arch
+  config.embedding.optimizer.kind = 'adagrad'     # exact Adagrad (FBGEMM)
+  config.embedding.optimizer.schedule = _schedule(0.05)
+  config.embedding.optimizer.weight_decay = 1e-4  # L2 on touched rows (FBGEMM L2)
+  config.optimizer.kind = 'adamw'                 # MLPs: decoupled weight decay
+  config.optimizer.schedule = _schedule(1e-3)
+  config.optimizer.weight_decay = 1e-4
+  config.admission.min_count = 3                  # ids seen < 3 times share row 0
+  config.batch_size = 128                         # more, smaller steps
+  config.eval_batch_size = 1024
+  config.num_train_steps = -1
+  config.num_epochs = 1
+  config.min_train_steps = 1000                   # whole epochs up to 1000 steps
+  config.eval_every_steps = 25                    # about an epoch of 3,400 rows
+  config.log_every_steps = 25
+  config.checkpoint_every_steps = 25
+  config.early_stopping.metric = 'auc'            # stop when validation AUC
+  config.early_stopping.patience = 4              # has not improved for 4 evals
+  config.early_stopping.min_delta = 1e-4
+  config.keep_best_metric = 'auc'                 # and keep the best checkpoint
+
+
 def get_config(arg=None):
-  """Returns the config of a variant: '' (default), 'terabyte' or 'tiny'."""
+  """Returns the config of a variant (see the module docstring)."""
   variant = arg or 'default'
-  if variant not in ('default', 'terabyte', 'tiny'):
+  if variant not in ('default', 'terabyte', 'tiny', 'tzrec_criteo',
+                     'torchrec_criteo', 'small_data'):
     raise ValueError(
         f"unknown variant {variant!r} of configs/criteo.py; choose default,"
-        " terabyte or tiny.")
+        " terabyte, tiny, tzrec_criteo, torchrec_criteo or small_data.")
   config = config_dict.ConfigDict()
   config.variant = variant                # which get_config variant this is
   config.seed = 0                         # seeds parameters, dropout, data
@@ -223,6 +256,50 @@ def get_config(arg=None):
     config.log_every_steps = 1000
     config.eval_every_steps = 50_000
     config.checkpoint_every_steps = 10_000
+  elif variant == 'tzrec_criteo':
+    # TorchEasyRec's benchmark `dlrm.config` (as summarized in issue 11):
+    # expected AUC 0.796 on Criteo 1TB.
+    config.features = _features(128, TERABYTE_NUM_BUCKETS, 'log(x+3)')  # dim 128
+    config.model.dense_mlp = _mlp([512, 256, 128])          # dense MLP 512-256-128
+    config.model.final = _mlp([1024, 1024, 512, 256])       # final 1024-1024-512-256
+    config.model.arch_with_sparse = False                   # arch_with_sparse: false
+    config.embedding.optimizer.kind = 'adagrad'             # Adagrad for tables,
+    config.embedding.optimizer.schedule = _schedule(0.006)  # lr 0.006
+    config.optimizer.kind = 'adagrad'                       # and for the MLPs,
+    config.optimizer.schedule = _schedule(0.006)            # lr 0.006
+    config.batch_size = 8192                                # batch_size: 8192
+    config.eval_batch_size = 16384
+    config.num_train_steps = -1
+    config.num_epochs = 1                                   # one pass (tzrec)
+    config.log_every_steps = 1000
+    config.eval_every_steps = 50_000
+    config.checkpoint_every_steps = 10_000
+  elif variant == 'torchrec_criteo':
+    # TorchRec's examples/dlrm/dlrm_main.py as its README runs it on Criteo
+    # 1TB: --embedding_dim 128 --dense_arch_layer_sizes 512,256,128
+    # --over_arch_layer_sizes 1024,1024,512,256,1 --batch_size 2048 (per GPU)
+    # --learning_rate 1.0 (SGD; `--adagrad` switches the tables and MLPs to
+    # exact Adagrad, set embedding.optimizer.kind = optimizer.kind = 'adagrad'
+    # and a smaller learning rate for it).
+    config.features = _features(128, TERABYTE_NUM_BUCKETS, 'log(x+3)')  # 40M-capped tables, as --num_embeddings_per_feature
+    config.model.dense_mlp = _mlp([512, 256, 128])          # dense_arch_layer_sizes
+    config.model.final = _mlp([1024, 1024, 512, 256])       # over_arch_layer_sizes (+ the logit)
+    config.model.arch_with_sparse = False                   # TorchRec's over arch sees the interaction only
+    config.model.interaction_self = False                   # InteractionArch: pairs i < j
+    config.embedding.optimizer.kind = 'sgd'                 # default optimizer: SGD
+    config.embedding.optimizer.schedule = _schedule(1.0)    # --learning_rate 1.0
+    config.optimizer.kind = 'sgd'
+    config.optimizer.schedule = _schedule(1.0)
+    config.batch_size = 2048                                # --batch_size 2048, per GPU: x devices
+    config.eval_batch_size = 16384
+    config.num_train_steps = -1
+    config.num_epochs = 1                                   # --epochs 1
+    config.log_every_steps = 1000
+    config.eval_every_steps = 50_000
+    config.checkpoint_every_steps = 10_000
+  elif variant == 'small_data':
+    # A few thousand real rows (benchmarks/quality.py): see the README.
+    _small_data(config)
   elif variant == 'tiny':
     config.features = _features(8, (101,) * NUM_CAT, 'log(x+1)')
     config.model.dense_mlp = _mlp([16, 8])
