@@ -106,7 +106,7 @@ def _small_data(config):
   config.optimizer.kind = 'adamw'                 # MLPs: decoupled weight decay
   config.optimizer.schedule = _schedule(1e-3)
   config.optimizer.weight_decay = 1e-4
-  config.admission.min_count = 3                  # ids seen < 3 times share row 0
+  config.admission.min_count = 10                 # ids seen < 10 times share row 0
   config.batch_size = 128                         # more, smaller steps
   config.eval_batch_size = 1024
   config.num_train_steps = -1
