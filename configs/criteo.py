@@ -100,6 +100,7 @@ def _small_data(config):
   config.model.dense_mlp = _mlp([64, 8])          # last = embedding dim
   config.model.final = _mlp([64, 32])
   config.model.final.dropout_ratio = 0.2          # dropout in the over arch
+  config.model.arch_with_sparse = False           # over arch sees the interaction only (reference DLRM)
   config.embedding.optimizer.kind = 'adagrad'     # exact Adagrad (FBGEMM)
   config.embedding.optimizer.schedule = _schedule(0.05)
   config.embedding.optimizer.weight_decay = 1e-4  # L2 on touched rows (FBGEMM L2)
