@@ -421,6 +421,12 @@ def num_train_steps(config, data: inputs.DataSetup) -> int:
         ' (%d); training %d epochs (%d steps) instead.', config.num_epochs,
         per_epoch, min_steps, epochs, epochs * per_epoch)
     steps = epochs * per_epoch
+  elif steps < 100 and not min_steps:
+    logging.warning(
+        'small data: %d epoch(s) are only %d steps of batch %d. Set'
+        ' config.min_train_steps with early stopping, or start from'
+        ' configs/criteo.py:small_data (see the README\'s small-data advice).',
+        config.num_epochs, steps, config.batch_size)
   return steps
 
 
