@@ -17,6 +17,7 @@ import numpy as np
 from dlrm_jax import schedules
 from dlrm_jax.embedding import EmbeddingEngine, FeatureSpec
 from dlrm_jax.embedding import SparseOptimizerSpec, TableSpec
+from dlrm_jax.embedding import plan as plan_lib
 from dlrm_jax.embedding import rounding
 from tests import reference
 
@@ -208,6 +209,40 @@ class StochasticRoundingTest(parameterized.TestCase):
     sd = ulp * np.sqrt(steps / 4 / moves['sr'].size)
     self.assertLess(abs(moves['sr'].mean() - want), 6 * sd)
     self.assertLess(6 * sd, 0.15 * want)  # the bound is informative
+
+
+  def test_rounding_is_the_same_on_every_mesh(self):
+    # The hash is of (table, step, logical row, column): one device and a
+    # 2 x 4 mesh (row-, table- and column-wise pieces) store identical bf16
+    # tables.
+    opt = SparseOptimizerSpec('adagrad',
+                              schedules.ScheduleSpec('constant', 0.05))
+    tables = tuple(TableSpec(f't{i}', 40 + 8 * i, 8, optimizer=opt,
+                             dtype='bfloat16') for i in range(3))
+    features = tuple(FeatureSpec(f'f{i}', f't{i}', max_ids=2)
+                     for i in range(3))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 40, (16, 6)).astype(np.int32)
+    grads = tuple(rng.normal(size=(16, 8)).astype(np.float32) * 1e-3
+                  for _ in range(3))
+    out = []
+    sharded = plan_lib.auto_plan(tables, 4, overrides={
+        't0': 'row_wise', 't1': 'table_wise', 't2': 'column_wise'})
+    for mesh, plan in ((reference.single_device_mesh(), None),
+                       (reference.mesh_of(2, 4), sharded)):
+      engine = EmbeddingEngine(tables, features, mesh, plan)
+      state = engine.init(jax.random.key(0))
+      put = jax.device_put(ids, jax.sharding.NamedSharding(
+          mesh, engine.ids_spec()))
+      g = tuple(jax.device_put(x, jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec(('data', 'model'), None)))
+                for x in grads)
+      update = jax.jit(engine.apply_gradients)
+      for step in range(3):
+        state = update(state, put, g, jnp.int32(step))
+      out.append([engine.gather_table(state, t.name) for t in tables])
+    for a, b in zip(*out):
+      np.testing.assert_array_equal(a.view(np.uint16), b.view(np.uint16))
 
 
 if __name__ == '__main__':

@@ -673,12 +673,20 @@ class EmbeddingEngine:
   def _rows_to_table_dtype(self, s, rows, dtype, uniq, my, step):
     """Updated `[U, W]` float32 rows of stack `s` (local rows `uniq`) in the
     table dtype: stochastic rounding for bfloat16/float16 tables, hashed on
-    (stack, step, stack-global row, column), so every replica of a row draws
-    the same bits."""
-    seed = zlib.crc32(s.name.encode())
-    global_rows = uniq if s.replicated else uniq + my * s.capacity
-    return optimizers.cast_rows(s.optimizer, rows, dtype, seed, global_rows,
-                                step).astype(dtype)
+    (table, step, logical row, logical column), so every replica, plan and
+    mesh draws the same bits for the same element."""
+    if jnp.dtype(dtype) == jnp.float32:
+      return rows
+    piece = {k: jnp.asarray(v)[my] for k, v in self._piece_tables(s).items()}
+    p = jnp.maximum(jnp.searchsorted(piece['offset'], uniq, side='right') - 1,
+                    0)
+    t = piece['table'][p]
+    row = piece['row_start'][p] + uniq - piece['offset'][p]
+    col = piece['col_start'][p][:, None] + jnp.arange(s.width)[None, :]
+    seeds = jnp.asarray(np.array(
+        [zlib.crc32(tb.name.encode()) for tb in self.tables], np.uint32))
+    return optimizers.cast_rows(s.optimizer, rows, dtype, seeds[t], row, step,
+                                col_ids=col)
 
   def _full_row_msq(self, s, grads, stacked, ids_all, my, inv, m):
     """Row-wise Adagrad on column pieces: mean square over the full row.

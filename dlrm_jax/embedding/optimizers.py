@@ -252,13 +252,15 @@ def scatter_add_ok(opt: SparseOptimizerSpec, table_dtype) -> bool:
 
 
 def cast_rows(opt: SparseOptimizerSpec, rows: jax.Array, table_dtype,
-              seed: int, row_ids: jax.Array, step: jax.Array) -> jax.Array:
+              seed: int | jax.Array, row_ids: jax.Array, step: jax.Array,
+              col_ids: jax.Array | None = None) -> jax.Array:
   """Updated float32 rows in the table's dtype: stochastically rounded for
   bfloat16/float16 tables when `opt.stochastic_rounding`, else round to
-  nearest (see `rounding`)."""
+  nearest (see `rounding.stochastic_round` for the arguments)."""
   dtype = jnp.dtype(table_dtype)
   if dtype == jnp.float32:
     return rows
   if opt.stochastic_rounding:
-    return rounding.stochastic_round(rows, dtype, seed, row_ids, step)
+    return rounding.stochastic_round(rows, dtype, seed, row_ids, step,
+                                     col_ids)
   return rounding.round_nearest(rows, dtype)

@@ -56,15 +56,17 @@ def _bf16_from_bits(x: jax.Array, add: jax.Array) -> jax.Array:
 
 
 def stochastic_round(x: jax.Array, dtype, seed: int | jax.Array,
-                     row_ids: jax.Array, step: jax.Array) -> jax.Array:
+                     row_ids: jax.Array, step: jax.Array,
+                     col_ids: jax.Array | None = None) -> jax.Array:
   """Rounds `[U, D]` float32 rows to `dtype`, stochastically and reproducibly.
 
   Args:
     x: `[U, D]` float32 values.
     dtype: bfloat16 or float16 (float32 returns `x` unchanged).
-    seed: a uint32 seed (e.g. per table).
+    seed: a uint32 seed, or `[U]` of them (e.g. one per table).
     row_ids: `[U]` row numbers (any integer; the hash input).
     step: the training step (a new draw every step).
+    col_ids: `[U, D]` (or `[D]`) column numbers; default 0..D-1.
 
   Returns:
     `[U, D]` values of `dtype`: each element is one of its two neighbours
@@ -74,7 +76,11 @@ def stochastic_round(x: jax.Array, dtype, seed: int | jax.Array,
   if dtype == jnp.float32:
     return x
   x = x.astype(jnp.float32)
-  cols = jnp.arange(x.shape[-1], dtype=jnp.uint32)[None, :]
+  cols = (jnp.arange(x.shape[-1], dtype=jnp.uint32)[None, :]
+          if col_ids is None else jnp.asarray(col_ids))
+  seed = jnp.asarray(seed, jnp.uint32)
+  if seed.ndim:
+    seed = seed.reshape(-1, 1)
   bits = hash_bits(step_seed(seed, step), row_ids.reshape(-1, 1), cols)
   if dtype == jnp.bfloat16:
     # The low 16 bits of a float32's mantissa are the fraction of a bf16 ulp
