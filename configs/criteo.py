@@ -201,7 +201,7 @@ def get_config(arg=None):
 
   # ----- Dense optimizer -----------------------------------------------------
   config.optimizer = config_dict.ConfigDict()
-  config.optimizer.kind = 'adam'             # sgd, adagrad, adam, adamw
+  config.optimizer.kind = 'adam'             # sgd, adagrad, exact_adagrad, adam, adamw
   config.optimizer.schedule = _schedule(1e-3)  # learning-rate schedule
   config.optimizer.weight_decay = 0.0        # adamw decoupled decay
   config.optimizer.b1 = 0.9                  # adam/adamw
@@ -266,7 +266,7 @@ def get_config(arg=None):
     config.model.arch_with_sparse = False                   # arch_with_sparse: false
     config.embedding.optimizer.kind = 'adagrad'             # Adagrad for tables,
     config.embedding.optimizer.schedule = _schedule(0.006)  # lr 0.006
-    config.optimizer.kind = 'adagrad'                       # and for the MLPs,
+    config.optimizer.kind = 'exact_adagrad'                 # and for the MLPs (torch.optim.Adagrad),
     config.optimizer.schedule = _schedule(0.006)            # lr 0.006
     config.batch_size = 8192                                # batch_size: 8192
     config.eval_batch_size = 16384

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 import optax
 from ml_collections import config_dict
@@ -21,7 +22,7 @@ from dlrm_jax.embedding import specs as emb_specs
 from dlrm_jax.models import DLRMSpec, MLPSpec
 
 FEATURE_TYPES = ('raw', 'id', 'sequence_id')
-DENSE_OPTIMIZERS = ('sgd', 'adagrad', 'adam', 'adamw')
+DENSE_OPTIMIZERS = ('sgd', 'adagrad', 'exact_adagrad', 'adam', 'adamw')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
@@ -381,6 +382,28 @@ def build_tables(config, sparse) -> tuple[tuple[emb_specs.TableSpec, ...],
   return tuple(tables), tuple(feature_specs)
 
 
+def scale_by_exact_adagrad(eps: float = 1e-8,
+                           initial_accumulator_value: float = 0.0
+                           ) -> optax.GradientTransformation:
+  """torch.optim.Adagrad's (and FBGEMM EXACT_ADAGRAD's) scaling:
+  acc += g^2; g / (sqrt(acc) + eps), acc starting at 0. (optax.adagrad
+  scales by 1 / sqrt(acc + eps) with acc starting at 0.1.)"""
+  def init(params):
+    return jax.tree.map(
+        lambda p: jnp.full_like(p, initial_accumulator_value, jnp.float32),
+        params)
+
+  def update(updates, state, params=None):
+    del params
+    acc = jax.tree.map(lambda a, g: a + jnp.square(g.astype(jnp.float32)),
+                       state, updates)
+    out = jax.tree.map(
+        lambda g, a: (g / (jnp.sqrt(a) + eps)).astype(g.dtype), updates, acc)
+    return out, acc
+
+  return optax.GradientTransformation(init, update)
+
+
 def build_dense_optimizer(cfg) -> optax.GradientTransformation:
   """The optax optimizer of the dense (MLP) parameters."""
   path = 'config.optimizer'
@@ -397,6 +420,9 @@ def build_dense_optimizer(cfg) -> optax.GradientTransformation:
     tx = optax.sgd(lr, momentum=momentum or None)
   elif kind == 'adagrad':
     tx = optax.adagrad(lr, eps=eps)
+  elif kind == 'exact_adagrad':
+    tx = optax.chain(scale_by_exact_adagrad(eps),
+                     optax.scale_by_learning_rate(lr))
   elif kind == 'adam':
     tx = optax.adam(lr, b1=cfg.get('b1', 0.9), b2=cfg.get('b2', 0.999),
                     eps=eps)

@@ -145,6 +145,26 @@ class AgainstNumpyTest(parameterized.TestCase):
       make_engine(SparseOptimizerSpec('ftrl'))
 
 
+class DenseExactAdagradTest(absltest.TestCase):
+
+  def test_against_torch_style_loop(self):
+    from dlrm_jax import config_lib  # pylint: disable=g-import-not-at-top
+    tx = config_lib.build_dense_optimizer(
+        {'kind': 'exact_adagrad', 'eps': 1e-8,
+         'schedule': {'kind': 'constant', 'learning_rate': 0.05}})
+    rng = np.random.default_rng(0)
+    w = {'k': rng.normal(size=(3, 4)).astype(np.float32)}
+    state = tx.init(w)
+    ref, acc = w['k'].astype(np.float64), np.zeros((3, 4))
+    for step in range(3):
+      g = rng.normal(size=(3, 4)).astype(np.float32) * 10.0 ** -(2 * step + 1)
+      upd, state = tx.update({'k': jnp.asarray(g)}, state, w)
+      w = {'k': np.asarray(w['k'] + upd['k'])}
+      acc += g.astype(np.float64) ** 2  # torch.optim.Adagrad, lr_decay 0
+      ref -= 0.05 * g / (np.sqrt(acc) + 1e-8)
+    np.testing.assert_allclose(w['k'], ref, rtol=1e-5, atol=1e-7)
+
+
 class StochasticRoundingTest(parameterized.TestCase):
 
   def test_result_is_a_neighbour_and_reproducible(self):

@@ -14,7 +14,7 @@ from dlrm_jax.models import interaction
 class PeerRecipeTest(parameterized.TestCase):
 
   @parameterized.parameters(
-      ('tzrec_criteo', 'adagrad', 'adagrad', 0.006, 8192),
+      ('tzrec_criteo', 'adagrad', 'exact_adagrad', 0.006, 8192),
       ('torchrec_criteo', 'sgd', 'sgd', 1.0, 2048))
   def test_builds_abstractly(self, variant, sparse_opt, dense_opt, lr, batch):
     config = criteo_config.get_config(variant)
