@@ -6,6 +6,7 @@ table size runs in a fresh subprocess, so its peak resident memory is its own.
 
   python -m benchmarks.train_step                 # 1e4, 1e5, 1e6, 1e7 rows
   python -m benchmarks.train_step --rows=10000,1000000 --steps=50
+  python -m benchmarks.train_step --rows=100000 --table_dtype=float32,bfloat16
 
 (run from the repository root).
 
@@ -39,8 +40,15 @@ _ARCH_WITH_SPARSE = flags.DEFINE_bool(
     'Feed the sparse embeddings to the final MLP too (TorchEasyRec); the'
     ' reference DLRM and TorchRec do not, so off by default.')
 _SPARSE_OPT = flags.DEFINE_string('sparse_optimizer', 'sgd',
-                                  'sgd, adagrad, rowwise_adagrad or adam.')
+                                  'sgd, adagrad, rowwise_adagrad, adam or'
+                                  ' ftrl.')
+_TABLE_DTYPE = flags.DEFINE_list(
+    'table_dtype', ['float32'],
+    'Table storage dtypes to time, each size with each (float32, bfloat16,'
+    ' float16); with several, prints each one\'s step time over the first\'s.')
 _CHILD = flags.DEFINE_integer('child_rows', 0, 'Internal: run one size.')
+_CHILD_DTYPE = flags.DEFINE_string('child_dtype', 'float32',
+                                   'Internal: the table dtype of that run.')
 _HUGEPAGES = flags.DEFINE_bool(
     'hugepages', True,
     'Run each size with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so the big'
@@ -63,6 +71,7 @@ def config_for(rows: int):
   config.model.final.hidden_units = [512, 256]
   config.model.arch_with_sparse = _ARCH_WITH_SPARSE.value
   config.embedding.optimizer.kind = _SPARSE_OPT.value
+  config.embedding.dtype = _CHILD_DTYPE.value
   config.embedding.optimizer.schedule.learning_rate = 0.01
   config.optimizer.kind = 'sgd'
   config.optimizer.schedule.learning_rate = 0.01
@@ -114,7 +123,7 @@ def run_one(rows: int) -> dict:
   emb_bytes = sum(x.nbytes for x in jax.tree.leaves(state.emb))
   loss = float(acc['loss_sum']) / int(acc['steps'])
   return {
-      'rows': rows, 'step_s': dt, 'examples_per_s': _BATCH.value / dt,
+      'rows': rows, 'table_dtype': _CHILD_DTYPE.value, 'step_s': dt, 'examples_per_s': _BATCH.value / dt,
       'median_step_s': float(np.median(rounds)),
       'init_s': init_s, 'compile_s': compile_s, 'loss': loss,
       'table_bytes': emb_bytes,
@@ -133,6 +142,25 @@ def available_bytes() -> int:
   return 1 << 62
 
 
+def run_child(r: int, dtype: str) -> dict | None:
+  """Runs one (size, table dtype) in a fresh subprocess."""
+  cmd = [sys.executable, '-m', 'benchmarks.train_step',
+         f'--child_rows={r}', f'--child_dtype={dtype}'] + [
+      a for a in sys.argv[1:] if not a.startswith('--rows')]
+  env = dict(os.environ)
+  if _HUGEPAGES.value:
+    env['GLIBC_TUNABLES'] = ':'.join(
+        t for t in (env.get('GLIBC_TUNABLES'), 'glibc.malloc.hugetlb=1') if t)
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                       env=env)
+  lines = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
+  if out.returncode or not lines:
+    print(f'{r:>12,} {dtype} failed (exit {out.returncode}):\n'
+          f'{out.stderr[-2000:]}')
+    return None
+  return json.loads(lines[-1][len('RESULT '):])
+
+
 def main(argv):
   del argv
   if _CHILD.value:
@@ -140,7 +168,7 @@ def main(argv):
     return
   results = {}
   bytes_per_row = 26 * _DIM.value * 4 * {
-      'sgd': 1, 'adagrad': 2, 'rowwise_adagrad': 1, 'adam': 3}[
+      'sgd': 1, 'adagrad': 2, 'rowwise_adagrad': 1, 'adam': 3, 'ftrl': 3}[
           _SPARSE_OPT.value]
   print(f'batch {_BATCH.value}, 26 tables x dim {_DIM.value}, dense MLP '
         f'512-256-{_DIM.value}, final 512-256, sparse optimizer '
@@ -149,6 +177,7 @@ def main(argv):
   print(f'{"rows/table":>12} {"examples/s":>12} {"step ms":>9} '
         f'{"median ms":>10} {"tables GB":>10} {"peak RSS GB":>12} '
         f'{"init s":>7}')
+  ratios = []
   for r in (int(float(x)) for x in _ROWS.value):
     need = r * bytes_per_row
     if need > _MEM_FRACTION.value * available_bytes():
@@ -156,26 +185,22 @@ def main(argv):
             f'{need / 2**30:.1f} GiB, more than {_MEM_FRACTION.value:.0%} of '
             f'the {available_bytes() / 2**30:.1f} GiB available')
       continue
-    cmd = [sys.executable, '-m', 'benchmarks.train_step',
-           f'--child_rows={r}'] + [
-        a for a in sys.argv[1:] if not a.startswith('--rows')]
-    env = dict(os.environ)
-    if _HUGEPAGES.value:
-      env['GLIBC_TUNABLES'] = ':'.join(
-          t for t in (env.get('GLIBC_TUNABLES'), 'glibc.malloc.hugetlb=1') if t)
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                         env=env)
-    lines = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
-    if out.returncode or not lines:
-      print(f'{r:>12,} failed (exit {out.returncode}):\n{out.stderr[-2000:]}')
-      continue
-    res = json.loads(lines[-1][len('RESULT '):])
-    results[r] = res
-    print(f'{r:>12,} {res["examples_per_s"]:>12,.0f} '
-          f'{res["step_s"] * 1e3:>9.1f} {res["median_step_s"] * 1e3:>10.1f} '
-          f'{res["table_bytes"] / 1e9:>10.2f} '
-          f'{res["peak_rss_bytes"] / 1e9:>12.2f} {res["init_s"]:>7.1f}',
-          flush=True)
+    for dtype in _TABLE_DTYPE.value:
+      res = run_child(r, dtype)
+      if res is None:
+        continue
+      if dtype == _TABLE_DTYPE.value[0]:
+        results[r] = res
+      elif r in results:
+        ratios.append((r, dtype, res['step_s'] / results[r]['step_s']))
+      tag = '' if len(_TABLE_DTYPE.value) == 1 else f' {dtype}'
+      print(f'{r:>12,} {res["examples_per_s"]:>12,.0f} '
+            f'{res["step_s"] * 1e3:>9.1f} {res["median_step_s"] * 1e3:>10.1f} '
+            f'{res["table_bytes"] / 1e9:>10.2f} '
+            f'{res["peak_rss_bytes"] / 1e9:>12.2f} {res["init_s"]:>7.1f}'
+            f'{tag}', flush=True)
+  for r, dtype, ratio in ratios:
+    print(f'step_time_{dtype}_over_{_TABLE_DTYPE.value[0]}_{r}={ratio:.3f}')
   if results:
     print(f'device: {next(iter(results.values()))["device"]}')
   if 10_000 in results and 1_000_000 in results:

@@ -12,6 +12,10 @@ Variants, chosen with a suffix: `--config=configs/criteo.py:<variant>`.
             at AUC 0.80275); 97 GiB of float32 tables and as much Adagrad
             state.
   mlperf_dcnv2_tiny: the same model family, shrunk for CPU tests.
+  tzrec_criteo:    TorchEasyRec's benchmark DLRM recipe on Criteo 1TB.
+  torchrec_criteo: TorchRec's DLRM example (examples/dlrm) on Criteo 1TB.
+  small_data:      the settings benchmarks/quality.py documents for a few
+                   thousand real rows (see the README's small-data advice).
 
 Any field can be overridden on the command line, e.g.
   --config.data.train_path=/data/criteo/train.txt --config.batch_size=4096
@@ -101,7 +105,8 @@ def _schedule(learning_rate, kind='constant'):
 MLPERF_TRAIN_SAMPLES = 4_195_197_692
 MLPERF_BATCH_SIZE = 65_536
 
-VARIANTS = ('default', 'terabyte', 'tiny', 'mlperf_dcnv2', 'mlperf_dcnv2_tiny')
+VARIANTS = ('default', 'terabyte', 'tiny', 'mlperf_dcnv2', 'mlperf_dcnv2_tiny',
+            'tzrec_criteo', 'torchrec_criteo', 'small_data')
 
 
 def _tiny_loop(config):
@@ -114,6 +119,35 @@ def _tiny_loop(config):
   config.log_every_steps = 10
   config.eval_every_steps = 20
   config.checkpoint_every_steps = 20
+
+
+def _small_data(config):
+  """Settings for a few thousand real rows (benchmarks/quality.py; chosen on
+  its validation part). Each counters a way a DLRM overfits small data."""
+  config.features = _features(8, KAGGLE_NUM_BUCKETS, 'log(x+1)')  # small dim: fewer free parameters per id
+  config.model.dense_mlp = _mlp([64, 8])          # last = embedding dim
+  config.model.final = _mlp([64, 32])
+  config.model.final.dropout_ratio = 0.2          # dropout in the over arch
+  config.model.arch_with_sparse = False           # over arch sees the interaction only (reference DLRM)
+  config.embedding.optimizer.kind = 'adagrad'     # exact Adagrad (FBGEMM)
+  config.embedding.optimizer.schedule = _schedule(0.05)
+  config.embedding.optimizer.weight_decay = 1e-4  # L2 on touched rows (FBGEMM L2)
+  config.optimizer.kind = 'adamw'                 # MLPs: decoupled weight decay
+  config.optimizer.schedule = _schedule(1e-3)
+  config.optimizer.weight_decay = 1e-4
+  config.admission.min_count = 10                 # ids seen < 10 times share row 0
+  config.batch_size = 128                         # more, smaller steps
+  config.eval_batch_size = 1024
+  config.num_train_steps = -1
+  config.num_epochs = 1
+  config.min_train_steps = 1000                   # whole epochs up to 1000 steps
+  config.eval_every_steps = 25                    # about an epoch of 3,400 rows
+  config.log_every_steps = 25
+  config.checkpoint_every_steps = 25
+  config.early_stopping.metric = 'auc'            # stop when validation AUC
+  config.early_stopping.patience = 4              # has not improved for 4 evals
+  config.early_stopping.min_delta = 1e-4
+  config.keep_best_metric = 'auc'                 # and keep the best checkpoint
 
 
 def get_config(arg=None):
@@ -200,7 +234,7 @@ def get_config(arg=None):
 
   # ----- Dense optimizer -----------------------------------------------------
   config.optimizer = config_dict.ConfigDict()
-  config.optimizer.kind = 'adam'             # sgd, adagrad, adam, adamw
+  config.optimizer.kind = 'adam'             # sgd, adagrad, exact_adagrad, adam, adamw
   config.optimizer.schedule = _schedule(1e-3)  # learning-rate schedule
   config.optimizer.weight_decay = 0.0        # adamw decoupled decay
   config.optimizer.b1 = 0.9                  # adam/adamw
@@ -225,6 +259,23 @@ def get_config(arg=None):
   config.checkpoint_every_steps = 1000  # checkpoint (and at the end)
   config.max_to_keep = 3            # checkpoints kept
   config.target_auc = 0.0           # stop once an eval reaches it (0: off)
+  config.min_train_steps = 0        # small data: train whole epochs up to this
+  # Early stopping (Keras EarlyStopping semantics): stop after `patience`
+  # evaluations without `metric` improving by more than `min_delta`.
+  config.early_stopping = config_dict.ConfigDict()
+  config.early_stopping.metric = 'auc'      # auc, log_loss, accuracy, loss
+  config.early_stopping.mode = config_dict.placeholder(str)  # max/min; None: by metric
+  config.early_stopping.patience = 0        # evaluations; 0: off
+  config.early_stopping.min_delta = 0.0     # least improvement that counts
+  config.keep_best_metric = config_dict.placeholder(str)  # e.g. 'auc': keep best ckpt
+  # Rare-id admission (streaming sources): ids seen fewer than min_count
+  # times in training share row oov_row; counted in a count-min sketch.
+  config.admission = config_dict.ConfigDict()
+  config.admission.min_count = 0            # 0 or 1: off
+  config.admission.oov_row = 0              # row 0: the missing-value row
+  config.admission.depth = 4                # sketch rows
+  config.admission.width = 1 << 18          # counters per sketch row
+  config.admission.features = []            # [] : every id feature
 
   if variant == 'terabyte':
     config.features = _features(16, TERABYTE_NUM_BUCKETS, 'log(x+3)')
@@ -241,6 +292,51 @@ def get_config(arg=None):
     config.log_every_steps = 1000
     config.eval_every_steps = 50_000
     config.checkpoint_every_steps = 10_000
+  elif variant == 'tzrec_criteo':
+    # TorchEasyRec's benchmark `dlrm.config` (as summarized in issue 11):
+    # expected AUC 0.796 on Criteo 1TB.
+    config.features = _features(128, TERABYTE_NUM_BUCKETS, 'log(x+3)')  # dim 128
+    config.model.dense_mlp = _mlp([512, 256, 128])          # dense MLP 512-256-128
+    config.model.final = _mlp([1024, 1024, 512, 256])       # final 1024-1024-512-256
+    config.model.arch_with_sparse = False                   # arch_with_sparse: false
+    config.embedding.optimizer.kind = 'adagrad'             # Adagrad for tables,
+    config.embedding.optimizer.schedule = _schedule(0.006)  # lr 0.006
+    config.optimizer.kind = 'exact_adagrad'                 # and for the MLPs (torch.optim.Adagrad),
+    config.optimizer.schedule = _schedule(0.006)            # lr 0.006
+    config.batch_size = 8192                                # batch_size: 8192
+    config.eval_batch_size = 16384
+    config.num_train_steps = -1
+    config.num_epochs = 1                                   # one pass (tzrec)
+    config.log_every_steps = 1000
+    config.eval_every_steps = 50_000
+    config.checkpoint_every_steps = 10_000
+  elif variant == 'torchrec_criteo':
+    # TorchRec's examples/dlrm/dlrm_main.py as its README runs it on Criteo
+    # 1TB: --embedding_dim 128 --dense_arch_layer_sizes 512,256,128
+    # --over_arch_layer_sizes 1024,1024,512,256,1 --batch_size 2048 (per GPU)
+    # --learning_rate 1.0 (SGD; `--adagrad` switches the tables and MLPs to
+    # exact Adagrad: set embedding.optimizer.kind = 'adagrad' and
+    # optimizer.kind = 'exact_adagrad',
+    # and a smaller learning rate for it).
+    config.features = _features(128, TERABYTE_NUM_BUCKETS, 'log(x+3)')  # 40M-capped tables, as --num_embeddings_per_feature
+    config.model.dense_mlp = _mlp([512, 256, 128])          # dense_arch_layer_sizes
+    config.model.final = _mlp([1024, 1024, 512, 256])       # over_arch_layer_sizes (+ the logit)
+    config.model.arch_with_sparse = False                   # TorchRec's over arch sees the interaction only
+    config.model.interaction_self = False                   # InteractionArch: pairs i < j
+    config.embedding.optimizer.kind = 'sgd'                 # default optimizer: SGD
+    config.embedding.optimizer.schedule = _schedule(1.0)    # --learning_rate 1.0
+    config.optimizer.kind = 'sgd'
+    config.optimizer.schedule = _schedule(1.0)
+    config.batch_size = 2048                                # --batch_size 2048, per GPU: x devices
+    config.eval_batch_size = 16384
+    config.num_train_steps = -1
+    config.num_epochs = 1                                   # --epochs 1
+    config.log_every_steps = 1000
+    config.eval_every_steps = 50_000
+    config.checkpoint_every_steps = 10_000
+  elif variant == 'small_data':
+    # A few thousand real rows (benchmarks/quality.py): see the README.
+    _small_data(config)
   elif variant == 'tiny':
     config.features = _features(8, (101,) * NUM_CAT, 'log(x+1)')
     config.model.dense_mlp = _mlp([16, 8])
@@ -301,7 +397,7 @@ def _mlperf_dcnv2(config, tiny: bool):
   config.embedding.optimizer.schedule = schedule
   config.embedding.optimizer.initial_accumulator_value = 0.0
   config.embedding.optimizer.eps = 1e-10
-  config.optimizer.kind = 'adagrad'
+  config.optimizer.kind = 'exact_adagrad'  # torch.optim.Adagrad: g / (sqrt(acc) + eps)
   config.optimizer.schedule = config_dict.ConfigDict(schedule.to_dict())
   config.optimizer.initial_accumulator_value = 0.0
   config.optimizer.eps = 1e-10

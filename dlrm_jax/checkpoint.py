@@ -64,16 +64,19 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict[str, Any],
-           data_iter: Any = None, remappers: Any = None) -> None:
+           data_iter: Any = None, remappers: Any = None,
+           metrics: dict[str, float] | None = None) -> None:
     """Saves a step; `data_iter`, a grain iterator, saves its position;
-    `remappers`, numpy arrays of managed-collision remappers."""
+    `remappers`, numpy arrays of managed-collision remappers; `metrics`, the
+    eval metrics a `BestCheckpointer` ranks by."""
     items = dict(state=ocp.args.StandardSave(state),
                  meta=ocp.args.JsonSave(meta))
     if data_iter is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iter)
     if remappers is not None:
       items['remappers'] = ocp.args.StandardSave(remappers)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True,
+                      metrics=metrics)
 
   def restore_remappers(self, step: int) -> Any:
     """The managed-collision remappers' arrays saved at `step`."""
@@ -133,6 +136,28 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class BestCheckpointer(Checkpointer):
+  """Keeps only the best checkpoint by an eval metric, under
+  `<workdir>/best_checkpoint` (orbax's `best_fn`/`best_mode`, max_to_keep 1,
+  checkpoints without metrics not kept). Saves need `metrics`."""
+
+  def __init__(self, workdir: str, metric: str, mode: str, *,
+               async_save: bool = True):  # pylint: disable=super-init-not-called
+    self.metric = metric
+    self.directory = epath.Path(workdir) / 'best_checkpoint'
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, best_fn=lambda m: m[metric],
+            best_mode=mode, keep_checkpoints_without_metrics=False,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True),
+    )
+
+  def best_step(self) -> int | None:
+    return self.manager.best_step()
 
 
 def write_json(path: str, obj: Any) -> None:

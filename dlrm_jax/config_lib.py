@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 import optax
 from ml_collections import config_dict
@@ -22,7 +23,7 @@ from dlrm_jax.models import DCNSpec, DLRMSpec, MLPSpec
 from dlrm_jax.models.dlrm import INTERACTIONS
 
 FEATURE_TYPES = ('raw', 'id', 'sequence_id')
-DENSE_OPTIMIZERS = ('sgd', 'adagrad', 'adam', 'adamw')
+DENSE_OPTIMIZERS = ('sgd', 'adagrad', 'exact_adagrad', 'adam', 'adamw')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
@@ -219,16 +220,18 @@ def build_sparse_optimizer(cfg, path: str) -> emb_specs.SparseOptimizerSpec:
         f' {list(emb_specs.SPARSE_OPTIMIZERS)}.')
   schedule = schedules.ScheduleSpec.create(
       path=f'{path}.schedule', **_to_dict(cfg.get('schedule')))
+  defaults = emb_specs.SparseOptimizerSpec()
+  floats = ('initial_accumulator_value', 'eps', 'b1', 'b2', 'l1', 'l2',
+            'lr_power', 'beta', 'weight_decay')
+  fields = {k: float(cfg.get(k, getattr(defaults, k))) for k in floats}
   opt = emb_specs.SparseOptimizerSpec(
       kind=kind, schedule=schedule,
-      initial_accumulator_value=float(cfg.get('initial_accumulator_value',
-                                              0.0)),
-      eps=float(cfg.get('eps', 1e-8)),
-      b1=float(cfg.get('b1', 0.9)), b2=float(cfg.get('b2', 0.999)))
-  if opt.initial_accumulator_value < 0 or opt.eps < 0:
-    raise ValueError(
-        f'{path}.initial_accumulator_value ({opt.initial_accumulator_value})'
-        f' and {path}.eps ({opt.eps}) must be >= 0.')
+      weight_decay_mode=cfg.get('weight_decay_mode',
+                                defaults.weight_decay_mode),
+      stochastic_rounding=bool(cfg.get('stochastic_rounding',
+                                       defaults.stochastic_rounding)),
+      **fields)
+  opt.check(path)
   return opt
 
 
@@ -408,6 +411,28 @@ def build_tables(config, sparse) -> tuple[tuple[emb_specs.TableSpec, ...],
   return tuple(tables), tuple(feature_specs)
 
 
+def scale_by_exact_adagrad(eps: float = 1e-8,
+                           initial_accumulator_value: float = 0.0
+                           ) -> optax.GradientTransformation:
+  """torch.optim.Adagrad's (and FBGEMM EXACT_ADAGRAD's) scaling:
+  acc += g^2; g / (sqrt(acc) + eps), acc starting at 0. (optax.adagrad
+  scales by 1 / sqrt(acc + eps) with acc starting at 0.1.)"""
+  def init(params):
+    return jax.tree.map(
+        lambda p: jnp.full_like(p, initial_accumulator_value, jnp.float32),
+        params)
+
+  def update(updates, state, params=None):
+    del params
+    acc = jax.tree.map(lambda a, g: a + jnp.square(g.astype(jnp.float32)),
+                       state, updates)
+    out = jax.tree.map(
+        lambda g, a: (g / (jnp.sqrt(a) + eps)).astype(g.dtype), updates, acc)
+    return out, acc
+
+  return optax.GradientTransformation(init, update)
+
+
 def build_dense_optimizer(cfg) -> optax.GradientTransformation:
   """The optax optimizer of the dense (MLP) parameters."""
   path = 'config.optimizer'
@@ -430,6 +455,9 @@ def build_dense_optimizer(cfg) -> optax.GradientTransformation:
       raise ValueError(
           f'{path}.initial_accumulator_value ({init_acc}) must be >= 0.')
     tx = optax.adagrad(lr, initial_accumulator_value=init_acc, eps=eps)
+  elif kind == 'exact_adagrad':
+    tx = optax.chain(scale_by_exact_adagrad(eps),
+                     optax.scale_by_learning_rate(lr))
   elif kind == 'adam':
     tx = optax.adam(lr, b1=cfg.get('b1', 0.9), b2=cfg.get('b2', 0.999),
                     eps=eps)

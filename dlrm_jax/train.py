@@ -26,12 +26,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dlrm_jax import checkpoint as ckpt_lib
 from dlrm_jax import config_lib
+from dlrm_jax import early_stopping
 from dlrm_jax import metrics as metrics_lib
 from dlrm_jax import parallel
 from dlrm_jax import reporting
 from dlrm_jax.data import inputs
 from dlrm_jax.data import pipeline
 from dlrm_jax.embedding import EmbeddingEngine
+from dlrm_jax.embedding import admission as admission_lib
 from dlrm_jax.embedding import remapping
 from dlrm_jax.embedding import plan as plan_lib
 from dlrm_jax.models import DLRM
@@ -125,6 +127,7 @@ class Trainer:
                                   self.mesh, plan)
     self.model = DLRM(self.setup.model, dtype=self.setup.compute_dtype)
     self.remapper = self.new_remapper()
+    self.admission = self.new_admission(config)
     self.tx = config_lib.build_dense_optimizer(config.optimizer)
     self.has_bn = any(
         m is not None and m.use_bn
@@ -143,6 +146,12 @@ class Trainer:
   @property
   def plan(self) -> plan_lib.Plan:
     return self.engine.plan
+
+  def new_admission(self, config) -> admission_lib.IdAdmission | None:
+    """A fresh rare-id admission filter of `config.admission` (None: off)."""
+    return admission_lib.build(config, self.setup.transform,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count())
 
   def new_remapper(self) -> remapping.BatchRemapper:
     """Fresh (empty) managed-collision remappers of the model's features."""
@@ -335,6 +344,8 @@ class Trainer:
     """Click probabilities of this process's rows of a batch, on the host."""
     if 'mc_raw' in host_batch:
       host_batch = self.remapper.eval(host_batch)
+    if self.admission is not None:
+      host_batch = self.admission.eval(host_batch)
     probs = self.predict_step(state, self.put_batch(host_batch, False))
     return np.asarray(
         multihost_utils.process_allgather(probs, tiled=True)
@@ -364,6 +375,30 @@ class Trainer:
 # Loop.
 
 
+_ADMISSION_KEY = '_id_admission'
+
+
+def _host_state(trainer: Trainer) -> dict[str, Any] | None:
+  """Host-side state saved with each checkpoint (the 'remappers' item): the
+  managed-collision remappers and the rare-id admission sketch."""
+  out = trainer.remapper.state_dict() if trainer.remapper else {}
+  if trainer.admission is not None:
+    out[_ADMISSION_KEY] = trainer.admission.state_dict()
+  return out or None
+
+
+def _load_host_state(trainer: Trainer, state: dict[str, Any]) -> None:
+  if trainer.remapper:
+    trainer.remapper.load_state_dict(
+        {k: v for k, v in state.items() if k != _ADMISSION_KEY})
+  if trainer.admission is not None:
+    if _ADMISSION_KEY not in state:
+      raise ckpt_lib.IncompatibleCheckpointError(
+          'the checkpoint holds no rare-id admission sketch; it was written'
+          ' without config.admission.min_count.')
+    trainer.admission.load_state_dict(state[_ADMISSION_KEY])
+
+
 def _fmt_eta(seconds: float) -> str:
   return str(datetime.timedelta(seconds=int(max(0, seconds))))
 
@@ -375,7 +410,28 @@ def num_train_steps(config, data: inputs.DataSetup) -> int:
     raise ValueError(
         f'config.num_train_steps ({config.num_train_steps}) must be positive,'
         f' or -1 with a positive config.num_epochs ({config.num_epochs}).')
-  return int(config.num_epochs * data.train.batches_per_epoch)
+  steps = int(config.num_epochs * data.train.batches_per_epoch)
+  # Small data: at least config.min_train_steps (whole epochs), so a small
+  # file does not end after a handful of steps (pair it with early stopping).
+  min_steps = int(config.get('min_train_steps', 0) or 0)
+  if min_steps < 0:
+    raise ValueError(
+        f'config.min_train_steps ({min_steps}) must be >= 0 (0: off).')
+  if steps < min_steps:
+    per_epoch = max(1, data.train.batches_per_epoch)
+    epochs = -(-min_steps // per_epoch)
+    logging.info(
+        'small data: %d epoch(s) of %d steps is under config.min_train_steps'
+        ' (%d); training %d epochs (%d steps) instead.', config.num_epochs,
+        per_epoch, min_steps, epochs, epochs * per_epoch)
+    steps = epochs * per_epoch
+  elif steps < 100 and not min_steps:
+    logging.warning(
+        'small data: %d epoch(s) are only %d steps of batch %d. Set'
+        ' config.min_train_steps with early stopping, or start from'
+        ' configs/criteo.py:small_data (see the README\'s small-data advice).',
+        config.num_epochs, steps, config.batch_size)
+  return steps
 
 
 def target_auc(config) -> float | None:
@@ -431,17 +487,31 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
   target_reached = False
 
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep)
+  stopper = early_stopping.EarlyStopping.from_config(
+      config.get('early_stopping'))
+  best_metric = config.get('keep_best_metric')
+  best_ckpt = best_tracker = None
+  if best_metric:
+    best_tracker = early_stopping.EarlyStopping(
+        best_metric, early_stopping.metric_mode(
+            best_metric, None, 'config.keep_best_metric'))
+    best_ckpt = ckpt_lib.BestCheckpointer(workdir, best_metric,
+                                          best_tracker.mode)
   signature = trainer.signature()
   latest = ckpt.latest_step()
   data_iter = data.train.iterator() if data.uses_grain else None
   trainer.remapper = trainer.new_remapper()  # this run's
+  trainer.admission = trainer.new_admission(config)
   if latest is not None:
     state, meta = trainer.restore(ckpt, latest)
     position = int(meta.get('data_position') or 0)  # text sources
     if data_iter is not None:
       ckpt.restore_data_iterator(latest, data_iter)
-    if trainer.remapper:
-      trainer.remapper.load_state_dict(ckpt.restore_remappers(latest))
+    if trainer.remapper or trainer.admission is not None:
+      _load_host_state(trainer, ckpt.restore_remappers(latest))
+    stopper.load_state_dict(meta.get('early_stopping'))
+    if best_tracker is not None:
+      best_tracker.load_state_dict(meta.get('best_checkpoint'))
     logging.info('resumed from the checkpoint at step %d (%s)', latest,
                  ckpt.directory)
     if meta.get('target_auc_reached'):  # that run ended at its target
@@ -455,6 +525,11 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
   writer = reporting.MetricsLogger(workdir, enabled=is_chief)
   final_eval = {}  # the last eval's predictions, for the ROC plot
   step = int(jax.device_get(state.step))
+  if stopper.patience and stopper.since_best >= stopper.patience:
+    logging.info('this run stopped early at step %d (eval %s best %.5f at'
+                 ' step %d); not training further.', step, stopper.metric,
+                 stopper.best, stopper.best_step)
+    total_steps = step
   if step >= total_steps:
     logging.info('already trained for %d steps (config asks for %d).', step,
                  total_steps)
@@ -463,10 +538,26 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
     meta = {'signature': signature, 'plan': trainer.plan.to_json(),
             'data_position': position, 'step': step,
             'config': config.to_json_best_effort(),
-            'target_auc_reached': reached}
+            'target_auc_reached': reached,
+            'early_stopping': stopper.state_dict(),
+            'best_checkpoint': best_tracker.state_dict() if best_tracker
+            else None}
     ckpt.save(step, state, meta, data_iter=data_iter,
-              remappers=trainer.remapper.state_dict() if trainer.remapper
-              else None)
+              remappers=_host_state(trainer))
+    return meta
+
+  def save_best(step, result):
+    """Keeps this step's state under best_checkpoint when it is the best."""
+    if best_tracker is None or not best_tracker.improved(
+        result[best_metric]):
+      return
+    best_tracker.update(step, result)
+    logging.info('best %s so far (%.5f) at step %d: kept in %s', best_metric,
+                 result[best_metric], step, best_ckpt.directory)
+    best_ckpt.save(step, state, {'step': step, 'signature': signature,
+                                 'plan': trainer.plan.to_json(),
+                                 'config': config.to_json_best_effort()},
+                   remappers=_host_state(trainer), metrics=result)
 
   def run_eval(step):
     if data.eval is None:
@@ -498,6 +589,7 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
             if config.data.get('record_batches') else None)
   last_eval = None
   last_loss = None
+  stopped_early = False
   window_step = step
   rate_start, rate_step = time.time(), step
   first_step = True
@@ -511,6 +603,8 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
                 host_batch['ids']).tobytes())}) + '\n')
       if trainer.remapper:  # in step order: the remappers keep state
         host_batch = trainer.remapper.train(host_batch, step)
+      if trainer.admission is not None:  # counts ids: in step order too
+        host_batch = trainer.admission.train(host_batch)
       batch = trainer.put_batch(host_batch)
       state, acc = trainer.train_step(state, batch, acc)
       step += 1
@@ -556,9 +650,18 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
         reached = False
         if do_eval:
           last_eval = run_eval(step)
+          if last_eval is not None:
+            save_best(step, last_eval)
+            stopped_early = stopper.update(step, last_eval)
+            if stopped_early:
+              logging.info(
+                  'early stopping at step %d: eval %s has not improved on'
+                  ' %.5f (step %d) by more than %g for %d evaluations.',
+                  step, stopper.metric, stopper.best, stopper.best_step,
+                  stopper.min_delta, stopper.patience)
           # MLPerf: training stops at the first eval that reaches the target.
           reached = bool(target and last_eval and last_eval['auc'] >= target)
-        if do_ckpt or reached:
+        if do_ckpt or reached or stopped_early:
           save(step, position, reached)
         window_step = step
         rate_start, rate_step = time.time(), step
@@ -566,9 +669,12 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
           target_reached = True
           logging.info('eval AUC %.5f reached config.target_auc %.5f at step'
                        ' %d: stopping.', last_eval['auc'], target, step)
+        if reached or stopped_early:
           break
   finally:
     ckpt.close()
+    if best_ckpt is not None:
+      best_ckpt.close()
     writer.close()
     if record is not None:
       record.close()
@@ -580,6 +686,10 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
   summary = {'step': step, 'train_loss': last_loss, 'eval': last_eval,
              'target_auc': target, 'target_auc_reached': target_reached,
              'teacher_auc': data.teacher_auc,
+             'stopped_early': stopped_early,
+             'best_eval': ({'step': stopper.best_step, stopper.metric:
+                            stopper.best} if stopper.best is not None
+                           else None),
              'malformed_lines_skipped': data.bad_lines.count + (
                  eval_bad.count if eval_bad is not None else 0)}
   if is_chief:

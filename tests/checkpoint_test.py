@@ -25,6 +25,9 @@ def mixed_config(num_train_steps):
     config.features[f'cat_{i}'].num_buckets = rows
   config.embedding.replicate_bytes = 20_000
   config.embedding.sharding_overrides = {'cat_5': 'column_wise'}
+  # Exact Adagrad's first step is ~lr * sign(g) for any g >> eps: an
+  # accumulator start keeps it smooth in g, so meshes compare at tolerance.
+  config.embedding.optimizer.initial_accumulator_value = 0.01
   config.num_train_steps = num_train_steps
   config.eval_every_steps = 1000
   config.checkpoint_every_steps = 1000

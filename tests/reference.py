@@ -3,10 +3,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from dlrm_jax import schedules
-from dlrm_jax.embedding import optimizers
 
 
 def single_device_mesh():
@@ -68,37 +66,94 @@ def loop_pool(table, bag, combiner):
   return acc
 
 
-def dense_optimizer(table_spec):
-  """(init, update) of the table's optimizer applied to dense gradients.
+class NumpyOptimizer:
+  """A table optimizer written from its published formula, in float64 NumPy,
+  one row at a time (see dlrm_jax/embedding/optimizers.py for the sources).
 
-  sgd, adagrad and adam use optax itself; rowwise_adagrad (not in optax) uses
-  the dense form of the same formula.
+  `step(table, grads, step)` updates only the rows in `grads` (row -> summed
+  gradient), as the sparse engine does; `dense_optimizer` below passes every
+  row (the dense optimizer the sparse one replaces).
   """
-  opt = table_spec.optimizer
-  lr_fn = schedules.build(opt.schedule)
-  if opt.kind == 'sgd':
-    tx = optax.sgd(lr_fn)
-  elif opt.kind == 'adagrad':
-    tx = optax.adagrad(lr_fn, initial_accumulator_value=(
-        opt.initial_accumulator_value), eps=opt.eps)
-  elif opt.kind == 'adam':
-    tx = optax.adam(lr_fn, b1=opt.b1, b2=opt.b2, eps=opt.eps)
-  else:
-    step_fn = optimizers.dense_reference(opt, lr_fn)
 
-    def init(table):
-      return {'acc': jnp.full(table.shape[:1], opt.initial_accumulator_value,
-                              jnp.float32), 'step': 0}
+  def __init__(self, spec, num_rows, dim):
+    self.o = spec
+    self.lr_fn = schedules.build(spec.schedule)
+    a0 = spec.initial_accumulator_value
+    self.acc = np.full((num_rows, dim), a0)
+    self.racc = np.full((num_rows,), a0)
+    self.m = np.zeros((num_rows, dim))
+    self.v = np.zeros((num_rows, dim))
+    self.z = np.zeros((num_rows, dim))
 
-    def update(table, state, grad):
-      new, slots = step_fn(table, {'acc': state['acc']}, grad, state['step'])
-      return new, {'acc': slots['acc'], 'step': state['step'] + 1}
-    return init, update
+  def step(self, table, grads, step):
+    o = self.o
+    lr = float(self.lr_fn(step))
+    table = np.array(table, np.float64)
+    for r, g in grads.items():
+      w = table[r].copy()
+      g = np.asarray(g, np.float64)
+      if o.weight_decay and o.weight_decay_mode == 'l2':
+        g = g + o.weight_decay * w
+      if o.kind == 'sgd':
+        new = w - lr * g
+      elif o.kind == 'adagrad':  # torch.optim.Adagrad, lr_decay 0
+        self.acc[r] += g * g
+        new = w - lr * g / (np.sqrt(self.acc[r]) + o.eps)
+      elif o.kind == 'rowwise_adagrad':
+        self.racc[r] += np.mean(g * g)
+        new = w - lr * g / (np.sqrt(self.racc[r]) + o.eps)
+      elif o.kind == 'adam':
+        t = step + 1
+        self.m[r] = o.b1 * self.m[r] + (1 - o.b1) * g
+        self.v[r] = o.b2 * self.v[r] + (1 - o.b2) * g * g
+        m_hat = self.m[r] / (1 - o.b1 ** t)
+        v_hat = self.v[r] / (1 - o.b2 ** t)
+        new = w - lr * m_hat / (np.sqrt(v_hat) + o.eps)
+      elif o.kind == 'ftrl':  # McMahan et al. 2013, Algorithm 1, per coord.
+        new = np.empty_like(w)
+        for i in range(len(w)):
+          n_old = self.acc[r, i]
+          n = n_old + g[i] ** 2
+          sigma = (n ** -o.lr_power - n_old ** -o.lr_power) / lr
+          self.z[r, i] += g[i] - sigma * w[i]
+          self.acc[r, i] = n
+          z = self.z[r, i]
+          if abs(z) <= o.l1:
+            new[i] = 0.0
+          else:
+            new[i] = -(z - np.sign(z) * o.l1) / (
+                (o.beta + n ** -o.lr_power) / lr + 2 * o.l2)
+      else:
+        raise ValueError(o.kind)
+      if o.weight_decay and o.weight_decay_mode == 'decoupled':
+        new = new - lr * o.weight_decay * w
+      table[r] = new
+    return table
 
+
+def touched_rows(ids, table_specs, feature_specs):
+  """table name -> sorted valid ids of that table in the packed `[B, T]` ids."""
+  out = {t.name: set() for t in table_specs}
+  rows = {t.name: t.num_rows for t in table_specs}
+  off = 0
+  for f in feature_specs:
+    cols = np.asarray(ids)[:, off:off + f.max_ids].reshape(-1)
+    off += f.max_ids
+    out[f.table] |= {int(i) for i in cols if 0 <= i < rows[f.table]}
+  return {k: sorted(v) for k, v in out.items()}
+
+
+def dense_optimizer(table_spec):
+  """(init, update) of the table's optimizer applied to the dense gradient of
+  every row: `NumpyOptimizer` over all rows."""
   def init(table):
-    return tx.init(table)
+    return {'opt': NumpyOptimizer(table_spec.optimizer, *np.shape(table)),
+            'step': 0}
 
   def update(table, state, grad):
-    upd, state = tx.update(grad, state, table)
-    return optax.apply_updates(table, upd), state
+    grad = np.asarray(grad)
+    new = state['opt'].step(np.asarray(table), dict(enumerate(grad)),
+                            state['step'])
+    state = dict(state, step=state['step'] + 1)
+    return new.astype(np.float32), state
   return init, update

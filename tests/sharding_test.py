@@ -146,6 +146,11 @@ def trainer_config(strategy):
   config.optimizer.kind = 'sgd'  # params move by -lr * grad: equal params,
   config.optimizer.schedule.learning_rate = 0.5  # equal gradients
   config.embedding.sharding = strategy
+  # Exact Adagrad's first step, lr * g / (|g| + eps), is about lr * sign(g)
+  # for any g >> eps, so a gradient that is ~0 up to summation order moves a
+  # row by +-lr depending on the device count; an accumulator start makes
+  # the step smooth in g, so one device and eight compare at tolerance.
+  config.embedding.optimizer.initial_accumulator_value = 0.01
   if strategy == 'auto':
     for i, rows in enumerate((5000, 3000, 2000, 700)):
       config.features[f'cat_{i}'].num_buckets = rows

@@ -102,6 +102,57 @@ class TrainLoopTest(absltest.TestCase):
     self.assertEqual(ckpt_lib.Checkpointer(workdir).all_steps(), [])
 
 
+class EarlyStoppingTest(absltest.TestCase):
+
+  def test_stops_keeps_the_best_and_stays_stopped(self):
+    trainer = shared_trainer()
+    workdir = self.create_tempdir().full_path
+    # min_delta 1.0: no later evaluation can improve on the first AUC, so
+    # with patience 2 the run stops at the third evaluation (step 15).
+    config = tiny_config(**{
+        'eval_every_steps': 5, 'log_every_steps': 5,
+        'early_stopping.patience': 2, 'early_stopping.min_delta': 1.0,
+        'keep_best_metric': 'log_loss'})
+    summary = train.train_and_evaluate(config, workdir, trainer)
+    self.assertEqual(summary['step'], 15)
+    self.assertTrue(summary['stopped_early'])
+    evals = [json.loads(l) for l in open(os.path.join(workdir,
+                                                      'metrics.jsonl'))]
+    evals = [r for r in evals if r['type'] == 'eval']
+    self.assertEqual([r['step'] for r in evals], [5, 10, 15])
+    self.assertEqual(summary['best_eval']['step'], 5)
+    best = min(evals, key=lambda r: r['log_loss'])
+    kept = ckpt_lib.BestCheckpointer(workdir, 'log_loss', 'min')
+    self.assertEqual(kept.all_steps(), [best['step']])
+    state, meta = kept.restore(best['step'], trainer.abstract_state())
+    kept.close()
+    self.assertEqual(meta['step'], best['step'])
+    self.assertEqual(int(state.step), best['step'])
+    # Run again on the same workdir: it resumes at 15 and stays stopped.
+    again = train.train_and_evaluate(config, workdir, trainer)
+    self.assertEqual(again['step'], 15)
+
+  def test_min_train_steps_trains_whole_epochs(self):
+    from dlrm_jax.data import inputs  # pylint: disable=g-import-not-at-top
+    config = inputs.prepare_config(tiny_config(num_train_steps=-1,
+                                               num_epochs=1))
+    data = inputs.make_data(config, shared_trainer().setup)
+    per_epoch = data.train.batches_per_epoch
+    self.assertEqual(train.num_train_steps(config, data), per_epoch)
+    config.min_train_steps = per_epoch + 1
+    self.assertEqual(train.num_train_steps(config, data), 2 * per_epoch)
+    config.min_train_steps = -1
+    with self.assertRaisesRegex(ValueError, r'config.min_train_steps \(-1\)'):
+      train.num_train_steps(config, data)
+
+  def test_bad_early_stopping_config_names_the_field(self):
+    with self.assertRaisesRegex(ValueError,
+                                r"config.early_stopping.metric \('auroc'\)"):
+      train.train_and_evaluate(
+          tiny_config(**{'early_stopping.metric': 'auroc'}),
+          self.create_tempdir().full_path, shared_trainer())
+
+
 class MultiHotTrainingTest(absltest.TestCase):
 
   def test_trains_on_mlperf_bags(self):

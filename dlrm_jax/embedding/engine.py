@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from typing import Any, Sequence
 
 import jax
@@ -44,6 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dlrm_jax import schedules
 from dlrm_jax.embedding import optimizers
 from dlrm_jax.embedding import plan as plan_lib
+from dlrm_jax.embedding import rounding
 from dlrm_jax.embedding import specs as specs_lib
 from dlrm_jax.embedding.specs import FeatureSpec, TableSpec
 
@@ -56,14 +58,9 @@ _INIT_CHUNK_ROWS = 1 << 16
 
 def _hash_uniform(seed: jax.Array, row: jax.Array, col: jax.Array
                   ) -> jax.Array:
-  """Uniform in [-1, 1) from uint32 (seed, row, col): two rounds of
-  MurmurHash3's finalizer, 24 bits of the result."""
-  def mix(z):
-    z = (z ^ (z >> 16)) * jnp.uint32(0x85EBCA6B)
-    z = (z ^ (z >> 13)) * jnp.uint32(0xC2B2AE35)
-    return z ^ (z >> 16)
-  z = mix(seed ^ (row * jnp.uint32(0x9E3779B1)))
-  z = mix(z ^ (col * jnp.uint32(0x85EBCA77) + jnp.uint32(0x165667B1)))
+  """Uniform in [-1, 1) from uint32 (seed, row, col): 24 bits of
+  `rounding.hash_bits` (two rounds of MurmurHash3's finalizer)."""
+  z = rounding.hash_bits(seed, row, col)
   return (z >> 8).astype(jnp.float32) * np.float32(2.0**-23) - 1.0
 
 
@@ -637,9 +634,10 @@ class EmbeddingEngine:
         g_ids = g_all.reshape(-1, s.width)
         idx = idx.reshape(-1)
         m = idx.shape[0]
-        if s.optimizer.kind == 'sgd':
-          # Plain SGD is linear in the gradient: a scatter-add sums repeated
-          # ids itself, no deduplication needed.
+        if optimizers.scatter_add_ok(s.optimizer, table.dtype):
+          # Plain SGD on float32 is linear in the gradient: a scatter-add sums
+          # repeated ids itself, no deduplication needed. (Low-precision
+          # tables dedup, sum in float32 and round once, below.)
           lr = jnp.asarray(lrs[s.name], jnp.float32)
           return table.at[idx].add((-lr * g_ids).astype(table.dtype),
                                    mode='drop'), slots
@@ -655,8 +653,9 @@ class EmbeddingEngine:
         new_rows, new_slot_rows = optimizers.update_rows(
             s.optimizer, lrs[s.name], step, w_rows.astype(jnp.float32), g_sum,
             slot_rows, row_msq=row_msq)
-        return table.at[uniq].set(
-            new_rows.astype(table.dtype), mode='drop', unique_indices=True), {
+        new_rows = self._rows_to_table_dtype(s, new_rows, table.dtype, uniq,
+                                             my, step)
+        return rounding.set_rows(table, uniq, new_rows), {
                 k: slots[k].at[uniq].set(v, mode='drop', unique_indices=True)
                 for k, v in new_slot_rows.items()}
 
@@ -670,6 +669,24 @@ class EmbeddingEngine:
                   {k: P() for k in lrs}, P()),
         out_specs=specs)
     return fn(state, ids, grads if stacked else tuple(grads), lrs, step)
+
+  def _rows_to_table_dtype(self, s, rows, dtype, uniq, my, step):
+    """Updated `[U, W]` float32 rows of stack `s` (local rows `uniq`) in the
+    table dtype: stochastic rounding for bfloat16/float16 tables, hashed on
+    (table, step, logical row, logical column), so every replica, plan and
+    mesh draws the same bits for the same element."""
+    if jnp.dtype(dtype) == jnp.float32:
+      return rows
+    piece = {k: jnp.asarray(v)[my] for k, v in self._piece_tables(s).items()}
+    p = jnp.maximum(jnp.searchsorted(piece['offset'], uniq, side='right') - 1,
+                    0)
+    t = piece['table'][p]
+    row = piece['row_start'][p] + uniq - piece['offset'][p]
+    col = piece['col_start'][p][:, None] + jnp.arange(s.width)[None, :]
+    seeds = jnp.asarray(np.array(
+        [zlib.crc32(tb.name.encode()) for tb in self.tables], np.uint32))
+    return optimizers.cast_rows(s.optimizer, rows, dtype, seeds[t], row, step,
+                                col_ids=col)
 
   def _full_row_msq(self, s, grads, stacked, ids_all, my, inv, m):
     """Row-wise Adagrad on column pieces: mean square over the full row.

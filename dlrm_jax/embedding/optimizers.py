@@ -3,40 +3,217 @@
 Each optimizer works on rows gathered from a table: `[U, D]` weights, their
 `[U, D]` (deduplicated, summed) gradients and their slot rows, and returns the
 new rows. Rows that are not touched are never read or written, which is what
-makes a step's cost independent of the table size.
+makes a step's cost independent of the table size. There is one class per
+kind (`SparseOptimizer` subclasses, in `REGISTRY` by kind); `slot_shapes` and
+`update_rows` dispatch through it.
 
-The formulas follow the dense optimizers they replace:
+Formulas (g the summed gradient of a row in this step, lr the scheduled rate,
+all state float32; `acc`, `m`, `v`, `z` are slots):
+
   sgd:             w -= lr * g
-  adagrad:         a += g^2;          w -= lr * g / sqrt(a + eps)   (optax.adagrad)
-  rowwise_adagrad: a += mean_d(g^2);  w -= lr * g / (sqrt(a) + eps) (FBGEMM)
-  adam (lazy):     m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
-                   w -= lr * m_hat / (sqrt(v_hat) + eps), bias correction by
-                   the global step; untouched rows keep m and v undecayed,
-                   which is where lazy Adam differs from dense Adam.
+  adagrad:         acc += g^2;  w -= lr * g / (sqrt(acc) + eps)
+      FBGEMM's `EXACT_ADAGRAD` (fbgemm_gpu split_embedding_configs), which is
+      TorchRec's `EmbOptimType.EXACT_ADAGRAD` and `torch.optim.Adagrad`
+      (`std = state_sum.sqrt().add_(eps); param.addcdiv_(grad, std, -lr)`;
+      lr_decay 0). Not optax.adagrad, which divides by sqrt(acc + eps): with
+      acc 0 and eps 1e-8 a first gradient of 1e-5 moves a row by 0.1 lr there
+      and by lr * 1e-5 / (1e-5 + 1e-8) = 0.999 lr here.
+  rowwise_adagrad: acc += mean_d(g^2);  w -= lr * g / (sqrt(acc) + eps)
+      FBGEMM's `EXACT_ROWWISE_ADAGRAD` (one accumulator per row; the mean is
+      over the row's full width even when a column piece updates part of it).
+  adam (lazy):     m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+                   w -= lr * m_hat / (sqrt(v_hat) + eps),
+                   m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t), t = step+1
+      FBGEMM's `ADAM` on touched rows (bias correction by the global step).
+      Untouched rows keep m and v undecayed: lazy Adam (TF's LazyAdam,
+      tf.tpu.experimental.embedding.Adam(lazy_adam=True)).
+  ftrl (FTRL-proximal, McMahan et al. 2013, "Ad click prediction: a view
+      from the trenches", Algorithm 1, per coordinate), with the
+      parameterization of TensorFlow's `tf.compat.v1.train.FtrlOptimizer` /
+      Keras `Ftrl` / `tf.tpu.experimental.embedding.FTRL` (the one
+      jax-tpu-embedding follows), p = lr_power (default -0.5):
+                   n' = acc + g^2
+                   z += g - (n'^(-p) - acc^(-p)) / lr * w;   acc = n'
+                   w = 0                                   if |z| <= l1
+                   w = (sign(z) l1 - z) / ((beta + n'^(-p)) / lr + 2 l2)
+      With p = -0.5 that is the paper's w = -(z - sign(z) l1) /
+      ((beta + sqrt(n)) / alpha + lambda2), lambda2 = 2 l2 (TF writes the L2
+      penalty as l2 * w^2). L1 makes weak coordinates exactly 0. `acc` starts
+      at `initial_accumulator_value` (TF's default is 0.1; ours is the
+      spec's, 0.0 unless set).
+
+Weight decay (`weight_decay` wd > 0), applied to the touched rows only as
+FBGEMM does (`WeightDecayMode`):
+  weight_decay_mode 'l2':        g += wd * w before the update (FBGEMM's L2:
+                                 an L2 penalty on the loss, seen by the
+                                 accumulators).
+  weight_decay_mode 'decoupled': w -= lr * wd * w_old after the update
+                                 (FBGEMM's DECOUPLED, AdamW-style).
+
+The dense (MLP) parameters are not updated here: they use optax
+(`config_lib.build_dense_optimizer`). Its kind 'adagrad' is optax.adagrad
+(`w -= lr * g / sqrt(acc + eps)`, acc starting at 0.1), whose first steps
+differ from torch.optim.Adagrad's; kind 'exact_adagrad' is the formula above
+(`config_lib.scale_by_exact_adagrad`), as peers use for MLPs.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
+from dlrm_jax.embedding import rounding
 from dlrm_jax.embedding.specs import SparseOptimizerSpec
 
+Slots = dict[str, jax.Array]
+SlotShapes = dict[str, tuple[tuple[int, ...], float]]
 
-def slot_shapes(opt: SparseOptimizerSpec, rows: int, dim: int
-                ) -> dict[str, tuple[tuple[int, ...], float]]:
-  """Slot name -> (shape, initial value) for a stack of `rows` x `dim`."""
-  if opt.kind == 'sgd':
+
+class SparseOptimizer:
+  """One kind of sparse optimizer.
+
+  Subclasses set `kind` and implement `slots` and `_step` (the update before
+  weight decay); `update` adds the spec's weight decay around `_step`.
+  """
+
+  kind: ClassVar[str]
+  # True when the update of a row is linear in its gradient with no state
+  # (a scatter-add of `-lr * g` then sums repeated ids itself).
+  linear: ClassVar[bool] = False
+
+  def __init__(self, spec: SparseOptimizerSpec):
+    self.spec = spec
+
+  def slots(self, rows: int, dim: int) -> SlotShapes:
+    """Slot name -> (shape, initial value) for a stack of `rows` x `dim`."""
+    raise NotImplementedError
+
+  def _step(self, lr, step, w, g, slots, row_msq):
+    raise NotImplementedError
+
+  def update(self, lr: jax.Array, step: jax.Array, weights: jax.Array,
+             grads: jax.Array, slots: Slots, row_msq: jax.Array | None = None
+             ) -> tuple[jax.Array, Slots]:
+    """See `update_rows`."""
+    lr = jnp.asarray(lr, jnp.float32)
+    if lr.ndim == 1:
+      lr = lr[:, None]
+    wd, mode = self.spec.weight_decay, self.spec.weight_decay_mode
+    if wd and mode == 'l2':
+      # (A row-wise Adagrad column piece's `row_msq` is of the loss
+      # gradient over the full row, without the decay term.)
+      grads = grads + wd * weights
+    new, slots = self._step(lr, step, weights, grads, slots, row_msq)
+    if wd and mode == 'decoupled':
+      new = new - lr * wd * weights
+    return new, slots
+
+
+REGISTRY: dict[str, type[SparseOptimizer]] = {}
+
+
+def register(cls: type[SparseOptimizer]) -> type[SparseOptimizer]:
+  REGISTRY[cls.kind] = cls
+  return cls
+
+
+@register
+class SGD(SparseOptimizer):
+  kind = 'sgd'
+  linear = True
+
+  def slots(self, rows, dim):
     return {}
-  if opt.kind == 'adagrad':
-    return {'acc': ((rows, dim), opt.initial_accumulator_value)}
-  if opt.kind == 'rowwise_adagrad':
-    return {'acc': ((rows,), opt.initial_accumulator_value)}
-  if opt.kind == 'adam':
+
+  def _step(self, lr, step, w, g, slots, row_msq):
+    return w - lr * g, {}
+
+
+@register
+class Adagrad(SparseOptimizer):
+  """FBGEMM EXACT_ADAGRAD / torch.optim.Adagrad."""
+  kind = 'adagrad'
+
+  def slots(self, rows, dim):
+    return {'acc': ((rows, dim), self.spec.initial_accumulator_value)}
+
+  def _step(self, lr, step, w, g, slots, row_msq):
+    acc = slots['acc'] + g * g
+    return w - lr * g / (jnp.sqrt(acc) + self.spec.eps), {'acc': acc}
+
+
+@register
+class RowwiseAdagrad(SparseOptimizer):
+  """FBGEMM EXACT_ROWWISE_ADAGRAD."""
+  kind = 'rowwise_adagrad'
+
+  def slots(self, rows, dim):
+    return {'acc': ((rows,), self.spec.initial_accumulator_value)}
+
+  def _step(self, lr, step, w, g, slots, row_msq):
+    if row_msq is None:
+      row_msq = jnp.mean(g * g, axis=-1)
+    acc = slots['acc'] + row_msq
+    scale = 1.0 / (jnp.sqrt(acc) + self.spec.eps)
+    return w - lr * g * scale[:, None], {'acc': acc}
+
+
+@register
+class LazyAdam(SparseOptimizer):
+  """FBGEMM ADAM on touched rows; untouched rows' moments are not decayed."""
+  kind = 'adam'
+
+  def slots(self, rows, dim):
     return {'m': ((rows, dim), 0.0), 'v': ((rows, dim), 0.0)}
-  raise ValueError(f'unknown sparse optimizer {opt.kind!r}')
+
+  def _step(self, lr, step, w, g, slots, row_msq):
+    o = self.spec
+    t = (jnp.asarray(step) + 1).astype(jnp.float32)
+    m = o.b1 * slots['m'] + (1.0 - o.b1) * g
+    v = o.b2 * slots['v'] + (1.0 - o.b2) * g * g
+    m_hat = m / (1.0 - o.b1 ** t)
+    v_hat = v / (1.0 - o.b2 ** t)
+    return w - lr * m_hat / (jnp.sqrt(v_hat) + o.eps), {'m': m, 'v': v}
+
+
+@register
+class FTRL(SparseOptimizer):
+  """FTRL-proximal, TensorFlow's parameterization (see the module doc)."""
+  kind = 'ftrl'
+
+  def slots(self, rows, dim):
+    return {'acc': ((rows, dim), self.spec.initial_accumulator_value),
+            'linear': ((rows, dim), 0.0)}
+
+  def _step(self, lr, step, w, g, slots, row_msq):
+    o = self.spec
+    acc = slots['acc']
+    new_acc = acc + g * g
+    if o.lr_power == -0.5:
+      p_new, p_old = jnp.sqrt(new_acc), jnp.sqrt(acc)
+    else:
+      p_new, p_old = new_acc ** -o.lr_power, acc ** -o.lr_power
+    z = slots['linear'] + g - (p_new - p_old) / lr * w
+    quadratic = (o.beta + p_new) / lr + 2.0 * o.l2
+    new_w = jnp.where(jnp.abs(z) > o.l1,
+                      (jnp.sign(z) * o.l1 - z) / quadratic, 0.0)
+    return new_w, {'acc': new_acc, 'linear': z}
+
+
+def get(spec: SparseOptimizerSpec) -> SparseOptimizer:
+  """The optimizer object of a spec."""
+  cls = REGISTRY.get(spec.kind)
+  if cls is None:
+    raise ValueError(f'unknown sparse optimizer kind {spec.kind!r}; known:'
+                     f' {sorted(REGISTRY)}.')
+  return cls(spec)
+
+
+def slot_shapes(opt: SparseOptimizerSpec, rows: int, dim: int) -> SlotShapes:
+  """Slot name -> (shape, initial value) for a stack of `rows` x `dim`."""
+  return get(opt).slots(rows, dim)
 
 
 def update_rows(
@@ -45,9 +222,9 @@ def update_rows(
     step: jax.Array,
     weights: jax.Array,
     grads: jax.Array,
-    slots: dict[str, jax.Array],
+    slots: Slots,
     row_msq: jax.Array | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+) -> tuple[jax.Array, Slots]:
   """One optimizer step on gathered rows.
 
   Args:
@@ -64,43 +241,27 @@ def update_rows(
   Returns:
     The new weights and slots (float32).
   """
-  lr = jnp.asarray(lr, jnp.float32)
-  if lr.ndim == 1:
-    lr = lr[:, None]
-  if opt.kind == 'sgd':
-    return weights - lr * grads, {}
-  if opt.kind == 'adagrad':
-    acc = slots['acc'] + grads * grads
-    scale = jnp.where(acc > 0, jax.lax.rsqrt(acc + opt.eps), 0.0)
-    return weights - lr * grads * scale, {'acc': acc}
-  if opt.kind == 'rowwise_adagrad':
-    if row_msq is None:
-      row_msq = jnp.mean(grads * grads, axis=-1)
-    acc = slots['acc'] + row_msq
-    scale = 1.0 / (jnp.sqrt(acc) + opt.eps)
-    return weights - lr * grads * scale[:, None], {'acc': acc}
-  if opt.kind == 'adam':
-    t = (step + 1).astype(jnp.float32)
-    m = opt.b1 * slots['m'] + (1.0 - opt.b1) * grads
-    v = opt.b2 * slots['v'] + (1.0 - opt.b2) * grads * grads
-    m_hat = m / (1.0 - opt.b1 ** t)
-    v_hat = v / (1.0 - opt.b2 ** t)
-    return weights - lr * m_hat / (jnp.sqrt(v_hat) + opt.eps), {'m': m, 'v': v}
-  raise ValueError(f'unknown sparse optimizer {opt.kind!r}')
+  return get(opt).update(lr, step, weights, grads, slots, row_msq)
 
 
-def dense_reference(opt: SparseOptimizerSpec, lr_fn: Callable) -> Callable:
-  """The same optimizer applied to a whole table and its dense gradient.
+def scatter_add_ok(opt: SparseOptimizerSpec, table_dtype) -> bool:
+  """True when a plain scatter-add of `-lr * g` per id is the exact update:
+  a stateless, linear optimizer without weight decay, on a float32 table
+  (low-precision tables need the summed update rounded once)."""
+  return (get(opt).linear and not opt.weight_decay and
+          jnp.dtype(table_dtype) == jnp.float32)
 
-  Used by the tests as the plain reference: for sgd and both adagrads the
-  sparse update must match it exactly; for Adam it differs on untouched rows.
 
-  Returns:
-    `step_fn(table, slots, grad, step) -> (table, slots)` on `[R, D]` arrays.
-  """
-  def step_fn(table, slots, grad, step):
-    lr = lr_fn(step)
-    new, slots = update_rows(opt, lr, step, table.astype(jnp.float32),
-                             grad.astype(jnp.float32), slots)
-    return new.astype(table.dtype), slots
-  return step_fn
+def cast_rows(opt: SparseOptimizerSpec, rows: jax.Array, table_dtype,
+              seed: int | jax.Array, row_ids: jax.Array, step: jax.Array,
+              col_ids: jax.Array | None = None) -> jax.Array:
+  """Updated float32 rows in the table's dtype: stochastically rounded for
+  bfloat16/float16 tables when `opt.stochastic_rounding`, else round to
+  nearest (see `rounding.stochastic_round` for the arguments)."""
+  dtype = jnp.dtype(table_dtype)
+  if dtype == jnp.float32:
+    return rows
+  if opt.stochastic_rounding:
+    return rounding.stochastic_round(rows, dtype, seed, row_ids, step,
+                                     col_ids)
+  return rounding.round_nearest(rows, dtype)

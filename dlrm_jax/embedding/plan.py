@@ -27,7 +27,7 @@ from dlrm_jax.embedding.specs import FeatureSpec, SparseOptimizerSpec, TableSpec
 from dlrm_jax.embedding import optimizers
 
 STRATEGIES = ('replicated', 'table_wise', 'row_wise', 'column_wise')
-_DTYPE_BYTES = {'float32': 4, 'bfloat16': 2}
+_DTYPE_BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
 
 
 @dataclasses.dataclass(frozen=True)

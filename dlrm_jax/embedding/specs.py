@@ -14,8 +14,9 @@ from dlrm_jax.schedules import ScheduleSpec
 
 COMBINERS = ('sum', 'mean', 'sqrtn')
 INITIALIZERS = ('uniform', 'normal', 'truncated_normal', 'zeros')
-SPARSE_OPTIMIZERS = ('sgd', 'adagrad', 'rowwise_adagrad', 'adam')
-TABLE_DTYPES = ('float32', 'bfloat16')
+SPARSE_OPTIMIZERS = ('sgd', 'adagrad', 'rowwise_adagrad', 'adam', 'ftrl')
+WEIGHT_DECAY_MODES = ('l2', 'decoupled')
+TABLE_DTYPES = ('float32', 'bfloat16', 'float16')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,14 +24,25 @@ class SparseOptimizerSpec:
   """A sparse (touched-rows-only) optimizer.
 
   Attributes:
-    kind: 'sgd'; 'adagrad' (per element, optax.adagrad's formula);
-      'rowwise_adagrad' (one accumulator per row, FBGEMM's formula); or 'adam'
-      (lazy: moments of untouched rows are not decayed).
+    kind: 'sgd'; 'adagrad' (per element, FBGEMM EXACT_ADAGRAD =
+      torch.optim.Adagrad); 'rowwise_adagrad' (one accumulator per row,
+      FBGEMM EXACT_ROWWISE_ADAGRAD); 'adam' (lazy: moments of untouched rows
+      are not decayed); or 'ftrl' (FTRL-proximal, TensorFlow's form). The
+      formulas and sources are in `dlrm_jax.embedding.optimizers`.
     schedule: learning-rate schedule.
-    initial_accumulator_value: adagrad accumulators' start value.
-    eps: added to the denominator.
+    initial_accumulator_value: adagrad/ftrl accumulators' start value.
+    eps: added to the denominator (sqrt(acc) + eps).
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
+    l1: FTRL's L1 regularization strength (>= 0).
+    l2: FTRL's L2 regularization strength (>= 0; TF's l2, penalty l2 * w^2).
+    lr_power: FTRL's learning-rate power (<= 0; -0.5 is the paper's).
+    beta: FTRL's beta (>= 0).
+    weight_decay: weight decay of touched rows (>= 0; 0 is off).
+    weight_decay_mode: 'l2' (g += wd * w, FBGEMM's L2) or 'decoupled'
+      (w -= lr * wd * w, FBGEMM's DECOUPLED).
+    stochastic_rounding: bfloat16/float16 tables: round each updated row
+      stochastically (FBGEMM's default) rather than to nearest.
   """
 
   kind: str = 'sgd'
@@ -39,6 +51,39 @@ class SparseOptimizerSpec:
   eps: float = 1e-8
   b1: float = 0.9
   b2: float = 0.999
+  l1: float = 0.0
+  l2: float = 0.0
+  lr_power: float = -0.5
+  beta: float = 0.0
+  weight_decay: float = 0.0
+  weight_decay_mode: str = 'l2'
+  stochastic_rounding: bool = True
+
+  def check(self, path: str):
+    """Raises ValueError naming `path` (the spec's config path) when a field
+    is out of range."""
+    if self.kind not in SPARSE_OPTIMIZERS:
+      raise ValueError(
+          f'{path}.kind ({self.kind!r}) must be one of'
+          f' {list(SPARSE_OPTIMIZERS)}.')
+    for field in ('initial_accumulator_value', 'eps', 'l1', 'l2', 'beta',
+                  'weight_decay'):
+      value = getattr(self, field)
+      if not value >= 0:
+        raise ValueError(f'{path}.{field} ({value}) must be >= 0.')
+    if not self.lr_power <= 0:
+      raise ValueError(f'{path}.lr_power ({self.lr_power}) must be <= 0.')
+    if self.weight_decay_mode not in WEIGHT_DECAY_MODES:
+      raise ValueError(
+          f'{path}.weight_decay_mode ({self.weight_decay_mode!r}) must be one'
+          f' of {list(WEIGHT_DECAY_MODES)}.')
+    if self.kind == 'ftrl' and self.lr_power != 0 and (
+        self.initial_accumulator_value == 0 and self.beta == 0):
+      raise ValueError(
+          f'{path}: ftrl with initial_accumulator_value 0 and beta 0 divides'
+          ' by zero on rows whose gradient is 0; set'
+          f' {path}.initial_accumulator_value > 0 (TensorFlow uses 0.1) or'
+          f' {path}.beta > 0.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +100,9 @@ class TableSpec:
       and 1/sqrt(dim) for the normal initializers.
     optimizer: how its rows are updated.
     combiner: pooling of multi-hot bags: one of COMBINERS.
-    dtype: storage dtype ('float32' or 'bfloat16'); optimizer state is float32.
+    dtype: storage dtype ('float32', 'bfloat16' or 'float16'); optimizer
+      state is float32; low-precision rows are updated in float32 and
+      rounded once (stochastically, by default).
   """
 
   name: str
@@ -120,16 +167,7 @@ def validate(tables: Sequence[TableSpec], features: Sequence[FeatureSpec]):
       raise ValueError(
           f'table {t.name!r}: dtype ({t.dtype!r}) must be one of'
           f' {list(TABLE_DTYPES)}.')
-    opt = t.optimizer
-    if opt.kind not in SPARSE_OPTIMIZERS:
-      raise ValueError(
-          f'table {t.name!r}: optimizer kind ({opt.kind!r}) must be one of'
-          f' {list(SPARSE_OPTIMIZERS)}.')
-    if opt.initial_accumulator_value < 0 or opt.eps < 0:
-      raise ValueError(
-          f'table {t.name!r}: optimizer initial_accumulator_value'
-          f' ({opt.initial_accumulator_value}) and eps ({opt.eps}) must be'
-          ' >= 0.')
+    t.optimizer.check(f'table {t.name!r}: optimizer')
   by_name = {t.name: t for t in tables}
   fnames = set()
   for f in features:

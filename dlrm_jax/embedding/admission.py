@@ -1,0 +1,176 @@
+"""Rare-id admission for streaming sources: a count-min sketch per model.
+
+An id of a feature is admitted once it has been seen at least `min_count`
+times in training (this batch included); until then it reads and trains a
+shared out-of-vocabulary row (`oov_row`, row 0 by default: the row a
+`num_buckets` feature keeps for missing values). Rare ids then share one
+well-trained row instead of each memorizing a few examples in a row of its
+own, which is what overfits on small data; the idea is TorchRec's
+`ZeroCollisionHash` / feature admission and TF's `min_frequency` filters.
+
+Counts live in a count-min sketch (Cormode & Muthukrishnan 2005): `depth`
+rows of `width` uint32 counters, each (feature, id) incrementing one counter
+per row picked by a hash, its estimate the minimum of them. Its size is fixed
+(`depth * width * 4` bytes) whatever the vocabulary, so it works on data too
+big to count exactly; it only over-counts (an id may be admitted a little
+early, never late), by at most 2n/width with probability 1 - 2^-depth after
+n ids. The sketch goes into each checkpoint, so a resumed run admits exactly
+as an uninterrupted one.
+
+Runs on the host, in step order, on batches after managed-collision
+remapping; with several processes every process counts the ids of the whole
+batch (all-gathered), so their sketches stay identical. Features with a
+managed-collision remapper are left alone (the remapper admits and evicts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from dlrm_jax import features as features_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class AdmissionSpec:
+  """Attributes:
+    min_count: ids seen fewer times than this read the shared row (0 or 1:
+      off).
+    oov_row: the shared row of every admitted feature's table.
+    depth: count-min sketch rows (hash functions).
+    width: counters per sketch row.
+    features: names of the features to filter; empty: every id feature
+      without managed collisions.
+  """
+
+  min_count: int = 0
+  oov_row: int = 0
+  depth: int = 4
+  width: int = 1 << 18
+  features: tuple[str, ...] = ()
+
+  @classmethod
+  def from_config(cls, cfg, path: str = 'config.admission'
+                  ) -> 'AdmissionSpec':
+    cfg = dict(cfg or {})
+    out = {}
+    for field, low in (('min_count', 0), ('oov_row', 0), ('depth', 1),
+                       ('width', 1)):
+      v = cfg.get(field, getattr(cls, field))
+      if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f'{path}.{field} ({v!r}) must be an integer >= {low}.')
+      out[field] = v
+    feats = cfg.get('features') or ()
+    if isinstance(feats, str):
+      feats = (feats,)
+    return cls(features=tuple(feats), **out)
+
+
+class CountMinSketch:
+  """`depth` x `width` uint32 counters of uint32 keys (seeded by row)."""
+
+  def __init__(self, depth: int, width: int):
+    self.counts = np.zeros((depth, width), np.uint32)
+
+  def _cells(self, keys: np.ndarray, salt: int) -> np.ndarray:
+    depth, width = self.counts.shape
+    keys = keys.astype(np.uint32)
+    rows = np.arange(depth, dtype=np.uint32)[:, None]
+    seed = features_lib.mix32(rows * np.uint32(0x9E3779B1) +
+                              np.uint32(salt & 0xFFFFFFFF))
+    h = features_lib.mix32(features_lib.mix32(keys[None, :] ^ seed) +
+                           np.uint32(0x7F4A7C15))
+    return (h % np.uint32(width)).astype(np.int64)
+
+  def add(self, keys: np.ndarray, salt: int) -> None:
+    cells = self._cells(keys, salt)
+    for d in range(self.counts.shape[0]):
+      np.add.at(self.counts[d], cells[d], np.uint32(1))
+
+  def estimate(self, keys: np.ndarray, salt: int) -> np.ndarray:
+    cells = self._cells(keys, salt)
+    rows = np.arange(self.counts.shape[0])[:, None]
+    return self.counts[rows, cells].min(axis=0)
+
+
+class IdAdmission:
+  """Maps ids seen fewer than `spec.min_count` times to `spec.oov_row`."""
+
+  def __init__(self, spec: AdmissionSpec,
+               transform: features_lib.FeatureTransform, *,
+               process_index: int = 0, process_count: int = 1):
+    self.spec = spec
+    self.process_index, self.process_count = process_index, process_count
+    self.sketch = CountMinSketch(spec.depth, spec.width)
+    names = [f.name for f in transform.sparse]
+    unknown = sorted(set(spec.features) - set(names))
+    if unknown:
+      raise ValueError(
+          f'config.admission.features names {unknown}, which are'
+          f' not sparse features (features: {names}).')
+    # (feature index, first id column, columns) of each filtered feature.
+    self.columns: list[tuple[int, int, int]] = []
+    for k, (f, off, width) in enumerate(zip(
+        transform.sparse, transform.id_offsets, transform.id_widths)):
+      if spec.features and f.name not in spec.features:
+        continue
+      if getattr(f, 'managed_collision', None):
+        continue
+      if spec.oov_row >= f.num_rows:
+        raise ValueError(
+            f'config.admission.oov_row ({spec.oov_row}) is outside'
+            f' the {f.num_rows} rows of feature {f.name!r}.')
+      self.columns.append((k, off, width))
+
+  def _global(self, x: np.ndarray) -> np.ndarray:
+    if self.process_count == 1:
+      return x
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  def _map(self, batch: dict[str, Any], count: bool) -> dict[str, Any]:
+    ids = np.array(batch['ids'], copy=True)
+    for k, off, width in self.columns:
+      cols = ids[:, off:off + width]
+      if count:
+        seen = self._global(cols).reshape(-1)
+        self.sketch.add(seen[seen >= 0], k)
+      valid = cols >= 0
+      est = self.sketch.estimate(cols.reshape(-1), k).reshape(cols.shape)
+      rare = valid & (est < self.spec.min_count)
+      ids[:, off:off + width] = np.where(rare, self.spec.oov_row, cols)
+    return dict(batch, ids=ids)
+
+  def train(self, batch: dict[str, Any]) -> dict[str, Any]:
+    """Counts a training batch's ids, then maps the rare ones."""
+    return self._map(batch, count=True)
+
+  def eval(self, batch: dict[str, Any]) -> dict[str, Any]:
+    """Maps an eval/serving batch's rare ids without counting them."""
+    return self._map(batch, count=False)
+
+  def state_dict(self) -> dict[str, np.ndarray]:
+    return {'counts': self.sketch.counts}
+
+  def load_state_dict(self, state: dict[str, Any]) -> None:
+    counts = np.asarray(state['counts'])
+    if counts.shape != self.sketch.counts.shape:
+      raise ValueError(
+          f'the checkpoint\'s admission sketch is {counts.shape[0]} x'
+          f' {counts.shape[1]}, config.admission asks for'
+          f' {self.spec.depth} x {self.spec.width}.')
+    self.sketch.counts = counts.astype(np.uint32)
+
+
+def build(config, transform: features_lib.FeatureTransform, *,
+          process_index: int = 0, process_count: int = 1
+          ) -> IdAdmission | None:
+  """The admission filter of `config.admission`, None when off."""
+  spec = AdmissionSpec.from_config(config.get('admission'))
+  if spec.min_count <= 1:
+    return None
+  return IdAdmission(spec, transform, process_index=process_index,
+                     process_count=process_count)
+

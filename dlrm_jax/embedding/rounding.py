@@ -1,0 +1,141 @@
+"""Counter-based hashing and stochastic rounding of low-precision table rows.
+
+A bfloat16 weight near 0.01 has an ulp of about 6e-5: round-to-nearest drops
+every update smaller than half of it (3e-5 at lr 0.05 is a gradient of 6e-4,
+common for rare ids under a batch-mean loss). Stochastic rounding rounds `x`
+up to the next representable value with probability (x - lo) / (hi - lo) and
+down otherwise, so the stored value is unbiased (E[round(x)] = x) and small
+updates move the table on average as far as in float32. FBGEMM's
+table-batched embeddings do the same for fp16/bf16 weights
+(`stochastic_rounding=True`, the default of
+`SplitTableBatchedEmbeddingBagsCodegen`).
+
+The random bits are a hash of (seed, step, row, column), not a PRNG state:
+the result is reproducible, needs no state in the checkpoint, and every
+replica of a row draws the same bits, so replicas stay identical.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dlrm_jax import features as features_lib
+
+LOW_PRECISION = ('bfloat16', 'float16')
+
+
+def _mix(z: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finalizer (a bijection on uint32)."""
+  return features_lib.mix32(z, jnp)
+
+
+def hash_bits(seed: jax.Array, row: jax.Array, col: jax.Array) -> jax.Array:
+  """uint32 hash of uint32 (seed, row, col): two rounds of the finalizer."""
+  seed = jnp.asarray(seed, jnp.uint32)
+  z = _mix(seed ^ (row.astype(jnp.uint32) * jnp.uint32(0x9E3779B1)))
+  return _mix(z ^ (col.astype(jnp.uint32) * jnp.uint32(0x85EBCA77) +
+                   jnp.uint32(0x165667B1)))
+
+
+def step_seed(seed: int | jax.Array, step: jax.Array) -> jax.Array:
+  """A per-step uint32 seed from a base seed and the 0-based step."""
+  s = jnp.asarray(step).astype(jnp.uint32)
+  return _mix(jnp.asarray(seed, jnp.uint32) ^ _mix(s + jnp.uint32(0x6A09E667)))
+
+
+def _bf16_from_bits(x: jax.Array, add: jax.Array) -> jax.Array:
+  """f32 -> bf16 by adding `add` (uint32 below 2^16) to the bits and
+  truncating: round to nearest for add = 0x7FFF + lsb, stochastic for
+  uniform 16-bit `add`. Integer ops only (XLA:CPU's bf16 convert is slow)."""
+  u = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  u = (u + add) >> 16
+  # NaN stays NaN (the quiet bit survives); +-inf and overflow give +-inf.
+  return jax.lax.bitcast_convert_type(u.astype(jnp.uint16), jnp.bfloat16)
+
+
+def stochastic_round(x: jax.Array, dtype, seed: int | jax.Array,
+                     row_ids: jax.Array, step: jax.Array,
+                     col_ids: jax.Array | None = None) -> jax.Array:
+  """Rounds `[U, D]` float32 rows to `dtype`, stochastically and reproducibly.
+
+  Args:
+    x: `[U, D]` float32 values.
+    dtype: bfloat16 or float16 (float32 returns `x` unchanged).
+    seed: a uint32 seed, or `[U]` of them (e.g. one per table).
+    row_ids: `[U]` row numbers (any integer; the hash input).
+    step: the training step (a new draw every step).
+    col_ids: `[U, D]` (or `[D]`) column numbers; default 0..D-1.
+
+  Returns:
+    `[U, D]` values of `dtype`: each element is one of its two neighbours
+    in `dtype`, the upper one with probability (x - lo) / (hi - lo).
+  """
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.float32:
+    return x
+  x = x.astype(jnp.float32)
+  cols = (jnp.arange(x.shape[-1], dtype=jnp.uint32)[None, :]
+          if col_ids is None else jnp.asarray(col_ids))
+  seed = jnp.asarray(seed, jnp.uint32)
+  if seed.ndim:
+    seed = seed.reshape(-1, 1)
+  bits = hash_bits(step_seed(seed, step), row_ids.reshape(-1, 1), cols)
+  if dtype == jnp.bfloat16:
+    # The low 16 bits of a float32's mantissa are the fraction of a bf16 ulp
+    # (in sign-magnitude, so this rounds away from zero with that
+    # probability, for both signs).
+    return _bf16_from_bits(x, bits >> 16)
+  if dtype == jnp.float16:
+    lo = x.astype(jnp.float16)  # the nearest; `other` is the other neighbour
+    lo_f = lo.astype(jnp.float32)
+    toward = jnp.where(x > lo_f, jnp.inf, -jnp.inf).astype(jnp.float16)
+    other = jnp.nextafter(lo, toward)
+    other_f = other.astype(jnp.float32)
+    gap = other_f - lo_f
+    p = jnp.where((gap != 0) & jnp.isfinite(gap), (x - lo_f) / gap, 0.0)
+    u = (bits >> 8).astype(jnp.float32) * np.float32(2.0**-24)
+    return jnp.where(u < p, other, lo)
+  raise ValueError(f'stochastic rounding to {dtype} is not supported; table'
+                   f' dtypes are float32 and {list(LOW_PRECISION)}.')
+
+
+def to_float32(x: jax.Array) -> jax.Array:
+  """Exact upcast; bfloat16 through its bits (a shift), which XLA:CPU runs
+  faster than its convert."""
+  if x.dtype == jnp.bfloat16:
+    u = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16
+    return jax.lax.bitcast_convert_type(u, jnp.float32)
+  return x.astype(jnp.float32)
+
+
+def round_nearest(x: jax.Array, dtype) -> jax.Array:
+  """Round-to-nearest-even cast (bf16 through integer ops, as above)."""
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.bfloat16:
+    x = x.astype(jnp.float32)
+    u = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    lsb = (u >> 16) & jnp.uint32(1)
+    out = _bf16_from_bits(x, jnp.uint32(0x7FFF) + lsb)
+    return jnp.where(jnp.isnan(x), jnp.bfloat16(jnp.nan), out)
+  return x.astype(dtype)
+
+
+def set_rows(table: jax.Array, rows: jax.Array, values: jax.Array
+             ) -> jax.Array:
+  """`table.at[rows].set(values)` (unique rows, out-of-range dropped).
+
+  A bfloat16/float16 table is scattered through its 16-bit integer view:
+  XLA:CPU otherwise normalizes a low-precision scatter to float32, converting
+  the whole table there and back on every step (hundreds of ms for a 1 GB
+  table) instead of writing the touched rows in place.
+  """
+  dtype = table.dtype
+  if dtype.itemsize != 2:
+    return table.at[rows].set(values.astype(dtype), mode='drop',
+                              unique_indices=True)
+  bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
+  vbits = jax.lax.bitcast_convert_type(values.astype(dtype), jnp.uint16)
+  bits = bits.at[rows].set(vbits, mode='drop', unique_indices=True)
+  return jax.lax.bitcast_convert_type(bits, dtype)
