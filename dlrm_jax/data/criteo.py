@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import io
 import os
 from typing import Callable, Iterator, Sequence
 
@@ -30,10 +31,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
-NUM_INT = 13
-NUM_CAT = 26
-INT_NAMES = tuple(f'I{i + 1}' for i in range(NUM_INT))
-CAT_NAMES = tuple(f'C{i + 1}' for i in range(NUM_CAT))
+from dlrm_jax.data import rows as rows_lib
+
+# The row rules and their reasons are `dlrm_jax.data.rows`' (shared with
+# scoring); this module applies them vectorized.
+NUM_INT = rows_lib.NUM_INT
+NUM_CAT = rows_lib.NUM_CAT
+INT_NAMES = rows_lib.INT_NAMES
+CAT_NAMES = rows_lib.CAT_NAMES
 BAD_LINE_POLICIES = ('error', 'skip')
 
 # Bytes of text per pyarrow block (one parsed batch). Lines must be shorter.
@@ -155,6 +160,48 @@ def _open(path: str) -> pa.NativeFile:
   return pa.input_stream(path, compression='gzip' if _is_gzip(path) else None)
 
 
+class _GuardedStream(io.RawIOBase):
+  """A file's text for pyarrow's CSV reader, guarded.
+
+  Bytes >= 0x80 (in no valid row: every valid field is ASCII) become '?', so
+  that pyarrow, which decodes a line of a wrong field count as UTF-8 before
+  the invalid-row handler sees it, never fails on one: the line stays
+  malformed, is reported at its line and can be skipped. A damaged gzip
+  stream is named with the file and the offset reached.
+  """
+
+  def __init__(self, path: str, stream: pa.NativeFile | None = None):
+    super().__init__()
+    self._path = path
+    self._gzip = stream is None and _is_gzip(path)
+    self._stream = stream if stream is not None else _open(path)
+    self._pos = 0
+
+  def readable(self) -> bool:
+    return True
+
+  def read(self, size: int = -1) -> bytes:
+    try:
+      data = self._stream.read(size)
+    except (OSError, pa.ArrowException) as e:
+      where = (f'after {self._pos} bytes of decompressed text (the gzip file'
+               f' has {os.path.getsize(self._path)} bytes)' if self._gzip
+               else f'at byte {self._pos}')
+      raise MalformedLineError(
+          f'{self._path}: cannot be read {where}: {e}'
+          + (' (a damaged or truncated gzip file?)' if self._gzip else '')
+      ) from e
+    self._pos += len(data)
+    view = np.frombuffer(data, np.uint8)
+    if view.size and view.max() >= 0x80:
+      data = np.where(view >= 0x80, np.uint8(ord('?')), view).tobytes()
+    return data
+
+  def close(self) -> None:
+    self._stream.close()
+    super().close()
+
+
 def count_rows(paths: Sequence[str] | str) -> int:
   """Lines in the files, gzip decompressed; a last line without `\\n` counts."""
   if isinstance(paths, str):
@@ -219,7 +266,7 @@ def _parse_int(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     bad[row[~ok]] = True
   if n and lengths.max() > _INT64_DIGITS:
     for i in np.flatnonzero(~bad & (lengths > _INT64_DIGITS)):
-      if not -2**63 <= int(col[int(i)].as_py()) < 2**63:
+      if rows_lib.int64_overflows(col[int(i)].as_py()):
         overflow[i] = True
     bad |= overflow
   if bad.any():
@@ -263,10 +310,10 @@ def _parse_hex(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
   return values, bad
 
 
-def _value(col: pa.Array, i: int) -> str:
-  """Field `i` of a column as text, for messages."""
+def _value(col: pa.Array, i: int) -> bytes:
+  """Field `i` of a column, for messages (`rows_lib.show` cuts it)."""
   raw = col[i].as_py()
-  return '' if raw is None else raw.decode('utf-8', 'backslashreplace')
+  return b'' if raw is None else raw
 
 
 class _Checks:
@@ -303,12 +350,11 @@ def _convert(batch: pa.RecordBatch, labeled: bool
     empty = empty[_buffers(col)[2][empty] == 0]
   empty_mask = np.zeros(n, bool)
   empty_mask[empty] = True
-  checks.add(empty_mask, lambda i: 'empty line')
+  checks.add(empty_mask, lambda i: rows_lib.NO_VALUES)
   if labeled:
     label_col = cols[0]
     label, bad = _parse_label(label_col)
-    checks.add(bad, lambda i: (
-        f'label must be 0 or 1, got {_value(label_col, i)!r}'))
+    checks.add(bad, lambda i: rows_lib.label_reason(_value(label_col, i)))
     out['label'] = label
     cols = cols[1:]
   ints = np.empty((NUM_INT, n), np.int64)
@@ -316,14 +362,13 @@ def _convert(batch: pa.RecordBatch, labeled: bool
     col = cols[j]
     ints[j], bad, overflow = _parse_int(col)
     checks.add(bad, lambda i, col=col, name=name, overflow=overflow: (
-        f'{name} does not fit in int64: {_value(col, i)!r}'
-        if overflow[i] else f'{name} is not an integer: {_value(col, i)!r}'))
+        rows_lib.int_reason(name, _value(col, i), bool(overflow[i]))))
   cats = np.empty((NUM_CAT, n), np.int64)
   for j, name in enumerate(CAT_NAMES):
     col = cols[NUM_INT + j]
     cats[j], bad = _parse_hex(col)
     checks.add(bad, lambda i, col=col, name=name: (
-        f'{name} is not 8 hex digits: {_value(col, i)!r}'))
+        rows_lib.hex_reason(name, _value(col, i))))
   out['int'] = np.ascontiguousarray(ints.T)
   out['cat'] = np.ascontiguousarray(cats.T)
   return out, checks
@@ -360,7 +405,7 @@ def _read_file(path: str, labeled: bool, bad_lines: str,
     return 'skip'
 
   def field_count(actual: int) -> str:
-    return f'expected {n_fields} fields, got {actual}'
+    return rows_lib.field_count_reason(n_fields, actual)
 
   def emit(events: list[tuple[int, int, str]]) -> None:
     """Raises or reports (first line, number of lines, reason) events."""
@@ -377,7 +422,7 @@ def _read_file(path: str, labeled: bool, bad_lines: str,
   consumed = 0  # Lines 1..consumed are placed.
   try:
     reader = pa_csv.open_csv(
-        stream if stream is not None else _open(path),
+        _GuardedStream(path, stream),
         read_options=pa_csv.ReadOptions(
             column_names=names, block_size=_BLOCK_BYTES, use_threads=False),
         parse_options=pa_csv.ParseOptions(
