@@ -86,18 +86,40 @@ def load(config, workdir: str, step: int | None = None) -> TrainedModel:
   config = inputs.prepare_config(config)
   trainer = train.Trainer(config)
   ckpt = ckpt_lib.Checkpointer(workdir)
+
+  def restore(step):
+    state, _ = trainer.restore(ckpt, step)
+    if trainer.remapper:
+      trainer.remapper.load_state_dict(ckpt.restore_remappers(step))
+    return state
+
   try:
-    step = ckpt.latest_step() if step is None else step
+    if step is None:  # The newest good one; damaged ones are left in place.
+      step, state = ckpt.restore_newest_good(restore, move_aside=False)
+    elif step not in ckpt.all_steps():
+      raise ValueError(
+          f'{workdir} holds no checkpoint {step} (it has'
+          f' {ckpt.all_steps() or "none"}).')
+    else:
+      state = _restore_step(ckpt, step, restore)
     if step is None:
       raise ValueError(
           f'{workdir} holds no checkpoint (looked in {ckpt.directory}); train'
           ' first, or pass the --workdir of a run.')
-    state, _ = trainer.restore(ckpt, step)
-    if trainer.remapper:
-      trainer.remapper.load_state_dict(ckpt.restore_remappers(step))
   finally:
     ckpt.close()
   return TrainedModel(config, trainer, state, step)
+
+
+def _restore_step(ckpt: ckpt_lib.Checkpointer, step: int, restore):
+  try:
+    return restore(step)
+  except ckpt_lib.IncompatibleCheckpointError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise ckpt_lib.DamagedCheckpointError(
+        f'checkpoint {step} at {ckpt.directory / str(step)} is damaged:'
+        f' {ckpt_lib._one_line(e)}') from e  # pylint: disable=protected-access
 
 
 def _labeled(path: str) -> bool:

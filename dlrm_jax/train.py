@@ -415,16 +415,21 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
 
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep)
   signature = trainer.signature()
-  latest = ckpt.latest_step()
   data_iter = data.train.iterator() if data.uses_grain else None
   trainer.remapper = trainer.new_remapper()  # this run's
-  if latest is not None:
-    state, meta = trainer.restore(ckpt, latest)
-    position = int(meta.get('data_position') or 0)  # text sources
+
+  def restore(step):  # The newest good checkpoint; damaged ones moved aside.
+    state, meta = trainer.restore(ckpt, step)
     if data_iter is not None:
-      ckpt.restore_data_iterator(latest, data_iter)
+      ckpt.restore_data_iterator(step, data_iter)
     if trainer.remapper:
-      trainer.remapper.load_state_dict(ckpt.restore_remappers(latest))
+      trainer.remapper.load_state_dict(ckpt.restore_remappers(step))
+    return state, meta
+
+  latest, restored = ckpt.restore_newest_good(restore)
+  if latest is not None:
+    state, meta = restored
+    position = int(meta.get('data_position') or 0)  # text sources
     logging.info('resumed from the checkpoint at step %d (%s)', latest,
                  ckpt.directory)
   else:
@@ -504,6 +509,7 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
       do_eval = step % config.eval_every_steps == 0 or last
       do_ckpt = step % config.checkpoint_every_steps == 0 or last
       if do_log or do_ckpt or do_eval:
+        ckpt.check_for_errors()  # An asynchronous save that failed stops here.
         host_acc = jax.device_get(acc)
         acc = jax.device_put(_zero_acc(), trainer._replicated)  # pylint: disable=protected-access
         first_bad = int(host_acc['first_nonfinite'])
