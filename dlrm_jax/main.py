@@ -16,12 +16,18 @@ Flags:
     ./runs/). Checkpoints, metrics.jsonl, TensorBoard events, plots.
   --coordinator_address, --num_processes, --process_id: multi-process runs
     (else taken from the environment, see dlrm_jax.parallel).
+
+A mistake of the user (a bad config value, a malformed input line, a workdir
+in use, a damaged checkpoint, a failed save) ends with one line, `error:
+<what>`, on stderr and exit status 1; the Python traceback is shown too with
+`--verbosity=1` or the environment variable DLRM_JAX_TRACEBACK=1.
 """
 
 import datetime
 import json
 import logging as std_logging
 import os
+import sys
 
 import jax
 from absl import app
@@ -29,8 +35,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from dlrm_jax import checkpoint as ckpt_lib
 from dlrm_jax import parallel
 from dlrm_jax import train
+from dlrm_jax import workdir_lock
 
 MODES = ('train', 'eval', 'predict', 'export')
 
@@ -71,10 +79,34 @@ class _OwnInfoOnly(std_logging.Filter):
             or f'{os.sep}dlrm_jax{os.sep}' in record.pathname)
 
 
+# Errors that are the user's to fix: shown as one line, without a traceback.
+USER_ERRORS = (ValueError, OSError, ckpt_lib.DamagedCheckpointError,
+               ckpt_lib.CheckpointSaveError, workdir_lock.WorkdirLockedError,
+               train.NonFiniteLossError, train.InvalidIdError)
+
+
+def _show_traceback() -> bool:
+  return (flags.FLAGS.verbosity >= 1 or
+          os.environ.get('DLRM_JAX_TRACEBACK', '') not in ('', '0'))
+
+
+def run_main(argv):
+  """`main`, with user errors printed as one line (see the module doc)."""
+  show = _show_traceback()
+  try:
+    main(argv)
+  except USER_ERRORS as e:
+    if show:
+      raise
+    sys.stdout.flush()
+    sys.stderr.write(f'error: {e}\n')
+    sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(max(logging.INFO, flags.FLAGS.verbosity))
   if not _LIBRARY_LOGS.value:
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
@@ -118,4 +150,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(run_main)

@@ -7,6 +7,7 @@ same code as `train_and_evaluate`, the loop behind `python -m dlrm_jax.main`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -29,6 +30,7 @@ from dlrm_jax import config_lib
 from dlrm_jax import metrics as metrics_lib
 from dlrm_jax import parallel
 from dlrm_jax import reporting
+from dlrm_jax import workdir_lock
 from dlrm_jax.data import inputs
 from dlrm_jax.data import pipeline
 from dlrm_jax.embedding import EmbeddingEngine
@@ -376,6 +378,21 @@ def num_train_steps(config, data: inputs.DataSetup) -> int:
 
 def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
                        ) -> dict[str, Any]:
+  """Trains (resuming from `workdir` if it holds checkpoints) and evaluates.
+
+  Process 0 holds `<workdir>/.lock` meanwhile (`dlrm_jax.workdir_lock`): a
+  second run on the same workdir gets WorkdirLockedError naming the first.
+  See `_train_and_evaluate` for the arguments.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  lock = (workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0
+          else contextlib.nullcontext())
+  with lock:
+    return _train_and_evaluate(config, workdir, trainer)
+
+
+def _train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
+                        ) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints) and evaluates.
 
   Args:
