@@ -7,6 +7,7 @@ inference notebook.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Iterator, Sequence
 
@@ -165,12 +166,17 @@ def predict(model: TrainedModel, paths: Sequence[str] | str,
     raise ValueError('--mode=predict runs in one process.')
   total = 0
   tmp = output + '.tmp'
-  with open(tmp, 'w') as out:
-    for batch, n in _batches(model, paths, labeled):
-      probs = model.trainer.predict(model.state, batch)[:n]
-      out.write(''.join(f'{p:.7f}\n' for p in probs))
-      total += n
-  os.replace(tmp, output)
+  try:
+    with open(tmp, 'w') as out:
+      for batch, n in _batches(model, paths, labeled):
+        probs = model.trainer.predict(model.state, batch)[:n]
+        out.write(''.join(f'{p:.7f}\n' for p in probs))
+        total += n
+    os.replace(tmp, output)
+  except BaseException:
+    if os.path.exists(tmp):  # No half file left behind.
+      os.remove(tmp)
+    raise
   logging.info('wrote %d scores to %s', total, output)
   return total
 
@@ -200,6 +206,25 @@ def evaluate(model: TrainedModel, paths: Sequence[str] | str | None = None
              ) -> dict[str, float]:
   """Eval metrics of the checkpoint on files, or on the config's eval set."""
   return eval_predictions(model, paths)[0]
+
+
+def evaluate_and_report(model: TrainedModel, workdir: str,
+                        paths: Sequence[str] | str | None = None,
+                        print_fn=print) -> dict[str, float]:
+  """`--mode=eval`: prints the metrics as JSON, then writes them to
+  `<workdir>/eval_step<N>.json` (a workdir that cannot be written gets a
+  warning; the printed metrics stand)."""
+  result = {k: float(v) for k, v in evaluate(model, paths).items()}
+  if jax.process_index() != 0:
+    return result
+  print_fn(json.dumps(result, sort_keys=True))
+  path = os.path.join(workdir, f'eval_step{model.step}.json')
+  try:
+    ckpt_lib.write_json(path, result)
+  except OSError as e:
+    logging.warning('could not write %s (%s); the metrics are the line'
+                    ' printed above.', path, e)
+  return result
 
 
 def export(model: TrainedModel, out_dir: str, *, batch_size: int | None = None,

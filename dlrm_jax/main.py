@@ -24,7 +24,6 @@ in use, a damaged checkpoint, a failed save) ends with one line, `error:
 """
 
 import datetime
-import json
 import logging as std_logging
 import os
 import sys
@@ -130,14 +129,7 @@ def main(argv):
   model = inference.load(_CONFIG.value, _WORKDIR.value)
   logging.info('restored step %d of %s', model.step, _WORKDIR.value)
   if mode == 'eval':
-    result = inference.evaluate(model, _INPUT.value or None)
-    result = {k: float(v) for k, v in result.items()}
-    logging.info('eval: %s', json.dumps(result, sort_keys=True))
-    if jax.process_index() == 0:
-      path = os.path.join(_WORKDIR.value, f'eval_step{model.step}.json')
-      with open(path, 'w') as f:
-        json.dump(result, f, indent=2, sort_keys=True)
-      print(json.dumps(result, sort_keys=True))
+    inference.evaluate_and_report(model, _WORKDIR.value, _INPUT.value or None)
   elif mode == 'predict':
     n = inference.predict(model, _INPUT.value, _OUTPUT.value)
     print(f'{n} scores written to {_OUTPUT.value}')

@@ -376,6 +376,16 @@ def num_train_steps(config, data: inputs.DataSetup) -> int:
   return int(config.num_epochs * data.train.batches_per_epoch)
 
 
+def _finished_summary(workdir: str, step: int) -> dict[str, Any] | None:
+  """summary.json of a run that ended at `step`, if it holds its results."""
+  try:
+    with open(os.path.join(workdir, 'summary.json')) as f:
+      summary = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return summary if summary.get('step') == step else None
+
+
 def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
                        ) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints) and evaluates.
@@ -455,12 +465,15 @@ def _train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
   if is_chief:
     ckpt_lib.write_json(os.path.join(workdir, 'config.json'),
                         json.loads(config.to_json_best_effort()))
-  writer = reporting.MetricsLogger(workdir, enabled=is_chief)
-  final_eval = {}  # the last eval's predictions, for the ROC plot
   step = int(jax.device_get(state.step))
+  writer = reporting.MetricsLogger(workdir, enabled=is_chief,
+                                   resume_step=step)
+  final_eval = {}  # the last eval's predictions, for the ROC plot
+  previous = None  # A finished run's summary, kept when it is run again.
   if step >= total_steps:
     logging.info('already trained for %d steps (config asks for %d).', step,
                  total_steps)
+    previous = _finished_summary(workdir, step)
 
   def save(step, position):
     meta = {'signature': signature, 'plan': trainer.plan.to_json(),
@@ -500,6 +513,11 @@ def _train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
             if config.data.get('record_batches') else None)
   last_eval = None
   last_loss = None
+  if step >= total_steps and previous is None:  # No summary: make it anew.
+    last_eval = run_eval(step)
+    losses = [r['loss'] for r in reporting.read_metrics(workdir)
+              if r['type'] == 'train' and r['step'] <= step]
+    last_loss = losses[-1] if losses else None
   window_step = step
   rate_start, rate_step = time.time(), step
   first_step = True
@@ -576,9 +594,18 @@ def _train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
              'teacher_auc': data.teacher_auc,
              'malformed_lines_skipped': data.bad_lines.count + (
                  eval_bad.count if eval_bad is not None else 0)}
+  if previous is not None:
+    summary = previous
   if is_chief:
-    ckpt_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
-    plots = reporting.write_plots(workdir, final_eval.get('probs'),
-                                  final_eval.get('labels'), data.teacher_auc)
+    # The results first, then the writes that could fail.
+    logging.info('summary: %s', json.dumps(summary, sort_keys=True))
+    if previous is None:
+      ckpt_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
+      plots = reporting.write_plots(workdir, final_eval.get('probs'),
+                                    final_eval.get('labels'),
+                                    data.teacher_auc)
+    else:  # A finished run's plots are its own.
+      plots = [p for p in (os.path.join(workdir, n) for n in reporting.PLOTS)
+               if os.path.exists(p)]
     logging.info('%s', reporting.summary_text(summary, workdir, plots))
   return summary
