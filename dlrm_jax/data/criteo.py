@@ -203,18 +203,29 @@ class _GuardedStream(io.RawIOBase):
 
 
 def count_rows(paths: Sequence[str] | str) -> int:
-  """Lines in the files, gzip decompressed; a last line without `\\n` counts."""
+  """Lines in the files, gzip decompressed, ended as the reader ends them
+  (`\n`, `\r\n` or a bare `\r`); a last line without an end counts."""
   if isinstance(paths, str):
     paths = [paths]
   total = 0
   for path in paths:
     last = b'\n'
-    with _open(path) as f:
+    with _GuardedStream(path) as f:
       while block := f.read(_READ_BYTES):
-        total += block.count(b'\n')
+        # '\r\n' counts once, also when a block boundary splits it.
+        total += (block.count(b'\n') + block.count(b'\r') -
+                  block.count(b'\r\n') -
+                  (last == b'\r' and block[:1] == b'\n'))
         last = block[-1:]
-    total += last != b'\n'
+    total += last not in (b'\n', b'\r')
   return total
+
+
+def count_valid_rows(paths: Sequence[str] | str, *, labeled: bool = True
+                     ) -> int:
+  """Rows that `read_criteo(..., bad_lines='skip')` yields (a full parse)."""
+  return sum(len(c['int']) for c in read_criteo(
+      paths, labeled=labeled, bad_lines='skip', report=BadLineReport()))
 
 
 def _buffers(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
