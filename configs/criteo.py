@@ -10,6 +10,9 @@ Variants, chosen with a suffix: `--config=configs/criteo.py:<variant>`.
 
 Any field can be overridden on the command line, e.g.
   --config.data.train_path=/data/criteo/train.txt --config.batch_size=4096
+  --config.model.dense_mlp.hidden_units=[32,8]   (or =32,8: lists too)
+  --config.embedding.sharding_overrides.cat_3=row_wise
+  --config.embedding.tables.cat_3.dtype=bfloat16
 """
 
 from ml_collections import config_dict
@@ -64,6 +67,17 @@ def _features(embedding_dim, num_buckets, normalizer):
         )),
     ))
   return features
+
+
+def _table_overrides():
+  """Per-table overrides, unset (None), for the tables cat_0..cat_25, so
+  that `--config.embedding.tables.cat_3.dtype=bfloat16` works; tables of
+  other names (embedding_name): set the whole dict."""
+  return config_dict.ConfigDict({f'cat_{i}': config_dict.ConfigDict(dict(
+      initializer=config_dict.placeholder(str),  # None: config.embedding's
+      init_scale=config_dict.placeholder(float),
+      dtype=config_dict.placeholder(str),
+  )) for i in range(NUM_CAT)})
 
 
 def _mlp(hidden_units):
@@ -159,9 +173,10 @@ def get_config(arg=None):
   config.embedding.optimizer.eps = 1e-8      # denominator epsilon
   config.embedding.optimizer.b1 = 0.9        # adam
   config.embedding.optimizer.b2 = 0.999      # adam
-  config.embedding.tables = config_dict.ConfigDict()  # per-table overrides: name -> fields
+  config.embedding.tables = _table_overrides()  # per-table overrides: name -> fields
   config.embedding.sharding = 'auto'         # auto (planner) or a strategy for all
-  config.embedding.sharding_overrides = config_dict.ConfigDict()  # table -> strategy
+  config.embedding.sharding_overrides = config_dict.ConfigDict({  # table -> strategy
+      f'cat_{i}': config_dict.placeholder(str) for i in range(NUM_CAT)})
   config.embedding.replicate_bytes = 1 << 20  # auto: replicate tables this small
   config.embedding.device_memory_gb = config_dict.placeholder(float)  # auto: budget
 

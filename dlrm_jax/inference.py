@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 
 from dlrm_jax import checkpoint as ckpt_lib
+from dlrm_jax import config_checks
 from dlrm_jax import metrics as metrics_lib
 from dlrm_jax import serving
 from dlrm_jax import train
@@ -83,7 +84,8 @@ def _vocab_lookups(binary_dir: str):
 
 
 def load(config, workdir: str, step: int | None = None) -> TrainedModel:
-  """Restores the latest (or a given) checkpoint of a run."""
+  """Restores the latest good (or a given) checkpoint of a run."""
+  config_checks.validate_numbers(config)
   config = inputs.prepare_config(config)
   trainer = train.Trainer(config)
   ckpt = ckpt_lib.Checkpointer(workdir)

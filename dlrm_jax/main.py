@@ -35,11 +35,15 @@ from absl import logging
 from ml_collections import config_flags
 
 from dlrm_jax import checkpoint as ckpt_lib
+from dlrm_jax import config_checks
 from dlrm_jax import parallel
 from dlrm_jax import train
 from dlrm_jax import workdir_lock
 
 MODES = ('train', 'eval', 'predict', 'export')
+
+# `--config.<list field>=[32,8]` (or =32,8): config_flags parses no lists.
+config_checks.register_list_parser()
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file (with an optional :variant).',

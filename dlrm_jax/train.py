@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dlrm_jax import checkpoint as ckpt_lib
+from dlrm_jax import config_checks
 from dlrm_jax import config_lib
 from dlrm_jax import metrics as metrics_lib
 from dlrm_jax import parallel
@@ -81,7 +82,8 @@ def make_plan(config, tables, num_shards: int) -> plan_lib.Plan:
   """The embedding sharding plan the config asks for."""
   e = config.embedding
   strategy = e.get('sharding', 'auto')
-  overrides = dict(e.get('sharding_overrides') or {})
+  overrides = {k: v for k, v in dict(e.get('sharding_overrides') or {}
+                                     ).items() if v is not None}  # unset
   if strategy != 'auto':
     if strategy not in plan_lib.STRATEGIES:
       raise ValueError(
@@ -394,6 +396,7 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
   second run on the same workdir gets WorkdirLockedError naming the first.
   See `_train_and_evaluate` for the arguments.
   """
+  config_checks.validate_numbers(config)
   os.makedirs(workdir, exist_ok=True)
   lock = (workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0
           else contextlib.nullcontext())
