@@ -108,12 +108,41 @@ class ReaderCornerTest(absltest.TestCase):
   def test_long_field_is_cut_in_the_message(self):
     lines = self.good_lines(10)
     fields = lines[2].split(b'\t')
-    fields[20] = b'z' * (2 << 20)
+    fields[20] = b'z' * 500_000
     lines[2] = b'\t'.join(fields)
     path = self.write(b'\n'.join(lines) + b'\n')
     with self.assertRaisesRegex(criteo.MalformedLineError,
                                 r'train\.txt:3: C7 is not 1 to 8 hex digits:'
-                                r" 'z{40}'\.\.\. \(2097152 bytes\)$"):
+                                r" 'z{40}'\.\.\. \(500000 bytes\)$"):
+      self.read_all(path)
+
+  def test_lines_longer_than_the_limit_are_named_and_skippable(self):
+    lines = self.good_lines(60)
+    for at, size, end in ((9, 9 << 20, b'\n'), (29, (1 << 20) + 1, b'\r\n'),
+                          (49, 5 << 20, b'\r')):
+      lines[at] = b'1\t' + b'7' * size  # Past pyarrow's block for 9 MiB.
+    data = b''.join(l + (b'\r\n' if i == 29 else b'\r' if i == 49 else
+                          b'\n') for i, l in enumerate(lines))
+    path = self.write(data)
+    with self.assertRaisesRegex(criteo.MalformedLineError,
+                                rf'^{path}:10: line longer than 1048576'
+                                ' bytes$'):
+      self.read_all(path)
+    report = criteo.BadLineReport()
+    chunks = list(criteo.read_criteo(path, bad_lines='skip', report=report))
+    self.assertEqual(sum(len(c['int']) for c in chunks), 57)
+    self.assertEqual([e.split(':', 1)[1] for e in report.examples],
+                     [f'{n}: line longer than 1048576 bytes'
+                      for n in (10, 30, 50)])
+    keep = [l for i, l in enumerate(lines) if i not in (9, 29, 49)]
+    want = list(criteo.read_criteo(self.write(b'\n'.join(keep) + b'\n')))
+    np.testing.assert_array_equal(np.concatenate([c['cat'] for c in chunks]),
+                                  np.concatenate([c['cat'] for c in want]))
+    self.assertEqual(criteo.count_rows(path), 60)
+    # A long last line without an end.
+    path = self.write(b'\n'.join(lines[:5] + [b'1\t' + b'7' * (2 << 20)]))
+    with self.assertRaisesRegex(criteo.MalformedLineError,
+                                rf'^{path}:6: line longer than'):
       self.read_all(path)
 
   def test_bare_cr_and_crlf_lines_are_counted_once(self):

@@ -140,7 +140,7 @@ def reference(line: bytes, labeled: bool = True, int32: bool = False):
   """('ok', label, ints, cats) with -1 for a missing hash, or ('bad', the
   first field at fault: 'label', 'I3', 'C7', or '' for the whole line)."""
   line = _strip_end(line)
-  if not line or b'\r' in line or b'\n' in line:
+  if not line or b'\r' in line or b'\n' in line or len(line) > (1 << 20):
     return ('bad', '')
   fields = line.split(b'\t')
   if len(fields) != (40 if labeled else 39):

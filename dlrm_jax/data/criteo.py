@@ -166,21 +166,35 @@ class _GuardedStream(io.RawIOBase):
   Bytes >= 0x80 (in no valid row: every valid field is ASCII) become '?', so
   that pyarrow, which decodes a line of a wrong field count as UTF-8 before
   the invalid-row handler sees it, never fails on one: the line stays
-  malformed, is reported at its line and can be skipped. A damaged gzip
-  stream is named with the file and the offset reached.
+  malformed, is reported at its line and can be skipped. A line longer than
+  `rows_lib.MAX_LINE_BYTES` (which pyarrow could only fail on, naming no
+  line, once it passes its block size) is passed on as the one-field line
+  '?' and its number (1-based, in this stream) kept in `long_lines`. A
+  damaged gzip stream is named with the file and the offset reached.
   """
 
-  def __init__(self, path: str, stream: pa.NativeFile | None = None):
+  _MARK = b'?'
+
+  def __init__(self, path: str, stream: pa.NativeFile | None = None, *,
+               guard_lines: bool = True):
+    """`guard_lines=False`: the bytes as they are (gzip errors named)."""
     super().__init__()
+    self._guard_lines = guard_lines
     self._path = path
     self._gzip = stream is None and _is_gzip(path)
     self._stream = stream if stream is not None else _open(path)
     self._pos = 0
+    self._out = bytearray()  # Ready for the reader.
+    self._tail = b''  # The start of the current line (and a held '\r').
+    self._long = False  # The current line is too long: dropped to its end.
+    self._lines = 0  # Line ends passed on.
+    self._eof = False
+    self.long_lines: set[int] = set()
 
   def readable(self) -> bool:
     return True
 
-  def read(self, size: int = -1) -> bytes:
+  def _raw_read(self, size: int) -> bytes:
     try:
       data = self._stream.read(size)
     except (OSError, pa.ArrowException) as e:
@@ -192,10 +206,81 @@ class _GuardedStream(io.RawIOBase):
           + (' (a damaged or truncated gzip file?)' if self._gzip else '')
       ) from e
     self._pos += len(data)
+    if not self._guard_lines:
+      return data
     view = np.frombuffer(data, np.uint8)
     if view.size and view.max() >= 0x80:
       data = np.where(view >= 0x80, np.uint8(ord('?')), view).tobytes()
     return data
+
+  def _cut_long(self, complete: bytes) -> bytes:
+    """`complete` (whole lines) with lines over the limit replaced."""
+    limit = rows_lib.MAX_LINE_BYTES
+    view = np.frombuffer(complete, np.uint8)
+    ends = np.flatnonzero((view == 10) | (view == 13))
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    if not ((ends - starts) > limit).any():
+      return complete
+    pieces, lines = [], self._lines
+    pos = 0
+    for a, b in zip(starts.tolist(), ends.tolist()):
+      # A '\n' right after a '\r' ends no line of its own.
+      if not (b == a and complete[b:b + 1] == b'\n' and a and
+              complete[a - 1:a] == b'\r'):
+        lines += 1
+      if b - a > limit:
+        pieces += [complete[pos:a], self._MARK]
+        pos = b
+        self.long_lines.add(lines)
+    pieces.append(complete[pos:])
+    return b''.join(pieces)
+
+  def _fill(self, size: int) -> None:
+    data = self._raw_read(max(size, 1 << 16))
+    if not data:
+      self._eof = True
+      if self._long:
+        self._out += self._MARK
+      else:
+        self._out += self._cut_long(self._tail + b'\n')[:-1]
+      self._tail, self._long = b'', False
+      return
+    if self._long:  # Drop to the end of the long line.
+      ends = [i for i in (data.find(b'\n'), data.find(b'\r')) if i >= 0]
+      if not ends:
+        return
+      self._out += self._MARK
+      data = data[min(ends):]
+      self._long = False
+    buf = self._tail + data
+    hold = b''
+    if buf.endswith(b'\r'):  # Maybe a '\r\n' split by the read.
+      buf, hold = buf[:-1], b'\r'
+    k = max(buf.rfind(b'\n'), buf.rfind(b'\r'))
+    complete, rest = buf[:k + 1], buf[k + 1:]
+    if complete:
+      self._out += self._cut_long(complete)
+      self._lines += (complete.count(b'\n') + complete.count(b'\r') -
+                      complete.count(b'\r\n'))
+    if len(rest) > rows_lib.MAX_LINE_BYTES:
+      self._long = True
+      self.long_lines.add(self._lines + 1)
+      rest = b''
+      if hold:  # The long line ended at this '\r'.
+        self._out += self._MARK
+        self._long = False
+    self._tail = rest + hold
+
+  def read(self, size: int = -1) -> bytes:
+    if size is None or size < 0:
+      size = 1 << 62
+    if not self._guard_lines:
+      return self._raw_read(size)
+    while not self._out and not self._eof:
+      self._fill(min(size, 1 << 24))
+    out = bytes(self._out[:size])
+    del self._out[:size]
+    return out
 
   def close(self) -> None:
     self._stream.close()
@@ -210,7 +295,7 @@ def count_rows(paths: Sequence[str] | str) -> int:
   total = 0
   for path in paths:
     last = b'\n'
-    with _GuardedStream(path) as f:
+    with _GuardedStream(path, guard_lines=False) as f:
       while block := f.read(_READ_BYTES):
         # '\r\n' counts once, also when a block boundary splits it.
         total += (block.count(b'\n') + block.count(b'\r') -
@@ -420,6 +505,19 @@ def _read_file(path: str, labeled: bool, bad_lines: str,
 
   def emit(events: list[tuple[int, int, str]]) -> None:
     """Raises or reports (first line, number of lines, reason) events."""
+    if guard.long_lines:  # Lines cut by the guard: their own reason.
+      split = []
+      for line, count, reason in events:
+        cut = sorted(l for l in guard.long_lines if line <= l < line + count)
+        for l in cut:
+          if l > line:
+            split.append((line, l - line, reason))
+          split.append((l, 1, rows_lib.long_line_reason()))
+          count -= l + 1 - line
+          line = l + 1
+        if count > 0:
+          split.append((line, count, reason))
+      events = split
     events.sort()
     if events and bad_lines == 'error':
       line, _, reason = events[0]
@@ -431,9 +529,10 @@ def _read_file(path: str, labeled: bool, bad_lines: str,
       report.count += count - shown
 
   consumed = 0  # Lines 1..consumed are placed.
+  guard = _GuardedStream(path, stream)
   try:
     reader = pa_csv.open_csv(
-        _GuardedStream(path, stream),
+        guard,
         read_options=pa_csv.ReadOptions(
             column_names=names, block_size=_BLOCK_BYTES, use_threads=False),
         parse_options=pa_csv.ParseOptions(

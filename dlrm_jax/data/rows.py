@@ -1,6 +1,6 @@
 """The rules of one Criteo text row, shared by every reader and scorer.
 
-A row is a line of tab-separated fields: the label (`0` or `1`, labeled
+A row is a line of at most MAX_LINE_BYTES (1 MiB) of tab-separated fields: the label (`0` or `1`, labeled
 layout only), I1..I13 (`-?[0-9]+` within int64, empty = missing) and C1..C26
 (1 to 8 hex digits `[0-9a-fA-F]`, empty = missing). A line ends at `\\n`,
 `\\r\\n` or a bare `\\r` (as pyarrow's CSV reader, which the training reader
@@ -34,6 +34,9 @@ NUM_LABELED_FIELDS = 1 + NUM_FEATURE_FIELDS  # 40: train.txt, day_N.
 
 # Field values longer than this are shown cut, with their length.
 MAX_SHOWN = 40
+# Lines longer than this (without the line end) are malformed: a valid row
+# has under 500 bytes, and the training reader passes none longer on.
+MAX_LINE_BYTES = 1 << 20
 
 _INT_RE = re.compile(rb'-?[0-9]+')
 _HEX_RE = re.compile(rb'[0-9a-fA-F]{1,8}')
@@ -72,6 +75,10 @@ def int_reason(name: str, value, overflow: bool) -> str:
 
 def hex_reason(name: str, value) -> str:
   return f'{name} is not 1 to 8 hex digits: {show(value)}'
+
+
+def long_line_reason() -> str:
+  return f'line longer than {MAX_LINE_BYTES} bytes'
 
 
 EMPTY_LINE = 'empty line'
@@ -150,6 +157,8 @@ def parse_line(line: bytes | str, labeled: bool
     raise ValueError(EMPTY_LINE)
   if b'\n' in line or b'\r' in line:
     raise ValueError('holds a line break inside the row (two lines?)')
+  if len(line) > MAX_LINE_BYTES:
+    raise ValueError(long_line_reason())
   fields = line.split(b'\t')
   expected = NUM_LABELED_FIELDS if labeled else NUM_FEATURE_FIELDS
   if len(fields) != expected:
