@@ -343,6 +343,11 @@ def write_json(path: str, obj: Any) -> None:
   """Writes JSON atomically (temp file + rename)."""
   path = os.fspath(path)
   tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'w') as f:
+      json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):  # No half file left (disk full).
+      os.remove(tmp)
+    raise
