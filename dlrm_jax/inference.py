@@ -23,6 +23,7 @@ from dlrm_jax import train
 from dlrm_jax.data import binary
 from dlrm_jax.data import criteo
 from dlrm_jax.data import inputs
+from dlrm_jax.data import rows as rows_lib
 from dlrm_jax.data import preprocess
 
 
@@ -129,7 +130,8 @@ def _labeled(path: str) -> bool:
   """Whether a Criteo file has the 40-field (labeled) layout."""
   opener = criteo._open  # pylint: disable=protected-access
   with opener(path) as f:
-    first = f.read(1 << 16).split(b'\n', 1)[0]
+    head = f.read(1 << 16)
+  first = (rows_lib.split_lines(head) or [b''])[0]  # Ends at \n, \r\n, \r.
   n = first.count(b'\t') + 1
   if n not in (39, 40):
     raise ValueError(
