@@ -45,9 +45,11 @@ def _features(embedding_dim, num_buckets, normalizer):
         type='raw',            # raw: a numeric input column
         input=f'int_{i}',      # input column
         normalizer=normalizer,  # 'log(x+1)', 'log(x+3)' or 'none'
-        boundaries=None,       # a list bucketizes it into an id feature
-        embedding_dim=None,    # embedding width when bucketized
-        embedding_name=None,   # share a table with other features
+        # (None fields are typed placeholders, so the command line can set
+        # them: --config.features.int_0.boundaries=[1,10,100].)
+        boundaries=config_dict.placeholder(list),  # a list bucketizes it into an id feature
+        embedding_dim=config_dict.placeholder(int),  # embedding width when bucketized
+        embedding_name=config_dict.placeholder(str),  # share a table with other features
     ))
   for i in range(NUM_CAT):
     features[f'cat_{i}'] = config_dict.ConfigDict(dict(
@@ -55,8 +57,8 @@ def _features(embedding_dim, num_buckets, normalizer):
         input=f'cat_{i}',             # input column
         embedding_dim=embedding_dim,  # embedding width
         num_buckets=num_buckets[i],   # table rows (row 0: missing value)
-        hash_bucket_size=None,        # alternative to num_buckets: hashed ids
-        embedding_name=None,          # share a table with other features
+        hash_bucket_size=config_dict.placeholder(int),  # alternative to num_buckets: hashed ids
+        embedding_name=config_dict.placeholder(str),    # share a table with other features
         max_ids=1,                    # ids per example (1: single-hot)
         combiner='sum',               # bag pooling: sum, mean, sqrtn
         # Set num_rows for a managed-collision remapper that gives each live
@@ -164,7 +166,7 @@ def get_config(arg=None):
   # ----- Embedding tables ----------------------------------------------------
   config.embedding = config_dict.ConfigDict()
   config.embedding.initializer = 'uniform'   # uniform, normal, truncated_normal, zeros
-  config.embedding.init_scale = None         # None: sqrt(1/rows) for uniform
+  config.embedding.init_scale = config_dict.placeholder(float)  # None: sqrt(1/rows) for uniform
   config.embedding.dtype = 'float32'         # table storage: float32 or bfloat16
   config.embedding.optimizer = config_dict.ConfigDict()
   config.embedding.optimizer.kind = 'adagrad'  # sgd, adagrad, rowwise_adagrad, adam

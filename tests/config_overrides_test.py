@@ -13,6 +13,7 @@ from configs import criteo as criteo_config
 from dlrm_jax import config_checks
 from dlrm_jax import config_lib
 from dlrm_jax import train
+from tests import readme_test
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,6 +71,30 @@ class OverrideTest(absltest.TestCase):
                      ['int_0', 'int_1'])
     config = parse('--config.model.final.hidden_units=[]')
     self.assertEqual(list(config.model.final.hidden_units), [])
+
+
+  def test_every_field_can_be_set_from_the_command_line(self):
+    samples = {list: '[1,2]', int: '3', float: '0.5', str: 'x'}
+    config = criteo_config.get_config()
+    fields = list(readme_test.flat_fields(config))
+    self.assertGreater(len(fields), 500)
+    failed = []
+    for field in fields:
+      node = config
+      for part in field.split('.'):
+        parent, node = node, node[part]
+      if node is None:  # A typed placeholder: a value of its type.
+        ref = parent.get_ref(part)
+        arg = samples[ref.get_type()]
+      elif isinstance(node, list):
+        arg = '[' + ','.join(map(str, node)) + ']'
+      else:
+        arg = str(node)
+      try:
+        parse(f'--config.{field}={arg}', variant='')
+      except Exception as e:  # pylint: disable=broad-except
+        failed.append(f'{field}={arg}: {type(e).__name__}: {e}'[:200])
+    self.assertEqual(failed, [])
 
 
 class NumberRulesTest(absltest.TestCase):
