@@ -78,7 +78,7 @@ class OverrideTest(absltest.TestCase):
     config = criteo_config.get_config()
     fields = list(readme_test.flat_fields(config))
     self.assertGreater(len(fields), 500)
-    failed = []
+    args = []
     for field in fields:
       node = config
       for part in field.split('.'):
@@ -90,11 +90,19 @@ class OverrideTest(absltest.TestCase):
         arg = '[' + ','.join(map(str, node)) + ']'
       else:
         arg = str(node)
-      try:
-        parse(f'--config.{field}={arg}', variant='')
-      except Exception as e:  # pylint: disable=broad-except
-        failed.append(f'{field}={arg}: {type(e).__name__}: {e}'[:200])
-    self.assertEqual(failed, [])
+      args.append(f'--config.{field}={arg}')
+    try:
+      got = parse(*args, variant='')  # All at once (one file load).
+    except Exception:  # pylint: disable=broad-except
+      failed = []  # Which ones?
+      for arg in args:
+        try:
+          parse(arg, variant='')
+        except Exception as e:  # pylint: disable=broad-except
+          failed.append(f'{arg}: {type(e).__name__}: {e}'[:200])
+      self.fail(failed)
+    self.assertEqual(got.features.int_3.boundaries, [1, 2])
+    self.assertEqual(got.embedding.tables.cat_9.dtype, 'x')
 
 
 class NumberRulesTest(absltest.TestCase):
