@@ -56,8 +56,12 @@ class CheckpointSaveError(RuntimeError):
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
+  """An exception in one line; a long one keeps its start and its end (where
+  'No space left on device' usually is)."""
   text = ' '.join(f'{type(e).__name__}: {e}'.split())
-  return text if len(text) <= limit else text[:limit] + '...'
+  if len(text) <= limit:
+    return text
+  return text[:limit // 2] + ' ... ' + text[-(limit // 2):]
 
 
 def _bits(x):
@@ -141,6 +145,7 @@ class Checkpointer:
   def __init__(self, workdir: str, *, max_to_keep: int = 3,
                async_save: bool = True):
     self.directory = epath.Path(workdir) / 'checkpoints'
+    self._pending: int | None = None  # The step being written, if any.
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -165,7 +170,7 @@ class Checkpointer:
       CheckpointSaveError: if this save, or an earlier asynchronous one,
         failed.
     """
-    self.check_for_errors()
+    self.wait()  # An earlier asynchronous save that failed is named as such.
     meta = dict(meta, fingerprints={
         'state': fingerprints(state),
         'remappers': None if remappers is None else fingerprints(remappers)})
@@ -179,6 +184,7 @@ class Checkpointer:
       self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_error(step, e) from e
+    self._pending = step  # Written in the background (async saves).
 
   def _save_error(self, step: int | None, e: BaseException
                   ) -> CheckpointSaveError:
@@ -199,11 +205,16 @@ class Checkpointer:
            ' intact' if good else '') + '.')
 
   def check_for_errors(self) -> None:
-    """Raises CheckpointSaveError if an asynchronous save has failed."""
+    """Raises CheckpointSaveError if an asynchronous save has failed (cheap:
+    waits for nothing still being written)."""
     try:
       self.manager.check_for_errors()
+      if (self._pending is not None and
+          not self.manager.is_saving_in_progress()):
+        self.manager.wait_until_finished()  # Raises a failure of its thread.
+        self._pending = None
     except Exception as e:  # pylint: disable=broad-except
-      raise self._save_error(getattr(e, 'step', None), e) from e
+      raise self._save_error(self._pending, e) from e
 
   def damaged_directory(self) -> epath.Path:
     return self.directory.parent / 'checkpoints_damaged'
@@ -326,11 +337,13 @@ class Checkpointer:
     return restored.state, meta
 
   def wait(self) -> None:
+    """Waits for the asynchronous save; CheckpointSaveError if it failed."""
     try:
       self.manager.wait_until_finished()
+      self.manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
-      raise self._save_error(None, e) from e
-    self.check_for_errors()
+      raise self._save_error(self._pending, e) from e
+    self._pending = None
 
   def close(self) -> None:
     try:

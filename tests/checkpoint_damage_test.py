@@ -5,6 +5,7 @@ import errno
 import glob
 import os
 import shutil
+import subprocess
 from unittest import mock
 
 from absl.testing import absltest
@@ -192,7 +193,48 @@ class FingerprintTest(absltest.TestCase):
         ckpt_lib.fingerprints({'a': jnp.asarray(a)})["['a']"], fp["['a']"])
 
 
+def _du(path):
+  return sum(os.path.getsize(os.path.join(r, f))
+             for r, _, files in os.walk(path) for f in files)
+
+
 class FailedSaveTest(absltest.TestCase):
+
+  def test_a_full_disk_stops_the_run_at_that_checkpoint(self):
+    """A real full disk: a tmpfs with room for one checkpoint (skipped where
+    tmpfs cannot be mounted)."""
+    probe = self.create_tempdir().full_path
+    train.train_and_evaluate(_config(10), probe, train_test.shared_trainer())
+    ckpt_bytes = _du(os.path.join(probe, 'checkpoints', '10'))
+    mnt = self.create_tempdir().full_path
+    size = _du(probe) + ckpt_bytes // 2 + (64 << 10)
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs',
+                       mnt], capture_output=True).returncode:
+      self.skipTest('cannot mount a tmpfs here')
+    try:
+      workdir = os.path.join(mnt, 'run')
+      with self.assertRaisesRegex(
+          ckpt_lib.CheckpointSaveError,
+          r'^saving checkpoint 20 to .*/run/checkpoints failed \(.*No space'
+          r' left on device.*\); the run stops here; the earlier checkpoints'
+          r' \(10\) are intact\.$'):
+        train.train_and_evaluate(
+            train_test.tiny_config(num_train_steps=40,
+                                   checkpoint_every_steps=10,
+                                   log_every_steps=5, eval_every_steps=1000),
+            workdir, train_test.shared_trainer())
+      rows = open(os.path.join(workdir, 'metrics.jsonl')).read()
+      # Stopped when the background write had failed: at a log step after
+      # it, or at the next save (30) at the latest.
+      self.assertNotIn('"step": 35', rows)
+      moved = self.create_tempdir().full_path
+      shutil.copytree(workdir, moved, dirs_exist_ok=True)
+    finally:
+      subprocess.run(['umount', mnt], check=True)
+    # Given room, it resumes from 10.
+    summary = train.train_and_evaluate(_config(20), moved,
+                                       train_test.shared_trainer())
+    self.assertEqual(summary['step'], 20)
 
   def test_a_failed_save_stops_the_run_and_keeps_the_earlier_ones(self):
     workdir = self.create_tempdir().full_path
