@@ -78,8 +78,12 @@ class _OwnInfoOnly(std_logging.Filter):
   """Keeps warnings and errors, and INFO lines from dlrm_jax itself."""
 
   def filter(self, record):
-    return (record.levelno >= std_logging.WARNING
-            or f'{os.sep}dlrm_jax{os.sep}' in record.pathname)
+    own = f'{os.sep}dlrm_jax{os.sep}' in record.pathname
+    if not own and record.exc_info:
+      # A library's traceback (orbax logs one per failed save): its line
+      # stays; dlrm_jax's own error says what failed and where.
+      record.exc_info = record.exc_text = None
+    return record.levelno >= std_logging.WARNING or own
 
 
 # Errors that are the user's to fix: shown as one line, without a traceback.
