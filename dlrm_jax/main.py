@@ -92,9 +92,35 @@ USER_ERRORS = (ValueError, OSError, ckpt_lib.DamagedCheckpointError,
                train.NonFiniteLossError, train.InvalidIdError)
 
 
-def _show_traceback() -> bool:
-  return (flags.FLAGS.verbosity >= 1 or
-          os.environ.get('DLRM_JAX_TRACEBACK', '') not in ('', '0'))
+def _show_traceback(argv=None) -> bool:
+  if os.environ.get('DLRM_JAX_TRACEBACK', '') not in ('', '0'):
+    return True
+  if argv is not None:  # Before the flags are parsed.
+    for a in argv:
+      for name in ('--verbosity=', '-v='):
+        if a.startswith(name):
+          try:
+            return int(a[len(name):]) >= 1
+          except ValueError:
+            return False
+    return False
+  return flags.FLAGS.verbosity >= 1
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a config override that names no field (or
+  another mistake inside config_flags) shown as one line."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    if _show_traceback(argv):
+      raise
+    msg = str(e).replace("\\'", "'").replace('\\n', ' ')
+    msg = ' '.join(msg.split())[1:-1] if msg[:1] == "'" else msg
+    if isinstance(e, (AttributeError, KeyError)):
+      msg = f'no such config field: {msg}'
+    sys.stderr.write(f'error: in the flags: {" ".join(msg.split())}\n')
+    sys.exit(1)
 
 
 def run_main(argv):
@@ -150,4 +176,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(run_main)
+  app.run(run_main, flags_parser=parse_flags)

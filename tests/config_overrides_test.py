@@ -151,6 +151,16 @@ class NumberRulesTest(absltest.TestCase):
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=_ROOT,
                          env=dict(env, DLRM_JAX_TRACEBACK='1'), timeout=300)
     self.assertIn('Traceback', out.stderr)
+    # A misspelt field, found while the flags are parsed.
+    out = subprocess.run(cmd[:-1] + ['--config.num_train_step=5'],
+                         capture_output=True, text=True, cwd=_ROOT, env=env,
+                         timeout=300)
+    self.assertEqual(out.returncode, 1)
+    self.assertEqual(out.stderr.strip().splitlines()[-1],
+                     "error: in the flags: no such config field:"
+                     " 'num_train_step' Did you mean \"num_train_steps\""
+                     ' instead of "num_train_step"?')
+    self.assertNotIn('Traceback', out.stderr)
 
 
 if __name__ == '__main__':
