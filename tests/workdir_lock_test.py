@@ -63,6 +63,34 @@ class WorkdirLockTest(absltest.TestCase):
     with workdir_lock.WorkdirLock(workdir) as again:
       self.assertIsNone(again.stale_owner)
 
+  def test_two_runs_started_together(self):
+    workdir = self.create_tempdir().full_path
+    cmd = [sys.executable, '-m', 'dlrm_jax.main',
+           '--config=configs/criteo.py:tiny', f'--workdir={workdir}',
+           '--config.num_train_steps=20', '--config.log_every_steps=5']
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=_ROOT,
+                             env=env) for _ in range(2)]
+    outs = [(p.wait(timeout=300), p.stderr.read()) for p in runs]
+    for p in runs:
+      p.stdout.close()
+      p.stderr.close()
+    codes = sorted(rc for rc, _ in outs)
+    if codes == [0, 0]:  # One reached the lock after the other had ended.
+      self.assertTrue(any('already trained for 20 steps' in err
+                          for _, err in outs), outs)
+    else:
+      self.assertEqual(codes, [0, 1], outs)
+      refused = [err for rc, err in outs if rc == 1][0]
+      self.assertRegex(refused.strip().splitlines()[-1],
+                       rf'^error: {workdir} is in use by another run: pid'
+                       r' \d+')
+    rows = [json.loads(l) for l in open(os.path.join(workdir,
+                                                     'metrics.jsonl'))]
+    self.assertEqual([r['step'] for r in rows if r['type'] == 'train'],
+                     [5, 10, 15, 20])
+
   def test_without_flock_the_file_is_the_lock(self):
     workdir = self.create_tempdir().full_path
     path = os.path.join(workdir, '.lock')
