@@ -19,6 +19,9 @@ Variants, chosen with a suffix: `--config=configs/criteo.py:<variant>`.
 
 Any field can be overridden on the command line, e.g.
   --config.data.train_path=/data/criteo/train.txt --config.batch_size=4096
+  --config.model.dense_mlp.hidden_units=[32,8]   (or =32,8: lists too)
+  --config.embedding.sharding_overrides.cat_3=row_wise
+  --config.embedding.tables.cat_3.dtype=bfloat16
 """
 
 from ml_collections import config_dict
@@ -52,9 +55,11 @@ def _features(embedding_dim, num_buckets, normalizer):
         type='raw',            # raw: a numeric input column
         input=f'int_{i}',      # input column
         normalizer=normalizer,  # 'log(x+1)', 'log(x+3)' or 'none'
-        boundaries=None,       # a list bucketizes it into an id feature
-        embedding_dim=None,    # embedding width when bucketized
-        embedding_name=None,   # share a table with other features
+        # (None fields are typed placeholders, so the command line can set
+        # them: --config.features.int_0.boundaries=[1,10,100].)
+        boundaries=config_dict.placeholder(list),  # a list bucketizes it into an id feature
+        embedding_dim=config_dict.placeholder(int),  # embedding width when bucketized
+        embedding_name=config_dict.placeholder(str),  # share a table with other features
     ))
   for i in range(NUM_CAT):
     features[f'cat_{i}'] = config_dict.ConfigDict(dict(
@@ -62,8 +67,8 @@ def _features(embedding_dim, num_buckets, normalizer):
         input=f'cat_{i}',             # input column
         embedding_dim=embedding_dim,  # embedding width
         num_buckets=num_buckets[i],   # table rows (row 0: missing value)
-        hash_bucket_size=None,        # alternative to num_buckets: hashed ids
-        embedding_name=None,          # share a table with other features
+        hash_bucket_size=config_dict.placeholder(int),  # alternative to num_buckets: hashed ids
+        embedding_name=config_dict.placeholder(str),    # share a table with other features
         max_ids=1,                    # ids per example (1: single-hot)
         combiner='sum',               # bag pooling: sum, mean, sqrtn
         # Set num_rows for a managed-collision remapper that gives each live
@@ -74,6 +79,17 @@ def _features(embedding_dim, num_buckets, normalizer):
         )),
     ))
   return features
+
+
+def _table_overrides():
+  """Per-table overrides, unset (None), for the tables cat_0..cat_25, so
+  that `--config.embedding.tables.cat_3.dtype=bfloat16` works; tables of
+  other names (embedding_name): set the whole dict."""
+  return config_dict.ConfigDict({f'cat_{i}': config_dict.ConfigDict(dict(
+      initializer=config_dict.placeholder(str),  # None: config.embedding's
+      init_scale=config_dict.placeholder(float),
+      dtype=config_dict.placeholder(str),
+  )) for i in range(NUM_CAT)})
 
 
 def _mlp(hidden_units):
@@ -217,7 +233,7 @@ def get_config(arg=None):
   # ----- Embedding tables ----------------------------------------------------
   config.embedding = config_dict.ConfigDict()
   config.embedding.initializer = 'uniform'   # uniform, normal, truncated_normal, zeros
-  config.embedding.init_scale = None         # None: sqrt(1/rows) for uniform
+  config.embedding.init_scale = config_dict.placeholder(float)  # None: sqrt(1/rows) for uniform
   config.embedding.dtype = 'float32'         # table storage: float32 or bfloat16
   config.embedding.optimizer = config_dict.ConfigDict()
   config.embedding.optimizer.kind = 'adagrad'  # sgd, adagrad, rowwise_adagrad, adam
@@ -226,9 +242,10 @@ def get_config(arg=None):
   config.embedding.optimizer.eps = 1e-8      # denominator epsilon
   config.embedding.optimizer.b1 = 0.9        # adam
   config.embedding.optimizer.b2 = 0.999      # adam
-  config.embedding.tables = config_dict.ConfigDict()  # per-table overrides: name -> fields
+  config.embedding.tables = _table_overrides()  # per-table overrides: name -> fields
   config.embedding.sharding = 'auto'         # auto (planner) or a strategy for all
-  config.embedding.sharding_overrides = config_dict.ConfigDict()  # table -> strategy
+  config.embedding.sharding_overrides = config_dict.ConfigDict({  # table -> strategy
+      f'cat_{i}': config_dict.placeholder(str) for i in range(NUM_CAT)})
   config.embedding.replicate_bytes = 1 << 20  # auto: replicate tables this small
   config.embedding.device_memory_gb = config_dict.placeholder(float)  # auto: budget
 

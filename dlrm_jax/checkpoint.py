@@ -12,21 +12,117 @@ Each checkpoint step holds two items:
 
 Saves are atomic (orbax writes to a temporary directory and renames it), so a
 run killed mid-save leaves the previous checkpoints intact.
+
+Checkpoints prove themselves. orbax verifies no array data (its zarr3 layout
+has a crc32c on the shard index only, not on the values), so every save puts
+in `meta` a fingerprint of each array of the state (two position-weighted
+sums of its bits modulo 2^32, computed on the devices whatever the sharding,
+so a single changed word is always caught) and a crc32 of each remapper
+array; a restore recomputes and compares them. `restore_newest_good` tries
+the checkpoints newest first: a damaged one (unreadable, wrong structure,
+values that differ from their fingerprint) is named by step and path, moved
+to `<workdir>/checkpoints_damaged/` (never deleted) and the previous one is
+used. A save that fails raises CheckpointSaveError, in one line.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import shutil
+import time
+import zlib
+from typing import Any, Callable
 
+from absl import logging
 import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 
 class IncompatibleCheckpointError(ValueError):
   """The checkpoint was written by a config with different shapes."""
+
+
+class DamagedCheckpointError(RuntimeError):
+  """A checkpoint that cannot be read back as it was written."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A save failed (disk full, permission, ...)."""
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+  """An exception in one line; a long one keeps its start and its end (where
+  'No space left on device' usually is)."""
+  text = ' '.join(f'{type(e).__name__}: {e}'.split())
+  if len(text) <= limit:
+    return text
+  return text[:limit // 2] + ' ... ' + text[-(limit // 2):]
+
+
+def _bits(x):
+  """An array's bits as uint32 `[n]` (narrower types widened)."""
+  x = jnp.ravel(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  width = x.dtype.itemsize
+  if width == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if width in (1, 2):
+    return jax.lax.bitcast_convert_type(
+        x, jnp.uint8 if width == 1 else jnp.uint16).astype(jnp.uint32)
+  if width == 8:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).ravel()
+  raise ValueError(f'no fingerprint for dtype {x.dtype}')
+
+
+@jax.jit
+def _fingerprint_leaves(leaves):
+  out = []
+  for x in leaves:
+    b = _bits(x)
+    i = jax.lax.iota(jnp.uint32, b.shape[0])
+    # Odd weights: any change of one word changes each sum.
+    w1 = (i * jnp.uint32(2) + jnp.uint32(1)) * jnp.uint32(0x9E3779B1)
+    w2 = (i * jnp.uint32(2) + jnp.uint32(1)) * jnp.uint32(0x85EBCA77)
+    out.append(jnp.stack([jnp.sum(b * w1, dtype=jnp.uint32),
+                          jnp.sum((b ^ (b >> jnp.uint32(15))) * w2,
+                                  dtype=jnp.uint32)]))
+  return out
+
+
+def fingerprints(tree: Any) -> dict[str, str]:
+  """Array path -> fingerprint (jax arrays: on the devices; numpy: crc32)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  out = {}
+  device = [(jax.tree_util.keystr(p), x) for p, x in flat
+            if isinstance(x, jax.Array)]
+  if device:
+    sums = jax.device_get(_fingerprint_leaves([x for _, x in device]))
+    out.update({k: f'{int(s[0]):08x}{int(s[1]):08x}'
+                for (k, _), s in zip(device, sums)})
+  for p, x in flat:
+    if not isinstance(x, jax.Array):
+      a = np.ascontiguousarray(np.asarray(x))
+      out[jax.tree_util.keystr(p)] = (
+          f'crc32:{zlib.crc32(a.tobytes()):08x}:{a.dtype.str}:{list(a.shape)}')
+  return out
+
+
+def _check_fingerprints(saved: dict[str, str] | None, tree: Any,
+                        where: str) -> None:
+  if saved is None:  # Written before fingerprints were kept.
+    return
+  got = fingerprints(tree)
+  bad = sorted(k for k in set(saved) | set(got) if saved.get(k) != got.get(k))
+  if bad:
+    raise DamagedCheckpointError(
+        f'{len(bad)} array(s) of {where} differ from the fingerprints saved'
+        f' with them: {", ".join(bad[:5])}{", ..." if len(bad) > 5 else ""}')
 
 
 def signature_diff(saved: dict[str, Any], current: dict[str, Any],
@@ -49,6 +145,7 @@ class Checkpointer:
   def __init__(self, workdir: str, *, max_to_keep: int = 3,
                async_save: bool = True):
     self.directory = epath.Path(workdir) / 'checkpoints'
+    self._pending: int | None = None  # The step being written, if any.
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -68,15 +165,120 @@ class Checkpointer:
            metrics: dict[str, float] | None = None) -> None:
     """Saves a step; `data_iter`, a grain iterator, saves its position;
     `remappers`, numpy arrays of managed-collision remappers; `metrics`, the
-    eval metrics a `BestCheckpointer` ranks by."""
+    eval metrics a `BestCheckpointer` ranks by. The arrays' fingerprints go
+    into the meta.
+
+    Raises:
+      CheckpointSaveError: if this save, or an earlier asynchronous one,
+        failed.
+    """
+    self.wait()  # An earlier asynchronous save that failed is named as such.
+    meta = dict(meta, fingerprints={
+        'state': fingerprints(state),
+        'remappers': None if remappers is None else fingerprints(remappers)})
     items = dict(state=ocp.args.StandardSave(state),
                  meta=ocp.args.JsonSave(meta))
     if data_iter is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iter)
     if remappers is not None:
       items['remappers'] = ocp.args.StandardSave(remappers)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True,
-                      metrics=metrics)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True,
+                        metrics=metrics)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from e
+    self._pending = step  # Written in the background (async saves).
+
+  def _save_error(self, step: int | None, e: BaseException
+                  ) -> CheckpointSaveError:
+    try:
+      self.manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except
+      pass
+    try:
+      self.manager.reload()
+      good = [s for s in self.all_steps() if s != step]
+    except Exception:  # pylint: disable=broad-except
+      good = []
+    which = f'checkpoint {step}' if step is not None else 'a checkpoint'
+    return CheckpointSaveError(
+        f'saving {which} to {self.directory} failed ({_one_line(e)}); the run'
+        ' stops here'
+        + (f'; the earlier checkpoints ({", ".join(map(str, good))}) are'
+           ' intact' if good else '') + '.')
+
+  def check_for_errors(self) -> None:
+    """Raises CheckpointSaveError if an asynchronous save has failed (cheap:
+    waits for nothing still being written)."""
+    try:
+      self.manager.check_for_errors()
+      if (self._pending is not None and
+          not self.manager.is_saving_in_progress()):
+        self.manager.wait_until_finished()  # Raises a failure of its thread.
+        self._pending = None
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(self._pending, e) from e
+
+  def damaged_directory(self) -> epath.Path:
+    return self.directory.parent / 'checkpoints_damaged'
+
+  def move_aside(self, step: int) -> str | None:
+    """Moves a step's folder to `checkpoints_damaged/` (on the primary
+    process); returns where, or None if there was nothing to move."""
+    src = self.directory / str(step)
+    if not src.exists() or jax.process_index() != 0:
+      return None
+    dst_dir = self.damaged_directory()
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    dst = dst_dir / f'{step}-{time.strftime("%Y%m%dT%H%M%S")}'
+    n = 0
+    while dst.exists():
+      n += 1
+      dst = dst_dir / f'{step}-{time.strftime("%Y%m%dT%H%M%S")}-{n}'
+    shutil.move(os.fspath(src), os.fspath(dst))
+    self.manager.reload()
+    return os.fspath(dst)
+
+  def restore_newest_good(self, restore_fn: Callable[[int], Any], *,
+                          move_aside: bool = True,
+                          log: Callable[[str], None] = logging.warning
+                          ) -> tuple[int | None, Any]:
+    """`restore_fn(step)` of the newest checkpoint that restores.
+
+    A checkpoint whose restore fails (except for IncompatibleCheckpointError,
+    a config mistake) is damaged: it is named by step and path in one line,
+    moved aside (`move_aside`; eval and predict only skip it) and the
+    previous one is tried.
+
+    Returns:
+      (step, what restore_fn returned), or (None, None) if there is no
+      checkpoint.
+
+    Raises:
+      DamagedCheckpointError: if there are checkpoints and none restores
+        (nothing is started afresh over them).
+      IncompatibleCheckpointError: from restore_fn.
+    """
+    damaged = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return step, restore_fn(step)
+      except IncompatibleCheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        where = self.directory / str(step)
+        moved = self.move_aside(step) if move_aside else None
+        damaged.append(f'{step} ({_one_line(e, 160)})')
+        log(f'checkpoint {step} at {where} is damaged: {_one_line(e)}'
+            + (f'; moved to {moved}' if moved else '')
+            + '; trying the previous one.')
+    if damaged:
+      raise DamagedCheckpointError(
+          f'every checkpoint in {self.directory} is damaged: '
+          + '; '.join(damaged)
+          + (f'. They were moved to {self.damaged_directory()}' if move_aside
+             else '') + '. Nothing was restored or overwritten.')
+    return None, None
 
   def restore_remappers(self, step: int) -> Any:
     """The managed-collision remappers' arrays saved at `step`."""
@@ -85,8 +287,12 @@ class Checkpointer:
           f'the checkpoint at {self.directory / str(step)} holds no'
           ' managed-collision state; it was written without'
           ' managed_collision features.')
-    return self.manager.restore(step, args=ocp.args.Composite(
+    remappers = self.manager.restore(step, args=ocp.args.Composite(
         remappers=ocp.args.StandardRestore())).remappers
+    saved = (self.read_meta(step).get('fingerprints') or {}).get('remappers')
+    _check_fingerprints(saved, remappers,
+                        f'checkpoint {step} at {self.directory / str(step)}')
+    return remappers
 
   def restore_data_iterator(self, step: int, data_iter: Any) -> None:
     """Sets a grain iterator to where it was when `step` was saved."""
@@ -128,14 +334,25 @@ class Checkpointer:
     restored = self.manager.restore(
         step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))
+    _check_fingerprints((meta.get('fingerprints') or {}).get('state'),
+                        restored.state,
+                        f'checkpoint {step} at {self.directory / str(step)}')
     return restored.state, meta
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the asynchronous save; CheckpointSaveError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(self._pending, e) from e
+    self._pending = None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 class BestCheckpointer(Checkpointer):
@@ -164,6 +381,11 @@ def write_json(path: str, obj: Any) -> None:
   """Writes JSON atomically (temp file + rename)."""
   path = os.fspath(path)
   tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'w') as f:
+      json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):  # No half file left (disk full).
+      os.remove(tmp)
+    raise

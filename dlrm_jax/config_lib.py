@@ -340,7 +340,10 @@ def build_tables(config, sparse) -> tuple[tuple[emb_specs.TableSpec, ...],
   """One table per sparse feature, or shared by features naming one."""
   e = config.embedding
   opt = build_sparse_optimizer(e.optimizer, 'config.embedding.optimizer')
-  overrides = _to_dict(e.get('tables'))
+  overrides = {  # Unset (None) fields, and tables without any, dropped.
+      name: {k: v for k, v in _to_dict(t).items() if v is not None}
+      for name, t in _to_dict(e.get('tables')).items()}
+  overrides = {name: t for name, t in overrides.items() if t}
   table_fields: dict[str, dict] = {}
   owner: dict[str, str] = {}
   features_by_name = {f.name: f for f in sparse}

@@ -1,7 +1,8 @@
 """Loading and calling a dlrm_jax export, with jax and numpy only.
 
-This file imports nothing else from dlrm_jax, so a serving process needs
-neither the model code nor flax: it can even be copied next to the export.
+This file imports nothing else from dlrm_jax but `dlrm_jax.data.rows` (the
+row rules, standard library only), so a serving process needs neither the
+model code nor flax.
 See `dlrm_jax.serving` for what an export holds, and
 `examples/serve_stdin.py` for a complete scorer.
 """
@@ -14,6 +15,8 @@ from typing import Sequence
 
 import jax
 import numpy as np
+
+from dlrm_jax.data import rows as rows_lib
 
 NUM_INT, NUM_CAT = 13, 26
 INPUTS = ('int', 'cat', 'cat_present')
@@ -116,25 +119,92 @@ def load_export(export_dir: str) -> LoadedModel:
   return LoadedModel(export_dir)
 
 
-def parse_rows(lines: Sequence[str]) -> dict[str, np.ndarray]:
-  """Criteo text lines (39 feature fields, or 40 with a label first) ->
-  inputs. Pure Python, for small requests."""
-  ints = np.zeros((len(lines), NUM_INT), np.int32)
-  cat = np.zeros((len(lines), NUM_CAT), np.uint32)
-  present = np.zeros((len(lines), NUM_CAT), bool)
-  for i, line in enumerate(lines):
-    fields = line.rstrip('\n').split('\t')
-    if len(fields) == 40:
-      fields = fields[1:]
-    if len(fields) != 39:
-      raise ValueError(f'row {i + 1}: expected 39 or 40 tab-separated'
-                       f' fields, got {len(fields)}.')
-    for j in range(NUM_INT):
-      ints[i, j] = int(fields[j]) if fields[j] else 0
-    for j in range(NUM_CAT):
-      v = fields[NUM_INT + j]
-      if v:
-        cat[i, j] = int(v, 16)
-        present[i, j] = True
-  return {'int': ints, 'cat': cat, 'cat_present': present}
+class RowError(ValueError):
+  """A malformed request row; the message is `row N: reason`."""
 
+
+def parse_rows_checked(lines: Sequence[str | bytes], *,
+                       labeled: bool | None = None, first_row: int = 1
+                       ) -> tuple[dict[str, np.ndarray], list[str | None]]:
+  """Criteo text rows -> (inputs of the valid rows, per row its error).
+
+  The rules are the training reader's (`dlrm_jax.data.rows`); in addition an
+  integer must fit the export's int32 input. Every line is a row: an empty
+  one is an error, not dropped, so no later row moves.
+
+  Args:
+    lines: one row each (str or bytes; a line end at the end is allowed).
+    labeled: True: 40 fields with a 0/1 label first (checked, not used);
+      False: 39 feature fields; None: the layout of the first row of 39 or 40
+      fields, which every row must then have.
+    first_row: the number of `lines[0]` in messages.
+
+  Returns:
+    {'int', 'cat', 'cat_present'} of the valid rows in order, and for each
+    line None (valid) or `'row N: reason'`.
+  """
+  if labeled is None:
+    for line in lines:
+      labeled = rows_lib.layout_of(line)
+      if labeled is not None:
+        break
+  ints, cats, errors = [], [], []
+  for i, line in enumerate(lines):
+    try:
+      if labeled is None:
+        n = rows_lib.strip_terminator(rows_lib.to_bytes(line)).count(b'\t')
+        raise ValueError(
+            rows_lib.EMPTY_LINE if not rows_lib.strip_terminator(
+                rows_lib.to_bytes(line)) else
+            f'expected 39 or 40 tab-separated fields (unlabeled or labeled),'
+            f' got {n + 1}')
+      _, row_ints, row_cats = rows_lib.parse_line(line, labeled)
+      for name, v in zip(rows_lib.INT_NAMES, row_ints):
+        if not -2**31 <= v < 2**31:
+          raise ValueError(f'{name} ({v}) is outside int32, the input type of'
+                           ' the export')
+    except ValueError as e:
+      errors.append(f'row {first_row + i}: {e}')
+      continue
+    errors.append(None)
+    ints.append(row_ints)
+    cats.append(row_cats)
+  cat = np.array(cats, np.int64).reshape(-1, NUM_CAT)
+  return {'int': np.array(ints, np.int32).reshape(-1, NUM_INT),
+          'cat': np.where(cat >= 0, cat, 0).astype(np.uint32),
+          'cat_present': cat >= 0}, errors
+
+
+def parse_rows(lines: Sequence[str | bytes], *, labeled: bool | None = None
+               ) -> dict[str, np.ndarray]:
+  """Criteo text rows (39 feature fields, or 40 with a label first) ->
+  inputs; RowError (`row N: reason`) at the first malformed row. See
+  `parse_rows_checked` for the rules."""
+  inputs, errors = parse_rows_checked(lines, labeled=labeled)
+  for e in errors:
+    if e is not None:
+      raise RowError(e)
+  return inputs
+
+
+def score_lines(model: LoadedModel, lines: Sequence[str | bytes], *,
+                labeled: bool | None = None, first_row: int = 1
+                ) -> list[float | str]:
+  """Scores the valid rows of a request; per line, its probability or its
+  error (`'row N: reason'`). A bad row does not stop the others."""
+  inputs, errors = parse_rows_checked(lines, labeled=labeled,
+                                      first_row=first_row)
+  n = len(inputs['int'])
+  probs = np.zeros(0, np.float32)
+  if n:
+    fixed = model.signature.get('batch_size')
+    if fixed is None:
+      probs = model.scores(inputs['int'], inputs['cat'], inputs['cat_present'])
+    else:  # Whole batches, the last padded with copies of row 0.
+      pad = np.concatenate([np.arange(n), np.zeros(-n % fixed, np.int64)])
+      padded = {k: v[pad] for k, v in inputs.items()}
+      probs = np.concatenate([
+          model.scores(*(padded[k][s:s + fixed] for k in INPUTS))
+          for s in range(0, len(pad), fixed)])[:n]
+  it = iter(probs.tolist())
+  return [next(it) if e is None else e for e in errors]

@@ -7,6 +7,7 @@ inference notebook.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Iterator, Sequence
 
@@ -15,12 +16,14 @@ import numpy as np
 from absl import logging
 
 from dlrm_jax import checkpoint as ckpt_lib
+from dlrm_jax import config_checks
 from dlrm_jax import metrics as metrics_lib
 from dlrm_jax import serving
 from dlrm_jax import train
 from dlrm_jax.data import binary
 from dlrm_jax.data import criteo
 from dlrm_jax.data import inputs
+from dlrm_jax.data import rows as rows_lib
 from dlrm_jax.data import preprocess
 
 
@@ -82,29 +85,53 @@ def _vocab_lookups(binary_dir: str):
 
 
 def load(config, workdir: str, step: int | None = None) -> TrainedModel:
-  """Restores the latest (or a given) checkpoint of a run."""
+  """Restores the latest good (or a given) checkpoint of a run."""
+  config_checks.validate_numbers(config)
   config = inputs.prepare_config(config)
   trainer = train.Trainer(config)
   ckpt = ckpt_lib.Checkpointer(workdir)
+
+  def restore(step):
+    state, _ = trainer.restore(ckpt, step)
+    if trainer.remapper:
+      trainer.remapper.load_state_dict(ckpt.restore_remappers(step))
+    return state
+
   try:
-    step = ckpt.latest_step() if step is None else step
+    if step is None:  # The newest good one; damaged ones are left in place.
+      step, state = ckpt.restore_newest_good(restore, move_aside=False)
+    elif step not in ckpt.all_steps():
+      raise ValueError(
+          f'{workdir} holds no checkpoint {step} (it has'
+          f' {ckpt.all_steps() or "none"}).')
+    else:
+      state = _restore_step(ckpt, step, restore)
     if step is None:
       raise ValueError(
           f'{workdir} holds no checkpoint (looked in {ckpt.directory}); train'
           ' first, or pass the --workdir of a run.')
-    state, _ = trainer.restore(ckpt, step)
-    if trainer.remapper:
-      trainer.remapper.load_state_dict(ckpt.restore_remappers(step))
   finally:
     ckpt.close()
   return TrainedModel(config, trainer, state, step)
+
+
+def _restore_step(ckpt: ckpt_lib.Checkpointer, step: int, restore):
+  try:
+    return restore(step)
+  except ckpt_lib.IncompatibleCheckpointError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise ckpt_lib.DamagedCheckpointError(
+        f'checkpoint {step} at {ckpt.directory / str(step)} is damaged:'
+        f' {ckpt_lib._one_line(e)}') from e  # pylint: disable=protected-access
 
 
 def _labeled(path: str) -> bool:
   """Whether a Criteo file has the 40-field (labeled) layout."""
   opener = criteo._open  # pylint: disable=protected-access
   with opener(path) as f:
-    first = f.read(1 << 16).split(b'\n', 1)[0]
+    head = f.read(1 << 16)
+  first = (rows_lib.split_lines(head) or [b''])[0]  # Ends at \n, \r\n, \r.
   n = first.count(b'\t') + 1
   if n not in (39, 40):
     raise ValueError(
@@ -143,12 +170,17 @@ def predict(model: TrainedModel, paths: Sequence[str] | str,
     raise ValueError('--mode=predict runs in one process.')
   total = 0
   tmp = output + '.tmp'
-  with open(tmp, 'w') as out:
-    for batch, n in _batches(model, paths, labeled):
-      probs = model.trainer.predict(model.state, batch)[:n]
-      out.write(''.join(f'{p:.7f}\n' for p in probs))
-      total += n
-  os.replace(tmp, output)
+  try:
+    with open(tmp, 'w') as out:
+      for batch, n in _batches(model, paths, labeled):
+        probs = model.trainer.predict(model.state, batch)[:n]
+        out.write(''.join(f'{p:.7f}\n' for p in probs))
+        total += n
+    os.replace(tmp, output)
+  except BaseException:
+    if os.path.exists(tmp):  # No half file left behind.
+      os.remove(tmp)
+    raise
   logging.info('wrote %d scores to %s', total, output)
   return total
 
@@ -178,6 +210,25 @@ def evaluate(model: TrainedModel, paths: Sequence[str] | str | None = None
              ) -> dict[str, float]:
   """Eval metrics of the checkpoint on files, or on the config's eval set."""
   return eval_predictions(model, paths)[0]
+
+
+def evaluate_and_report(model: TrainedModel, workdir: str,
+                        paths: Sequence[str] | str | None = None,
+                        print_fn=print) -> dict[str, float]:
+  """`--mode=eval`: prints the metrics as JSON, then writes them to
+  `<workdir>/eval_step<N>.json` (a workdir that cannot be written gets a
+  warning; the printed metrics stand)."""
+  result = {k: float(v) for k, v in evaluate(model, paths).items()}
+  if jax.process_index() != 0:
+    return result
+  print_fn(json.dumps(result, sort_keys=True))
+  path = os.path.join(workdir, f'eval_step{model.step}.json')
+  try:
+    ckpt_lib.write_json(path, result)
+  except OSError as e:
+    logging.warning('could not write %s (%s); the metrics are the line'
+                    ' printed above.', path, e)
+  return result
 
 
 def export(model: TrainedModel, out_dir: str, *, batch_size: int | None = None,

@@ -16,12 +16,17 @@ Flags:
     ./runs/). Checkpoints, metrics.jsonl, TensorBoard events, plots.
   --coordinator_address, --num_processes, --process_id: multi-process runs
     (else taken from the environment, see dlrm_jax.parallel).
+
+A mistake of the user (a bad config value, a malformed input line, a workdir
+in use, a damaged checkpoint, a failed save) ends with one line, `error:
+<what>`, on stderr and exit status 1; the Python traceback is shown too with
+`--verbosity=1` or the environment variable DLRM_JAX_TRACEBACK=1.
 """
 
 import datetime
-import json
 import logging as std_logging
 import os
+import sys
 
 import jax
 from absl import app
@@ -30,10 +35,16 @@ from absl import logging
 from ml_collections import config_flags
 
 from dlrm_jax import gpu
+from dlrm_jax import checkpoint as ckpt_lib
+from dlrm_jax import config_checks
 from dlrm_jax import parallel
 from dlrm_jax import train
+from dlrm_jax import workdir_lock
 
 MODES = ('train', 'eval', 'predict', 'export')
+
+# `--config.<list field>=[32,8]` (or =32,8): config_flags parses no lists.
+config_checks.register_list_parser()
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file (with an optional :variant).',
@@ -71,14 +82,68 @@ class _OwnInfoOnly(std_logging.Filter):
   """Keeps warnings and errors, and INFO lines from dlrm_jax itself."""
 
   def filter(self, record):
-    return (record.levelno >= std_logging.WARNING
-            or f'{os.sep}dlrm_jax{os.sep}' in record.pathname)
+    own = f'{os.sep}dlrm_jax{os.sep}' in record.pathname
+    if not own and record.exc_info:
+      # A library's traceback (orbax logs one per failed save): its line
+      # stays; dlrm_jax's own error says what failed and where.
+      record.exc_info = record.exc_text = None
+    return record.levelno >= std_logging.WARNING or own
+
+
+# Errors that are the user's to fix: shown as one line, without a traceback.
+USER_ERRORS = (ValueError, OSError, ckpt_lib.DamagedCheckpointError,
+               ckpt_lib.CheckpointSaveError, workdir_lock.WorkdirLockedError,
+               train.NonFiniteLossError, train.InvalidIdError)
+
+
+def _show_traceback(argv=None) -> bool:
+  if os.environ.get('DLRM_JAX_TRACEBACK', '') not in ('', '0'):
+    return True
+  if argv is not None:  # Before the flags are parsed.
+    for a in argv:
+      for name in ('--verbosity=', '-v='):
+        if a.startswith(name):
+          try:
+            return int(a[len(name):]) >= 1
+          except ValueError:
+            return False
+    return False
+  return flags.FLAGS.verbosity >= 1
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a config override that names no field (or
+  another mistake inside config_flags) shown as one line."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    if _show_traceback(argv):
+      raise
+    msg = str(e).replace("\\'", "'").replace('\\n', ' ')
+    msg = ' '.join(msg.split())[1:-1] if msg[:1] == "'" else msg
+    if isinstance(e, (AttributeError, KeyError)):
+      msg = f'no such config field: {msg}'
+    sys.stderr.write(f'error: in the flags: {" ".join(msg.split())}\n')
+    sys.exit(1)
+
+
+def run_main(argv):
+  """`main`, with user errors printed as one line (see the module doc)."""
+  show = _show_traceback()
+  try:
+    main(argv)
+  except USER_ERRORS as e:
+    if show:
+      raise
+    sys.stdout.flush()
+    sys.stderr.write(f'error: {e}\n')
+    sys.exit(1)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(max(logging.INFO, flags.FLAGS.verbosity))
   if not _LIBRARY_LOGS.value:
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
   gpu.apply_scatter_workaround()  # before JAX starts: it sets XLA_FLAGS
@@ -103,14 +168,7 @@ def main(argv):
   model = inference.load(_CONFIG.value, _WORKDIR.value)
   logging.info('restored step %d of %s', model.step, _WORKDIR.value)
   if mode == 'eval':
-    result = inference.evaluate(model, _INPUT.value or None)
-    result = {k: float(v) for k, v in result.items()}
-    logging.info('eval: %s', json.dumps(result, sort_keys=True))
-    if jax.process_index() == 0:
-      path = os.path.join(_WORKDIR.value, f'eval_step{model.step}.json')
-      with open(path, 'w') as f:
-        json.dump(result, f, indent=2, sort_keys=True)
-      print(json.dumps(result, sort_keys=True))
+    inference.evaluate_and_report(model, _WORKDIR.value, _INPUT.value or None)
   elif mode == 'predict':
     n = inference.predict(model, _INPUT.value, _OUTPUT.value)
     print(f'{n} scores written to {_OUTPUT.value}')
@@ -124,4 +182,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(run_main, flags_parser=parse_flags)

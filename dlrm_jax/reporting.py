@@ -24,13 +24,21 @@ PLOTS = ('loss.png', 'eval.png', 'roc.png')
 class MetricsLogger:
   """metrics.jsonl and TensorBoard scalars of a run."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True,
+               resume_step: int | None = None):
+    """`resume_step`: the step the run goes on from; rows of later steps
+    (written before a crash, to be trained again) are dropped, so each step
+    appears once, and TensorBoard purges them too."""
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.enabled = enabled
     self._tb = None
     if enabled:
+      if resume_step is not None:
+        drop_rows_after(self.path, resume_step)
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = SummaryWriter(
+          os.path.join(workdir, 'tensorboard'),
+          purge_step=None if resume_step is None else resume_step + 1)
 
   def write(self, row: dict[str, Any]) -> None:
     if not self.enabled:
@@ -47,6 +55,23 @@ class MetricsLogger:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def drop_rows_after(path: str, step: int) -> int:
+  """Rewrites a metrics.jsonl (atomically) without its rows after `step`;
+  returns how many were dropped."""
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.readlines()
+  keep = [l for l in lines if l.strip() and json.loads(l)['step'] <= step]
+  if len(keep) == len(lines):
+    return 0
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
+  return len(lines) - len(keep)
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ same code as `train_and_evaluate`, the loop behind `python -m dlrm_jax.main`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -25,11 +26,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dlrm_jax import checkpoint as ckpt_lib
+from dlrm_jax import config_checks
 from dlrm_jax import config_lib
 from dlrm_jax import early_stopping
 from dlrm_jax import metrics as metrics_lib
 from dlrm_jax import parallel
 from dlrm_jax import reporting
+from dlrm_jax import workdir_lock
 from dlrm_jax.data import inputs
 from dlrm_jax.data import pipeline
 from dlrm_jax.embedding import EmbeddingEngine
@@ -81,7 +84,8 @@ def make_plan(config, tables, num_shards: int) -> plan_lib.Plan:
   """The embedding sharding plan the config asks for."""
   e = config.embedding
   strategy = e.get('sharding', 'auto')
-  overrides = dict(e.get('sharding_overrides') or {})
+  overrides = {k: v for k, v in dict(e.get('sharding_overrides') or {}
+                                     ).items() if v is not None}  # unset
   if strategy != 'auto':
     if strategy not in plan_lib.STRATEGIES:
       raise ValueError(
@@ -445,8 +449,34 @@ def target_auc(config) -> float | None:
   return float(value) or None
 
 
+def _finished_summary(workdir: str, step: int) -> dict[str, Any] | None:
+  """summary.json of a run that ended at `step`, if it holds its results."""
+  try:
+    with open(os.path.join(workdir, 'summary.json')) as f:
+      summary = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return summary if summary.get('step') == step else None
+
+
 def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
                        ) -> dict[str, Any]:
+  """Trains (resuming from `workdir` if it holds checkpoints) and evaluates.
+
+  Process 0 holds `<workdir>/.lock` meanwhile (`dlrm_jax.workdir_lock`): a
+  second run on the same workdir gets WorkdirLockedError naming the first.
+  See `_train_and_evaluate` for the arguments.
+  """
+  config_checks.validate_numbers(config)
+  os.makedirs(workdir, exist_ok=True)
+  lock = (workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0
+          else contextlib.nullcontext())
+  with lock:
+    return _train_and_evaluate(config, workdir, trainer)
+
+
+def _train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
+                        ) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints) and evaluates.
 
   Args:
@@ -498,17 +528,22 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
     best_ckpt = ckpt_lib.BestCheckpointer(workdir, best_metric,
                                           best_tracker.mode)
   signature = trainer.signature()
-  latest = ckpt.latest_step()
   data_iter = data.train.iterator() if data.uses_grain else None
   trainer.remapper = trainer.new_remapper()  # this run's
   trainer.admission = trainer.new_admission(config)
-  if latest is not None:
-    state, meta = trainer.restore(ckpt, latest)
-    position = int(meta.get('data_position') or 0)  # text sources
+
+  def restore(step):  # The newest good checkpoint; damaged ones moved aside.
+    state, meta = trainer.restore(ckpt, step)
     if data_iter is not None:
-      ckpt.restore_data_iterator(latest, data_iter)
+      ckpt.restore_data_iterator(step, data_iter)
     if trainer.remapper or trainer.admission is not None:
-      _load_host_state(trainer, ckpt.restore_remappers(latest))
+      _load_host_state(trainer, ckpt.restore_remappers(step))
+    return state, meta
+
+  latest, restored = ckpt.restore_newest_good(restore)
+  if latest is not None:
+    state, meta = restored
+    position = int(meta.get('data_position') or 0)  # text sources
     stopper.load_state_dict(meta.get('early_stopping'))
     if best_tracker is not None:
       best_tracker.load_state_dict(meta.get('best_checkpoint'))
@@ -522,9 +557,11 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
   if is_chief:
     ckpt_lib.write_json(os.path.join(workdir, 'config.json'),
                         json.loads(config.to_json_best_effort()))
-  writer = reporting.MetricsLogger(workdir, enabled=is_chief)
-  final_eval = {}  # the last eval's predictions, for the ROC plot
   step = int(jax.device_get(state.step))
+  writer = reporting.MetricsLogger(workdir, enabled=is_chief,
+                                   resume_step=step)
+  final_eval = {}  # the last eval's predictions, for the ROC plot
+  previous = None  # A finished run's summary, kept when it is run again.
   if stopper.patience and stopper.since_best >= stopper.patience:
     logging.info('this run stopped early at step %d (eval %s best %.5f at'
                  ' step %d); not training further.', step, stopper.metric,
@@ -533,6 +570,7 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
   if step >= total_steps:
     logging.info('already trained for %d steps (config asks for %d).', step,
                  total_steps)
+    previous = _finished_summary(workdir, step)
 
   def save(step, position, reached=False):
     meta = {'signature': signature, 'plan': trainer.plan.to_json(),
@@ -590,6 +628,11 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
   last_eval = None
   last_loss = None
   stopped_early = False
+  if step >= total_steps and previous is None:  # No summary: make it anew.
+    last_eval = run_eval(step)
+    losses = [r['loss'] for r in reporting.read_metrics(workdir)
+              if r['type'] == 'train' and r['step'] <= step]
+    last_loss = losses[-1] if losses else None
   window_step = step
   rate_start, rate_step = time.time(), step
   first_step = True
@@ -618,6 +661,7 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
       do_eval = step % config.eval_every_steps == 0 or last
       do_ckpt = step % config.checkpoint_every_steps == 0 or last
       if do_log or do_ckpt or do_eval:
+        ckpt.check_for_errors()  # An asynchronous save that failed stops here.
         host_acc = jax.device_get(acc)
         acc = jax.device_put(_zero_acc(), trainer._replicated)  # pylint: disable=protected-access
         first_bad = int(host_acc['first_nonfinite'])
@@ -692,9 +736,18 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
                            else None),
              'malformed_lines_skipped': data.bad_lines.count + (
                  eval_bad.count if eval_bad is not None else 0)}
+  if previous is not None:
+    summary = previous
   if is_chief:
-    ckpt_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
-    plots = reporting.write_plots(workdir, final_eval.get('probs'),
-                                  final_eval.get('labels'), data.teacher_auc)
+    # The results first, then the writes that could fail.
+    logging.info('summary: %s', json.dumps(summary, sort_keys=True))
+    if previous is None:
+      ckpt_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
+      plots = reporting.write_plots(workdir, final_eval.get('probs'),
+                                    final_eval.get('labels'),
+                                    data.teacher_auc)
+    else:  # A finished run's plots are its own.
+      plots = [p for p in (os.path.join(workdir, n) for n in reporting.PLOTS)
+               if os.path.exists(p)]
     logging.info('%s', reporting.summary_text(summary, workdir, plots))
   return summary

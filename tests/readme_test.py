@@ -32,7 +32,7 @@ class ReadmeTest(absltest.TestCase):
     for field in flat_fields(criteo_config.get_config()):
       field = re.sub(r'^features\.int_\d+\.', 'features.int_<i>.', field)
       field = re.sub(r'^features\.cat_\d+\.', 'features.cat_<j>.', field)
-      field = re.sub(r'^embedding\.(tables|sharding_overrides)$',
+      field = re.sub(r'^embedding\.(tables|sharding_overrides)(\.cat_\d+.*)?$',
                      r'embedding.\1.<table>', field)
       parents = [field.rsplit('.', k)[0] + '.*' for k in (1, 2)]
       if field not in documented and not documented & set(parents):

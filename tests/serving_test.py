@@ -133,6 +133,26 @@ class TrainedRunTest(absltest.TestCase):
         cwd=_ROOT)
     np.testing.assert_allclose(
         np.array([float(x) for x in out.stdout.split()]), want, atol=2e-6)
+    # A blank line and a malformed row get an error on their own output
+    # line; every other row keeps its score and its place (batches of 64:
+    # the bad row lies in the third).
+    lines = open(path, 'rb').read().splitlines()
+    lines.insert(10, b'')
+    lines[150] = lines[150].replace(b'\t', b'\t+', 1)
+    out = subprocess.run(
+        [sys.executable, 'examples/serve_stdin.py', export_dir, '--batch',
+         '64'], input=b'\r\n'.join(lines) + b'\r\n', capture_output=True,
+        cwd=_ROOT)
+    self.assertEqual(out.returncode, 1)
+    got = out.stdout.decode().splitlines()
+    self.assertLen(got, 301)
+    self.assertEqual(got[10], 'error\trow 11: empty line')
+    self.assertRegex(got[150], r'^error\trow 151: I2 is not an integer: ')
+    self.assertIn(b'2 of 301 rows malformed', out.stderr)
+    keep = [i for i in range(301) if i not in (10, 150)]
+    np.testing.assert_allclose(
+        np.array([float(got[i]) for i in keep]),
+        np.delete(want, [149]), atol=2e-6)
 
   def test_wrong_inputs_raise_clear_errors(self):
     export_dir = self.create_tempdir().full_path

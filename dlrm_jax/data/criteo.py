@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import io
 import os
 from typing import Callable, Iterator, Sequence
 
@@ -30,10 +31,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
-NUM_INT = 13
-NUM_CAT = 26
-INT_NAMES = tuple(f'I{i + 1}' for i in range(NUM_INT))
-CAT_NAMES = tuple(f'C{i + 1}' for i in range(NUM_CAT))
+from dlrm_jax.data import rows as rows_lib
+
+# The row rules and their reasons are `dlrm_jax.data.rows`' (shared with
+# scoring); this module applies them vectorized.
+NUM_INT = rows_lib.NUM_INT
+NUM_CAT = rows_lib.NUM_CAT
+INT_NAMES = rows_lib.INT_NAMES
+CAT_NAMES = rows_lib.CAT_NAMES
 BAD_LINE_POLICIES = ('error', 'skip')
 
 # Bytes of text per pyarrow block (one parsed batch). Lines must be shorter.
@@ -155,19 +160,157 @@ def _open(path: str) -> pa.NativeFile:
   return pa.input_stream(path, compression='gzip' if _is_gzip(path) else None)
 
 
+class _GuardedStream(io.RawIOBase):
+  """A file's text for pyarrow's CSV reader, guarded.
+
+  Bytes >= 0x80 (in no valid row: every valid field is ASCII) become '?', so
+  that pyarrow, which decodes a line of a wrong field count as UTF-8 before
+  the invalid-row handler sees it, never fails on one: the line stays
+  malformed, is reported at its line and can be skipped. A line longer than
+  `rows_lib.MAX_LINE_BYTES` (which pyarrow could only fail on, naming no
+  line, once it passes its block size) is passed on as the one-field line
+  '?' and its number (1-based, in this stream) kept in `long_lines`. A
+  damaged gzip stream is named with the file and the offset reached.
+  """
+
+  _MARK = b'?'
+
+  def __init__(self, path: str, stream: pa.NativeFile | None = None, *,
+               guard_lines: bool = True):
+    """`guard_lines=False`: the bytes as they are (gzip errors named)."""
+    super().__init__()
+    self._guard_lines = guard_lines
+    self._path = path
+    self._gzip = stream is None and _is_gzip(path)
+    self._stream = stream if stream is not None else _open(path)
+    self._pos = 0
+    self._out = bytearray()  # Ready for the reader.
+    self._tail = b''  # The start of the current line (and a held '\r').
+    self._long = False  # The current line is too long: dropped to its end.
+    self._lines = 0  # Line ends passed on.
+    self._eof = False
+    self.long_lines: set[int] = set()
+
+  def readable(self) -> bool:
+    return True
+
+  def _raw_read(self, size: int) -> bytes:
+    try:
+      data = self._stream.read(size)
+    except (OSError, pa.ArrowException) as e:
+      where = (f'after {self._pos} bytes of decompressed text (the gzip file'
+               f' has {os.path.getsize(self._path)} bytes)' if self._gzip
+               else f'at byte {self._pos}')
+      raise MalformedLineError(
+          f'{self._path}: cannot be read {where}: {e}'
+          + (' (a damaged or truncated gzip file?)' if self._gzip else '')
+      ) from e
+    self._pos += len(data)
+    if not self._guard_lines:
+      return data
+    view = np.frombuffer(data, np.uint8)
+    if view.size and view.max() >= 0x80:
+      data = np.where(view >= 0x80, np.uint8(ord('?')), view).tobytes()
+    return data
+
+  def _cut_long(self, complete: bytes) -> bytes:
+    """`complete` (whole lines) with lines over the limit replaced."""
+    limit = rows_lib.MAX_LINE_BYTES
+    view = np.frombuffer(complete, np.uint8)
+    ends = np.flatnonzero((view == 10) | (view == 13))
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    if not ((ends - starts) > limit).any():
+      return complete
+    pieces, lines = [], self._lines
+    pos = 0
+    for a, b in zip(starts.tolist(), ends.tolist()):
+      # A '\n' right after a '\r' ends no line of its own.
+      if not (b == a and complete[b:b + 1] == b'\n' and a and
+              complete[a - 1:a] == b'\r'):
+        lines += 1
+      if b - a > limit:
+        pieces += [complete[pos:a], self._MARK]
+        pos = b
+        self.long_lines.add(lines)
+    pieces.append(complete[pos:])
+    return b''.join(pieces)
+
+  def _fill(self, size: int) -> None:
+    data = self._raw_read(max(size, 1 << 16))
+    if not data:
+      self._eof = True
+      if self._long:
+        self._out += self._MARK
+      else:
+        self._out += self._cut_long(self._tail + b'\n')[:-1]
+      self._tail, self._long = b'', False
+      return
+    if self._long:  # Drop to the end of the long line.
+      ends = [i for i in (data.find(b'\n'), data.find(b'\r')) if i >= 0]
+      if not ends:
+        return
+      self._out += self._MARK
+      data = data[min(ends):]
+      self._long = False
+    buf = self._tail + data
+    hold = b''
+    if buf.endswith(b'\r'):  # Maybe a '\r\n' split by the read.
+      buf, hold = buf[:-1], b'\r'
+    k = max(buf.rfind(b'\n'), buf.rfind(b'\r'))
+    complete, rest = buf[:k + 1], buf[k + 1:]
+    if complete:
+      self._out += self._cut_long(complete)
+      self._lines += (complete.count(b'\n') + complete.count(b'\r') -
+                      complete.count(b'\r\n'))
+    if len(rest) > rows_lib.MAX_LINE_BYTES:
+      self._long = True
+      self.long_lines.add(self._lines + 1)
+      rest = b''
+      if hold:  # The long line ended at this '\r'.
+        self._out += self._MARK
+        self._long = False
+    self._tail = rest + hold
+
+  def read(self, size: int = -1) -> bytes:
+    if size is None or size < 0:
+      size = 1 << 62
+    if not self._guard_lines:
+      return self._raw_read(size)
+    while not self._out and not self._eof:
+      self._fill(min(size, 1 << 24))
+    out = bytes(self._out[:size])
+    del self._out[:size]
+    return out
+
+  def close(self) -> None:
+    self._stream.close()
+    super().close()
+
+
 def count_rows(paths: Sequence[str] | str) -> int:
-  """Lines in the files, gzip decompressed; a last line without `\\n` counts."""
+  """Lines in the files, gzip decompressed, ended as the reader ends them
+  (`\n`, `\r\n` or a bare `\r`); a last line without an end counts."""
   if isinstance(paths, str):
     paths = [paths]
   total = 0
   for path in paths:
     last = b'\n'
-    with _open(path) as f:
+    with _GuardedStream(path, guard_lines=False) as f:
       while block := f.read(_READ_BYTES):
-        total += block.count(b'\n')
+        # '\r\n' counts once, also when a block boundary splits it.
+        total += (block.count(b'\n') + block.count(b'\r') -
+                  block.count(b'\r\n') -
+                  (last == b'\r' and block[:1] == b'\n'))
         last = block[-1:]
-    total += last != b'\n'
+    total += last not in (b'\n', b'\r')
   return total
+
+
+def count_valid_rows(paths: Sequence[str] | str, *, labeled: bool = True
+                     ) -> int:
+  """Rows that `read_criteo(..., bad_lines='skip')` yields (a full parse)."""
+  return sum(len(c['int']) for c in read_criteo(
+      paths, labeled=labeled, bad_lines='skip', report=BadLineReport()))
 
 
 def _buffers(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -219,7 +362,7 @@ def _parse_int(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     bad[row[~ok]] = True
   if n and lengths.max() > _INT64_DIGITS:
     for i in np.flatnonzero(~bad & (lengths > _INT64_DIGITS)):
-      if not -2**63 <= int(col[int(i)].as_py()) < 2**63:
+      if rows_lib.int64_overflows(col[int(i)].as_py()):
         overflow[i] = True
     bad |= overflow
   if bad.any():
@@ -263,10 +406,10 @@ def _parse_hex(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
   return values, bad
 
 
-def _value(col: pa.Array, i: int) -> str:
-  """Field `i` of a column as text, for messages."""
+def _value(col: pa.Array, i: int) -> bytes:
+  """Field `i` of a column, for messages (`rows_lib.show` cuts it)."""
   raw = col[i].as_py()
-  return '' if raw is None else raw.decode('utf-8', 'backslashreplace')
+  return b'' if raw is None else raw
 
 
 class _Checks:
@@ -303,12 +446,11 @@ def _convert(batch: pa.RecordBatch, labeled: bool
     empty = empty[_buffers(col)[2][empty] == 0]
   empty_mask = np.zeros(n, bool)
   empty_mask[empty] = True
-  checks.add(empty_mask, lambda i: 'empty line')
+  checks.add(empty_mask, lambda i: rows_lib.NO_VALUES)
   if labeled:
     label_col = cols[0]
     label, bad = _parse_label(label_col)
-    checks.add(bad, lambda i: (
-        f'label must be 0 or 1, got {_value(label_col, i)!r}'))
+    checks.add(bad, lambda i: rows_lib.label_reason(_value(label_col, i)))
     out['label'] = label
     cols = cols[1:]
   ints = np.empty((NUM_INT, n), np.int64)
@@ -316,14 +458,13 @@ def _convert(batch: pa.RecordBatch, labeled: bool
     col = cols[j]
     ints[j], bad, overflow = _parse_int(col)
     checks.add(bad, lambda i, col=col, name=name, overflow=overflow: (
-        f'{name} does not fit in int64: {_value(col, i)!r}'
-        if overflow[i] else f'{name} is not an integer: {_value(col, i)!r}'))
+        rows_lib.int_reason(name, _value(col, i), bool(overflow[i]))))
   cats = np.empty((NUM_CAT, n), np.int64)
   for j, name in enumerate(CAT_NAMES):
     col = cols[NUM_INT + j]
     cats[j], bad = _parse_hex(col)
     checks.add(bad, lambda i, col=col, name=name: (
-        f'{name} is not 8 hex digits: {_value(col, i)!r}'))
+        rows_lib.hex_reason(name, _value(col, i))))
   out['int'] = np.ascontiguousarray(ints.T)
   out['cat'] = np.ascontiguousarray(cats.T)
   return out, checks
@@ -360,10 +501,23 @@ def _read_file(path: str, labeled: bool, bad_lines: str,
     return 'skip'
 
   def field_count(actual: int) -> str:
-    return f'expected {n_fields} fields, got {actual}'
+    return rows_lib.field_count_reason(n_fields, actual)
 
   def emit(events: list[tuple[int, int, str]]) -> None:
     """Raises or reports (first line, number of lines, reason) events."""
+    if guard.long_lines:  # Lines cut by the guard: their own reason.
+      split = []
+      for line, count, reason in events:
+        cut = sorted(l for l in guard.long_lines if line <= l < line + count)
+        for l in cut:
+          if l > line:
+            split.append((line, l - line, reason))
+          split.append((l, 1, rows_lib.long_line_reason()))
+          count -= l + 1 - line
+          line = l + 1
+        if count > 0:
+          split.append((line, count, reason))
+      events = split
     events.sort()
     if events and bad_lines == 'error':
       line, _, reason = events[0]
@@ -375,9 +529,10 @@ def _read_file(path: str, labeled: bool, bad_lines: str,
       report.count += count - shown
 
   consumed = 0  # Lines 1..consumed are placed.
+  guard = _GuardedStream(path, stream)
   try:
     reader = pa_csv.open_csv(
-        stream if stream is not None else _open(path),
+        guard,
         read_options=pa_csv.ReadOptions(
             column_names=names, block_size=_BLOCK_BYTES, use_threads=False),
         parse_options=pa_csv.ParseOptions(

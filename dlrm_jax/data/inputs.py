@@ -190,7 +190,10 @@ def make_data(config, setup, *, process_index: int = 0,
               None)
     else:
       frac = _eval_fraction(d)
-      total = criteo.count_rows(train_paths)
+      # The split is of valid rows (what the reader counts), so lines
+      # skipped as malformed do not move it past the end.
+      total = (criteo.count_rows(train_paths) if kw['bad_lines'] == 'error'
+               else criteo.count_valid_rows(train_paths))
       n_eval = int(total * frac)
       train_src = pipeline.TsvSource(train_paths, stop=total - n_eval, **kw)
       eval_src = pipeline.TsvSource(

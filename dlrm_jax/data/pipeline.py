@@ -62,8 +62,9 @@ class TsvSource:
                report: criteo.BadLineReport | None = None):
     self.paths = list(paths)
     self.start = start
-    if stop is None:
-      stop = criteo.count_rows(self.paths)
+    if stop is None:  # Valid rows: lines, unless malformed ones are skipped.
+      stop = (criteo.count_rows(self.paths) if bad_lines == 'error' else
+              criteo.count_valid_rows(self.paths, labeled=labeled))
     self.stop = stop
     self.num_rows = max(0, stop - start)
     self.labeled = labeled
@@ -199,6 +200,7 @@ class TrainBatches:
     while True:
       epoch, j = divmod(step, self.batches_per_epoch)
       rows = self._epoch_rows(epoch, j * self.batch_size)
+      start = step
       for raw in _rebatch(rows, self.batch_size):
         if len(raw['label']) < self.batch_size:
           break  # the epoch's remainder is dropped
@@ -206,6 +208,12 @@ class TrainBatches:
         yield step, self.make_batch(_take(raw, slice(lo, hi)))
         if step % self.batches_per_epoch == 0:
           break
+      if step == start and j == 0:  # Not one batch in a whole epoch.
+        report = getattr(self.source, 'report', None)
+        raise ValueError(
+            f'the training data ({self.source.description}) gave not one'
+            f' batch of {self.batch_size} valid rows in epoch {epoch}'
+            + (f' ({report.summary()})' if report is not None else '') + '.')
       # Data that ends before the counted number of batches (rows skipped as
       # malformed) also ends the epoch.
       step = max(step, (epoch + 1) * self.batches_per_epoch)

@@ -1,0 +1,148 @@
+"""One writer per workdir: `<workdir>/.lock`, held while a run trains.
+
+The lock is an exclusive `fcntl.flock` on the file, which the kernel drops
+when its process ends however it ends (SIGKILL included), so a killed run
+never leaves a lock that blocks the next one; the file also names its owner
+(host, pid, start time, command line), for the error the second writer gets.
+A lock file naming a process that is gone (same host, pid not alive) is
+recognized as stale and taken over, with a log line. Where the file system
+offers no flock (some network file systems), the file alone is the lock:
+created exclusively, removed on release, and taken over when stale.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+from absl import logging
+
+LOCK_NAME = '.lock'
+
+
+class WorkdirLockedError(RuntimeError):
+  """Another process is writing to the workdir."""
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # Alive, another user's.
+  return True
+
+
+def _describe(owner: dict[str, Any]) -> str:
+  return (f"pid {owner.get('pid')} on host {owner.get('host')!r} (since"
+          f" {owner.get('started')}: {owner.get('command')})")
+
+
+def is_stale(owner: dict[str, Any]) -> bool:
+  """Whether the owner named in a lock file is a process gone from this
+  host (a lock of another host cannot be judged and is not stale)."""
+  return (owner.get('host') == socket.gethostname() and
+          isinstance(owner.get('pid'), int) and
+          not _pid_alive(owner['pid']))
+
+
+class WorkdirLock:
+  """Context manager: holds `<workdir>/.lock` or raises WorkdirLockedError."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_NAME)
+    self._fd: int | None = None
+    self._flock = True
+    self.stale_owner: dict[str, Any] | None = None
+
+  def _read_owner(self) -> dict[str, Any]:
+    try:
+      with open(self.path) as f:
+        return json.loads(f.read() or '{}')
+    except (OSError, ValueError):
+      return {}
+
+  def _refuse(self, owner: dict[str, Any]) -> WorkdirLockedError:
+    return WorkdirLockedError(
+        f'{os.path.dirname(self.path) or "."} is in use by another run: '
+        f'{_describe(owner)}; its lock is {self.path}. Wait for it to end,'
+        ' or use another --workdir.')
+
+  def acquire(self) -> 'WorkdirLock':
+    os.makedirs(os.path.dirname(self.path) or '.', exist_ok=True)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      os.close(fd)
+      if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+        owner = self._read_owner()
+        if not owner:  # Locked a moment ago, its owner not yet written.
+          time.sleep(0.5)
+          owner = self._read_owner()
+        raise self._refuse(owner) from None
+      if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+        raise
+      return self._acquire_without_flock()
+    self._fd = fd
+    owner = self._read_owner()
+    if owner and owner.get('pid') != os.getpid():
+      # Unlocked but not empty: its owner ended without releasing (killed).
+      self.stale_owner = owner
+      logging.warning('took over the stale lock %s of %s, which is no longer'
+                      ' running.', self.path, _describe(owner))
+    self._write_owner(fd)
+    return self
+
+  def _acquire_without_flock(self) -> 'WorkdirLock':
+    self._flock = False
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+      except FileExistsError:
+        owner = self._read_owner()
+        if not is_stale(owner):
+          raise self._refuse(owner) from None
+        self.stale_owner = owner
+        logging.warning('removing the stale lock %s of %s, which is no'
+                        ' longer running.', self.path, _describe(owner))
+        os.remove(self.path)
+        continue
+      self._fd = fd
+      self._write_owner(fd)
+      return self
+    raise self._refuse(self._read_owner())
+
+  def _write_owner(self, fd: int) -> None:
+    owner = {'host': socket.gethostname(), 'pid': os.getpid(),
+             'started': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+             'command': ' '.join(sys.argv)[:500]}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(owner).encode(), 0)
+    os.fsync(fd)
+
+  def release(self) -> None:
+    if self._fd is None:
+      return
+    try:
+      os.ftruncate(self._fd, 0)  # Released cleanly: nobody's.
+      if not self._flock:
+        os.remove(self.path)
+    except OSError:
+      pass
+    finally:
+      os.close(self._fd)  # Drops the flock.
+      self._fd = None
+
+  def __enter__(self) -> 'WorkdirLock':
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
