@@ -363,6 +363,7 @@ class BestCheckpointer(Checkpointer):
   def __init__(self, workdir: str, metric: str, mode: str, *,
                async_save: bool = True):  # pylint: disable=super-init-not-called
     self.metric = metric
+    self._pending = None
     self.directory = epath.Path(workdir) / 'best_checkpoint'
     self.manager = ocp.CheckpointManager(
         self.directory,

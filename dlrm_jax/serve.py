@@ -71,25 +71,23 @@ class BadRequest(ValueError):
 
 
 def parse_text_rows(lines: Sequence[str]) -> dict[str, np.ndarray]:
-  """Criteo text lines -> the export's inputs; the one adapter over the row
-  parser. A bad line raises BadRequest naming its index."""
+  """Criteo text lines -> the export's inputs, by the strict row parser that
+  training and `predict` use (`export_runtime.parse_rows_checked`). A bad
+  line raises BadRequest naming its index (the first bad one; the message
+  lists up to five)."""
   for i, line in enumerate(lines):
     if not isinstance(line, str):
       raise BadRequest(f'rows[{i}] must be a string, got'
                        f' {type(line).__name__}.', i)
-  try:
-    return export_runtime.parse_rows(list(lines))
-  except (ValueError, OverflowError):
-    pass
-  for i, line in enumerate(lines):  # find the bad row
-    try:
-      export_runtime.parse_rows([line])
-    except (ValueError, OverflowError) as e:
-      msg = str(e)
-      if msg.startswith('row 1: '):
-        msg = msg[len('row 1: '):]
-      raise BadRequest(f'rows[{i}]: {msg}', i) from e
-  raise BadRequest('the rows could not be parsed.')  # pragma: no cover
+  inputs, errors = export_runtime.parse_rows_checked(list(lines), first_row=0)
+  bad = [(i, e) for i, e in enumerate(errors) if e is not None]
+  if not bad:
+    return inputs
+  def one(i, e):
+    prefix = f'row {i}: '
+    return f'rows[{i}]: {e[len(prefix):] if e.startswith(prefix) else e}'
+  more = f' (and {len(bad) - 5} more bad rows)' if len(bad) > 5 else ''
+  raise BadRequest('; '.join(one(i, e) for i, e in bad[:5]) + more, bad[0][0])
 
 
 _INT32 = (-2**31, 2**31 - 1)
