@@ -1,0 +1,628 @@
+"""The embedding exchange: lookups and sparse updates of one stack on a mesh.
+
+Shape letters: B_l per-device batch, T packed id columns, S model shards,
+R data replicas (the mesh's 'data' axis), C a stack's rows per device, W its
+width, L_d the id columns device d owns (L = max_d L_d, the padded share),
+N_d its bags (N = max_d N_d).
+
+A stack's segments (feature x column piece) are served in one of three ways,
+all inside `jax.shard_map`, per device:
+
+  owned (table-wise and column-wise pieces: one model shard holds all rows):
+    lookup   the ids of the bags each destination owns are routed to its
+             local rows and sent by one `all_to_all` over 'model'
+             (`[B_l, S * L]` int32, padded to the largest share); the owner
+             gathers and pools them for the model group's `S * B_l`
+             examples and a second `all_to_all` sends the pooled sums back
+             (`[B_l, S * N, W]` float32).
+    update   the transpose: the ids again and the pooled gradients go to the
+             owners by `all_to_all`; each owner expands them to its
+             `S * B_l * L` ids (combiner weights) and deduplicates those only.
+  row-wise (rows split over several shards, TorchRec's row-wise pattern):
+    lookup   all-gather the model group's ids (`[S * B_l, T]`), pool the rows
+             this shard holds (others read as zero), reduce-scatter the
+             partial sums over 'model'.
+    update   all-gather the group's ids and pooled gradients over 'model';
+             each shard keeps the ids it holds.
+  replicated (a full copy everywhere): lookups are local; an update needs
+             the gradient of the whole batch on every device: either a dense
+             `[C, W + 1]` psum (gradient sums and touch counts) when the table
+             is small next to the batch, or an all-gather of each device's
+             deduplicated (row, gradient) pairs.
+
+Data-parallel replicas (R > 1) of a shard make the same update: after the
+owner's deduplication, the fixed-size (row, summed gradient) pairs are
+all-gathered over 'data' and deduplicated once more. Nothing global-batch
+sized is ever exchanged for sharded stacks, and per-device work (dedup,
+gather, scatter) is over the ids a device owns plus padding.
+
+The rows a step touches are then gathered with their optimizer state,
+updated by `optimizers.update_rows` and written back by `_store_rows`; plain
+SGD on a stack nobody else updates skips the deduplication and scatter-adds
+(`_sgd_scatter_add`).
+
+With one device the same code runs without `shard_map`; every collective
+over an axis of size 1 is skipped (XLA:CPU would run it as a copy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from dlrm_jax.embedding import optimizers
+from dlrm_jax.embedding import plan as plan_lib
+from dlrm_jax.parallel import BATCH_AXES, DATA, MODEL
+
+COMBINERS = ('sum', 'mean', 'sqrtn')
+
+
+# ----------------------------------------------------------------------------
+# Collectives over the mesh, skipped on axes of size 1.
+
+
+class Comm:
+  """Collectives over a ('data', 'model') mesh, for use inside shard_map."""
+
+  def __init__(self, mesh: Mesh):
+    self.shape = {a: int(mesh.shape[a]) for a in BATCH_AXES}
+    self.num_devices = int(mesh.devices.size)
+
+  def size(self, axes) -> int:
+    axes = (axes,) if isinstance(axes, str) else axes
+    return int(np.prod([self.shape[a] for a in axes]))
+
+  def index(self, axis: str) -> jax.Array:
+    return jnp.int32(0) if self.size(axis) == 1 else jax.lax.axis_index(axis)
+
+  def all_gather(self, x: jax.Array, axes) -> jax.Array:
+    """Tiled all-gather along dim 0."""
+    if self.size(axes) == 1:
+      return x
+    return jax.lax.all_gather(x, axes, axis=0, tiled=True)
+
+  def psum_scatter(self, x: jax.Array, axes) -> jax.Array:
+    """Tiled reduce-scatter along dim 0."""
+    if self.size(axes) == 1:
+      return x
+    return jax.lax.psum_scatter(x, axes, scatter_dimension=0, tiled=True)
+
+  def psum(self, x: jax.Array, axes) -> jax.Array:
+    return x if self.size(axes) == 1 else jax.lax.psum(x, axes)
+
+  def all_to_all(self, x: jax.Array) -> jax.Array:
+    """Over 'model', along dim 1: block d of `S` goes to shard d, and block d
+    of the result came from shard d."""
+    if self.size(MODEL) == 1:
+      return x
+    return jax.lax.all_to_all(x, MODEL, 1, 1, tiled=True)
+
+
+# ----------------------------------------------------------------------------
+# Pooling helpers.
+
+
+def combiner_weights(valid: jax.Array, combiner: str) -> jax.Array:
+  """`[X, L]` valid mask -> `[X, L]` float32 pooling weight of each id."""
+  w = valid.astype(jnp.float32)
+  if combiner == 'sum' or valid.shape[1] == 1:
+    return w
+  n = jnp.sum(w, axis=1, keepdims=True)
+  if combiner == 'mean':
+    return w / jnp.maximum(n, 1.0)
+  return w * jax.lax.rsqrt(jnp.maximum(n, 1.0))  # sqrtn
+
+
+def _static_weights(valid: jax.Array, widths: Sequence[int],
+                    combiners: Sequence[str]) -> jax.Array:
+  """`[X, L]` valid mask -> weights, bags of `widths` columns side by side."""
+  parts, start = [], 0
+  for w, c in zip(widths, combiners):
+    piece = valid[:, start:start + w]
+    parts.append(combiner_weights(piece, c) if w > 1 else
+                 piece.astype(jnp.float32))
+    start += w
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+
+def _pool(rows: jax.Array, widths: Sequence[int]) -> jax.Array:
+  """`[X, L, W]` weighted rows -> `[X, n_bags, W]` bag sums."""
+  if all(w == 1 for w in widths):
+    return rows
+  out, start = [], 0
+  for w in widths:
+    out.append(jnp.sum(rows[:, start:start + w], axis=1))
+    start += w
+  return jnp.stack(out, axis=1)
+
+
+def _dedup(idx: jax.Array, fill: int, size: int
+           ) -> tuple[jax.Array, jax.Array]:
+  """Fixed-size unique: `[M]` ids <= fill -> (`[size]` sorted unique ids
+  padded with `fill`, `[M]` position of each id among them); `size` must be
+  at least the number of distinct ids.
+
+  Equivalent to `jnp.unique(idx, size=size, fill_value=fill,
+  return_inverse=True)`, but built from a plain sort and a binary search,
+  which XLA runs several times faster on CPU than the two-operand sort
+  behind `jnp.unique`'s inverse.
+  """
+  s = jnp.sort(idx)
+  is_new = jnp.concatenate([jnp.ones((1,), bool), s[1:] != s[:-1]])
+  pos = jnp.cumsum(is_new) - 1
+  uniq = jnp.full((size,), fill, idx.dtype).at[
+      jnp.where(is_new, pos, size)].set(s, mode='drop', unique_indices=True)
+  inv = jnp.searchsorted(uniq, idx, side='left', method='scan')
+  return uniq, inv.astype(jnp.int32)
+
+
+def dedup_sum(idx: jax.Array, grads: jax.Array, fill: int
+              ) -> tuple[jax.Array, jax.Array]:
+  """`[M]` local rows (`fill`: none) and `[M, G]` gradients -> the unique rows
+  (`[U]`, U = min(M, fill + 1), padded with `fill`) and `[U, G]` sums."""
+  size = min(idx.shape[0], fill + 1)
+  uniq, inv = _dedup(idx, fill, size)
+  return uniq, jax.ops.segment_sum(grads, inv, num_segments=size)
+
+
+# ----------------------------------------------------------------------------
+# Static routing of a stack.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Routing:
+  """Per id column (L of them) of some of a stack's segments."""
+
+  cols: np.ndarray        # [L] packed id column of each
+  col_slice: tuple[int, int] | None  # the same, when a contiguous range
+  seg_of_col: np.ndarray  # [L] position of its segment among these
+  num_rows: np.ndarray    # [L] rows of the table
+  first: np.ndarray       # [L] first model shard of the table
+  rps: np.ndarray         # [L] rows per shard
+  offsets: np.ndarray     # [L, S'] local row offset of the piece per shard
+  widths: tuple[int, ...]      # ids per example, per segment
+  combiners: tuple[str, ...]   # per segment
+
+
+def _routing(segments: Sequence[plan_lib.Segment]) -> _Routing:
+  cols, seg_of_col, rows, first, rps, offsets = [], [], [], [], [], []
+  for k, seg in enumerate(segments):
+    for j in range(seg.max_ids):
+      cols.append(seg.id_offset + j)
+      seg_of_col.append(k)
+      rows.append(seg.num_rows)
+      first.append(seg.first_device)
+      rps.append(seg.rows_per_shard)
+      offsets.append(seg.offsets)
+  cols = np.array(cols, np.int32)
+  return _Routing(
+      cols=cols, col_slice=_as_slice(cols),
+      seg_of_col=np.array(seg_of_col, np.int32),
+      num_rows=np.array(rows, np.int32), first=np.array(first, np.int32),
+      rps=np.array(rps, np.int32), offsets=np.array(offsets, np.int32),
+      widths=tuple(seg.max_ids for seg in segments),
+      combiners=tuple(seg.combiner for seg in segments))
+
+
+def _as_slice(cols: np.ndarray) -> tuple[int, int] | None:
+  if len(cols) and np.array_equal(cols, np.arange(cols[0],
+                                                  cols[0] + len(cols))):
+    return int(cols[0]), int(cols[0]) + len(cols)
+  return None
+
+
+def _take_cols(ids: jax.Array, cols: np.ndarray,
+               col_slice: tuple[int, int] | None) -> jax.Array:
+  """`[X, T]` -> `[X, len(cols)]`; columns >= T read as -1 (padding)."""
+  if col_slice is not None:
+    return ids[:, col_slice[0]:col_slice[1]]
+  return jnp.take(ids, jnp.asarray(cols), axis=1, mode='fill', fill_value=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Owned:
+  """The all-to-all plan of a stack's single-owner segments.
+
+  Destination d owns bags `bag_seg[d, :N_d]` (stack segments) whose ids fill
+  slots `:L_d` of its `[L]` id block; the rest is padding.
+  """
+
+  segs: np.ndarray       # [K] stack segments served this way, in order
+  cols: np.ndarray       # [S, L] packed id column of each slot (T: padding)
+  col_slice: tuple[int, int] | None  # cols.ravel(), when contiguous
+  offset: np.ndarray     # [S, L] local row offset of the slot's piece
+  num_rows: np.ndarray   # [S, L] rows of its table (0: padding)
+  col_bag: np.ndarray    # [S, L] bag slot of each id slot (N: padding)
+  bag_seg: np.ndarray    # [S, N] stack segment of each bag (n_seg: padding)
+  bag_comb: np.ndarray   # [S, N] combiner code of each bag
+  out_index: np.ndarray  # [K] slot d * N + j of each of `segs` coming back
+  widths0: tuple[int, ...]    # shard 0's bag widths (static pooling, S = 1)
+  combiners0: tuple[str, ...]
+  multi: bool            # some bag has several ids
+  weighted: bool         # some bag of several ids is not sum-pooled
+
+
+def _owned_plan(stack: plan_lib.Stack, segs: Sequence[int], num_shards: int,
+                num_columns: int) -> _Owned:
+  s = num_shards
+  segments = stack.segments
+  multi = any(segments[k].max_ids > 1 for k in segs)
+  by_dev: list[list[int]] = [[] for _ in range(s)]
+  for k in segs:
+    by_dev[segments[k].first_device].append(k)
+  n_bags = max(1, max(len(b) for b in by_dev))
+  n_cols = max(1, max(sum(segments[k].max_ids for k in b) for b in by_dev))
+  if not multi:
+    n_bags = n_cols = max(n_bags, n_cols)
+  cols = np.full((s, n_cols), num_columns, np.int32)
+  offset = np.zeros((s, n_cols), np.int32)
+  num_rows = np.zeros((s, n_cols), np.int32)
+  col_bag = np.full((s, n_cols), n_bags, np.int32)
+  bag_seg = np.full((s, n_bags), len(segments), np.int32)
+  bag_comb = np.zeros((s, n_bags), np.int32)
+  out_index = np.zeros(len(segs), np.int32)
+  pos_of = {k: i for i, k in enumerate(segs)}
+  for d, bags in enumerate(by_dev):
+    c = 0
+    for j, k in enumerate(bags):
+      seg = segments[k]
+      bag_seg[d, j] = k
+      bag_comb[d, j] = COMBINERS.index(seg.combiner)
+      out_index[pos_of[k]] = d * n_bags + j
+      for i in range(seg.max_ids):
+        cols[d, c] = seg.id_offset + i
+        offset[d, c] = seg.offsets[d]
+        num_rows[d, c] = seg.num_rows
+        col_bag[d, c] = j
+        c += 1
+  return _Owned(
+      segs=np.array(segs, np.int32), cols=cols,
+      col_slice=_as_slice(cols.ravel()), offset=offset, num_rows=num_rows,
+      col_bag=col_bag, bag_seg=bag_seg, bag_comb=bag_comb,
+      out_index=out_index,
+      widths0=tuple(segments[k].max_ids for k in by_dev[0]),
+      combiners0=tuple(segments[k].combiner for k in by_dev[0]),
+      multi=multi,
+      weighted=any(segments[k].max_ids > 1 and segments[k].combiner != 'sum'
+                   for k in segs))
+
+
+# ----------------------------------------------------------------------------
+# One stack's exchange.
+
+
+class StackExchange:
+  """Lookup and update of one stack, per device (inside shard_map).
+
+  Args:
+    stack: the stack.
+    feature_dims: the embedding dim of every feature.
+    table_dims: table name -> embedding dim.
+    num_columns: T, the packed id columns.
+    comm: the mesh's collectives.
+  """
+
+  def __init__(self, stack: plan_lib.Stack, feature_dims: Sequence[int],
+               table_dims: dict[str, int], num_columns: int, comm: Comm):
+    self.stack = stack
+    self._dim_of = dict(table_dims)
+    self.comm = comm
+    self.num_shards = comm.size(MODEL)
+    segs = stack.segments
+    self.n_seg = len(segs)
+    if stack.replicated:
+      owned, rowwise = [], []
+    else:
+      owned = [k for k, g in enumerate(segs) if g.rows_per_shard >= g.num_rows]
+      rowwise = [k for k, g in enumerate(segs) if g.rows_per_shard < g.num_rows]
+    self.owned = (_owned_plan(stack, owned, self.num_shards, num_columns)
+                  if owned else None)
+    self.rowwise = np.array(rowwise, np.int32)
+    self.rowwise_routing = (_routing([segs[k] for k in rowwise])
+                            if rowwise else None)
+    self.all_routing = _routing(segs)  # replicated lookups, row resets
+    self.dims = [feature_dims[g.feature] for g in segs]
+    # Row-wise Adagrad on column pieces needs each row's full-width gradient.
+    self.full_width = (
+        max(self.dims) if stack.optimizer.kind == 'rowwise_adagrad' and
+        any(d != stack.width for d in self.dims) else 0)
+    # Replicated stacks: a dense psum when the table is small next to the
+    # pairs every device would gather.
+    ids_per_device = sum(g.max_ids for g in segs)
+    self.dense_replicated_update = stack.replicated and (
+        stack.capacity <= comm.num_devices * ids_per_device)
+
+  # --------------------------------------------------------------------------
+  # Routing.
+
+  def _my(self) -> jax.Array:
+    return (jnp.int32(0) if self.stack.replicated
+            else self.comm.index(MODEL))
+
+  def _route(self, r: _Routing, ids: jax.Array, my: jax.Array):
+    """`[X, T]` packed ids -> (`[X, L]` local rows, C where not held here or
+    invalid; `[X, L]` float32 pooling weights)."""
+    cols = _take_cols(ids, r.cols, r.col_slice)
+    valid = (cols >= 0) & (cols < r.num_rows)
+    safe = jnp.where(valid, cols, 0)
+    if self.stack.replicated:
+      local, mine = r.offsets[:, 0] + safe, valid
+    else:
+      off = jnp.take(jnp.asarray(r.offsets), my, axis=1)
+      mine = valid & (r.first + safe // r.rps == my) & (off >= 0)
+      local = off + safe % r.rps
+    local = jnp.where(mine, local, self.stack.capacity)
+    weights = (_static_weights(valid, r.widths, r.combiners)
+               if any(w > 1 for w in r.widths) else None)
+    return local, weights
+
+  def _send_rows(self, ids: jax.Array) -> jax.Array:
+    """`[B_l, T]` -> `[B_l, S * L]` rows on each owner (C: nothing)."""
+    o = self.owned
+    x = _take_cols(ids, o.cols.ravel(), o.col_slice)
+    rows = o.num_rows.ravel()
+    valid = (x >= 0) & (x < rows)
+    return jnp.where(valid, x + o.offset.ravel(), self.stack.capacity)
+
+  def _owner_weights(self, local: jax.Array, my: jax.Array):
+    """Owner side: `[X, S * L]` received rows -> `[X, S, L]` weights of the
+    ids in their bags (None when only valid masks would be needed)."""
+    o = self.owned
+    s, n_cols = o.cols.shape
+    valid = (local < self.stack.capacity).reshape(-1, s, n_cols)
+    if not o.weighted:
+      return None
+    if self.num_shards == 1:
+      return _static_weights(valid[:, 0], o.widths0, o.combiners0)[:, None]
+    col_bag = jnp.take(jnp.asarray(o.col_bag), my, axis=0)  # [L]
+    one_hot = jax.nn.one_hot(col_bag, o.bag_seg.shape[1], dtype=jnp.float32)
+    v = valid.astype(jnp.float32)
+    n = jnp.einsum('xsl,ln->xsn', v, one_hot,
+                   precision=jax.lax.Precision.HIGHEST)
+    n_col = jnp.maximum(jnp.einsum('xsn,ln->xsl', n, one_hot,
+                                   precision=jax.lax.Precision.HIGHEST), 1.0)
+    code = jnp.take(jnp.take(jnp.asarray(o.bag_comb), my, axis=0), col_bag,
+                    mode='fill', fill_value=0)
+    scale = jnp.where(code == 1, 1.0 / n_col,
+                      jnp.where(code == 2, jax.lax.rsqrt(n_col), 1.0))
+    return v * scale
+
+  def _owner_pool(self, rows: jax.Array, weights, my) -> jax.Array:
+    """`[X, S * L, W]` rows -> `[X, S * N, W]` bag sums per source."""
+    o = self.owned
+    if not o.multi:
+      return rows
+    s, n_cols = o.cols.shape
+    x, w = rows.shape[0], rows.shape[-1]
+    rows = rows.reshape(x, s, n_cols, w)
+    if weights is not None:
+      rows = rows * weights[..., None]
+    if self.num_shards == 1:
+      return _pool(rows[:, 0], o.widths0)
+    col_bag = jnp.take(jnp.asarray(o.col_bag), my, axis=0)
+    one_hot = jax.nn.one_hot(col_bag, o.bag_seg.shape[1], dtype=rows.dtype)
+    out = jnp.einsum('xslw,ln->xsnw', rows, one_hot,
+                     precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(x, -1, w)
+
+  def _owner_expand(self, grads: jax.Array, weights, my) -> jax.Array:
+    """The transpose of `_owner_pool`: `[X, S * N, G]` bag gradients ->
+    `[X, S * L, G]` id gradients."""
+    o = self.owned
+    if not o.multi:
+      return grads
+    s, n_cols = o.cols.shape
+    x, g = grads.shape[0], grads.shape[-1]
+    if self.num_shards == 1:
+      out = jnp.take(grads, jnp.asarray(o.col_bag[0]), axis=1)[:, None]
+    else:
+      col_bag = jnp.take(jnp.asarray(o.col_bag), my, axis=0)
+      one_hot = jax.nn.one_hot(col_bag, o.bag_seg.shape[1],
+                               dtype=grads.dtype)
+      out = jnp.einsum('xsnw,ln->xslw', grads.reshape(x, s, -1, g), one_hot,
+                       precision=jax.lax.Precision.HIGHEST)
+    if weights is not None:
+      out = out * weights[..., None]
+    return out.reshape(x, -1, g)
+
+  def rows_held(self, ids: jax.Array) -> jax.Array:
+    """`[X, T]` packed ids -> `[X * L]` local rows of those held here
+    (C for the others)."""
+    local, _ = self._route(self.all_routing, ids, self._my())
+    return local.reshape(-1)
+
+  # --------------------------------------------------------------------------
+  # Lookup.
+
+  def lookup(self, table: jax.Array, ids: jax.Array) -> jax.Array:
+    """`[C, W]` rows held here, `[B_l, T]` ids -> `[B_l, n_seg, W]` float32
+    pooled embeddings of the stack's segments for this device's examples."""
+    parts, order = [], []
+    if self.stack.replicated:
+      r = self.all_routing
+      idx, wts = self._route(r, ids, jnp.int32(0))
+      rows = table.at[idx].get(mode='fill', fill_value=0).astype(jnp.float32)
+      if wts is not None:
+        rows = rows * wts[..., None]
+      return _pool(rows, r.widths)
+    my = self._my()
+    if self.owned is not None:
+      o = self.owned
+      local = self.comm.all_to_all(self._send_rows(ids))
+      rows = table.at[local].get(mode='fill', fill_value=0).astype(
+          jnp.float32)
+      pooled = self._owner_pool(rows, self._owner_weights(local, my), my)
+      back = self.comm.all_to_all(pooled)
+      if not np.array_equal(o.out_index, np.arange(back.shape[1])):
+        back = jnp.take(back, jnp.asarray(o.out_index), axis=1)
+      parts.append(back)
+      order.extend(o.segs.tolist())
+    if self.rowwise_routing is not None:
+      r = self.rowwise_routing
+      ids_grp = self.comm.all_gather(ids, MODEL)
+      idx, wts = self._route(r, ids_grp, my)
+      rows = table.at[idx].get(mode='fill', fill_value=0).astype(jnp.float32)
+      if wts is not None:
+        rows = rows * wts[..., None]
+      parts.append(self.comm.psum_scatter(_pool(rows, r.widths), MODEL))
+      order.extend(self.rowwise.tolist())
+    out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+    if order != list(range(self.n_seg)):
+      out = jnp.take(out, jnp.asarray(np.argsort(order)), axis=1)
+    return out
+
+  # --------------------------------------------------------------------------
+  # Update.
+
+  def _grads_here(self, ids: jax.Array, grads: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+    """`[B_l, T]` ids and `[B_l, n_seg, G]` pooled gradients -> the ids this
+    device holds among those it serves (`[M]` local rows, C for none) and
+    their `[M, G]` gradients."""
+    idx_parts, g_parts = [], []
+    g = grads.shape[-1]
+    if self.stack.replicated:
+      r = self.all_routing
+      idx, w = self._route(r, ids, jnp.int32(0))
+      if w is not None:
+        grads = jnp.take(grads, jnp.asarray(r.seg_of_col), axis=1) * w[
+            ..., None]
+      return idx.reshape(-1), grads.reshape(-1, g)
+    my = self._my()
+    if self.owned is not None:
+      o = self.owned
+      local = self.comm.all_to_all(self._send_rows(ids))
+      send = grads
+      if not np.array_equal(o.bag_seg.ravel(), np.arange(self.n_seg)):
+        pad = jnp.concatenate([grads, jnp.zeros_like(grads[:, :1])], axis=1)
+        send = jnp.take(pad, jnp.asarray(o.bag_seg.ravel()), axis=1)
+      got = self.comm.all_to_all(send)
+      g_ids = self._owner_expand(got, self._owner_weights(local, my), my)
+      idx_parts.append(local.reshape(-1))
+      g_parts.append(g_ids.reshape(-1, g))
+    if self.rowwise_routing is not None:
+      r = self.rowwise_routing
+      ids_grp = self.comm.all_gather(ids, MODEL)
+      g_grp = self.comm.all_gather(
+          jnp.take(grads, jnp.asarray(self.rowwise), axis=1)
+          if len(self.rowwise) != self.n_seg else grads, MODEL)
+      idx, w = self._route(r, ids_grp, my)
+      if w is not None:
+        g_grp = jnp.take(g_grp, jnp.asarray(r.seg_of_col), axis=1) * w[
+            ..., None]
+      idx_parts.append(idx.reshape(-1))
+      g_parts.append(g_grp.reshape(-1, g))
+    if len(idx_parts) == 1:
+      return idx_parts[0], g_parts[0]
+    return jnp.concatenate(idx_parts), jnp.concatenate(g_parts)
+
+  def _sgd_scatter_add(self) -> bool:
+    """Plain SGD is linear in the gradient: where no other device must make
+    the same update, a scatter-add sums repeated ids itself, with no
+    deduplication. (For low-precision tables, switch this off to take the
+    dedup + float32 sum + one rounding path.)"""
+    shared = (self.comm.num_devices > 1 if self.stack.replicated
+              else self.comm.size(DATA) > 1)
+    return self.stack.optimizer.kind == 'sgd' and not shared
+
+  def _combine(self, idx: jax.Array, g: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+    """`[M]` rows and `[M, G]` gradients of this device -> the unique rows
+    every device holding them must update and their summed gradients."""
+    cap = self.stack.capacity
+    comm = self.comm
+    if self.stack.replicated and comm.num_devices > 1:
+      if self.dense_replicated_update:
+        ones = jnp.ones((g.shape[0], 1), g.dtype)
+        dense = jnp.zeros((cap, g.shape[1] + 1), g.dtype).at[idx].add(
+            jnp.concatenate([g, ones], axis=1), mode='drop')
+        dense = comm.psum(dense, BATCH_AXES)
+        uniq = jnp.where(dense[:, -1] > 0, jnp.arange(cap, dtype=jnp.int32),
+                         cap)
+        return uniq, dense[:, :-1]
+      uniq, g_sum = dedup_sum(idx, g, cap)
+      return dedup_sum(comm.all_gather(uniq, BATCH_AXES),
+                       comm.all_gather(g_sum, BATCH_AXES), cap)
+    uniq, g_sum = dedup_sum(idx, g, cap)
+    if not self.stack.replicated and comm.size(DATA) > 1:
+      uniq, g_sum = dedup_sum(comm.all_gather(uniq, DATA),
+                              comm.all_gather(g_sum, DATA), cap)
+    return uniq, g_sum
+
+  def _row_dims(self, rows: jax.Array, my: jax.Array) -> jax.Array:
+    """`[U]` local rows -> float32 dim of the table each belongs to."""
+    n_dev = 1 if self.stack.replicated else self.num_shards
+    offs = [[] for _ in range(n_dev)]
+    for pc in self.stack.pieces:
+      offs[max(pc.device, 0)].append((pc.offset, self._dim_of[pc.table]))
+    n = max(len(o) for o in offs)
+    big = np.iinfo(np.int32).max
+    off = np.full((n_dev, n), big, np.int32)
+    dim = np.zeros((n_dev, n), np.float32)
+    for d, o in enumerate(offs):
+      for j, (a, b) in enumerate(sorted(o)):
+        off[d, j], dim[d, j] = a, b
+    off_d = jnp.take(jnp.asarray(off), my, axis=0)
+    p = jnp.maximum(jnp.searchsorted(off_d, rows, side='right') - 1, 0)
+    return jnp.take(jnp.take(jnp.asarray(dim), my, axis=0), p)
+
+  def update(self, table: jax.Array, slots: dict[str, jax.Array],
+             ids: jax.Array, grads: jax.Array, full_grads, lr: jax.Array,
+             step: jax.Array):
+    """One sparse optimizer step of the stack.
+
+    Args:
+      table: `[C, W]` rows held here.
+      slots: their optimizer state.
+      ids: `[B_l, T]` ids of this device's examples.
+      grads: `[B_l, n_seg, W]` float32 gradients of the pooled embeddings.
+      full_grads: `[B_l, n_seg, F]` full-width gradients (F =
+        `self.full_width`), or None when `self.full_width` is 0.
+      lr, step: the learning rate and the 0-based step.
+
+    Returns:
+      The new table and slots.
+    """
+    w = self.stack.width
+    if full_grads is not None:
+      grads = jnp.concatenate([grads, full_grads], axis=-1)
+    idx, g = self._grads_here(ids, grads)
+    if self._sgd_scatter_add():
+      return _sgd_store(table, idx, g, lr), slots
+    uniq, g_sum = self._combine(idx, g)
+    row_msq = None
+    if full_grads is not None:
+      full = g_sum[:, w:]
+      g_sum = g_sum[:, :w]
+      row_msq = jnp.sum(full * full, axis=-1) / jnp.maximum(
+          self._row_dims(uniq, self._my()), 1.0)
+    w_rows = table.at[uniq].get(mode='fill', fill_value=0)
+    slot_rows = {k: v.at[uniq].get(mode='fill', fill_value=0)
+                 for k, v in slots.items()}
+    new_rows, new_slot_rows = optimizers.update_rows(
+        self.stack.optimizer, lr, step, w_rows.astype(jnp.float32), g_sum,
+        slot_rows, row_msq=row_msq)
+    return _store_rows(table, uniq, new_rows), {
+        k: _store_rows(slots[k], uniq, v) for k, v in new_slot_rows.items()}
+
+
+def _store_rows(table: jax.Array, rows: jax.Array, new_rows: jax.Array
+                ) -> jax.Array:
+  """Writes `[U, ...]` float32 `new_rows` at unique local `rows` (those
+  >= the table's rows are dropped), in the table's dtype. The one place
+  updated rows are written back (rounding to low precision happens here)."""
+  return table.at[rows].set(new_rows.astype(table.dtype), mode='drop',
+                            unique_indices=True)
+
+
+def _sgd_store(table: jax.Array, rows: jax.Array, grads: jax.Array,
+               lr: jax.Array) -> jax.Array:
+  """Plain SGD by scatter-add: `[M]` rows (repeats allowed, >= the table's
+  rows dropped), `[M, W]` float32 gradients."""
+  lr = jnp.asarray(lr, jnp.float32)
+  return table.at[rows].add((-lr * grads).astype(table.dtype), mode='drop')
