@@ -331,11 +331,6 @@ class StackExchange:
     self.full_width = (
         max(self.dims) if stack.optimizer.kind == 'rowwise_adagrad' and
         any(d != stack.width for d in self.dims) else 0)
-    # Replicated stacks: a dense psum when the table is small next to the
-    # pairs every device would gather.
-    ids_per_device = sum(g.max_ids for g in segs)
-    self.dense_replicated_update = stack.replicated and (
-        stack.capacity <= comm.num_devices * ids_per_device)
 
   # --------------------------------------------------------------------------
   # Routing.
@@ -537,7 +532,10 @@ class StackExchange:
     cap = self.stack.capacity
     comm = self.comm
     if self.stack.replicated and comm.num_devices > 1:
-      if self.dense_replicated_update:
+      n = comm.num_devices
+      # Per device, a ring all-reduce of the dense [C, G + 1] sums sends
+      # 2 (n-1)/n C rows; an all-gather of the deduplicated pairs (n-1) U.
+      if 2 * cap <= n * min(idx.shape[0], cap + 1):
         ones = jnp.ones((g.shape[0], 1), g.dtype)
         dense = jnp.zeros((cap, g.shape[1] + 1), g.dtype).at[idx].add(
             jnp.concatenate([g, ones], axis=1), mode='drop')

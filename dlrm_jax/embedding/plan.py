@@ -130,12 +130,18 @@ def auto_plan(
     replicate_bytes: int = 1 << 20,
     device_memory_bytes: int | None = None,
     lookups: dict[str, int] | None = None,
+    batch_per_device: int | None = None,
 ) -> Plan:
   """Assigns each table a strategy and devices.
 
   Rules: with one shard every table is table_wise on it. Otherwise a table
   whose bytes (with optimizer state) are at most `replicate_bytes` is
-  replicated; a table bigger than an even share of the budget (its bytes over
+  replicated, if, given `batch_per_device` (B_l), replicating it also moves
+  fewer bytes: a replicated table's update all-reduces its dense gradient
+  and touch counts, `2 rows (D + 1)` values per device (ring), while
+  sharding it sends `B_l lookups (2 D + 1)` (its ids to the owner, the
+  pooled embeddings back and their gradients to the owner, by all-to-all;
+  both scaled by (S-1)/S); a table bigger than an even share of the budget (its bytes over
   the shard count exceed what greedy packing could balance, i.e. more than
   1/num_shards of all sharded bytes) is row_wise over all devices; the rest
   are packed table_wise, largest first, onto the device with the least load,
@@ -174,7 +180,9 @@ def auto_plan(
     b = table_bytes(t)
     strategy = overrides.get(t.name)
     if strategy is None:
-      if b <= replicate_bytes:
+      if b <= replicate_bytes and (
+          batch_per_device is None or 2 * t.num_rows * (t.dim + 1) <=
+          batch_per_device * lookups.get(t.name, 1) * (2 * t.dim + 1)):
         strategy = 'replicated'
       elif b > sharded_total / s and t.num_rows >= s:
         strategy = 'row_wise'
