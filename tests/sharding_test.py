@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import comm_volume
 from configs import criteo as criteo_config
 from dlrm_jax import train
 from dlrm_jax.embedding import EmbeddingEngine
@@ -139,6 +140,58 @@ class EngineShardingTest(parameterized.TestCase):
       plan_lib.validate_plan(bad, tables)
     with self.assertRaisesRegex(ValueError, 'must be one of'):
       plan_lib.auto_plan(tables, 4, overrides={'shared': 'diagonal'})
+
+
+class ExchangeHloTest(parameterized.TestCase):
+  """The compiled exchange moves what the all-to-all design says, no more."""
+
+  @parameterized.parameters(((1, 8),), ((2, 4),))
+  def test_table_wise_moves_only_owned_ids_and_bags(self, mesh_shape):
+    tables, features = embedding_test.make_specs('adagrad')
+    data, s = mesh_shape
+    mesh = reference.mesh_of(data, s)
+    engine = EmbeddingEngine(tables, features, mesh,
+                             uniform_plan(tables, 'table_wise', s))
+
+    def step(state, ids):
+      embs, _ = engine.lookup(state['stacks'], ids)
+      return engine.apply_gradients(state, ids, [jnp.sin(e) for e in embs],
+                                    jnp.int32(0))
+
+    b_l = 4
+    ids = jax.ShapeDtypeStruct(
+        (b_l * 8, engine.num_id_columns), jnp.int32,
+        sharding=jax.sharding.NamedSharding(mesh, engine.ids_spec()))
+    hlo = jax.jit(step).lower(engine.abstract_state(),
+                              ids).compile().as_text()
+    found = comm_volume.collective_bytes(hlo, 8)
+    emb = [(kind, x, n) for where, kind, x, n, _ in found['ops']
+           if where == 'emb']
+    # Ids (int32) to the owners, pooled sums back and their gradients to the
+    # owners (float32), each padded to the largest share: [B_l, S * L] and
+    # [B_l, S * N, W] per stack.
+    want = 0
+    for ex in engine.exchanges.values():
+      o = ex.owned
+      want += b_l * o.cols.size * 4 + 2 * b_l * o.bag_seg.size * 8 * 4
+    got_a2a = sum(x for kind, x, _ in emb if kind == 'all-to-all')
+    self.assertIn(got_a2a, (want, want + sum(
+        b_l * ex.owned.cols.size * 4 for ex in engine.exchanges.values())))
+    for kind, x, n in emb:
+      if kind == 'all-reduce':
+        self.assertLessEqual(x, 4)  # the invalid-id count
+      elif kind == 'all-gather':  # deduplicated pairs of the replicas
+        self.assertEqual(n, data)
+      else:
+        self.assertEqual(kind, 'all-to-all')
+    # Each device deduplicates only the ids it owns (padded share), then,
+    # with replicas, their deduplicated rows.
+    want_dedup = 0
+    for ex in engine.exchanges.values():
+      m = b_l * ex.owned.cols.size
+      want_dedup += m + (data * min(m, ex.stack.capacity + 1) if data > 1
+                         else 0)
+    self.assertEqual(found['dedup'], want_dedup)
 
 
 def trainer_config(strategy):
