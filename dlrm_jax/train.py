@@ -94,6 +94,7 @@ def make_plan(config, tables, num_shards: int,
       tables, num_shards, overrides=overrides,
       replicate_bytes=int(e.get('replicate_bytes', 1 << 20)),
       lookups=_lookups_per_table(features) or None,
+      row_group_size=int(e.get('row_group_size', 0) or 0),
       batch_per_device=(config.batch_size // num_devices if num_devices
                         else None),
       device_memory_bytes=None if budget is None else int(budget * 2**30))

@@ -27,8 +27,9 @@ STRATEGIES = ('replicated', 'table_wise', 'row_wise', 'column_wise')
 
 
 def uniform_plan(tables, strategy, num_shards):
-  return plan_lib.auto_plan(tables, num_shards,
-                            overrides={t.name: strategy for t in tables})
+  return plan_lib.auto_plan(
+      tables, num_shards, overrides={t.name: strategy for t in tables},
+      row_group_size=num_shards // 2 if strategy == 'table_row_wise' else 0)
 
 
 def mixed_plan(tables, num_shards):
@@ -55,7 +56,10 @@ def single_device_harness(kind):
 _CASES = (
     [(s, 'rowwise_adagrad', (2, 4)) for s in STRATEGIES + ('mixed',)] +
     [(s, 'adagrad', (1, 8)) for s in STRATEGIES + ('mixed',)] +
-    [('mixed', 'adam', (1, 8)), ('mixed', 'sgd', (2, 4))])
+    [('mixed', 'adam', (1, 8)), ('mixed', 'sgd', (2, 4))] +
+    # Rows split over half the model axis (bags of mean-pooled ids included).
+    [('table_row_wise', 'adagrad', (1, 8)),
+     ('table_row_wise', 'rowwise_adagrad', (2, 4))])
 
 
 class EngineShardingTest(parameterized.TestCase):
@@ -129,6 +133,18 @@ class EngineShardingTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'device_memory_gb'):
       plan_lib.auto_plan(tables, 8, device_memory_bytes=1000)
     self.assertEqual(plan_lib.Plan.from_json(plan.to_json()), plan)
+
+  def test_auto_plan_row_groups(self):
+    tables = [dataclasses.replace(t, num_rows=r) for t, r in zip(
+        embedding_test.make_specs('adagrad')[0], (50_000, 900, 7))]
+    plan = plan_lib.auto_plan(tables, 8, replicate_bytes=10_000,
+                              row_group_size=4)
+    shared = plan.placement('shared')
+    self.assertEqual(shared.strategy, 'table_row_wise')
+    self.assertIn(shared.devices, ((0, 1, 2, 3), (4, 5, 6, 7)))
+    self.assertIn('table_row_wise', plan_lib.describe(plan, tables))
+    with self.assertRaisesRegex(ValueError, 'row_group_size'):
+      plan_lib.auto_plan(tables, 8, row_group_size=3)
 
   def test_plan_errors(self):
     tables, _ = embedding_test.make_specs('sgd')

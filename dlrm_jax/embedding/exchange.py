@@ -8,7 +8,9 @@ N_d its bags (N = max_d N_d).
 A stack's segments (feature x column piece) are served in one of three ways,
 all inside `jax.shard_map`, per device:
 
-  owned (table-wise and column-wise pieces: one model shard holds all rows):
+  owned (table-wise and column-wise pieces: one model shard holds all rows;
+         table-row-wise: rows split over a group of shards, each id sent to
+         the one holding its row, partial bags summed by the sender):
     lookup   the ids of the bags each destination owns are routed to its
              local rows and sent by one `all_to_all` over 'model'
              (`[B_l, S * L]` int32, padded to the largest share); the owner
@@ -226,10 +228,13 @@ def _take_cols(ids: jax.Array, cols: np.ndarray,
 
 @dataclasses.dataclass(frozen=True)
 class _Owned:
-  """The all-to-all plan of a stack's single-owner segments.
+  """The all-to-all plan of a stack's segments held by a few shards.
 
-  Destination d owns bags `bag_seg[d, :N_d]` (stack segments) whose ids fill
-  slots `:L_d` of its `[L]` id block; the rest is padding.
+  Destination d serves bags `bag_seg[d, :N_d]` (stack segments) whose ids
+  fill slots `:L_d` of its `[L]` id block; the rest is padding. A segment
+  whose rows are split over a group of shards (table-row-wise) is served by
+  each of them: the sender routes an id to the one holding its row (the
+  others see it as held elsewhere) and sums the partial bags coming back.
   """
 
   segs: np.ndarray       # [K] stack segments served this way, in order
@@ -237,10 +242,13 @@ class _Owned:
   col_slice: tuple[int, int] | None  # cols.ravel(), when contiguous
   offset: np.ndarray     # [S, L] local row offset of the slot's piece
   num_rows: np.ndarray   # [S, L] rows of its table (0: padding)
+  block: np.ndarray      # [S, L] row block the destination holds
+  rps: np.ndarray        # [S, L] rows per block (num_rows: not row-split)
   col_bag: np.ndarray    # [S, L] bag slot of each id slot (N: padding)
   bag_seg: np.ndarray    # [S, N] stack segment of each bag (n_seg: padding)
   bag_comb: np.ndarray   # [S, N] combiner code of each bag
-  out_index: np.ndarray  # [K] slot d * N + j of each of `segs` coming back
+  out_index: np.ndarray  # [K, G] slots d * N + j of each of `segs` coming
+                         # back (S * N: padding), G shards per segment
   widths0: tuple[int, ...]    # shard 0's bag widths (static pooling, S = 1)
   combiners0: tuple[str, ...]
   multi: bool            # some bag has several ids
@@ -254,7 +262,8 @@ def _owned_plan(stack: plan_lib.Stack, segs: Sequence[int], num_shards: int,
   multi = any(segments[k].max_ids > 1 for k in segs)
   by_dev: list[list[int]] = [[] for _ in range(s)]
   for k in segs:
-    by_dev[segments[k].first_device].append(k)
+    for d in _holders(segments[k], s):
+      by_dev[d].append(k)
   n_bags = max(1, max(len(b) for b in by_dev))
   n_cols = max(1, max(sum(segments[k].max_ids for k in b) for b in by_dev))
   if not multi:
@@ -262,10 +271,14 @@ def _owned_plan(stack: plan_lib.Stack, segs: Sequence[int], num_shards: int,
   cols = np.full((s, n_cols), num_columns, np.int32)
   offset = np.zeros((s, n_cols), np.int32)
   num_rows = np.zeros((s, n_cols), np.int32)
+  block = np.zeros((s, n_cols), np.int32)
+  rps = np.ones((s, n_cols), np.int32)
   col_bag = np.full((s, n_cols), n_bags, np.int32)
   bag_seg = np.full((s, n_bags), len(segments), np.int32)
   bag_comb = np.zeros((s, n_bags), np.int32)
-  out_index = np.zeros(len(segs), np.int32)
+  n_hold = max(len(_holders(segments[k], s)) for k in segs)
+  out_index = np.full((len(segs), n_hold), s * n_bags, np.int32)
+  filled = np.zeros(len(segs), np.int32)
   pos_of = {k: i for i, k in enumerate(segs)}
   for d, bags in enumerate(by_dev):
     c = 0
@@ -273,23 +286,33 @@ def _owned_plan(stack: plan_lib.Stack, segs: Sequence[int], num_shards: int,
       seg = segments[k]
       bag_seg[d, j] = k
       bag_comb[d, j] = COMBINERS.index(seg.combiner)
-      out_index[pos_of[k]] = d * n_bags + j
+      out_index[pos_of[k], filled[pos_of[k]]] = d * n_bags + j
+      filled[pos_of[k]] += 1
       for i in range(seg.max_ids):
         cols[d, c] = seg.id_offset + i
         offset[d, c] = seg.offsets[d]
         num_rows[d, c] = seg.num_rows
+        block[d, c] = d - seg.first_device
+        rps[d, c] = min(seg.rows_per_shard, seg.num_rows)
         col_bag[d, c] = j
         c += 1
   return _Owned(
       segs=np.array(segs, np.int32), cols=cols,
       col_slice=_as_slice(cols.ravel()), offset=offset, num_rows=num_rows,
-      col_bag=col_bag, bag_seg=bag_seg, bag_comb=bag_comb,
+      block=block, rps=rps, col_bag=col_bag, bag_seg=bag_seg, bag_comb=bag_comb,
       out_index=out_index,
       widths0=tuple(segments[k].max_ids for k in by_dev[0]),
       combiners0=tuple(segments[k].combiner for k in by_dev[0]),
       multi=multi,
       weighted=any(segments[k].max_ids > 1 and segments[k].combiner != 'sum'
                    for k in segs))
+
+
+def _holders(seg: plan_lib.Segment, num_shards: int) -> list[int]:
+  """The model shards holding rows of a segment."""
+  if len(seg.offsets) == 1:  # replicated
+    return [0]
+  return [d for d in range(num_shards) if seg.offsets[d] >= 0]
 
 
 # ----------------------------------------------------------------------------
@@ -318,8 +341,13 @@ class StackExchange:
     if stack.replicated:
       owned, rowwise = [], []
     else:
-      owned = [k for k, g in enumerate(segs) if g.rows_per_shard >= g.num_rows]
-      rowwise = [k for k, g in enumerate(segs) if g.rows_per_shard < g.num_rows]
+      # Row-wise over every shard: all-gather and reduce-scatter; held by
+      # fewer shards (table-wise, column-wise, table-row-wise): all-to-all.
+      s = self.num_shards
+      spread = [g.rows_per_shard < g.num_rows and len(_holders(g, s)) == s
+                for g in segs]
+      owned = [k for k in range(len(segs)) if not spread[k]]
+      rowwise = [k for k in range(len(segs)) if spread[k]]
     self.owned = (_owned_plan(stack, owned, self.num_shards, num_columns)
                   if owned else None)
     self.rowwise = np.array(rowwise, np.int32)
@@ -357,19 +385,25 @@ class StackExchange:
     return local, weights
 
   def _send_rows(self, ids: jax.Array) -> jax.Array:
-    """`[B_l, T]` -> `[B_l, S * L]` rows on each owner (C: nothing)."""
+    """`[B_l, T]` -> `[B_l, S * L]` rows on each owner (C: nothing; C + 1:
+    a valid id whose row another shard of the group holds)."""
     o = self.owned
     x = _take_cols(ids, o.cols.ravel(), o.col_slice)
-    rows = o.num_rows.ravel()
-    valid = (x >= 0) & (x < rows)
-    return jnp.where(valid, x + o.offset.ravel(), self.stack.capacity)
+    valid = (x >= 0) & (x < o.num_rows.ravel())
+    cap = self.stack.capacity
+    if np.all(o.rps >= o.num_rows):  # no row-split segment
+      return jnp.where(valid, x + o.offset.ravel(), cap)
+    rps = o.rps.ravel()
+    here = valid & (x // rps == o.block.ravel())
+    return jnp.where(here, x % rps + o.offset.ravel(),
+                     jnp.where(valid, cap + 1, cap))
 
   def _owner_weights(self, local: jax.Array, my: jax.Array):
     """Owner side: `[X, S * L]` received rows -> `[X, S, L]` weights of the
     ids in their bags (None when only valid masks would be needed)."""
     o = self.owned
     s, n_cols = o.cols.shape
-    valid = (local < self.stack.capacity).reshape(-1, s, n_cols)
+    valid = (local != self.stack.capacity).reshape(-1, s, n_cols)
     if not o.weighted:
       return None
     if self.num_shards == 1:
@@ -453,8 +487,13 @@ class StackExchange:
           jnp.float32)
       pooled = self._owner_pool(rows, self._owner_weights(local, my), my)
       back = self.comm.all_to_all(pooled)
-      if not np.array_equal(o.out_index, np.arange(back.shape[1])):
-        back = jnp.take(back, jnp.asarray(o.out_index), axis=1)
+      if o.out_index.shape[1] > 1:  # partial bags of row-split segments
+        pad = jnp.concatenate([back, jnp.zeros_like(back[:, :1])], axis=1)
+        back = jnp.take(pad, jnp.asarray(o.out_index.ravel()), axis=1)
+        back = jnp.sum(back.reshape(back.shape[0], *o.out_index.shape, -1),
+                       axis=2)
+      elif not np.array_equal(o.out_index[:, 0], np.arange(back.shape[1])):
+        back = jnp.take(back, jnp.asarray(o.out_index[:, 0]), axis=1)
       parts.append(back)
       order.extend(o.segs.tolist())
     if self.rowwise_routing is not None:
@@ -498,6 +537,8 @@ class StackExchange:
         send = jnp.take(pad, jnp.asarray(o.bag_seg.ravel()), axis=1)
       got = self.comm.all_to_all(send)
       g_ids = self._owner_expand(got, self._owner_weights(local, my), my)
+      if not np.all(o.rps >= o.num_rows):  # C + 1: held elsewhere
+        local = jnp.minimum(local, self.stack.capacity)
       idx_parts.append(local.reshape(-1))
       g_parts.append(g_ids.reshape(-1, g))
     if self.rowwise_routing is not None:
