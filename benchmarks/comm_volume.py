@@ -32,6 +32,8 @@ the bound).
   python -m benchmarks.comm_volume
   python -m benchmarks.comm_volume --devices=1,2,4,8 --batch_per_device=256 \
       --strategies=table_wise,auto,row_wise
+  python -m benchmarks.comm_volume --strategies=table_row_wise \
+      --row_group_size=2 --devices=4,8
 
 (run from the repository root; it sets XLA_FLAGS for 8 fake CPU devices
 before JAX starts.)
@@ -55,6 +57,8 @@ from absl import flags
 _DEVICES = flags.DEFINE_list('devices', ['1', '2', '4', '8'],
                              'Model-axis sizes S to compile for.')
 _BATCH = flags.DEFINE_integer('batch_per_device', 256, 'B_l.')
+_ROW_GROUP = flags.DEFINE_integer(
+    'row_group_size', 0, 'config.embedding.row_group_size (table_row_wise).')
 _STRATEGIES = flags.DEFINE_list(
     'strategies', ['table_wise', 'auto', 'row_wise'],
     'config.embedding.sharding values.')
@@ -159,6 +163,8 @@ def compile_step(strategy: str, s: int, batch_per_device: int) -> dict:
   config = criteo.get_config()
   config.batch_size = config.eval_batch_size = batch_per_device * s
   config.embedding.sharding = strategy
+  g = _ROW_GROUP.value
+  config.embedding.row_group_size = g if 0 < g < s and s % g == 0 else 0
   mesh = parallel.create_mesh(1, s, devices=jax.devices()[:s])
   trainer = train.Trainer(config, mesh=mesh)
   sh = trainer.batch_shardings()
