@@ -215,6 +215,8 @@ def trainer_config(strategy):
   config.optimizer.kind = 'sgd'  # params move by -lr * grad: equal params,
   config.optimizer.schedule.learning_rate = 0.5  # equal gradients
   config.embedding.sharding = strategy
+  if strategy == 'table_row_wise':
+    config.embedding.row_group_size = 2  # of the 4 model shards
   if strategy == 'auto':
     # cat_4 is small next to the batch: replicating it moves fewer bytes
     # than the all-to-alls of its lookups; the other 101-row tables not.
@@ -252,7 +254,7 @@ def single_device_trainer(strategy):
 
 class TrainerShardingTest(parameterized.TestCase):
 
-  @parameterized.parameters(*(STRATEGIES + ('auto',)))
+  @parameterized.parameters(*(STRATEGIES + ('auto', 'table_row_wise')))
   def test_training_steps_match_one_device(self, strategy):
     config = trainer_config(strategy)
     sharded = train.Trainer(config, mesh=reference.mesh_of(2, 4))
