@@ -283,12 +283,8 @@ class EmbeddingEngine:
     specs = self.state_specs()
 
     def local(state, rows):
-      # Resets are rare and few: every device sees all of them.
-      rows_all = self.comm.all_gather(rows, BATCH_AXES)
-
       def reset(s, table, slots):
-        ex = self.exchanges[s.name]
-        idx = ex.rows_held(rows_all)
+        idx = self.exchanges[s.name].rows_to_reset(rows)
         init = optimizers.slot_shapes(s.optimizer, 1, s.width)
         return table.at[idx].set(
             jnp.zeros((idx.shape[0], s.width), table.dtype), mode='drop'), {

@@ -353,7 +353,7 @@ class StackExchange:
     self.rowwise = np.array(rowwise, np.int32)
     self.rowwise_routing = (_routing([segs[k] for k in rowwise])
                             if rowwise else None)
-    self.all_routing = _routing(segs)  # replicated lookups, row resets
+    self.all_routing = _routing(segs)  # replicated stacks
     self.dims = [feature_dims[g.feature] for g in segs]
     # Row-wise Adagrad on column pieces needs each row's full-width gradient.
     self.full_width = (
@@ -459,11 +459,25 @@ class StackExchange:
       out = out * weights[..., None]
     return out.reshape(x, -1, g)
 
-  def rows_held(self, ids: jax.Array) -> jax.Array:
-    """`[X, T]` packed ids -> `[X * L]` local rows of those held here
-    (C for the others)."""
-    local, _ = self._route(self.all_routing, ids, self._my())
-    return local.reshape(-1)
+  def rows_to_reset(self, rows: jax.Array) -> jax.Array:
+    """`[B_l, T]` rows named like packed ids (-1: none) on each device ->
+    `[M]` local rows held here that some device names (C: none), sent the
+    way lookups send ids: every replica of a shard gets the same rows."""
+    comm, cap = self.comm, self.stack.capacity
+    if self.stack.replicated:  # few: resets are rare
+      local, _ = self._route(self.all_routing,
+                             comm.all_gather(rows, BATCH_AXES), jnp.int32(0))
+      return local.reshape(-1)
+    parts = []
+    if self.owned is not None:
+      local = comm.all_to_all(self._send_rows(rows))
+      parts.append(jnp.minimum(local, cap).reshape(-1))
+    if self.rowwise_routing is not None:
+      local, _ = self._route(self.rowwise_routing,
+                             comm.all_gather(rows, MODEL), self._my())
+      parts.append(local.reshape(-1))
+    idx = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    return comm.all_gather(idx, DATA)
 
   # --------------------------------------------------------------------------
   # Lookup.
