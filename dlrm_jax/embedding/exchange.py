@@ -38,6 +38,10 @@ all-gathered over 'data' and deduplicated once more. Nothing global-batch
 sized is ever exchanged for sharded stacks, and per-device work (dedup,
 gather, scatter) is over the ids a device owns plus padding.
 
+Row resets (managed collisions) travel like lookup ids: to the owners by
+all-to-all (row-wise: all-gather over 'model'), then over 'data' to the
+replicas.
+
 The rows a step touches are then gathered with their optimizer state,
 updated by `optimizers.update_rows` and written back by `_store_rows`; plain
 SGD on a stack nobody else updates skips the deduplication and scatter-adds
