@@ -177,10 +177,12 @@ def compile_step(strategy: str, s: int, batch_per_device: int) -> dict:
   if 'dense' in sh:
     batch['dense'] = jax.ShapeDtypeStruct(
         (b, trainer.setup.model.num_dense), jnp.float32, sharding=sh['dense'])
+  # pylint: disable=protected-access
   acc = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.asarray(x).dtype,
-                                     sharding=trainer._replicated),  # pylint: disable=protected-access
-      train._zero_acc())  # pylint: disable=protected-access
+                                     sharding=trainer._replicated),
+      train._zero_acc())
+  # pylint: enable=protected-access
   hlo = trainer.train_step.lower(trainer.abstract_state(), batch,
                                  acc).compile().as_text()
   res = collective_bytes(hlo, s)

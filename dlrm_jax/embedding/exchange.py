@@ -53,7 +53,6 @@ over an axis of size 1 is skipped (XLA:CPU would run it as a copy).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import jax
@@ -63,10 +62,8 @@ from jax.sharding import Mesh
 
 from dlrm_jax.embedding import optimizers
 from dlrm_jax.embedding import plan as plan_lib
+from dlrm_jax.embedding import routing
 from dlrm_jax.parallel import BATCH_AXES, DATA, MODEL
-
-COMBINERS = ('sum', 'mean', 'sqrtn')
-
 
 # ----------------------------------------------------------------------------
 # Collectives over the mesh, skipped on axes of size 1.
@@ -177,149 +174,6 @@ def dedup_sum(idx: jax.Array, grads: jax.Array, fill: int
 
 
 # ----------------------------------------------------------------------------
-# Static routing of a stack.
-
-
-@dataclasses.dataclass(frozen=True)
-class _Routing:
-  """Per id column (L of them) of some of a stack's segments."""
-
-  cols: np.ndarray        # [L] packed id column of each
-  col_slice: tuple[int, int] | None  # the same, when a contiguous range
-  seg_of_col: np.ndarray  # [L] position of its segment among these
-  num_rows: np.ndarray    # [L] rows of the table
-  first: np.ndarray       # [L] first model shard of the table
-  rps: np.ndarray         # [L] rows per shard
-  offsets: np.ndarray     # [L, S'] local row offset of the piece per shard
-  widths: tuple[int, ...]      # ids per example, per segment
-  combiners: tuple[str, ...]   # per segment
-
-
-def _routing(segments: Sequence[plan_lib.Segment]) -> _Routing:
-  cols, seg_of_col, rows, first, rps, offsets = [], [], [], [], [], []
-  for k, seg in enumerate(segments):
-    for j in range(seg.max_ids):
-      cols.append(seg.id_offset + j)
-      seg_of_col.append(k)
-      rows.append(seg.num_rows)
-      first.append(seg.first_device)
-      rps.append(seg.rows_per_shard)
-      offsets.append(seg.offsets)
-  cols = np.array(cols, np.int32)
-  return _Routing(
-      cols=cols, col_slice=_as_slice(cols),
-      seg_of_col=np.array(seg_of_col, np.int32),
-      num_rows=np.array(rows, np.int32), first=np.array(first, np.int32),
-      rps=np.array(rps, np.int32), offsets=np.array(offsets, np.int32),
-      widths=tuple(seg.max_ids for seg in segments),
-      combiners=tuple(seg.combiner for seg in segments))
-
-
-def _as_slice(cols: np.ndarray) -> tuple[int, int] | None:
-  if len(cols) and np.array_equal(cols, np.arange(cols[0],
-                                                  cols[0] + len(cols))):
-    return int(cols[0]), int(cols[0]) + len(cols)
-  return None
-
-
-def _take_cols(ids: jax.Array, cols: np.ndarray,
-               col_slice: tuple[int, int] | None) -> jax.Array:
-  """`[X, T]` -> `[X, len(cols)]`; columns >= T read as -1 (padding)."""
-  if col_slice is not None:
-    return ids[:, col_slice[0]:col_slice[1]]
-  return jnp.take(ids, jnp.asarray(cols), axis=1, mode='fill', fill_value=-1)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Owned:
-  """The all-to-all plan of a stack's segments held by a few shards.
-
-  Destination d serves bags `bag_seg[d, :N_d]` (stack segments) whose ids
-  fill slots `:L_d` of its `[L]` id block; the rest is padding. A segment
-  whose rows are split over a group of shards (table-row-wise) is served by
-  each of them: the sender routes an id to the one holding its row (the
-  others see it as held elsewhere) and sums the partial bags coming back.
-  """
-
-  segs: np.ndarray       # [K] stack segments served this way, in order
-  cols: np.ndarray       # [S, L] packed id column of each slot (T: padding)
-  col_slice: tuple[int, int] | None  # cols.ravel(), when contiguous
-  offset: np.ndarray     # [S, L] local row offset of the slot's piece
-  num_rows: np.ndarray   # [S, L] rows of its table (0: padding)
-  block: np.ndarray      # [S, L] row block the destination holds
-  rps: np.ndarray        # [S, L] rows per block (num_rows: not row-split)
-  col_bag: np.ndarray    # [S, L] bag slot of each id slot (N: padding)
-  bag_seg: np.ndarray    # [S, N] stack segment of each bag (n_seg: padding)
-  bag_comb: np.ndarray   # [S, N] combiner code of each bag
-  out_index: np.ndarray  # [K, G] slots d * N + j of each of `segs` coming
-                         # back (S * N: padding), G shards per segment
-  widths0: tuple[int, ...]    # shard 0's bag widths (static pooling, S = 1)
-  combiners0: tuple[str, ...]
-  multi: bool            # some bag has several ids
-  weighted: bool         # some bag of several ids is not sum-pooled
-
-
-def _owned_plan(stack: plan_lib.Stack, segs: Sequence[int], num_shards: int,
-                num_columns: int) -> _Owned:
-  s = num_shards
-  segments = stack.segments
-  multi = any(segments[k].max_ids > 1 for k in segs)
-  by_dev: list[list[int]] = [[] for _ in range(s)]
-  for k in segs:
-    for d in _holders(segments[k], s):
-      by_dev[d].append(k)
-  n_bags = max(1, max(len(b) for b in by_dev))
-  n_cols = max(1, max(sum(segments[k].max_ids for k in b) for b in by_dev))
-  if not multi:
-    n_bags = n_cols = max(n_bags, n_cols)
-  cols = np.full((s, n_cols), num_columns, np.int32)
-  offset = np.zeros((s, n_cols), np.int32)
-  num_rows = np.zeros((s, n_cols), np.int32)
-  block = np.zeros((s, n_cols), np.int32)
-  rps = np.ones((s, n_cols), np.int32)
-  col_bag = np.full((s, n_cols), n_bags, np.int32)
-  bag_seg = np.full((s, n_bags), len(segments), np.int32)
-  bag_comb = np.zeros((s, n_bags), np.int32)
-  n_hold = max(len(_holders(segments[k], s)) for k in segs)
-  out_index = np.full((len(segs), n_hold), s * n_bags, np.int32)
-  filled = np.zeros(len(segs), np.int32)
-  pos_of = {k: i for i, k in enumerate(segs)}
-  for d, bags in enumerate(by_dev):
-    c = 0
-    for j, k in enumerate(bags):
-      seg = segments[k]
-      bag_seg[d, j] = k
-      bag_comb[d, j] = COMBINERS.index(seg.combiner)
-      out_index[pos_of[k], filled[pos_of[k]]] = d * n_bags + j
-      filled[pos_of[k]] += 1
-      for i in range(seg.max_ids):
-        cols[d, c] = seg.id_offset + i
-        offset[d, c] = seg.offsets[d]
-        num_rows[d, c] = seg.num_rows
-        block[d, c] = d - seg.first_device
-        rps[d, c] = min(seg.rows_per_shard, seg.num_rows)
-        col_bag[d, c] = j
-        c += 1
-  return _Owned(
-      segs=np.array(segs, np.int32), cols=cols,
-      col_slice=_as_slice(cols.ravel()), offset=offset, num_rows=num_rows,
-      block=block, rps=rps, col_bag=col_bag, bag_seg=bag_seg, bag_comb=bag_comb,
-      out_index=out_index,
-      widths0=tuple(segments[k].max_ids for k in by_dev[0]),
-      combiners0=tuple(segments[k].combiner for k in by_dev[0]),
-      multi=multi,
-      weighted=any(segments[k].max_ids > 1 and segments[k].combiner != 'sum'
-                   for k in segs))
-
-
-def _holders(seg: plan_lib.Segment, num_shards: int) -> list[int]:
-  """The model shards holding rows of a segment."""
-  if len(seg.offsets) == 1:  # replicated
-    return [0]
-  return [d for d in range(num_shards) if seg.offsets[d] >= 0]
-
-
-# ----------------------------------------------------------------------------
 # One stack's exchange.
 
 
@@ -348,16 +202,16 @@ class StackExchange:
       # Row-wise over every shard: all-gather and reduce-scatter; held by
       # fewer shards (table-wise, column-wise, table-row-wise): all-to-all.
       s = self.num_shards
-      spread = [g.rows_per_shard < g.num_rows and len(_holders(g, s)) == s
-                for g in segs]
+      spread = [g.rows_per_shard < g.num_rows and
+                len(routing.holders(g, s)) == s for g in segs]
       owned = [k for k in range(len(segs)) if not spread[k]]
       rowwise = [k for k in range(len(segs)) if spread[k]]
-    self.owned = (_owned_plan(stack, owned, self.num_shards, num_columns)
-                  if owned else None)
+    self.owned = (routing.owned_plan(stack, owned, self.num_shards,
+                                     num_columns) if owned else None)
     self.rowwise = np.array(rowwise, np.int32)
-    self.rowwise_routing = (_routing([segs[k] for k in rowwise])
+    self.rowwise_routing = (routing.routing_of([segs[k] for k in rowwise])
                             if rowwise else None)
-    self.all_routing = _routing(segs)  # replicated stacks
+    self.all_routing = routing.routing_of(segs)  # replicated stacks
     self.dims = [feature_dims[g.feature] for g in segs]
     # Row-wise Adagrad on column pieces needs each row's full-width gradient.
     self.full_width = (
@@ -371,10 +225,10 @@ class StackExchange:
     return (jnp.int32(0) if self.stack.replicated
             else self.comm.index(MODEL))
 
-  def _route(self, r: _Routing, ids: jax.Array, my: jax.Array):
+  def _route(self, r: routing.Routing, ids: jax.Array, my: jax.Array):
     """`[X, T]` packed ids -> (`[X, L]` local rows, C where not held here or
     invalid; `[X, L]` float32 pooling weights)."""
-    cols = _take_cols(ids, r.cols, r.col_slice)
+    cols = routing.take_cols(ids, r.cols, r.col_slice)
     valid = (cols >= 0) & (cols < r.num_rows)
     safe = jnp.where(valid, cols, 0)
     if self.stack.replicated:
@@ -392,7 +246,7 @@ class StackExchange:
     """`[B_l, T]` -> `[B_l, S * L]` rows on each owner (C: nothing; C + 1:
     a valid id whose row another shard of the group holds)."""
     o = self.owned
-    x = _take_cols(ids, o.cols.ravel(), o.col_slice)
+    x = routing.take_cols(ids, o.cols.ravel(), o.col_slice)
     valid = (x >= 0) & (x < o.num_rows.ravel())
     cap = self.stack.capacity
     if np.all(o.rps >= o.num_rows):  # no row-split segment

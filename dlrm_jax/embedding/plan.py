@@ -148,17 +148,17 @@ def auto_plan(
   and touch counts, `2 rows (D + 1)` values per device (ring), while
   sharding it sends `B_l lookups (2 D + 1)` (its ids to the owner, the
   pooled embeddings back and their gradients to the owner, by all-to-all;
-  both scaled by (S-1)/S); a table bigger than an even share of the budget (its bytes over
-  the shard count exceed what greedy packing could balance, i.e. more than
-  1/num_shards of all sharded bytes) is row_wise over all devices; the rest
+  both scaled by (S-1)/S); a table bigger than an even share of the budget
+  (its bytes over the shard count exceed what greedy packing could balance,
+  i.e. more than 1/num_shards of all sharded bytes) is row_wise over all
+  devices (also one that alone needs more than `device_memory_bytes`); the rest
   are packed table_wise, largest first, onto the device with the least load,
   where load weighs bytes and lookups (ids per example) equally. `overrides`
   maps table names to a strategy, which is then placed over all devices
   (row_wise, column_wise), or on the least-loaded one (table_wise).
 
   With `row_group_size` g (0 < g < num_shards, dividing it), tables that
-  would be row_wise, and tables that alone need more than
-  `device_memory_bytes`, are table_row_wise instead: row_wise over the g
+  would be row_wise are table_row_wise instead: row_wise over the g
   consecutive devices of the least-loaded group (devices k g .. k g + g - 1).
 
   Raises:
