@@ -247,6 +247,7 @@ def get_config(arg=None):
   config.embedding.sharding_overrides = config_dict.ConfigDict({  # table -> strategy
       f'cat_{i}': config_dict.placeholder(str) for i in range(NUM_CAT)})
   config.embedding.replicate_bytes = 1 << 20  # auto: replicate tables this small
+  config.embedding.row_group_size = 0  # >0: big tables row-wise over groups this size
   config.embedding.device_memory_gb = config_dict.placeholder(float)  # auto: budget
 
   # ----- Dense optimizer -----------------------------------------------------

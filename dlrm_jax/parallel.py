@@ -22,7 +22,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from dlrm_jax.embedding.engine import BATCH_AXES, DATA, MODEL
+DATA, MODEL = 'data', 'model'  # the mesh's axes
+BATCH_AXES = (DATA, MODEL)  # batches are split over both
 
 
 def resolve_axis_sizes(data: int, model: int, num_devices: int,

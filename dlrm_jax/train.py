@@ -14,7 +14,7 @@ import json
 import os
 import time
 import zlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import flax
 import jax
@@ -80,7 +80,9 @@ def _zero_acc() -> dict[str, jax.Array]:
   }
 
 
-def make_plan(config, tables, num_shards: int) -> plan_lib.Plan:
+def make_plan(config, tables, num_shards: int,
+              num_devices: int | None = None,
+              features: Sequence[Any] = ()) -> plan_lib.Plan:
   """The embedding sharding plan the config asks for."""
   e = config.embedding
   strategy = e.get('sharding', 'auto')
@@ -97,7 +99,19 @@ def make_plan(config, tables, num_shards: int) -> plan_lib.Plan:
   return plan_lib.auto_plan(
       tables, num_shards, overrides=overrides,
       replicate_bytes=int(e.get('replicate_bytes', 1 << 20)),
+      lookups=_lookups_per_table(features) or None,
+      row_group_size=int(e.get('row_group_size', 0) or 0),
+      batch_per_device=(config.batch_size // num_devices if num_devices
+                        else None),
       device_memory_bytes=None if budget is None else int(budget * 2**30))
+
+
+def _lookups_per_table(features) -> dict[str, int]:
+  """Table name -> ids per example read from it (over its features)."""
+  out: dict[str, int] = {}
+  for f in features:
+    out[f.table] = out.get(f.table, 0) + f.max_ids
+  return out
 
 
 class Trainer:
@@ -126,7 +140,8 @@ class Trainer:
             f'config.{field} ({value}) must be a positive multiple of the'
             f' number of devices ({n_dev}).')
     if plan is None:
-      plan = make_plan(config, self.setup.tables, self.mesh.shape['model'])
+      plan = make_plan(config, self.setup.tables, self.mesh.shape['model'],
+                       n_dev, self.setup.feature_specs)
     self.engine = EmbeddingEngine(self.setup.tables, self.setup.feature_specs,
                                   self.mesh, plan)
     self.model = DLRM(self.setup.model, dtype=self.setup.compute_dtype)

@@ -21,7 +21,8 @@ from tests import reference
 
 def mixed_config(num_train_steps):
   config = criteo_config.get_config('tiny')
-  for i, rows in enumerate((5000, 3000, 2000, 700)):
+  # cat_4: small next to the batch, so the planner replicates it.
+  for i, rows in enumerate((5000, 3000, 2000, 700, 12)):
     config.features[f'cat_{i}'].num_buckets = rows
   config.embedding.replicate_bytes = 20_000
   config.embedding.sharding_overrides = {'cat_5': 'column_wise'}

@@ -9,6 +9,7 @@ from configs import criteo as criteo_config
 from dlrm_jax import features as features_lib
 from dlrm_jax import train
 from dlrm_jax.embedding import EmbeddingEngine
+from dlrm_jax.embedding import plan as plan_lib
 from dlrm_jax.embedding import remapping
 from tests import embedding_test
 from tests import reference
@@ -16,13 +17,18 @@ from tests import reference
 
 class ResetRowsTest(parameterized.TestCase):
 
-  @parameterized.parameters((1, 1), (2, 4))
-  def test_resets_exactly_the_named_rows(self, data, model):
+  @parameterized.parameters((1, 1, None), (2, 4, None),
+                            (2, 4, 'table_wise'), (1, 8, 'row_wise'),
+                            (2, 4, 'table_row_wise'))
+  def test_resets_exactly_the_named_rows(self, data, model, strategy):
     tables, features = embedding_test.make_specs('adagrad')
     mesh = reference.mesh_of(data, model)
-    engine = EmbeddingEngine(tables, features, mesh)
+    plan = None if strategy is None else plan_lib.auto_plan(
+        tables, model, overrides={t.name: strategy for t in tables},
+        row_group_size=2)
+    engine = EmbeddingEngine(tables, features, mesh, plan)
     state = engine.init(jax.random.key(0))
-    h = embedding_test.EngineHarness(tables, features, mesh)
+    h = embedding_test.EngineHarness(tables, features, mesh, plan)
     rng = np.random.default_rng(0)
     state, _, _ = h.sparse_step(state, embedding_test.make_ids(
         rng, features, tables), 0)  # accumulators move away from 0.1
@@ -31,7 +37,8 @@ class ResetRowsTest(parameterized.TestCase):
               for t in tables}
     rows = -np.ones((16, engine.num_id_columns), np.int32)
     rows[0, 0] = 3    # f_shared_a -> table 'shared' row 3
-    rows[5, 6] = 7    # f_shared_b (second id column) -> 'shared' row 7
+    rows[13, 6] = 7   # f_shared_b (second id column) -> 'shared' row 7
+    # (an example of the second data replica, with mesh.data = 2)
     rows[2, 7] = 4    # f_small -> 'small' row 4
     rows = jax.device_put(rows, jax.sharding.NamedSharding(
         mesh, engine.ids_spec()))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import comm_volume
 from configs import criteo as criteo_config
 from dlrm_jax import train
 from dlrm_jax.embedding import EmbeddingEngine
@@ -26,8 +27,9 @@ STRATEGIES = ('replicated', 'table_wise', 'row_wise', 'column_wise')
 
 
 def uniform_plan(tables, strategy, num_shards):
-  return plan_lib.auto_plan(tables, num_shards,
-                            overrides={t.name: strategy for t in tables})
+  return plan_lib.auto_plan(
+      tables, num_shards, overrides={t.name: strategy for t in tables},
+      row_group_size=num_shards // 2 if strategy == 'table_row_wise' else 0)
 
 
 def mixed_plan(tables, num_shards):
@@ -54,7 +56,10 @@ def single_device_harness(kind):
 _CASES = (
     [(s, 'rowwise_adagrad', (2, 4)) for s in STRATEGIES + ('mixed',)] +
     [(s, 'adagrad', (1, 8)) for s in STRATEGIES + ('mixed',)] +
-    [('mixed', 'adam', (1, 8)), ('mixed', 'sgd', (2, 4))])
+    [('mixed', 'adam', (1, 8)), ('mixed', 'sgd', (2, 4))] +
+    # Rows split over half the model axis (bags of mean-pooled ids included).
+    [('table_row_wise', 'adagrad', (1, 8)),
+     ('table_row_wise', 'rowwise_adagrad', (2, 4))])
 
 
 class EngineShardingTest(parameterized.TestCase):
@@ -129,6 +134,18 @@ class EngineShardingTest(parameterized.TestCase):
       plan_lib.auto_plan(tables, 8, device_memory_bytes=1000)
     self.assertEqual(plan_lib.Plan.from_json(plan.to_json()), plan)
 
+  def test_auto_plan_row_groups(self):
+    tables = [dataclasses.replace(t, num_rows=r) for t, r in zip(
+        embedding_test.make_specs('adagrad')[0], (50_000, 900, 7))]
+    plan = plan_lib.auto_plan(tables, 8, replicate_bytes=10_000,
+                              row_group_size=4)
+    shared = plan.placement('shared')
+    self.assertEqual(shared.strategy, 'table_row_wise')
+    self.assertIn(shared.devices, ((0, 1, 2, 3), (4, 5, 6, 7)))
+    self.assertIn('table_row_wise', plan_lib.describe(plan, tables))
+    with self.assertRaisesRegex(ValueError, 'row_group_size'):
+      plan_lib.auto_plan(tables, 8, row_group_size=3)
+
   def test_plan_errors(self):
     tables, _ = embedding_test.make_specs('sgd')
     bad = plan_lib.Plan(4, (
@@ -141,6 +158,58 @@ class EngineShardingTest(parameterized.TestCase):
       plan_lib.auto_plan(tables, 4, overrides={'shared': 'diagonal'})
 
 
+class ExchangeHloTest(parameterized.TestCase):
+  """The compiled exchange moves what the all-to-all design says, no more."""
+
+  @parameterized.parameters(((1, 8),), ((2, 4),))
+  def test_table_wise_moves_only_owned_ids_and_bags(self, mesh_shape):
+    tables, features = embedding_test.make_specs('adagrad')
+    data, s = mesh_shape
+    mesh = reference.mesh_of(data, s)
+    engine = EmbeddingEngine(tables, features, mesh,
+                             uniform_plan(tables, 'table_wise', s))
+
+    def step(state, ids):
+      embs, _ = engine.lookup(state['stacks'], ids)
+      return engine.apply_gradients(state, ids, [jnp.sin(e) for e in embs],
+                                    jnp.int32(0))
+
+    b_l = 4
+    ids = jax.ShapeDtypeStruct(
+        (b_l * 8, engine.num_id_columns), jnp.int32,
+        sharding=jax.sharding.NamedSharding(mesh, engine.ids_spec()))
+    hlo = jax.jit(step).lower(engine.abstract_state(),
+                              ids).compile().as_text()
+    found = comm_volume.collective_bytes(hlo, 8)
+    emb = [(kind, x, n) for where, kind, x, n, _ in found['ops']
+           if where == 'emb']
+    # Ids (int32) to the owners, pooled sums back and their gradients to the
+    # owners (float32), each padded to the largest share: [B_l, S * L] and
+    # [B_l, S * N, W] per stack.
+    want = 0
+    for ex in engine.exchanges.values():
+      o = ex.owned
+      want += b_l * o.cols.size * 4 + 2 * b_l * o.bag_seg.size * 8 * 4
+    got_a2a = sum(x for kind, x, _ in emb if kind == 'all-to-all')
+    self.assertIn(got_a2a, (want, want + sum(
+        b_l * ex.owned.cols.size * 4 for ex in engine.exchanges.values())))
+    for kind, x, n in emb:
+      if kind == 'all-reduce':
+        self.assertLessEqual(x, 4)  # the invalid-id count
+      elif kind == 'all-gather':  # deduplicated pairs of the replicas
+        self.assertEqual(n, data)
+      else:
+        self.assertEqual(kind, 'all-to-all')
+    # Each device deduplicates only the ids it owns (padded share), then,
+    # with replicas, their deduplicated rows.
+    want_dedup = 0
+    for ex in engine.exchanges.values():
+      m = b_l * ex.owned.cols.size
+      want_dedup += m + (data * min(m, ex.stack.capacity + 1) if data > 1
+                         else 0)
+    self.assertEqual(found['dedup'], want_dedup)
+
+
 def trainer_config(strategy):
   config = criteo_config.get_config('tiny')
   config.optimizer.kind = 'sgd'  # params move by -lr * grad: equal params,
@@ -151,8 +220,12 @@ def trainer_config(strategy):
   # row by +-lr depending on the device count; an accumulator start makes
   # the step smooth in g, so one device and eight compare at tolerance.
   config.embedding.optimizer.initial_accumulator_value = 0.01
+  if strategy == 'table_row_wise':
+    config.embedding.row_group_size = 2  # of the 4 model shards
   if strategy == 'auto':
-    for i, rows in enumerate((5000, 3000, 2000, 700)):
+    # cat_4 is small next to the batch: replicating it moves fewer bytes
+    # than the all-to-alls of its lookups; the other 101-row tables not.
+    for i, rows in enumerate((5000, 3000, 2000, 700, 12)):
       config.features[f'cat_{i}'].num_buckets = rows
     config.embedding.replicate_bytes = 20_000
   return config
@@ -186,7 +259,7 @@ def single_device_trainer(strategy):
 
 class TrainerShardingTest(parameterized.TestCase):
 
-  @parameterized.parameters(*(STRATEGIES + ('auto',)))
+  @parameterized.parameters(*(STRATEGIES + ('auto', 'table_row_wise')))
   def test_training_steps_match_one_device(self, strategy):
     config = trainer_config(strategy)
     sharded = train.Trainer(config, mesh=reference.mesh_of(2, 4))

@@ -6,6 +6,10 @@ axis:
   table_wise:  the whole table on one device.
   row_wise:    rows split in equal blocks over several devices (the last block
                padded; padding rows are never looked up).
+  table_row_wise: row_wise over a group of consecutive devices (e.g. those of
+               a host; `row_group_size` of them), so a table too big for one
+               device does not make every device of the job serve it
+               (TorchRec's table-row-wise).
   column_wise: the embedding dim split in equal pieces, one per device.
 
 The layout packs the pieces into *stacks*: one array per (width, dtype,
@@ -26,7 +30,9 @@ import numpy as np
 from dlrm_jax.embedding.specs import FeatureSpec, SparseOptimizerSpec, TableSpec
 from dlrm_jax.embedding import optimizers
 
-STRATEGIES = ('replicated', 'table_wise', 'row_wise', 'column_wise')
+STRATEGIES = ('replicated', 'table_wise', 'row_wise', 'column_wise',
+              'table_row_wise')
+ROW_SPLIT = ('row_wise', 'table_row_wise')
 _DTYPE_BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
 
 
@@ -111,7 +117,7 @@ def validate_plan(plan: Plan, tables: Sequence[TableSpec]) -> None:
       raise ValueError(
           f'table {p.table!r}: table_wise needs exactly one device, got'
           f' {p.devices}.')
-    if p.strategy in ('row_wise', 'column_wise') and not p.devices:
+    if p.strategy in ROW_SPLIT + ('column_wise',) and not p.devices:
       raise ValueError(f'table {p.table!r}: {p.strategy} needs devices.')
     if p.strategy == 'column_wise' and t.dim % len(p.devices):
       raise ValueError(
@@ -130,18 +136,30 @@ def auto_plan(
     replicate_bytes: int = 1 << 20,
     device_memory_bytes: int | None = None,
     lookups: dict[str, int] | None = None,
+    batch_per_device: int | None = None,
+    row_group_size: int = 0,
 ) -> Plan:
   """Assigns each table a strategy and devices.
 
   Rules: with one shard every table is table_wise on it. Otherwise a table
   whose bytes (with optimizer state) are at most `replicate_bytes` is
-  replicated; a table bigger than an even share of the budget (its bytes over
-  the shard count exceed what greedy packing could balance, i.e. more than
-  1/num_shards of all sharded bytes) is row_wise over all devices; the rest
+  replicated, if, given `batch_per_device` (B_l), replicating it also moves
+  fewer bytes: a replicated table's update all-reduces its dense gradient
+  and touch counts, `2 rows (D + 1)` values per device (ring), while
+  sharding it sends `B_l lookups (2 D + 1)` (its ids to the owner, the
+  pooled embeddings back and their gradients to the owner, by all-to-all;
+  both scaled by (S-1)/S); a table bigger than an even share of the budget
+  (its bytes over the shard count exceed what greedy packing could balance,
+  i.e. more than 1/num_shards of all sharded bytes) is row_wise over all
+  devices (also one that alone needs more than `device_memory_bytes`); the rest
   are packed table_wise, largest first, onto the device with the least load,
   where load weighs bytes and lookups (ids per example) equally. `overrides`
   maps table names to a strategy, which is then placed over all devices
   (row_wise, column_wise), or on the least-loaded one (table_wise).
+
+  With `row_group_size` g (0 < g < num_shards, dividing it), tables that
+  would be row_wise are table_row_wise instead: row_wise over the g
+  consecutive devices of the least-loaded group (devices k g .. k g + g - 1).
 
   Raises:
     ValueError: if a device would need more than `device_memory_bytes`.
@@ -158,6 +176,17 @@ def auto_plan(
           f' one of {list(STRATEGIES)}.')
   s = num_shards
   all_devices = tuple(range(s))
+  g = int(row_group_size or 0)
+  if g < 0 or (0 < g < s and s % g):
+    raise ValueError(
+        f'config.embedding.row_group_size ({row_group_size}) must be 0 (off)'
+        f' or divide the model axis ({s} devices).')
+  grouped = 0 < g < s
+  if not grouped and 'table_row_wise' in overrides.values() and s > 1:
+    raise ValueError(
+        'config.embedding.sharding_overrides asks for table_row_wise, which'
+        ' needs config.embedding.row_group_size between 1 and the model axis'
+        f' ({s}), got {row_group_size}.')
   placements: dict[str, TablePlacement] = {}
   if s == 1:
     for t in tables:
@@ -174,19 +203,29 @@ def auto_plan(
     b = table_bytes(t)
     strategy = overrides.get(t.name)
     if strategy is None:
-      if b <= replicate_bytes:
+      if b <= replicate_bytes and (
+          batch_per_device is None or 2 * t.num_rows * (t.dim + 1) <=
+          batch_per_device * lookups.get(t.name, 1) * (2 * t.dim + 1)):
         strategy = 'replicated'
-      elif b > sharded_total / s and t.num_rows >= s:
-        strategy = 'row_wise'
+      elif (b > sharded_total / s and t.num_rows >= s) or (
+          device_memory_bytes is not None and b > device_memory_bytes):
+        strategy = 'table_row_wise' if grouped else 'row_wise'
       else:
         strategy = 'table_wise'
     if strategy == 'replicated':
       placements[t.name] = TablePlacement(t.name, 'replicated', ())
       mem += b
-    elif strategy == 'row_wise':
+    elif strategy == 'row_wise' or (strategy == 'table_row_wise' and
+                                    not grouped):
       placements[t.name] = TablePlacement(t.name, 'row_wise', all_devices)
       mem += b / s
       load += lookups.get(t.name, 1) / s
+    elif strategy == 'table_row_wise':
+      k = int(np.argmin(mem.reshape(-1, g).sum(axis=1)))
+      group = all_devices[k * g:(k + 1) * g]
+      placements[t.name] = TablePlacement(t.name, 'table_row_wise', group)
+      mem[k * g:(k + 1) * g] += b / g
+      load[k * g:(k + 1) * g] += lookups.get(t.name, 1)
     elif strategy == 'column_wise':
       k = math.gcd(t.dim, s)
       placements[t.name] = TablePlacement(
@@ -352,7 +391,7 @@ def build_layout(
     elif p.strategy == 'table_wise':
       add((t.dim, t.dtype, t.optimizer, False),
           (t.name, p.devices[0], 0, t.num_rows, t.num_rows, 0, t.dim))
-    elif p.strategy == 'row_wise':
+    elif p.strategy in ROW_SPLIT:
       n = len(p.devices)
       rps = -(-t.num_rows // n)
       for k, d in enumerate(p.devices):
@@ -405,11 +444,11 @@ def build_layout(
           for pc in pcs:
             offsets_arr[pc.device] = pc.offset
           offsets = tuple(offsets_arr)
-          if p.strategy == 'row_wise':
+          if p.strategy in ROW_SPLIT:
             first, rps = p.devices[0], pcs[0].capacity
             if tuple(p.devices) != tuple(range(first, first + len(p.devices))):
               raise ValueError(
-                  f'table {t.name!r}: row_wise devices {p.devices} must be'
+                  f'table {t.name!r}: {p.strategy} devices {p.devices} must be'
                   ' consecutive.')
           else:
             first, rps = pcs[0].device, t.num_rows

@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from dlrm_jax.embedding import optimizers
+from dlrm_jax.parallel import MODEL
 
 EmbeddingState = dict[str, Any]
 
@@ -142,7 +143,6 @@ def cut_fn(engine, stack, pc, ndim: int):
   array would all-gather the whole stack first).
   """
   del stack  # the piece's offsets are within its device's block
-  from dlrm_jax.embedding.engine import MODEL  # pylint: disable=g-import-not-at-top
   spec = P(MODEL, *([None] * (ndim - 1)))
 
   def local(a):

@@ -1,0 +1,569 @@
+"""The embedding exchange: lookups and sparse updates of one stack on a mesh.
+
+Shape letters: B_l per-device batch, T packed id columns, S model shards,
+R data replicas (the mesh's 'data' axis), C a stack's rows per device, W its
+width, L_d the id columns device d owns (L = max_d L_d, the padded share),
+N_d its bags (N = max_d N_d).
+
+A stack's segments (feature x column piece) are served in one of three ways,
+all inside `jax.shard_map`, per device:
+
+  owned (table-wise and column-wise pieces: one model shard holds all rows;
+         table-row-wise: rows split over a group of shards, each id sent to
+         the one holding its row, partial bags summed by the sender):
+    lookup   the ids of the bags each destination owns are routed to its
+             local rows and sent by one `all_to_all` over 'model'
+             (`[B_l, S * L]` int32, padded to the largest share); the owner
+             gathers and pools them for the model group's `S * B_l`
+             examples and a second `all_to_all` sends the pooled sums back
+             (`[B_l, S * N, W]` float32).
+    update   the transpose: the ids again and the pooled gradients go to the
+             owners by `all_to_all`; each owner expands them to its
+             `S * B_l * L` ids (combiner weights) and deduplicates those only.
+  row-wise (rows split over several shards, TorchRec's row-wise pattern):
+    lookup   all-gather the model group's ids (`[S * B_l, T]`), pool the rows
+             this shard holds (others read as zero), reduce-scatter the
+             partial sums over 'model'.
+    update   all-gather the group's ids and pooled gradients over 'model';
+             each shard keeps the ids it holds.
+  replicated (a full copy everywhere): lookups are local; an update needs
+             the gradient of the whole batch on every device: either a dense
+             `[C, W + 1]` psum (gradient sums and touch counts) when the table
+             is small next to the batch, or an all-gather of each device's
+             deduplicated (row, gradient) pairs.
+
+Data-parallel replicas (R > 1) of a shard make the same update: after the
+owner's deduplication, the fixed-size (row, summed gradient) pairs are
+all-gathered over 'data' and deduplicated once more. Nothing global-batch
+sized is ever exchanged for sharded stacks, and per-device work (dedup,
+gather, scatter) is over the ids a device owns plus padding.
+
+Row resets (managed collisions) travel like lookup ids: to the owners by
+all-to-all (row-wise: all-gather over 'model'), then over 'data' to the
+replicas.
+
+The rows a step touches are then gathered with their optimizer state,
+updated by `optimizers.update_rows` and written back by `_store_rows`; plain
+SGD on a stack nobody else updates skips the deduplication and scatter-adds
+(`_sgd_scatter_add`).
+
+With one device the same code runs without `shard_map`; every collective
+over an axis of size 1 is skipped (XLA:CPU would run it as a copy).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from dlrm_jax.embedding import initialization
+from dlrm_jax.embedding import optimizers
+from dlrm_jax.embedding import plan as plan_lib
+from dlrm_jax.embedding import rounding
+from dlrm_jax.embedding import routing
+from dlrm_jax.embedding.specs import TableSpec
+from dlrm_jax.parallel import BATCH_AXES, DATA, MODEL
+
+# ----------------------------------------------------------------------------
+# Collectives over the mesh, skipped on axes of size 1.
+
+
+class Comm:
+  """Collectives over a ('data', 'model') mesh, for use inside shard_map."""
+
+  def __init__(self, mesh: Mesh):
+    self.shape = {a: int(mesh.shape[a]) for a in BATCH_AXES}
+    self.num_devices = int(mesh.devices.size)
+
+  def size(self, axes) -> int:
+    axes = (axes,) if isinstance(axes, str) else axes
+    return int(np.prod([self.shape[a] for a in axes]))
+
+  def index(self, axis: str) -> jax.Array:
+    return jnp.int32(0) if self.size(axis) == 1 else jax.lax.axis_index(axis)
+
+  def all_gather(self, x: jax.Array, axes) -> jax.Array:
+    """Tiled all-gather along dim 0."""
+    if self.size(axes) == 1:
+      return x
+    return jax.lax.all_gather(x, axes, axis=0, tiled=True)
+
+  def psum_scatter(self, x: jax.Array, axes) -> jax.Array:
+    """Tiled reduce-scatter along dim 0."""
+    if self.size(axes) == 1:
+      return x
+    return jax.lax.psum_scatter(x, axes, scatter_dimension=0, tiled=True)
+
+  def psum(self, x: jax.Array, axes) -> jax.Array:
+    return x if self.size(axes) == 1 else jax.lax.psum(x, axes)
+
+  def all_to_all(self, x: jax.Array) -> jax.Array:
+    """Over 'model', along dim 1: block d of `S` goes to shard d, and block d
+    of the result came from shard d."""
+    if self.size(MODEL) == 1:
+      return x
+    return jax.lax.all_to_all(x, MODEL, 1, 1, tiled=True)
+
+
+# ----------------------------------------------------------------------------
+# Pooling helpers.
+
+
+def combiner_weights(valid: jax.Array, combiner: str) -> jax.Array:
+  """`[X, L]` valid mask -> `[X, L]` float32 pooling weight of each id."""
+  w = valid.astype(jnp.float32)
+  if combiner == 'sum' or valid.shape[1] == 1:
+    return w
+  n = jnp.sum(w, axis=1, keepdims=True)
+  if combiner == 'mean':
+    return w / jnp.maximum(n, 1.0)
+  return w * jax.lax.rsqrt(jnp.maximum(n, 1.0))  # sqrtn
+
+
+def _static_weights(valid: jax.Array, widths: Sequence[int],
+                    combiners: Sequence[str]) -> jax.Array:
+  """`[X, L]` valid mask -> weights, bags of `widths` columns side by side."""
+  parts, start = [], 0
+  for w, c in zip(widths, combiners):
+    piece = valid[:, start:start + w]
+    parts.append(combiner_weights(piece, c) if w > 1 else
+                 piece.astype(jnp.float32))
+    start += w
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+
+def _pool(rows: jax.Array, widths: Sequence[int]) -> jax.Array:
+  """`[X, L, W]` weighted rows -> `[X, n_bags, W]` bag sums."""
+  if all(w == 1 for w in widths):
+    return rows
+  out, start = [], 0
+  for w in widths:
+    out.append(jnp.sum(rows[:, start:start + w], axis=1))
+    start += w
+  return jnp.stack(out, axis=1)
+
+
+def _dedup(idx: jax.Array, fill: int, size: int
+           ) -> tuple[jax.Array, jax.Array]:
+  """Fixed-size unique: `[M]` ids <= fill -> (`[size]` sorted unique ids
+  padded with `fill`, `[M]` position of each id among them); `size` must be
+  at least the number of distinct ids.
+
+  Equivalent to `jnp.unique(idx, size=size, fill_value=fill,
+  return_inverse=True)`, but built from a plain sort and a binary search,
+  which XLA runs several times faster on CPU than the two-operand sort
+  behind `jnp.unique`'s inverse.
+  """
+  s = jnp.sort(idx)
+  is_new = jnp.concatenate([jnp.ones((1,), bool), s[1:] != s[:-1]])
+  pos = jnp.cumsum(is_new) - 1
+  uniq = jnp.full((size,), fill, idx.dtype).at[
+      jnp.where(is_new, pos, size)].set(s, mode='drop', unique_indices=True)
+  inv = jnp.searchsorted(uniq, idx, side='left', method='scan')
+  return uniq, inv.astype(jnp.int32)
+
+
+def dedup_sum(idx: jax.Array, grads: jax.Array, fill: int
+              ) -> tuple[jax.Array, jax.Array]:
+  """`[M]` local rows (`fill`: none) and `[M, G]` gradients -> the unique rows
+  (`[U]`, U = min(M, fill + 1), padded with `fill`) and `[U, G]` sums."""
+  size = min(idx.shape[0], fill + 1)
+  uniq, inv = _dedup(idx, fill, size)
+  return uniq, jax.ops.segment_sum(grads, inv, num_segments=size)
+
+
+# ----------------------------------------------------------------------------
+# One stack's exchange.
+
+
+class StackExchange:
+  """Lookup and update of one stack, per device (inside shard_map).
+
+  Args:
+    stack: the stack.
+    feature_dims: the embedding dim of every feature.
+    tables: the table specs (dims; names seed stochastic rounding).
+    num_columns: T, the packed id columns.
+    comm: the mesh's collectives.
+  """
+
+  def __init__(self, stack: plan_lib.Stack, feature_dims: Sequence[int],
+               tables: Sequence[TableSpec], num_columns: int, comm: Comm):
+    self.stack = stack
+    self.tables = tuple(tables)
+    self._dim_of = {t.name: t.dim for t in tables}
+    self.comm = comm
+    self.num_shards = comm.size(MODEL)
+    segs = stack.segments
+    self.n_seg = len(segs)
+    if stack.replicated:
+      owned, rowwise = [], []
+    else:
+      # Row-wise over every shard: all-gather and reduce-scatter; held by
+      # fewer shards (table-wise, column-wise, table-row-wise): all-to-all.
+      s = self.num_shards
+      spread = [g.rows_per_shard < g.num_rows and
+                len(routing.holders(g, s)) == s for g in segs]
+      owned = [k for k in range(len(segs)) if not spread[k]]
+      rowwise = [k for k in range(len(segs)) if spread[k]]
+    self.owned = (routing.owned_plan(stack, owned, self.num_shards,
+                                     num_columns) if owned else None)
+    self.rowwise = np.array(rowwise, np.int32)
+    self.rowwise_routing = (routing.routing_of([segs[k] for k in rowwise])
+                            if rowwise else None)
+    self.all_routing = routing.routing_of(segs)  # replicated stacks
+    self.dims = [feature_dims[g.feature] for g in segs]
+    # Row-wise Adagrad on column pieces needs each row's full-width gradient.
+    self.full_width = (
+        max(self.dims) if stack.optimizer.kind == 'rowwise_adagrad' and
+        any(d != stack.width for d in self.dims) else 0)
+
+  # --------------------------------------------------------------------------
+  # Routing.
+
+  def _my(self) -> jax.Array:
+    return (jnp.int32(0) if self.stack.replicated
+            else self.comm.index(MODEL))
+
+  def _route(self, r: routing.Routing, ids: jax.Array, my: jax.Array):
+    """`[X, T]` packed ids -> (`[X, L]` local rows, C where not held here or
+    invalid; `[X, L]` float32 pooling weights)."""
+    cols = routing.take_cols(ids, r.cols, r.col_slice)
+    valid = (cols >= 0) & (cols < r.num_rows)
+    safe = jnp.where(valid, cols, 0)
+    if self.stack.replicated:
+      local, mine = r.offsets[:, 0] + safe, valid
+    else:
+      off = jnp.take(jnp.asarray(r.offsets), my, axis=1)
+      mine = valid & (r.first + safe // r.rps == my) & (off >= 0)
+      local = off + safe % r.rps
+    local = jnp.where(mine, local, self.stack.capacity)
+    weights = (_static_weights(valid, r.widths, r.combiners)
+               if any(w > 1 for w in r.widths) else None)
+    return local, weights
+
+  def _send_rows(self, ids: jax.Array) -> jax.Array:
+    """`[B_l, T]` -> `[B_l, S * L]` rows on each owner (C: nothing; C + 1:
+    a valid id whose row another shard of the group holds)."""
+    o = self.owned
+    x = routing.take_cols(ids, o.cols.ravel(), o.col_slice)
+    valid = (x >= 0) & (x < o.num_rows.ravel())
+    cap = self.stack.capacity
+    if np.all(o.rps >= o.num_rows):  # no row-split segment
+      return jnp.where(valid, x + o.offset.ravel(), cap)
+    rps = o.rps.ravel()
+    here = valid & (x // rps == o.block.ravel())
+    return jnp.where(here, x % rps + o.offset.ravel(),
+                     jnp.where(valid, cap + 1, cap))
+
+  def _owner_weights(self, local: jax.Array, my: jax.Array):
+    """Owner side: `[X, S * L]` received rows -> `[X, S, L]` weights of the
+    ids in their bags (None when only valid masks would be needed)."""
+    o = self.owned
+    s, n_cols = o.cols.shape
+    valid = (local != self.stack.capacity).reshape(-1, s, n_cols)
+    if not o.weighted:
+      return None
+    if self.num_shards == 1:
+      return _static_weights(valid[:, 0], o.widths0, o.combiners0)[:, None]
+    col_bag = jnp.take(jnp.asarray(o.col_bag), my, axis=0)  # [L]
+    one_hot = jax.nn.one_hot(col_bag, o.bag_seg.shape[1], dtype=jnp.float32)
+    v = valid.astype(jnp.float32)
+    n = jnp.einsum('xsl,ln->xsn', v, one_hot,
+                   precision=jax.lax.Precision.HIGHEST)
+    n_col = jnp.maximum(jnp.einsum('xsn,ln->xsl', n, one_hot,
+                                   precision=jax.lax.Precision.HIGHEST), 1.0)
+    code = jnp.take(jnp.take(jnp.asarray(o.bag_comb), my, axis=0), col_bag,
+                    mode='fill', fill_value=0)
+    scale = jnp.where(code == 1, 1.0 / n_col,
+                      jnp.where(code == 2, jax.lax.rsqrt(n_col), 1.0))
+    return v * scale
+
+  def _owner_pool(self, rows: jax.Array, weights, my) -> jax.Array:
+    """`[X, S * L, W]` rows -> `[X, S * N, W]` bag sums per source."""
+    o = self.owned
+    if not o.multi:
+      return rows
+    s, n_cols = o.cols.shape
+    x, w = rows.shape[0], rows.shape[-1]
+    rows = rows.reshape(x, s, n_cols, w)
+    if weights is not None:
+      rows = rows * weights[..., None]
+    if self.num_shards == 1:
+      return _pool(rows[:, 0], o.widths0)
+    col_bag = jnp.take(jnp.asarray(o.col_bag), my, axis=0)
+    one_hot = jax.nn.one_hot(col_bag, o.bag_seg.shape[1], dtype=rows.dtype)
+    out = jnp.einsum('xslw,ln->xsnw', rows, one_hot,
+                     precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(x, -1, w)
+
+  def _owner_expand(self, grads: jax.Array, weights, my) -> jax.Array:
+    """The transpose of `_owner_pool`: `[X, S * N, G]` bag gradients ->
+    `[X, S * L, G]` id gradients."""
+    o = self.owned
+    if not o.multi:
+      return grads
+    s, n_cols = o.cols.shape
+    x, g = grads.shape[0], grads.shape[-1]
+    if self.num_shards == 1:
+      out = jnp.take(grads, jnp.asarray(o.col_bag[0]), axis=1)[:, None]
+    else:
+      col_bag = jnp.take(jnp.asarray(o.col_bag), my, axis=0)
+      one_hot = jax.nn.one_hot(col_bag, o.bag_seg.shape[1],
+                               dtype=grads.dtype)
+      out = jnp.einsum('xsnw,ln->xslw', grads.reshape(x, s, -1, g), one_hot,
+                       precision=jax.lax.Precision.HIGHEST)
+    if weights is not None:
+      out = out * weights[..., None]
+    return out.reshape(x, -1, g)
+
+  def rows_to_reset(self, rows: jax.Array) -> jax.Array:
+    """`[B_l, T]` rows named like packed ids (-1: none) on each device ->
+    `[M]` local rows held here that some device names (C: none), sent the
+    way lookups send ids: every replica of a shard gets the same rows."""
+    comm, cap = self.comm, self.stack.capacity
+    if self.stack.replicated:  # few: resets are rare
+      local, _ = self._route(self.all_routing,
+                             comm.all_gather(rows, BATCH_AXES), jnp.int32(0))
+      return local.reshape(-1)
+    parts = []
+    if self.owned is not None:
+      local = comm.all_to_all(self._send_rows(rows))
+      parts.append(jnp.minimum(local, cap).reshape(-1))
+    if self.rowwise_routing is not None:
+      local, _ = self._route(self.rowwise_routing,
+                             comm.all_gather(rows, MODEL), self._my())
+      parts.append(local.reshape(-1))
+    idx = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    return comm.all_gather(idx, DATA)
+
+  # --------------------------------------------------------------------------
+  # Lookup.
+
+  def lookup(self, table: jax.Array, ids: jax.Array) -> jax.Array:
+    """`[C, W]` rows held here, `[B_l, T]` ids -> `[B_l, n_seg, W]` float32
+    pooled embeddings of the stack's segments for this device's examples."""
+    parts, order = [], []
+    if self.stack.replicated:
+      r = self.all_routing
+      idx, wts = self._route(r, ids, jnp.int32(0))
+      rows = table.at[idx].get(mode='fill', fill_value=0).astype(jnp.float32)
+      if wts is not None:
+        rows = rows * wts[..., None]
+      return _pool(rows, r.widths)
+    my = self._my()
+    if self.owned is not None:
+      o = self.owned
+      local = self.comm.all_to_all(self._send_rows(ids))
+      rows = table.at[local].get(mode='fill', fill_value=0).astype(
+          jnp.float32)
+      pooled = self._owner_pool(rows, self._owner_weights(local, my), my)
+      back = self.comm.all_to_all(pooled)
+      if o.out_index.shape[1] > 1:  # partial bags of row-split segments
+        pad = jnp.concatenate([back, jnp.zeros_like(back[:, :1])], axis=1)
+        back = jnp.take(pad, jnp.asarray(o.out_index.ravel()), axis=1)
+        back = jnp.sum(back.reshape(back.shape[0], *o.out_index.shape, -1),
+                       axis=2)
+      elif not np.array_equal(o.out_index[:, 0], np.arange(back.shape[1])):
+        back = jnp.take(back, jnp.asarray(o.out_index[:, 0]), axis=1)
+      parts.append(back)
+      order.extend(o.segs.tolist())
+    if self.rowwise_routing is not None:
+      r = self.rowwise_routing
+      ids_grp = self.comm.all_gather(ids, MODEL)
+      idx, wts = self._route(r, ids_grp, my)
+      rows = table.at[idx].get(mode='fill', fill_value=0).astype(jnp.float32)
+      if wts is not None:
+        rows = rows * wts[..., None]
+      parts.append(self.comm.psum_scatter(_pool(rows, r.widths), MODEL))
+      order.extend(self.rowwise.tolist())
+    out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+    if order != list(range(self.n_seg)):
+      out = jnp.take(out, jnp.asarray(np.argsort(order)), axis=1)
+    return out
+
+  # --------------------------------------------------------------------------
+  # Update.
+
+  def _grads_here(self, ids: jax.Array, grads: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+    """`[B_l, T]` ids and `[B_l, n_seg, G]` pooled gradients -> the ids this
+    device holds among those it serves (`[M]` local rows, C for none) and
+    their `[M, G]` gradients."""
+    idx_parts, g_parts = [], []
+    g = grads.shape[-1]
+    if self.stack.replicated:
+      r = self.all_routing
+      idx, w = self._route(r, ids, jnp.int32(0))
+      if w is not None:
+        grads = jnp.take(grads, jnp.asarray(r.seg_of_col), axis=1) * w[
+            ..., None]
+      return idx.reshape(-1), grads.reshape(-1, g)
+    my = self._my()
+    if self.owned is not None:
+      o = self.owned
+      local = self.comm.all_to_all(self._send_rows(ids))
+      send = grads
+      if not np.array_equal(o.bag_seg.ravel(), np.arange(self.n_seg)):
+        pad = jnp.concatenate([grads, jnp.zeros_like(grads[:, :1])], axis=1)
+        send = jnp.take(pad, jnp.asarray(o.bag_seg.ravel()), axis=1)
+      got = self.comm.all_to_all(send)
+      g_ids = self._owner_expand(got, self._owner_weights(local, my), my)
+      if not np.all(o.rps >= o.num_rows):  # C + 1: held elsewhere
+        local = jnp.minimum(local, self.stack.capacity)
+      idx_parts.append(local.reshape(-1))
+      g_parts.append(g_ids.reshape(-1, g))
+    if self.rowwise_routing is not None:
+      r = self.rowwise_routing
+      ids_grp = self.comm.all_gather(ids, MODEL)
+      g_grp = self.comm.all_gather(
+          jnp.take(grads, jnp.asarray(self.rowwise), axis=1)
+          if len(self.rowwise) != self.n_seg else grads, MODEL)
+      idx, w = self._route(r, ids_grp, my)
+      if w is not None:
+        g_grp = jnp.take(g_grp, jnp.asarray(r.seg_of_col), axis=1) * w[
+            ..., None]
+      idx_parts.append(idx.reshape(-1))
+      g_parts.append(g_grp.reshape(-1, g))
+    if len(idx_parts) == 1:
+      return idx_parts[0], g_parts[0]
+    return jnp.concatenate(idx_parts), jnp.concatenate(g_parts)
+
+  def _sgd_scatter_add(self) -> bool:
+    """Plain SGD is linear in the gradient: where no other device must make
+    the same update, a scatter-add sums repeated ids itself, with no
+    deduplication. (Low-precision tables, and SGD with weight decay, take
+    the dedup + float32 sum + one rounding path: `optimizers.scatter_add_ok`.)"""
+    shared = (self.comm.num_devices > 1 if self.stack.replicated
+              else self.comm.size(DATA) > 1)
+    return optimizers.scatter_add_ok(self.stack.optimizer,
+                                     self.stack.dtype) and not shared
+
+  def _combine(self, idx: jax.Array, g: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+    """`[M]` rows and `[M, G]` gradients of this device -> the unique rows
+    every device holding them must update and their summed gradients."""
+    cap = self.stack.capacity
+    comm = self.comm
+    if self.stack.replicated and comm.num_devices > 1:
+      n = comm.num_devices
+      # Per device, a ring all-reduce of the dense [C, G + 1] sums sends
+      # 2 (n-1)/n C rows; an all-gather of the deduplicated pairs (n-1) U.
+      if 2 * cap <= n * min(idx.shape[0], cap + 1):
+        ones = jnp.ones((g.shape[0], 1), g.dtype)
+        dense = jnp.zeros((cap, g.shape[1] + 1), g.dtype).at[idx].add(
+            jnp.concatenate([g, ones], axis=1), mode='drop')
+        dense = comm.psum(dense, BATCH_AXES)
+        uniq = jnp.where(dense[:, -1] > 0, jnp.arange(cap, dtype=jnp.int32),
+                         cap)
+        return uniq, dense[:, :-1]
+      uniq, g_sum = dedup_sum(idx, g, cap)
+      return dedup_sum(comm.all_gather(uniq, BATCH_AXES),
+                       comm.all_gather(g_sum, BATCH_AXES), cap)
+    uniq, g_sum = dedup_sum(idx, g, cap)
+    if not self.stack.replicated and comm.size(DATA) > 1:
+      uniq, g_sum = dedup_sum(comm.all_gather(uniq, DATA),
+                              comm.all_gather(g_sum, DATA), cap)
+    return uniq, g_sum
+
+  def _row_dims(self, rows: jax.Array, my: jax.Array) -> jax.Array:
+    """`[U]` local rows -> float32 dim of the table each belongs to."""
+    n_dev = 1 if self.stack.replicated else self.num_shards
+    offs = [[] for _ in range(n_dev)]
+    for pc in self.stack.pieces:
+      offs[max(pc.device, 0)].append((pc.offset, self._dim_of[pc.table]))
+    n = max(len(o) for o in offs)
+    big = np.iinfo(np.int32).max
+    off = np.full((n_dev, n), big, np.int32)
+    dim = np.zeros((n_dev, n), np.float32)
+    for d, o in enumerate(offs):
+      for j, (a, b) in enumerate(sorted(o)):
+        off[d, j], dim[d, j] = a, b
+    off_d = jnp.take(jnp.asarray(off), my, axis=0)
+    p = jnp.maximum(jnp.searchsorted(off_d, rows, side='right') - 1, 0)
+    return jnp.take(jnp.take(jnp.asarray(dim), my, axis=0), p)
+
+  def update(self, table: jax.Array, slots: dict[str, jax.Array],
+             ids: jax.Array, grads: jax.Array, full_grads, lr: jax.Array,
+             step: jax.Array):
+    """One sparse optimizer step of the stack.
+
+    Args:
+      table: `[C, W]` rows held here.
+      slots: their optimizer state.
+      ids: `[B_l, T]` ids of this device's examples.
+      grads: `[B_l, n_seg, W]` float32 gradients of the pooled embeddings.
+      full_grads: `[B_l, n_seg, F]` full-width gradients (F =
+        `self.full_width`), or None when `self.full_width` is 0.
+      lr, step: the learning rate and the 0-based step.
+
+    Returns:
+      The new table and slots.
+    """
+    w = self.stack.width
+    if full_grads is not None:
+      grads = jnp.concatenate([grads, full_grads], axis=-1)
+    idx, g = self._grads_here(ids, grads)
+    if self._sgd_scatter_add():
+      return _sgd_store(table, idx, g, lr), slots
+    uniq, g_sum = self._combine(idx, g)
+    row_msq = None
+    if full_grads is not None:
+      full = g_sum[:, w:]
+      g_sum = g_sum[:, :w]
+      row_msq = jnp.sum(full * full, axis=-1) / jnp.maximum(
+          self._row_dims(uniq, self._my()), 1.0)
+    w_rows = table.at[uniq].get(mode='fill', fill_value=0)
+    slot_rows = {k: v.at[uniq].get(mode='fill', fill_value=0)
+                 for k, v in slots.items()}
+    new_rows, new_slot_rows = optimizers.update_rows(
+        self.stack.optimizer, lr, step, w_rows.astype(jnp.float32), g_sum,
+        slot_rows, row_msq=row_msq)
+    new_rows = self._to_table_dtype(new_rows, uniq, step)
+    return rounding.set_rows(table, uniq, new_rows), {
+        k: _store_rows(slots[k], uniq, v) for k, v in new_slot_rows.items()}
+
+  def _to_table_dtype(self, rows: jax.Array, uniq: jax.Array,
+                      step: jax.Array) -> jax.Array:
+    """Updated `[U, W]` float32 rows at local rows `uniq` in the table dtype:
+    stochastic rounding for bfloat16/float16 tables, hashed on (table, step,
+    logical row, logical column), so every replica, plan and mesh draws the
+    same bits for the same element."""
+    dtype = jnp.dtype(self.stack.dtype)
+    if dtype == jnp.float32:
+      return rows
+    arrs = initialization.piece_tables(self.stack, self.tables,
+                                       self.num_shards)
+    piece = {k: jnp.asarray(v)[self._my()] for k, v in arrs.items()}
+    p = jnp.maximum(jnp.searchsorted(piece['offset'], uniq, side='right') - 1,
+                    0)
+    t = piece['table'][p]
+    row = piece['row_start'][p] + uniq - piece['offset'][p]
+    col = piece['col_start'][p][:, None] + jnp.arange(
+        self.stack.width)[None, :]
+    seeds = jnp.asarray(np.array(
+        [zlib.crc32(tb.name.encode()) for tb in self.tables], np.uint32))
+    return optimizers.cast_rows(self.stack.optimizer, rows, dtype, seeds[t],
+                                row, step, col_ids=col)
+
+
+def _store_rows(table: jax.Array, rows: jax.Array, new_rows: jax.Array
+                ) -> jax.Array:
+  """Writes `[U, ...]` float32 `new_rows` at unique local `rows` (those
+  >= the table's rows are dropped), in the table's dtype. The one place
+  updated rows are written back (rounding to low precision happens here)."""
+  return table.at[rows].set(new_rows.astype(table.dtype), mode='drop',
+                            unique_indices=True)
+
+
+def _sgd_store(table: jax.Array, rows: jax.Array, grads: jax.Array,
+               lr: jax.Array) -> jax.Array:
+  """Plain SGD by scatter-add: `[M]` rows (repeats allowed, >= the table's
+  rows dropped), `[M, W]` float32 gradients."""
+  lr = jnp.asarray(lr, jnp.float32)
+  return table.at[rows].add((-lr * grads).astype(table.dtype), mode='drop')

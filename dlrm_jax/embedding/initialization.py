@@ -1,0 +1,116 @@
+"""Initial values of the embedding tables, made on the device that holds them.
+
+Element (table t, row r, column c) is a counter-based hash of (seed of t, r,
+c) turned into a uniform in [-1, 1), then into the table's distribution: it
+depends only on (key, table, row, column), not on where the element is
+stored, so every plan and mesh starts from the same logical tables.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dlrm_jax.embedding import plan as plan_lib
+from dlrm_jax.embedding import rounding
+from dlrm_jax.embedding import specs as specs_lib
+from dlrm_jax.embedding.specs import TableSpec
+
+_INIT_CHUNK_ROWS = 1 << 16
+
+
+def hash_uniform(seed: jax.Array, row: jax.Array, col: jax.Array
+                 ) -> jax.Array:
+  """Uniform in [-1, 1) from uint32 (seed, row, col): 24 bits of
+  `rounding.hash_bits` (two rounds of MurmurHash3's finalizer)."""
+  z = rounding.hash_bits(seed, row, col)
+  return (z >> 8).astype(jnp.float32) * np.float32(2.0**-23) - 1.0
+
+
+def piece_tables(stack: plan_lib.Stack, tables: Sequence[TableSpec],
+                 num_shards: int) -> dict[str, np.ndarray]:
+  """Per-device piece arrays `[S', P]` (S' = 1 when replicated): local
+  offset (sorted; int32 max pads), rows, row_start, col_start, table index
+  and dim of each piece a device holds."""
+  index = {t.name: i for i, t in enumerate(tables)}
+  dims = {t.name: t.dim for t in tables}
+  n_dev = 1 if stack.replicated else num_shards
+  per_dev = [[] for _ in range(n_dev)]
+  for pc in stack.pieces:
+    per_dev[max(pc.device, 0)].append(pc)
+  n = max(1, max(len(p) for p in per_dev))
+  big = np.iinfo(np.int32).max
+  arrs = {k: np.zeros((n_dev, n), np.int32) for k in (
+      'offset', 'rows', 'row_start', 'col_start', 'table', 'dim')}
+  arrs['offset'][:] = big
+  for d, pcs in enumerate(per_dev):
+    for j, pc in enumerate(sorted(pcs, key=lambda pc: pc.offset)):
+      arrs['offset'][d, j] = pc.offset
+      arrs['rows'][d, j] = pc.rows
+      arrs['row_start'][d, j] = pc.row_start
+      arrs['col_start'][d, j] = pc.col_start
+      arrs['table'][d, j] = index[pc.table]
+      arrs['dim'][d, j] = dims[pc.table]
+  return arrs
+
+
+def init_stack_local(stack: plan_lib.Stack, tables: Sequence[TableSpec],
+                     num_shards: int, my: jax.Array,
+                     seeds: jax.Array) -> jax.Array:
+  """This device's `[C, W]` rows of a stack (`my`: its model shard).
+
+  Rows are filled in chunks, in place, so nothing table-sized is allocated
+  twice.
+  """
+  arrs = piece_tables(stack, tables, num_shards)
+  piece = {k: jnp.asarray(v)[my] for k, v in arrs.items()}
+  kinds = jnp.asarray(np.array(
+      [specs_lib.INITIALIZERS.index(t.initializer) for t in tables],
+      np.int32))
+  scales = jnp.asarray(np.array([t.scale for t in tables], np.float32))
+  width, dtype = stack.width, jnp.dtype(stack.dtype)
+  sqrt2 = np.float32(math.sqrt(2.0))
+  trunc = np.float32(math.erf(2.0 / math.sqrt(2.0)))
+
+  def rows_values(j):  # [n] local rows -> [n, W]
+    p = jnp.maximum(jnp.searchsorted(piece['offset'], j, side='right') - 1,
+                    0)
+    r = j - piece['offset'][p]
+    valid = (j >= piece['offset'][p]) & (r < piece['rows'][p])
+    t = piece['table'][p]
+    row = (piece['row_start'][p] + r).astype(jnp.uint32)
+    col = (piece['col_start'][p][:, None] +
+           jnp.arange(width, dtype=jnp.int32)[None, :]).astype(jnp.uint32)
+    u = hash_uniform(seeds[t][:, None], row[:, None], col)
+    kind = kinds[t][:, None]
+    normal = sqrt2 * jax.scipy.special.erfinv(u * 0.999999)
+    tnormal = sqrt2 * jax.scipy.special.erfinv(u * trunc)
+    val = jnp.select([kind == 0, kind == 1, kind == 2], [u, normal, tnormal],
+                     jnp.zeros_like(u)) * scales[t][:, None]
+    return jnp.where(valid[:, None], val, 0.0).astype(dtype)
+
+  cap = stack.capacity
+  chunk = min(_INIT_CHUNK_ROWS, cap)
+  n_full = cap // chunk
+
+  def body(i, buf):
+    j = i * chunk + jnp.arange(chunk, dtype=jnp.int32)
+    return jax.lax.dynamic_update_slice(buf, rows_values(j), (i * chunk, 0))
+
+  buf = jnp.zeros((cap, width), dtype)
+  buf = jax.lax.fori_loop(0, n_full, body, buf)
+  if cap % chunk:
+    j = n_full * chunk + jnp.arange(cap % chunk, dtype=jnp.int32)
+    buf = jax.lax.dynamic_update_slice(buf, rows_values(j),
+                                       (n_full * chunk, 0))
+  return buf
+
+
+def table_seeds(key: jax.Array, num_tables: int) -> jax.Array:
+  """`[num_tables]` uint32 seeds, one per table."""
+  return jax.vmap(lambda t: jax.random.bits(
+      jax.random.fold_in(key, t), (), jnp.uint32))(jnp.arange(num_tables))

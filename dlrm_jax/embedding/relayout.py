@@ -1,0 +1,138 @@
+"""Moving embedding state between layouts, and logical views of it.
+
+Used when a checkpoint written under one plan or mesh is restored under
+another (`abstract_state_of_layout`, `relayout`), and by tests and export to
+read a whole logical table (`gather_table`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dlrm_jax.embedding import optimizers
+from dlrm_jax.embedding import plan as plan_lib
+from dlrm_jax.embedding.specs import TableSpec
+from dlrm_jax.parallel import BATCH_AXES
+
+EmbeddingState = dict[str, Any]  # {'stacks': {name: W}, 'slots': {name: {..}}}
+
+
+def stack_shape(stack: plan_lib.Stack, num_shards: int) -> tuple[int, int]:
+  """The global `[rows, W]` shape of a stack's array."""
+  rows = stack.capacity if stack.replicated else num_shards * stack.capacity
+  return (rows, stack.width)
+
+
+def abstract_state_of_layout(stacks: Sequence[plan_lib.Stack],
+                             num_shards: int, mesh: Mesh) -> EmbeddingState:
+  """ShapeDtypeStructs of a state laid out as `stacks` over `num_shards`
+  shards, placed on `mesh` (rows split over every device where they divide
+  evenly, else replicated), for restoring a checkpoint that was written under
+  another plan."""
+  n = int(mesh.devices.size)
+
+  def struct(shape, dtype):
+    spec = P(BATCH_AXES, *([None] * (len(shape) - 1))) if (
+        shape[0] % n == 0) else P()
+    return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype),
+                                sharding=NamedSharding(mesh, spec))
+
+  out = {'stacks': {}, 'slots': {}}
+  for s in stacks:
+    rows, width = stack_shape(s, num_shards)
+    out['stacks'][s.name] = struct((rows, width), s.dtype)
+    out['slots'][s.name] = {
+        k: struct(shape, jnp.float32)
+        for k, (shape, _) in optimizers.slot_shapes(
+            s.optimizer, rows, width).items()}
+  return out
+
+
+def relayout(new_stacks: Sequence[plan_lib.Stack], num_shards: int,
+             old_stacks: Sequence[plan_lib.Stack],
+             old_state: EmbeddingState,
+             out_shardings: EmbeddingState) -> EmbeddingState:
+  """Moves tables and optimizer state from the `old_stacks` layout into
+  `new_stacks` (over `num_shards` model shards).
+
+  Every overlap of an old piece and a new piece of the same table (rows and
+  columns) is copied with static slices, so the compiler moves only those
+  blocks between devices.
+  """
+  old_by_table: dict[str, list[tuple[plan_lib.Stack, plan_lib.Piece]]] = {}
+  for s in old_stacks:
+    for pc in s.pieces:
+      old_by_table.setdefault(pc.table, []).append((s, pc))
+
+  def base(stack, pc):
+    return pc.offset + (0 if stack.replicated else pc.device * stack.capacity)
+
+  def move(old_state):
+    out_stacks, out_slots = {}, {}
+    for s in new_stacks:
+      rows, width = stack_shape(s, num_shards)
+      table = jnp.zeros((rows, width), jnp.dtype(s.dtype))
+      slot_shapes = optimizers.slot_shapes(s.optimizer, rows, width)
+      slots = {k: jnp.full(shape, v, jnp.float32)
+               for k, (shape, v) in slot_shapes.items()}
+      for pc in s.pieces:
+        for os_, opc in old_by_table.get(pc.table, ()):
+          r0 = max(pc.row_start, opc.row_start)
+          r1 = min(pc.row_start + pc.rows, opc.row_start + opc.rows)
+          c0 = max(pc.col_start, opc.col_start)
+          c1 = min(pc.col_start + pc.width, opc.col_start + opc.width)
+          if r0 >= r1 or c0 >= c1:
+            continue
+          dst = base(s, pc) + r0 - pc.row_start
+          src = base(os_, opc) + r0 - opc.row_start
+          n = r1 - r0
+          block = old_state['stacks'][os_.name][
+              src:src + n, c0 - opc.col_start:c1 - opc.col_start]
+          table = table.at[dst:dst + n,
+                           c0 - pc.col_start:c1 - pc.col_start].set(
+                               block.astype(table.dtype))
+          for k in slots:
+            old = old_state['slots'][os_.name][k]
+            if old.ndim == 1:
+              slots[k] = slots[k].at[dst:dst + n].set(old[src:src + n])
+            else:
+              slots[k] = slots[k].at[
+                  dst:dst + n, c0 - pc.col_start:c1 - pc.col_start].set(
+                      old[src:src + n, c0 - opc.col_start:c1 - opc.col_start])
+      out_stacks[s.name], out_slots[s.name] = table, slots
+    return {'stacks': out_stacks, 'slots': out_slots}
+
+  return jax.jit(move, out_shardings=out_shardings)(old_state)
+
+
+def gather_table(stacks: Sequence[plan_lib.Stack], table: TableSpec,
+                 state: EmbeddingState, slot: str | None = None
+                 ) -> np.ndarray:
+  """The whole logical `[R, D]` table (or a slot of it) on the host.
+
+  For tests and small tables only: it copies the table to host memory.
+  """
+  out = None
+  for s in stacks:
+    arr = state['stacks'][s.name] if slot is None else state['slots'][
+        s.name][slot]
+    arr = np.asarray(jax.device_get(arr))
+    for pc in s.pieces:
+      if pc.table != table.name:
+        continue
+      if out is None:
+        tail = (table.dim,) if arr.ndim == 2 else ()
+        out = np.zeros((table.num_rows,) + tail, arr.dtype)
+      base = 0 if s.replicated else pc.device * s.capacity
+      block = arr[base + pc.offset: base + pc.offset + pc.rows]
+      if arr.ndim == 2:
+        out[pc.row_start:pc.row_start + pc.rows,
+            pc.col_start:pc.col_start + pc.width] = block
+      else:  # row-wise slot: identical across column pieces
+        out[pc.row_start:pc.row_start + pc.rows] = block
+  return out
