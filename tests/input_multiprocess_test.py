@@ -1,8 +1,8 @@
 """Multi-host input: each process reads and parses only its own rows.
 
-A real two-process run (jax.distributed on 127.0.0.1, one CPU device each,
+A real two-process run (jax.distributed on 127.0.0.1, two CPU devices each,
 `tests/input_multiprocess.py`) on the criteo_tsv samples, against one process
-with two devices: the eval metrics and predictions are exactly equal, and
+with four devices: the eval metrics and predictions are exactly equal, and
 the training lines each process handed to its parser partition the file.
 """
 
@@ -45,7 +45,7 @@ class TwoProcessInputTest(absltest.TestCase):
               f'--xla_force_host_platform_device_count={devices}')))
 
     port = _free_port()
-    runs = [worker(0, 1, 2)] + [worker(i, 2, 1, port) for i in range(2)]
+    runs = [worker(0, 1, 4)] + [worker(i, 2, 2, port) for i in range(2)]
     results = []
     for out, proc in runs:
       log, _ = proc.communicate(timeout=300)
