@@ -360,34 +360,67 @@ class Trainer:
     return out['probs']
 
   def predict(self, state: TrainState, host_batch) -> np.ndarray:
-    """Click probabilities of this process's rows of a batch, on the host."""
-    if 'mc_raw' in host_batch:
-      host_batch = self.remapper.eval(host_batch)
-    if self.admission is not None:
-      host_batch = self.admission.eval(host_batch)
-    probs = self.predict_step(state, self.put_batch(host_batch, False))
+    """Click probabilities of a batch (this process's rows of it in, the
+    whole global batch out), on the host."""
+    probs = self.predict_step(state, self.put_batch(
+        self._eval_batch(host_batch), False))
     return np.asarray(
         multihost_utils.process_allgather(probs, tiled=True)
         if jax.process_count() > 1 else jax.device_get(probs))
 
   def evaluate(self, state: TrainState, batches: pipeline.EvalBatches
                ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """Metrics over a whole eval set; also returns (probs, labels)."""
+    """Metrics over a whole eval set; also returns (probs, labels).
+
+    Each process predicts its own rows (`batches` yields this process's
+    rows, padding masked out by the count of real rows); the predictions
+    and labels of all processes are gathered at the end and concatenated in
+    process order, which is the eval set's order by construction (see
+    `pipeline.EvalBatches`), so the metrics equal one process's exactly.
+    """
     probs, labels = [], []
     for host_batch, n in batches:
-      p = self.predict(state, host_batch)
-      y = host_batch['label']
-      valid = np.zeros(len(y), bool)
-      valid[:n] = True
-      if jax.process_count() > 1:
-        y = np.asarray(multihost_utils.process_allgather(y, tiled=True))
-        valid = np.asarray(
-            multihost_utils.process_allgather(valid, tiled=True))
-      probs.append(p[valid])
-      labels.append(y[valid])
+      probs.append(self._process_rows(self.predict_step(
+          state, self.put_batch(self._eval_batch(host_batch), False)))[:n])
+      labels.append(host_batch['label'][:n])
     probs = np.concatenate(probs) if probs else np.zeros(0, np.float32)
     labels = np.concatenate(labels) if labels else np.zeros(0, np.float32)
+    if jax.process_count() > 1:
+      probs, labels = _gather_in_process_order(probs, labels)
     return metrics_lib.evaluate(probs, labels), probs, labels
+
+  def _eval_batch(self, host_batch):
+    if 'mc_raw' in host_batch:
+      host_batch = self.remapper.eval(host_batch)
+    if self.admission is not None:
+      host_batch = self.admission.eval(host_batch)
+    return host_batch
+
+  @staticmethod
+  def _process_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded array, in the order
+    `put_batch` (`make_array_from_process_local_data`) took them from its
+    host batch: its addressable shards by global row, replicas once."""
+    shards = {}
+    for s in x.addressable_shards:
+      shards.setdefault(s.index[0].indices(x.shape[0])[0], s)
+    return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
+
+
+def _gather_in_process_order(*arrays: np.ndarray) -> list[np.ndarray]:
+  """1-D arrays of every process (lengths may differ), each concatenated in
+  process order: padded to the longest, gathered, then cut."""
+  n = len(arrays[0])
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(n)))
+  longest = int(sizes.max())
+  out = []
+  for a in arrays:
+    padded = np.zeros(longest, a.dtype)
+    padded[:n] = a
+    every = np.asarray(multihost_utils.process_allgather(padded))
+    out.append(np.concatenate([every[p, :int(k)]
+                               for p, k in enumerate(sizes)]))
+  return out
 
 
 # ----------------------------------------------------------------------------

@@ -176,9 +176,11 @@ class _GuardedStream(io.RawIOBase):
   _MARK = b'?'
 
   def __init__(self, path: str, stream: pa.NativeFile | None = None, *,
-               guard_lines: bool = True):
-    """`guard_lines=False`: the bytes as they are (gzip errors named)."""
+               guard_lines: bool = True, counter: LineCounter | None = None):
+    """`guard_lines=False`: the bytes as they are (gzip errors named);
+    `counter`: counts the lines passed on."""
     super().__init__()
+    self._counter = counter
     self._guard_lines = guard_lines
     self._path = path
     self._gzip = stream is None and _is_gzip(path)
@@ -239,6 +241,8 @@ class _GuardedStream(io.RawIOBase):
     data = self._raw_read(max(size, 1 << 16))
     if not data:
       self._eof = True
+      if self._counter is not None and (self._tail or self._long):
+        self._counter.lines += 1  # The last line, or one ended by a '\r'.
       if self._long:
         self._out += self._MARK
       else:
@@ -260,8 +264,11 @@ class _GuardedStream(io.RawIOBase):
     complete, rest = buf[:k + 1], buf[k + 1:]
     if complete:
       self._out += self._cut_long(complete)
-      self._lines += (complete.count(b'\n') + complete.count(b'\r') -
-                      complete.count(b'\r\n'))
+      ends = (complete.count(b'\n') + complete.count(b'\r') -
+              complete.count(b'\r\n'))
+      self._lines += ends
+      if self._counter is not None:
+        self._counter.lines += ends
     if len(rest) > rows_lib.MAX_LINE_BYTES:
       self._long = True
       self.long_lines.add(self._lines + 1)
@@ -287,15 +294,17 @@ class _GuardedStream(io.RawIOBase):
     super().close()
 
 
-def count_rows(paths: Sequence[str] | str) -> int:
-  """Lines in the files, gzip decompressed, ended as the reader ends them
-  (`\n`, `\r\n` or a bare `\r`); a last line without an end counts."""
+def count_rows(paths: Sequence[str | Segment] | str) -> int:
+  """Lines in the files (or `Segment`s), gzip decompressed, ended as the
+  reader ends them (`\n`, `\r\n` or a bare `\r`); a last line without an
+  end counts. No parsing: a scan for line ends."""
   if isinstance(paths, str):
     paths = [paths]
   total = 0
-  for path in paths:
+  for item in paths:
+    seg = item if isinstance(item, Segment) else Segment(item)
     last = b'\n'
-    with _GuardedStream(path, guard_lines=False) as f:
+    with _GuardedStream(seg.name, seg.stream(), guard_lines=False) as f:
       while block := f.read(_READ_BYTES):
         # '\r\n' counts once, also when a block boundary splits it.
         total += (block.count(b'\n') + block.count(b'\r') -
@@ -304,6 +313,134 @@ def count_rows(paths: Sequence[str] | str) -> int:
         last = block[-1:]
     total += last not in (b'\n', b'\r')
   return total
+
+
+@dataclasses.dataclass
+class LineCounter:
+  """Lines handed to the parser (by `read_criteo(..., counter=)`)."""
+
+  lines: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  """Bytes `[begin, end)` of a file (`end=None`: to its end), or a whole
+  (plain or gzip) file. A byte range must be of a plain file and start at a
+  line start (see `plan_shares`). Messages about its lines name
+  `'path[bytes begin..end]'` and count lines from the range's first one."""
+
+  path: str
+  begin: int = 0
+  end: int | None = None
+
+  @property
+  def whole(self) -> bool:
+    return self.begin == 0 and self.end is None
+
+  @property
+  def name(self) -> str:
+    return self.path if self.whole else (
+        f'{self.path}[bytes {self.begin}..{self.end}]')
+
+  def stream(self) -> '_RangeReader | None':
+    """The range's bytes (None for a whole file: the reader opens it)."""
+    if self.whole:
+      return None
+    return _RangeReader(self.path, self.begin, self.end)
+
+
+class _RangeReader:
+  """Reads bytes `[begin, end)` of a plain file, a block at a time."""
+
+  def __init__(self, path: str, begin: int, end: int | None):
+    self._f = open(path, 'rb')  # pylint: disable=consider-using-with
+    self._f.seek(begin)
+    self._left = (os.path.getsize(path) if end is None else end) - begin
+
+  def read(self, size: int = -1) -> bytes:
+    n = self._left if size is None or size < 0 else min(size, self._left)
+    data = self._f.read(max(n, 0))
+    self._left -= len(data)
+    return data
+
+  def close(self) -> None:
+    self._f.close()
+
+
+def _line_start(path: str, offset: int, size: int) -> int:
+  """The first line start at or after `offset`: just after the first line
+  end (`\n`, `\r\n`, bare `\r`) at or after byte `offset - 1`."""
+  if offset <= 0:
+    return 0
+  if offset >= size:
+    return size
+  with open(path, 'rb') as f:
+    pos = offset - 1
+    f.seek(pos)
+    while block := f.read(1 << 16):
+      ends = [i for i in (block.find(b'\n'), block.find(b'\r')) if i >= 0]
+      if ends:
+        end = pos + min(ends)
+        f.seek(end)
+        pair = f.read(2)
+        return min(end + (2 if pair == b'\r\n' else 1), size)
+      pos += len(block)
+  return size
+
+
+def plan_shares(paths: Sequence[str], process_count: int, *,
+                span: tuple[float, float] = (0.0, 1.0)
+                ) -> list[list[Segment]]:
+  """Splits files over processes: each process's `Segment`s, in file order.
+
+  The files are laid end to end (plain files by their bytes, gzip files by
+  their compressed size), the fraction `span` of the whole is taken (e.g.
+  (0.9, 1.0): the last tenth, line-aligned like every cut) and cut into
+  `process_count` equal byte spans;
+  process p's rows are a contiguous run of the whole, so the shares of
+  processes 0, 1, ... concatenated are the files' rows in order. In a plain
+  file, a cut at byte c moves to the first line start at or after c (just
+  after the first line end at or after byte c - 1): a process reads the
+  lines whose first byte lies in its span, through the line that straddles
+  its end, and no line is read twice or missed. Finding a cut reads one line.
+  A gzip file (no random access) goes whole to the process whose span holds
+  its first byte: with fewer gzip files than processes, some processes get
+  none (`share_error` says so).
+  """
+  sizes = [os.path.getsize(p) for p in paths]
+  total = sum(sizes)
+  lo, hi = (int(round(f * total)) for f in span)
+  cuts = [lo + p * (hi - lo) // process_count
+          for p in range(process_count + 1)]
+  shares: list[list[Segment]] = [[] for _ in range(process_count)]
+  offset = 0
+  for path, size in zip(paths, sizes):
+    if _is_gzip(path):
+      if cuts[0] <= offset < cuts[-1]:
+        owner = max(p for p in range(process_count) if cuts[p] <= offset)
+        shares[owner].append(Segment(path))
+    else:
+      for p in range(process_count):
+        lo = min(max(cuts[p] - offset, 0), size)
+        hi = min(max(cuts[p + 1] - offset, 0), size)
+        begin, end = _line_start(path, lo, size), _line_start(path, hi, size)
+        if begin < end:
+          whole = begin == 0 and end == size
+          shares[p].append(Segment(path) if whole else
+                           Segment(path, begin, end))
+    offset += size
+  return shares
+
+
+def share_error(shares: list[list[Segment]], field: str) -> str | None:
+  """Why a share plan cannot be used (a process without data), or None."""
+  empty = [p for p, s in enumerate(shares) if not s]
+  if not empty:
+    return None
+  return (f'{field}: processes {empty} of {len(shares)} get no data. Plain'
+          ' files are split over the processes by bytes, but a gzip file'
+          ' cannot be (no random access): give at least as many gzip files'
+          ' as processes, or decompress them.')
 
 
 def count_valid_rows(paths: Sequence[str] | str, *, labeled: bool = True
@@ -472,7 +609,8 @@ def _convert(batch: pa.RecordBatch, labeled: bool
 
 def _read_file(path: str, labeled: bool, bad_lines: str,
                report: BadLineReport, limit: int | None, skip: list[int],
-               stream: pa.NativeFile | None = None, line_offset: int = 0
+               stream: pa.NativeFile | None = None, line_offset: int = 0,
+               counter: LineCounter | None = None
                ) -> Iterator[dict[str, np.ndarray]]:
   """Valid rows of one file in line order, stopping after `limit` of them.
 
@@ -529,7 +667,7 @@ def _read_file(path: str, labeled: bool, bad_lines: str,
       report.count += count - shown
 
   consumed = 0  # Lines 1..consumed are placed.
-  guard = _GuardedStream(path, stream)
+  guard = _GuardedStream(path, stream, counter=counter)
   try:
     reader = pa_csv.open_csv(
         guard,
@@ -626,11 +764,13 @@ def read_criteo(
     chunk_rows: int = 65536,
     skip_rows: int = 0,
     max_rows: int | None = None,
+    counter: LineCounter | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Streams the valid rows of Criteo text files, in file then line order.
 
   Args:
-    paths: the files, plain or gzip (see `expand_paths`).
+    paths: the files, plain or gzip (see `expand_paths`), or `Segment`s
+      (byte ranges of plain files, see `plan_shares`).
     labeled: the 40-field layout with a label; False: the 39-field layout of
       Kaggle `test.txt`, without one.
     bad_lines: 'error' raises MalformedLineError at the first malformed line;
@@ -642,6 +782,7 @@ def read_criteo(
       to read a held-out tail); malformed lines among them are passed over.
     max_rows: stop after this many valid rows (None: read to the end). Lines
       after the last row returned are not checked.
+    counter: if given, counts the lines handed to the parser.
 
   Yields:
     Chunks {'label': float32 `[n]` (labeled only), 'int': int64 `[n, 13]`
@@ -670,11 +811,13 @@ def read_criteo(
   left = None if max_rows is None else int(max_rows)
   pieces: list[dict[str, np.ndarray]] = []
   have = 0
-  for path in paths:
+  for item in paths:
     if left == 0:
       break
     limit = None if left is None else skip[0] + left
-    for rows in _read_file(path, labeled, bad_lines, report, limit, skip):
+    seg = item if isinstance(item, Segment) else Segment(item)
+    for rows in _read_file(seg.name, labeled, bad_lines, report, limit, skip,
+                           stream=seg.stream(), counter=counter):
       n = len(rows['int'])
       if left is not None:
         left -= n

@@ -8,6 +8,21 @@
   auto:       criteo_tsv when `data.train_path` is set, else synthetic.
 Random-access sources (all but criteo_tsv) go through the grain pipeline of
 `dlrm_jax.data.loader` with a global shuffle.
+
+Several processes: every process reads only its own rows. Random-access
+sources read this process's slice of each global batch; criteo_tsv splits
+the files over the processes by bytes (`criteo.plan_shares`: line-aligned
+byte ranges of plain files, whole gzip files) and each process streams and
+parses its share only, in batches of `batch_size // process_count` rows.
+At start-up each process counts the lines of its own share (a scan for line
+ends, no parse; a gzip file of its share is decompressed for it) and one
+collective gathers the counts: an epoch is `min(lines of a share) //
+(batch_size // process_count)` steps on every process, so all take the same
+steps (see `pipeline.TrainBatches`, lockstep mode). Without eval_path, the
+eval set is the last `eval_fraction` of the files' bytes (line-aligned;
+gzip files whole), not of their rows as with one process. The eval set of
+every source is split into one contiguous run of rows per process, in
+process order (`pipeline.EvalBatches`).
 """
 
 from __future__ import annotations
@@ -108,6 +123,9 @@ class DataSetup:
     teacher_auc: the generator's best achievable AUC.
     bad_lines: malformed training lines skipped.
     eval_bad_lines: malformed eval lines skipped.
+    train_lines: criteo_tsv over several processes: the training lines this
+      process handed to the parser (its share only).
+    eval_lines: the same for its eval rows.
   """
 
   train: Any
@@ -117,6 +135,8 @@ class DataSetup:
   teacher_auc: float | None
   bad_lines: criteo.BadLineReport
   eval_bad_lines: criteo.BadLineReport | None = None
+  train_lines: criteo.LineCounter | None = None
+  eval_lines: criteo.LineCounter | None = None
 
   @property
   def uses_grain(self) -> bool:
@@ -139,8 +159,13 @@ def make_batch_maker(config, setup) -> pipeline.ModelBatchMaker:
 
 
 def make_data(config, setup, *, process_index: int = 0,
-              process_count: int = 1) -> DataSetup:
-  """The train and eval data the config asks for (see the module doc)."""
+              process_count: int = 1, gather=None) -> DataSetup:
+  """The train and eval data the config asks for (see the module doc).
+
+  `gather(values)`: the int `values` of every process, `[process_count,
+  len(values)]` (default: `gather_ints`, a collective); criteo_tsv over
+  several processes calls it once.
+  """
   d = config.data
   kind = source_kind(config)
   if d.get('bad_lines', 'error') not in ('error', 'skip'):
@@ -153,7 +178,24 @@ def make_data(config, setup, *, process_index: int = 0,
   teacher_auc = None
   cache_eval = False
   shuffle = bool(d.get('shuffle', True))
-  if kind == 'synthetic':
+  eval_counts = None  # Eval rows of every process (own sources), or None.
+  lines = None
+  if kind == 'criteo_tsv' and pc > 1:
+    eval_report = criteo.BadLineReport()
+    train_src, eval_src, bpe, eval_counts, lines = _tsv_shares(
+        config, pi, pc, gather or gather_ints, dict(
+            bad_lines=d.get('bad_lines', 'error'),
+            chunk_rows=int(d.get('chunk_rows', 65536))), report, eval_report)
+    train = pipeline.TrainBatches(
+        train_src, make_batch, config.batch_size // pc, seed=config.seed,
+        shuffle_window=int(d.get('shuffle_buffer', 0)) // pc,
+        batches_per_epoch=bpe)
+    cache_eval = not d.get('eval_path')
+    description = (
+        f'Criteo files over {pc} processes, this one\'s share: train'
+        f' {train_src.description} ({bpe} steps an epoch)' + (
+            f'; eval {eval_src.description}' if eval_src else '; no eval set'))
+  elif kind == 'synthetic':
     s = d.synthetic
     gen = synthetic.SyntheticCriteo(synthetic.SyntheticSpec(
         seed=config.seed, num_train=int(s.num_train), num_eval=int(s.num_eval),
@@ -227,7 +269,9 @@ def make_data(config, setup, *, process_index: int = 0,
           None)
     description = f'{kind}: train {train_src.description}' + (
         f'; eval {eval_src.description}' if eval_src else '; no eval set')
-  if kind == 'criteo_tsv':
+  if kind == 'criteo_tsv' and pc > 1:
+    pass  # made above
+  elif kind == 'criteo_tsv':
     train = pipeline.TrainBatches(
         train_src, make_batch, config.batch_size, seed=config.seed,
         shuffle_window=int(d.get('shuffle_buffer', 0)), process_index=pi,
@@ -239,12 +283,82 @@ def make_data(config, setup, *, process_index: int = 0,
         shuffle=shuffle, process_index=pi, process_count=pc,
         num_threads=int(d.get('num_threads', 2)),
         prefetch=max(1, int(d.get('prefetch', 2))))
+  if eval_src is not None and eval_counts is None and pc > 1:
+    ranges = split_rows(eval_src.num_rows, pc)  # This process's run only.
+    eval_counts = [hi - lo for lo, hi in ranges]
+    eval_src = RandomAccessRows(eval_src, ranges[pi])
   evals = pipeline.EvalBatches(
-      eval_src, make_batch, config.eval_batch_size, process_index=pi,
-      process_count=pc, cache=cache_eval
-  ) if eval_src is not None and eval_src.num_rows else None
+      eval_src, make_batch, config.eval_batch_size, process_count=pc,
+      counts=eval_counts, cache=cache_eval
+  ) if eval_src is not None and max(eval_counts or [eval_src.num_rows]) else (
+      None)
   return DataSetup(train, evals, description, kind == 'synthetic',
-                   teacher_auc, report, eval_bad_lines=eval_report)
+                   teacher_auc, report, eval_bad_lines=eval_report,
+                   train_lines=lines and lines[0],
+                   eval_lines=lines and lines[1])
+
+
+def split_rows(n: int, parts: int) -> list[tuple[int, int]]:
+  """`[0, n)` cut into `parts` contiguous runs, in order, sizes within 1."""
+  return [(p * n // parts, (p + 1) * n // parts) for p in range(parts)]
+
+
+def gather_ints(values) -> np.ndarray:
+  """Int `values` of every process, `[process_count, len(values)]`, by one
+  `process_allgather` (sent as 31-bit halves: int64 needs jax x64)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  v = np.asarray(values, np.int64)
+  halves = np.stack([v >> 31, v & ((1 << 31) - 1)]).astype(np.int32)
+  out = np.asarray(multihost_utils.process_allgather(halves))
+  return (out[:, 0].astype(np.int64) << 31) | out[:, 1]
+
+
+def _tsv_shares(config, pi, pc, gather, kw, report, eval_report):
+  """criteo_tsv over `pc` processes: this process's own sources.
+
+  Returns (train source, eval source or None, steps an epoch, eval rows of
+  every process, (train, eval) line counters). See the module doc.
+  """
+  d = config.data
+  if config.batch_size % pc:
+    raise ValueError(
+        f'config.batch_size ({config.batch_size}) must divide evenly over'
+        f' {pc} processes.')
+  train_paths = criteo.expand_paths(d.train_path,
+                                    field='config.data.train_path')
+  if d.get('eval_path'):
+    train = criteo.plan_shares(train_paths, pc)
+    evals = criteo.plan_shares(
+        criteo.expand_paths(d.eval_path, field='config.data.eval_path'),
+        pc) if d.get('labeled_eval', True) else None
+    eval_field = 'config.data.eval_path'
+  else:
+    frac = _eval_fraction(d)
+    train = criteo.plan_shares(train_paths, pc, span=(0.0, 1.0 - frac))
+    evals = criteo.plan_shares(train_paths, pc, span=(1.0 - frac, 1.0)) if (
+        frac) else None
+    eval_field = 'config.data.eval_fraction'
+    if evals is not None and not any(evals):
+      evals = None
+  for shares, field in ((train, 'config.data.train_path'),
+                        (evals, eval_field)):
+    if shares is not None and (error := criteo.share_error(shares, field)):
+      raise ValueError(error)
+  counts = gather([criteo.count_rows(train[pi]),
+                   criteo.count_rows(evals[pi]) if evals else 0])
+  per = config.batch_size // pc
+  bpe = int(counts[:, 0].min()) // per
+  logging.info('criteo_tsv over %d processes: train lines per process %s'
+               ' (%d steps an epoch of %d rows each), eval lines %s', pc,
+               counts[:, 0].tolist(), bpe, per, counts[:, 1].tolist())
+  lines = criteo.LineCounter(), criteo.LineCounter()
+  train_src = pipeline.TsvSource(train[pi], stop=int(counts[pi, 0]),
+                                 counter=lines[0], report=report, **kw)
+  eval_src = pipeline.TsvSource(
+      evals[pi], stop=int(counts[pi, 1]), counter=lines[1],
+      report=eval_report, **kw) if evals else None
+  return (train_src, eval_src, bpe,
+          counts[:, 1].tolist() if evals else None, lines)
 
 
 def _eval_fraction(d) -> float:

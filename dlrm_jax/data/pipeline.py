@@ -6,12 +6,14 @@ streamed). `TrainBatches` cuts a source into global batches of fixed size,
 epoch after epoch, optionally shuffling within fixed windows of rows; batch k
 is a pure function of (source, seed, k), so a run resumed at step k sees the
 same batches as a run that never stopped. Each process keeps its own slice of
-every global batch. `EvalBatches` walks a source once, padding the last batch.
+every global batch, or (`lockstep`) reads a source of its own rows only.
+`EvalBatches` walks this process's eval rows once, padding the last batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import queue
 import threading
 from typing import Any, Callable, Iterator, Sequence
@@ -54,13 +56,19 @@ class SyntheticSource:
 
 
 class TsvSource:
-  """Valid rows `start .. stop` of Criteo text files (streamed)."""
+  """Valid rows `start .. stop` of Criteo text files (streamed).
 
-  def __init__(self, paths: Sequence[str], *, start: int = 0,
+  `paths` may hold `criteo.Segment`s (a process's byte ranges); `counter`
+  (a `criteo.LineCounter`) counts the lines handed to the parser.
+  """
+
+  def __init__(self, paths: Sequence[str | criteo.Segment], *, start: int = 0,
                stop: int | None = None, labeled: bool = True,
                bad_lines: str = 'error', chunk_rows: int = 65536,
-               report: criteo.BadLineReport | None = None):
+               report: criteo.BadLineReport | None = None,
+               counter: criteo.LineCounter | None = None):
     self.paths = list(paths)
+    self.counter = counter
     self.start = start
     if stop is None:  # Valid rows: lines, unless malformed ones are skipped.
       stop = (criteo.count_rows(self.paths) if bad_lines == 'error' else
@@ -72,7 +80,8 @@ class TsvSource:
     self.chunk_rows = chunk_rows
     self.report = report if report is not None else criteo.BadLineReport()
     self._reported_through = 0  # rows whose malformed lines are reported
-    names = ', '.join(self.paths[:3]) + (' ...' if len(self.paths) > 3 else '')
+    names = ', '.join(getattr(p, 'name', p) for p in self.paths[:3]) + (
+        ' ...' if len(self.paths) > 3 else '')
     self.description = f'{names} (rows {start:,}..{stop:,})'
 
   def iter_rows(self, offset: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -85,7 +94,8 @@ class TsvSource:
     for chunk in criteo.read_criteo(
         self.paths, labeled=self.labeled, bad_lines=self.bad_lines,
         report=report, chunk_rows=self.chunk_rows,
-        skip_rows=self.start + offset, max_rows=self.num_rows - offset):
+        skip_rows=self.start + offset, max_rows=self.num_rows - offset,
+        counter=self.counter):
       pos += len(chunk['int'])
       if fresh:
         self._reported_through = max(self._reported_through, pos)
@@ -144,11 +154,18 @@ class TrainBatches:
   Batch k of epoch e takes rows `[j*B, (j+1)*B)` (j = k mod batches per epoch)
   of the epoch's row order. With `shuffle_window > 0` the order permutes rows
   within consecutive windows of that many rows, seeded by (seed, epoch, window).
+
+  With `batches_per_epoch` given (lockstep mode, for several processes that
+  each read a source of their own rows, `process_count=1` here), every epoch
+  is exactly that many batches: rows past them are dropped, and a source
+  that ends sooner (lines skipped as malformed) is read again from its
+  start to fill the epoch, so that all processes take the same steps.
   """
 
   def __init__(self, source, make_batch: ModelBatchMaker, batch_size: int, *,
                seed: int = 0, shuffle_window: int = 0,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1,
+               batches_per_epoch: int | None = None):
     if batch_size % process_count:
       raise ValueError(
           f'config.batch_size ({batch_size}) must divide evenly over'
@@ -162,11 +179,15 @@ class TrainBatches:
       self.window = -(-self.window // batch_size) * batch_size
     self.process_index = process_index
     self.process_count = process_count
-    self.batches_per_epoch = source.num_rows // batch_size
+    self.lockstep = batches_per_epoch is not None
+    self.batches_per_epoch = (source.num_rows // batch_size
+                              if batches_per_epoch is None else
+                              int(batches_per_epoch))
     if self.batches_per_epoch == 0:
       raise ValueError(
           f'the training data ({source.description}) has fewer rows than one'
-          f' batch (config.batch_size={batch_size}).')
+          f' batch (config.batch_size={batch_size}'
+          + (' over the processes' if self.lockstep else '') + ').')
 
   def _epoch_rows(self, epoch: int, offset: int):
     """Raw rows of an epoch in training order, from row `offset`."""
@@ -185,6 +206,16 @@ class TrainBatches:
         skip = 0
       yield window
 
+  def _refill(self, epoch: int):
+    """The epoch's rows again and again (lockstep mode)."""
+    while True:
+      empty = True
+      for window in self._epoch_rows(epoch, 0):
+        empty = False
+        yield window
+      if empty:
+        return
+
   def iterate(self, position: int = 0
               ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """Endless (position after it, model batch) pairs from `position` on.
@@ -200,6 +231,8 @@ class TrainBatches:
     while True:
       epoch, j = divmod(step, self.batches_per_epoch)
       rows = self._epoch_rows(epoch, j * self.batch_size)
+      if self.lockstep:  # Refilled from the start if the data ends early.
+        rows = itertools.chain(rows, self._refill(epoch))
       start = step
       for raw in _rebatch(rows, self.batch_size):
         if len(raw['label']) < self.batch_size:
@@ -220,28 +253,39 @@ class TrainBatches:
 
 
 class EvalBatches:
-  """One pass over a source in order; the last batch is padded.
+  """One pass over this process's eval rows in order; the last batch padded.
 
-  Yields (model batch, number of real rows in it). Every process yields the
-  same number of batches (`num_batches`). With `cache`, the model batches of
+  `source` holds this process's rows only: a contiguous run of the eval set,
+  process p's run just after process p-1's, so the runs concatenated in
+  process order are the eval set in order (the order `Trainer.evaluate`
+  combines predictions in, whatever the mesh). Each batch holds
+  `batch_size // process_count` of them. `counts[p]` is (at least) the rows
+  of process p, known to every process; every process yields the same
+  number of batches (`num_batches`, from the largest), batches past its own
+  rows being all padding. Yields (model batch, number of real rows in it).
+  With `cache`, the model batches of
   the first pass are kept in memory (about 160 bytes a row) and replayed: for
   an eval set cut from the end of the training files, which would otherwise
   be reached by parsing the training rows again at every evaluation.
   """
 
   def __init__(self, source, make_batch: ModelBatchMaker, batch_size: int, *,
-               process_index: int = 0, process_count: int = 1,
+               process_count: int = 1, counts: Sequence[int] | None = None,
                cache: bool = False):
     if batch_size % process_count:
       raise ValueError(
           f'config.eval_batch_size ({batch_size}) must divide evenly over'
           f' {process_count} processes.')
+    counts = [source.num_rows] if counts is None else list(counts)
+    if len(counts) != process_count:
+      raise ValueError(f'{len(counts)} row counts for {process_count}'
+                       ' processes.')
     self.source = source
     self.make_batch = make_batch
     self.batch_size = batch_size
-    self.process_index = process_index
     self.process_count = process_count
-    self.num_batches = -(-source.num_rows // batch_size)
+    self.per_process = batch_size // process_count
+    self.num_batches = max(-(-c // self.per_process) for c in counts)
     self._cache = [] if cache else None
     self._cached = False
 
@@ -256,15 +300,28 @@ class EvalBatches:
     self._cached = self._cache is not None
 
   def _read(self) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-    per = self.batch_size // self.process_count
-    lo = self.process_index * per
-    for raw in _rebatch(self.source.iter_rows(0), self.batch_size):
+    per = self.per_process
+    done = 0
+    last = None
+    for raw in _rebatch(self.source.iter_rows(0), per):
+      if done == self.num_batches:
+        raise ValueError(
+            f'the eval data ({self.source.description}) has more rows than'
+            f' counted ({self.num_batches} batches of {per}).')
       n = len(raw['label'])
-      if n < self.batch_size:
-        pad = np.zeros(self.batch_size - n, np.int64)
+      if n < per:
+        pad = np.zeros(per - n, np.int64)
         raw = {k: np.concatenate([v, v[pad]]) for k, v in raw.items()}
-      mine = _take(raw, slice(lo, lo + per))
-      yield self.make_batch(mine), max(0, min(per, n - lo))
+      last = self.make_batch(raw)
+      done += 1
+      yield last, n
+    if done < self.num_batches and last is None:
+      raise ValueError(
+          f'the eval data of this process ({self.source.description}) has no'
+          f' row, but others have {self.num_batches} batches: fewer eval rows'
+          ' than processes?')
+    for _ in range(self.num_batches - done):  # Other processes' rows left.
+      yield last, 0
 
 
 def prefetch(iterator: Iterator[Any], size: int) -> Iterator[Any]:

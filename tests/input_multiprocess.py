@@ -1,0 +1,65 @@
+"""Worker of input_multiprocess_test (not a test by itself).
+
+  python -m tests.input_multiprocess PORT PROCESS_ID NUM_PROCESSES OUT_JSON \
+      TRAIN_FILE EVAL_FILE
+
+With NUM_PROCESSES > 1 the processes join over 127.0.0.1 (jax.distributed).
+Each builds the criteo_tsv data of the tiny config, reads its training share
+once (counting the lines its reader hands to the parser), takes a few
+lockstep train steps, and evaluates the initial state on the eval file.
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+
+def main(port, pid, num, out, train_file, eval_file):
+  if num > 1:
+    jax.distributed.initialize(f'127.0.0.1:{port}', num, pid)
+  from dlrm_jax import train  # pylint: disable=g-import-not-at-top
+  from dlrm_jax.data import inputs  # pylint: disable=g-import-not-at-top
+  from tests import train_test  # pylint: disable=g-import-not-at-top
+  config = inputs.prepare_config(train_test.tiny_config(**{
+      'data.source': 'criteo_tsv', 'data.train_path': train_file,
+      'data.eval_path': eval_file, 'data.shuffle_buffer': 1024,
+      'batch_size': 64, 'eval_batch_size': 256}))
+  trainer = train.Trainer(config)
+  data = inputs.make_data(config, trainer.setup,
+                          process_index=jax.process_index(),
+                          process_count=jax.process_count())
+  share = data.train.source
+  rows = list(share.iter_rows())  # the whole share, once
+  cat = np.concatenate([r['cat'] for r in rows])
+  train_lines = data.train_lines.lines if data.train_lines else None
+  state = trainer.init_state(config.seed)
+  steps = 0
+  acc = jax.device_put(train._zero_acc(), trainer._replicated)  # pylint: disable=protected-access
+  for steps, batch in data.train.iterate(data.train.batches_per_epoch - 2):
+    state, acc = trainer.train_step(state, trainer.put_batch(batch), acc)
+    if steps == data.train.batches_per_epoch + 1:  # into the next epoch
+      break
+  result, probs, labels = trainer.evaluate(trainer.init_state(config.seed),
+                                           data.eval)
+  with open(out, 'w') as f:
+    json.dump({
+        'segments': [[getattr(s, 'path', s), getattr(s, 'begin', 0),
+                      getattr(s, 'end', None)] for s in share.paths],
+        'share_rows': int(len(cat)), 'share_cat_sum': int(cat.sum()),
+        'first_cat': cat[0].tolist(), 'last_cat': cat[-1].tolist(),
+        'train_lines': train_lines,
+        'eval_lines': data.eval_lines.lines if data.eval_lines else None,
+        'batches_per_epoch': data.train.batches_per_epoch,
+        'steps': int(steps), 'state_step': int(jax.device_get(state.step)),
+        'loss': float(jax.device_get(acc['loss_sum'])),
+        'metrics': {k: float(v) for k, v in result.items()},
+        'probs': probs.tolist(), 'labels': labels.tolist()}, f)
+  if num > 1:
+    jax.distributed.shutdown()
+
+
+if __name__ == '__main__':
+  main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
+       sys.argv[5], sys.argv[6])
