@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dlrm_jax.embedding import rounding
 from dlrm_jax.embedding import table_access
 
 QUANTIZE = (None, 'fp16', 'int8')
@@ -96,9 +97,9 @@ def file_names(name: str, quantize: str | None):
 
 
 def _writer_blocks(engine, state, name):
-  """(logical rows [a, b), columns [c0, c1), the jax shard holding them, its
-  first row) for the blocks this process writes: each stored block once, by
-  the process of the lowest-id device holding it."""
+  """(stack, piece, the jax shard holding it, its first row in the shard) for
+  the blocks this process writes: each stored block once, by the process of
+  the lowest-id device holding it."""
   out = []
   for s, pc, g0 in table_access.pieces(engine, name):
     arr = state['stacks'][s.name]
@@ -110,7 +111,7 @@ def _writer_blocks(engine, state, name):
       continue
     shard = next(sh for sh in arr.addressable_shards if sh.device == writer)
     r0 = shard.index[0].indices(arr.shape[0])[0]
-    out.append((pc, shard, g0 - r0))
+    out.append((s, pc, shard, g0 - r0))
   return out
 
 
@@ -150,10 +151,11 @@ def write_tables(engine, state, out_dir: str, quantize: str | None = None
           b = min(a + CHUNK_ROWS, t.num_rows)
           _put(outs, slice(a, b), slice(None), quantize_rows(w[a:b], quantize))
     else:
-      for pc, shard, off in _writer_blocks(engine, state, t.name):
+      for s, pc, shard, off in _writer_blocks(engine, state, t.name):
         for a in range(0, pc.rows, CHUNK_ROWS):
           b = min(a + CHUNK_ROWS, pc.rows)
-          block = np.asarray(shard.data[off + a:off + b])
+          block = rounding.to_logical(np.asarray(shard.data[off + a:off + b]),
+                                      s.dtype)
           rows = slice(pc.row_start + a, pc.row_start + b)
           cols = slice(pc.col_start, pc.col_start + pc.width)
           _put(outs, rows, cols, quantize_rows(block, quantize))

@@ -39,6 +39,7 @@ from dlrm_jax.embedding import EmbeddingEngine
 from dlrm_jax.embedding import admission as admission_lib
 from dlrm_jax.embedding import remapping
 from dlrm_jax.embedding import plan as plan_lib
+from dlrm_jax.embedding import rounding
 from dlrm_jax.models import DLRM
 
 
@@ -275,7 +276,11 @@ class Trainer:
     return {
         'model': model,
         'tables': {t.name: {'num_rows': t.num_rows, 'dim': t.dim,
-                            'dtype': t.dtype, 'optimizer': t.optimizer.kind}
+                            'dtype': t.dtype, 'optimizer': t.optimizer.kind,
+                            # 16-bit tables are stored as uint16 bit patterns
+                            # (older checkpoints stored them as bf16/f16).
+                            **({'storage': 'uint16'} if t.dtype in
+                               rounding.LOW_PRECISION else {})}
                    for t in self.setup.tables},
         'dense_optimizer': self.config.optimizer.kind,
         'grad_clip': bool(self.config.optimizer.get('grad_clip_norm', 0.0)),

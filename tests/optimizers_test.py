@@ -19,6 +19,7 @@ from dlrm_jax.embedding import EmbeddingEngine, FeatureSpec
 from dlrm_jax.embedding import SparseOptimizerSpec, TableSpec
 from dlrm_jax.embedding import plan as plan_lib
 from dlrm_jax.embedding import rounding
+from dlrm_jax.embedding import table_access
 from tests import reference
 
 ROWS, DIM, B = 11, 4, 8
@@ -46,12 +47,8 @@ def row_grads(ids, grads, bag):
 
 
 def set_table(engine, state, values):
-  """A state whose logical table 't' is `values` (one stack, one device)."""
-  (name,) = state['stacks']
-  stack = np.zeros(state['stacks'][name].shape, np.float32)
-  stack[:values.shape[0]] = values
-  return {'stacks': {name: jnp.asarray(stack, state['stacks'][name].dtype)},
-          'slots': state['slots']}
+  """A state whose logical table 't' is `values` (in the table's dtype)."""
+  return table_access.set_table(engine, state, 't', values)
 
 
 OPTIMIZERS = {

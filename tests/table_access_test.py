@@ -9,6 +9,7 @@ from absl.testing import parameterized
 import jax
 import numpy as np
 
+from dlrm_jax import export_tables
 from dlrm_jax.embedding import EmbeddingEngine
 from dlrm_jax.embedding import table_access
 from tests import embedding_test
@@ -77,6 +78,48 @@ class TableAccessTest(parameterized.TestCase):
     for got, w in zip(embs, want):
       np.testing.assert_allclose(np.asarray(got), np.asarray(w), rtol=1e-5,
                                  atol=1e-6)
+
+  @parameterized.parameters('bfloat16', 'float16')
+  def test_low_precision_tables_stored_as_bits(self, dtype):
+    # 16-bit tables are stored as their uint16 bit patterns; get_table,
+    # gather_table, lookups and exports see the logical values.
+    tables, features = embedding_test.make_specs('adagrad', dtype=dtype)
+    mesh = reference.mesh_of(2, 4)
+    engine = EmbeddingEngine(tables, features, mesh,
+                             sharding_test.mixed_plan(tables, 4))
+    state = engine.init(jax.random.key(0))
+    for leaf in jax.tree.leaves(state['stacks']):
+      self.assertEqual(leaf.dtype, np.uint16)
+    for leaf in jax.tree.leaves(engine.abstract_state()['stacks']):
+      self.assertEqual(leaf.dtype, np.uint16)
+    logical = jax.numpy.dtype(dtype)
+    new = np.random.default_rng(1).normal(
+        size=(tables[0].num_rows, tables[0].dim)).astype(np.float32)
+    state = table_access.set_table(engine, state, 'shared', new)
+    got = table_access.get_table(engine, state, 'shared')
+    self.assertEqual(got.dtype, logical)
+    np.testing.assert_array_equal(got, new.astype(logical))  # NumPy's cast
+    np.testing.assert_array_equal(engine.gather_table(state, 'shared'), got)
+    # Initial values: the float32 engine's, rounded to nearest once.
+    engine32 = EmbeddingEngine(embedding_test.make_specs('adagrad')[0],
+                               features, reference.single_device_mesh())
+    bag = table_access.get_table(engine, state, 'bag')
+    self.assertEqual(bag.dtype, logical)
+    np.testing.assert_array_equal(
+        bag, engine32.gather_table(engine32.init(jax.random.key(0)),
+                                   'bag').astype(logical))
+    ids = embedding_test.make_ids(np.random.default_rng(2), features, tables,
+                                  batch=16)
+    embs, _ = engine.lookup(
+        state['stacks'],
+        jax.device_put(ids, jax.sharding.NamedSharding(mesh,
+                                                       engine.ids_spec())))
+    np.testing.assert_array_equal(np.asarray(embs[0]),
+                                  got.astype(np.float32)[ids[:, 0]])
+    out = self.create_tempdir().full_path
+    files = export_tables.write_tables(engine, state, out)
+    np.testing.assert_array_equal(
+        np.load(f'{out}/{files["shared"]}'), got.astype(np.float32))
 
   def test_memmap_values_and_errors(self):
     tables, features = embedding_test.make_specs('rowwise_adagrad')

@@ -37,6 +37,7 @@ from dlrm_jax.embedding import initialization
 from dlrm_jax.embedding import optimizers
 from dlrm_jax.embedding import plan as plan_lib
 from dlrm_jax.embedding import relayout as relayout_lib
+from dlrm_jax.embedding import rounding
 from dlrm_jax.embedding import specs as specs_lib
 from dlrm_jax.embedding.relayout import EmbeddingState
 from dlrm_jax.embedding.specs import FeatureSpec, TableSpec
@@ -126,13 +127,18 @@ class EmbeddingEngine:
                         is_leaf=lambda x: isinstance(x, P))
 
   def abstract_state(self) -> EmbeddingState:
-    """ShapeDtypeStructs (with shardings) of the state, allocating nothing."""
+    """ShapeDtypeStructs (with shardings) of the state, allocating nothing.
+
+    bfloat16/float16 tables are stored as uint16 bit patterns
+    (`rounding.storage_dtype`; `gather_table` and `table_access` give their
+    logical values); optimizer slots are float32.
+    """
     stacks, slots = {}, {}
     for s in self.stacks:
       rows, width = relayout_lib.stack_shape(s, self.num_shards)
       spec = self._stack_spec(s, 2)
       stacks[s.name] = jax.ShapeDtypeStruct(
-          (rows, width), jnp.dtype(s.dtype),
+          (rows, width), rounding.storage_dtype(s.dtype),
           sharding=NamedSharding(self.mesh, spec))
       slots[s.name] = {
           k: jax.ShapeDtypeStruct(
@@ -390,7 +396,8 @@ class EmbeddingEngine:
 
   def gather_table(self, state: EmbeddingState, name: str,
                    slot: str | None = None) -> np.ndarray:
-    """The whole logical `[R, D]` table (or a slot of it) on the host.
+    """The whole logical `[R, D]` table (or a slot of it) on the host, in
+    the table's logical dtype (bfloat16 tables as bfloat16).
 
     For tests and small tables only: it copies the table to host memory.
     """

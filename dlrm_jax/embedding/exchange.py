@@ -345,6 +345,13 @@ class StackExchange:
   # --------------------------------------------------------------------------
   # Lookup.
 
+  def _rows(self, table: jax.Array, idx: jax.Array) -> jax.Array:
+    """`[...]` local rows (>= C: zero) of the stored `[C, W]` table ->
+    `[..., W]` float32 values (16-bit tables are stored as uint16 and only
+    the gathered rows are converted: `rounding.storage_dtype`)."""
+    return rounding.rows_to_float32(
+        table.at[idx].get(mode='fill', fill_value=0), self.stack.dtype)
+
   def lookup(self, table: jax.Array, ids: jax.Array) -> jax.Array:
     """`[C, W]` rows held here, `[B_l, T]` ids -> `[B_l, n_seg, W]` float32
     pooled embeddings of the stack's segments for this device's examples."""
@@ -352,7 +359,7 @@ class StackExchange:
     if self.stack.replicated:
       r = self.all_routing
       idx, wts = self._route(r, ids, jnp.int32(0))
-      rows = table.at[idx].get(mode='fill', fill_value=0).astype(jnp.float32)
+      rows = self._rows(table, idx)
       if wts is not None:
         rows = rows * wts[..., None]
       return _pool(rows, r.widths)
@@ -360,8 +367,7 @@ class StackExchange:
     if self.owned is not None:
       o = self.owned
       local = self.comm.all_to_all(self._send_rows(ids))
-      rows = table.at[local].get(mode='fill', fill_value=0).astype(
-          jnp.float32)
+      rows = self._rows(table, local)
       pooled = self._owner_pool(rows, self._owner_weights(local, my), my)
       back = self.comm.all_to_all(pooled)
       if o.out_index.shape[1] > 1:  # partial bags of row-split segments
@@ -377,7 +383,7 @@ class StackExchange:
       r = self.rowwise_routing
       ids_grp = self.comm.all_gather(ids, MODEL)
       idx, wts = self._route(r, ids_grp, my)
-      rows = table.at[idx].get(mode='fill', fill_value=0).astype(jnp.float32)
+      rows = self._rows(table, idx)
       if wts is not None:
         rows = rows * wts[..., None]
       parts.append(self.comm.psum_scatter(_pool(rows, r.widths), MODEL))
@@ -518,22 +524,23 @@ class StackExchange:
       g_sum = g_sum[:, :w]
       row_msq = jnp.sum(full * full, axis=-1) / jnp.maximum(
           self._row_dims(uniq, self._my()), 1.0)
-    w_rows = table.at[uniq].get(mode='fill', fill_value=0)
+    w_rows = self._rows(table, uniq)
     slot_rows = {k: v.at[uniq].get(mode='fill', fill_value=0)
                  for k, v in slots.items()}
     new_rows, new_slot_rows = optimizers.update_rows(
-        self.stack.optimizer, lr, step, w_rows.astype(jnp.float32), g_sum,
+        self.stack.optimizer, lr, step, w_rows, g_sum,
         slot_rows, row_msq=row_msq)
-    new_rows = self._to_table_dtype(new_rows, uniq, step)
-    return rounding.set_rows(table, uniq, new_rows), {
+    new_rows = self._to_storage(new_rows, uniq, step)
+    return _store_rows(table, uniq, new_rows), {
         k: _store_rows(slots[k], uniq, v) for k, v in new_slot_rows.items()}
 
-  def _to_table_dtype(self, rows: jax.Array, uniq: jax.Array,
-                      step: jax.Array) -> jax.Array:
-    """Updated `[U, W]` float32 rows at local rows `uniq` in the table dtype:
-    stochastic rounding for bfloat16/float16 tables, hashed on (table, step,
-    logical row, logical column), so every replica, plan and mesh draws the
-    same bits for the same element."""
+  def _to_storage(self, rows: jax.Array, uniq: jax.Array,
+                  step: jax.Array) -> jax.Array:
+    """Updated `[U, W]` float32 rows at local rows `uniq` in the table's
+    stored form: bfloat16/float16 tables stochastically rounded, hashed on
+    (table, step, logical row, logical column), so every replica, plan and
+    mesh draws the same bits for the same element, then as their uint16
+    patterns (`rounding.to_storage`)."""
     dtype = jnp.dtype(self.stack.dtype)
     if dtype == jnp.float32:
       return rows
@@ -548,15 +555,17 @@ class StackExchange:
         self.stack.width)[None, :]
     seeds = jnp.asarray(np.array(
         [zlib.crc32(tb.name.encode()) for tb in self.tables], np.uint32))
-    return optimizers.cast_rows(self.stack.optimizer, rows, dtype, seeds[t],
-                                row, step, col_ids=col)
+    return rounding.to_storage(
+        optimizers.cast_rows(self.stack.optimizer, rows, dtype, seeds[t],
+                             row, step, col_ids=col), dtype)
 
 
 def _store_rows(table: jax.Array, rows: jax.Array, new_rows: jax.Array
                 ) -> jax.Array:
-  """Writes `[U, ...]` float32 `new_rows` at unique local `rows` (those
-  >= the table's rows are dropped), in the table's dtype. The one place
-  updated rows are written back (rounding to low precision happens here)."""
+  """Writes `[U, ...]` `new_rows` at unique local `rows` (those >= the
+  table's rows are dropped), cast to the table's dtype (16-bit tables get
+  rows already in their stored form: `StackExchange._to_storage`). The one
+  place updated rows are written back."""
   return table.at[rows].set(new_rows.astype(table.dtype), mode='drop',
                             unique_indices=True)
 

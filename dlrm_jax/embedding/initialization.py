@@ -61,7 +61,8 @@ def piece_tables(stack: plan_lib.Stack, tables: Sequence[TableSpec],
 def init_stack_local(stack: plan_lib.Stack, tables: Sequence[TableSpec],
                      num_shards: int, my: jax.Array,
                      seeds: jax.Array) -> jax.Array:
-  """This device's `[C, W]` rows of a stack (`my`: its model shard).
+  """This device's `[C, W]` rows of a stack (`my`: its model shard), in the
+  stack's stored form (`rounding.storage_dtype`).
 
   Rows are filled in chunks, in place, so nothing table-sized is allocated
   twice.
@@ -91,7 +92,8 @@ def init_stack_local(stack: plan_lib.Stack, tables: Sequence[TableSpec],
     tnormal = sqrt2 * jax.scipy.special.erfinv(u * trunc)
     val = jnp.select([kind == 0, kind == 1, kind == 2], [u, normal, tnormal],
                      jnp.zeros_like(u)) * scales[t][:, None]
-    return jnp.where(valid[:, None], val, 0.0).astype(dtype)
+    return rounding.to_storage(
+        jnp.where(valid[:, None], val, 0.0).astype(dtype), dtype)
 
   cap = stack.capacity
   chunk = min(_INIT_CHUNK_ROWS, cap)
@@ -101,7 +103,7 @@ def init_stack_local(stack: plan_lib.Stack, tables: Sequence[TableSpec],
     j = i * chunk + jnp.arange(chunk, dtype=jnp.int32)
     return jax.lax.dynamic_update_slice(buf, rows_values(j), (i * chunk, 0))
 
-  buf = jnp.zeros((cap, width), dtype)
+  buf = jnp.zeros((cap, width), rounding.storage_dtype(dtype))
   buf = jax.lax.fori_loop(0, n_full, body, buf)
   if cap % chunk:
     j = n_full * chunk + jnp.arange(cap % chunk, dtype=jnp.int32)

@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dlrm_jax.embedding import optimizers
 from dlrm_jax.embedding import plan as plan_lib
+from dlrm_jax.embedding import rounding
 from dlrm_jax.embedding.specs import TableSpec
 from dlrm_jax.parallel import BATCH_AXES
 
@@ -45,7 +46,8 @@ def abstract_state_of_layout(stacks: Sequence[plan_lib.Stack],
   out = {'stacks': {}, 'slots': {}}
   for s in stacks:
     rows, width = stack_shape(s, num_shards)
-    out['stacks'][s.name] = struct((rows, width), s.dtype)
+    out['stacks'][s.name] = struct((rows, width),
+                                   rounding.storage_dtype(s.dtype))
     out['slots'][s.name] = {
         k: struct(shape, jnp.float32)
         for k, (shape, _) in optimizers.slot_shapes(
@@ -62,7 +64,9 @@ def relayout(new_stacks: Sequence[plan_lib.Stack], num_shards: int,
 
   Every overlap of an old piece and a new piece of the same table (rows and
   columns) is copied with static slices, so the compiler moves only those
-  blocks between devices.
+  blocks between devices. Tables are moved in their stored form (uint16 bit
+  patterns for 16-bit tables); a table whose dtype changed is rounded to
+  nearest into the new one.
   """
   old_by_table: dict[str, list[tuple[plan_lib.Stack, plan_lib.Piece]]] = {}
   for s in old_stacks:
@@ -76,7 +80,7 @@ def relayout(new_stacks: Sequence[plan_lib.Stack], num_shards: int,
     out_stacks, out_slots = {}, {}
     for s in new_stacks:
       rows, width = stack_shape(s, num_shards)
-      table = jnp.zeros((rows, width), jnp.dtype(s.dtype))
+      table = jnp.zeros((rows, width), rounding.storage_dtype(s.dtype))
       slot_shapes = optimizers.slot_shapes(s.optimizer, rows, width)
       slots = {k: jnp.full(shape, v, jnp.float32)
                for k, (shape, v) in slot_shapes.items()}
@@ -93,9 +97,11 @@ def relayout(new_stacks: Sequence[plan_lib.Stack], num_shards: int,
           n = r1 - r0
           block = old_state['stacks'][os_.name][
               src:src + n, c0 - opc.col_start:c1 - opc.col_start]
+          if os_.dtype != s.dtype:  # a new table dtype: round to nearest
+            block = rounding.to_storage(
+                rounding.rows_to_float32(block, os_.dtype), s.dtype)
           table = table.at[dst:dst + n,
-                           c0 - pc.col_start:c1 - pc.col_start].set(
-                               block.astype(table.dtype))
+                           c0 - pc.col_start:c1 - pc.col_start].set(block)
           for k in slots:
             old = old_state['slots'][os_.name][k]
             if old.ndim == 1:
@@ -113,7 +119,8 @@ def relayout(new_stacks: Sequence[plan_lib.Stack], num_shards: int,
 def gather_table(stacks: Sequence[plan_lib.Stack], table: TableSpec,
                  state: EmbeddingState, slot: str | None = None
                  ) -> np.ndarray:
-  """The whole logical `[R, D]` table (or a slot of it) on the host.
+  """The whole logical `[R, D]` table (or a slot of it) on the host, in the
+  table's logical dtype (16-bit tables are stored as uint16).
 
   For tests and small tables only: it copies the table to host memory.
   """
@@ -122,6 +129,8 @@ def gather_table(stacks: Sequence[plan_lib.Stack], table: TableSpec,
     arr = state['stacks'][s.name] if slot is None else state['slots'][
         s.name][slot]
     arr = np.asarray(jax.device_get(arr))
+    if slot is None:
+      arr = rounding.to_logical(arr, s.dtype)
     for pc in s.pieces:
       if pc.table != table.name:
         continue

@@ -101,15 +101,6 @@ def stochastic_round(x: jax.Array, dtype, seed: int | jax.Array,
                    f' dtypes are float32 and {list(LOW_PRECISION)}.')
 
 
-def to_float32(x: jax.Array) -> jax.Array:
-  """Exact upcast; bfloat16 through its bits (a shift), which XLA:CPU runs
-  faster than its convert."""
-  if x.dtype == jnp.bfloat16:
-    u = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16
-    return jax.lax.bitcast_convert_type(u, jnp.float32)
-  return x.astype(jnp.float32)
-
-
 def round_nearest(x: jax.Array, dtype) -> jax.Array:
   """Round-to-nearest-even cast (bf16 through integer ops, as above)."""
   dtype = jnp.dtype(dtype)
@@ -122,20 +113,54 @@ def round_nearest(x: jax.Array, dtype) -> jax.Array:
   return x.astype(dtype)
 
 
-def set_rows(table: jax.Array, rows: jax.Array, values: jax.Array
-             ) -> jax.Array:
-  """`table.at[rows].set(values)` (unique rows, out-of-range dropped).
+# ----------------------------------------------------------------------------
+# Storage: bfloat16/float16 tables are kept as their 16-bit patterns (uint16).
+#
+# XLA:CPU has no native bf16/f16 scatter or dynamic-update: it normalizes one
+# to float32, converting the WHOLE table there and back on every step (1.4 s
+# for a 2.6M x 64 table); a bitcast of the table to uint16 inside the step
+# still copies it in and out of the view. A table stored as uint16 scatters
+# the touched rows in place (ms). So the engine state holds uint16 arrays for
+# low-precision tables, and only rows are bitcast, at the boundaries:
+# gathered rows -> `rows_to_float32`; updated rows -> rounded -> `to_storage`.
 
-  A bfloat16/float16 table is scattered through its 16-bit integer view:
-  XLA:CPU otherwise normalizes a low-precision scatter to float32, converting
-  the whole table there and back on every step (hundreds of ms for a 1 GB
-  table) instead of writing the touched rows in place.
-  """
-  dtype = table.dtype
-  if dtype.itemsize != 2:
-    return table.at[rows].set(values.astype(dtype), mode='drop',
-                              unique_indices=True)
-  bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
-  vbits = jax.lax.bitcast_convert_type(values.astype(dtype), jnp.uint16)
-  bits = bits.at[rows].set(vbits, mode='drop', unique_indices=True)
-  return jax.lax.bitcast_convert_type(bits, dtype)
+
+def storage_dtype(dtype) -> np.dtype:
+  """The dtype a table of logical `dtype` is stored in: uint16 for
+  bfloat16/float16 (their bit patterns), else `dtype` itself."""
+  dtype = jnp.dtype(dtype)
+  return jnp.dtype(jnp.uint16) if dtype.name in LOW_PRECISION else dtype
+
+
+def to_storage(x, dtype):
+  """Values of logical `dtype` (or float32, rounded to nearest) -> their
+  stored form (`storage_dtype(dtype)`). numpy in, numpy out."""
+  dtype = jnp.dtype(dtype)
+  if storage_dtype(dtype) == dtype:
+    return x.astype(dtype)
+  if isinstance(x, np.ndarray):
+    return np.asarray(x, dtype).view(np.uint16)
+  if x.dtype != dtype:
+    x = round_nearest(x, dtype)
+  return jax.lax.bitcast_convert_type(x, jnp.uint16)
+
+
+def to_logical(x, dtype):
+  """Stored values -> values of the logical `dtype` (a bitcast for 16-bit
+  tables; anything else is returned as is). numpy in, numpy out."""
+  dtype = jnp.dtype(dtype)
+  if storage_dtype(dtype) == dtype or x.dtype != jnp.uint16:
+    return x
+  if isinstance(x, np.ndarray):
+    return x.view(dtype)
+  return jax.lax.bitcast_convert_type(x, dtype)
+
+
+def rows_to_float32(x: jax.Array, dtype) -> jax.Array:
+  """Stored rows of a table of logical `dtype` -> exact float32 values;
+  bfloat16 by a shift of its bits (no bf16 op at all)."""
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.bfloat16 and x.dtype == jnp.uint16:
+    u = x.astype(jnp.uint32) << 16
+    return jax.lax.bitcast_convert_type(u, jnp.float32)
+  return to_logical(x, dtype).astype(jnp.float32)

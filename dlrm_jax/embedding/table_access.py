@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from dlrm_jax.embedding import optimizers
+from dlrm_jax.embedding import rounding
 from dlrm_jax.parallel import MODEL
 
 EmbeddingState = dict[str, Any]
@@ -99,14 +100,16 @@ def get_table(engine, state: EmbeddingState, name: str,
     slot: None for the weights, else a slot of the table's optimizer.
 
   Returns:
-    `[R, D]` in the table's storage dtype, or `[R]` for a row-wise slot.
+    `[R, D]` in the table's logical dtype (a bfloat16 table as bfloat16,
+    though it is stored as uint16 bit patterns), or `[R]` float32 for a
+    row-wise slot.
   """
   shape = _logical_shape(engine, name, state, slot)
   out = None
   for s, pc, g0 in pieces(engine, name):
     arr = _array(engine, state, s, slot)
     if out is None:
-      out = np.zeros(shape, arr.dtype)
+      out = np.zeros(shape, jnp.dtype(s.dtype) if slot is None else arr.dtype)
     holders = [d for d, idx in arr.sharding.devices_indices_map(
         arr.shape).items() if covers(idx[0], arr.shape[0], g0, pc.rows)]
     if {d.process_index for d in holders} == set(range(jax.process_count())):
@@ -116,6 +119,8 @@ def get_table(engine, state: EmbeddingState, name: str,
       block = np.asarray(sh.data[g0 - r0:g0 - r0 + pc.rows])
     else:  # the same decision in every process: all take part
       block = np.asarray(_cut(engine, arr, s, pc).addressable_data(0))
+    if slot is None:
+      block = rounding.to_logical(block, s.dtype)
     if arr.ndim == 2:
       out[pc.row_start:pc.row_start + pc.rows,
           pc.col_start:pc.col_start + pc.width] = block
@@ -163,7 +168,8 @@ def set_table(engine, state: EmbeddingState, name: str, values,
     state: its state; not modified (its arrays stay valid).
     name: the table.
     values: `[R, D]` (or `[R]` for a row-wise slot) array-like with numpy
-      slicing: only the rows this process's devices own are read.
+      slicing: only the rows this process's devices own are read. Weights
+      are cast (round to nearest) to the table's logical dtype.
     slot: None for the weights, else a slot of the table's optimizer.
 
   Returns:
@@ -201,7 +207,9 @@ def set_table(engine, state: EmbeddingState, name: str, values,
         src = slice(pc.row_start + lo - g0, pc.row_start + hi - g0)
         if buf.ndim == 2:
           block = np.asarray(values[src, pc.col_start:pc.col_start + pc.width])
-          buf[lo - r0:hi - r0] = block.astype(buf.dtype)
+          buf[lo - r0:hi - r0] = (
+              block.astype(buf.dtype) if slot is not None else
+              rounding.to_storage(block, s.dtype))
         else:
           buf[lo - r0:hi - r0] = np.asarray(values[src]).astype(buf.dtype)
       return buf
