@@ -104,16 +104,14 @@ class DataSetup:
       `loader.GrainTrainData` (random access, grain).
     eval: the eval batches, or None.
     description: what the data is, for the log.
-    synthetic: whether it is the built-in generator's.
     teacher_auc: the generator's best achievable AUC.
     bad_lines: malformed training lines skipped.
     eval_bad_lines: malformed eval lines skipped.
   """
 
-  train: Any
+  train: pipeline.TrainBatches | loader.GrainTrainData
   eval: pipeline.EvalBatches | None
   description: str
-  synthetic: bool
   teacher_auc: float | None
   bad_lines: criteo.BadLineReport
   eval_bad_lines: criteo.BadLineReport | None = None
@@ -243,8 +241,8 @@ def make_data(config, setup, *, process_index: int = 0,
       eval_src, make_batch, config.eval_batch_size, process_index=pi,
       process_count=pc, cache=cache_eval
   ) if eval_src is not None and eval_src.num_rows else None
-  return DataSetup(train, evals, description, kind == 'synthetic',
-                   teacher_auc, report, eval_bad_lines=eval_report)
+  return DataSetup(train, evals, description, teacher_auc, report,
+                   eval_bad_lines=eval_report)
 
 
 def _eval_fraction(d) -> float:
