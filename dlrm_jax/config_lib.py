@@ -569,9 +569,6 @@ def build_loop(config) -> LoopSpec:
     raise ValueError(
         f'config.target_auc ({target!r}) must be an AUC in (0, 1], or 0 for'
         ' no target.')
-  for field in ('log_every_steps', 'eval_every_steps',
-                'checkpoint_every_steps', 'max_to_keep'):
-    _positive_int(config[field], f'config.{field}')
   return LoopSpec(
       num_train_steps=int(steps) if steps > 0 else None, num_epochs=epochs,
       min_train_steps=min_steps, batch_size=int(config.batch_size),

@@ -133,6 +133,11 @@ class Trainer:
     engine: the embedding engine.
     model: the Flax DLRM (dense and over arches).
     tx: the dense optimizer.
+    resets_rows: whether batches carry managed-collision row resets.
+    needs_host_state: whether `predict`/`evaluate` need a run's HostState.
+
+  It holds nothing of a run: a run's host-side id state is a `HostState`
+  (`new_host_state`), so runs can share one Trainer.
   """
 
   def __init__(self, config, *, mesh: Mesh | None = None,
