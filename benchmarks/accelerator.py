@@ -239,7 +239,7 @@ def run_case(name: str) -> dict:
   jax.block_until_ready(state)
   init_s = time.time() - t0
   batches = [trainer.put_batch(b) for b in host_batches(trainer, 3)]
-  acc = jax.device_put(train._zero_acc(), trainer._replicated)  # pylint: disable=protected-access
+  acc = trainer.zero_metrics()
   t0 = time.time()
   compiled = trainer.train_step.lower(state, batches[0], acc).compile()
   compile_s = time.time() - t0

@@ -112,7 +112,7 @@ def child(task: dict) -> dict:
         'ids': np.stack([rng.integers(0, r, b) for r in rows], 1).astype(
             np.int32),
         'label': (rng.random(b) < 0.25).astype(np.float32)})
-    acc = jax.device_put(train._zero_acc(), trainer._replicated)  # pylint: disable=protected-access
+    acc = trainer.zero_metrics()
     for _ in range(3):
       state, acc = trainer.train_step(state, batch, acc)
     jax.block_until_ready(acc)

@@ -163,11 +163,11 @@ def dlrm(paths, seed, workdir, overrides=None):
   test_config = inputs.prepare_config(config)
   test_config.data.eval_path = paths['test']
   data = inputs.make_data(test_config, trainer.setup)
-  if trainer.admission is not None:  # the sketch of the kept step
-    ckpt = ckpt_lib.BestCheckpointer(workdir, config.keep_best_metric, 'max')
-    train._load_host_state(trainer, ckpt.restore_remappers(step))  # pylint: disable=protected-access
-    ckpt.close()
-  test, _, _ = trainer.evaluate(state, data.eval)
+  host = trainer.new_host_state()  # the kept step's remappers and sketch
+  ckpt = ckpt_lib.BestCheckpointer(workdir, config.keep_best_metric, 'max')
+  host.restore(ckpt, step)
+  ckpt.close()
+  test, _, _ = trainer.evaluate(state, data.eval, host)
   return test, {'best_step': step, 'steps_run': summary['step'],
                 'valid_auc': summary['best_eval']}
 

@@ -104,7 +104,7 @@ def run_one(rows: int) -> dict:
         'label': (rng.random(b) < 0.25).astype(np.float32),
     }
     batches.append(trainer.put_batch(host))
-  acc = jax.device_put(train._zero_acc(), trainer._replicated)  # pylint: disable=protected-access
+  acc = trainer.zero_metrics()
   t0 = time.time()
   state, acc = trainer.train_step(state, batches[0], acc)
   jax.block_until_ready(acc)

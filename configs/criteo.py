@@ -26,7 +26,10 @@ Any field can be overridden on the command line, e.g.
 
 from ml_collections import config_dict
 
-NUM_INT, NUM_CAT = 13, 26
+from dlrm_jax.data import loader
+from dlrm_jax.data import rows
+
+NUM_INT, NUM_CAT = rows.NUM_INT, rows.NUM_CAT
 
 # TorchEasyRec's table sizes for Criteo 1TB (examples/dlrm_criteo.config).
 TERABYTE_NUM_BUCKETS = (
@@ -36,8 +39,7 @@ TERABYTE_NUM_BUCKETS = (
 
 # MLPerf DLRM-DCNv2's bag sizes of the 26 categorical features
 # (mlcommons/training recommendation_v2/torchrec_dlrm README, --multi_hot_sizes).
-MLPERF_HOTNESS = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12,
-                  100, 27, 10, 3, 1, 1)
+MLPERF_HOTNESS = loader.MLPERF_HOTNESS
 
 # Distinct values per categorical column of Criteo Kaggle, capped at 100k:
 # every table stays small enough for a laptop.

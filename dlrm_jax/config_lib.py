@@ -57,65 +57,42 @@ def _positive_int(value, path: str) -> int:
   return value
 
 
-def build_feature(name: str, cfg: Mapping[str, Any]) -> features_lib.Feature:
-  """One feature from `config.features.<name>`."""
-  path = f'config.features.{name}'
-  cfg = dict(cfg)
-  kind = cfg.pop('type', None)
-  if kind not in FEATURE_TYPES:
+def _build_raw_feature(name: str, path: str, column: str, col_kind: str,
+                       cfg: Mapping[str, Any]) -> features_lib.RawFeature:
+  _check_fields(path, 'raw', cfg,
+                {'normalizer', 'boundaries', 'embedding_dim', 'embedding_name'})
+  if col_kind != 'int':
     raise ValueError(
-        f'{path}.type ({kind!r}) must be one of {list(FEATURE_TYPES)}.')
-  column = cfg.pop('input', None) or name
-  col_kind, _ = features_lib.parse_input(column, path=f'{path}.input')
-
-  def known(allowed):
-    unknown = set(cfg) - set(allowed)
-    if unknown:
-      raise ValueError(
-          f'{path} has fields {sorted(unknown)} that a {kind} feature does not'
-          f' take; it takes {sorted(allowed)}.')
-
-  if kind == 'raw':
-    known({'normalizer', 'boundaries', 'embedding_dim', 'embedding_name'})
-    if col_kind != 'int':
-      raise ValueError(
-          f'{path}.input ({column!r}) must be an integer column (int_<i>)'
-          ' for a raw feature.')
-    normalizer = cfg.get('normalizer') or 'none'
-    if normalizer not in features_lib.NORMALIZERS:
-      raise ValueError(
-          f'{path}.normalizer ({normalizer!r}) must be one of'
-          f' {list(features_lib.NORMALIZERS)}.')
-    boundaries = cfg.get('boundaries')
-    dim = cfg.get('embedding_dim')
-    if boundaries is not None:
-      boundaries = tuple(float(b) for b in boundaries)
-      if not boundaries or any(
-          b >= c for b, c in zip(boundaries, boundaries[1:])):
-        raise ValueError(
-            f'{path}.boundaries ({list(boundaries)}) must be a non-empty,'
-            ' strictly increasing list.')
-      _positive_int(dim, f'{path}.embedding_dim')
-    elif dim is not None:
-      raise ValueError(
-          f'{path}.embedding_dim ({dim}) needs {path}.boundaries: a raw'
-          ' feature gets an embedding only when bucketized.')
-    return features_lib.RawFeature(
-        name=name, input=column, normalizer=normalizer, boundaries=boundaries,
-        embedding_dim=dim, embedding_name=cfg.get('embedding_name'))
-
-  allowed = {'embedding_dim', 'num_buckets', 'hash_bucket_size',
-             'embedding_name'}
-  if kind == 'id':
-    allowed |= {'max_ids', 'combiner', 'managed_collision'}
-  else:
-    allowed |= {'sequence_length'}
-  known(allowed)
-  if col_kind != 'cat':
+        f'{path}.input ({column!r}) must be an integer column (int_<i>)'
+        ' for a raw feature.')
+  normalizer = cfg.get('normalizer') or 'none'
+  if normalizer not in features_lib.NORMALIZERS:
     raise ValueError(
-        f'{path}.input ({column!r}) must be a categorical column (cat_<i>)'
-        f' for an {kind} feature.')
-  dim = _positive_int(cfg.get('embedding_dim'), f'{path}.embedding_dim')
+        f'{path}.normalizer ({normalizer!r}) must be one of'
+        f' {list(features_lib.NORMALIZERS)}.')
+  boundaries = cfg.get('boundaries')
+  dim = cfg.get('embedding_dim')
+  if boundaries is not None:
+    boundaries = tuple(float(b) for b in boundaries)
+    if not boundaries or any(
+        b >= c for b, c in zip(boundaries, boundaries[1:])):
+      raise ValueError(
+          f'{path}.boundaries ({list(boundaries)}) must be a non-empty,'
+          ' strictly increasing list.')
+    _positive_int(dim, f'{path}.embedding_dim')
+  elif dim is not None:
+    raise ValueError(
+        f'{path}.embedding_dim ({dim}) needs {path}.boundaries: a raw'
+        ' feature gets an embedding only when bucketized.')
+  return features_lib.RawFeature(
+      name=name, input=column, normalizer=normalizer, boundaries=boundaries,
+      embedding_dim=dim, embedding_name=cfg.get('embedding_name'))
+
+
+def _id_rows(path: str, cfg: Mapping[str, Any]
+             ) -> tuple[int | None, int | None, str | None]:
+  """(num_buckets, hash_bucket_size, managed-collision policy) of an id
+  feature, checked: exactly one way to give its rows, at least 2 of them."""
   nb, hb = cfg.get('num_buckets'), cfg.get('hash_bucket_size')
   mc = _to_dict(cfg.get('managed_collision'))
   policy = None
@@ -145,6 +122,42 @@ def build_feature(name: str, cfg: Mapping[str, Any]) -> features_lib.Feature:
     raise ValueError(
         f'{path}.{field} ({rows}) must be at least 2: row 0 holds missing'
         ' values.')
+  return nb, hb, policy
+
+
+def _check_fields(path: str, kind: str, cfg: Mapping[str, Any], allowed):
+  unknown = set(cfg) - set(allowed)
+  if unknown:
+    raise ValueError(
+        f'{path} has fields {sorted(unknown)} that a {kind} feature does not'
+        f' take; it takes {sorted(allowed)}.')
+
+
+def build_feature(name: str, cfg: Mapping[str, Any]) -> features_lib.Feature:
+  """One feature from `config.features.<name>`."""
+  path = f'config.features.{name}'
+  cfg = dict(cfg)
+  kind = cfg.pop('type', None)
+  if kind not in FEATURE_TYPES:
+    raise ValueError(
+        f'{path}.type ({kind!r}) must be one of {list(FEATURE_TYPES)}.')
+  column = cfg.pop('input', None) or name
+  col_kind, _ = features_lib.parse_input(column, path=f'{path}.input')
+  if kind == 'raw':
+    return _build_raw_feature(name, path, column, col_kind, cfg)
+  allowed = {'embedding_dim', 'num_buckets', 'hash_bucket_size',
+             'embedding_name'}
+  if kind == 'id':
+    allowed |= {'max_ids', 'combiner', 'managed_collision'}
+  else:
+    allowed |= {'sequence_length'}
+  _check_fields(path, kind, cfg, allowed)
+  if col_kind != 'cat':
+    raise ValueError(
+        f'{path}.input ({column!r}) must be a categorical column (cat_<i>)'
+        f' for an {kind} feature.')
+  dim = _positive_int(cfg.get('embedding_dim'), f'{path}.embedding_dim')
+  nb, hb, policy = _id_rows(path, cfg)
   if kind == 'sequence_id':
     return features_lib.SequenceIdFeature(
         name=name, input=column, embedding_dim=dim, num_buckets=nb,
@@ -152,10 +165,10 @@ def build_feature(name: str, cfg: Mapping[str, Any]) -> features_lib.Feature:
         sequence_length=int(cfg.get('sequence_length') or 1))
   max_ids = _positive_int(cfg.get('max_ids', 1), f'{path}.max_ids')
   combiner = cfg.get('combiner') or 'sum'
-  if combiner not in features_lib.COMBINERS:
+  if combiner not in emb_specs.COMBINERS:
     raise ValueError(
         f'{path}.combiner ({combiner!r}) must be one of'
-        f' {list(features_lib.COMBINERS)}.')
+        f' {list(emb_specs.COMBINERS)}.')
   if policy and max_ids != 1:
     raise ValueError(
         f'{path}: managed_collision takes single-valued features; max_ids is'
@@ -235,13 +248,10 @@ def build_sparse_optimizer(cfg, path: str) -> emb_specs.SparseOptimizerSpec:
   return opt
 
 
-def build(config) -> ModelSetup:
-  """Validates the features, groups, model and embedding configs."""
-  if config.model.get('name', 'dlrm') != 'dlrm':
-    raise ValueError(
-        f"config.model.name ({config.model.name!r}) must be 'dlrm'.")
-  features = {name: build_feature(name, cfg)
-              for name, cfg in _to_dict(config.features).items()}
+def _feature_groups(config, features: Mapping[str, features_lib.Feature]
+                    ) -> tuple[list[features_lib.Feature],
+                               list[features_lib.Feature]]:
+  """The dense and sparse groups of `config.model.feature_groups`, checked."""
   groups = _to_dict(config.model.feature_groups)
   unknown_groups = set(groups) - {'dense', 'sparse'}
   if unknown_groups:
@@ -291,6 +301,17 @@ def build(config) -> ModelSetup:
           ' without boundaries (no embedding); give it boundaries and an'
           ' embedding_dim, or move it to the dense group.')
     sparse.append(f)
+  return dense, sparse
+
+
+def build(config) -> ModelSetup:
+  """Validates the features, groups, model and embedding configs."""
+  if config.model.get('name', 'dlrm') != 'dlrm':
+    raise ValueError(
+        f"config.model.name ({config.model.name!r}) must be 'dlrm'.")
+  features = {name: build_feature(name, cfg)
+              for name, cfg in _to_dict(config.features).items()}
+  dense, sparse = _feature_groups(config, features)
   dims = {f.name: f.embedding_dim for f in sparse}
   if len(set(dims.values())) > 1:
     raise ValueError(
@@ -490,3 +511,72 @@ def load_config(spec: str):
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(variant or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+  """The training loop of a run; each field is the config field of the same
+  name (`data.prefetch`, `data.record_batches` for the last two), whose
+  defaults are in configs/criteo.py.
+
+  Attributes:
+    num_train_steps: steps to train; None: `num_epochs` over the train rows.
+    num_epochs: epochs when `num_train_steps` is None.
+    min_train_steps: with epochs, at least this many steps (whole epochs).
+    batch_size: global train batch.
+    seed: seeds parameters, dropout and data.
+    log_every_steps: progress line and metrics row.
+    eval_every_steps: full evaluation (and at the end).
+    checkpoint_every_steps: checkpoint (and at the end).
+    max_to_keep: checkpoints kept.
+    target_auc: the eval AUC that ends training; None when off.
+    keep_best_metric: eval metric whose best state is kept; None when off.
+    early_stopping: `config.early_stopping` as a dict.
+    prefetch: train batches prepared ahead (streamed text).
+    record_batches: log a digest of each step's ids to batches.jsonl.
+  """
+
+  num_train_steps: int | None
+  num_epochs: float
+  min_train_steps: int
+  batch_size: int
+  seed: int
+  log_every_steps: int
+  eval_every_steps: int
+  checkpoint_every_steps: int
+  max_to_keep: int
+  target_auc: float | None
+  keep_best_metric: str | None
+  early_stopping: Mapping[str, Any]
+  prefetch: int
+  record_batches: bool
+
+
+def build_loop(config) -> LoopSpec:
+  """`config`'s training loop, validated (ValueErrors name the field)."""
+  steps, epochs = config.num_train_steps, config.num_epochs
+  if steps == 0 or (steps < 0 and epochs <= 0):
+    raise ValueError(
+        f'config.num_train_steps ({steps}) must be positive,'
+        f' or -1 with a positive config.num_epochs ({epochs}).')
+  min_steps = int(config.min_train_steps or 0)
+  if min_steps < 0:
+    raise ValueError(
+        f'config.min_train_steps ({min_steps}) must be >= 0 (0: off).')
+  target = config.target_auc or 0.0
+  if isinstance(target, bool) or not isinstance(target, (int, float)) or not (
+      0.0 <= target <= 1.0):
+    raise ValueError(
+        f'config.target_auc ({target!r}) must be an AUC in (0, 1], or 0 for'
+        ' no target.')
+  return LoopSpec(
+      num_train_steps=int(steps) if steps > 0 else None, num_epochs=epochs,
+      min_train_steps=min_steps, batch_size=int(config.batch_size),
+      seed=int(config.seed), log_every_steps=config.log_every_steps,
+      eval_every_steps=config.eval_every_steps,
+      checkpoint_every_steps=config.checkpoint_every_steps,
+      max_to_keep=config.max_to_keep, target_auc=float(target) or None,
+      keep_best_metric=config.keep_best_metric or None,
+      early_stopping=_to_dict(config.early_stopping),
+      prefetch=int(config.data.prefetch),
+      record_batches=bool(config.data.record_batches))

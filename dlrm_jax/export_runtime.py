@@ -18,7 +18,7 @@ import numpy as np
 
 from dlrm_jax.data import rows as rows_lib
 
-NUM_INT, NUM_CAT = 13, 26
+NUM_INT, NUM_CAT = rows_lib.NUM_INT, rows_lib.NUM_CAT
 INPUTS = ('int', 'cat', 'cat_present')
 _DTYPES = {'int': np.int32, 'cat': np.uint32, 'cat_present': np.bool_}
 

@@ -29,7 +29,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 NORMALIZERS = ('none', 'log(x+1)', 'log(x+3)')
-COMBINERS = ('sum', 'mean', 'sqrtn')
 MISSING_ID = 0  # The row reserved for a missing categorical value.
 
 _INPUT_RE = re.compile(r'^(int|cat)_(\d+)$')
@@ -90,7 +89,7 @@ class IdFeature:
       the modulo, which spreads structured ids. Exclusive with num_buckets.
     embedding_name: optional name of a table shared with other features.
     max_ids: most ids one example carries (1: single-hot).
-    combiner: pooling of a multi-hot bag: one of COMBINERS.
+    combiner: pooling of a multi-hot bag: one of `dlrm_jax.embedding.specs.COMBINERS`.
     managed_collision: eviction policy ('lru' or 'lfu') when the raw values
       are mapped to the `num_buckets` rows by a managed-collision remapper
       (each live value its own row) instead of by modulo; None otherwise.
@@ -187,6 +186,40 @@ def map_ids(values, feature: IdFeature, xp=np, missing=None):
   return xp.where(missing, MISSING_ID, ids)
 
 
+def bucketize(values, feature: RawFeature, xp=np):
+  """A bucketized numeric feature's rows (int32): negatives (and missing,
+  written 0) clamp to 0, then row i holds boundaries[i-1] <= x <
+  boundaries[i] (`searchsorted(..., side='right')`, TorchRec/TorchEasyRec's
+  bucketize)."""
+  x = xp.maximum(values.astype(xp.float32), 0.0)
+  return xp.searchsorted(xp.asarray(feature.boundaries, dtype=xp.float32), x,
+                         side='right').astype(xp.int32)
+
+
+def lookup_sorted(values, keys, rows, unknown: int, missing, xp=np):
+  """Table rows (int32) of raw `values` by a sorted table `keys -> rows`:
+  missing values read MISSING_ID, values not in the table `unknown`.
+
+  The mapping of vocabulary features (preprocessing, `preprocess.map_vocab`;
+  unknown: the out-of-vocabulary row) and of managed-collision remapper
+  tables in the export (unknown: row 0), on numpy or jax.numpy.
+
+  Args:
+    values: raw values (uint32), `[B]`.
+    keys: the table's sorted raw values, `[K]` (same dtype as `values`).
+    rows: the row of each key, `[K]`.
+    unknown: the row of values not in the table.
+    missing: boolean mask of missing values, `[B]`.
+    xp: numpy or jax.numpy.
+  """
+  if keys.shape[0] == 0:
+    return xp.where(missing, MISSING_ID, unknown).astype(xp.int32)
+  pos = xp.clip(xp.searchsorted(keys, values), 0, keys.shape[0] - 1)
+  found = keys[pos] == values
+  return xp.where(missing, MISSING_ID,
+                  xp.where(found, rows[pos], unknown)).astype(xp.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureTransform:
   """Turns raw batches into model batches (see the module docstring)."""
@@ -231,10 +264,7 @@ class FeatureTransform:
       col = None if ('ids' in raw and isinstance(f, IdFeature)) else (
           self._column(raw, f.input))
       if isinstance(f, RawFeature):
-        x = xp.maximum(col.astype(xp.float32), 0.0)
-        ids = xp.searchsorted(
-            xp.asarray(f.boundaries, dtype=xp.float32), x, side='right')
-        ids = ids.astype(xp.int32)
+        ids = bucketize(col, f, xp)
       elif f.managed_collision:
         # Raw values go to the remapper, which fills the ids in (in order,
         # outside the input threads: it keeps state).

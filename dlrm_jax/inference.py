@@ -23,18 +23,21 @@ from dlrm_jax import train
 from dlrm_jax.data import binary
 from dlrm_jax.data import criteo
 from dlrm_jax.data import inputs
+from dlrm_jax.data import pipeline
 from dlrm_jax.data import rows as rows_lib
 from dlrm_jax.data import preprocess
 
 
 @dataclasses.dataclass
 class TrainedModel:
-  """A restored run: its config, trainer and state."""
+  """A restored run: its config, trainer, state and host-side id state
+  (managed-collision remappers, admission sketch)."""
 
   config: Any
   trainer: train.Trainer
   state: train.TrainState
   step: int
+  host: train.HostState | None = None
 
   def raw_to_model_rows(self, rows: dict[str, np.ndarray]
                         ) -> dict[str, np.ndarray]:
@@ -46,8 +49,8 @@ class TrainedModel:
       meta = binary.Metadata.load(d.binary_dir)
       if meta.id_scheme == 'vocab':
         rows = dict(rows)
-        rows['ids'] = preprocess.map_vocab(rows.pop('cat'),
-                                           _vocab_lookups(d.binary_dir))
+        rows['ids'] = preprocess.map_vocab(
+            rows.pop('cat'), preprocess.load_vocab_lookups(d.binary_dir))
     return rows
 
   def id_tables(self) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
@@ -57,11 +60,11 @@ class TrainedModel:
     if inputs.source_kind(self.config) == 'binary':
       meta = binary.Metadata.load(d.binary_dir)
       if meta.id_scheme == 'vocab':
-        lookups = _vocab_lookups(d.binary_dir)
-        for f in self.trainer.setup.transform.sparse:
-          if f.input.startswith('cat_'):
-            tables[f.name] = lookups[int(f.input[4:])] + (preprocess.OOV_ID,)
-    for name, r in self.trainer.remapper.remappers.items():
+        tables.update(preprocess.vocab_id_tables(
+            preprocess.load_vocab_lookups(d.binary_dir),
+            self.trainer.setup.transform))
+    host = self.host or self.trainer.new_host_state()
+    for name, r in host.remapper.remappers.items():
       live = r.live_ids()
       keys = np.array(sorted(live), np.int64)
       if len(keys) and (keys.max() >= 2**32 or keys.min() < 0):
@@ -73,28 +76,17 @@ class TrainedModel:
     return tables
 
 
-def _vocab_lookups(binary_dir: str):
-  lookups = []
-  for j in range(criteo.NUM_CAT):
-    with np.load(os.path.join(binary_dir, 'vocab', f'cat_{j}.npz')) as z:
-      values = z['values']
-    ids = np.arange(2, 2 + len(values), dtype=np.int32)
-    order = np.argsort(values, kind='stable')
-    lookups.append((values[order], ids[order]))
-  return lookups
-
-
 def load(config, workdir: str, step: int | None = None) -> TrainedModel:
   """Restores the latest good (or a given) checkpoint of a run."""
   config_checks.validate_numbers(config)
   config = inputs.prepare_config(config)
   trainer = train.Trainer(config)
   ckpt = ckpt_lib.Checkpointer(workdir)
+  host = trainer.new_host_state()
 
   def restore(step):
     state, _ = trainer.restore(ckpt, step)
-    if trainer.remapper:
-      trainer.remapper.load_state_dict(ckpt.restore_remappers(step))
+    host.restore(ckpt, step)
     return state
 
   try:
@@ -112,7 +104,7 @@ def load(config, workdir: str, step: int | None = None) -> TrainedModel:
           ' first, or pass the --workdir of a run.')
   finally:
     ckpt.close()
-  return TrainedModel(config, trainer, state, step)
+  return TrainedModel(config, trainer, state, step, host)
 
 
 def _restore_step(ckpt: ckpt_lib.Checkpointer, step: int, restore):
@@ -128,8 +120,7 @@ def _restore_step(ckpt: ckpt_lib.Checkpointer, step: int, restore):
 
 def _labeled(path: str) -> bool:
   """Whether a Criteo file has the 40-field (labeled) layout."""
-  opener = criteo._open  # pylint: disable=protected-access
-  with opener(path) as f:
+  with criteo.open_file(path) as f:
     head = f.read(1 << 16)
   first = (rows_lib.split_lines(head) or [b''])[0]  # Ends at \n, \r\n, \r.
   n = first.count(b'\t') + 1
@@ -147,9 +138,7 @@ def _batches(model: TrainedModel, paths: Sequence[str], labeled: bool
   maker = inputs.make_batch_maker(model.config, model.trainer.setup)
   for chunk in criteo.read_criteo(paths, labeled=labeled, chunk_rows=b):
     n = len(chunk['int'])
-    if n < b:
-      pad = np.zeros(b - n, np.int64)
-      chunk = {k: np.concatenate([v, v[pad]]) for k, v in chunk.items()}
+    chunk = pipeline.pad_rows(chunk, b)
     if not labeled:
       chunk['label'] = np.zeros(b, np.float32)
     yield maker(model.raw_to_model_rows(chunk)), n
@@ -173,7 +162,7 @@ def predict(model: TrainedModel, paths: Sequence[str] | str,
   try:
     with open(tmp, 'w') as out:
       for batch, n in _batches(model, paths, labeled):
-        probs = model.trainer.predict(model.state, batch)[:n]
+        probs = model.trainer.predict(model.state, batch, model.host)[:n]
         out.write(''.join(f'{p:.7f}\n' for p in probs))
         total += n
     os.replace(tmp, output)
@@ -194,7 +183,7 @@ def eval_predictions(model: TrainedModel,
     paths = criteo.expand_paths(paths, field='--input')
     probs, labels = [], []
     for batch, n in _batches(model, paths, True):
-      probs.append(model.trainer.predict(model.state, batch)[:n])
+      probs.append(model.trainer.predict(model.state, batch, model.host)[:n])
       labels.append(batch['label'][:n])
     probs, labels = np.concatenate(probs), np.concatenate(labels)
     return metrics_lib.evaluate(probs, labels), probs, labels
@@ -203,7 +192,7 @@ def eval_predictions(model: TrainedModel,
                           process_count=jax.process_count())
   if data.eval is None:
     raise ValueError('the config has no eval set; pass --input files.')
-  return model.trainer.evaluate(model.state, data.eval)
+  return model.trainer.evaluate(model.state, data.eval, model.host)
 
 
 def evaluate(model: TrainedModel, paths: Sequence[str] | str | None = None

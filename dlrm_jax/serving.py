@@ -144,26 +144,11 @@ class ServingModel:
 
   # --------------------------------------------------------------------------
 
-  def _ids(self, f, cat, present, id_tables):
-    index = int(f.input[4:])
-    values, missing = cat[:, index], ~present[:, index]
-    if f.name in id_tables:
-      keys, rows, unknown = id_tables[f.name]
-      pos = jnp.clip(jnp.searchsorted(keys, values), 0, keys.shape[0] - 1)
-      found = (keys.shape[0] > 0) & (keys[pos] == values)
-      return jnp.where(missing, 0, jnp.where(found, rows[pos], unknown))
-    return features_lib.map_ids(values, f, jnp, missing=missing)
-
   def _sparse(self, params, ints, cat, present, features):
     """`[B, len(features), D]` embeddings of some sparse features."""
     out = []
     for f in features:
-      if isinstance(f, features_lib.RawFeature):
-        x = jnp.maximum(ints[:, int(f.input[4:])].astype(jnp.float32), 0.0)
-        ids = jnp.searchsorted(jnp.asarray(f.boundaries, jnp.float32), x,
-                               side='right')
-      else:
-        ids = self._ids(f, cat, present, params['id_tables'])
+      ids = sparse_ids(f, ints, cat, present, params['id_tables'])
       table = params['tables'][self._table_of[f.name]]
       if f.max_ids == 1:
         out.append(export_tables.take_rows(table, ids))
@@ -324,3 +309,27 @@ def _write(path: str, data: bytes) -> None:
     f.write(data)
 
 
+def sparse_ids(f, ints, cat, present, id_tables, xp=jnp):
+  """`[B]` table rows of one sparse feature of raw rows, as the exported
+  function maps them, by the feature transform's mappers
+  (`features.bucketize`, `features.lookup_sorted` for the `id_tables`
+  features, `features.map_ids` for the others).
+
+  Args:
+    f: the feature (`features.RawFeature` with boundaries, or `IdFeature`).
+    ints: `[B, 13]` integer columns.
+    cat: `[B, 26]` uint32 raw hashes.
+    present: `[B, 26]` whether each hash is present.
+    id_tables: per feature name, (sorted raw values, their rows, the row of
+      values not in the table).
+    xp: jax.numpy (the export) or numpy.
+  """
+  if isinstance(f, features_lib.RawFeature):
+    return features_lib.bucketize(ints[:, int(f.input[4:])], f, xp)
+  index = int(f.input[4:])
+  values, missing = cat[:, index], ~present[:, index]
+  if f.name in id_tables:
+    keys, rows, unknown = id_tables[f.name]
+    return features_lib.lookup_sorted(values, keys, rows, unknown, missing,
+                                      xp)
+  return features_lib.map_ids(values, f, xp, missing=missing)

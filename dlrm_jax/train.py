@@ -38,9 +38,10 @@ from dlrm_jax.data import pipeline
 from dlrm_jax.embedding import EmbeddingEngine
 from dlrm_jax.embedding import admission as admission_lib
 from dlrm_jax.embedding import remapping
+from dlrm_jax.embedding import specs as emb_specs
 from dlrm_jax.embedding import plan as plan_lib
 from dlrm_jax.embedding import rounding
-from dlrm_jax.models import DLRM
+from dlrm_jax.models import DLRM, MLPSpec
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -79,6 +80,28 @@ def _zero_acc() -> dict[str, jax.Array]:
       'first_nonfinite': jnp.full((), -1, jnp.int32),
       'invalid_ids': jnp.zeros((), jnp.int32),
   }
+
+
+# Spec fields that fix no state shape (hyperparameters a resumed run may
+# change), left out of `Trainer.signature`; a sparse optimizer's state is
+# fixed by its kind alone.
+_UNSHAPED_FIELDS = {
+    MLPSpec: ('activation', 'dropout_ratio'),
+    emb_specs.TableSpec: ('name', 'initializer', 'init_scale', 'combiner'),
+}
+
+
+def _shape_fields(spec) -> Any:
+  """`dataclasses.asdict(spec)` as JSON values, less `_UNSHAPED_FIELDS`."""
+  if isinstance(spec, emb_specs.SparseOptimizerSpec):
+    return spec.kind
+  if dataclasses.is_dataclass(spec):
+    skip = _UNSHAPED_FIELDS.get(type(spec), ())
+    return {f.name: _shape_fields(getattr(spec, f.name))
+            for f in dataclasses.fields(spec) if f.name not in skip}
+  if isinstance(spec, (tuple, list)):
+    return [_shape_fields(x) for x in spec]
+  return spec
 
 
 def make_plan(config, tables, num_shards: int,
@@ -125,6 +148,11 @@ class Trainer:
     engine: the embedding engine.
     model: the Flax DLRM (dense and over arches).
     tx: the dense optimizer.
+    resets_rows: whether batches carry managed-collision row resets.
+    needs_host_state: whether `predict`/`evaluate` need a run's HostState.
+
+  It holds nothing of a run: a run's host-side id state is a `HostState`
+  (`new_host_state`), so runs can share one Trainer.
   """
 
   def __init__(self, config, *, mesh: Mesh | None = None,
@@ -146,8 +174,13 @@ class Trainer:
     self.engine = EmbeddingEngine(self.setup.tables, self.setup.feature_specs,
                                   self.mesh, plan)
     self.model = DLRM(self.setup.model, dtype=self.setup.compute_dtype)
-    self.remapper = self.new_remapper()
-    self.admission = self.new_admission(config)
+    # Rows given to new managed-collision values are reset by the step.
+    self.resets_rows = any(getattr(f, 'managed_collision', None)
+                           for f in self.setup.transform.sparse)
+    # Host-side id state that eval/predict must be given (HostState).
+    self.needs_host_state = self.resets_rows or (
+        admission_lib.AdmissionSpec.from_config(
+            config.get('admission')).min_count > 1)
     self.tx = config_lib.build_dense_optimizer(config.optimizer)
     self.has_bn = any(
         m is not None and m.use_bn
@@ -155,6 +188,7 @@ class Trainer:
     self._replicated = NamedSharding(self.mesh, P())
     shardings = self.state_shardings()
     acc_sh = jax.tree.map(lambda _: self._replicated, _zero_acc())
+    self._acc_shardings = acc_sh
     batch_sh = self.batch_shardings()
     self.train_step = jax.jit(
         self._train_step, in_shardings=(shardings, batch_sh, acc_sh),
@@ -167,17 +201,20 @@ class Trainer:
   def plan(self) -> plan_lib.Plan:
     return self.engine.plan
 
-  def new_admission(self, config) -> admission_lib.IdAdmission | None:
-    """A fresh rare-id admission filter of `config.admission` (None: off)."""
-    return admission_lib.build(config, self.setup.transform,
-                               process_index=jax.process_index(),
-                               process_count=jax.process_count())
+  def new_host_state(self, config=None) -> HostState:
+    """A run's fresh host-side id state: empty managed-collision remappers
+    and, with `config.admission` (of the run's `config`; default the
+    trainer's), an empty rare-id admission sketch."""
+    kw = dict(process_index=jax.process_index(),
+              process_count=jax.process_count())
+    return HostState(
+        remapping.BatchRemapper(self.setup.transform, **kw),
+        admission_lib.build(self.config if config is None else config,
+                            self.setup.transform, **kw))
 
-  def new_remapper(self) -> remapping.BatchRemapper:
-    """Fresh (empty) managed-collision remappers of the model's features."""
-    return remapping.BatchRemapper(
-        self.setup.transform, process_index=jax.process_index(),
-        process_count=jax.process_count())
+  def zero_metrics(self) -> dict[str, jax.Array]:
+    """The train step's metric accumulator, zeroed, on the mesh."""
+    return jax.device_put(_zero_acc(), self._acc_shardings)
 
   # --------------------------------------------------------------------------
   # State.
@@ -257,31 +294,25 @@ class Trainer:
     return state.replace(emb=self.engine.relayout(old_stacks, state.emb)), meta
 
   def signature(self) -> dict[str, Any]:
-    """What fixes the state's shapes; a checkpoint must match it."""
-    m = self.setup.model
+    """What fixes the state's shapes; a checkpoint must match it.
 
-    def mlp(spec):
-      return None if spec is None else {
-          'hidden_units': list(spec.hidden_units), 'use_bn': spec.use_bn,
-          'use_ln': spec.use_ln, 'bias': spec.bias}
-
-    model = {
-        'num_dense': m.num_dense, 'num_sparse': m.num_sparse,
-        'embedding_dim': m.embedding_dim, 'dense_mlp': mlp(m.dense_mlp),
-        'final': mlp(m.final), 'arch_with_sparse': m.arch_with_sparse,
-        'interaction_self': m.interaction_self}
-    if m.interaction != 'dot':  # dot-interaction signatures stay as they were
-      model['interaction'] = m.interaction
-      model['dcn'] = dataclasses.asdict(m.dcn)
+    Derived from the specs (`_shape_fields`): every field is in it except
+    the hyperparameters in `_UNSHAPED_FIELDS`, so a field added to a spec is
+    checked on restore unless it is named there.
+    """
+    model = _shape_fields(self.setup.model)
+    if self.setup.model.interaction == 'dot':
+      # Dot-interaction signatures stay as they were before DCN.
+      del model['interaction'], model['dcn']
+    tables = {t.name: _shape_fields(t) for t in self.setup.tables}
+    for t in self.setup.tables:
+      if t.dtype in rounding.LOW_PRECISION:
+        # 16-bit tables are stored as uint16 bit patterns (older checkpoints
+        # stored them as bf16/f16).
+        tables[t.name]['storage'] = 'uint16'
     return {
         'model': model,
-        'tables': {t.name: {'num_rows': t.num_rows, 'dim': t.dim,
-                            'dtype': t.dtype, 'optimizer': t.optimizer.kind,
-                            # 16-bit tables are stored as uint16 bit patterns
-                            # (older checkpoints stored them as bf16/f16).
-                            **({'storage': 'uint16'} if t.dtype in
-                               rounding.LOW_PRECISION else {})}
-                   for t in self.setup.tables},
+        'tables': tables,
         'dense_optimizer': self.config.optimizer.kind,
         'grad_clip': bool(self.config.optimizer.get('grad_clip_norm', 0.0)),
     }
@@ -295,7 +326,7 @@ class Trainer:
       sh['dense'] = parallel.batch_sharding(self.mesh, 2)
     if with_label:
       sh['label'] = parallel.batch_sharding(self.mesh, 1)
-      if self.remapper:
+      if self.resets_rows:
         sh['reset'] = parallel.batch_sharding(self.mesh, 2)
     return sh
 
@@ -364,16 +395,22 @@ class Trainer:
                                batch.get('dense'), emb, train=False)
     return out['probs']
 
-  def predict(self, state: TrainState, host_batch) -> np.ndarray:
+  def predict(self, state: TrainState, host_batch,
+              host: HostState | None = None) -> np.ndarray:
     """Click probabilities of a batch (this process's rows of it in, the
-    whole global batch out), on the host."""
+    whole global batch out), on the host.
+
+    `host`: the run's remappers and admission sketch (`new_host_state`,
+    loaded from the checkpoint); required when the config has either.
+    """
     probs = self.predict_step(state, self.put_batch(
-        self._eval_batch(host_batch), False))
+        self._eval_batch(host_batch, host), False))
     return np.asarray(
         multihost_utils.process_allgather(probs, tiled=True)
         if jax.process_count() > 1 else jax.device_get(probs))
 
-  def evaluate(self, state: TrainState, batches: pipeline.EvalBatches
+  def evaluate(self, state: TrainState, batches: pipeline.EvalBatches,
+               host: HostState | None = None
                ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Metrics over a whole eval set; also returns (probs, labels).
 
@@ -386,7 +423,7 @@ class Trainer:
     probs, labels = [], []
     for host_batch, n in batches:
       probs.append(self._process_rows(self.predict_step(
-          state, self.put_batch(self._eval_batch(host_batch), False)))[:n])
+          state, self.put_batch(self._eval_batch(host_batch, host), False)))[:n])
       labels.append(host_batch['label'][:n])
     probs = np.concatenate(probs) if probs else np.zeros(0, np.float32)
     labels = np.concatenate(labels) if labels else np.zeros(0, np.float32)
@@ -394,12 +431,14 @@ class Trainer:
       probs, labels = _gather_in_process_order(probs, labels)
     return metrics_lib.evaluate(probs, labels), probs, labels
 
-  def _eval_batch(self, host_batch):
-    if 'mc_raw' in host_batch:
-      host_batch = self.remapper.eval(host_batch)
-    if self.admission is not None:
-      host_batch = self.admission.eval(host_batch)
-    return host_batch
+  def _eval_batch(self, host_batch, host: HostState | None):
+    """A host batch with the run's id remapping and admission applied."""
+    if host is None and self.needs_host_state:
+      raise ValueError(
+          'this config has managed-collision features or config.admission:'
+          ' pass predict/evaluate the run\'s host state (host=, see'
+          ' Trainer.new_host_state and HostState.restore).')
+    return host_batch if host is None else host.eval(host_batch)
 
   @staticmethod
   def _process_rows(x: jax.Array) -> np.ndarray:
@@ -432,54 +471,82 @@ def _gather_in_process_order(*arrays: np.ndarray) -> list[np.ndarray]:
 # Loop.
 
 
-_ADMISSION_KEY = '_id_admission'
+class HostState:
+  """A run's host-side id state, saved as each checkpoint's 'remappers' item.
 
+  Attributes:
+    remapper: the managed-collision remappers (empty without such features).
+    admission: the rare-id admission filter, None without config.admission.
+  """
 
-def _host_state(trainer: Trainer) -> dict[str, Any] | None:
-  """Host-side state saved with each checkpoint (the 'remappers' item): the
-  managed-collision remappers and the rare-id admission sketch."""
-  out = trainer.remapper.state_dict() if trainer.remapper else {}
-  if trainer.admission is not None:
-    out[_ADMISSION_KEY] = trainer.admission.state_dict()
-  return out or None
+  _ADMISSION_KEY = '_id_admission'
 
+  def __init__(self, remapper: remapping.BatchRemapper,
+               admission: admission_lib.IdAdmission | None):
+    self.remapper = remapper
+    self.admission = admission
 
-def _load_host_state(trainer: Trainer, state: dict[str, Any]) -> None:
-  if trainer.remapper:
-    trainer.remapper.load_state_dict(
-        {k: v for k, v in state.items() if k != _ADMISSION_KEY})
-  if trainer.admission is not None:
-    if _ADMISSION_KEY not in state:
-      raise ckpt_lib.IncompatibleCheckpointError(
-          'the checkpoint holds no rare-id admission sketch; it was written'
-          ' without config.admission.min_count.')
-    trainer.admission.load_state_dict(state[_ADMISSION_KEY])
+  def __bool__(self) -> bool:
+    return bool(self.remapper) or self.admission is not None
+
+  def train(self, host_batch: dict[str, Any], step: int) -> dict[str, Any]:
+    """Maps a training batch, updating the state: call in step order."""
+    if self.remapper:
+      host_batch = self.remapper.train(host_batch, step)
+    if self.admission is not None:  # counts ids
+      host_batch = self.admission.train(host_batch)
+    return host_batch
+
+  def eval(self, host_batch: dict[str, Any]) -> dict[str, Any]:
+    """Maps an eval/serving batch without changing the state."""
+    if 'mc_raw' in host_batch:
+      host_batch = self.remapper.eval(host_batch)
+    if self.admission is not None:
+      host_batch = self.admission.eval(host_batch)
+    return host_batch
+
+  def state_dict(self) -> dict[str, Any] | None:
+    out = self.remapper.state_dict() if self.remapper else {}
+    if self.admission is not None:
+      out[self._ADMISSION_KEY] = self.admission.state_dict()
+    return out or None
+
+  def load_state_dict(self, state: dict[str, Any]) -> None:
+    if self.remapper:
+      self.remapper.load_state_dict(
+          {k: v for k, v in state.items() if k != self._ADMISSION_KEY})
+    if self.admission is not None:
+      if self._ADMISSION_KEY not in state:
+        raise ckpt_lib.IncompatibleCheckpointError(
+            'the checkpoint holds no rare-id admission sketch; it was written'
+            ' without config.admission.min_count.')
+      self.admission.load_state_dict(state[self._ADMISSION_KEY])
+
+  def restore(self, ckpt: ckpt_lib.Checkpointer, step: int) -> None:
+    """Loads the state saved with checkpoint `step` (nothing when empty)."""
+    if self:
+      self.load_state_dict(ckpt.restore_remappers(step))
 
 
 def _fmt_eta(seconds: float) -> str:
   return str(datetime.timedelta(seconds=int(max(0, seconds))))
 
 
-def num_train_steps(config, data: inputs.DataSetup) -> int:
-  if config.num_train_steps > 0:
-    return int(config.num_train_steps)
-  if config.num_train_steps == 0 or config.num_epochs <= 0:
-    raise ValueError(
-        f'config.num_train_steps ({config.num_train_steps}) must be positive,'
-        f' or -1 with a positive config.num_epochs ({config.num_epochs}).')
-  steps = int(config.num_epochs * data.train.batches_per_epoch)
+def num_train_steps(loop: config_lib.LoopSpec, data: inputs.DataSetup
+                    ) -> int:
+  """The steps a run trains: `loop.num_train_steps`, else its epochs."""
+  if loop.num_train_steps is not None:
+    return loop.num_train_steps
+  steps = int(loop.num_epochs * data.train.batches_per_epoch)
   # Small data: at least config.min_train_steps (whole epochs), so a small
   # file does not end after a handful of steps (pair it with early stopping).
-  min_steps = int(config.get('min_train_steps', 0) or 0)
-  if min_steps < 0:
-    raise ValueError(
-        f'config.min_train_steps ({min_steps}) must be >= 0 (0: off).')
+  min_steps = loop.min_train_steps
   if steps < min_steps:
     per_epoch = max(1, data.train.batches_per_epoch)
     epochs = -(-min_steps // per_epoch)
     logging.info(
         'small data: %d epoch(s) of %d steps is under config.min_train_steps'
-        ' (%d); training %d epochs (%d steps) instead.', config.num_epochs,
+        ' (%d); training %d epochs (%d steps) instead.', loop.num_epochs,
         per_epoch, min_steps, epochs, epochs * per_epoch)
     steps = epochs * per_epoch
   elif steps < 100 and not min_steps:
@@ -487,19 +554,8 @@ def num_train_steps(config, data: inputs.DataSetup) -> int:
         'small data: %d epoch(s) are only %d steps of batch %d. Set'
         ' config.min_train_steps with early stopping, or start from'
         ' configs/criteo.py:small_data (see the README\'s small-data advice).',
-        config.num_epochs, steps, config.batch_size)
+        loop.num_epochs, steps, loop.batch_size)
   return steps
-
-
-def target_auc(config) -> float | None:
-  """`config.target_auc`: the eval AUC that ends training; None when off."""
-  value = config.get('target_auc') or 0.0
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-      0.0 <= value <= 1.0):
-    raise ValueError(
-        f'config.target_auc ({value!r}) must be an AUC in (0, 1], or 0 for'
-        ' no target.')
-  return float(value) or None
 
 
 def _finished_summary(workdir: str, step: int) -> dict[str, Any] | None:
@@ -528,6 +584,382 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
     return _train_and_evaluate(config, workdir, trainer)
 
 
+def _trainer_for(config, trainer: Trainer | None) -> Trainer:
+  """`trainer`, checked to be of `config`; a new one when None."""
+  if trainer is None:
+    return Trainer(config)
+  same = (trainer.setup == config_lib.build(config) and all(
+      trainer.config[k].to_dict() == config[k].to_dict()
+      for k in ('optimizer', 'embedding', 'mesh')) and all(
+          trainer.config[k] == config[k]
+          for k in ('batch_size', 'eval_batch_size')))
+  if not same:
+    raise ValueError(
+        'the trainer passed to train_and_evaluate was built from a config'
+        ' with another model, optimizer, mesh or batch size.')
+  return trainer
+
+
+def check_window(acc: dict[str, Any], first: int, last: int,
+                 ckpt: ckpt_lib.Checkpointer) -> None:
+  """Raises if the train steps `first..last` (their host-side accumulator
+  `acc`) had a non-finite loss or ids outside their tables.
+
+  Raises:
+    NonFiniteLossError: naming the first bad step and the last checkpoint.
+    InvalidIdError: with the number of invalid ids.
+  """
+  first_bad = int(acc['first_nonfinite'])
+  if first_bad >= 0:
+    good = ckpt.latest_step()
+    raise NonFiniteLossError(
+        f'the training loss became non-finite at step {first_bad}'
+        f' (checked over steps {first}..{last}); nothing was saved after it'
+        + (f'; the last good checkpoint is step {good}' if good is not None
+           else '') + '. Lower the learning rates or check the input data.')
+  if int(acc['invalid_ids']):
+    raise InvalidIdError(
+        f'{int(acc["invalid_ids"])} ids outside their tables reached the'
+        f' train step between steps {first} and {last}; they were ignored.'
+        ' Keep config.data.check_ids on to find the feature and value.')
+
+
+class BatchRecorder:
+  """`config.data.record_batches`: appends what each step consumed (step,
+  process, crc32 of the ids) to `<workdir>/batches.jsonl`, for tests and
+  debugging. Disabled, it does nothing."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self._file = (open(os.path.join(workdir, 'batches.jsonl'), 'a',
+                       buffering=1) if enabled else None)
+
+  def record(self, step: int, host_batch: dict[str, np.ndarray]) -> None:
+    if self._file is not None:
+      self._file.write(json.dumps({
+          'step': step, 'process': jax.process_index(),
+          'ids_crc32': zlib.crc32(np.ascontiguousarray(
+              host_batch['ids']).tobytes())}) + '\n')
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+
+
+class Throughput:
+  """Examples/s since the last `reset` and the ETA of the remaining steps;
+  the first step (compilation) is kept out of the figure."""
+
+  def __init__(self, step: int, total_steps: int, batch_size: int):
+    self.total_steps, self.batch_size = total_steps, batch_size
+    self._compiled = False
+    self.reset(step)
+
+  def reset(self, step: int) -> None:
+    self._start, self._step = time.time(), step
+
+  def stepped(self, step: int, acc) -> None:
+    if not self._compiled:
+      jax.block_until_ready(acc)
+      self._compiled = True
+      self.reset(step)
+
+  def rate(self, step: int) -> tuple[float, str]:
+    """(examples per second, ETA as h:mm:ss) at `step`."""
+    rate = (step - self._step) * self.batch_size / max(
+        time.time() - self._start, 1e-9)
+    eta = (self.total_steps - step) * self.batch_size / max(rate, 1e-9)
+    return rate, _fmt_eta(eta)
+
+
+class BestKeeper:
+  """`config.keep_best_metric`: keeps the state of the best eval so far in
+  `<workdir>/best_checkpoint` (None when the config keeps none)."""
+
+  def __init__(self, workdir: str, metric: str):
+    self.metric = metric
+    self.tracker = early_stopping.EarlyStopping(
+        metric, early_stopping.metric_mode(metric, None,
+                                           'config.keep_best_metric'))
+    self.ckpt = ckpt_lib.BestCheckpointer(workdir, metric, self.tracker.mode)
+
+  @classmethod
+  def of(cls, loop: config_lib.LoopSpec, workdir: str
+         ) -> 'BestKeeper | None':
+    metric = loop.keep_best_metric
+    return cls(workdir, metric) if metric else None
+
+  def update(self, step: int, result: dict[str, float], state: TrainState,
+             meta: dict[str, Any], host: HostState) -> None:
+    """Keeps this step's state when its eval is the best."""
+    if not self.tracker.improved(result[self.metric]):
+      return
+    self.tracker.update(step, result)
+    logging.info('best %s so far (%.5f) at step %d: kept in %s', self.metric,
+                 result[self.metric], step, self.ckpt.directory)
+    self.ckpt.save(step, state, meta, remappers=host.state_dict(),
+                   metrics=result)
+
+
+@dataclasses.dataclass
+class _Run:
+  """One run of `train_and_evaluate`: its parts and the state it saves."""
+
+  config: Any
+  loop: config_lib.LoopSpec
+  workdir: str
+  trainer: Trainer
+  data: inputs.DataSetup
+  ckpt: ckpt_lib.Checkpointer
+  stopper: early_stopping.EarlyStopping
+  best: BestKeeper | None
+  host: HostState
+  data_iter: Any  # the grain iterator; None for streamed text
+  total_steps: int
+  target: float | None
+  state: Any = None
+  position: int | None = 0  # streamed text: lines consumed
+  target_reached: bool = False
+  writer: Any = None
+  final_eval: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def step(self) -> int:
+    return int(jax.device_get(self.state.step))
+
+  def base_meta(self, step: int) -> dict[str, Any]:
+    return {'step': step, 'signature': self.trainer.signature(),
+            'plan': self.trainer.plan.to_json(),
+            'config': self.config.to_json_best_effort()}
+
+  def save(self, step: int, reached: bool = False) -> None:
+    meta = {**self.base_meta(step), 'data_position': self.position,
+            'target_auc_reached': reached,
+            'early_stopping': self.stopper.state_dict(),
+            'best_checkpoint': (self.best.tracker.state_dict() if self.best
+                                else None)}
+    self.ckpt.save(step, self.state, meta, data_iter=self.data_iter,
+                   remappers=self.host.state_dict())
+
+  def resume(self) -> None:
+    """The newest good checkpoint's state (damaged ones moved aside), or a
+    fresh one."""
+
+    def restore(step):
+      state, meta = self.trainer.restore(self.ckpt, step)
+      if self.data_iter is not None:
+        self.ckpt.restore_data_iterator(step, self.data_iter)
+      self.host.restore(self.ckpt, step)
+      return state, meta
+
+    latest, restored = self.ckpt.restore_newest_good(restore)
+    if latest is None:
+      self.state = self.trainer.init_state(self.loop.seed)
+      return
+    self.state, meta = restored
+    self.position = int(meta.get('data_position') or 0)  # text sources
+    self.stopper.load_state_dict(meta.get('early_stopping'))
+    if self.best is not None:
+      self.best.tracker.load_state_dict(meta.get('best_checkpoint'))
+    logging.info('resumed from the checkpoint at step %d (%s)', latest,
+                 self.ckpt.directory)
+    if meta.get('target_auc_reached'):  # that run ended at its target
+      self.total_steps, self.target_reached = latest, True
+
+  def evaluate(self, step: int) -> dict[str, float] | None:
+    """Evaluates, logs and records the metrics; None without eval data."""
+    data = self.data
+    if data.eval is None:
+      return None
+    t = time.time()
+    result, probs, labels = self.trainer.evaluate(self.state, data.eval,
+                                                  self.host)
+    self.final_eval.update(probs=probs, labels=labels)
+    result = {k: float(v) for k, v in result.items()}
+    extra = ''
+    if data.teacher_auc is not None:
+      result['teacher_auc'] = data.teacher_auc
+      extra = f' (teacher, the best achievable: {data.teacher_auc:.4f})'
+    logging.info(
+        'eval at step %d: auc %.4f%s | log_loss %.4f | accuracy %.4f |'
+        ' calibration %.3f | %d examples in %.1fs', step, result['auc'], extra,
+        result['log_loss'], result['accuracy'], result['calibration'],
+        result['num_examples'], time.time() - t)
+    self.writer.write({'type': 'eval', 'step': step, 'time': time.time(),
+                       **result})
+    return result
+
+  def after_eval(self, step: int, result: dict[str, float] | None
+                 ) -> tuple[bool, bool]:
+    """Keeps the best state and asks the early stopper and the target AUC;
+    returns (stopped early, target reached)."""
+    if result is None:
+      return False, False
+    if self.best is not None:
+      self.best.update(step, result, self.state, self.base_meta(step),
+                       self.host)
+    stopper = self.stopper
+    stopped = stopper.update(step, result)
+    if stopped:
+      logging.info(
+          'early stopping at step %d: eval %s has not improved on %.5f'
+          ' (step %d) by more than %g for %d evaluations.', step,
+          stopper.metric, stopper.best, stopper.best_step, stopper.min_delta,
+          stopper.patience)
+    # MLPerf: training stops at the first eval that reaches the target.
+    reached = bool(self.target and result['auc'] >= self.target)
+    if reached:
+      logging.info('eval AUC %.5f reached config.target_auc %.5f at step'
+                   ' %d: stopping.', result['auc'], self.target, step)
+    return stopped, reached
+
+  def close(self) -> None:
+    self.ckpt.close()
+    if self.best is not None:
+      self.best.ckpt.close()
+    if self.writer is not None:
+      self.writer.close()
+
+
+def _open_run(config, workdir: str, trainer: Trainer) -> _Run:
+  """The run's data, checkpointers and (resumed or fresh) state."""
+  logging.info('mesh: %s; %d device(s), %d process(es)',
+               dict(trainer.mesh.shape), trainer.mesh.devices.size,
+               jax.process_count())
+  logging.info('embedding plan:\n%s',
+               plan_lib.describe(trainer.plan, trainer.setup.tables))
+  data = inputs.make_data(config, trainer.setup,
+                          process_index=jax.process_index(),
+                          process_count=jax.process_count())
+  logging.info('data: %s', data.description)
+  loop = config_lib.build_loop(config)
+  run = _Run(
+      config=config, loop=loop, workdir=workdir, trainer=trainer, data=data,
+      ckpt=ckpt_lib.Checkpointer(workdir, max_to_keep=loop.max_to_keep),
+      stopper=early_stopping.EarlyStopping.from_config(loop.early_stopping),
+      best=BestKeeper.of(loop, workdir),
+      host=trainer.new_host_state(config),
+      data_iter=data.train.iterator() if data.uses_grain else None,
+      total_steps=num_train_steps(loop, data), target=loop.target_auc)
+  try:
+    run.resume()
+  except BaseException:
+    run.close()
+    raise
+  return run
+
+
+def _train_batches(run: _Run) -> Iterator[tuple[int | None, dict]]:
+  """(text lines consumed or None, host batch) of each train step."""
+  if run.data_iter is not None:  # grain prefetches in its own threads
+    return ((None, b) for b in run.data_iter)
+  return pipeline.prefetch(run.data.train.iterate(run.position),
+                           run.loop.prefetch)
+
+
+def _train(run: _Run, step: int) -> tuple[int, float | None, dict | None,
+                                          bool]:
+  """Trains from `step` to the run's end, an early stop or the target AUC;
+  returns (step, last train loss, last eval, stopped early)."""
+  loop, trainer = run.loop, run.trainer
+  batches = _train_batches(run)
+  recorder = BatchRecorder(run.workdir, loop.record_batches)
+  acc = trainer.zero_metrics()
+  throughput = Throughput(step, run.total_steps, loop.batch_size)
+  window_start, last_loss, last_eval, stopped = step, None, None, False
+  try:
+    while step < run.total_steps:
+      run.position, host_batch = next(batches)
+      recorder.record(step + 1, host_batch)
+      host_batch = run.host.train(host_batch, step)  # in step order
+      run.state, acc = trainer.train_step(run.state,
+                                          trainer.put_batch(host_batch), acc)
+      step += 1
+      throughput.stepped(step, acc)
+      last = step == run.total_steps
+      do_log = step % loop.log_every_steps == 0 or last
+      do_eval = step % loop.eval_every_steps == 0 or last
+      do_ckpt = step % loop.checkpoint_every_steps == 0 or last
+      if not (do_log or do_ckpt or do_eval):
+        continue
+      run.ckpt.check_for_errors()  # An asynchronous save that failed stops.
+      host_acc, acc = jax.device_get(acc), trainer.zero_metrics()
+      check_window(host_acc, window_start + 1, step, run.ckpt)
+      if int(host_acc['steps']):
+        last_loss = float(host_acc['loss_sum']) / int(host_acc['steps'])
+        rate, eta = throughput.rate(step)
+        logging.info('step %d/%d | %s ex/s | loss %.4f | eta %s', step,
+                     run.total_steps, f'{rate:,.0f}', last_loss, eta)
+        run.writer.write({'type': 'train', 'step': step, 'loss': last_loss,
+                          'examples_per_sec': rate, 'time': time.time()})
+      reached = False
+      if do_eval:
+        last_eval = run.evaluate(step)
+        stopped, reached = run.after_eval(step, last_eval)
+      if do_ckpt or reached or stopped:
+        run.save(step, reached)
+      window_start = step
+      throughput.reset(step)
+      if reached:
+        run.target_reached = True
+      if reached or stopped:
+        break
+  finally:
+    recorder.close()
+  return step, last_loss, last_eval, stopped
+
+
+def _summary(run: _Run, step: int, last_loss, last_eval, stopped_early
+             ) -> dict[str, Any]:
+  data, stopper = run.data, run.stopper
+  eval_bad = data.eval_bad_lines
+  if data.bad_lines.count:
+    logging.warning('malformed training lines: %s', data.bad_lines.summary())
+  if eval_bad is not None and eval_bad.count:
+    logging.warning('malformed eval lines: %s', eval_bad.summary())
+  return {'step': step, 'train_loss': last_loss, 'eval': last_eval,
+          'target_auc': run.target, 'target_auc_reached': run.target_reached,
+          'teacher_auc': data.teacher_auc, 'stopped_early': stopped_early,
+          'best_eval': ({'step': stopper.best_step, stopper.metric:
+                         stopper.best} if stopper.best is not None else None),
+          'malformed_lines_skipped': data.bad_lines.count + (
+              eval_bad.count if eval_bad is not None else 0)}
+
+
+def _report(run: _Run, summary: dict[str, Any], finished: bool) -> None:
+  """Process 0: logs the summary, writes summary.json and the plots (a run
+  already `finished` keeps its own)."""
+  if jax.process_index() != 0:
+    return
+  workdir = run.workdir
+  # The results first, then the writes that could fail.
+  logging.info('summary: %s', json.dumps(summary, sort_keys=True))
+  if not finished:
+    ckpt_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
+    plots = reporting.write_plots(workdir, run.final_eval.get('probs'),
+                                  run.final_eval.get('labels'),
+                                  run.data.teacher_auc)
+  else:
+    plots = [p for p in (os.path.join(workdir, n) for n in reporting.PLOTS)
+             if os.path.exists(p)]
+  logging.info('%s', reporting.summary_text(summary, workdir, plots))
+
+
+def _already_done(run: _Run, step: int) -> dict[str, Any] | None:
+  """At a run's end already (stopped early, or all steps taken): the finished
+  run's summary when it has one; the run is then not trained further."""
+  stopper = run.stopper
+  if stopper.patience and stopper.since_best >= stopper.patience:
+    logging.info('this run stopped early at step %d (eval %s best %.5f at'
+                 ' step %d); not training further.', step, stopper.metric,
+                 stopper.best, stopper.best_step)
+    run.total_steps = step
+  if step < run.total_steps:
+    return None
+  logging.info('already trained for %d steps (config asks for %d).', step,
+               run.total_steps)
+  return _finished_summary(run.workdir, step)
+
+
 def _train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
                         ) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints) and evaluates.
@@ -543,264 +975,29 @@ def _train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
   """
   os.makedirs(workdir, exist_ok=True)
   config = inputs.prepare_config(config)
-  if trainer is None:
-    trainer = Trainer(config)
-  else:
-    same = (trainer.setup == config_lib.build(config) and all(
-        trainer.config[k].to_dict() == config[k].to_dict()
-        for k in ('optimizer', 'embedding', 'mesh')) and all(
-            trainer.config[k] == config[k]
-            for k in ('batch_size', 'eval_batch_size')))
-    if not same:
-      raise ValueError(
-          'the trainer passed to train_and_evaluate was built from a config'
-          ' with another model, optimizer, mesh or batch size.')
+  run = _open_run(config, workdir, _trainer_for(config, trainer))
   is_chief = jax.process_index() == 0
-  logging.info('mesh: %s; %d device(s), %d process(es)',
-               dict(trainer.mesh.shape), trainer.mesh.devices.size,
-               jax.process_count())
-  logging.info('embedding plan:\n%s',
-               plan_lib.describe(trainer.plan, trainer.setup.tables))
-  data = inputs.make_data(config, trainer.setup,
-                          process_index=jax.process_index(),
-                          process_count=jax.process_count())
-  logging.info('data: %s', data.description)
-  total_steps = num_train_steps(config, data)
-  target = target_auc(config)
-  target_reached = False
-
-  ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep)
-  stopper = early_stopping.EarlyStopping.from_config(
-      config.get('early_stopping'))
-  best_metric = config.get('keep_best_metric')
-  best_ckpt = best_tracker = None
-  if best_metric:
-    best_tracker = early_stopping.EarlyStopping(
-        best_metric, early_stopping.metric_mode(
-            best_metric, None, 'config.keep_best_metric'))
-    best_ckpt = ckpt_lib.BestCheckpointer(workdir, best_metric,
-                                          best_tracker.mode)
-  signature = trainer.signature()
-  data_iter = data.train.iterator() if data.uses_grain else None
-  trainer.remapper = trainer.new_remapper()  # this run's
-  trainer.admission = trainer.new_admission(config)
-
-  def restore(step):  # The newest good checkpoint; damaged ones moved aside.
-    state, meta = trainer.restore(ckpt, step)
-    if data_iter is not None:
-      ckpt.restore_data_iterator(step, data_iter)
-    if trainer.remapper or trainer.admission is not None:
-      _load_host_state(trainer, ckpt.restore_remappers(step))
-    return state, meta
-
-  latest, restored = ckpt.restore_newest_good(restore)
-  if latest is not None:
-    state, meta = restored
-    position = int(meta.get('data_position') or 0)  # text sources
-    stopper.load_state_dict(meta.get('early_stopping'))
-    if best_tracker is not None:
-      best_tracker.load_state_dict(meta.get('best_checkpoint'))
-    logging.info('resumed from the checkpoint at step %d (%s)', latest,
-                 ckpt.directory)
-    if meta.get('target_auc_reached'):  # that run ended at its target
-      total_steps, target_reached = latest, True
-  else:
-    state = trainer.init_state(config.seed)
-    position = 0
-  if is_chief:
-    ckpt_lib.write_json(os.path.join(workdir, 'config.json'),
-                        json.loads(config.to_json_best_effort()))
-  step = int(jax.device_get(state.step))
-  writer = reporting.MetricsLogger(workdir, enabled=is_chief,
-                                   resume_step=step)
-  final_eval = {}  # the last eval's predictions, for the ROC plot
-  previous = None  # A finished run's summary, kept when it is run again.
-  if stopper.patience and stopper.since_best >= stopper.patience:
-    logging.info('this run stopped early at step %d (eval %s best %.5f at'
-                 ' step %d); not training further.', step, stopper.metric,
-                 stopper.best, stopper.best_step)
-    total_steps = step
-  if step >= total_steps:
-    logging.info('already trained for %d steps (config asks for %d).', step,
-                 total_steps)
-    previous = _finished_summary(workdir, step)
-
-  def save(step, position, reached=False):
-    meta = {'signature': signature, 'plan': trainer.plan.to_json(),
-            'data_position': position, 'step': step,
-            'config': config.to_json_best_effort(),
-            'target_auc_reached': reached,
-            'early_stopping': stopper.state_dict(),
-            'best_checkpoint': best_tracker.state_dict() if best_tracker
-            else None}
-    ckpt.save(step, state, meta, data_iter=data_iter,
-              remappers=_host_state(trainer))
-    return meta
-
-  def save_best(step, result):
-    """Keeps this step's state under best_checkpoint when it is the best."""
-    if best_tracker is None or not best_tracker.improved(
-        result[best_metric]):
-      return
-    best_tracker.update(step, result)
-    logging.info('best %s so far (%.5f) at step %d: kept in %s', best_metric,
-                 result[best_metric], step, best_ckpt.directory)
-    best_ckpt.save(step, state, {'step': step, 'signature': signature,
-                                 'plan': trainer.plan.to_json(),
-                                 'config': config.to_json_best_effort()},
-                   remappers=_host_state(trainer), metrics=result)
-
-  def run_eval(step):
-    if data.eval is None:
-      return None
-    t = time.time()
-    result, probs, labels = trainer.evaluate(state, data.eval)
-    final_eval.update(probs=probs, labels=labels)
-    result = {k: float(v) for k, v in result.items()}
-    extra = ''
-    if data.teacher_auc is not None:
-      result['teacher_auc'] = data.teacher_auc
-      extra = f' (teacher, the best achievable: {data.teacher_auc:.4f})'
-    logging.info(
-        'eval at step %d: auc %.4f%s | log_loss %.4f | accuracy %.4f |'
-        ' calibration %.3f | %d examples in %.1fs', step, result['auc'], extra,
-        result['log_loss'], result['accuracy'], result['calibration'],
-        result['num_examples'], time.time() - t)
-    writer.write({'type': 'eval', 'step': step, 'time': time.time(),
-                  **result})
-    return result
-
-  acc = jax.device_put(_zero_acc(), trainer._replicated)  # pylint: disable=protected-access
-  if data_iter is not None:  # grain prefetches in its own threads
-    batches = ((None, b) for b in data_iter)
-  else:
-    batches = pipeline.prefetch(data.train.iterate(position),
-                                int(config.data.get('prefetch', 2)))
-  record = (open(os.path.join(workdir, 'batches.jsonl'), 'a', buffering=1)
-            if config.data.get('record_batches') else None)
-  last_eval = None
-  last_loss = None
-  stopped_early = False
-  if step >= total_steps and previous is None:  # No summary: make it anew.
-    last_eval = run_eval(step)
-    losses = [r['loss'] for r in reporting.read_metrics(workdir)
-              if r['type'] == 'train' and r['step'] <= step]
-    last_loss = losses[-1] if losses else None
-  window_step = step
-  rate_start, rate_step = time.time(), step
-  first_step = True
   try:
-    while step < total_steps:
-      position, host_batch = next(batches)
-      if record is not None:  # what each step consumed (tests, debugging)
-        record.write(json.dumps({
-            'step': step + 1, 'process': jax.process_index(),
-            'ids_crc32': zlib.crc32(np.ascontiguousarray(
-                host_batch['ids']).tobytes())}) + '\n')
-      if trainer.remapper:  # in step order: the remappers keep state
-        host_batch = trainer.remapper.train(host_batch, step)
-      if trainer.admission is not None:  # counts ids: in step order too
-        host_batch = trainer.admission.train(host_batch)
-      batch = trainer.put_batch(host_batch)
-      state, acc = trainer.train_step(state, batch, acc)
-      step += 1
-      if first_step:
-        # Keep the compilation out of the examples/s figure.
-        jax.block_until_ready(acc)
-        first_step = False
-        rate_start, rate_step = time.time(), step
-      last = step == total_steps
-      do_log = step % config.log_every_steps == 0 or last
-      do_eval = step % config.eval_every_steps == 0 or last
-      do_ckpt = step % config.checkpoint_every_steps == 0 or last
-      if do_log or do_ckpt or do_eval:
-        ckpt.check_for_errors()  # An asynchronous save that failed stops here.
-        host_acc = jax.device_get(acc)
-        acc = jax.device_put(_zero_acc(), trainer._replicated)  # pylint: disable=protected-access
-        first_bad = int(host_acc['first_nonfinite'])
-        if first_bad >= 0:
-          good = ckpt.latest_step()
-          raise NonFiniteLossError(
-              f'the training loss became non-finite at step {first_bad}'
-              f' (checked over steps {window_step + 1}..{step}); nothing was'
-              ' saved after it'
-              + (f'; the last good checkpoint is step {good}' if good
-                 is not None else '') +
-              '. Lower the learning rates or check the input data.')
-        if int(host_acc['invalid_ids']):
-          raise InvalidIdError(
-              f'{int(host_acc["invalid_ids"])} ids outside their tables'
-              f' reached the train step between steps {window_step + 1} and'
-              f' {step}; they were ignored. Keep config.data.check_ids on to'
-              ' find the feature and value.')
-        n = int(host_acc['steps'])
-        if n:
-          last_loss = float(host_acc['loss_sum']) / n
-          now = time.time()
-          rate = (step - rate_step) * config.batch_size / max(
-              now - rate_start, 1e-9)
-          eta = (total_steps - step) * config.batch_size / max(rate, 1e-9)
-          logging.info('step %d/%d | %s ex/s | loss %.4f | eta %s', step,
-                       total_steps, f'{rate:,.0f}', last_loss, _fmt_eta(eta))
-          writer.write({'type': 'train', 'step': step, 'loss': last_loss,
-                        'examples_per_sec': rate, 'time': now})
-        reached = False
-        if do_eval:
-          last_eval = run_eval(step)
-          if last_eval is not None:
-            save_best(step, last_eval)
-            stopped_early = stopper.update(step, last_eval)
-            if stopped_early:
-              logging.info(
-                  'early stopping at step %d: eval %s has not improved on'
-                  ' %.5f (step %d) by more than %g for %d evaluations.',
-                  step, stopper.metric, stopper.best, stopper.best_step,
-                  stopper.min_delta, stopper.patience)
-          # MLPerf: training stops at the first eval that reaches the target.
-          reached = bool(target and last_eval and last_eval['auc'] >= target)
-        if do_ckpt or reached or stopped_early:
-          save(step, position, reached)
-        window_step = step
-        rate_start, rate_step = time.time(), step
-        if reached:
-          target_reached = True
-          logging.info('eval AUC %.5f reached config.target_auc %.5f at step'
-                       ' %d: stopping.', last_eval['auc'], target, step)
-        if reached or stopped_early:
-          break
+    if is_chief:
+      ckpt_lib.write_json(os.path.join(workdir, 'config.json'),
+                          json.loads(config.to_json_best_effort()))
+    step = run.step
+    run.writer = reporting.MetricsLogger(workdir, enabled=is_chief,
+                                         resume_step=step)
+    previous = _already_done(run, step)  # A finished run's summary, kept.
+    last_loss = last_eval = None
+    if step >= run.total_steps and previous is None:  # Make it anew.
+      last_eval = run.evaluate(step)
+      losses = [r['loss'] for r in reporting.read_metrics(workdir)
+                if r['type'] == 'train' and r['step'] <= step]
+      last_loss = losses[-1] if losses else None
+    step, loss, evaluated, stopped_early = _train(run, step)
+    last_loss = last_loss if loss is None else loss
+    last_eval = last_eval if evaluated is None else evaluated
   finally:
-    ckpt.close()
-    if best_ckpt is not None:
-      best_ckpt.close()
-    writer.close()
-    if record is not None:
-      record.close()
-  eval_bad = data.eval_bad_lines
-  if data.bad_lines.count:
-    logging.warning('malformed training lines: %s', data.bad_lines.summary())
-  if eval_bad is not None and eval_bad.count:
-    logging.warning('malformed eval lines: %s', eval_bad.summary())
-  summary = {'step': step, 'train_loss': last_loss, 'eval': last_eval,
-             'target_auc': target, 'target_auc_reached': target_reached,
-             'teacher_auc': data.teacher_auc,
-             'stopped_early': stopped_early,
-             'best_eval': ({'step': stopper.best_step, stopper.metric:
-                            stopper.best} if stopper.best is not None
-                           else None),
-             'malformed_lines_skipped': data.bad_lines.count + (
-                 eval_bad.count if eval_bad is not None else 0)}
+    run.close()
+  summary = _summary(run, step, last_loss, last_eval, stopped_early)
   if previous is not None:
     summary = previous
-  if is_chief:
-    # The results first, then the writes that could fail.
-    logging.info('summary: %s', json.dumps(summary, sort_keys=True))
-    if previous is None:
-      ckpt_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
-      plots = reporting.write_plots(workdir, final_eval.get('probs'),
-                                    final_eval.get('labels'),
-                                    data.teacher_auc)
-    else:  # A finished run's plots are its own.
-      plots = [p for p in (os.path.join(workdir, n) for n in reporting.PLOTS)
-               if os.path.exists(p)]
-    logging.info('%s', reporting.summary_text(summary, workdir, plots))
+  _report(run, summary, finished=previous is not None)
   return summary

@@ -126,7 +126,7 @@ class ConvertTest(parameterized.TestCase):
       np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
     # One train step: the loss is the peer's log loss; rows not looked up
     # come back unchanged, the looked-up ones and the MLPs moved.
-    acc = jax.device_put(train._zero_acc())  # pylint: disable=protected-access
+    acc = trainer.zero_metrics()
     state2, acc = trainer.train_step(state, trainer.put_batch(b), acc)
     p = np.clip(want, 1e-7, 1 - 1e-7)
     peer_loss = -np.mean(b['label'] * np.log(p) +

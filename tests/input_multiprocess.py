@@ -36,7 +36,7 @@ def main(port, pid, num, out, train_file, eval_file):
   train_lines = data.train_lines.lines if data.train_lines else None
   state = trainer.init_state(config.seed)
   steps = 0
-  acc = jax.device_put(train._zero_acc(), trainer._replicated)  # pylint: disable=protected-access
+  acc = trainer.zero_metrics()
   for steps, batch in data.train.iterate(data.train.batches_per_epoch - 2):
     state, acc = trainer.train_step(state, trainer.put_batch(batch), acc)
     if steps == data.train.batches_per_epoch + 1:  # into the next epoch

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from configs import criteo as criteo_config
+from dlrm_jax import config_lib
 from dlrm_jax import train
 from dlrm_jax.data import inputs
 from tests import reference
@@ -128,7 +129,7 @@ class TinyTest(absltest.TestCase):
 
   def test_bad_target_auc_names_the_field(self):
     with self.assertRaisesRegex(ValueError, r'config\.target_auc \(1\.5\)'):
-      train.target_auc(tiny_config(target_auc=1.5))
+      config_lib.build_loop(tiny_config(target_auc=1.5))
 
 
 class ShardedTinyTest(absltest.TestCase):
@@ -145,8 +146,8 @@ class ShardedTinyTest(absltest.TestCase):
     it = inputs.make_data(config, single.setup).train.iterator()
     batches = [next(it) for _ in range(3)]
     a, b = sharded.init_state(0), single.init_state(0)
-    acc_a = jax.device_put(train._zero_acc(), sharded._replicated)  # pylint: disable=protected-access
-    acc_b = jax.device_put(train._zero_acc(), single._replicated)  # pylint: disable=protected-access
+    acc_a = sharded.zero_metrics()
+    acc_b = single.zero_metrics()
     hlo = sharded.train_step.lower(a, sharded.put_batch(batches[0]),
                                    acc_a).compile().as_text()
     cross_in = 27 * 8

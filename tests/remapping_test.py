@@ -105,7 +105,8 @@ class ManagedCollisionTrainingTest(absltest.TestCase):
 
   def test_resumed_run_maps_ids_as_an_uninterrupted_one(self):
     trainer = train.Trainer(mc_config(40), mesh=reference.single_device_mesh())
-    self.assertEqual(trainer.remapper.feature_names, ('cat_2', 'cat_3'))
+    self.assertEqual(trainer.new_host_state().remapper.feature_names,
+                     ('cat_2', 'cat_3'))
     straight = self.create_tempdir().full_path
     a = train.train_and_evaluate(mc_config(40), straight, trainer)
     resumed = self.create_tempdir().full_path

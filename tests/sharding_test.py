@@ -269,8 +269,8 @@ class TrainerShardingTest(parameterized.TestCase):
       self.assertEqual(used, {'replicated', 'row_wise', 'table_wise'})
     a = sharded.init_state(0)
     b = single.init_state(0)
-    acc_a = jax.device_put(train._zero_acc(), sharded._replicated)  # pylint: disable=protected-access
-    acc_b = jax.device_put(train._zero_acc(), single._replicated)  # pylint: disable=protected-access
+    acc_a = sharded.zero_metrics()
+    acc_b = single.zero_metrics()
     for batch in host_batches(single, 3):
       a, acc_a = sharded.train_step(a, sharded.put_batch(batch), acc_a)
       b, acc_b = single.train_step(b, single.put_batch(batch), acc_b)

@@ -13,6 +13,7 @@ import numpy as np
 
 from configs import criteo as criteo_config
 from dlrm_jax import checkpoint as ckpt_lib
+from dlrm_jax import config_lib
 from dlrm_jax import train
 from tests import reference
 
@@ -138,12 +139,13 @@ class EarlyStoppingTest(absltest.TestCase):
                                                num_epochs=1))
     data = inputs.make_data(config, shared_trainer().setup)
     per_epoch = data.train.batches_per_epoch
-    self.assertEqual(train.num_train_steps(config, data), per_epoch)
+    steps = lambda: train.num_train_steps(config_lib.build_loop(config), data)
+    self.assertEqual(steps(), per_epoch)
     config.min_train_steps = per_epoch + 1
-    self.assertEqual(train.num_train_steps(config, data), 2 * per_epoch)
+    self.assertEqual(steps(), 2 * per_epoch)
     config.min_train_steps = -1
     with self.assertRaisesRegex(ValueError, r'config.min_train_steps \(-1\)'):
-      train.num_train_steps(config, data)
+      steps()
 
   def test_bad_early_stopping_config_names_the_field(self):
     with self.assertRaisesRegex(ValueError,

@@ -151,13 +151,15 @@ def expand_paths(spec, *, field: str = 'data.train_path') -> list[str]:
   return out
 
 
-def _is_gzip(path: str) -> bool:
+def is_gzip(path: str) -> bool:
+  """Whether the file starts with the gzip magic bytes."""
   with open(path, 'rb') as f:
     return f.read(2) == _GZIP_MAGIC
 
 
-def _open(path: str) -> pa.NativeFile:
-  return pa.input_stream(path, compression='gzip' if _is_gzip(path) else None)
+def open_file(path: str) -> pa.NativeFile:
+  """A byte stream of the file, gunzipped when it is gzip."""
+  return pa.input_stream(path, compression='gzip' if is_gzip(path) else None)
 
 
 class _GuardedStream(io.RawIOBase):
@@ -183,8 +185,8 @@ class _GuardedStream(io.RawIOBase):
     self._counter = counter
     self._guard_lines = guard_lines
     self._path = path
-    self._gzip = stream is None and _is_gzip(path)
-    self._stream = stream if stream is not None else _open(path)
+    self._gzip = stream is None and is_gzip(path)
+    self._stream = stream if stream is not None else open_file(path)
     self._pos = 0
     self._out = bytearray()  # Ready for the reader.
     self._tail = b''  # The start of the current line (and a held '\r').

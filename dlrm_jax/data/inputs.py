@@ -119,7 +119,6 @@ class DataSetup:
       `loader.GrainTrainData` (random access, grain).
     eval: the eval batches, or None.
     description: what the data is, for the log.
-    synthetic: whether it is the built-in generator's.
     teacher_auc: the generator's best achievable AUC.
     bad_lines: malformed training lines skipped.
     eval_bad_lines: malformed eval lines skipped.
@@ -128,10 +127,9 @@ class DataSetup:
     eval_lines: the same for its eval rows.
   """
 
-  train: Any
+  train: pipeline.TrainBatches | loader.GrainTrainData
   eval: pipeline.EvalBatches | None
   description: str
-  synthetic: bool
   teacher_auc: float | None
   bad_lines: criteo.BadLineReport
   eval_bad_lines: criteo.BadLineReport | None = None
@@ -292,8 +290,8 @@ def make_data(config, setup, *, process_index: int = 0,
       counts=eval_counts, cache=cache_eval
   ) if eval_src is not None and max(eval_counts or [eval_src.num_rows]) else (
       None)
-  return DataSetup(train, evals, description, kind == 'synthetic',
-                   teacher_auc, report, eval_bad_lines=eval_report,
+  return DataSetup(train, evals, description, teacher_auc, report,
+                   eval_bad_lines=eval_report,
                    train_lines=lines and lines[0],
                    eval_lines=lines and lines[1])
 

@@ -160,6 +160,8 @@ class GrainTrainData:
 # ----------------------------------------------------------------------------
 # Multi-hot data (MLPerf DLRM-DCNv2's synthetic multi-hot scheme).
 
+# MLPerf DLRM-DCNv2's bag sizes of the 26 categorical features
+# (mlcommons/training recommendation_v2/torchrec_dlrm README, --multi_hot_sizes).
 MLPERF_HOTNESS = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12,
                   100, 27, 10, 3, 1, 1)
 DISTRIBUTIONS = ('uniform', 'pareto')

@@ -16,12 +16,13 @@ import dataclasses
 import itertools
 import queue
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from dlrm_jax import features as features_lib
 from dlrm_jax.data import criteo
+from dlrm_jax.data import loader
 from dlrm_jax.data.synthetic import SyntheticCriteo
 
 _SYNTHETIC_CHUNK = 16384
@@ -131,13 +132,24 @@ def _rebatch(chunks: Iterator[dict[str, np.ndarray]], size: int
     yield _concat(buf)
 
 
+def pad_rows(rows: dict[str, np.ndarray], size: int
+             ) -> dict[str, np.ndarray]:
+  """A short last batch's columns padded to `size` rows with copies of its
+  first row (the padding is masked out by the caller's row count)."""
+  n = len(next(iter(rows.values())))
+  if n >= size:
+    return rows
+  pad = np.zeros(size - n, np.int64)
+  return {k: np.concatenate([v, v[pad]]) for k, v in rows.items()}
+
+
 @dataclasses.dataclass
 class ModelBatchMaker:
   """Raw rows -> model batch (transform, multi-hot bags, host-side id check)."""
 
   transform: features_lib.FeatureTransform
   table_rows: Sequence[int] | None  # None: no id check
-  multi_hot: Any = None  # a loader.MultiHot, or None
+  multi_hot: loader.MultiHot | None = None
 
   def __call__(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     batch = self.transform.apply(raw)
@@ -309,9 +321,7 @@ class EvalBatches:
             f'the eval data ({self.source.description}) has more rows than'
             f' counted ({self.num_batches} batches of {per}).')
       n = len(raw['label'])
-      if n < per:
-        pad = np.zeros(per - n, np.int64)
-        raw = {k: np.concatenate([v, v[pad]]) for k, v in raw.items()}
+      raw = pad_rows(raw, per)
       last = self.make_batch(raw)
       done += 1
       yield last, n
@@ -363,8 +373,3 @@ def prefetch(iterator: Iterator[Any], size: int) -> Iterator[Any]:
       yield item
   finally:
     stop.set()
-
-
-def map_iter(fn: Callable[[Any], Any], it: Iterator[Any]) -> Iterator[Any]:
-  for x in it:
-    yield fn(x)

@@ -49,7 +49,7 @@ from dlrm_jax.data import binary
 from dlrm_jax.data import criteo
 
 ID_SCHEMES = ('modulo', 'vocab')
-MISSING_ID, OOV_ID = 0, 1
+OOV_ID = 1  # Values not in the vocabulary (0 is features.MISSING_ID).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,11 +84,6 @@ class Options:
   vocab_threshold: int
   vocab_max_rows: int
   bad_lines: str
-
-
-def _is_gzip(path: str) -> bool:
-  with open(path, 'rb') as f:
-    return f.read(2) == b'\x1f\x8b'
 
 
 def _range_starts(path: str, range_bytes: int) -> list[int]:
@@ -136,7 +131,7 @@ def plan_units(split: str, paths: Sequence[str], range_bytes: int,
   """Cuts the files into units; counts lines so errors name file lines."""
   pieces = []
   for path in paths:
-    if _is_gzip(path):
+    if criteo.is_gzip(path):
       pieces.append((path, None, None))
       continue
     starts = _range_starts(path, range_bytes)
@@ -246,15 +241,8 @@ def map_vocab(cats: np.ndarray, lookups) -> np.ndarray:
   ids = np.empty(cats.shape, np.int32)
   for j, (values, col_ids) in enumerate(lookups):
     col = cats[:, j]
-    pos = np.searchsorted(values, col.astype(np.uint32) if len(col) else col)
-    pos = np.minimum(pos, max(len(values) - 1, 0))
-    found = (len(values) > 0) & (col >= 0)
-    if len(values):
-      found = found & (values[pos] == col)
-      mapped = col_ids[pos]
-    else:
-      mapped = np.zeros(len(col), np.int32)
-    ids[:, j] = np.where(col < 0, MISSING_ID, np.where(found, mapped, OOV_ID))
+    ids[:, j] = features_lib.lookup_sorted(
+        col.astype(np.uint32), values, col_ids, OOV_ID, col < 0)
   return ids
 
 
@@ -308,16 +296,31 @@ def _vocab_lookups(opts: Options):
   """The vocabularies, loaded once per worker process."""
   global _VOCAB_LOOKUPS
   if _VOCAB_LOOKUPS is None or _VOCAB_LOOKUPS[0] != opts.output_dir:
-    lookups = []
-    for j in range(criteo.NUM_CAT):
-      with np.load(os.path.join(opts.output_dir, 'vocab',
-                                f'cat_{j}.npz')) as z:
-        values = z['values']
-      ids = np.arange(2, 2 + len(values), dtype=np.int32)
-      order = np.argsort(values, kind='stable')
-      lookups.append((values[order], ids[order]))
-    _VOCAB_LOOKUPS = (opts.output_dir, lookups)
+    _VOCAB_LOOKUPS = (opts.output_dir, load_vocab_lookups(opts.output_dir))
   return _VOCAB_LOOKUPS[1]
+
+
+def vocab_id_tables(lookups, transform: features_lib.FeatureTransform
+                    ) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+  """The vocabularies as the export's id tables (`serving.ServingModel`'s
+  `id_tables`: sorted values, their ids, the out-of-vocabulary id) of the
+  features that read a cat column; the same mapping as `map_vocab`."""
+  return {f.name: lookups[int(f.input[4:])] + (OOV_ID,)
+          for f in transform.sparse if f.input.startswith('cat_')}
+
+
+def load_vocab_lookups(output_dir: str
+                       ) -> list[tuple[np.ndarray, np.ndarray]]:
+  """The (sorted values, their ids) of each cat feature's vocabulary written
+  to `output_dir`, as `map_vocab` takes them."""
+  lookups = []
+  for j in range(criteo.NUM_CAT):
+    with np.load(os.path.join(output_dir, 'vocab', f'cat_{j}.npz')) as z:
+      values = z['values']
+    ids = np.arange(2, 2 + len(values), dtype=np.int32)
+    order = np.argsort(values, kind='stable')
+    lookups.append((values[order], ids[order]))
+  return lookups
 
 
 class _Progress:

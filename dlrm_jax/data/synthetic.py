@@ -22,8 +22,9 @@ import numpy as np
 
 from dlrm_jax import features as features_lib
 from dlrm_jax import metrics
+from dlrm_jax.data import rows as rows_lib
 
-NUM_INT, NUM_CAT = 13, 26
+NUM_INT, NUM_CAT = rows_lib.NUM_INT, rows_lib.NUM_CAT
 BLOCK = 4096
 _SPLITS = {'train': 0, 'eval': 1}
 _FM_DIM = 4
