@@ -417,7 +417,7 @@ def plan_shares(paths: Sequence[str], process_count: int, *,
   shares: list[list[Segment]] = [[] for _ in range(process_count)]
   offset = 0
   for path, size in zip(paths, sizes):
-    if _is_gzip(path):
+    if is_gzip(path):
       if cuts[0] <= offset < cuts[-1]:
         owner = max(p for p in range(process_count) if cuts[p] <= offset)
         shares[owner].append(Segment(path))
