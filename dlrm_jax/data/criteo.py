@@ -609,29 +609,92 @@ def _convert(batch: pa.RecordBatch, labeled: bool
   return out, checks
 
 
-def _read_file(path: str, labeled: bool, bad_lines: str,
-               report: BadLineReport, limit: int | None, skip: list[int],
-               stream: pa.NativeFile | None = None, line_offset: int = 0,
-               counter: LineCounter | None = None
-               ) -> Iterator[dict[str, np.ndarray]]:
-  """Valid rows of one file in line order, stopping after `limit` of them.
+class _FileReader:
+  """Valid rows of one file in line order (`rows(limit)`).
 
-  The first `skip[0]` valid rows (counted in `limit`) are passed over, and
-  `skip[0]` is decremented as they are; malformed lines before the first row
-  returned are neither raised nor reported (a resumed or split read has met
-  them already). Malformed lines from there to the last row returned are
-  raised or reported. With `stream`, the text comes from it (a byte range of
-  `path` whose first line is line `line_offset + 1` of the file).
+  The first `skip` valid rows (counted in `limit`) are passed over, and
+  `self.skip` is decremented as they are (what is left carries over to the
+  next file); malformed lines before the first row returned are neither
+  raised nor reported (a resumed or split read has met them already).
+  Malformed lines from there to the last row returned are raised or
+  reported. With `stream`, the text comes from it (a byte range of `path`
+  whose first line is line `line_offset + 1` of the file).
   """
-  names = (('label',) if labeled else ()) + INT_NAMES + CAT_NAMES
-  n_fields = len(names)
-  # Lines with a wrong field count that pyarrow dropped, not yet placed among
-  # the rows, as runs [first line, number of lines, field count] (a file of
-  # the wrong layout is one run). pyarrow parses a few blocks ahead, so these
-  # may lie past the rows of the batch at hand. Line numbers are 1-based.
-  dropped: list[list[int]] = []
 
-  def on_invalid_row(row) -> str:
+  def __init__(self, path: str, labeled: bool, bad_lines: str,
+               report: BadLineReport, skip: int = 0,
+               stream: pa.NativeFile | None = None, line_offset: int = 0,
+               counter: LineCounter | None = None):
+    self.path = path
+    self.labeled = labeled
+    self.bad_lines = bad_lines
+    self.report = report
+    self.skip = skip
+    self.stream = stream
+    self.line_offset = line_offset
+    self.counter = counter
+    self.names = (('label',) if labeled else ()) + INT_NAMES + CAT_NAMES
+    # Lines with a wrong field count that pyarrow dropped, not yet placed
+    # among the rows, as runs [first line, number of lines, field count] (a
+    # file of the wrong layout is one run). pyarrow parses a few blocks
+    # ahead, so these may lie past the rows of the batch at hand. Line
+    # numbers are 1-based.
+    self.dropped: list[list[int]] = []
+    self.consumed = 0  # Lines 1..consumed are placed.
+    self.guard: _GuardedStream | None = None
+
+  def rows(self, limit: int | None) -> Iterator[dict[str, np.ndarray]]:
+    """The valid rows, stopping after `limit` of them (None: all)."""
+    self.guard = _GuardedStream(self.path, self.stream, counter=self.counter)
+    reader = self._open()
+    if reader is None:
+      return
+    produced = 0
+    while True:
+      try:
+        batch = reader.read_next_batch()
+      except StopIteration:
+        break
+      except pa.ArrowInvalid as e:
+        raise MalformedLineError(
+            f'{self.path}:{self.consumed + self.line_offset + 1}: cannot be'
+            ' parsed (at or after this line):'
+            f' {e}') from e
+      if not batch.num_rows:
+        continue
+      out, n_good, done = self._take(batch, limit, produced)
+      produced += n_good
+      if len(out['int']):
+        yield out
+      if done:
+        return
+    self._emit([(start, count, self._field_count(actual))
+                for start, count, actual in self.dropped])
+
+  def _open(self):
+    """pyarrow's streaming reader over the guarded stream (None: empty)."""
+    names = self.names
+    try:
+      return pa_csv.open_csv(
+          self.guard,
+          read_options=pa_csv.ReadOptions(
+              column_names=names, block_size=_BLOCK_BYTES, use_threads=False),
+          parse_options=pa_csv.ParseOptions(
+              delimiter='\t', quote_char=False, double_quote=False,
+              escape_char=False, newlines_in_values=False,
+              ignore_empty_lines=False,
+              invalid_row_handler=self._on_invalid_row),
+          convert_options=pa_csv.ConvertOptions(
+              column_types={name: pa.binary() for name in names},
+              strings_can_be_null=True, null_values=['']))
+    except pa.ArrowInvalid as e:
+      if 'Empty CSV file' in str(e):
+        return None
+      raise MalformedLineError(
+          f'{self.path}:{self.line_offset + 1}: cannot be parsed: {e}') from e
+
+  def _on_invalid_row(self, row) -> str:
+    dropped = self.dropped
     last = dropped[-1] if dropped else None
     if (last and last[0] + last[1] == row.number and
         last[2] == row.actual_columns):
@@ -640,72 +703,21 @@ def _read_file(path: str, labeled: bool, bad_lines: str,
       dropped.append([row.number, 1, row.actual_columns])
     return 'skip'
 
-  def field_count(actual: int) -> str:
-    return rows_lib.field_count_reason(n_fields, actual)
+  def _field_count(self, actual: int) -> str:
+    return rows_lib.field_count_reason(len(self.names), actual)
 
-  def emit(events: list[tuple[int, int, str]]) -> None:
-    """Raises or reports (first line, number of lines, reason) events."""
-    if guard.long_lines:  # Lines cut by the guard: their own reason.
-      split = []
-      for line, count, reason in events:
-        cut = sorted(l for l in guard.long_lines if line <= l < line + count)
-        for l in cut:
-          if l > line:
-            split.append((line, l - line, reason))
-          split.append((l, 1, rows_lib.long_line_reason()))
-          count -= l + 1 - line
-          line = l + 1
-        if count > 0:
-          split.append((line, count, reason))
-      events = split
-    events.sort()
-    if events and bad_lines == 'error':
-      line, _, reason = events[0]
-      raise MalformedLineError(f'{path}:{line + line_offset}: {reason}')
-    for line, count, reason in events:
-      shown = min(count, max(report.max_examples - len(report.examples), 1))
-      for i in range(shown):
-        report.add(path, line + line_offset + i, reason)
-      report.count += count - shown
-
-  consumed = 0  # Lines 1..consumed are placed.
-  guard = _GuardedStream(path, stream, counter=counter)
-  try:
-    reader = pa_csv.open_csv(
-        guard,
-        read_options=pa_csv.ReadOptions(
-            column_names=names, block_size=_BLOCK_BYTES, use_threads=False),
-        parse_options=pa_csv.ParseOptions(
-            delimiter='\t', quote_char=False, double_quote=False,
-            escape_char=False, newlines_in_values=False,
-            ignore_empty_lines=False, invalid_row_handler=on_invalid_row),
-        convert_options=pa_csv.ConvertOptions(
-            column_types={name: pa.binary() for name in names},
-            strings_can_be_null=True, null_values=['']))
-  except pa.ArrowInvalid as e:
-    if 'Empty CSV file' in str(e):
-      return
-    raise MalformedLineError(
-        f'{path}:{line_offset + 1}: cannot be parsed: {e}') from e
-  produced = 0
-  while True:
-    try:
-      batch = reader.read_next_batch()
-    except StopIteration:
-      break
-    except pa.ArrowInvalid as e:
-      raise MalformedLineError(
-          f'{path}:{consumed + line_offset + 1}: cannot be parsed (at or'
-          ' after this line):'
-          f' {e}') from e
+  def _take(self, batch: pa.RecordBatch, limit: int | None, produced: int
+            ) -> tuple[dict[str, np.ndarray], int, bool]:
+    """One batch: raises or reports its malformed lines (and the dropped
+    ones before its last row needed); returns (its rows to return, valid
+    rows used, whether `limit` is reached)."""
     n = batch.num_rows
-    if not n:
-      continue
-    out, checks = _convert(batch, labeled)
+    consumed = self.consumed
+    out, checks = _convert(batch, self.labeled)
     # Row k of the batch lies on line consumed + k + 1 + (dropped lines before
     # it). All lines of run r come before row k exactly when k >= after[r],
     # with after[r] = (valid rows between line `consumed` and the run).
-    runs = np.array(dropped, np.int64).reshape(-1, 3)
+    runs = np.array(self.dropped, np.int64).reshape(-1, 3)
     lines_before = np.concatenate([[0], np.cumsum(runs[:, 1])])
     after = runs[:, 0] - consumed - 1 - lines_before[:-1]
 
@@ -724,37 +736,65 @@ def _read_file(path: str, labeled: bool, bad_lines: str,
       return (consumed + rows + 1 +
               lines_before[np.searchsorted(after, rows, side='right')])
 
-    first = 0  # The first row returned from this batch.
-    quiet_before = 0  # Malformed lines before this one are passed over.
     n_good = int(np.count_nonzero(good[:last + 1]))
-    if skip[0]:
-      if n_good <= skip[0]:
-        skip[0] -= n_good
-        first, quiet_before = last + 1, np.iinfo(np.int64).max
-      else:
-        first = int(np.flatnonzero(good[:last + 1])[skip[0]])
-        skip[0] = 0
-        quiet_before = int(line_of(np.array([first]))[0])
-    events = [(start, count, field_count(actual))
-              for start, count, actual in dropped[:n_runs]
+    first, quiet_before = self._skip_rows(good, last, n_good, line_of)
+    events = [(start, count, self._field_count(actual))
+              for start, count, actual in self.dropped[:n_runs]
               if start >= quiet_before]
     bad_rows = np.flatnonzero(checks.bad[first:last + 1]) + first
     if bad_rows.size:
       events += [(int(line), 1, checks.reason(int(k)))
                  for line, k in zip(line_of(bad_rows), bad_rows)]
-    emit(events)
-    consumed += n + int(lines_before[n_runs])
-    del dropped[:n_runs]
-    produced += n_good
+    self._emit(events)
+    self.consumed += n + int(lines_before[n_runs])
+    del self.dropped[:n_runs]
     keep = good[first:last + 1]
     if first or last + 1 < n or not keep.all():
       out = {k: v[first:last + 1][keep] for k, v in out.items()}
-    if len(out['int']):
-      yield out
-    if done:
-      return
-  emit([(start, count, field_count(actual))
-        for start, count, actual in dropped])
+    return out, n_good, done
+
+  def _skip_rows(self, good, last, n_good, line_of) -> tuple[int, int]:
+    """Passes over `self.skip` valid rows of `good[:last + 1]`; returns (the
+    first row returned, the line before which malformed lines are passed
+    over)."""
+    first = 0  # The first row returned from this batch.
+    quiet_before = 0  # Malformed lines before this one are passed over.
+    if self.skip:
+      if n_good <= self.skip:
+        self.skip -= n_good
+        first, quiet_before = last + 1, np.iinfo(np.int64).max
+      else:
+        first = int(np.flatnonzero(good[:last + 1])[self.skip])
+        self.skip = 0
+        quiet_before = int(line_of(np.array([first]))[0])
+    return first, quiet_before
+
+  def _emit(self, events: list[tuple[int, int, str]]) -> None:
+    """Raises or reports (first line, number of lines, reason) events."""
+    long_lines = self.guard.long_lines
+    if long_lines:  # Lines cut by the guard: their own reason.
+      split = []
+      for line, count, reason in events:
+        cut = sorted(l for l in long_lines if line <= l < line + count)
+        for l in cut:
+          if l > line:
+            split.append((line, l - line, reason))
+          split.append((l, 1, rows_lib.long_line_reason()))
+          count -= l + 1 - line
+          line = l + 1
+        if count > 0:
+          split.append((line, count, reason))
+      events = split
+    events.sort()
+    path, line_offset, report = self.path, self.line_offset, self.report
+    if events and self.bad_lines == 'error':
+      line, _, reason = events[0]
+      raise MalformedLineError(f'{path}:{line + line_offset}: {reason}')
+    for line, count, reason in events:
+      shown = min(count, max(report.max_examples - len(report.examples), 1))
+      for i in range(shown):
+        report.add(path, line + line_offset + i, reason)
+      report.count += count - shown
 
 
 def read_criteo(
@@ -809,17 +849,18 @@ def read_criteo(
     paths = [paths]
   if report is None:
     report = BadLineReport()
-  skip = [int(skip_rows)]
+  skip = int(skip_rows)
   left = None if max_rows is None else int(max_rows)
   pieces: list[dict[str, np.ndarray]] = []
   have = 0
   for item in paths:
     if left == 0:
       break
-    limit = None if left is None else skip[0] + left
+    limit = None if left is None else skip + left
     seg = item if isinstance(item, Segment) else Segment(item)
-    for rows in _read_file(seg.name, labeled, bad_lines, report, limit, skip,
-                           stream=seg.stream(), counter=counter):
+    file_reader = _FileReader(seg.name, labeled, bad_lines, report, skip,
+                              stream=seg.stream(), counter=counter)
+    for rows in file_reader.rows(limit):
       n = len(rows['int'])
       if left is not None:
         left -= n
@@ -832,6 +873,7 @@ def read_criteo(
         if have == chunk_rows:
           yield _concat(pieces)
           pieces, have = [], 0
+    skip = file_reader.skip
   if have:
     yield _concat(pieces)
 
@@ -858,7 +900,7 @@ def read_criteo_range(path: str, start: int, end: int, first_line: int, *,
   with open(path, 'rb') as f:
     f.seek(start)
     data = f.read(end - start)
-  yield from _read_file(path, labeled, bad_lines,
-                        report if report is not None else BadLineReport(),
-                        None, [0], stream=pa.BufferReader(data),
-                        line_offset=first_line - 1)
+  yield from _FileReader(
+      path, labeled, bad_lines,
+      report if report is not None else BadLineReport(),
+      stream=pa.BufferReader(data), line_offset=first_line - 1).rows(None)

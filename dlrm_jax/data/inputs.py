@@ -172,128 +172,188 @@ def make_data(config, setup, *, process_index: int = 0,
   make_batch = make_batch_maker(config, setup)
   pi, pc = process_index, process_count
   report = criteo.BadLineReport()
-  eval_report = None
-  teacher_auc = None
-  cache_eval = False
-  shuffle = bool(d.get('shuffle', True))
-  eval_counts = None  # Eval rows of every process (own sources), or None.
-  lines = None
   if kind == 'criteo_tsv' and pc > 1:
-    eval_report = criteo.BadLineReport()
-    train_src, eval_src, bpe, eval_counts, lines = _tsv_shares(
-        config, pi, pc, gather or gather_ints, dict(
-            bad_lines=d.get('bad_lines', 'error'),
-            chunk_rows=int(d.get('chunk_rows', 65536))), report, eval_report)
-    train = pipeline.TrainBatches(
-        train_src, make_batch, config.batch_size // pc, seed=config.seed,
-        shuffle_window=int(d.get('shuffle_buffer', 0)) // pc,
-        batches_per_epoch=bpe)
-    cache_eval = not d.get('eval_path')
-    description = (
-        f'Criteo files over {pc} processes, this one\'s share: train'
-        f' {train_src.description} ({bpe} steps an epoch)' + (
-            f'; eval {eval_src.description}' if eval_src else '; no eval set'))
+    src = _tsv_shared_sources(config, pi, pc, gather or gather_ints, report)
   elif kind == 'synthetic':
-    s = d.synthetic
-    gen = synthetic.SyntheticCriteo(synthetic.SyntheticSpec(
-        seed=config.seed, num_train=int(s.num_train), num_eval=int(s.num_eval),
-        zipf_exponent=float(s.zipf_exponent),
-        logit_scale=float(s.logit_scale)))
-    train_src = pipeline.SyntheticSource(gen, 'train')
-    eval_src = pipeline.SyntheticSource(gen, 'eval')
-    shuffle = False  # rows are i.i.d. draws already
-    teacher_auc = gen.teacher_auc()
-    description = (
-        f'SYNTHETIC click logs ({train_src.num_rows:,} train rows,'
-        f' {eval_src.num_rows:,} eval rows, labels from a hidden teacher'
-        f' whose eval AUC is {teacher_auc:.4f}). To train on Criteo, pass'
-        ' --config.data.train_path=/path/to/train.txt (and optionally'
-        ' --config.data.eval_path=...), or preprocess it first with'
-        ' python -m dlrm_jax.data.preprocess.')
+    src = _synthetic_sources(config)
   elif kind == 'criteo_tsv':
-    if not d.get('train_path'):
-      raise ValueError(
-          "config.data.train_path is empty but config.data.source is"
-          " 'criteo_tsv'; give the Criteo train file(s).")
-    train_paths = criteo.expand_paths(d.train_path,
-                                      field='config.data.train_path')
-    kw = dict(bad_lines=d.get('bad_lines', 'error'),
-              chunk_rows=int(d.get('chunk_rows', 65536)), report=report)
-    eval_report = criteo.BadLineReport()
-    if d.get('eval_path'):
-      eval_paths = criteo.expand_paths(d.eval_path,
-                                       field='config.data.eval_path')
-      train_src = pipeline.TsvSource(train_paths, **kw)
-      eval_src = pipeline.TsvSource(
-          eval_paths, labeled=d.get('labeled_eval', True),
-          **dict(kw, report=eval_report)) if d.get('labeled_eval', True) else (
-              None)
-    else:
-      frac = _eval_fraction(d)
-      # The split is of valid rows (what the reader counts), so lines
-      # skipped as malformed do not move it past the end.
-      total = (criteo.count_rows(train_paths) if kw['bad_lines'] == 'error'
-               else criteo.count_valid_rows(train_paths))
-      n_eval = int(total * frac)
-      train_src = pipeline.TsvSource(train_paths, stop=total - n_eval, **kw)
-      eval_src = pipeline.TsvSource(
-          train_paths, start=total - n_eval, stop=total,
-          **dict(kw, report=eval_report)) if n_eval else None
-      cache_eval = True
-    description = f'Criteo files: train {train_src.description}' + (
-        f'; eval {eval_src.description}' if eval_src else '; no eval set')
+    src = _tsv_sources(config, report)
   else:
-    if kind == 'binary':
-      train_all = binary.BinarySource(d.binary_dir, 'train')
-      eval_all = (binary.BinarySource(d.binary_dir, 'eval')
-                  if 'eval' in train_all.metadata.splits else None)
-    else:
-      from dlrm_jax.data import tfds_criteo  # pylint: disable=g-import-not-at-top
-      name = d.get('tfds_name', 'criteo_kaggle')
-      data_dir = d.get('tfds_data_dir') or None
-      train_all = tfds_criteo.TfdsCriteoSource(
-          name, d.get('tfds_train_split', 'train'), data_dir)
-      split = d.get('tfds_eval_split', '')
-      eval_all = tfds_criteo.TfdsCriteoSource(name, split, data_dir) if (
-          split) else None
-    if eval_all is not None:
-      train_src, eval_src = RandomAccessRows(train_all), RandomAccessRows(
-          eval_all)
-    else:
-      n = train_all.num_rows
-      n_eval = int(n * _eval_fraction(d))
-      train_src = RandomAccessRows(train_all, (0, n - n_eval))
-      eval_src = RandomAccessRows(train_all, (n - n_eval, n)) if n_eval else (
-          None)
-    description = f'{kind}: train {train_src.description}' + (
-        f'; eval {eval_src.description}' if eval_src else '; no eval set')
-  if kind == 'criteo_tsv' and pc > 1:
-    pass  # made above
-  elif kind == 'criteo_tsv':
-    train = pipeline.TrainBatches(
-        train_src, make_batch, config.batch_size, seed=config.seed,
-        shuffle_window=int(d.get('shuffle_buffer', 0)), process_index=pi,
-        process_count=pc)
-  else:
-    train = loader.GrainTrainData(
-        train_src, make_batch, config.batch_size,
-        num_batches=1 << 40, seed=int(config.seed),
-        shuffle=shuffle, process_index=pi, process_count=pc,
-        num_threads=int(d.get('num_threads', 2)),
-        prefetch=max(1, int(d.get('prefetch', 2))))
+    src = _random_access_sources(config, kind)
+  train = _train_data(config, kind, src, make_batch, pi, pc)
+  eval_src, eval_counts = src.eval, src.eval_counts
   if eval_src is not None and eval_counts is None and pc > 1:
     ranges = split_rows(eval_src.num_rows, pc)  # This process's run only.
     eval_counts = [hi - lo for lo, hi in ranges]
     eval_src = RandomAccessRows(eval_src, ranges[pi])
   evals = pipeline.EvalBatches(
       eval_src, make_batch, config.eval_batch_size, process_count=pc,
-      counts=eval_counts, cache=cache_eval
+      counts=eval_counts, cache=src.cache_eval
   ) if eval_src is not None and max(eval_counts or [eval_src.num_rows]) else (
       None)
-  return DataSetup(train, evals, description, teacher_auc, report,
-                   eval_bad_lines=eval_report,
+  lines = src.lines
+  return DataSetup(train, evals, src.description, src.teacher_auc, report,
+                   eval_bad_lines=src.eval_report,
                    train_lines=lines and lines[0],
                    eval_lines=lines and lines[1])
+
+
+@dataclasses.dataclass
+class _Sources:
+  """What `make_data` builds for one source kind, before batching.
+
+  Attributes:
+    train: the train rows (this process's share when `batches_per_epoch`).
+    eval: the eval rows or None.
+    description: the log line about them.
+    eval_report: the eval reader's bad-line report (text sources) or None.
+    teacher_auc: the synthetic teacher's eval AUC, or None.
+    cache_eval: whether the eval batches are cached after the first pass.
+    iid: rows are i.i.d. draws already (no shuffle).
+    batches_per_epoch: criteo_tsv over several processes: steps an epoch.
+    eval_counts: eval rows of every process (own sources), or None.
+    lines: (train, eval) line counters (criteo_tsv over processes) or None.
+  """
+
+  train: Any
+  eval: Any
+  description: str
+  eval_report: criteo.BadLineReport | None = None
+  teacher_auc: float | None = None
+  cache_eval: bool = False
+  iid: bool = False
+  batches_per_epoch: int | None = None
+  eval_counts: list[int] | None = None
+  lines: tuple[criteo.LineCounter, criteo.LineCounter] | None = None
+
+
+def _train_data(config, kind, src: _Sources, make_batch, pi, pc):
+  """The train batches over `src.train`: text sources stream in order, the
+  others go through grain."""
+  d = config.data
+  if kind == 'criteo_tsv' and pc > 1:
+    return pipeline.TrainBatches(
+        src.train, make_batch, config.batch_size // pc, seed=config.seed,
+        shuffle_window=int(d.get('shuffle_buffer', 0)) // pc,
+        batches_per_epoch=src.batches_per_epoch)
+  if kind == 'criteo_tsv':
+    return pipeline.TrainBatches(
+        src.train, make_batch, config.batch_size, seed=config.seed,
+        shuffle_window=int(d.get('shuffle_buffer', 0)), process_index=pi,
+        process_count=pc)
+  shuffle = False if src.iid else bool(d.get('shuffle', True))
+  return loader.GrainTrainData(
+      src.train, make_batch, config.batch_size,
+      num_batches=1 << 40, seed=int(config.seed),
+      shuffle=shuffle, process_index=pi, process_count=pc,
+      num_threads=int(d.get('num_threads', 2)),
+      prefetch=max(1, int(d.get('prefetch', 2))))
+
+
+def _tsv_shared_sources(config, pi, pc, gather, report) -> _Sources:
+  """criteo_tsv over `pc` processes (see `_tsv_shares`)."""
+  d = config.data
+  eval_report = criteo.BadLineReport()
+  train_src, eval_src, bpe, eval_counts, lines = _tsv_shares(
+      config, pi, pc, gather, dict(
+          bad_lines=d.get('bad_lines', 'error'),
+          chunk_rows=int(d.get('chunk_rows', 65536))), report, eval_report)
+  description = (
+      f'Criteo files over {pc} processes, this one\'s share: train'
+      f' {train_src.description} ({bpe} steps an epoch)' + (
+          f'; eval {eval_src.description}' if eval_src else '; no eval set'))
+  return _Sources(train_src, eval_src, description, eval_report,
+                  cache_eval=not d.get('eval_path'), batches_per_epoch=bpe,
+                  eval_counts=eval_counts, lines=lines)
+
+
+def _synthetic_sources(config) -> _Sources:
+  s = config.data.synthetic
+  gen = synthetic.SyntheticCriteo(synthetic.SyntheticSpec(
+      seed=config.seed, num_train=int(s.num_train), num_eval=int(s.num_eval),
+      zipf_exponent=float(s.zipf_exponent),
+      logit_scale=float(s.logit_scale)))
+  train_src = pipeline.SyntheticSource(gen, 'train')
+  eval_src = pipeline.SyntheticSource(gen, 'eval')
+  teacher_auc = gen.teacher_auc()
+  description = (
+      f'SYNTHETIC click logs ({train_src.num_rows:,} train rows,'
+      f' {eval_src.num_rows:,} eval rows, labels from a hidden teacher'
+      f' whose eval AUC is {teacher_auc:.4f}). To train on Criteo, pass'
+      ' --config.data.train_path=/path/to/train.txt (and optionally'
+      ' --config.data.eval_path=...), or preprocess it first with'
+      ' python -m dlrm_jax.data.preprocess.')
+  return _Sources(train_src, eval_src, description, teacher_auc=teacher_auc,
+                  iid=True)  # rows are i.i.d. draws already
+
+
+def _tsv_sources(config, report) -> _Sources:
+  """criteo_tsv in one process: eval from `eval_path` or the train tail."""
+  d = config.data
+  if not d.get('train_path'):
+    raise ValueError(
+        "config.data.train_path is empty but config.data.source is"
+        " 'criteo_tsv'; give the Criteo train file(s).")
+  train_paths = criteo.expand_paths(d.train_path,
+                                    field='config.data.train_path')
+  kw = dict(bad_lines=d.get('bad_lines', 'error'),
+            chunk_rows=int(d.get('chunk_rows', 65536)), report=report)
+  eval_report = criteo.BadLineReport()
+  cache_eval = False
+  if d.get('eval_path'):
+    eval_paths = criteo.expand_paths(d.eval_path,
+                                     field='config.data.eval_path')
+    train_src = pipeline.TsvSource(train_paths, **kw)
+    eval_src = pipeline.TsvSource(
+        eval_paths, labeled=d.get('labeled_eval', True),
+        **dict(kw, report=eval_report)) if d.get('labeled_eval', True) else (
+            None)
+  else:
+    frac = _eval_fraction(d)
+    # The split is of valid rows (what the reader counts), so lines
+    # skipped as malformed do not move it past the end.
+    total = (criteo.count_rows(train_paths) if kw['bad_lines'] == 'error'
+             else criteo.count_valid_rows(train_paths))
+    n_eval = int(total * frac)
+    train_src = pipeline.TsvSource(train_paths, stop=total - n_eval, **kw)
+    eval_src = pipeline.TsvSource(
+        train_paths, start=total - n_eval, stop=total,
+        **dict(kw, report=eval_report)) if n_eval else None
+    cache_eval = True
+  description = f'Criteo files: train {train_src.description}' + (
+      f'; eval {eval_src.description}' if eval_src else '; no eval set')
+  return _Sources(train_src, eval_src, description, eval_report,
+                  cache_eval=cache_eval)
+
+
+def _random_access_sources(config, kind) -> _Sources:
+  """binary or tfds: eval from its own split or the train tail."""
+  d = config.data
+  if kind == 'binary':
+    train_all = binary.BinarySource(d.binary_dir, 'train')
+    eval_all = (binary.BinarySource(d.binary_dir, 'eval')
+                if 'eval' in train_all.metadata.splits else None)
+  else:
+    from dlrm_jax.data import tfds_criteo  # pylint: disable=g-import-not-at-top
+    name = d.get('tfds_name', 'criteo_kaggle')
+    data_dir = d.get('tfds_data_dir') or None
+    train_all = tfds_criteo.TfdsCriteoSource(
+        name, d.get('tfds_train_split', 'train'), data_dir)
+    split = d.get('tfds_eval_split', '')
+    eval_all = tfds_criteo.TfdsCriteoSource(name, split, data_dir) if (
+        split) else None
+  if eval_all is not None:
+    train_src, eval_src = RandomAccessRows(train_all), RandomAccessRows(
+        eval_all)
+  else:
+    n = train_all.num_rows
+    n_eval = int(n * _eval_fraction(d))
+    train_src = RandomAccessRows(train_all, (0, n - n_eval))
+    eval_src = RandomAccessRows(train_all, (n - n_eval, n)) if n_eval else (
+        None)
+  description = f'{kind}: train {train_src.description}' + (
+      f'; eval {eval_src.description}' if eval_src else '; no eval set')
+  return _Sources(train_src, eval_src, description)
 
 
 def split_rows(n: int, parts: int) -> list[tuple[int, int]]:

@@ -166,6 +166,31 @@ def auto_plan(
   """
   overrides = dict(overrides or {})
   lookups = lookups or {}
+  s = num_shards
+  g, grouped = _check_plan_request(tables, s, overrides, row_group_size)
+  if s == 1:
+    return _single_shard_plan(tables, overrides)
+  placer = _Placer(tables, s, g, lookups)
+  sharded_total = sum(table_bytes(t) for t in tables
+                      if table_bytes(t) > replicate_bytes)
+  to_pack = []
+  for t in tables:
+    strategy = overrides.get(t.name)
+    if strategy is None:
+      strategy = _default_strategy(
+          t, s, grouped, lookups, replicate_bytes, sharded_total,
+          device_memory_bytes, batch_per_device)
+    if not placer.place_fixed(t, strategy, grouped):
+      to_pack.append(t)
+  placer.pack_table_wise(to_pack)
+  plan = Plan(s, tuple(placer.placements[t.name] for t in tables))
+  if device_memory_bytes is not None:
+    _check_device_memory(plan, tables, device_memory_bytes)
+  return plan
+
+
+def _check_plan_request(tables, s, overrides, row_group_size):
+  """Validates `auto_plan`'s overrides and row group; returns (g, grouped)."""
   for name, strategy in overrides.items():
     if name not in {t.name for t in tables}:
       raise ValueError(
@@ -174,8 +199,6 @@ def auto_plan(
       raise ValueError(
           f'config.embedding.sharding_overrides.{name} ({strategy!r}) must be'
           f' one of {list(STRATEGIES)}.')
-  s = num_shards
-  all_devices = tuple(range(s))
   g = int(row_group_size or 0)
   if g < 0 or (0 < g < s and s % g):
     raise ValueError(
@@ -187,72 +210,98 @@ def auto_plan(
         'config.embedding.sharding_overrides asks for table_row_wise, which'
         ' needs config.embedding.row_group_size between 1 and the model axis'
         f' ({s}), got {row_group_size}.')
-  placements: dict[str, TablePlacement] = {}
-  if s == 1:
-    for t in tables:
-      strategy = overrides.get(t.name, 'table_wise')
-      devices = () if strategy == 'replicated' else (0,)
-      placements[t.name] = TablePlacement(t.name, strategy, devices)
-    return Plan(1, tuple(placements[t.name] for t in tables))
-  sharded_total = sum(table_bytes(t) for t in tables
-                      if table_bytes(t) > replicate_bytes)
-  mem = np.zeros(s)
-  load = np.zeros(s)
-  to_pack = []
+  return g, grouped
+
+
+def _single_shard_plan(tables, overrides) -> Plan:
+  """One shard: every table table_wise on it (or as overridden)."""
+  placements = []
   for t in tables:
+    strategy = overrides.get(t.name, 'table_wise')
+    devices = () if strategy == 'replicated' else (0,)
+    placements.append(TablePlacement(t.name, strategy, devices))
+  return Plan(1, tuple(placements))
+
+
+def _default_strategy(t, s, grouped, lookups, replicate_bytes, sharded_total,
+                      device_memory_bytes, batch_per_device) -> str:
+  """`auto_plan`'s rule for a table without an override (see its docstring)."""
+  b = table_bytes(t)
+  if b <= replicate_bytes and (
+      batch_per_device is None or 2 * t.num_rows * (t.dim + 1) <=
+      batch_per_device * lookups.get(t.name, 1) * (2 * t.dim + 1)):
+    return 'replicated'
+  if (b > sharded_total / s and t.num_rows >= s) or (
+      device_memory_bytes is not None and b > device_memory_bytes):
+    return 'table_row_wise' if grouped else 'row_wise'
+  return 'table_wise'
+
+
+class _Placer:
+  """Per-device memory and lookup load while `auto_plan` places tables."""
+
+  def __init__(self, tables, s, g, lookups):
+    self.tables = tables
+    self.s = s
+    self.g = g
+    self.lookups = lookups
+    self.all_devices = tuple(range(s))
+    self.mem = np.zeros(s)
+    self.load = np.zeros(s)
+    self.placements: dict[str, TablePlacement] = {}
+
+  def place_fixed(self, t, strategy, grouped) -> bool:
+    """Places `t` unless it is table_wise (left to packing): True if placed."""
     b = table_bytes(t)
-    strategy = overrides.get(t.name)
-    if strategy is None:
-      if b <= replicate_bytes and (
-          batch_per_device is None or 2 * t.num_rows * (t.dim + 1) <=
-          batch_per_device * lookups.get(t.name, 1) * (2 * t.dim + 1)):
-        strategy = 'replicated'
-      elif (b > sharded_total / s and t.num_rows >= s) or (
-          device_memory_bytes is not None and b > device_memory_bytes):
-        strategy = 'table_row_wise' if grouped else 'row_wise'
-      else:
-        strategy = 'table_wise'
+    n = self.lookups.get(t.name, 1)
+    mem, load, s, g = self.mem, self.load, self.s, self.g
     if strategy == 'replicated':
-      placements[t.name] = TablePlacement(t.name, 'replicated', ())
+      self.placements[t.name] = TablePlacement(t.name, 'replicated', ())
       mem += b
     elif strategy == 'row_wise' or (strategy == 'table_row_wise' and
                                     not grouped):
-      placements[t.name] = TablePlacement(t.name, 'row_wise', all_devices)
+      self.placements[t.name] = TablePlacement(
+          t.name, 'row_wise', self.all_devices)
       mem += b / s
-      load += lookups.get(t.name, 1) / s
+      load += n / s
     elif strategy == 'table_row_wise':
       k = int(np.argmin(mem.reshape(-1, g).sum(axis=1)))
-      group = all_devices[k * g:(k + 1) * g]
-      placements[t.name] = TablePlacement(t.name, 'table_row_wise', group)
+      group = self.all_devices[k * g:(k + 1) * g]
+      self.placements[t.name] = TablePlacement(t.name, 'table_row_wise', group)
       mem[k * g:(k + 1) * g] += b / g
-      load[k * g:(k + 1) * g] += lookups.get(t.name, 1)
+      load[k * g:(k + 1) * g] += n
     elif strategy == 'column_wise':
       k = math.gcd(t.dim, s)
-      placements[t.name] = TablePlacement(
-          t.name, 'column_wise', all_devices[:k])
+      self.placements[t.name] = TablePlacement(
+          t.name, 'column_wise', self.all_devices[:k])
       mem[:k] += b / k
-      load[:k] += lookups.get(t.name, 1)
+      load[:k] += n
     else:
-      to_pack.append(t)
-  total_lookups = max(1, sum(lookups.get(t.name, 1) for t in tables))
-  total_bytes = max(1, sum(table_bytes(t) for t in tables))
-  for t in sorted(to_pack, key=lambda t: -table_bytes(t)):
-    score = mem / total_bytes + load / total_lookups
-    d = int(np.argmin(score))
-    placements[t.name] = TablePlacement(t.name, 'table_wise', (d,))
-    mem[d] += table_bytes(t)
-    load[d] += lookups.get(t.name, 1)
-  plan = Plan(s, tuple(placements[t.name] for t in tables))
-  if device_memory_bytes is not None:
-    per_device = plan_bytes_per_device(plan, tables)
-    worst = int(np.argmax(per_device))
-    if per_device[worst] > device_memory_bytes:
-      raise ValueError(
-          f'the embedding tables need {per_device[worst] / 2**30:.2f} GiB on'
-          f' device {worst}, more than config.embedding.device_memory_gb'
-          f' ({device_memory_bytes / 2**30:.2f} GiB); use more devices,'
-          ' smaller tables, bfloat16 storage or rowwise_adagrad.')
-  return plan
+      return False
+    return True
+
+  def pack_table_wise(self, to_pack) -> None:
+    """Largest first, each onto the device with the least bytes + lookups."""
+    tables, lookups = self.tables, self.lookups
+    total_lookups = max(1, sum(lookups.get(t.name, 1) for t in tables))
+    total_bytes = max(1, sum(table_bytes(t) for t in tables))
+    for t in sorted(to_pack, key=lambda t: -table_bytes(t)):
+      score = self.mem / total_bytes + self.load / total_lookups
+      d = int(np.argmin(score))
+      self.placements[t.name] = TablePlacement(t.name, 'table_wise', (d,))
+      self.mem[d] += table_bytes(t)
+      self.load[d] += lookups.get(t.name, 1)
+
+
+def _check_device_memory(plan, tables, device_memory_bytes) -> None:
+  per_device = plan_bytes_per_device(plan, tables)
+  worst = int(np.argmax(per_device))
+  if per_device[worst] > device_memory_bytes:
+    raise ValueError(
+        f'the embedding tables need {per_device[worst] / 2**30:.2f} GiB on'
+        f' device {worst}, more than config.embedding.device_memory_gb'
+        f' ({device_memory_bytes / 2**30:.2f} GiB); use more devices,'
+        ' smaller tables, bfloat16 storage or rowwise_adagrad.')
 
 
 def plan_bytes_per_device(plan: Plan, tables: Sequence[TableSpec]) -> np.ndarray:
@@ -374,54 +423,9 @@ def build_layout(
   """Packs the plan's pieces into stacks and routes the features to them."""
   validate_plan(plan, tables)
   by_name = {t.name: t for t in tables}
-  groups: dict[tuple, list[Piece]] = {}
-  order: list[tuple] = []
-
-  def add(key, piece_args):
-    if key not in groups:
-      groups[key] = []
-      order.append(key)
-    groups[key].append(piece_args)
-
-  for t in tables:
-    p = plan.placement(t.name)
-    if p.strategy == 'replicated':
-      add((t.dim, t.dtype, t.optimizer, True),
-          (t.name, -1, 0, t.num_rows, t.num_rows, 0, t.dim))
-    elif p.strategy == 'table_wise':
-      add((t.dim, t.dtype, t.optimizer, False),
-          (t.name, p.devices[0], 0, t.num_rows, t.num_rows, 0, t.dim))
-    elif p.strategy in ROW_SPLIT:
-      n = len(p.devices)
-      rps = -(-t.num_rows // n)
-      for k, d in enumerate(p.devices):
-        start = k * rps
-        add((t.dim, t.dtype, t.optimizer, False),
-            (t.name, d, start, max(0, min(rps, t.num_rows - start)), rps, 0,
-             t.dim))
-    else:  # column_wise
-      w = t.dim // len(p.devices)
-      for k, d in enumerate(p.devices):
-        add((w, t.dtype, t.optimizer, False),
-            (t.name, d, 0, t.num_rows, t.num_rows, k * w, w))
-
-  stacks = []
-  for i, key in enumerate(order):
-    width, dtype, opt, replicated = key
-    used = np.zeros(plan.num_shards if not replicated else 1, dtype=np.int64)
-    pieces = []
-    for (name, dev, row_start, rows, cap, col_start, w) in groups[key]:
-      slot = 0 if dev < 0 else dev
-      pieces.append(Piece(name, dev, row_start, rows, cap, col_start, w,
-                          int(used[slot])))
-      used[slot] += cap
-    capacity = int(max(1, used.max()))
-    capacity = -(-capacity // row_multiple) * row_multiple
-    kind = 'rep' if replicated else 'shard'
-    name = f'{kind}{i}_{dtype}_d{width}_{opt.kind}'
-    stacks.append(Stack(name, width, dtype, opt, replicated, capacity,
-                        tuple(pieces), ()))
-
+  groups = _group_pieces(plan, tables)
+  stacks = [_pack_stack(i, key, pieces, plan.num_shards, row_multiple)
+            for i, (key, pieces) in enumerate(groups.items())]
   # Route features: one segment per (feature, column piece of its table).
   id_offset = 0
   segs: dict[str, list[Segment]] = {s.name: [] for s in stacks}
@@ -429,32 +433,83 @@ def build_layout(
     t = by_name[f.table]
     p = plan.placement(t.name)
     for s in stacks:
-      mine = [pc for pc in s.pieces if pc.table == t.name]
-      if not mine:
-        continue
-      by_col: dict[int, list[Piece]] = {}
-      for pc in mine:
-        by_col.setdefault(pc.col_start, []).append(pc)
-      for col_start, pcs in sorted(by_col.items()):
-        if s.replicated:
-          offsets = (pcs[0].offset,)
-          first, rps = 0, t.num_rows
-        else:
-          offsets_arr = [-1] * plan.num_shards
-          for pc in pcs:
-            offsets_arr[pc.device] = pc.offset
-          offsets = tuple(offsets_arr)
-          if p.strategy in ROW_SPLIT:
-            first, rps = p.devices[0], pcs[0].capacity
-            if tuple(p.devices) != tuple(range(first, first + len(p.devices))):
-              raise ValueError(
-                  f'table {t.name!r}: {p.strategy} devices {p.devices} must be'
-                  ' consecutive.')
-          else:
-            first, rps = pcs[0].device, t.num_rows
-        segs[s.name].append(Segment(
-            fi, id_offset, f.max_ids, t.num_rows, col_start, first, rps,
-            offsets, t.combiner))
+      segs[s.name].extend(_segments(fi, f, t, p, s, id_offset, plan.num_shards))
     id_offset += f.max_ids
   return tuple(dataclasses.replace(s, segments=tuple(segs[s.name]))
                for s in stacks)
+
+
+def _group_pieces(plan: Plan, tables: Sequence[TableSpec]) -> dict[tuple, list]:
+  """{(width, dtype, optimizer, replicated): [piece fields]}, in first-seen
+  order; the fields are `Piece`'s without `offset`."""
+  groups: dict[tuple, list] = {}
+  for t in tables:
+    p = plan.placement(t.name)
+    if p.strategy == 'replicated':
+      groups.setdefault((t.dim, t.dtype, t.optimizer, True), []).append(
+          (t.name, -1, 0, t.num_rows, t.num_rows, 0, t.dim))
+    elif p.strategy == 'table_wise':
+      groups.setdefault((t.dim, t.dtype, t.optimizer, False), []).append(
+          (t.name, p.devices[0], 0, t.num_rows, t.num_rows, 0, t.dim))
+    elif p.strategy in ROW_SPLIT:
+      n = len(p.devices)
+      rps = -(-t.num_rows // n)
+      for k, d in enumerate(p.devices):
+        start = k * rps
+        groups.setdefault((t.dim, t.dtype, t.optimizer, False), []).append(
+            (t.name, d, start, max(0, min(rps, t.num_rows - start)), rps, 0,
+             t.dim))
+    else:  # column_wise
+      w = t.dim // len(p.devices)
+      for k, d in enumerate(p.devices):
+        groups.setdefault((w, t.dtype, t.optimizer, False), []).append(
+            (t.name, d, 0, t.num_rows, t.num_rows, k * w, w))
+  return groups
+
+
+def _pack_stack(i, key, piece_fields, num_shards, row_multiple) -> Stack:
+  """Stack `i` of group `key`: its pieces side by side on each device."""
+  width, dtype, opt, replicated = key
+  used = np.zeros(num_shards if not replicated else 1, dtype=np.int64)
+  pieces = []
+  for (name, dev, row_start, rows, cap, col_start, w) in piece_fields:
+    slot = 0 if dev < 0 else dev
+    pieces.append(Piece(name, dev, row_start, rows, cap, col_start, w,
+                        int(used[slot])))
+    used[slot] += cap
+  capacity = int(max(1, used.max()))
+  capacity = -(-capacity // row_multiple) * row_multiple
+  kind = 'rep' if replicated else 'shard'
+  name = f'{kind}{i}_{dtype}_d{width}_{opt.kind}'
+  return Stack(name, width, dtype, opt, replicated, capacity, tuple(pieces),
+               ())
+
+
+def _segments(fi, f, t, p, s, id_offset, num_shards) -> list[Segment]:
+  """Feature `fi`'s segments in stack `s`: one per column piece of table `t`
+  (placement `p`) stored there."""
+  by_col: dict[int, list[Piece]] = {}
+  for pc in s.pieces:
+    if pc.table == t.name:
+      by_col.setdefault(pc.col_start, []).append(pc)
+  out = []
+  for col_start, pcs in sorted(by_col.items()):
+    if s.replicated:
+      offsets = (pcs[0].offset,)
+      first, rps = 0, t.num_rows
+    else:
+      offsets_arr = [-1] * num_shards
+      for pc in pcs:
+        offsets_arr[pc.device] = pc.offset
+      offsets = tuple(offsets_arr)
+      if p.strategy in ROW_SPLIT:
+        first, rps = p.devices[0], pcs[0].capacity
+        if tuple(p.devices) != tuple(range(first, first + len(p.devices))):
+          raise ValueError(
+              f'table {t.name!r}: {p.strategy} devices {p.devices} must be'
+              ' consecutive.')
+      else:
+        first, rps = pcs[0].device, t.num_rows
+    out.append(Segment(fi, id_offset, f.max_ids, t.num_rows, col_start, first,
+                       rps, offsets, t.combiner))
+  return out
