@@ -143,15 +143,18 @@ class Checkpointer:
   """Saves and restores train states under `<workdir>/checkpoints`."""
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3,
-               async_save: bool = True):
-    self.directory = epath.Path(workdir) / 'checkpoints'
+               async_save: bool = True, subdir: str = 'checkpoints',
+               **options: Any):
+    """`subdir` of `workdir` holds the steps; `options`: further
+    `ocp.CheckpointManagerOptions` fields."""
+    self.directory = epath.Path(workdir) / subdir
     self._pending: int | None = None  # The step being written, if any.
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True),
+            cleanup_tmp_directories=True, **options),
     )
 
   def latest_step(self) -> int | None:
@@ -361,18 +364,11 @@ class BestCheckpointer(Checkpointer):
   checkpoints without metrics not kept). Saves need `metrics`."""
 
   def __init__(self, workdir: str, metric: str, mode: str, *,
-               async_save: bool = True):  # pylint: disable=super-init-not-called
+               async_save: bool = True):
     self.metric = metric
-    self._pending = None
-    self.directory = epath.Path(workdir) / 'best_checkpoint'
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, best_fn=lambda m: m[metric],
-            best_mode=mode, keep_checkpoints_without_metrics=False,
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True),
-    )
+    super().__init__(workdir, max_to_keep=1, async_save=async_save,
+                     subdir='best_checkpoint', best_fn=lambda m: m[metric],
+                     best_mode=mode, keep_checkpoints_without_metrics=False)
 
   def best_step(self) -> int | None:
     return self.manager.best_step()
