@@ -145,26 +145,13 @@ class ShardedTinyTest(absltest.TestCase):
     single = train.Trainer(config, mesh=reference.single_device_mesh())
     it = inputs.make_data(config, single.setup).train.iterator()
     batches = [next(it) for _ in range(3)]
-    a, b = sharded.init_state(0), single.init_state(0)
-    acc_a = sharded.zero_metrics()
-    acc_b = single.zero_metrics()
-    hlo = sharded.train_step.lower(a, sharded.put_batch(batches[0]),
-                                   acc_a).compile().as_text()
+    hlo = sharded.train_step.lower(
+        sharded.init_state(0), sharded.put_batch(batches[0]),
+        sharded.zero_metrics()).compile().as_text()
     cross_in = 27 * 8
     self.assertIn(f'f32[16,{cross_in}]', hlo)  # 128 rows / 8 devices
     self.assertNotIn(f'f32[128,{cross_in}]', hlo)
-    for batch in batches:
-      a, acc_a = sharded.train_step(a, sharded.put_batch(batch), acc_a)
-      b, acc_b = single.train_step(b, single.put_batch(batch), acc_b)
-      np.testing.assert_allclose(float(acc_a['loss_sum']),
-                                 float(acc_b['loss_sum']), rtol=1e-5)
-    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4,
-                                 atol=1e-6)
-    for t in single.setup.tables:
-      np.testing.assert_allclose(sharded.engine.gather_table(a.emb, t.name),
-                                 single.engine.gather_table(b.emb, t.name),
-                                 rtol=1e-4, atol=1e-6, err_msg=t.name)
+    reference.train_alike(sharded, single, batches)
 
 
 if __name__ == '__main__':

@@ -20,6 +20,31 @@ def mesh_of(data, model):
                        devices=jax.devices()[:n])
 
 
+def train_alike(sharded, single, batches):
+  """Trains two Trainers (a sharded one and a one-device one) from
+  `init_state(0)` on the same host batches, checking every step's loss
+  agrees, then that the dense parameters and the logical tables do.
+
+  Returns:
+    The two final states (sharded, single).
+  """
+  a, b = sharded.init_state(0), single.init_state(0)
+  acc_a, acc_b = sharded.zero_metrics(), single.zero_metrics()
+  for batch in batches:
+    a, acc_a = sharded.train_step(a, sharded.put_batch(batch), acc_a)
+    b, acc_b = single.train_step(b, single.put_batch(batch), acc_b)
+    np.testing.assert_allclose(float(acc_a['loss_sum']),
+                               float(acc_b['loss_sum']), rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4,
+                               atol=1e-6)
+  for t in single.setup.tables:
+    np.testing.assert_allclose(sharded.engine.gather_table(a.emb, t.name),
+                               single.engine.gather_table(b.emb, t.name),
+                               rtol=1e-4, atol=1e-6, err_msg=t.name)
+  return a, b
+
+
 def dense_lookup(tables, table_specs, feature_specs, ids):
   """Pooled embeddings with a Python loop over features and examples' bags.
 

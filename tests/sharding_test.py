@@ -267,22 +267,7 @@ class TrainerShardingTest(parameterized.TestCase):
     if strategy == 'auto':
       used = {p.strategy for p in sharded.plan.placements}
       self.assertEqual(used, {'replicated', 'row_wise', 'table_wise'})
-    a = sharded.init_state(0)
-    b = single.init_state(0)
-    acc_a = sharded.zero_metrics()
-    acc_b = single.zero_metrics()
-    for batch in host_batches(single, 3):
-      a, acc_a = sharded.train_step(a, sharded.put_batch(batch), acc_a)
-      b, acc_b = single.train_step(b, single.put_batch(batch), acc_b)
-      np.testing.assert_allclose(float(acc_a['loss_sum']),
-                                 float(acc_b['loss_sum']), rtol=1e-5)
-    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4,
-                                 atol=1e-6)
-    for t in single.setup.tables:
-      np.testing.assert_allclose(sharded.engine.gather_table(a.emb, t.name),
-                                 single.engine.gather_table(b.emb, t.name),
-                                 rtol=1e-4, atol=1e-6, err_msg=t.name)
+    a, b = reference.train_alike(sharded, single, host_batches(single, 3))
     probs_a = sharded.predict(a, host_batches(single, 1, seed=9)[0])
     probs_b = single.predict(b, host_batches(single, 1, seed=9)[0])
     np.testing.assert_allclose(probs_a, probs_b, rtol=1e-5, atol=1e-6)
