@@ -196,7 +196,6 @@ class StackExchange:
                tables: Sequence[TableSpec], num_columns: int, comm: Comm):
     self.stack = stack
     self.tables = tuple(tables)
-    self._dim_of = {t.name: t.dim for t in tables}
     self.comm = comm
     self.num_shards = comm.size(MODEL)
     segs = stack.segments
@@ -477,22 +476,18 @@ class StackExchange:
                               comm.all_gather(g_sum, DATA), cap)
     return uniq, g_sum
 
-  def _row_dims(self, rows: jax.Array, my: jax.Array) -> jax.Array:
+  def _pieces_at(self, rows: jax.Array):
+    """`[U]` local rows -> (this device's `initialization.piece_tables`,
+    `[U]` the piece each row lies in)."""
+    arrs = initialization.piece_tables(self.stack, self.tables,
+                                       self.num_shards)
+    piece = {k: jnp.asarray(v)[self._my()] for k, v in arrs.items()}
+    return piece, initialization.piece_at(piece, rows)
+
+  def _row_dims(self, rows: jax.Array) -> jax.Array:
     """`[U]` local rows -> float32 dim of the table each belongs to."""
-    n_dev = 1 if self.stack.replicated else self.num_shards
-    offs = [[] for _ in range(n_dev)]
-    for pc in self.stack.pieces:
-      offs[max(pc.device, 0)].append((pc.offset, self._dim_of[pc.table]))
-    n = max(len(o) for o in offs)
-    big = np.iinfo(np.int32).max
-    off = np.full((n_dev, n), big, np.int32)
-    dim = np.zeros((n_dev, n), np.float32)
-    for d, o in enumerate(offs):
-      for j, (a, b) in enumerate(sorted(o)):
-        off[d, j], dim[d, j] = a, b
-    off_d = jnp.take(jnp.asarray(off), my, axis=0)
-    p = jnp.maximum(jnp.searchsorted(off_d, rows, side='right') - 1, 0)
-    return jnp.take(jnp.take(jnp.asarray(dim), my, axis=0), p)
+    piece, p = self._pieces_at(rows)
+    return piece['dim'][p].astype(jnp.float32)
 
   def update(self, table: jax.Array, slots: dict[str, jax.Array],
              ids: jax.Array, grads: jax.Array, full_grads, lr: jax.Array,
@@ -523,7 +518,7 @@ class StackExchange:
       full = g_sum[:, w:]
       g_sum = g_sum[:, :w]
       row_msq = jnp.sum(full * full, axis=-1) / jnp.maximum(
-          self._row_dims(uniq, self._my()), 1.0)
+          self._row_dims(uniq), 1.0)
     w_rows = self._rows(table, uniq)
     slot_rows = {k: v.at[uniq].get(mode='fill', fill_value=0)
                  for k, v in slots.items()}
@@ -544,11 +539,7 @@ class StackExchange:
     dtype = jnp.dtype(self.stack.dtype)
     if dtype == jnp.float32:
       return rows
-    arrs = initialization.piece_tables(self.stack, self.tables,
-                                       self.num_shards)
-    piece = {k: jnp.asarray(v)[self._my()] for k, v in arrs.items()}
-    p = jnp.maximum(jnp.searchsorted(piece['offset'], uniq, side='right') - 1,
-                    0)
+    piece, p = self._pieces_at(uniq)
     t = piece['table'][p]
     row = piece['row_start'][p] + uniq - piece['offset'][p]
     col = piece['col_start'][p][:, None] + jnp.arange(

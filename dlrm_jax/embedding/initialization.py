@@ -58,6 +58,13 @@ def piece_tables(stack: plan_lib.Stack, tables: Sequence[TableSpec],
   return arrs
 
 
+def piece_at(piece: dict[str, jax.Array], rows: jax.Array) -> jax.Array:
+  """Index of the piece each local row lies in (or follows), given one
+  device's `piece_tables` row."""
+  return jnp.maximum(
+      jnp.searchsorted(piece['offset'], rows, side='right') - 1, 0)
+
+
 def init_stack_local(stack: plan_lib.Stack, tables: Sequence[TableSpec],
                      num_shards: int, my: jax.Array,
                      seeds: jax.Array) -> jax.Array:
@@ -78,8 +85,7 @@ def init_stack_local(stack: plan_lib.Stack, tables: Sequence[TableSpec],
   trunc = np.float32(math.erf(2.0 / math.sqrt(2.0)))
 
   def rows_values(j):  # [n] local rows -> [n, W]
-    p = jnp.maximum(jnp.searchsorted(piece['offset'], j, side='right') - 1,
-                    0)
+    p = piece_at(piece, j)
     r = j - piece['offset'][p]
     valid = (j >= piece['offset'][p]) & (r < piece['rows'][p])
     t = piece['table'][p]
