@@ -178,7 +178,7 @@ def host_batches(trainer, n: int, seed: int = 0, zipf: float | None = None):
   its `max_ids` columns), uniform or Zipf-skewed within each table."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
-  b = trainer.config.batch_size
+  b = trainer.spec.loop.batch_size
   rows = trainer.setup.table_rows
   hot = [f.max_ids for f in trainer.setup.feature_specs]
   out = []
@@ -217,7 +217,7 @@ def embedding_bytes_per_step(trainer) -> int:
   total = 0
   for f in trainer.setup.feature_specs:
     t = by_table[f.table]
-    ids = trainer.config.batch_size * f.max_ids
+    ids = trainer.spec.loop.batch_size * f.max_ids
     row = t.dim * (2 if t.dtype == 'bfloat16' else 4)
     total += ids * row * (1 + 2 * (1 + slots[t.optimizer.kind]))
   return total

@@ -70,7 +70,6 @@ def child(task: dict) -> dict:
     return {'seconds': time.time() - t0}
   if kind in ('read_binary', 'read_tfds'):
     from configs import criteo as criteo_config  # pylint: disable=g-import-not-at-top
-    from dlrm_jax import config_lib  # pylint: disable=g-import-not-at-top
     from dlrm_jax.data import binary, inputs, loader  # pylint: disable=g-import-not-at-top
     config = criteo_config.get_config()
     if kind == 'read_binary':
@@ -81,9 +80,8 @@ def child(task: dict) -> dict:
       from dlrm_jax.data import tfds_criteo  # pylint: disable=g-import-not-at-top
       source = tfds_criteo.TfdsCriteoSource('criteo_kaggle', 'train',
                                             task['dir'])
-    setup = config_lib.build(config)
     data = loader.GrainTrainData(
-        inputs.RandomAccessRows(source), inputs.make_batch_maker(config, setup),
+        inputs.RandomAccessRows(source), inputs.make_batch_maker(config),
         task['batch'], num_batches=1 << 30, seed=0, shuffle=True,
         num_threads=2, prefetch=4)
     it = data.iterator()

@@ -162,7 +162,7 @@ def dlrm(paths, seed, workdir, overrides=None):
   best.close()
   test_config = inputs.prepare_config(config)
   test_config.data.eval_path = paths['test']
-  data = inputs.make_data(test_config, trainer.setup)
+  data = inputs.make_data(test_config)
   host = trainer.new_host_state()  # the kept step's remappers and sketch
   ckpt = ckpt_lib.BestCheckpointer(workdir, config.keep_best_metric, 'max')
   host.restore(ckpt, step)

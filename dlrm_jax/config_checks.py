@@ -2,8 +2,8 @@
 
 `validate_numbers` checks every integer and float field of the loop, data,
 mesh and embedding-budget groups (model and optimizer fields are checked
-where they are built, in `config_lib`), with the field's name, its value and
-the rule. `ListFlagParser` lets `--config.<field>=[32,8]` (or `=32,8`)
+where they are built), with the field's name, its value and the rule; it is
+the one place these rules live, and `config_lib.build` calls it. `ListFlagParser` lets `--config.<field>=[32,8]` (or `=32,8`)
 override a list field, which ml_collections' config_flags cannot by itself
 (it parses tuples only); `main.py` registers it.
 """
@@ -31,6 +31,9 @@ _RULES: list[tuple[str, str, str, Callable[[Any], bool]]] = [
     ('checkpoint_every_steps', 'int', 'at least 1', lambda v: v >= 1),
     ('max_to_keep', 'int', 'at least 1 (the checkpoint to resume from)',
      lambda v: v >= 1),
+    ('min_train_steps', 'int', 'at least 0 (0: off)', lambda v: v >= 0),
+    ('target_auc', 'float', 'an AUC in [0, 1] (0: no target)',
+     lambda v: 0 <= v <= 1),
     ('data.eval_fraction', 'float', 'in [0, 1)', lambda v: 0 <= v < 1),
     ('data.shuffle_buffer', 'int', 'at least 0 (0: no shuffle window)',
      lambda v: v >= 0),
@@ -47,6 +50,8 @@ _RULES: list[tuple[str, str, str, Callable[[Any], bool]]] = [
     ('mesh.model', 'int', '-1 (the rest) or at least 1',
      lambda v: v == -1 or v >= 1),
     ('embedding.replicate_bytes', 'int', 'at least 0', lambda v: v >= 0),
+    ('embedding.row_group_size', 'int', 'at least 0 (0: off)',
+     lambda v: v >= 0),
     ('embedding.device_memory_gb', 'float or None', 'more than 0',
      lambda v: v > 0),
     ('embedding.init_scale', 'float or None', 'more than 0',

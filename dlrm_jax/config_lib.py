@@ -8,16 +8,23 @@ dim (16)`. The modules downstream take the typed specs, never a ConfigDict.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 from ml_collections import config_dict
 
+from dlrm_jax import config_checks
+from dlrm_jax import early_stopping
 from dlrm_jax import features as features_lib
 from dlrm_jax import schedules
+from dlrm_jax.data import binary
+from dlrm_jax.embedding import admission as admission_lib
+from dlrm_jax.embedding import plan as plan_lib
 from dlrm_jax.embedding import specs as emb_specs
 from dlrm_jax.models import DCNSpec, DLRMSpec, MLPSpec
 from dlrm_jax.models.dlrm import INTERACTIONS
@@ -188,19 +195,14 @@ def build_mlp(cfg, path: str) -> MLPSpec:
     raise ValueError(
         f'{path} has unknown fields {sorted(unknown)}; an MLP takes'
         f' {sorted(allowed)}.')
-  return MLPSpec.create(
-      hidden_units=cfg.get('hidden_units'),
-      activation=cfg.get('activation', 'relu'),
-      use_bn=cfg.get('use_bn', False),
-      use_ln=cfg.get('use_ln', False),
-      dropout_ratio=cfg.get('dropout_ratio', 0.0),
-      bias=cfg.get('bias', True),
-      path=path)
+  # Fields left out take MLPSpec.create's defaults (configs/criteo.py's
+  # _mlp sets them all).
+  return MLPSpec.create(cfg.pop('hidden_units', None), path=path, **cfg)
 
 
 def build_interaction(m) -> tuple[str, DCNSpec | None]:
   """`config.model.interaction` and, for 'dcn', `config.model.dcn`."""
-  kind = m.get('interaction', 'dot')
+  kind = m.interaction
   if kind not in INTERACTIONS:
     raise ValueError(
         f'config.model.interaction ({kind!r}) must be one of'
@@ -208,12 +210,12 @@ def build_interaction(m) -> tuple[str, DCNSpec | None]:
   if kind != 'dcn':
     return kind, None
   for field in ('arch_with_sparse', 'interaction_self'):
-    if m.get(field, False):
+    if m[field]:
       raise ValueError(
-          f'config.model.{field} ({m.get(field)!r}) must be False with'
+          f'config.model.{field} ({m[field]!r}) must be False with'
           " config.model.interaction 'dcn': the over arch sees the cross"
           ' network output only (TorchRec DLRM_DCN, MLPerf DLRM-DCNv2).')
-  cfg = _to_dict(m.get('dcn'))
+  cfg = _to_dict(m.dcn)
   path = 'config.model.dcn'
   unknown = set(cfg) - {'num_layers', 'rank'}
   if unknown:
@@ -304,9 +306,9 @@ def _feature_groups(config, features: Mapping[str, features_lib.Feature]
   return dense, sparse
 
 
-def build(config) -> ModelSetup:
+def build_model(config) -> ModelSetup:
   """Validates the features, groups, model and embedding configs."""
-  if config.model.get('name', 'dlrm') != 'dlrm':
+  if config.model.name != 'dlrm':
     raise ValueError(
         f"config.model.name ({config.model.name!r}) must be 'dlrm'.")
   features = {name: build_feature(name, cfg)
@@ -320,7 +322,7 @@ def build(config) -> ModelSetup:
   dim = sparse[0].embedding_dim
 
   m = config.model
-  has_dense_mlp = m.get('dense_mlp') is not None and bool(
+  has_dense_mlp = m.dense_mlp is not None and bool(
       _to_dict(m.dense_mlp))
   if dense and not has_dense_mlp:
     raise ValueError(
@@ -337,7 +339,7 @@ def build(config) -> ModelSetup:
         f'config.model.dense_mlp.hidden_units[-1] ({dense_mlp.output_dim})'
         f' must equal the sparse embedding dim ({dim}).')
   final = build_mlp(m.final, 'config.model.final')
-  compute = m.get('compute_dtype', 'float32')
+  compute = m.compute_dtype
   if compute not in COMPUTE_DTYPES:
     raise ValueError(
         f'config.model.compute_dtype ({compute!r}) must be one of'
@@ -346,8 +348,8 @@ def build(config) -> ModelSetup:
   model = DLRMSpec(
       num_dense=len(dense), num_sparse=len(sparse), embedding_dim=dim,
       dense_mlp=dense_mlp, final=final,
-      arch_with_sparse=bool(m.get('arch_with_sparse', True)),
-      interaction_self=bool(m.get('interaction_self', False)),
+      arch_with_sparse=bool(m.arch_with_sparse),
+      interaction_self=bool(m.interaction_self),
       interaction=interaction, dcn=dcn)
 
   tables, feature_specs = build_tables(config, sparse)
@@ -363,7 +365,7 @@ def build_tables(config, sparse) -> tuple[tuple[emb_specs.TableSpec, ...],
   opt = build_sparse_optimizer(e.optimizer, 'config.embedding.optimizer')
   overrides = {  # Unset (None) fields, and tables without any, dropped.
       name: {k: v for k, v in _to_dict(t).items() if v is not None}
-      for name, t in _to_dict(e.get('tables')).items()}
+      for name, t in _to_dict(e.tables).items()}
   overrides = {name: t for name, t in overrides.items() if t}
   table_fields: dict[str, dict] = {}
   owner: dict[str, str] = {}
@@ -414,13 +416,13 @@ def build_tables(config, sparse) -> tuple[tuple[emb_specs.TableSpec, ...],
       merged = _to_dict(e.optimizer)
       merged.update(_to_dict(over['optimizer']))
       table_opt = build_sparse_optimizer(merged, f'{path}.optimizer')
-    initializer = over.get('initializer', e.get('initializer', 'uniform'))
+    initializer = over.get('initializer', e.initializer)
     if initializer not in emb_specs.INITIALIZERS:
       src = path if 'initializer' in over else 'config.embedding'
       raise ValueError(
           f'{src}.initializer ({initializer!r}) must be one of'
           f' {list(emb_specs.INITIALIZERS)}.')
-    dtype = over.get('dtype', e.get('dtype', 'float32'))
+    dtype = over.get('dtype', e.dtype)
     if dtype not in emb_specs.TABLE_DTYPES:
       src = path if 'dtype' in over else 'config.embedding'
       raise ValueError(
@@ -429,7 +431,7 @@ def build_tables(config, sparse) -> tuple[tuple[emb_specs.TableSpec, ...],
     tables.append(emb_specs.TableSpec(
         name=name, num_rows=fields['num_rows'], dim=fields['dim'],
         initializer=initializer,
-        init_scale=over.get('init_scale', e.get('init_scale')),
+        init_scale=over.get('init_scale', e.init_scale),
         optimizer=table_opt, combiner=fields['combiner'], dtype=dtype))
   emb_specs.validate(tables, feature_specs)
   return tuple(tables), tuple(feature_specs)
@@ -457,42 +459,31 @@ def scale_by_exact_adagrad(eps: float = 1e-8,
   return optax.GradientTransformation(init, update)
 
 
-def build_dense_optimizer(cfg) -> optax.GradientTransformation:
-  """The optax optimizer of the dense (MLP) parameters."""
-  path = 'config.optimizer'
-  cfg = _to_dict(cfg)
-  kind = cfg.get('kind', 'adam')
-  if kind not in DENSE_OPTIMIZERS:
-    raise ValueError(
-        f'{path}.kind ({kind!r}) must be one of {list(DENSE_OPTIMIZERS)}.')
-  lr = schedules.build(schedules.ScheduleSpec.create(
-      path=f'{path}.schedule', **_to_dict(cfg.get('schedule'))))
-  eps = float(cfg.get('eps', 1e-8))
+def build_dense_optimizer(spec: DenseOptimizerSpec | Any
+                          ) -> optax.GradientTransformation:
+  """The optax optimizer of the dense (MLP) parameters (`spec`, or a
+  `config.optimizer` to build it from)."""
+  if not isinstance(spec, DenseOptimizerSpec):
+    spec = build_dense_optimizer_spec(spec)
+  lr = schedules.build(spec.schedule)
+  kind, eps = spec.kind, spec.eps
   if kind == 'sgd':
-    momentum = float(cfg.get('momentum', 0.0))
-    tx = optax.sgd(lr, momentum=momentum or None)
+    tx = optax.sgd(lr, momentum=spec.momentum or None)
   elif kind == 'adagrad':
     # optax starts the accumulator at 0.1; torch.optim.Adagrad (the MLPerf
     # DLRM-DCNv2 reference's dense optimizer) at 0.
-    init_acc = float(cfg.get('initial_accumulator_value', 0.1))
-    if init_acc < 0:
-      raise ValueError(
-          f'{path}.initial_accumulator_value ({init_acc}) must be >= 0.')
-    tx = optax.adagrad(lr, initial_accumulator_value=init_acc, eps=eps)
+    tx = optax.adagrad(lr, initial_accumulator_value=(
+        spec.initial_accumulator_value), eps=eps)
   elif kind == 'exact_adagrad':
     tx = optax.chain(scale_by_exact_adagrad(eps),
                      optax.scale_by_learning_rate(lr))
   elif kind == 'adam':
-    tx = optax.adam(lr, b1=cfg.get('b1', 0.9), b2=cfg.get('b2', 0.999),
-                    eps=eps)
+    tx = optax.adam(lr, b1=spec.b1, b2=spec.b2, eps=eps)
   else:
-    tx = optax.adamw(lr, b1=cfg.get('b1', 0.9), b2=cfg.get('b2', 0.999),
-                     eps=eps, weight_decay=float(cfg.get('weight_decay', 0.0)))
-  clip = float(cfg.get('grad_clip_norm', 0.0) or 0.0)
-  if clip < 0:
-    raise ValueError(f'{path}.grad_clip_norm ({clip}) must be >= 0.')
-  if clip:
-    tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+    tx = optax.adamw(lr, b1=spec.b1, b2=spec.b2, eps=eps,
+                     weight_decay=spec.weight_decay)
+  if spec.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(spec.grad_clip_norm), tx)
   return tx
 
 
@@ -524,6 +515,7 @@ class LoopSpec:
     num_epochs: epochs when `num_train_steps` is None.
     min_train_steps: with epochs, at least this many steps (whole epochs).
     batch_size: global train batch.
+    eval_batch_size: global eval batch.
     seed: seeds parameters, dropout and data.
     log_every_steps: progress line and metrics row.
     eval_every_steps: full evaluation (and at the end).
@@ -531,8 +523,8 @@ class LoopSpec:
     max_to_keep: checkpoints kept.
     target_auc: the eval AUC that ends training; None when off.
     keep_best_metric: eval metric whose best state is kept; None when off.
-    early_stopping: `config.early_stopping` as a dict.
-    prefetch: train batches prepared ahead (streamed text).
+    early_stopping: `config.early_stopping` as a dict (checked).
+    prefetch: train batches prepared ahead.
     record_batches: log a digest of each step's ids to batches.jsonl.
   """
 
@@ -540,6 +532,7 @@ class LoopSpec:
   num_epochs: float
   min_train_steps: int
   batch_size: int
+  eval_batch_size: int
   seed: int
   log_every_steps: int
   eval_every_steps: int
@@ -554,29 +547,286 @@ class LoopSpec:
 
 def build_loop(config) -> LoopSpec:
   """`config`'s training loop, validated (ValueErrors name the field)."""
-  steps, epochs = config.num_train_steps, config.num_epochs
-  if steps == 0 or (steps < 0 and epochs <= 0):
-    raise ValueError(
-        f'config.num_train_steps ({steps}) must be positive,'
-        f' or -1 with a positive config.num_epochs ({epochs}).')
-  min_steps = int(config.min_train_steps or 0)
-  if min_steps < 0:
-    raise ValueError(
-        f'config.min_train_steps ({min_steps}) must be >= 0 (0: off).')
-  target = config.target_auc or 0.0
-  if isinstance(target, bool) or not isinstance(target, (int, float)) or not (
-      0.0 <= target <= 1.0):
-    raise ValueError(
-        f'config.target_auc ({target!r}) must be an AUC in (0, 1], or 0 for'
-        ' no target.')
+  config_checks.validate_numbers(config)
+  steps = config.num_train_steps
+  early = _to_dict(config.early_stopping)
+  early_stopping.EarlyStopping.from_config(early)  # checks it
+  if config.keep_best_metric:
+    early_stopping.metric_mode(config.keep_best_metric, None,
+                               'config.keep_best_metric')
   return LoopSpec(
-      num_train_steps=int(steps) if steps > 0 else None, num_epochs=epochs,
-      min_train_steps=min_steps, batch_size=int(config.batch_size),
-      seed=int(config.seed), log_every_steps=config.log_every_steps,
+      num_train_steps=steps if steps > 0 else None,
+      num_epochs=config.num_epochs, min_train_steps=config.min_train_steps,
+      batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+      seed=config.seed, log_every_steps=config.log_every_steps,
       eval_every_steps=config.eval_every_steps,
       checkpoint_every_steps=config.checkpoint_every_steps,
-      max_to_keep=config.max_to_keep, target_auc=float(target) or None,
+      max_to_keep=config.max_to_keep,
+      target_auc=float(config.target_auc) or None,
       keep_best_metric=config.keep_best_metric or None,
-      early_stopping=_to_dict(config.early_stopping),
-      prefetch=int(config.data.prefetch),
+      early_stopping=early, prefetch=config.data.prefetch,
       record_batches=bool(config.data.record_batches))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+  """`config.mesh`: devices along each axis; -1: the rest."""
+
+  data: int
+  model: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRequest:
+  """What `config.embedding` asks of the sharding planner
+  (`train.make_plan`); the fields are those of `config.embedding`.
+
+  Attributes:
+    strategy: 'auto' (the planner) or a strategy for every table.
+    overrides: (table, strategy) pairs that override it.
+    replicate_bytes: auto: tables this small are replicated.
+    row_group_size: >0: big tables row-wise over groups of this size.
+    device_memory_gb: auto: the per-device budget; None: none.
+  """
+
+  strategy: str
+  overrides: tuple[tuple[str, str], ...]
+  replicate_bytes: int
+  row_group_size: int
+  device_memory_gb: float | None
+
+
+def build_plan_request(config) -> PlanRequest:
+  e = config.embedding
+  if e.sharding != 'auto' and e.sharding not in plan_lib.STRATEGIES:
+    raise ValueError(
+        f'config.embedding.sharding ({e.sharding!r}) must be auto or one of'
+        f' {list(plan_lib.STRATEGIES)}.')
+  overrides = tuple(sorted(
+      (k, v) for k, v in _to_dict(e.sharding_overrides).items()
+      if v is not None))  # unset placeholders dropped
+  return PlanRequest(e.sharding, overrides, e.replicate_bytes,
+                     e.row_group_size or 0, e.device_memory_gb)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseOptimizerSpec:
+  """`config.optimizer`, the optimizer of the dense (MLP) parameters; the
+  fields are those of `config.optimizer` (see configs/criteo.py)."""
+
+  kind: str
+  schedule: schedules.ScheduleSpec
+  eps: float
+  b1: float
+  b2: float
+  weight_decay: float
+  initial_accumulator_value: float
+  momentum: float
+  grad_clip_norm: float
+
+
+def build_dense_optimizer_spec(cfg) -> DenseOptimizerSpec:
+  path = 'config.optimizer'
+  cfg = _to_dict(cfg)
+  kind = cfg.get('kind')
+  if kind not in DENSE_OPTIMIZERS:
+    raise ValueError(
+        f'{path}.kind ({kind!r}) must be one of {list(DENSE_OPTIMIZERS)}.')
+  fields = {f.name for f in dataclasses.fields(DenseOptimizerSpec)}
+  unknown = set(cfg) - fields
+  if unknown:
+    raise ValueError(f'{path} has unknown fields {sorted(unknown)}; it takes'
+                     f' {sorted(fields)}.')
+  missing = fields - set(cfg)
+  if missing:
+    raise ValueError(f'{path} lacks fields {sorted(missing)} (see'
+                     ' configs/criteo.py).')
+  spec = DenseOptimizerSpec(
+      kind=kind, schedule=schedules.ScheduleSpec.create(
+          path=f'{path}.schedule', **_to_dict(cfg['schedule'])),
+      **{k: float(cfg[k] or 0.0) for k in fields - {'kind', 'schedule'}})
+  for k in ('initial_accumulator_value', 'grad_clip_norm', 'weight_decay',
+            'momentum', 'eps'):
+    if getattr(spec, k) < 0:
+      raise ValueError(f'{path}.{k} ({getattr(spec, k)}) must be >= 0.')
+  return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticDataSpec:
+  """`config.data.synthetic`: the built-in generator's split sizes and
+  difficulty (see `data.synthetic.SyntheticSpec`)."""
+
+  num_train: int
+  num_eval: int
+  zipf_exponent: float
+  logit_scale: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """`config.data`, resolved (`source` is never 'auto'); each field is the
+  `config.data` field of the same name (`multi_hot` is
+  `config.data.multi_hot.enabled`, `multi_hot_distribution` its
+  distribution), documented and defaulted in configs/criteo.py."""
+
+  source: str
+  train_path: str | tuple[str, ...]
+  eval_path: str | tuple[str, ...]
+  eval_fraction: float
+  labeled_eval: bool
+  bad_lines: str
+  check_ids: bool
+  binary_dir: str
+  tfds_name: str
+  tfds_data_dir: str
+  tfds_train_split: str
+  tfds_eval_split: str
+  shuffle: bool
+  shuffle_buffer: int
+  chunk_rows: int
+  num_threads: int
+  prefetch: int
+  multi_hot: bool
+  multi_hot_distribution: str
+  synthetic: SyntheticDataSpec
+
+
+DATA_SOURCES = ('auto', 'synthetic', 'criteo_tsv', 'binary', 'tfds')
+
+
+def _paths(value) -> str | tuple[str, ...]:
+  return value if isinstance(value, str) else tuple(value or ())
+
+
+def build_data(config) -> DataSpec:
+  """`config.data`, checked, its source resolved."""
+  d = config.data
+  source = d.source
+  if source not in DATA_SOURCES:
+    raise ValueError(
+        f'config.data.source ({source!r}) must be one of'
+        f' {list(DATA_SOURCES)}.')
+  if source == 'auto':
+    source = 'criteo_tsv' if d.train_path else 'synthetic'
+  if d.bad_lines not in ('error', 'skip'):
+    raise ValueError(
+        f"config.data.bad_lines ({d.bad_lines!r}) must be 'error' or 'skip'.")
+  if source == 'binary' and not d.binary_dir:
+    raise ValueError(
+        "config.data.source is 'binary' but config.data.binary_dir is"
+        ' empty.')
+  if source == 'criteo_tsv' and not d.train_path:
+    raise ValueError(
+        "config.data.train_path is empty but config.data.source is"
+        " 'criteo_tsv'; give the Criteo train file(s).")
+  s = d.synthetic
+  return DataSpec(
+      source=source, train_path=_paths(d.train_path),
+      eval_path=_paths(d.eval_path), eval_fraction=float(d.eval_fraction),
+      labeled_eval=bool(d.labeled_eval), bad_lines=d.bad_lines,
+      check_ids=bool(d.check_ids), binary_dir=d.binary_dir,
+      tfds_name=d.tfds_name, tfds_data_dir=d.tfds_data_dir,
+      tfds_train_split=d.tfds_train_split,
+      tfds_eval_split=d.tfds_eval_split, shuffle=bool(d.shuffle),
+      shuffle_buffer=d.shuffle_buffer, chunk_rows=d.chunk_rows,
+      num_threads=d.num_threads, prefetch=d.prefetch,
+      multi_hot=bool(d.multi_hot.enabled),
+      multi_hot_distribution=d.multi_hot.distribution,
+      synthetic=SyntheticDataSpec(
+          int(s.num_train), int(s.num_eval), float(s.zipf_exponent),
+          float(s.logit_scale)))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec(ModelSetup):
+  """Everything a run is, typed and checked: the model (`ModelSetup`'s
+  fields), the sharding plan request, the mesh, the dense optimizer, the
+  data, the loop and the rare-id admission. Built once from the config by
+  `build`; nothing downstream reads the ConfigDict.
+
+  Attributes:
+    plan: what the sharding planner is asked for.
+    mesh: the device mesh's axis sizes.
+    dense_optimizer: the MLPs' optimizer.
+    data: the input data.
+    loop: the training loop.
+    admission: rare-id admission (`min_count <= 1`: off).
+    config_json: the config as JSON, written to config.json and the
+      checkpoints' meta for the record (never read back by the run).
+  """
+
+  plan: PlanRequest
+  mesh: MeshSpec
+  dense_optimizer: DenseOptimizerSpec
+  data: DataSpec
+  loop: LoopSpec
+  admission: admission_lib.AdmissionSpec
+  config_json: str = dataclasses.field(default='{}', compare=False)
+
+  def same_trainer(self, other: 'RunSpec') -> bool:
+    """Whether a Trainer of `other` serves this spec (same model, tables,
+    plan request, mesh, optimizers and batch sizes; the data, loop and
+    admission are the run's own)."""
+    keep = ('features', 'transform', 'model', 'tables', 'feature_specs',
+            'compute_dtype', 'plan', 'mesh', 'dense_optimizer')
+    return all(getattr(self, k) == getattr(other, k) for k in keep) and (
+        (self.loop.batch_size, self.loop.eval_batch_size) ==
+        (other.loop.batch_size, other.loop.eval_batch_size))
+
+
+def build(config) -> RunSpec:
+  """The run spec of a config whose data is resolved
+  (`data.inputs.prepare_config`): every field checked, ValueErrors naming
+  the field."""
+  model = build_model(config)
+  return RunSpec(
+      **{f.name: getattr(model, f.name)
+         for f in dataclasses.fields(ModelSetup)},
+      plan=build_plan_request(config),
+      mesh=MeshSpec(config.mesh.data, config.mesh.model),
+      dense_optimizer=build_dense_optimizer_spec(config.optimizer),
+      data=build_data(config), loop=build_loop(config),
+      admission=admission_lib.AdmissionSpec.from_config(config.admission),
+      config_json=config.to_json_best_effort())
+
+
+def resolve_data(config):
+  """The data-resolution step before `build`: a copy of the config
+  completed from the data, with the table sizes of a preprocessed dataset
+  (`config.data.source='binary'`, read from its metadata) and the bag sizes
+  of multi-hot data (`config.data.multi_hot.hotness`)."""
+  config = copy.deepcopy(config)
+  source = build_data(config).source  # checks the data fields
+  id_features = [n for n in config.model.feature_groups.sparse
+                 if config.features[n].get('type') == 'id']
+  if source == 'binary':
+    meta = binary.Metadata.load(config.data.binary_dir)
+    for name in id_features:
+      f = config.features[name]
+      index = int(f.get('input', name).split('_')[-1])
+      size = int(meta.num_buckets[index])
+      if f.get('num_buckets') != size:
+        logging.info('config.features.%s.num_buckets: %s -> %d (from %s)',
+                     name, f.get('num_buckets'), size,
+                     config.data.binary_dir)
+      f.num_buckets = size
+      f.hash_bucket_size = None
+  mh = config.data.multi_hot
+  if mh.enabled:
+    if len(mh.hotness) != len(id_features):
+      raise ValueError(
+          f'config.data.multi_hot.hotness has {len(mh.hotness)} values for'
+          f' {len(id_features)} id features of the sparse group.')
+    for name, h in zip(id_features, mh.hotness):
+      config.features[name].max_ids = int(h)
+  return config
+
+
+def run_spec(config) -> RunSpec:
+  """A config's RunSpec: `build(resolve_data(config))`. A RunSpec is
+  returned as it is, so the entry points (Trainer, train_and_evaluate,
+  inference.load, data.inputs.make_data) take either."""
+  if isinstance(config, RunSpec):
+    return config
+  return build(resolve_data(config))

@@ -52,6 +52,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from dlrm_jax import checkpoint as ckpt_lib
+from dlrm_jax import config_lib
 from dlrm_jax import train
 from dlrm_jax.data import inputs
 from dlrm_jax.embedding import table_access
@@ -381,8 +382,9 @@ def import_checkpoint(sd, peer: str, workdir: str, base_config,
   `config.json` (the matching config) and `peer.json`; returns the config."""
   config = config_from_peer(sd, peer, base_config)
   trainer = trainer or train.Trainer(config)
-  state, names = state_from_peer(sd, peer, trainer, seed=config.seed)
-  save_initial_checkpoint(trainer, state, config, workdir)
+  state, names = state_from_peer(sd, peer, trainer,
+                                 seed=trainer.spec.loop.seed)
+  save_initial_checkpoint(trainer, state, workdir)
   if jax.process_index() == 0:
     ckpt_lib.write_json(os.path.join(workdir, PEER_FILE),
                         {'peer': peer, 'table_names': names})
@@ -390,28 +392,28 @@ def import_checkpoint(sd, peer: str, workdir: str, base_config,
 
 
 def save_initial_checkpoint(trainer: train.Trainer, state: train.TrainState,
-                            config, workdir: str) -> None:
-  """Writes `state` as the step-0 checkpoint of a run of `config` in
-  `workdir` (with `config.json`), from which training starts as from a
-  fresh initialization."""
+                            workdir: str) -> None:
+  """Writes `state` as the step-0 checkpoint of a run of the trainer's
+  spec in `workdir` (with `config.json`), from which training starts as
+  from a fresh initialization."""
   os.makedirs(workdir, exist_ok=True)
+  spec = trainer.spec
   # The input pipeline's start position, so that training resumes from this
   # checkpoint as a fresh run of the config would start (grain sources).
-  data = inputs.make_data(inputs.prepare_config(config), trainer.setup,
-                          process_index=jax.process_index(),
+  data = inputs.make_data(spec, process_index=jax.process_index(),
                           process_count=jax.process_count())
   data_iter = data.train.iterator() if data.uses_grain else None
   ckpt = ckpt_lib.Checkpointer(workdir)
   try:
     ckpt.save(0, state, {'signature': trainer.signature(),
                          'plan': trainer.plan.to_json(), 'data_position': 0,
-                         'step': 0, 'config': config.to_json_best_effort()},
+                         'step': 0, 'config': spec.config_json},
               data_iter=data_iter)
   finally:
     ckpt.close()
   if jax.process_index() == 0:
     ckpt_lib.write_json(os.path.join(workdir, 'config.json'),
-                        json.loads(config.to_json_best_effort()))
+                        json.loads(spec.config_json))
 
 
 def config_of_workdir(workdir: str) -> config_dict.ConfigDict:
@@ -466,11 +468,11 @@ def main(argv=None):
         raise app.UsageError('import needs --input and --config.')
       config = import_checkpoint(load_state_dict(input_.value), peer.value,
                                  workdir.value, config_flag.value)
+      model = config_lib.build_model(config).model
       print(f'wrote a step-0 checkpoint to {workdir.value} (config:'
             f' {os.path.join(workdir.value, "config.json")}); model:'
-            f' dense_mlp {list(config.model.dense_mlp.hidden_units)}, final'
-            f' {list(config.model.final.hidden_units)},'
-            f' {len(config.model.feature_groups.sparse)} tables')
+            f' dense_mlp {list(model.dense_mlp.hidden_units)}, final'
+            f' {list(model.final.hidden_units)}, {model.num_sparse} tables')
     else:
       if not output.value:
         raise app.UsageError('export needs --output.')

@@ -61,15 +61,15 @@ class EarlyStopping:
   @classmethod
   def from_config(cls, cfg) -> 'EarlyStopping':
     path = 'config.early_stopping'
-    cfg = dict(cfg or {})
-    metric = cfg.get('metric', 'auc')
-    mode = metric_mode(metric, cfg.get('mode'), path)
-    patience = cfg.get('patience', 0)
+    cfg = dict(cfg)  # every field, as configs/criteo.py gives them
+    metric = cfg['metric']
+    mode = metric_mode(metric, cfg['mode'], path)
+    patience = cfg['patience']
     if isinstance(patience, bool) or not isinstance(patience, int) or (
         patience < 0):
       raise ValueError(f'{path}.patience ({patience!r}) must be an integer'
                        ' >= 0 (0: off).')
-    min_delta = float(cfg.get('min_delta', 0.0))
+    min_delta = float(cfg['min_delta'])
     if not min_delta >= 0:
       raise ValueError(f'{path}.min_delta ({min_delta}) must be >= 0.')
     return cls(metric, mode, patience, min_delta)

@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 
 from dlrm_jax import checkpoint as ckpt_lib
-from dlrm_jax import config_checks
+from dlrm_jax import config_lib
 from dlrm_jax import metrics as metrics_lib
 from dlrm_jax import serving
 from dlrm_jax import train
@@ -30,10 +30,10 @@ from dlrm_jax.data import preprocess
 
 @dataclasses.dataclass
 class TrainedModel:
-  """A restored run: its config, trainer, state and host-side id state
+  """A restored run: its spec, trainer, state and host-side id state
   (managed-collision remappers, admission sketch)."""
 
-  config: Any
+  spec: config_lib.RunSpec
   trainer: train.Trainer
   state: train.TrainState
   step: int
@@ -44,8 +44,8 @@ class TrainedModel:
     """Reader rows (raw hashes) -> raw batch for the feature transform,
     mapping ids as the training data did (vocabularies of preprocessed
     data)."""
-    d = self.config.data
-    if inputs.source_kind(self.config) == 'binary':
+    d = self.spec.data
+    if d.source == 'binary':
       meta = binary.Metadata.load(d.binary_dir)
       if meta.id_scheme == 'vocab':
         rows = dict(rows)
@@ -56,8 +56,8 @@ class TrainedModel:
   def id_tables(self) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
     """Raw hash -> row tables for the export (vocabularies, remappers)."""
     tables = {}
-    d = self.config.data
-    if inputs.source_kind(self.config) == 'binary':
+    d = self.spec.data
+    if d.source == 'binary':
       meta = binary.Metadata.load(d.binary_dir)
       if meta.id_scheme == 'vocab':
         tables.update(preprocess.vocab_id_tables(
@@ -77,10 +77,10 @@ class TrainedModel:
 
 
 def load(config, workdir: str, step: int | None = None) -> TrainedModel:
-  """Restores the latest good (or a given) checkpoint of a run."""
-  config_checks.validate_numbers(config)
-  config = inputs.prepare_config(config)
-  trainer = train.Trainer(config)
+  """Restores the latest good (or a given) checkpoint of a run (`config`:
+  its config or RunSpec)."""
+  spec = config_lib.run_spec(config)
+  trainer = train.Trainer(spec)
   ckpt = ckpt_lib.Checkpointer(workdir)
   host = trainer.new_host_state()
 
@@ -104,7 +104,7 @@ def load(config, workdir: str, step: int | None = None) -> TrainedModel:
           ' first, or pass the --workdir of a run.')
   finally:
     ckpt.close()
-  return TrainedModel(config, trainer, state, step, host)
+  return TrainedModel(spec, trainer, state, step, host)
 
 
 def _restore_step(ckpt: ckpt_lib.Checkpointer, step: int, restore):
@@ -134,8 +134,8 @@ def _labeled(path: str) -> bool:
 def _batches(model: TrainedModel, paths: Sequence[str], labeled: bool
              ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
   """Model batches of the files in order; the last is padded."""
-  b = model.config.eval_batch_size
-  maker = inputs.make_batch_maker(model.config, model.trainer.setup)
+  b = model.spec.loop.eval_batch_size
+  maker = inputs.make_batch_maker(model.spec)
   for chunk in criteo.read_criteo(paths, labeled=labeled, chunk_rows=b):
     n = len(chunk['int'])
     chunk = pipeline.pad_rows(chunk, b)
@@ -187,8 +187,7 @@ def eval_predictions(model: TrainedModel,
       labels.append(batch['label'][:n])
     probs, labels = np.concatenate(probs), np.concatenate(labels)
     return metrics_lib.evaluate(probs, labels), probs, labels
-  data = inputs.make_data(model.config, model.trainer.setup,
-                          process_index=jax.process_index(),
+  data = inputs.make_data(model.spec, process_index=jax.process_index(),
                           process_count=jax.process_count())
   if data.eval is None:
     raise ValueError('the config has no eval set; pass --input files.')
@@ -230,5 +229,5 @@ def export(model: TrainedModel, out_dir: str, *, batch_size: int | None = None,
                             request_columns=request_columns,
                             quantize=quantize,
                             multi_hot=inputs.make_batch_maker(
-                                model.config, model.trainer.setup).multi_hot)
+                                model.spec).multi_hot)
   return sm.export(out_dir, batch_size=batch_size)

@@ -26,7 +26,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dlrm_jax import checkpoint as ckpt_lib
-from dlrm_jax import config_checks
 from dlrm_jax import config_lib
 from dlrm_jax import early_stopping
 from dlrm_jax import metrics as metrics_lib
@@ -104,28 +103,24 @@ def _shape_fields(spec) -> Any:
   return spec
 
 
-def make_plan(config, tables, num_shards: int,
+def make_plan(spec, tables, num_shards: int,
               num_devices: int | None = None,
               features: Sequence[Any] = ()) -> plan_lib.Plan:
-  """The embedding sharding plan the config asks for."""
-  e = config.embedding
-  strategy = e.get('sharding', 'auto')
-  overrides = {k: v for k, v in dict(e.get('sharding_overrides') or {}
-                                     ).items() if v is not None}  # unset
-  if strategy != 'auto':
-    if strategy not in plan_lib.STRATEGIES:
-      raise ValueError(
-          f'config.embedding.sharding ({strategy!r}) must be auto or one of'
-          f' {list(plan_lib.STRATEGIES)}.')
+  """The embedding sharding plan a run (`spec`: a RunSpec or a config)
+  asks for."""
+  spec = config_lib.run_spec(spec)
+  request = spec.plan
+  overrides = dict(request.overrides)
+  if request.strategy != 'auto':
     for t in tables:
-      overrides.setdefault(t.name, strategy)
-  budget = e.get('device_memory_gb')
+      overrides.setdefault(t.name, request.strategy)
+  budget = request.device_memory_gb
   return plan_lib.auto_plan(
       tables, num_shards, overrides=overrides,
-      replicate_bytes=int(e.get('replicate_bytes', 1 << 20)),
+      replicate_bytes=request.replicate_bytes,
       lookups=_lookups_per_table(features) or None,
-      row_group_size=int(e.get('row_group_size', 0) or 0),
-      batch_per_device=(config.batch_size // num_devices if num_devices
+      row_group_size=request.row_group_size,
+      batch_per_device=(spec.loop.batch_size // num_devices if num_devices
                         else None),
       device_memory_bytes=None if budget is None else int(budget * 2**30))
 
@@ -139,11 +134,12 @@ def _lookups_per_table(features) -> dict[str, int]:
 
 
 class Trainer:
-  """A config's model, embedding engine, optimizers and compiled steps.
+  """A run's model, embedding engine, optimizers and compiled steps.
 
   Attributes:
-    config: the config.
-    setup: typed specs built from the config.
+    spec: the run's RunSpec (built from the config by
+      `config_lib.run_spec`).
+    setup: the same spec (its model, tables and feature transform).
     mesh: the device mesh.
     engine: the embedding engine.
     model: the Flax DLRM (dense and over arches).
@@ -155,22 +151,23 @@ class Trainer:
   (`new_host_state`), so runs can share one Trainer.
   """
 
-  def __init__(self, config, *, mesh: Mesh | None = None,
+  def __init__(self, spec, *, mesh: Mesh | None = None,
                plan: plan_lib.Plan | None = None):
-    self.config = config
-    self.setup = config_lib.build(config)
+    """`spec`: a RunSpec, or a config to build one from."""
+    spec = config_lib.run_spec(spec)
+    self.spec = self.setup = spec
     self.mesh = mesh if mesh is not None else parallel.create_mesh(
-        config.mesh.data, config.mesh.model)
+        spec.mesh.data, spec.mesh.model)
     n_dev = self.mesh.devices.size
     for field in ('batch_size', 'eval_batch_size'):
-      value = config[field]
+      value = getattr(spec.loop, field)
       if value <= 0 or value % n_dev:
         raise ValueError(
             f'config.{field} ({value}) must be a positive multiple of the'
             f' number of devices ({n_dev}).')
     if plan is None:
-      plan = make_plan(config, self.setup.tables, self.mesh.shape['model'],
-                       n_dev, self.setup.feature_specs)
+      plan = make_plan(spec, spec.tables, self.mesh.shape['model'], n_dev,
+                       spec.feature_specs)
     self.engine = EmbeddingEngine(self.setup.tables, self.setup.feature_specs,
                                   self.mesh, plan)
     self.model = DLRM(self.setup.model, dtype=self.setup.compute_dtype)
@@ -178,10 +175,8 @@ class Trainer:
     self.resets_rows = any(getattr(f, 'managed_collision', None)
                            for f in self.setup.transform.sparse)
     # Host-side id state that eval/predict must be given (HostState).
-    self.needs_host_state = self.resets_rows or (
-        admission_lib.AdmissionSpec.from_config(
-            config.get('admission')).min_count > 1)
-    self.tx = config_lib.build_dense_optimizer(config.optimizer)
+    self.needs_host_state = self.resets_rows or spec.admission.min_count > 1
+    self.tx = config_lib.build_dense_optimizer(spec.dense_optimizer)
     self.has_bn = any(
         m is not None and m.use_bn
         for m in (self.setup.model.dense_mlp, self.setup.model.final))
@@ -201,16 +196,17 @@ class Trainer:
   def plan(self) -> plan_lib.Plan:
     return self.engine.plan
 
-  def new_host_state(self, config=None) -> HostState:
+  def new_host_state(self, spec: config_lib.RunSpec | None = None
+                     ) -> HostState:
     """A run's fresh host-side id state: empty managed-collision remappers
-    and, with `config.admission` (of the run's `config`; default the
-    trainer's), an empty rare-id admission sketch."""
+    and, with rare-id admission (`admission` of the run's `spec`; default
+    the trainer's), an empty sketch."""
     kw = dict(process_index=jax.process_index(),
               process_count=jax.process_count())
+    admission = (spec or self.spec).admission
     return HostState(
         remapping.BatchRemapper(self.setup.transform, **kw),
-        admission_lib.build(self.config if config is None else config,
-                            self.setup.transform, **kw))
+        admission_lib.build(admission, self.setup.transform, **kw))
 
   def zero_metrics(self) -> dict[str, jax.Array]:
     """The train step's metric accumulator, zeroed, on the mesh."""
@@ -313,8 +309,8 @@ class Trainer:
     return {
         'model': model,
         'tables': tables,
-        'dense_optimizer': self.config.optimizer.kind,
-        'grad_clip': bool(self.config.optimizer.get('grad_clip_norm', 0.0)),
+        'dense_optimizer': self.spec.dense_optimizer.kind,
+        'grad_clip': bool(self.spec.dense_optimizer.grad_clip_norm),
     }
 
   # --------------------------------------------------------------------------
@@ -572,28 +568,25 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
                        ) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints) and evaluates.
 
-  Process 0 holds `<workdir>/.lock` meanwhile (`dlrm_jax.workdir_lock`): a
-  second run on the same workdir gets WorkdirLockedError naming the first.
-  See `_train_and_evaluate` for the arguments.
+  `config`: a config or its RunSpec (`config_lib.run_spec`). Process 0
+  holds `<workdir>/.lock` meanwhile (`dlrm_jax.workdir_lock`): a second run
+  on the same workdir gets WorkdirLockedError naming the first. See
+  `_train_and_evaluate` for the arguments.
   """
-  config_checks.validate_numbers(config)
+  spec = config_lib.run_spec(config)
   os.makedirs(workdir, exist_ok=True)
   lock = (workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0
           else contextlib.nullcontext())
   with lock:
-    return _train_and_evaluate(config, workdir, trainer)
+    return _train_and_evaluate(spec, workdir, trainer)
 
 
-def _trainer_for(config, trainer: Trainer | None) -> Trainer:
-  """`trainer`, checked to be of `config`; a new one when None."""
+def _trainer_for(spec: config_lib.RunSpec, trainer: Trainer | None
+                 ) -> Trainer:
+  """`trainer`, checked to serve `spec`; a new one when None."""
   if trainer is None:
-    return Trainer(config)
-  same = (trainer.setup == config_lib.build(config) and all(
-      trainer.config[k].to_dict() == config[k].to_dict()
-      for k in ('optimizer', 'embedding', 'mesh')) and all(
-          trainer.config[k] == config[k]
-          for k in ('batch_size', 'eval_batch_size')))
-  if not same:
+    return Trainer(spec)
+  if not trainer.spec.same_trainer(spec):
     raise ValueError(
         'the trainer passed to train_and_evaluate was built from a config'
         ' with another model, optimizer, mesh or batch size.')
@@ -704,7 +697,7 @@ class BestKeeper:
 class _Run:
   """One run of `train_and_evaluate`: its parts and the state it saves."""
 
-  config: Any
+  spec: config_lib.RunSpec
   loop: config_lib.LoopSpec
   workdir: str
   trainer: Trainer
@@ -729,7 +722,7 @@ class _Run:
   def base_meta(self, step: int) -> dict[str, Any]:
     return {'step': step, 'signature': self.trainer.signature(),
             'plan': self.trainer.plan.to_json(),
-            'config': self.config.to_json_best_effort()}
+            'config': self.spec.config_json}
 
   def save(self, step: int, reached: bool = False) -> None:
     meta = {**self.base_meta(step), 'data_position': self.position,
@@ -820,24 +813,24 @@ class _Run:
       self.writer.close()
 
 
-def _open_run(config, workdir: str, trainer: Trainer) -> _Run:
+def _open_run(spec: config_lib.RunSpec, workdir: str, trainer: Trainer
+              ) -> _Run:
   """The run's data, checkpointers and (resumed or fresh) state."""
   logging.info('mesh: %s; %d device(s), %d process(es)',
                dict(trainer.mesh.shape), trainer.mesh.devices.size,
                jax.process_count())
   logging.info('embedding plan:\n%s',
                plan_lib.describe(trainer.plan, trainer.setup.tables))
-  data = inputs.make_data(config, trainer.setup,
-                          process_index=jax.process_index(),
+  data = inputs.make_data(spec, process_index=jax.process_index(),
                           process_count=jax.process_count())
   logging.info('data: %s', data.description)
-  loop = config_lib.build_loop(config)
+  loop = spec.loop
   run = _Run(
-      config=config, loop=loop, workdir=workdir, trainer=trainer, data=data,
+      spec=spec, loop=loop, workdir=workdir, trainer=trainer, data=data,
       ckpt=ckpt_lib.Checkpointer(workdir, max_to_keep=loop.max_to_keep),
       stopper=early_stopping.EarlyStopping.from_config(loop.early_stopping),
       best=BestKeeper.of(loop, workdir),
-      host=trainer.new_host_state(config),
+      host=trainer.new_host_state(spec),
       data_iter=data.train.iterator() if data.uses_grain else None,
       total_steps=num_train_steps(loop, data), target=loop.target_auc)
   try:
@@ -960,12 +953,12 @@ def _already_done(run: _Run, step: int) -> dict[str, Any] | None:
   return _finished_summary(run.workdir, step)
 
 
-def _train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
-                        ) -> dict[str, Any]:
+def _train_and_evaluate(spec: config_lib.RunSpec, workdir: str,
+                        trainer: Trainer | None = None) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints) and evaluates.
 
   Args:
-    config: the config.
+    spec: the run spec.
     workdir: checkpoints, metrics.jsonl, config.json and summary.json go here.
     trainer: optionally, a Trainer built from a config with the same model,
       so that several runs share compiled steps (tests, notebooks).
@@ -974,13 +967,12 @@ def _train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
     A summary: final step, last train loss, final eval metrics, teacher AUC.
   """
   os.makedirs(workdir, exist_ok=True)
-  config = inputs.prepare_config(config)
-  run = _open_run(config, workdir, _trainer_for(config, trainer))
+  run = _open_run(spec, workdir, _trainer_for(spec, trainer))
   is_chief = jax.process_index() == 0
   try:
     if is_chief:
       ckpt_lib.write_json(os.path.join(workdir, 'config.json'),
-                          json.loads(config.to_json_best_effort()))
+                          json.loads(spec.config_json))
     step = run.step
     run.writer = reporting.MetricsLogger(workdir, enabled=is_chief,
                                          resume_step=step)

@@ -175,7 +175,7 @@ class MultiHotExportTest(absltest.TestCase):
     config.features.cat_2.combiner = 'mean'
     config = inputs_lib.prepare_config(config)
     trainer = train.Trainer(config, mesh=reference.single_device_mesh())
-    model = inference.TrainedModel(config, trainer, trainer.init_state(0), 0)
+    model = inference.TrainedModel(trainer.spec, trainer, trainer.init_state(0), 0)
     path = self.create_tempfile(
         'rows.txt', '\n'.join(random_lines(64)) + '\n').full_path
     scores = os.path.join(self.create_tempdir().full_path, 's.txt')

@@ -27,7 +27,7 @@ def main(port, pid, num, out, train_file, eval_file):
       'data.eval_path': eval_file, 'data.shuffle_buffer': 1024,
       'batch_size': 64, 'eval_batch_size': 256}))
   trainer = train.Trainer(config)
-  data = inputs.make_data(config, trainer.setup,
+  data = inputs.make_data(config,
                           process_index=jax.process_index(),
                           process_count=jax.process_count())
   share = data.train.source

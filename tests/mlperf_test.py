@@ -143,7 +143,7 @@ class ShardedTinyTest(absltest.TestCase):
     config.embedding.sharding = 'row_wise'
     sharded = train.Trainer(config, mesh=reference.mesh_of(2, 4))
     single = train.Trainer(config, mesh=reference.single_device_mesh())
-    it = inputs.make_data(config, single.setup).train.iterator()
+    it = inputs.make_data(config).train.iterator()
     batches = [next(it) for _ in range(3)]
     hlo = sharded.train_step.lower(
         sharded.init_state(0), sharded.put_batch(batches[0]),

@@ -37,8 +37,7 @@ class MultiProcessExportTest(parameterized.TestCase):
       config[section][field] = v
     workdir = tempfile.mkdtemp(prefix='dlrm_mp_export_')
     trainer = train.Trainer(config, mesh=reference.mesh_of(1, 4))
-    convert.save_initial_checkpoint(trainer, trainer.init_state(1), config,
-                                    workdir)
+    convert.save_initial_checkpoint(trainer, trainer.init_state(1), workdir)
     export_dir = os.path.join(workdir, 'export')
     env = dict(os.environ, PYTHON=sys.executable, NUM_PROCESSES='2',
                DEVICES_PER_PROCESS='2')

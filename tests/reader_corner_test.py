@@ -42,8 +42,7 @@ class ReaderCornerTest(absltest.TestCase):
                                          'data.bad_lines': 'skip',
                                          'data.eval_fraction': 0.0})
       with self.assertRaisesRegex(ValueError, 'fewer rows than one batch'):
-        inputs.make_data(inputs.prepare_config(config),
-                         train_test.shared_trainer().setup)
+        inputs.make_data(inputs.prepare_config(config))
 
     class Empty:  # Counted rows that are not there: no endless loop.
       num_rows, description, report = 512, 'empty', criteo.BadLineReport()
@@ -69,8 +68,7 @@ class ReaderCornerTest(absltest.TestCase):
     config = train_test.tiny_config(**{'data.train_path': path,
                                        'data.bad_lines': 'skip',
                                        'data.eval_fraction': 0.2})
-    data = inputs.make_data(inputs.prepare_config(config),
-                            train_test.shared_trainer().setup)
+    data = inputs.make_data(inputs.prepare_config(config))
     self.assertEqual(data.eval.source.num_rows, 200)
     self.assertEqual(sum(n for _, n in data.eval), 200)
     self.assertEqual(data.train.source.num_rows, 800)

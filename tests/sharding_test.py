@@ -236,7 +236,7 @@ def host_batches(trainer, n, seed=0):
   rows = trainer.setup.table_rows
   out = []
   for _ in range(n):
-    b = trainer.config.batch_size
+    b = trainer.spec.loop.batch_size
     out.append({
         'dense': rng.normal(size=(b, 13)).astype(np.float32),
         'ids': np.stack([rng.integers(0, r, b) for r in rows], 1).astype(

@@ -110,7 +110,7 @@ class TsvSharesTest(absltest.TestCase):
       def gather(values):
         local[p] = values
         return np.asarray(table if table is not None else [values] * 2)
-      return inputs.make_data(config, trainer.setup, process_index=p,
+      return inputs.make_data(config, process_index=p,
                               process_count=2, gather=gather)
 
     for p in range(2):  # What each process would send ...
@@ -179,9 +179,9 @@ class EvalRunsTest(absltest.TestCase):
   def test_make_data_gives_each_process_its_run(self):
     config = inputs.prepare_config(train_test.tiny_config())
     trainer = train_test.shared_trainer()
-    runs = [inputs.make_data(config, trainer.setup, process_index=p,
+    runs = [inputs.make_data(config, process_index=p,
                              process_count=2).eval for p in range(2)]
-    whole = inputs.make_data(config, trainer.setup).eval
+    whole = inputs.make_data(config).eval
     n = config.data.synthetic.num_eval
     self.assertEqual([r.source.num_rows for r in runs], [n // 2, n // 2])
     for key in ('label', 'ids'):

@@ -137,7 +137,7 @@ class EarlyStoppingTest(absltest.TestCase):
     from dlrm_jax.data import inputs  # pylint: disable=g-import-not-at-top
     config = inputs.prepare_config(tiny_config(num_train_steps=-1,
                                                num_epochs=1))
-    data = inputs.make_data(config, shared_trainer().setup)
+    data = inputs.make_data(config)
     per_epoch = data.train.batches_per_epoch
     steps = lambda: train.num_train_steps(config_lib.build_loop(config), data)
     self.assertEqual(steps(), per_epoch)
@@ -164,7 +164,7 @@ class MultiHotTrainingTest(absltest.TestCase):
     prepared = inputs.prepare_config(config)
     self.assertEqual(prepared.features.cat_20.max_ids, 100)
     trainer = train.Trainer(prepared, mesh=reference.single_device_mesh())
-    data = inputs.make_data(prepared, trainer.setup)
+    data = inputs.make_data(prepared)
     batch = next(data.train.iterator())
     self.assertEqual(batch['ids'].shape, (128, sum(
         criteo_config.MLPERF_HOTNESS)))

@@ -27,67 +27,25 @@ process order (`pipeline.EvalBatches`).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any, Iterator
 
 import numpy as np
 from absl import logging
 
+from dlrm_jax import config_lib
 from dlrm_jax.data import binary
 from dlrm_jax.data import criteo
 from dlrm_jax.data import loader
 from dlrm_jax.data import pipeline
 from dlrm_jax.data import synthetic
 
-SOURCES = ('auto', 'synthetic', 'criteo_tsv', 'binary', 'tfds')
 _READ_CHUNK = 65536
 
 
-def source_kind(config) -> str:
-  d = config.data
-  source = d.get('source', 'auto')
-  if source not in SOURCES:
-    raise ValueError(
-        f'config.data.source ({source!r}) must be one of {list(SOURCES)}.')
-  if source == 'auto':
-    source = 'criteo_tsv' if d.get('train_path') else 'synthetic'
-  return source
-
-
 def prepare_config(config):
-  """A copy of the config completed from the data: the table sizes of a
-  preprocessed dataset, and bag sizes for multi-hot data."""
-  config = copy.deepcopy(config)
-  kind = source_kind(config)
-  id_features = [n for n in config.model.feature_groups.get('sparse', [])
-                 if config.features[n].get('type') == 'id']
-  if kind == 'binary':
-    if not config.data.get('binary_dir'):
-      raise ValueError(
-          "config.data.source is 'binary' but config.data.binary_dir is"
-          ' empty; give the output_dir of dlrm_jax.data.preprocess.')
-    meta = binary.Metadata.load(config.data.binary_dir)
-    for name in id_features:
-      f = config.features[name]
-      index = int(f.get('input', name).split('_')[-1])
-      size = int(meta.num_buckets[index])
-      if f.get('num_buckets') != size:
-        logging.info('config.features.%s.num_buckets: %s -> %d (from %s)',
-                     name, f.get('num_buckets'), size,
-                     config.data.binary_dir)
-      f.num_buckets = size
-      f.hash_bucket_size = None
-  mh = config.data.get('multi_hot')
-  if mh is not None and mh.get('enabled'):
-    hotness = list(mh.get('hotness') or loader.MLPERF_HOTNESS)
-    if len(hotness) != len(id_features):
-      raise ValueError(
-          f'config.data.multi_hot.hotness has {len(hotness)} values for'
-          f' {len(id_features)} id features of the sparse group.')
-    for name, h in zip(id_features, hotness):
-      config.features[name].max_ids = int(h)
-  return config
+  """The data-resolution step (`config_lib.resolve_data`)."""
+  return config_lib.resolve_data(config)
 
 
 class RandomAccessRows:
@@ -141,53 +99,50 @@ class DataSetup:
     return isinstance(self.train, loader.GrainTrainData)
 
 
-def make_batch_maker(config, setup) -> pipeline.ModelBatchMaker:
-  d = config.data
+def make_batch_maker(spec) -> pipeline.ModelBatchMaker:
+  """Raw rows -> model batches of a run (`spec`: a RunSpec or a config)."""
+  spec = config_lib.run_spec(spec)
   multi_hot = None
-  mh = d.get('multi_hot')
-  if mh is not None and mh.get('enabled'):
+  if spec.data.multi_hot:
     multi_hot = loader.MultiHot(
-        hotness=tuple(f.max_ids for f in setup.feature_specs),
-        num_rows=setup.table_rows,
-        distribution=mh.get('distribution', 'uniform'),
-        seed=int(config.seed))
+        hotness=tuple(f.max_ids for f in spec.feature_specs),
+        num_rows=spec.table_rows,
+        distribution=spec.data.multi_hot_distribution, seed=spec.loop.seed)
   return pipeline.ModelBatchMaker(
-      setup.transform, setup.table_rows if d.get('check_ids', True) else None,
+      spec.transform, spec.table_rows if spec.data.check_ids else None,
       multi_hot=multi_hot)
 
 
-def make_data(config, setup, *, process_index: int = 0,
-              process_count: int = 1, gather=None) -> DataSetup:
-  """The train and eval data the config asks for (see the module doc).
+def make_data(spec, *, process_index: int = 0, process_count: int = 1,
+              gather=None) -> DataSetup:
+  """The train and eval data of a run (`spec`: a RunSpec, or a config to
+  build one from; see the module doc).
 
   `gather(values)`: the int `values` of every process, `[process_count,
   len(values)]` (default: `gather_ints`, a collective); criteo_tsv over
   several processes calls it once.
   """
-  d = config.data
-  kind = source_kind(config)
-  if d.get('bad_lines', 'error') not in ('error', 'skip'):
-    raise ValueError(
-        f"config.data.bad_lines ({d.bad_lines!r}) must be 'error' or 'skip'.")
-  make_batch = make_batch_maker(config, setup)
+  spec = config_lib.run_spec(spec)
+  d, kind = spec.data, spec.data.source
+  make_batch = make_batch_maker(spec)
   pi, pc = process_index, process_count
   report = criteo.BadLineReport()
   if kind == 'criteo_tsv' and pc > 1:
-    src = _tsv_shared_sources(config, pi, pc, gather or gather_ints, report)
+    src = _tsv_shared_sources(spec, pi, pc, gather or gather_ints, report)
   elif kind == 'synthetic':
-    src = _synthetic_sources(config)
+    src = _synthetic_sources(d.synthetic, spec.loop.seed)
   elif kind == 'criteo_tsv':
-    src = _tsv_sources(config, report)
+    src = _tsv_sources(d, report)
   else:
-    src = _random_access_sources(config, kind)
-  train = _train_data(config, kind, src, make_batch, pi, pc)
+    src = _random_access_sources(d)
+  train = _train_data(spec, src, make_batch, pi, pc)
   eval_src, eval_counts = src.eval, src.eval_counts
   if eval_src is not None and eval_counts is None and pc > 1:
     ranges = split_rows(eval_src.num_rows, pc)  # This process's run only.
     eval_counts = [hi - lo for lo, hi in ranges]
     eval_src = RandomAccessRows(eval_src, ranges[pi])
   evals = pipeline.EvalBatches(
-      eval_src, make_batch, config.eval_batch_size, process_count=pc,
+      eval_src, make_batch, spec.loop.eval_batch_size, process_count=pc,
       counts=eval_counts, cache=src.cache_eval
   ) if eval_src is not None and max(eval_counts or [eval_src.num_rows]) else (
       None)
@@ -227,52 +182,47 @@ class _Sources:
   lines: tuple[criteo.LineCounter, criteo.LineCounter] | None = None
 
 
-def _train_data(config, kind, src: _Sources, make_batch, pi, pc):
+def _train_data(spec, src: _Sources, make_batch, pi, pc):
   """The train batches over `src.train`: text sources stream in order, the
   others go through grain."""
-  d = config.data
-  if kind == 'criteo_tsv' and pc > 1:
+  d, batch, seed = spec.data, spec.loop.batch_size, spec.loop.seed
+  if d.source == 'criteo_tsv' and pc > 1:
     return pipeline.TrainBatches(
-        src.train, make_batch, config.batch_size // pc, seed=config.seed,
-        shuffle_window=int(d.get('shuffle_buffer', 0)) // pc,
+        src.train, make_batch, batch // pc, seed=seed,
+        shuffle_window=d.shuffle_buffer // pc,
         batches_per_epoch=src.batches_per_epoch)
-  if kind == 'criteo_tsv':
+  if d.source == 'criteo_tsv':
     return pipeline.TrainBatches(
-        src.train, make_batch, config.batch_size, seed=config.seed,
-        shuffle_window=int(d.get('shuffle_buffer', 0)), process_index=pi,
-        process_count=pc)
-  shuffle = False if src.iid else bool(d.get('shuffle', True))
+        src.train, make_batch, batch, seed=seed,
+        shuffle_window=d.shuffle_buffer, process_index=pi, process_count=pc)
   return loader.GrainTrainData(
-      src.train, make_batch, config.batch_size,
-      num_batches=1 << 40, seed=int(config.seed),
-      shuffle=shuffle, process_index=pi, process_count=pc,
-      num_threads=int(d.get('num_threads', 2)),
-      prefetch=max(1, int(d.get('prefetch', 2))))
+      src.train, make_batch, batch, num_batches=1 << 40, seed=seed,
+      shuffle=d.shuffle and not src.iid, process_index=pi, process_count=pc,
+      num_threads=d.num_threads, prefetch=max(1, d.prefetch))
 
 
-def _tsv_shared_sources(config, pi, pc, gather, report) -> _Sources:
+def _tsv_shared_sources(spec, pi, pc, gather, report) -> _Sources:
   """criteo_tsv over `pc` processes (see `_tsv_shares`)."""
-  d = config.data
+  d = spec.data
   eval_report = criteo.BadLineReport()
   train_src, eval_src, bpe, eval_counts, lines = _tsv_shares(
-      config, pi, pc, gather, dict(
-          bad_lines=d.get('bad_lines', 'error'),
-          chunk_rows=int(d.get('chunk_rows', 65536))), report, eval_report)
+      spec, pi, pc, gather, dict(bad_lines=d.bad_lines,
+                                 chunk_rows=d.chunk_rows),
+      report, eval_report)
   description = (
       f'Criteo files over {pc} processes, this one\'s share: train'
       f' {train_src.description} ({bpe} steps an epoch)' + (
           f'; eval {eval_src.description}' if eval_src else '; no eval set'))
   return _Sources(train_src, eval_src, description, eval_report,
-                  cache_eval=not d.get('eval_path'), batches_per_epoch=bpe,
+                  cache_eval=not d.eval_path, batches_per_epoch=bpe,
                   eval_counts=eval_counts, lines=lines)
 
 
-def _synthetic_sources(config) -> _Sources:
-  s = config.data.synthetic
+def _synthetic_sources(s: config_lib.SyntheticDataSpec, seed: int
+                       ) -> _Sources:
   gen = synthetic.SyntheticCriteo(synthetic.SyntheticSpec(
-      seed=config.seed, num_train=int(s.num_train), num_eval=int(s.num_eval),
-      zipf_exponent=float(s.zipf_exponent),
-      logit_scale=float(s.logit_scale)))
+      seed=seed, num_train=s.num_train, num_eval=s.num_eval,
+      zipf_exponent=s.zipf_exponent, logit_scale=s.logit_scale))
   train_src = pipeline.SyntheticSource(gen, 'train')
   eval_src = pipeline.SyntheticSource(gen, 'eval')
   teacher_auc = gen.teacher_auc()
@@ -287,29 +237,22 @@ def _synthetic_sources(config) -> _Sources:
                   iid=True)  # rows are i.i.d. draws already
 
 
-def _tsv_sources(config, report) -> _Sources:
+def _tsv_sources(d: config_lib.DataSpec, report) -> _Sources:
   """criteo_tsv in one process: eval from `eval_path` or the train tail."""
-  d = config.data
-  if not d.get('train_path'):
-    raise ValueError(
-        "config.data.train_path is empty but config.data.source is"
-        " 'criteo_tsv'; give the Criteo train file(s).")
   train_paths = criteo.expand_paths(d.train_path,
                                     field='config.data.train_path')
-  kw = dict(bad_lines=d.get('bad_lines', 'error'),
-            chunk_rows=int(d.get('chunk_rows', 65536)), report=report)
+  kw = dict(bad_lines=d.bad_lines, chunk_rows=d.chunk_rows, report=report)
   eval_report = criteo.BadLineReport()
   cache_eval = False
-  if d.get('eval_path'):
+  if d.eval_path:
     eval_paths = criteo.expand_paths(d.eval_path,
                                      field='config.data.eval_path')
     train_src = pipeline.TsvSource(train_paths, **kw)
     eval_src = pipeline.TsvSource(
-        eval_paths, labeled=d.get('labeled_eval', True),
-        **dict(kw, report=eval_report)) if d.get('labeled_eval', True) else (
-            None)
+        eval_paths, labeled=True, **dict(kw, report=eval_report)
+    ) if d.labeled_eval else None
   else:
-    frac = _eval_fraction(d)
+    frac = d.eval_fraction
     # The split is of valid rows (what the reader counts), so lines
     # skipped as malformed do not move it past the end.
     total = (criteo.count_rows(train_paths) if kw['bad_lines'] == 'error'
@@ -326,20 +269,19 @@ def _tsv_sources(config, report) -> _Sources:
                   cache_eval=cache_eval)
 
 
-def _random_access_sources(config, kind) -> _Sources:
+def _random_access_sources(d: config_lib.DataSpec) -> _Sources:
   """binary or tfds: eval from its own split or the train tail."""
-  d = config.data
+  kind = d.source
   if kind == 'binary':
     train_all = binary.BinarySource(d.binary_dir, 'train')
     eval_all = (binary.BinarySource(d.binary_dir, 'eval')
                 if 'eval' in train_all.metadata.splits else None)
   else:
     from dlrm_jax.data import tfds_criteo  # pylint: disable=g-import-not-at-top
-    name = d.get('tfds_name', 'criteo_kaggle')
-    data_dir = d.get('tfds_data_dir') or None
-    train_all = tfds_criteo.TfdsCriteoSource(
-        name, d.get('tfds_train_split', 'train'), data_dir)
-    split = d.get('tfds_eval_split', '')
+    name, data_dir = d.tfds_name, d.tfds_data_dir or None
+    train_all = tfds_criteo.TfdsCriteoSource(name, d.tfds_train_split,
+                                             data_dir)
+    split = d.tfds_eval_split
     eval_all = tfds_criteo.TfdsCriteoSource(name, split, data_dir) if (
         split) else None
   if eval_all is not None:
@@ -347,7 +289,7 @@ def _random_access_sources(config, kind) -> _Sources:
         eval_all)
   else:
     n = train_all.num_rows
-    n_eval = int(n * _eval_fraction(d))
+    n_eval = int(n * d.eval_fraction)
     train_src = RandomAccessRows(train_all, (0, n - n_eval))
     eval_src = RandomAccessRows(train_all, (n - n_eval, n)) if n_eval else (
         None)
@@ -371,27 +313,27 @@ def gather_ints(values) -> np.ndarray:
   return (out[:, 0].astype(np.int64) << 31) | out[:, 1]
 
 
-def _tsv_shares(config, pi, pc, gather, kw, report, eval_report):
+def _tsv_shares(spec, pi, pc, gather, kw, report, eval_report):
   """criteo_tsv over `pc` processes: this process's own sources.
 
   Returns (train source, eval source or None, steps an epoch, eval rows of
   every process, (train, eval) line counters). See the module doc.
   """
-  d = config.data
-  if config.batch_size % pc:
+  d, batch = spec.data, spec.loop.batch_size
+  if batch % pc:
     raise ValueError(
-        f'config.batch_size ({config.batch_size}) must divide evenly over'
-        f' {pc} processes.')
+        f'config.batch_size ({batch}) must divide evenly over {pc}'
+        ' processes.')
   train_paths = criteo.expand_paths(d.train_path,
                                     field='config.data.train_path')
-  if d.get('eval_path'):
+  if d.eval_path:
     train = criteo.plan_shares(train_paths, pc)
     evals = criteo.plan_shares(
         criteo.expand_paths(d.eval_path, field='config.data.eval_path'),
-        pc) if d.get('labeled_eval', True) else None
+        pc) if d.labeled_eval else None
     eval_field = 'config.data.eval_path'
   else:
-    frac = _eval_fraction(d)
+    frac = d.eval_fraction
     train = criteo.plan_shares(train_paths, pc, span=(0.0, 1.0 - frac))
     evals = criteo.plan_shares(train_paths, pc, span=(1.0 - frac, 1.0)) if (
         frac) else None
@@ -404,7 +346,7 @@ def _tsv_shares(config, pi, pc, gather, kw, report, eval_report):
       raise ValueError(error)
   counts = gather([criteo.count_rows(train[pi]),
                    criteo.count_rows(evals[pi]) if evals else 0])
-  per = config.batch_size // pc
+  per = batch // pc
   bpe = int(counts[:, 0].min()) // per
   logging.info('criteo_tsv over %d processes: train lines per process %s'
                ' (%d steps an epoch of %d rows each), eval lines %s', pc,
@@ -418,9 +360,3 @@ def _tsv_shares(config, pi, pc, gather, kw, report, eval_report):
   return (train_src, eval_src, bpe,
           counts[:, 1].tolist() if evals else None, lines)
 
-
-def _eval_fraction(d) -> float:
-  frac = float(d.get('eval_fraction', 0.1))
-  if not 0.0 <= frac < 1.0:
-    raise ValueError(f'config.data.eval_fraction ({frac}) must be in [0, 1).')
-  return frac

@@ -164,11 +164,10 @@ class IdAdmission:
     self.sketch.counts = counts.astype(np.uint32)
 
 
-def build(config, transform: features_lib.FeatureTransform, *,
+def build(spec: AdmissionSpec, transform: features_lib.FeatureTransform, *,
           process_index: int = 0, process_count: int = 1
           ) -> IdAdmission | None:
-  """The admission filter of `config.admission`, None when off."""
-  spec = AdmissionSpec.from_config(config.get('admission'))
+  """The admission filter of `spec` (`config.admission`), None when off."""
   if spec.min_count <= 1:
     return None
   return IdAdmission(spec, transform, process_index=process_index,
