@@ -41,7 +41,7 @@ from dlrm_jax.data import pipeline
 from dlrm_jax.data import synthetic
 
 SOURCES = ('auto', 'synthetic', 'criteo_tsv', 'binary', 'tfds')
-_READ_CHUNK = 65536
+_READ_CHUNK = criteo.CHUNK_ROWS
 
 
 def source_kind(config) -> str:
@@ -135,10 +135,6 @@ class DataSetup:
   eval_bad_lines: criteo.BadLineReport | None = None
   train_lines: criteo.LineCounter | None = None
   eval_lines: criteo.LineCounter | None = None
-
-  @property
-  def uses_grain(self) -> bool:
-    return isinstance(self.train, loader.GrainTrainData)
 
 
 def make_batch_maker(config, setup) -> pipeline.ModelBatchMaker:
@@ -257,7 +253,8 @@ def _tsv_shared_sources(config, pi, pc, gather, report) -> _Sources:
   train_src, eval_src, bpe, eval_counts, lines = _tsv_shares(
       config, pi, pc, gather, dict(
           bad_lines=d.get('bad_lines', 'error'),
-          chunk_rows=int(d.get('chunk_rows', 65536))), report, eval_report)
+          chunk_rows=int(d.get('chunk_rows', criteo.CHUNK_ROWS))), report,
+      eval_report)
   description = (
       f'Criteo files over {pc} processes, this one\'s share: train'
       f' {train_src.description} ({bpe} steps an epoch)' + (
@@ -297,7 +294,8 @@ def _tsv_sources(config, report) -> _Sources:
   train_paths = criteo.expand_paths(d.train_path,
                                     field='config.data.train_path')
   kw = dict(bad_lines=d.get('bad_lines', 'error'),
-            chunk_rows=int(d.get('chunk_rows', 65536)), report=report)
+            chunk_rows=int(d.get('chunk_rows', criteo.CHUNK_ROWS)),
+            report=report)
   eval_report = criteo.BadLineReport()
   cache_eval = False
   if d.get('eval_path'):
