@@ -144,6 +144,7 @@ class TextBatchIteratorTest(absltest.TestCase):
   def test_a_dropped_iterator_stops_its_thread(self):
     it = self.tb.iterator(prefetch=2)
     next(it)
+    self.assertLen(_prefetch_threads(), 1)
     del it
     deadline = time.time() + 30
     while _prefetch_threads() and time.time() < deadline:
@@ -152,7 +153,7 @@ class TextBatchIteratorTest(absltest.TestCase):
 
   def test_bad_states_are_refused(self):
     it = self.tb.iterator()
-    for state in (b'{"next_index": 3}', b'not json',
+    for state in (b'{"next_index": 3}', b'not json', b'[1]',
                   b'{"kind": "text_stream", "position": -1}'):
       with self.assertRaisesRegex(ValueError, 'not the state of a text'):
         it.set_state(state)

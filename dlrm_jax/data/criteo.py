@@ -312,9 +312,9 @@ def count_rows(paths: Sequence[str | Segment] | str | Segment) -> int:
     with _GuardedStream(seg.name, seg.stream(), guard_lines=False) as f:
       while block := f.read(_READ_BYTES):
         # '\r\n' counts once, also when a block boundary splits it.
-        total += (block.count(b'\n') + block.count(b'\r') -
-                  block.count(b'\r\n') -
-                  (last == b'\r' and block[:1] == b'\n'))
+        total += block.count(b'\n') - (last == b'\r' and block[:1] == b'\n')
+        if b'\r' in block:  # (rare: a scan for it is cheaper than a count)
+          total += block.count(b'\r') - block.count(b'\r\n')
         last = block[-1:]
     total += last not in (b'\n', b'\r')
   return total

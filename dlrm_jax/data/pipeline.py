@@ -188,7 +188,7 @@ class TrainBatches:
     w0 = offset // self.window * self.window
     skip = offset - w0
     for i, window in enumerate(criteo.rechunk(self.source.iter_rows(w0),
-                                        self.window)):
+                                              self.window)):
       n = len(window['label'])
       rng = np.random.default_rng([self.seed, epoch, w0 // self.window + i])
       window = _take(window, rng.permutation(n))
@@ -426,10 +426,10 @@ class TextBatchIterator:
 
   def __init__(self, batches: 'TrainBatches', prefetch: int = 0,
                position: int = 0):
+    self._ahead: Prefetcher | None = None
     self.batches = batches
     self.prefetch = int(prefetch)
     self.position = int(position)  # after the last batch handed out
-    self._ahead: Prefetcher | None = None
 
   def __iter__(self) -> 'TextBatchIterator':
     return self
@@ -465,8 +465,10 @@ class TextBatchIterator:
       value = json.loads(state)
     except (TypeError, ValueError):
       value = None
-    position = value.get('position') if isinstance(value, dict) else None
-    if (value is None or value.get('kind') != self.KIND or
+    if not isinstance(value, dict):
+      value = {}
+    position = value.get('position')
+    if (value.get('kind') != self.KIND or isinstance(position, bool) or
         not isinstance(position, int) or position < 0):
       raise ValueError(
           f'{state[:200]!r} is not the state of a text stream (JSON'
