@@ -26,6 +26,7 @@ Any field can be overridden on the command line, e.g.
 
 from ml_collections import config_dict
 
+from dlrm_jax.data import criteo as criteo_reader
 from dlrm_jax.data import loader
 from dlrm_jax.data import rows
 
@@ -196,7 +197,7 @@ def get_config(arg=None):
   config.data.tfds_eval_split = ''   # tfds: eval split; empty: eval_fraction
   config.data.shuffle = True         # global shuffle of random-access sources
   config.data.shuffle_buffer = 0     # criteo_tsv: rows per seeded shuffle window
-  config.data.chunk_rows = 65536     # criteo_tsv: rows per read
+  config.data.chunk_rows = criteo_reader.CHUNK_ROWS  # criteo_tsv: rows per read
   config.data.num_threads = 2        # grain: threads preparing batches
   config.data.prefetch = 2           # batches prepared ahead
   config.data.record_batches = False  # log a digest of each batch's ids

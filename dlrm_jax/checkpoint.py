@@ -5,9 +5,10 @@ Each checkpoint step holds two items:
          stacks and their optimizer state, step, RNG), every process writing
          its own shards;
   meta:  JSON: the model signature (what fixes the state's shapes), the
-         embedding sharding plan, the input pipeline position, the config;
-  data:  the grain iterator's state (random-access sources), one file per
-         process;
+         embedding sharding plan, the config;
+  data:  the training data iterator's state, one file per process: a grain
+         iterator's (random-access sources) or a text stream's
+         (`pipeline.TextBatchIterator`, its position in the batch schedule);
   remappers: the managed-collision remappers' arrays, when there are any.
 
 Saves are atomic (orbax writes to a temporary directory and renames it), so a
@@ -166,7 +167,8 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict[str, Any],
            data_iter: Any = None, remappers: Any = None,
            metrics: dict[str, float] | None = None) -> None:
-    """Saves a step; `data_iter`, a grain iterator, saves its position;
+    """Saves a step; `data_iter`, the training data iterator (grain's, or a
+    `pipeline.TextBatchIterator`), saves its position;
     `remappers`, numpy arrays of managed-collision remappers; `metrics`, the
     eval metrics a `BestCheckpointer` ranks by. The arrays' fingerprints go
     into the meta.
@@ -297,14 +299,31 @@ class Checkpointer:
                         f'checkpoint {step} at {self.directory / str(step)}')
     return remappers
 
-  def restore_data_iterator(self, step: int, data_iter: Any) -> None:
-    """Sets a grain iterator to where it was when `step` was saved."""
+  def restore_data_iterator(self, step: int, data_iter: Any,
+                            old_state: bytes | None = None) -> None:
+    """Sets a data iterator (a grain `DatasetIterator`, or one with
+    `get_state()`/`set_state()` of JSON bytes, `pipeline.TextBatchIterator`)
+    to where it was when `step` was saved.
+
+    `old_state`: the state to set when the checkpoint has no 'data' item (one
+    written before its source's iterator was saved; see `_Run.resume`).
+
+    Raises:
+      IncompatibleCheckpointError: if the checkpoint holds no data state, or
+        that of another kind of source.
+    """
+    where = self.directory / str(step)
+    checked = _KindChecked(data_iter, where)
     if 'data' not in self.manager.item_metadata(step):
-      raise IncompatibleCheckpointError(
-          f'the checkpoint at {self.directory / str(step)} holds no input'
-          ' pipeline state; it was written with another config.data.source.')
+      if old_state is None:
+        raise IncompatibleCheckpointError(
+            f'the checkpoint at {where} holds no input pipeline state; it was'
+            ' written with another config.data.source.')
+      checked.set_state(old_state)
+      checked.start_prefetch()
+      return
     self.manager.restore(step, args=ocp.args.Composite(
-        data=grain.checkpoint.CheckpointRestore(data_iter)))
+        data=grain.checkpoint.CheckpointRestore(checked)))
 
   def read_meta(self, step: int) -> dict[str, Any]:
     restored = self.manager.restore(
@@ -356,6 +375,42 @@ class Checkpointer:
       self.wait()
     finally:
       self.manager.close()
+
+
+class _KindChecked:
+  """A data iterator as grain's checkpoint handler restores it (a state of
+  JSON bytes, then `start_prefetch`), refusing a state of another kind of
+  iterator before it is set: a text stream's state has a 'kind' key
+  (`TextBatchIterator.KIND`), a grain iterator's has none."""
+
+  _GRAIN = 'grain'
+
+  def __init__(self, data_iter: Any, where: Any):
+    self.data_iter = data_iter
+    self.where = where
+
+  @classmethod
+  def _kind(cls, state: Any) -> str:
+    kind = state.get('kind') if isinstance(state, dict) else None
+    return kind if isinstance(kind, str) else cls._GRAIN
+
+  def set_state(self, raw: bytes) -> None:
+    state = json.loads(raw)
+    is_grain = isinstance(self.data_iter, grain.DatasetIterator)
+    want = self._GRAIN if is_grain else getattr(self.data_iter, 'KIND', None)
+    saved = self._kind(state)
+    if saved != want:
+      def name(kind):
+        return ('a random-access source (grain)' if kind == self._GRAIN
+                else f'a {kind} (streamed text)')
+      raise IncompatibleCheckpointError(
+          f'the checkpoint at {self.where} holds the input state of'
+          f' {name(saved)}, but this run reads {name(want)}; it was written'
+          ' with another config.data.source.')
+    self.data_iter.set_state(state if is_grain else raw)
+
+  def start_prefetch(self) -> None:
+    self.data_iter.start_prefetch()
 
 
 class BestCheckpointer(Checkpointer):

@@ -399,18 +399,19 @@ def save_initial_checkpoint(trainer: train.Trainer, state: train.TrainState,
   os.makedirs(workdir, exist_ok=True)
   spec = trainer.spec
   # The input pipeline's start position, so that training resumes from this
-  # checkpoint as a fresh run of the config would start (grain sources).
+  # checkpoint as a fresh run of the config would start.
   data = inputs.make_data(spec, process_index=jax.process_index(),
                           process_count=jax.process_count())
-  data_iter = data.train.iterator() if data.uses_grain else None
+  data_iter = data.train.iterator()
   ckpt = ckpt_lib.Checkpointer(workdir)
   try:
     ckpt.save(0, state, {'signature': trainer.signature(),
-                         'plan': trainer.plan.to_json(), 'data_position': 0,
+                         'plan': trainer.plan.to_json(),
                          'step': 0, 'config': spec.config_json},
               data_iter=data_iter)
   finally:
     ckpt.close()
+    data_iter.close()
   if jax.process_index() == 0:
     ckpt_lib.write_json(os.path.join(workdir, 'config.json'),
                         json.loads(spec.config_json))

@@ -14,7 +14,7 @@ import json
 import os
 import time
 import zlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import flax
 import jax
@@ -706,11 +706,10 @@ class _Run:
   stopper: early_stopping.EarlyStopping
   best: BestKeeper | None
   host: HostState
-  data_iter: Any  # the grain iterator; None for streamed text
+  data_iter: Any  # `data.train.iterator()`: grain's or a text stream's
   total_steps: int
   target: float | None
   state: Any = None
-  position: int | None = 0  # streamed text: lines consumed
   target_reached: bool = False
   writer: Any = None
   final_eval: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -725,8 +724,7 @@ class _Run:
             'config': self.spec.config_json}
 
   def save(self, step: int, reached: bool = False) -> None:
-    meta = {**self.base_meta(step), 'data_position': self.position,
-            'target_auc_reached': reached,
+    meta = {**self.base_meta(step), 'target_auc_reached': reached,
             'early_stopping': self.stopper.state_dict(),
             'best_checkpoint': (self.best.tracker.state_dict() if self.best
                                 else None)}
@@ -739,8 +737,13 @@ class _Run:
 
     def restore(step):
       state, meta = self.trainer.restore(self.ckpt, step)
-      if self.data_iter is not None:
-        self.ckpt.restore_data_iterator(step, self.data_iter)
+      # A text-source checkpoint written before the text stream's iterator
+      # was saved as the 'data' item holds its position as
+      # meta['data_position'] instead: the iterator is set from that.
+      old = meta.get('data_position')
+      self.ckpt.restore_data_iterator(
+          step, self.data_iter, old_state=None if old is None else
+          pipeline.TextBatchIterator.state_at(old))
       self.host.restore(self.ckpt, step)
       return state, meta
 
@@ -749,7 +752,6 @@ class _Run:
       self.state = self.trainer.init_state(self.loop.seed)
       return
     self.state, meta = restored
-    self.position = int(meta.get('data_position') or 0)  # text sources
     self.stopper.load_state_dict(meta.get('early_stopping'))
     if self.best is not None:
       self.best.tracker.load_state_dict(meta.get('best_checkpoint'))
@@ -806,6 +808,7 @@ class _Run:
     return stopped, reached
 
   def close(self) -> None:
+    self.data_iter.close()  # its prefetch threads
     self.ckpt.close()
     if self.best is not None:
       self.best.ckpt.close()
@@ -831,7 +834,7 @@ def _open_run(spec: config_lib.RunSpec, workdir: str, trainer: Trainer
       stopper=early_stopping.EarlyStopping.from_config(loop.early_stopping),
       best=BestKeeper.of(loop, workdir),
       host=trainer.new_host_state(spec),
-      data_iter=data.train.iterator() if data.uses_grain else None,
+      data_iter=data.train.iterator(prefetch=loop.prefetch),
       total_steps=num_train_steps(loop, data), target=loop.target_auc)
   try:
     run.resume()
@@ -841,27 +844,18 @@ def _open_run(spec: config_lib.RunSpec, workdir: str, trainer: Trainer
   return run
 
 
-def _train_batches(run: _Run) -> Iterator[tuple[int | None, dict]]:
-  """(text lines consumed or None, host batch) of each train step."""
-  if run.data_iter is not None:  # grain prefetches in its own threads
-    return ((None, b) for b in run.data_iter)
-  return pipeline.prefetch(run.data.train.iterate(run.position),
-                           run.loop.prefetch)
-
-
 def _train(run: _Run, step: int) -> tuple[int, float | None, dict | None,
                                           bool]:
   """Trains from `step` to the run's end, an early stop or the target AUC;
   returns (step, last train loss, last eval, stopped early)."""
   loop, trainer = run.loop, run.trainer
-  batches = _train_batches(run)
   recorder = BatchRecorder(run.workdir, loop.record_batches)
   acc = trainer.zero_metrics()
   throughput = Throughput(step, run.total_steps, loop.batch_size)
   window_start, last_loss, last_eval, stopped = step, None, None, False
   try:
     while step < run.total_steps:
-      run.position, host_batch = next(batches)
+      host_batch = next(run.data_iter)
       recorder.record(step + 1, host_batch)
       host_batch = run.host.train(host_batch, step)  # in step order
       run.state, acc = trainer.train_step(run.state,

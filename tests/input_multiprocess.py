@@ -6,10 +6,12 @@
 With NUM_PROCESSES > 1 the processes join over 127.0.0.1 (jax.distributed).
 Each builds the criteo_tsv data of the tiny config, reads its training share
 once (counting the lines its reader hands to the parser), takes a few
-lockstep train steps, and evaluates the initial state on the eval file.
+lockstep train steps through the checkpointable text stream, saves it in a
+checkpoint and restores it, and evaluates the initial state on the eval file.
 """
 
 import json
+import os
 import sys
 
 import jax
@@ -19,8 +21,10 @@ import numpy as np
 def main(port, pid, num, out, train_file, eval_file):
   if num > 1:
     jax.distributed.initialize(f'127.0.0.1:{port}', num, pid)
+  from dlrm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from dlrm_jax import train  # pylint: disable=g-import-not-at-top
   from dlrm_jax.data import inputs  # pylint: disable=g-import-not-at-top
+  from dlrm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from tests import train_test  # pylint: disable=g-import-not-at-top
   config = inputs.prepare_config(train_test.tiny_config(**{
       'data.source': 'criteo_tsv', 'data.train_path': train_file,
@@ -35,12 +39,27 @@ def main(port, pid, num, out, train_file, eval_file):
   cat = np.concatenate([r['cat'] for r in rows])
   train_lines = data.train_lines.lines if data.train_lines else None
   state = trainer.init_state(config.seed)
-  steps = 0
   acc = trainer.zero_metrics()
-  for steps, batch in data.train.iterate(data.train.batches_per_epoch - 2):
+  stream = data.train.iterator(prefetch=2)
+  stream.set_state(pipeline.TextBatchIterator.state_at(
+      data.train.batches_per_epoch - 2))
+  for batch in stream:
     state, acc = trainer.train_step(state, trainer.put_batch(batch), acc)
-    if steps == data.train.batches_per_epoch + 1:  # into the next epoch
+    if stream.position == data.train.batches_per_epoch + 1:  # next epoch
       break
+  steps = stream.position
+  # The stream saved with the state (the 'data' item, a file per process)
+  # and restored into a fresh iterator goes on with the same batch.
+  ckpt = ckpt_lib.Checkpointer(os.path.join(os.path.dirname(out),
+                                            f'ckpt_{num}'))
+  ckpt.save(steps, state, {'step': steps}, data_iter=stream)
+  ckpt.wait()
+  fresh = data.train.iterator()
+  ckpt.restore_data_iterator(steps, fresh)
+  ckpt.close()
+  resumed_position = fresh.position
+  same_batch = bool(np.array_equal(next(fresh)['ids'], next(stream)['ids']))
+  stream.close()
   result, probs, labels = trainer.evaluate(trainer.init_state(config.seed),
                                            data.eval)
   with open(out, 'w') as f:
@@ -53,6 +72,7 @@ def main(port, pid, num, out, train_file, eval_file):
         'eval_lines': data.eval_lines.lines if data.eval_lines else None,
         'batches_per_epoch': data.train.batches_per_epoch,
         'steps': int(steps), 'state_step': int(jax.device_get(state.step)),
+        'resumed_position': resumed_position, 'resumed_same_batch': same_batch,
         'loss': float(jax.device_get(acc['loss_sum'])),
         'metrics': {k: float(v) for k, v in result.items()},
         'probs': probs.tolist(), 'labels': labels.tolist()}, f)

@@ -96,6 +96,17 @@ class TwoProcessInputTest(absltest.TestCase):
                      [min(lines) // per] * 2)
     self.assertEqual([r['state_step'] for r in two], [3, 3])
     self.assertEqual(two[0]['loss'], two[1]['loss'])
+    # The stream's position, checkpointed one file per process and restored,
+    # goes on with the batch the uninterrupted stream reads next.
+    for r in results:
+      self.assertEqual(r['resumed_position'], r['steps'])
+      self.assertTrue(r['resumed_same_batch'])
+    step = two[0]['steps']
+    self.assertEqual(step, min(lines) // per + 1)
+    saved = os.listdir(os.path.join(tmp, 'ckpt_2', 'checkpoints', str(step),
+                                    'data'))
+    self.assertEqual(sorted(f for f in saved if f.startswith('process_')),
+                     ['process_0-of-2.json', 'process_1-of-2.json'])
 
 
 if __name__ == '__main__':

@@ -1,5 +1,9 @@
 """Batching, shuffling windows, resume positions and process slices."""
 
+import json
+import threading
+import time
+
 from absl.testing import absltest
 import numpy as np
 
@@ -72,6 +76,106 @@ class TrainBatchesTest(absltest.TestCase):
     for k in range(5):
       joined = np.concatenate([halves[0][k][1]['ids'], halves[1][k][1]['ids']])
       np.testing.assert_array_equal(joined, whole[k][1]['ids'])
+
+
+def _prefetch_threads():
+  return [t for t in threading.enumerate()
+          if t.name == pipeline.Prefetcher.THREAD_NAME and t.is_alive()]
+
+
+class TextBatchIteratorTest(absltest.TestCase):
+  """The checkpointable text stream against plainly iterating the schedule
+  (`TrainBatches.iterate(0)`)."""
+
+  def setUp(self):
+    super().setUp()
+    _, src = small_source()
+    maker = pipeline.ModelBatchMaker(transform(), None)
+    self.made = []  # one entry per batch made
+
+    def make_batch(raw):
+      self.made.append(1)
+      return maker(raw)
+
+    self.tb = pipeline.TrainBatches(src, make_batch, 64, seed=3,
+                                    shuffle_window=256)
+    plain = self.tb.iterate(0)
+    self.want = [next(plain)[1] for _ in range(24)]  # 15 batches an epoch
+    plain.close()
+    self.made.clear()
+
+  def assert_next(self, it, first, n):
+    for k in range(first, first + n):
+      np.testing.assert_array_equal(next(it)['ids'], self.want[k]['ids'],
+                                    err_msg=f'batch {k + 1}')
+
+  def test_state_counts_the_batches_handed_out(self):
+    it = self.tb.iterator(prefetch=4)
+    self.assert_next(it, 0, 5)
+    deadline = time.time() + 30  # 4 more batches made ahead, not handed out
+    while len(self.made) < 5 + 4 and time.time() < deadline:
+      time.sleep(0.01)
+    self.assertGreaterEqual(len(self.made), 9)
+    state = it.get_state()
+    self.assertEqual(json.loads(state), {'kind': 'text_stream',
+                                         'position': 5})
+    resumed = self.tb.iterator(prefetch=2)
+    resumed.set_state(state)
+    resumed.start_prefetch()
+    self.assert_next(resumed, 5, 14)  # across the epoch boundary
+    self.assert_next(it, 5, 3)  # the one read ahead goes on as well
+    self.assertEqual(json.loads(it.get_state())['position'], 8)
+    it.close()
+    resumed.close()
+    self.assertEqual(_prefetch_threads(), [])
+
+  def test_set_state_after_drawing_restarts_at_the_new_position(self):
+    for prefetch in (0, 3):
+      it = self.tb.iterator(prefetch=prefetch)
+      self.assert_next(it, 0, 4)
+      it.set_state(pipeline.TextBatchIterator.state_at(10))  # ahead
+      self.assert_next(it, 10, 3)
+      it.set_state(pipeline.TextBatchIterator.state_at(2))  # back
+      self.assert_next(it, 2, 2)
+      self.assertLessEqual(len(_prefetch_threads()), 1)
+      it.close()
+      self.assertEqual(_prefetch_threads(), [])
+
+  def test_a_dropped_iterator_stops_its_thread(self):
+    it = self.tb.iterator(prefetch=2)
+    next(it)
+    self.assertLen(_prefetch_threads(), 1)
+    del it
+    deadline = time.time() + 30
+    while _prefetch_threads() and time.time() < deadline:
+      time.sleep(0.01)
+    self.assertEqual(_prefetch_threads(), [])
+
+  def test_bad_states_are_refused(self):
+    it = self.tb.iterator()
+    for state in (b'{"next_index": 3}', b'not json', b'[1]',
+                  b'{"kind": "text_stream", "position": -1}'):
+      with self.assertRaisesRegex(ValueError, 'not the state of a text'):
+        it.set_state(state)
+
+  def test_reader_errors_reach_the_consumer(self):
+
+    class Failing:
+      num_rows = 1000
+      description = 'failing rows'
+
+      def iter_rows(self, offset=0):
+        del offset
+        raise OSError('disk gone')
+        yield  # pylint: disable=unreachable
+
+    it = pipeline.TrainBatches(Failing(), lambda b: b, 64).iterator(
+        prefetch=2)
+    with self.assertRaisesRegex(OSError, 'disk gone'):
+      next(it)
+    with self.assertRaisesRegex(OSError, 'disk gone'):  # and stays failed
+      next(it)
+    it.close()
 
 
 class EvalBatchesTest(absltest.TestCase):

@@ -47,6 +47,20 @@ def restore_final_state(workdir, trainer):
   return state, meta
 
 
+def saved_data_state(workdir):
+  """The data iterator's state in the latest checkpoint (grain's handler
+  writes it as one JSON file per process)."""
+  ckpt = ckpt_lib.Checkpointer(workdir)
+  path = ckpt.directory / str(ckpt.latest_step()) / 'data'
+  ckpt.close()
+  return json.loads((path / 'process_0-of-1.json').read_text())
+
+
+def assert_same_state(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 class TrainLoopTest(absltest.TestCase):
 
   def test_learns_and_resumes_to_the_same_result(self):
@@ -72,7 +86,7 @@ class TrainLoopTest(absltest.TestCase):
     self.assertEqual(second['eval'], summary['eval'])
     a, meta_a = restore_final_state(straight, trainer)
     b, meta_b = restore_final_state(resumed, trainer)
-    self.assertEqual(meta_a['data_position'], meta_b['data_position'])
+    self.assertEqual(saved_data_state(straight), saved_data_state(resumed))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -153,6 +167,69 @@ class EarlyStoppingTest(absltest.TestCase):
       train.train_and_evaluate(
           tiny_config(**{'early_stopping.metric': 'auroc'}),
           self.create_tempdir().full_path, shared_trainer())
+
+
+class TextResumeTest(absltest.TestCase):
+  """criteo_tsv: the text stream's position is the checkpoint's 'data' item,
+  as a grain iterator's is; checkpoints written before (the position in
+  meta['data_position']) still resume."""
+
+  def test_resumes_to_the_same_state_from_new_and_old_checkpoints(self):
+    from tests import shared_data  # pylint: disable=g-import-not-at-top
+    path = shared_data.criteo_file(self, 'kaggle_train_head_4000.tsv')
+    text = lambda steps: tiny_config(**{
+        'data.train_path': path, 'data.shuffle_buffer': 512,
+        'num_train_steps': steps})  # 28 steps an epoch: 40 cross into a 2nd
+    trainer = shared_trainer()
+    straight = self.create_tempdir().full_path
+    summary = train.train_and_evaluate(text(40), straight, trainer)
+    self.assertEqual(saved_data_state(straight),
+                     {'kind': 'text_stream', 'position': 40})
+
+    resumed = self.create_tempdir().full_path
+    train.train_and_evaluate(text(20), resumed, trainer)
+    self.assertEqual(saved_data_state(resumed),
+                     {'kind': 'text_stream', 'position': 20})
+    # The same step as a checkpoint of before: no 'data' item, the position
+    # in the meta.
+    old = self.create_tempdir().full_path
+    state, meta = restore_final_state(resumed, trainer)
+    del meta['fingerprints']
+    ckpt = ckpt_lib.Checkpointer(old)
+    ckpt.save(20, state, dict(meta, data_position=20))
+    ckpt.close()
+    self.assertNotIn('data', ckpt_lib.Checkpointer(old).manager.item_metadata(
+        20))
+
+    want, _ = restore_final_state(straight, trainer)
+    for workdir in (resumed, old):
+      second = train.train_and_evaluate(text(40), workdir, trainer)
+      self.assertEqual(second['eval'], summary['eval'], workdir)
+      got, _ = restore_final_state(workdir, trainer)
+      assert_same_state(got, want)
+      self.assertEqual(saved_data_state(workdir),
+                       {'kind': 'text_stream', 'position': 40})
+
+    # A text stream's state does not go into a grain iterator, nor the
+    # reverse; nothing is moved aside as damaged.
+    with self.assertRaisesRegex(ckpt_lib.IncompatibleCheckpointError,
+                                r'text_stream \(streamed text\), but this'
+                                r' run reads a random-access source'):
+      train.train_and_evaluate(tiny_config(num_train_steps=60), resumed,
+                               trainer)
+    with self.assertRaisesRegex(ckpt_lib.IncompatibleCheckpointError,
+                                'text_stream'):  # the old one as well
+      train.train_and_evaluate(tiny_config(num_train_steps=60), old, trainer)
+    grain_run = self.create_tempdir().full_path
+    train.train_and_evaluate(tiny_config(num_train_steps=20), grain_run,
+                             trainer)
+    with self.assertRaisesRegex(ckpt_lib.IncompatibleCheckpointError,
+                                r'a random-access source \(grain\), but this'
+                                r' run reads a text_stream'):
+      train.train_and_evaluate(text(40), grain_run, trainer)
+    for workdir in (resumed, old, grain_run):
+      self.assertFalse(os.path.exists(os.path.join(
+          workdir, 'checkpoints_damaged')), workdir)
 
 
 class MultiHotTrainingTest(absltest.TestCase):

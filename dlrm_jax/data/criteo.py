@@ -24,7 +24,7 @@ import dataclasses
 import glob
 import io
 import os
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +45,9 @@ BAD_LINE_POLICIES = ('error', 'skip')
 _BLOCK_BYTES = 4 << 20
 _READ_BYTES = 16 << 20  # Bytes per read when counting lines.
 _GZIP_MAGIC = b'\x1f\x8b'
+# Rows per chunk of the streamed reader (`read_criteo`) and of in-order reads
+# of random-access sources; `config.data.chunk_rows` sets it for a run.
+CHUNK_ROWS = 65536
 _INT64_DIGITS = 18  # Decimal strings of up to this many digits fit in int64.
 
 # True for every byte that is not an ASCII decimal digit.
@@ -296,11 +299,11 @@ class _GuardedStream(io.RawIOBase):
     super().close()
 
 
-def count_rows(paths: Sequence[str | Segment] | str) -> int:
+def count_rows(paths: Sequence[str | Segment] | str | Segment) -> int:
   """Lines in the files (or `Segment`s), gzip decompressed, ended as the
   reader ends them (`\n`, `\r\n` or a bare `\r`); a last line without an
   end counts. No parsing: a scan for line ends."""
-  if isinstance(paths, str):
+  if isinstance(paths, (str, Segment)):
     paths = [paths]
   total = 0
   for item in paths:
@@ -309,9 +312,9 @@ def count_rows(paths: Sequence[str | Segment] | str) -> int:
     with _GuardedStream(seg.name, seg.stream(), guard_lines=False) as f:
       while block := f.read(_READ_BYTES):
         # '\r\n' counts once, also when a block boundary splits it.
-        total += (block.count(b'\n') + block.count(b'\r') -
-                  block.count(b'\r\n') -
-                  (last == b'\r' and block[:1] == b'\n'))
+        total += block.count(b'\n') - (last == b'\r' and block[:1] == b'\n')
+        if b'\r' in block:  # (rare: a scan for it is cheaper than a count)
+          total += block.count(b'\r') - block.count(b'\r\n')
         last = block[-1:]
     total += last not in (b'\n', b'\r')
   return total
@@ -803,7 +806,7 @@ def read_criteo(
     labeled: bool = True,
     bad_lines: str = 'error',
     report: BadLineReport | None = None,
-    chunk_rows: int = 65536,
+    chunk_rows: int = CHUNK_ROWS,
     skip_rows: int = 0,
     max_rows: int | None = None,
     counter: LineCounter | None = None,
@@ -849,10 +852,15 @@ def read_criteo(
     paths = [paths]
   if report is None:
     report = BadLineReport()
-  skip = int(skip_rows)
+  yield from rechunk(_valid_rows(paths, labeled, bad_lines, report,
+                                 int(skip_rows), max_rows, counter),
+                     chunk_rows)
+
+
+def _valid_rows(paths, labeled, bad_lines, report, skip, max_rows, counter
+                ) -> Iterator[dict[str, np.ndarray]]:
+  """`read_criteo`'s rows file after file, in the pieces the parser gives."""
   left = None if max_rows is None else int(max_rows)
-  pieces: list[dict[str, np.ndarray]] = []
-  have = 0
   for item in paths:
     if left == 0:
       break
@@ -861,21 +869,32 @@ def read_criteo(
     file_reader = _FileReader(seg.name, labeled, bad_lines, report, skip,
                               stream=seg.stream(), counter=counter)
     for rows in file_reader.rows(limit):
-      n = len(rows['int'])
       if left is not None:
-        left -= n
-      pos = 0
-      while pos < n:
-        take = min(chunk_rows - have, n - pos)
-        pieces.append({k: v[pos:pos + take] for k, v in rows.items()})
-        have += take
-        pos += take
-        if have == chunk_rows:
-          yield _concat(pieces)
-          pieces, have = [], 0
+        left -= len(rows['int'])
+      yield rows
     skip = file_reader.skip
+
+
+def rechunk(pieces: Iterable[dict[str, np.ndarray]], size: int
+            ) -> Iterator[dict[str, np.ndarray]]:
+  """Re-cuts a stream of column dicts (equal-length arrays) into chunks of
+  `size` rows, in order; only the last chunk may be shorter. Chunks span
+  piece boundaries; pieces are consumed lazily, as chunks are asked for."""
+  buf: list[dict[str, np.ndarray]] = []
+  have = 0
+  for piece in pieces:
+    n = len(next(iter(piece.values())))
+    pos = 0
+    while pos < n:
+      take = min(size - have, n - pos)
+      buf.append({k: v[pos:pos + take] for k, v in piece.items()})
+      have += take
+      pos += take
+      if have == size:
+        yield _concat(buf)
+        buf, have = [], 0
   if have:
-    yield _concat(pieces)
+    yield _concat(buf)
 
 
 def _concat(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

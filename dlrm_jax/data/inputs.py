@@ -40,7 +40,7 @@ from dlrm_jax.data import loader
 from dlrm_jax.data import pipeline
 from dlrm_jax.data import synthetic
 
-_READ_CHUNK = 65536
+_READ_CHUNK = criteo.CHUNK_ROWS
 
 
 def prepare_config(config):
@@ -93,10 +93,6 @@ class DataSetup:
   eval_bad_lines: criteo.BadLineReport | None = None
   train_lines: criteo.LineCounter | None = None
   eval_lines: criteo.LineCounter | None = None
-
-  @property
-  def uses_grain(self) -> bool:
-    return isinstance(self.train, loader.GrainTrainData)
 
 
 def make_batch_maker(spec) -> pipeline.ModelBatchMaker:

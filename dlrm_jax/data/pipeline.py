@@ -8,12 +8,15 @@ is a pure function of (source, seed, k), so a run resumed at step k sees the
 same batches as a run that never stopped. Each process keeps its own slice of
 every global batch, or (`lockstep`) reads a source of its own rows only.
 `EvalBatches` walks this process's eval rows once, padding the last batch.
+`TrainBatches.iterator()` is the training stream as an iterator whose state
+(the position) the checkpoint keeps (`TextBatchIterator`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import queue
 import threading
 from typing import Any, Iterator, Sequence
@@ -65,7 +68,8 @@ class TsvSource:
 
   def __init__(self, paths: Sequence[str | criteo.Segment], *, start: int = 0,
                stop: int | None = None, labeled: bool = True,
-               bad_lines: str = 'error', chunk_rows: int = 65536,
+               bad_lines: str = 'error',
+               chunk_rows: int = criteo.CHUNK_ROWS,
                report: criteo.BadLineReport | None = None,
                counter: criteo.LineCounter | None = None):
     self.paths = list(paths)
@@ -103,33 +107,8 @@ class TsvSource:
       yield chunk
 
 
-def _concat(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  if len(chunks) == 1:
-    return chunks[0]
-  return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-
-
 def _take(chunk: dict[str, np.ndarray], idx) -> dict[str, np.ndarray]:
   return {k: v[idx] for k, v in chunk.items()}
-
-
-def _rebatch(chunks: Iterator[dict[str, np.ndarray]], size: int
-             ) -> Iterator[dict[str, np.ndarray]]:
-  """Re-cuts a stream of chunks into pieces of `size` rows (last may be short)."""
-  buf, have = [], 0
-  for c in chunks:
-    n = len(next(iter(c.values())))
-    pos = 0
-    while pos < n:
-      take = min(size - have, n - pos)
-      buf.append(_take(c, slice(pos, pos + take)))
-      have += take
-      pos += take
-      if have == size:
-        yield _concat(buf)
-        buf, have = [], 0
-  if have:
-    yield _concat(buf)
 
 
 def pad_rows(rows: dict[str, np.ndarray], size: int
@@ -208,8 +187,8 @@ class TrainBatches:
       return
     w0 = offset // self.window * self.window
     skip = offset - w0
-    for i, window in enumerate(_rebatch(self.source.iter_rows(w0),
-                                        self.window)):
+    for i, window in enumerate(criteo.rechunk(self.source.iter_rows(w0),
+                                              self.window)):
       n = len(window['label'])
       rng = np.random.default_rng([self.seed, epoch, w0 // self.window + i])
       window = _take(window, rng.permutation(n))
@@ -246,7 +225,7 @@ class TrainBatches:
       if self.lockstep:  # Refilled from the start if the data ends early.
         rows = itertools.chain(rows, self._refill(epoch))
       start = step
-      for raw in _rebatch(rows, self.batch_size):
+      for raw in criteo.rechunk(rows, self.batch_size):
         if len(raw['label']) < self.batch_size:
           break  # the epoch's remainder is dropped
         step += 1
@@ -262,6 +241,11 @@ class TrainBatches:
       # Data that ends before the counted number of batches (rows skipped as
       # malformed) also ends the epoch.
       step = max(step, (epoch + 1) * self.batches_per_epoch)
+
+  def iterator(self, prefetch: int = 0) -> 'TextBatchIterator':
+    """The batches from position 0, `prefetch` of them prepared ahead in a
+    thread, as a checkpointable iterator (`set_state` to resume)."""
+    return TextBatchIterator(self, prefetch)
 
 
 class EvalBatches:
@@ -315,7 +299,7 @@ class EvalBatches:
     per = self.per_process
     done = 0
     last = None
-    for raw in _rebatch(self.source.iter_rows(0), per):
+    for raw in criteo.rechunk(self.source.iter_rows(0), per):
       if done == self.num_batches:
         raise ValueError(
             f'the eval data ({self.source.description}) has more rows than'
@@ -334,42 +318,170 @@ class EvalBatches:
       yield last, 0
 
 
-def prefetch(iterator: Iterator[Any], size: int) -> Iterator[Any]:
-  """Runs `iterator` in a background thread, `size` items ahead.
+class _Failed:
+  """The producer's exception, queued for the consumer."""
 
-  Exceptions in the producer are re-raised in the consumer.
-  """
-  if size <= 0:
-    yield from iterator
-    return
-  q: queue.Queue = queue.Queue(maxsize=size)
-  stop = threading.Event()
-  done = object()
+  def __init__(self, error: BaseException):
+    self.error = error
 
-  def produce():
-    try:
-      for item in iterator:
-        while not stop.is_set():
-          try:
-            q.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        if stop.is_set():
-          return
-      q.put(done)
-    except BaseException as e:  # pylint: disable=broad-except
-      q.put(e)
 
-  thread = threading.Thread(target=produce, daemon=True)
-  thread.start()
+_DONE = object()
+
+
+def _produce(iterator: Iterator[Any], q: queue.Queue,
+             stop: threading.Event) -> None:
+  """The producer thread of `Prefetcher` (it holds no reference to it)."""
+
+  def put(item) -> bool:
+    while not stop.is_set():
+      try:
+        q.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
   try:
-    while True:
-      item = q.get()
-      if item is done:
+    for item in iterator:
+      if not put(item):
         return
-      if isinstance(item, BaseException):
-        raise item
-      yield item
+    put(_DONE)
+  except BaseException as e:  # pylint: disable=broad-except
+    put(_Failed(e))
   finally:
-    stop.set()
+    close = getattr(iterator, 'close', None)
+    if close is not None:  # its files, in the thread that ran it
+      close()
+
+
+class Prefetcher:
+  """Runs `iterator` in a background (daemon) thread, `size` items ahead.
+
+  `size <= 0`: no thread, each item is made when asked for. Exceptions in
+  the producer are re-raised in the consumer. `close()` stops the thread
+  (and waits for it); dropping the prefetcher stops it too.
+  """
+
+  THREAD_NAME = 'dlrm_jax prefetch'
+
+  def __init__(self, iterator: Iterator[Any], size: int):
+    self._iterator = iterator
+    self._end: Any = None  # _DONE or a _Failed, once reached
+    self._thread = None
+    if size > 0:
+      self._queue: queue.Queue = queue.Queue(maxsize=size)
+      self._stop = threading.Event()
+      self._thread = threading.Thread(
+          target=_produce, args=(iterator, self._queue, self._stop),
+          name=self.THREAD_NAME, daemon=True)
+      self._thread.start()
+
+  def __iter__(self) -> 'Prefetcher':
+    return self
+
+  def __next__(self) -> Any:
+    if self._thread is None:
+      return next(self._iterator)
+    item = self._end if self._end is not None else self._queue.get()
+    if item is _DONE or isinstance(item, _Failed):
+      self._end = item
+      if item is _DONE:
+        raise StopIteration
+      raise item.error
+    return item
+
+  def close(self, wait: bool = True) -> None:
+    """Stops the producer; `wait`: until its thread has ended."""
+    if self._thread is None:
+      close = getattr(self._iterator, 'close', None)
+      if close is not None:
+        close()
+      return
+    self._stop.set()
+    if wait:
+      self._thread.join()
+    self._end = self._end or _Failed(ValueError('the prefetcher is closed.'))
+
+  def __del__(self):
+    if self._thread is not None:
+      self._stop.set()
+
+
+class TextBatchIterator:
+  """`TrainBatches`' model batches as an iterator whose state a checkpoint
+  keeps, as grain's `DatasetIterator`'s.
+
+  grain's orbax handler (`grain.checkpoint.CheckpointSave` /
+  `CheckpointRestore`) saves it as it saves a grain iterator: `get_state()`
+  is JSON bytes `{"kind": KIND, "position": k}`, one file per process, with
+  k the schedule position (see `TrainBatches.iterate`) after the last batch
+  that `__next__` handed out; batches prepared ahead but not handed out are
+  not counted. Restoring calls `set_state(bytes)` then `start_prefetch()`,
+  and the iterator goes on with the batches an uninterrupted run would have
+  drawn. `prefetch` batches are prepared ahead in a background thread
+  (`Prefetcher`), started by the first `__next__` or `start_prefetch()`.
+  """
+
+  KIND = 'text_stream'
+
+  def __init__(self, batches: 'TrainBatches', prefetch: int = 0,
+               position: int = 0):
+    self._ahead: Prefetcher | None = None
+    self.batches = batches
+    self.prefetch = int(prefetch)
+    self.position = int(position)  # after the last batch handed out
+
+  def __iter__(self) -> 'TextBatchIterator':
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    self.start_prefetch()
+    self.position, batch = next(self._ahead)
+    return batch
+
+  def start_prefetch(self) -> None:
+    """Starts preparing batches from `position` on (if not started)."""
+    if self._ahead is None:
+      self._ahead = Prefetcher(self.batches.iterate(self.position),
+                               self.prefetch)
+
+  @classmethod
+  def state_at(cls, position: int) -> bytes:
+    """The state of an iterator whose next batch is that after `position`."""
+    return json.dumps({'kind': cls.KIND, 'position': int(position)}).encode()
+
+  def get_state(self) -> bytes:
+    return self.state_at(self.position)
+
+  def set_state(self, state: bytes) -> None:
+    """Goes to a `get_state()`'s position; batches prepared ahead for the
+    old position are dropped (the thread is stopped, and started again from
+    the new position by the next `__next__` or `start_prefetch()`).
+
+    Raises:
+      ValueError: if `state` is not a text stream's state.
+    """
+    try:
+      value = json.loads(state)
+    except (TypeError, ValueError):
+      value = None
+    if not isinstance(value, dict):
+      value = {}
+    position = value.get('position')
+    if (value.get('kind') != self.KIND or isinstance(position, bool) or
+        not isinstance(position, int) or position < 0):
+      raise ValueError(
+          f'{state[:200]!r} is not the state of a text stream (JSON'
+          f' {{"kind": "{self.KIND}", "position": k >= 0}}).')
+    self.close()
+    self.position = position
+
+  def close(self) -> None:
+    """Stops the prefetch thread and waits for it."""
+    if self._ahead is not None:
+      self._ahead.close()
+      self._ahead = None
+
+  def __del__(self):
+    if self._ahead is not None:
+      self._ahead.close(wait=False)
