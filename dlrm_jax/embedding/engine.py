@@ -152,13 +152,6 @@ class EmbeddingEngine:
   def ids_spec(self) -> P:
     return P(BATCH_AXES, None)
 
-  def state_bytes_per_device(self) -> int:
-    total = 0
-    for leaf in jax.tree.leaves(self.abstract_state()):
-      n = int(np.prod(leaf.shape)) * leaf.dtype.itemsize
-      total += n if leaf.sharding.spec == P() else n // self.num_shards
-    return total
-
   # --------------------------------------------------------------------------
   # Initialization.
 
