@@ -507,8 +507,8 @@ def load_config(spec: str):
 @dataclasses.dataclass(frozen=True)
 class LoopSpec:
   """The training loop of a run; each field is the config field of the same
-  name (`data.prefetch`, `data.record_batches` for the last two), whose
-  defaults are in configs/criteo.py.
+  name (`data.record_batches` for the last), whose defaults are in
+  configs/criteo.py.
 
   Attributes:
     num_train_steps: steps to train; None: `num_epochs` over the train rows.
@@ -524,7 +524,6 @@ class LoopSpec:
     target_auc: the eval AUC that ends training; None when off.
     keep_best_metric: eval metric whose best state is kept; None when off.
     early_stopping: `config.early_stopping` as a dict (checked).
-    prefetch: train batches prepared ahead.
     record_batches: log a digest of each step's ids to batches.jsonl.
   """
 
@@ -541,7 +540,6 @@ class LoopSpec:
   target_auc: float | None
   keep_best_metric: str | None
   early_stopping: Mapping[str, Any]
-  prefetch: int
   record_batches: bool
 
 
@@ -564,7 +562,7 @@ def build_loop(config) -> LoopSpec:
       max_to_keep=config.max_to_keep,
       target_auc=float(config.target_auc) or None,
       keep_best_metric=config.keep_best_metric or None,
-      early_stopping=early, prefetch=config.data.prefetch,
+      early_stopping=early,
       record_batches=bool(config.data.record_batches))
 
 
@@ -699,9 +697,9 @@ def _paths(value) -> str | tuple[str, ...]:
   return value if isinstance(value, str) else tuple(value or ())
 
 
-def build_data(config) -> DataSpec:
-  """`config.data`, checked, its source resolved."""
-  d = config.data
+def _data_source(d) -> str:
+  """The source `config.data` (`d`) reads, 'auto' resolved; checks the
+  fields that source needs."""
   source = d.source
   if source not in DATA_SOURCES:
     raise ValueError(
@@ -709,9 +707,6 @@ def build_data(config) -> DataSpec:
         f' {list(DATA_SOURCES)}.')
   if source == 'auto':
     source = 'criteo_tsv' if d.train_path else 'synthetic'
-  if d.bad_lines not in ('error', 'skip'):
-    raise ValueError(
-        f"config.data.bad_lines ({d.bad_lines!r}) must be 'error' or 'skip'.")
   if source == 'binary' and not d.binary_dir:
     raise ValueError(
         "config.data.source is 'binary' but config.data.binary_dir is"
@@ -720,6 +715,16 @@ def build_data(config) -> DataSpec:
     raise ValueError(
         "config.data.train_path is empty but config.data.source is"
         " 'criteo_tsv'; give the Criteo train file(s).")
+  return source
+
+
+def build_data(config) -> DataSpec:
+  """`config.data`, checked, its source resolved."""
+  d = config.data
+  source = _data_source(d)
+  if d.bad_lines not in ('error', 'skip'):
+    raise ValueError(
+        f"config.data.bad_lines ({d.bad_lines!r}) must be 'error' or 'skip'.")
   s = d.synthetic
   return DataSpec(
       source=source, train_path=_paths(d.train_path),
@@ -797,7 +802,7 @@ def resolve_data(config):
   (`config.data.source='binary'`, read from its metadata) and the bag sizes
   of multi-hot data (`config.data.multi_hot.hotness`)."""
   config = copy.deepcopy(config)
-  source = build_data(config).source  # checks the data fields
+  source = _data_source(config.data)
   id_features = [n for n in config.model.feature_groups.sparse
                  if config.features[n].get('type') == 'id']
   if source == 'binary':

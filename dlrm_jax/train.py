@@ -834,7 +834,7 @@ def _open_run(spec: config_lib.RunSpec, workdir: str, trainer: Trainer
       stopper=early_stopping.EarlyStopping.from_config(loop.early_stopping),
       best=BestKeeper.of(loop, workdir),
       host=trainer.new_host_state(spec),
-      data_iter=data.train.iterator(prefetch=loop.prefetch),
+      data_iter=data.train.iterator(),
       total_steps=num_train_steps(loop, data), target=loop.target_auc)
   try:
     run.resume()

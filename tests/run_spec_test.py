@@ -61,7 +61,7 @@ class RunSpecTest(absltest.TestCase):
       spec.loop = None  # pytype: disable=not-writable
     # The config's values, resolved: 'auto' is the source it stands for.
     self.assertEqual(spec.data.source, 'synthetic')
-    self.assertEqual(spec.loop.prefetch, 3)
+    self.assertEqual(spec.data.prefetch, 3)
     self.assertEqual(spec.loop.batch_size, config.batch_size)
     self.assertEqual(spec.dense_optimizer.kind, config.optimizer.kind)
 

@@ -186,11 +186,12 @@ def _train_data(spec, src: _Sources, make_batch, pi, pc):
     return pipeline.TrainBatches(
         src.train, make_batch, batch // pc, seed=seed,
         shuffle_window=d.shuffle_buffer // pc,
-        batches_per_epoch=src.batches_per_epoch)
+        batches_per_epoch=src.batches_per_epoch, prefetch=d.prefetch)
   if d.source == 'criteo_tsv':
     return pipeline.TrainBatches(
         src.train, make_batch, batch, seed=seed,
-        shuffle_window=d.shuffle_buffer, process_index=pi, process_count=pc)
+        shuffle_window=d.shuffle_buffer, process_index=pi, process_count=pc,
+        prefetch=d.prefetch)
   return loader.GrainTrainData(
       src.train, make_batch, batch, num_batches=1 << 40, seed=seed,
       shuffle=d.shuffle and not src.iid, process_index=pi, process_count=pc,

@@ -149,15 +149,11 @@ class GrainTrainData:
         self.source, self.make_batch, self.batch_size, self.num_batches,
         self.seed, self.shuffle, self.process_index, self.process_count)
 
-  def iterator(self, prefetch: int | None = None) -> grain.DatasetIterator:
-    """A fresh grain iterator from batch 0 (restore its state to resume);
-    `prefetch`: batches grain reads ahead (at least 1; None:
-    `self.prefetch`)."""
+  def iterator(self) -> grain.DatasetIterator:
+    """A fresh grain iterator from batch 0 (restore its state to resume)."""
     ds = grain.MapDataset.source(self.elements)
-    read = grain.ReadOptions(
-        num_threads=self.num_threads,
-        prefetch_buffer_size=(self.prefetch if prefetch is None else
-                              max(1, int(prefetch))))
+    read = grain.ReadOptions(num_threads=self.num_threads,
+                             prefetch_buffer_size=self.prefetch)
     return iter(ds.to_iter_dataset(read))
 
 

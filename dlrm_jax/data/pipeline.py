@@ -151,12 +151,13 @@ class TrainBatches:
   is exactly that many batches: rows past them are dropped, and a source
   that ends sooner (lines skipped as malformed) is read again from its
   start to fill the epoch, so that all processes take the same steps.
+  `prefetch`: batches `iterator()` prepares ahead.
   """
 
   def __init__(self, source, make_batch: ModelBatchMaker, batch_size: int, *,
                seed: int = 0, shuffle_window: int = 0,
                process_index: int = 0, process_count: int = 1,
-               batches_per_epoch: int | None = None):
+               batches_per_epoch: int | None = None, prefetch: int = 0):
     if batch_size % process_count:
       raise ValueError(
           f'config.batch_size ({batch_size}) must divide evenly over'
@@ -165,6 +166,7 @@ class TrainBatches:
     self.make_batch = make_batch
     self.batch_size = batch_size
     self.seed = seed
+    self.prefetch = prefetch
     self.window = int(shuffle_window)
     if self.window and self.window % batch_size:
       self.window = -(-self.window // batch_size) * batch_size
@@ -242,10 +244,12 @@ class TrainBatches:
       # malformed) also ends the epoch.
       step = max(step, (epoch + 1) * self.batches_per_epoch)
 
-  def iterator(self, prefetch: int = 0) -> 'TextBatchIterator':
-    """The batches from position 0, `prefetch` of them prepared ahead in a
-    thread, as a checkpointable iterator (`set_state` to resume)."""
-    return TextBatchIterator(self, prefetch)
+  def iterator(self, prefetch: int | None = None) -> 'TextBatchIterator':
+    """The batches from position 0, `prefetch` of them (None:
+    `self.prefetch`) prepared ahead in a thread, as a checkpointable
+    iterator (`set_state` to resume)."""
+    return TextBatchIterator(
+        self, self.prefetch if prefetch is None else prefetch)
 
 
 class EvalBatches:
