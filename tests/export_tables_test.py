@@ -175,15 +175,9 @@ class MultiHotExportTest(absltest.TestCase):
     config.features.cat_2.combiner = 'mean'
     config = inputs_lib.prepare_config(config)
     trainer = train.Trainer(config, mesh=reference.single_device_mesh())
-    model = inference.TrainedModel(trainer.spec, trainer, trainer.init_state(0), 0)
+    model = inference.TrainedModel(trainer.spec, trainer,
+                                   trainer.init_state(0), 0)
     path = self.create_tempfile(
         'rows.txt', '\n'.join(random_lines(64)) + '\n').full_path
-    scores = os.path.join(self.create_tempdir().full_path, 's.txt')
-    inference.predict(model, path, scores)
-    want = np.array([float(x) for x in open(scores)])
-    out = self.create_tempdir().full_path
-    inference.export(model, out)
-    rows = serving.parse_rows(open(path).read().splitlines())
-    got = export_runtime.load_export(out).scores(rows['int'], rows['cat'],
-                                                 rows['cat_present'])
+    want, got = reference.predicted_and_exported(self, model, path)
     np.testing.assert_allclose(got, want, atol=2e-6)

@@ -1,5 +1,7 @@
 """Plain references for the tests: dense lookups, dense-gradient optimizers."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,3 +184,21 @@ def dense_optimizer(table_spec):
     state = dict(state, step=state['step'] + 1)
     return new.astype(np.float32), state
   return init, update
+
+
+def predicted_and_exported(test, model, path):
+  """(`inference.predict`'s scores, the export's scores) of the rows of the
+  Criteo file `path`, the export written to a temp dir of `test`."""
+  from dlrm_jax import export_runtime  # pylint: disable=g-import-not-at-top
+  from dlrm_jax import inference  # pylint: disable=g-import-not-at-top
+  scores = os.path.join(test.create_tempdir().full_path, 'scores.txt')
+  inference.predict(model, path, scores)
+  with open(scores) as f:
+    want = np.array([float(x) for x in f])
+  out = test.create_tempdir().full_path
+  inference.export(model, out)
+  with open(path) as f:
+    rows = export_runtime.parse_rows(f.read().splitlines())
+  got = export_runtime.load_export(out).scores(rows['int'], rows['cat'],
+                                               rows['cat_present'])
+  return want, got

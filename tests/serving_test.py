@@ -214,14 +214,7 @@ class VocabExportTest(absltest.TestCase):
     train.train_and_evaluate(config, workdir)
     model = inference.load(config, workdir)
     path = unlabeled_copy(self, 'kaggle_train_random_1000.tsv', rows=200)
-    out = os.path.join(self.create_tempdir().full_path, 'scores.txt')
-    inference.predict(model, path, out)
-    want = np.array([float(x) for x in open(out)])
-    export_dir = self.create_tempdir().full_path
-    inference.export(model, export_dir)
-    rows = serving.parse_rows(open(path).read().splitlines())
-    got = serving.load_export(export_dir).scores(rows['int'], rows['cat'],
-                                                 rows['cat_present'])
+    want, got = reference.predicted_and_exported(self, model, path)
     np.testing.assert_allclose(got, want, atol=2e-6)
     # And predict through the vocabulary equals the binary rows' scores.
     self.assertGreater(np.std(want), 1e-4)
