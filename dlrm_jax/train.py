@@ -698,7 +698,6 @@ class _Run:
   """One run of `train_and_evaluate`: its parts and the state it saves."""
 
   spec: config_lib.RunSpec
-  loop: config_lib.LoopSpec
   workdir: str
   trainer: Trainer
   data: inputs.DataSetup
@@ -708,11 +707,19 @@ class _Run:
   host: HostState
   data_iter: Any  # `data.train.iterator()`: grain's or a text stream's
   total_steps: int
-  target: float | None
   state: Any = None
   target_reached: bool = False
   writer: Any = None
   final_eval: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def loop(self) -> config_lib.LoopSpec:
+    return self.spec.loop
+
+  @property
+  def target(self) -> float | None:
+    """The eval AUC that ends training (`loop.target_auc`), or None."""
+    return self.loop.target_auc
 
   @property
   def step(self) -> int:
@@ -829,13 +836,13 @@ def _open_run(spec: config_lib.RunSpec, workdir: str, trainer: Trainer
   logging.info('data: %s', data.description)
   loop = spec.loop
   run = _Run(
-      spec=spec, loop=loop, workdir=workdir, trainer=trainer, data=data,
+      spec=spec, workdir=workdir, trainer=trainer, data=data,
       ckpt=ckpt_lib.Checkpointer(workdir, max_to_keep=loop.max_to_keep),
       stopper=early_stopping.EarlyStopping.from_config(loop.early_stopping),
       best=BestKeeper.of(loop, workdir),
       host=trainer.new_host_state(spec),
       data_iter=data.train.iterator(),
-      total_steps=num_train_steps(loop, data), target=loop.target_auc)
+      total_steps=num_train_steps(loop, data))
   try:
     run.resume()
   except BaseException:
