@@ -1,0 +1,143 @@
+"""What the command lines of dlrm_jax share: paths and one-line errors.
+
+Paths. Every path a user gives (a flag, or a config field that names files or
+directories) is relative to the current directory and may start with `~`.
+The entry points resolve them once, where the command line is read, so that
+nothing downstream depends on the directory it runs in (orbax, for one,
+takes absolute paths only):
+
+  absolute(path)              one path
+  absolute_spec(spec)         a file spec: a path, a glob, a comma-separated
+                              string or a list of those, item by item
+  absolute_config_paths(cfg)  a config's path fields (`CONFIG_PATH_FIELDS`)
+
+Errors. A mistake of the user (a bad flag or config value, a missing file, an
+unwritable directory) ends the command with one line, `error: <what>`, on
+stderr and exit status 1; the Python traceback is shown too with
+`--verbosity=1` (or `-v=1`) or the environment variable DLRM_JAX_TRACEBACK=1.
+`run` wraps a command's main function so; `UserError` is the error a command
+raises for a mistake that is neither a ValueError nor an OSError.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+# Config fields that name files or directories (dotted paths of the config).
+CONFIG_PATH_FIELDS = ('data.train_path', 'data.eval_path', 'data.binary_dir',
+                      'data.tfds_data_dir')
+
+
+class UserError(Exception):
+  """A mistake of the user that is reported in one line."""
+
+
+def absolute(path: str | os.PathLike | None) -> str | None:
+  """`path` with `~` expanded, made absolute against the current directory.
+
+  Args:
+    path: a path; None or '' (not given) are returned as they are.
+
+  Returns:
+    The absolute path, normalized; None or '' unchanged.
+  """
+  if path is None or path == '':
+    return path
+  return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
+def absolute_spec(spec: Any) -> Any:
+  """A file spec with every item made absolute (`absolute`).
+
+  Args:
+    spec: a path, a glob, a comma-separated string of those, or a list or
+      tuple of such strings; '' (not given) is returned as it is.
+
+  Returns:
+    The same kind of spec (a string stays a comma-separated string, a list a
+    list) whose items are absolute. Globs stay globs.
+  """
+  if isinstance(spec, (str, os.PathLike)):
+    parts = [p.strip() for p in os.fspath(spec).split(',')]
+    return ','.join(absolute(p) for p in parts if p)
+  if isinstance(spec, (list, tuple)):
+    return type(spec)(absolute_spec(s) for s in spec)
+  return spec
+
+
+def absolute_config_paths(config) -> None:
+  """Makes the config's path fields (`CONFIG_PATH_FIELDS`) absolute, in place.
+
+  Args:
+    config: an ml_collections ConfigDict (locked or not); fields it lacks are
+      skipped.
+  """
+  for field in CONFIG_PATH_FIELDS:
+    node, *rest = field.split('.')
+    parent = config.get(node) if hasattr(config, 'get') else None
+    name = rest[-1]
+    if parent is None or name not in parent:
+      continue
+    value = parent[name]
+    if value:
+      parent[name] = absolute_spec(value)
+
+
+def show_traceback(argv: Sequence[str] | None = None) -> bool:
+  """Whether user errors are shown with their traceback.
+
+  Args:
+    argv: the raw arguments, read before absl parses them; None: read
+      absl's parsed `--verbosity`.
+
+  Returns:
+    True with DLRM_JAX_TRACEBACK set (not '0') or a verbosity of at least 1.
+  """
+  if os.environ.get('DLRM_JAX_TRACEBACK', '') not in ('', '0'):
+    return True
+  if argv is None:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    return flags.FLAGS.is_parsed() and flags.FLAGS.verbosity >= 1
+  for a in argv:
+    for name in ('--verbosity=', '-v='):
+      if a.startswith(name):
+        try:
+          return int(a[len(name):]) >= 1
+        except ValueError:
+          return False
+  return False
+
+
+def fail(message: str) -> None:
+  """Prints `error: <message>` (one line) on stderr and exits with status 1.
+
+  Args:
+    message: what went wrong; whitespace runs are folded into single spaces.
+  """
+  sys.stdout.flush()
+  sys.stderr.write(f'error: {" ".join(str(message).split())}\n')
+  sys.exit(1)
+
+
+def run(main: Callable[..., Any], *args: Any,
+        errors: tuple[type[BaseException], ...] = ()) -> Any:
+  """Calls `main(*args)`, a user's mistake printed as one line.
+
+  Args:
+    main: the command's main function.
+    *args: its arguments.
+    errors: exception types besides ValueError, OSError and UserError that
+      are the user's to fix.
+
+  Returns:
+    What `main` returns.
+  """
+  show = show_traceback()
+  try:
+    return main(*args)
+  except (ValueError, OSError, UserError) + tuple(errors) as e:
+    if show:
+      raise
+    fail(str(e) or type(e).__name__)
