@@ -43,8 +43,8 @@ import subprocess
 import sys
 import time
 
-from absl import app
 from absl import flags
+from dlrm_jax import cli
 
 from dlrm_jax import gpu
 
@@ -473,4 +473,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_app(main)

@@ -51,8 +51,8 @@ if __name__ == '__main__' and 'jax' not in sys.modules:
         _flags + ' --xla_force_host_platform_device_count=8').strip()
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
+from dlrm_jax import cli
 
 _DEVICES = flags.DEFINE_list('devices', ['1', '2', '4', '8'],
                              'Model-axis sizes S to compile for.')
@@ -235,4 +235,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_app(main)

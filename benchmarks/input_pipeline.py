@@ -25,8 +25,8 @@ import subprocess
 import sys
 import time
 
-from absl import app
 from absl import flags
+from dlrm_jax import cli
 import numpy as np
 
 from dlrm_jax.data import synthetic
@@ -217,4 +217,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_app(main)

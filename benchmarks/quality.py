@@ -28,8 +28,8 @@ import tempfile
 import time
 import zlib
 
-from absl import app
 from absl import flags
+from dlrm_jax import cli
 from absl import logging
 import numpy as np
 
@@ -206,4 +206,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_app(main)

@@ -18,6 +18,7 @@ import tempfile
 
 from absl import app
 from absl import flags
+from dlrm_jax import cli
 import numpy as np
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained run (default:'
@@ -93,4 +94,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_app(main)

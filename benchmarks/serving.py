@@ -26,8 +26,8 @@ import tempfile
 import threading
 import time
 
-from absl import app
 from absl import flags
+from dlrm_jax import cli
 import numpy as np
 
 _EXPORT = flags.DEFINE_string('export', None, 'An export directory (default:'
@@ -154,10 +154,7 @@ def main(argv):
          f'--max_wait_ms={_MAX_WAIT_MS.value}'],
         cwd=_ROOT, stdout=subprocess.PIPE, text=True)
     try:
-      line = proc.stdout.readline()
-      if ' on ' not in line:
-        raise RuntimeError(f'the server did not start: {line!r}')
-      url = line.split(' on ')[1].strip()
+      url = serve.read_url(proc.stdout)
       print(f'server: {url}, max_batch {_MAX_BATCH.value}, max_wait'
             f' {_MAX_WAIT_MS.value} ms; {_ROWS.value} row(s) per request;'
             f' per level at most {_REQUESTS.value} requests or'
@@ -180,4 +177,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_app(main)

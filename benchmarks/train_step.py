@@ -23,8 +23,8 @@ import subprocess
 import sys
 import time
 
-from absl import app
 from absl import flags
+from dlrm_jax import cli
 
 _ROWS = flags.DEFINE_list('rows', ['10000', '100000', '1000000', '10000000'],
                           'Rows per table.')
@@ -211,4 +211,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_app(main)

@@ -140,22 +140,52 @@ def signature_diff(saved: dict[str, Any], current: dict[str, Any],
   return out
 
 
+def _item_handlers() -> dict[str, Any]:
+  """The handler of each item a checkpoint may hold. Registered up front, so
+  that a restore of some items knows the others (orbax warns of every item it
+  finds without a handler)."""
+  return {'state': ocp.StandardCheckpointHandler(),
+          'meta': ocp.JsonCheckpointHandler(),
+          'data': grain.checkpoint.CheckpointHandler(),
+          'remappers': ocp.StandardCheckpointHandler()}
+
+
 class Checkpointer:
   """Saves and restores train states under `<workdir>/checkpoints`."""
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3,
                async_save: bool = True, subdir: str = 'checkpoints',
-               **options: Any):
-    """`subdir` of `workdir` holds the steps; `options`: further
-    `ocp.CheckpointManagerOptions` fields."""
-    self.directory = epath.Path(workdir) / subdir
+               create: bool = True, **options: Any):
+    """Opens (and with `create`, makes) `<workdir>/<subdir>`.
+
+    Args:
+      workdir: the run's directory, absolute or relative to the current
+        directory (`~` expanded).
+      max_to_keep: checkpoints kept.
+      async_save: whether saves are written in the background.
+      subdir: the folder of `workdir` that holds the steps.
+      create: whether a missing folder is created; False for the modes that
+        only read (eval, predict, export), which must find it.
+      **options: further `ocp.CheckpointManagerOptions` fields.
+
+    Raises:
+      ValueError: with `create` False, if the folder does not exist.
+    """
+    # orbax takes absolute paths only.
+    self.directory = epath.Path(
+        os.path.abspath(os.path.expanduser(os.fspath(workdir)))) / subdir
+    if not create and not self.directory.is_dir():
+      raise ValueError(
+          f'{self.directory.parent} holds no checkpoints (no folder'
+          f' {self.directory}); train first, or pass the --workdir of a run.')
     self._pending: int | None = None  # The step being written, if any.
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True,
+            max_to_keep=max_to_keep, create=create,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True, **options),
+        item_handlers=_item_handlers(),
     )
 
   def latest_step(self) -> int | None:
@@ -330,6 +360,25 @@ class Checkpointer:
         step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return restored.meta
 
+  def check_signature(self, step: int, meta: dict[str, Any],
+                      signature: dict[str, Any]) -> None:
+    """Raises IncompatibleCheckpointError, naming every field that differs,
+    if the model signature saved in `meta` is not `signature`.
+
+    Args:
+      step: the checkpoint step (for the message).
+      meta: its meta item (`read_meta`).
+      signature: the current model's signature (`Trainer.signature`).
+    """
+    diff = signature_diff(meta.get('signature', {}), signature)
+    if diff:
+      config_json = self.directory.parent / 'config.json'
+      raise IncompatibleCheckpointError(
+          f'the checkpoint at {self.directory / str(step)} does not fit the'
+          ' config (a mismatch, not damage): ' + '; '.join(diff) +
+          '. Use a new --workdir, or run with the config the checkpoint was'
+          f' written with: --config={config_json}.')
+
   def restore(self, step: int, abstract_state: Any,
               signature: dict[str, Any] | None = None
               ) -> tuple[Any, dict[str, Any]]:
@@ -346,13 +395,7 @@ class Checkpointer:
     """
     meta = self.read_meta(step)
     if signature is not None:
-      diff = signature_diff(meta.get('signature', {}), signature)
-      if diff:
-        raise IncompatibleCheckpointError(
-            f'the checkpoint at {self.directory / str(step)} does not fit the'
-            ' current config:\n  ' + '\n  '.join(diff) +
-            '\nUse a new --workdir, or run with the config the checkpoint was'
-            ' written with (saved in the workdir as config.json).')
+      self.check_signature(step, meta, signature)
     restored = self.manager.restore(
         step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))

@@ -141,3 +141,29 @@ def run(main: Callable[..., Any], *args: Any,
     if show:
       raise
     fail(str(e) or type(e).__name__)
+
+
+HELP_FLAGS = ('--help', '-help', '-?', '--helpshort', '-helpshort',
+               '--helpfull', '-helpfull')
+
+
+def run_app(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None,
+            **kwargs: Any) -> None:
+  """`absl.app.run(main, argv, **kwargs)`, with `--help` exiting 0.
+
+  absl ends `--help`, `--helpshort` and `--helpfull` with status 1; a user
+  who asked for help got it, so here they end with 0.
+
+  Args:
+    main: the command's main function.
+    argv: the arguments (default: sys.argv).
+    **kwargs: further `app.run` arguments (`flags_parser`).
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+  try:
+    app.run(main, argv, **kwargs)
+  except SystemExit as e:
+    args = sys.argv if argv is None else argv
+    if e.code == 1 and any(a in HELP_FLAGS for a in args[1:]):
+      sys.exit(0)
+    raise

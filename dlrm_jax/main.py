@@ -2,30 +2,44 @@
 
 Modes (`--mode`):
   train    (default) train and evaluate; resumes from --workdir's checkpoints.
-  eval     evaluate the latest checkpoint of --workdir on the config's eval set
-           or on --input files (labeled Criteo text).
+  eval     evaluate a checkpoint of --workdir on the config's eval set or on
+           --input files (labeled Criteo text).
   predict  write one click probability per row of --input (labeled or
            unlabeled Criteo text), in input order, to --output.
   export   write the inference function (raw features in, probability out)
            with jax.export to the --output directory.
 
 Flags:
-  --config: a config file, optionally with a `:variant` suffix, and
-    `--config.<field>=<value>` overrides (ml_collections config_flags).
+  --config: a config file, optionally with a `:variant` suffix, or the
+    `config.json` a run saved in its workdir; `--config.<field>=<value>`
+    overrides (ml_collections config_flags). Without --config, a --workdir
+    holding a config.json runs with that one.
   --workdir: the run's directory (default for training: a new folder under
     ./runs/). Checkpoints, metrics.jsonl, TensorBoard events, plots.
+  --checkpoint: eval/predict/export: `best` (the default where the run keeps
+    a best checkpoint, `config.keep_best_metric`), `latest` (the default
+    otherwise) or a step.
   --coordinator_address, --num_processes, --process_id: multi-process runs
     (else taken from the environment, see dlrm_jax.parallel).
 
-A mistake of the user (a bad config value, a malformed input line, a workdir
-in use, a damaged checkpoint, a failed save) ends with one line, `error:
-<what>`, on stderr and exit status 1; the Python traceback is shown too with
-`--verbosity=1` or the environment variable DLRM_JAX_TRACEBACK=1.
+Paths are relative to the current directory (`~` expanded): the flags and
+the config's path fields are made absolute once, here.
+
+A mistake of the user (a bad flag or config value, a missing file, a workdir
+in use, a checkpoint of another config, a malformed input line, a failed
+save) ends with one line, `error: <what>`, on stderr and exit status 1,
+checked before anything is built or written where it can be; the Python
+traceback is shown too with `--verbosity=1` or DLRM_JAX_TRACEBACK=1.
+Ctrl-C (SIGINT) or SIGTERM during training saves a checkpoint at the current
+step and ends with one line (exit status 130 for SIGINT, 0 for SIGTERM);
+rerunning the command resumes.
 """
 
+import dataclasses
 import datetime
 import logging as std_logging
 import os
+import re
 import sys
 
 import jax
@@ -34,12 +48,18 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from dlrm_jax import gpu
 from dlrm_jax import checkpoint as ckpt_lib
+from dlrm_jax import cli
 from dlrm_jax import config_checks
+from dlrm_jax import config_lib
+from dlrm_jax import gpu
+from dlrm_jax import inference
 from dlrm_jax import parallel
+from dlrm_jax import saved_config
 from dlrm_jax import train
 from dlrm_jax import workdir_lock
+from dlrm_jax.data import criteo
+from dlrm_jax.data import inputs
 
 MODES = ('train', 'eval', 'predict', 'export')
 
@@ -47,16 +67,20 @@ MODES = ('train', 'eval', 'predict', 'export')
 config_checks.register_list_parser()
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file (with an optional :variant).',
-    lock_config=True)
+    'config', None, 'Config file (with an optional :variant), or a run\'s'
+    ' config.json.', lock_config=True)
 _MODE = flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Run directory (train default: a new folder under'
     ' ./runs/; required by the other modes).')
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', None, 'eval/predict/export: best, latest or a step'
+    ' (default: best where the run keeps one, else latest).')
 _INPUT = flags.DEFINE_list(
     'input', [], 'eval/predict: Criteo text files (file, glob or list).')
 _OUTPUT = flags.DEFINE_string(
-    'output', None, 'predict: the scores file; export: the directory.')
+    'output', None, 'predict: the scores file; export: the directory;'
+    ' eval with --input: the metrics file.')
 _EXPORT_BATCH = flags.DEFINE_integer(
     'export_batch_size', 0, 'export: a fixed batch size (0: symbolic, any).')
 _REQUEST_COLUMNS = flags.DEFINE_list(
@@ -90,96 +114,315 @@ class _OwnInfoOnly(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or own
 
 
-# Errors that are the user's to fix: shown as one line, without a traceback.
-USER_ERRORS = (ValueError, OSError, ckpt_lib.DamagedCheckpointError,
-               ckpt_lib.CheckpointSaveError, workdir_lock.WorkdirLockedError,
-               train.NonFiniteLossError, train.InvalidIdError)
+# ----------------------------------------------------------------------------
+# Flags.
 
 
-def _show_traceback(argv=None) -> bool:
-  if os.environ.get('DLRM_JAX_TRACEBACK', '') not in ('', '0'):
-    return True
-  if argv is not None:  # Before the flags are parsed.
-    for a in argv:
-      for name in ('--verbosity=', '-v='):
-        if a.startswith(name):
-          try:
-            return int(a[len(name):]) >= 1
-          except ValueError:
-            return False
-    return False
-  return flags.FLAGS.verbosity >= 1
+def _flag_value(argv, name: str) -> tuple[int, str] | None:
+  """(index, value) of `--name=value` or `--name value` in argv, or None."""
+  for i, a in enumerate(argv):
+    for prefix in (f'--{name}=', f'-{name}='):
+      if a.startswith(prefix):
+        return i, a[len(prefix):]
+    if a in (f'--{name}', f'-{name}') and i + 1 < len(argv):
+      return i, argv[i + 1]
+  return None
+
+
+def _config_argv(argv: list[str]) -> list[str]:
+  """argv with `--config` as config_flags takes it.
+
+  A run's `config.json` is handed to `saved_config`; without --config, the
+  config.json of the --workdir (if it has one) is used.
+
+  Raises:
+    cli.UserError: if there is no config to use, or its file does not exist.
+  """
+  argv = list(argv)
+  found = _flag_value(argv, 'config')
+  if found is None:
+    workdir = _flag_value(argv, 'workdir')
+    saved = workdir and os.path.join(cli.absolute(workdir[1]), 'config.json')
+    if not saved or not os.path.isfile(saved):
+      if any(a in cli.HELP_FLAGS for a in argv[1:]):
+        return argv  # absl prints the help; no config needed for it
+      raise cli.UserError(
+          '--config is required: a config file such as'
+          ' configs/criteo.py[:variant], or a run\'s config.json (without'
+          ' --config, a --workdir holding a config.json runs with it).')
+    argv.insert(1, f'--config={saved}')
+    found = 1, saved
+  i, value = found
+  path = value.split(':', 1)[0]
+  if not os.path.isfile(cli.absolute(path)):
+    raise cli.UserError(f'--config: the file {path} does not exist.')
+  value = saved_config.config_flag_value(value)
+  if argv[i].startswith('-') and '=' in argv[i]:
+    argv[i] = f'--config={value}'
+  else:
+    argv[i + 1] = value
+  return argv
+
+
+_REASONS = (  # Python's parse errors -> what the flag takes.
+    (r"invalid literal for int\(\) with base 10", 'an integer'),
+    (r'could not convert string to float', 'a number'),
+    (r'(?i)boolean|bool', 'true or false'),
+)
+
+
+def flag_error(e: Exception, argv) -> str:
+  """One line for a mistake absl or config_flags found in the flags."""
+  text = str(e)
+  if 'Error whilst parsing config file' in text:  # get_config raised
+    last = [ln.strip() for ln in text.strip().splitlines() if ln.strip()][-1]
+    last = re.sub(r'^[A-Za-z_.]*Error: ', '', last)
+    found = _flag_value(argv, 'config')
+    return f'--config={found[1] if found else ""}: {last}'
+  if isinstance(e, (AttributeError, KeyError)):
+    msg = text.replace("\\'", "'").replace('\\n', ' ')
+    msg = msg[1:-1] if msg[:1] in '"\'' and msg[-1:] == msg[:1] else msg
+    msg = ' '.join(msg.split())
+    m = re.match(r"^'([^']+)'\s*(.*)$", msg)
+    if m:
+      name, rest = m.groups()
+      arg = next((a for a in argv if a.startswith('--config.') and
+                  re.search(rf'[.]{re.escape(name)}(=|[.]|$)', a)), None)
+      rest = f'; {rest[0].lower()}{rest[1:]}' if rest else ''
+      return (f'{arg + ": " if arg else ""}no such config field'
+              f' {name!r}{rest}')
+    return f'no such config field: {msg}'
+  m = re.match(r'^flag (--?[^=\s]+)=(.*?): (.*)$', text, re.S)
+  if m:
+    name, value, reason = m.groups()
+    for pattern, wants in _REASONS:
+      if re.search(pattern, reason):
+        return f'{name}={value}: {name.lstrip("-")} takes {wants}, not' \
+               f' {value!r}.'
+    return f'{name}={value}: {" ".join(reason.split())}'
+  return ' '.join(text.split())
 
 
 def parse_flags(argv):
-  """absl's flag parsing, with a config override that names no field (or
-  another mistake inside config_flags) shown as one line."""
+  """absl's flag parsing, every mistake in the flags shown as one line."""
   try:
-    return app.parse_flags_with_usage(argv)
+    argv = _config_argv(argv)
+    return flags.FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except
-    if _show_traceback(argv):
+    if cli.show_traceback(argv):
       raise
-    msg = str(e).replace("\\'", "'").replace('\\n', ' ')
-    msg = ' '.join(msg.split())[1:-1] if msg[:1] == "'" else msg
-    if isinstance(e, (AttributeError, KeyError)):
-      msg = f'no such config field: {msg}'
-    sys.stderr.write(f'error: in the flags: {" ".join(msg.split())}\n')
-    sys.exit(1)
+    cli.fail(str(e) if isinstance(e, cli.UserError) else flag_error(e, argv))
 
 
-def run_main(argv):
-  """`main`, with user errors printed as one line (see the module doc)."""
-  show = _show_traceback()
-  try:
-    main(argv)
-  except USER_ERRORS as e:
-    if show:
-      raise
-    sys.stdout.flush()
-    sys.stderr.write(f'error: {e}\n')
-    sys.exit(1)
+# ----------------------------------------------------------------------------
+# The command, checked.
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """What the command line asks for, checked, with absolute paths.
+
+  Attributes:
+    mode: one of MODES.
+    spec: the run spec of the config.
+    workdir: the run's directory.
+    checkpoint: eval/predict/export: 'best', 'latest', a step, or None
+      (best where the run keeps one).
+    inputs: eval/predict: the --input files.
+    output: predict/export/eval: where to write.
+  """
+
+  mode: str
+  spec: object
+  workdir: str
+  checkpoint: str | int | None
+  inputs: tuple[str, ...]
+  output: str | None
+
+
+def _check_writable(path: str, flag: str, *, directory: bool) -> None:
+  """Raises cli.UserError if `path` (a directory, or a file) cannot be
+  written, without creating anything."""
+  if os.path.exists(path):
+    if directory and not os.path.isdir(path):
+      raise cli.UserError(f'{flag} {path}: exists and is not a directory.')
+    if not directory and os.path.isdir(path):
+      raise cli.UserError(f'{flag} {path}: is a directory, not a file.')
+    target = path if directory else os.path.dirname(path)
+  elif not directory and not os.path.isdir(os.path.dirname(path)):
+    raise cli.UserError(f'{flag} {path}: the directory'
+                        f' {os.path.dirname(path)} does not exist.')
+  else:
+    target = os.path.dirname(path)
+    while target and not os.path.exists(target):
+      target = os.path.dirname(target)
+    if target and not os.path.isdir(target):
+      raise cli.UserError(f'{flag} {path}: {target} is not a directory.')
+  if not os.access(target or '.', os.W_OK | os.X_OK):
+    raise cli.UserError(
+        f'{flag} {path}: cannot write there ({target} is not writable).')
+
+
+def _checkpoint_choice(value: str | None) -> str | int | None:
+  if value in (None, ''):
+    return None
+  if value in ('best', 'latest'):
+    return value
+  if value.isdigit():
+    return int(value)
+  raise cli.UserError(
+      f'--checkpoint={value}: takes best, latest or a step number.')
+
+
+def check_command() -> Command:
+  """The command line's flags and config, checked before anything is built.
+
+  Raises:
+    cli.UserError, ValueError: naming the flag or config field.
+  """
+  mode = _MODE.value
+  config = _CONFIG.value
+  cli.absolute_config_paths(config)
+  workdir = cli.absolute(_WORKDIR.value)
+  if mode == 'train':
+    if not workdir:
+      workdir = os.path.abspath(os.path.join(
+          'runs', datetime.datetime.now().strftime('%Y%m%d-%H%M%S')))
+    _check_writable(workdir, '--workdir', directory=True)
+  elif not workdir:
+    raise cli.UserError(f'--mode={mode} needs the --workdir of a run.')
+  else:
+    _check_run_dir(workdir)
+  spec = config_lib.run_spec(config)
+  if mode == 'train' or (mode == 'eval' and not _INPUT.value):
+    inputs.check_sources(spec)
+  checkpoint = None
+  if mode != 'train':
+    checkpoint = _checkpoint_choice(_CHECKPOINT.value)
+  elif _CHECKPOINT.value:
+    raise cli.UserError('--checkpoint is for eval, predict and export.')
+  output = cli.absolute(_OUTPUT.value)
+  if mode in ('predict', 'export') and not output:
+    raise cli.UserError(f'--mode={mode} needs --output.')
+  if mode == 'predict' and not _INPUT.value:
+    raise cli.UserError('--mode=predict needs --input files.')
+  paths = ()
+  if _INPUT.value:
+    if mode not in ('eval', 'predict'):
+      raise cli.UserError('--input is for eval and predict.')
+    paths = tuple(criteo.expand_paths(cli.absolute_spec(list(_INPUT.value)),
+                                      field='--input'))
+  if output:
+    _check_writable(output, '--output', directory=(mode == 'export'))
+  return Command(mode, spec, workdir, checkpoint, paths, output)
+
+
+def _check_run_dir(workdir: str) -> None:
+  """Raises cli.UserError unless `workdir` is a run's directory."""
+  if not os.path.isdir(workdir):
+    raise cli.UserError(f'--workdir {workdir}: no such directory.')
+  name = os.path.basename(workdir)
+  if name in ('best_checkpoint', 'checkpoints') and not os.path.isdir(
+      os.path.join(workdir, 'checkpoints')):
+    parent = os.path.dirname(workdir)
+    hint = ' --checkpoint=best' if name == 'best_checkpoint' else ''
+    raise cli.UserError(
+        f'--workdir {workdir} is the {name} folder of a run; pass the run:'
+        f' --workdir={parent}{hint}.')
+  if not any(os.path.isdir(os.path.join(workdir, d))
+             for d in ('checkpoints', 'best_checkpoint')):
+    raise cli.UserError(
+        f'--workdir {workdir} holds no checkpoints; train first, or pass the'
+        ' --workdir of a run.')
+
+
+# ----------------------------------------------------------------------------
+# Main.
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(max(logging.INFO, flags.FLAGS.verbosity))
   if not _LIBRARY_LOGS.value:
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
+  command = check_command()
   gpu.apply_scatter_workaround()  # before JAX starts: it sets XLA_FLAGS
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value)
   if jax.process_index() != 0:  # only process 0 writes logs
     logging.set_verbosity(logging.WARNING)
-  mode = _MODE.value
-  if mode == 'train':
-    workdir = _WORKDIR.value or os.path.join(
-        'runs', datetime.datetime.now().strftime('%Y%m%d-%H%M%S'))
-    logging.info('workdir: %s', workdir)
-    train.train_and_evaluate(_CONFIG.value, workdir)
+  if command.mode == 'train':
+    _train(command)
     return
-  from dlrm_jax import inference  # pylint: disable=g-import-not-at-top
-  if not _WORKDIR.value:
-    raise app.UsageError(f'--mode={mode} needs the --workdir of a run.')
-  if mode in ('predict', 'export') and not _OUTPUT.value:
-    raise app.UsageError(f'--mode={mode} needs --output.')
-  if mode == 'predict' and not _INPUT.value:
-    raise app.UsageError('--mode=predict needs --input files.')
-  model = inference.load(_CONFIG.value, _WORKDIR.value)
-  logging.info('restored step %d of %s', model.step, _WORKDIR.value)
-  if mode == 'eval':
-    inference.evaluate_and_report(model, _WORKDIR.value, _INPUT.value or None)
-  elif mode == 'predict':
-    n = inference.predict(model, _INPUT.value, _OUTPUT.value)
-    print(f'{n} scores written to {_OUTPUT.value}')
+  model = inference.load(command.spec, command.workdir,
+                         checkpoint=command.checkpoint)
+  logging.info('restored %s', model.description)
+  if command.mode == 'eval':
+    inference.evaluate_and_report(model, command.workdir,
+                                  command.inputs or None,
+                                  output=command.output)
+  elif command.mode == 'predict':
+    n = inference.predict(model, command.inputs, command.output)
+    print(f'{n} scores written to {command.output}')
   else:
     out = inference.export(
-        model, _OUTPUT.value, batch_size=_EXPORT_BATCH.value or None,
+        model, command.output, batch_size=_EXPORT_BATCH.value or None,
         request_columns=_REQUEST_COLUMNS.value,
         quantize=None if _QUANTIZE.value == 'none' else _QUANTIZE.value)
     print(f'exported to {out}')
 
 
+def _train(command: Command) -> None:
+  """Trains in `command.workdir`; a workdir this command made and that a
+  failure leaves without any file is removed again."""
+  workdir = command.workdir
+  made = not os.path.exists(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise cli.UserError(
+        f'--workdir {workdir}: cannot create it ({e.strerror}).') from e
+  logging.info('workdir: %s', workdir)
+  try:
+    train.train_and_evaluate(command.spec, workdir, handle_signals=True)
+  except BaseException:
+    if made and jax.process_index() == 0:
+      _remove_if_empty(workdir)
+    raise
+
+
+def _remove_if_empty(directory: str) -> None:
+  """Removes `directory` if it holds no file (empty folders only)."""
+  for _, _, files in os.walk(directory):
+    if files:
+      return
+  for root, dirs, _ in os.walk(directory, topdown=False):
+    for d in dirs:
+      os.rmdir(os.path.join(root, d))
+  os.rmdir(directory)
+
+
+# Errors besides ValueError and OSError that are the user's to fix.
+USER_ERRORS = (ckpt_lib.DamagedCheckpointError, ckpt_lib.CheckpointSaveError,
+               workdir_lock.WorkdirLockedError, train.NonFiniteLossError,
+               train.InvalidIdError)
+
+
+def run_main(argv):
+  """`main`, with user errors printed as one line (see the module doc)."""
+  try:
+    cli.run(main, argv, errors=USER_ERRORS)
+  except train.TrainingInterrupted as e:  # saved; one line
+    sys.stdout.flush()
+    sys.stderr.write(f'{e}\n')
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:
+    # Ctrl-C outside training's own handler (start-up, eval, export).
+    sys.stdout.flush()
+    sys.stderr.write('interrupted.\n')
+    sys.exit(130)
+
+
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
-  app.run(run_main, flags_parser=parse_flags)
+  cli.run_app(run_main, flags_parser=parse_flags)

@@ -6,6 +6,7 @@ import glob
 import os
 import shutil
 import subprocess
+import tempfile
 from unittest import mock
 
 from absl.testing import absltest
@@ -31,8 +32,9 @@ def base_workdir():
   """A run of 20 steps with checkpoints 10 and 20 (made once)."""
   global _BASE
   if _BASE is None:
-    _BASE = os.path.join(absltest.get_default_test_tmpdir(), 'damage_base')
-    shutil.rmtree(_BASE, ignore_errors=True)
+    # One per test process: pytest-xdist workers share the default tmpdir.
+    _BASE = tempfile.mkdtemp(prefix='damage_base_',
+                             dir=absltest.get_default_test_tmpdir())
     train.train_and_evaluate(_config(), _BASE, train_test.shared_trainer())
   return _BASE
 

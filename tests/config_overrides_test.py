@@ -157,9 +157,9 @@ class NumberRulesTest(absltest.TestCase):
                          timeout=300)
     self.assertEqual(out.returncode, 1)
     self.assertEqual(out.stderr.strip().splitlines()[-1],
-                     "error: in the flags: no such config field:"
-                     " 'num_train_step' Did you mean \"num_train_steps\""
-                     ' instead of "num_train_step"?')
+                     "error: --config.num_train_step=5: no such config"
+                     " field 'num_train_step'; did you mean"
+                     ' "num_train_steps" instead of "num_train_step"?')
     self.assertNotIn('Traceback', out.stderr)
 
 

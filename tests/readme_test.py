@@ -3,6 +3,8 @@ its set-up commands are the ones .ci/run runs."""
 
 import os
 import re
+import subprocess
+import sys
 
 from absl.testing import absltest
 
@@ -47,6 +49,45 @@ class ReadmeTest(absltest.TestCase):
       self.assertRegex(self.readme, rf'(?m)^[^#].* # {tag}$')
     self.assertIn('python -m dlrm_jax.main --config=configs/criteo.py',
                   self.readme)
+
+
+class ReadmeCommandsTest(absltest.TestCase):
+  """What the README tells a user to run exists and parses."""
+
+  def setUp(self):
+    super().setUp()
+    self.readme = open(os.path.join(_ROOT, 'README.md')).read()
+
+  def test_every_module_it_runs_answers_help(self):
+    modules = sorted(set(re.findall(r'python3? -m ([\w.]+)', self.readme)))
+    self.assertContainsSubset(
+        {'dlrm_jax.main', 'dlrm_jax.convert', 'dlrm_jax.serve',
+         'dlrm_jax.data.preprocess', 'pytest'}, modules)
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    procs = {m: subprocess.Popen(
+        [sys.executable, '-m', m, '--help'], cwd=_ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for m in modules}
+    for m, p in procs.items():
+      out, err = p.communicate(timeout=300)
+      with self.subTest(m):
+        self.assertEqual(p.returncode, 0, f'{m} --help: {err[-1500:]}')
+        self.assertTrue(out.strip(), f'{m} --help printed nothing')
+
+  def test_every_config_override_it_writes_parses(self):
+    text = self.readme.replace('\\\n', ' ')
+    overrides = sorted(set(re.findall(r"--config\.([\w.]+)=('[^']*'|[^\s`]+)",
+                                      text)))
+    self.assertGreater(len(overrides), 10)
+    from tests import config_overrides_test  # pylint: disable=g-import-not-at-top
+    for field, value in overrides:
+      with self.subTest(field):
+        config = config_overrides_test.parse(
+            f'--config.{field}={value.strip(chr(39))}', variant='')
+        node = config
+        for part in field.split('.'):
+          node = node[part]
+        self.assertIsNotNone(node)
 
 
 if __name__ == '__main__':

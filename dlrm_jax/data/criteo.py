@@ -24,6 +24,7 @@ import dataclasses
 import glob
 import io
 import os
+import re
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -103,8 +104,32 @@ class BadLineReport:
             '; '.join(self.examples) + more)
 
 
+_BRACE_RANGE = re.compile(r'\{(\d+)\.\.(\d+)\}')
+
+
+def brace_ranges(pattern: str) -> list[str]:
+  """A pattern with its numeric ranges `{m..n}` expanded, as bash does.
+
+  Args:
+    pattern: e.g. `day_{0..22}`; zero-padded bounds (`{00..22}`) pad.
+
+  Returns:
+    The patterns in order (`day_0`, ..., `day_22`); one without a range is
+    returned alone.
+  """
+  m = _BRACE_RANGE.search(pattern)
+  if m is None:
+    return [pattern]
+  lo, hi = int(m.group(1)), int(m.group(2))
+  width = len(m.group(1)) if m.group(1).startswith('0') else 0
+  step = 1 if hi >= lo else -1
+  return [p for k in range(lo, hi + step, step) for p in brace_ranges(
+      pattern[:m.start()] + str(k).zfill(width) + pattern[m.end():])]
+
+
 def expand_paths(spec, *, field: str = 'data.train_path') -> list[str]:
-  """Files named by a path, a glob, a comma-separated string, or a list.
+  """Files named by a path, a glob (`*`, `?`, `[...]`, and bash's numeric
+  ranges `{m..n}`), a comma-separated string, or a list.
 
   Args:
     spec: a path, a glob, a comma-separated string of paths and globs, or a
@@ -134,6 +159,7 @@ def expand_paths(spec, *, field: str = 'data.train_path') -> list[str]:
     patterns += [p.strip() for p in os.fspath(item).split(',') if p.strip()]
   if not patterns:
     raise ValueError(f'{field} ({spec!r}) names no file.')
+  patterns = [p for pattern in patterns for p in brace_ranges(pattern)]
   out, seen = [], set()
   for pattern in patterns:
     path = os.path.expanduser(pattern)

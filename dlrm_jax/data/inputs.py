@@ -28,6 +28,7 @@ process order (`pipeline.EvalBatches`).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Iterator
 
 import numpy as np
@@ -107,6 +108,27 @@ def make_batch_maker(spec) -> pipeline.ModelBatchMaker:
   return pipeline.ModelBatchMaker(
       spec.transform, spec.table_rows if spec.data.check_ids else None,
       multi_hot=multi_hot)
+
+
+def check_sources(spec) -> None:
+  """Checks that the files a run reads exist, before anything is built.
+
+  Args:
+    spec: a RunSpec, or a config to build one from.
+
+  Raises:
+    ValueError: naming the config field and the path that is missing.
+  """
+  d = config_lib.run_spec(spec).data
+  if d.source == 'criteo_tsv':
+    criteo.expand_paths(d.train_path, field='config.data.train_path')
+    if d.eval_path:
+      criteo.expand_paths(d.eval_path, field='config.data.eval_path')
+  elif d.source == 'tfds' and d.tfds_data_dir and not os.path.isdir(
+      d.tfds_data_dir):
+    raise ValueError(
+        f'config.data.tfds_data_dir: the directory {d.tfds_data_dir} does'
+        ' not exist.')
 
 
 def make_data(spec, *, process_index: int = 0, process_count: int = 1,

@@ -42,6 +42,7 @@ from typing import Sequence
 import numpy as np
 from absl import app
 from absl import flags
+from dlrm_jax import cli
 from absl import logging
 
 from dlrm_jax import features as features_lib
@@ -465,4 +466,4 @@ _FLAGS: dict = {}
 if __name__ == '__main__':
   _FLAGS = define_flags()
   flags.mark_flags_as_required(['train', 'output_dir'])
-  app.run(main)
+  cli.run_app(main)
