@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -31,13 +32,41 @@ from dlrm_jax.data import preprocess
 @dataclasses.dataclass
 class TrainedModel:
   """A restored run: its spec, trainer, state and host-side id state
-  (managed-collision remappers, admission sketch)."""
+  (managed-collision remappers, admission sketch).
+
+  Attributes:
+    spec: the run spec.
+    trainer: the Trainer of the spec.
+    state: the restored train state.
+    step: the step of the checkpoint.
+    host: the run's host-side id state as of that step.
+    which: 'best' (the run's best checkpoint) or 'latest' / 'step' (one of
+      its checkpoints).
+    directory: the checkpoint's folder.
+    best_metric: for the best checkpoint, the metric it is best by.
+    best_eval: for the best checkpoint, its eval metrics.
+  """
 
   spec: config_lib.RunSpec
   trainer: train.Trainer
   state: train.TrainState
   step: int
   host: train.HostState | None = None
+  which: str = 'latest'
+  directory: str = ''
+  best_metric: str | None = None
+  best_eval: dict[str, float] | None = None
+
+  @property
+  def description(self) -> str:
+    """What was restored, in words, for the log."""
+    what = {'best': 'the best checkpoint', 'latest': 'the latest checkpoint',
+            'step': 'the checkpoint'}[self.which]
+    extra = ''
+    if self.best_eval and self.best_metric in self.best_eval:
+      extra = (f', eval {self.best_metric}'
+               f' {self.best_eval[self.best_metric]:.4f}')
+    return f'{what} (step {self.step}{extra}): {self.directory}'
 
   def raw_to_model_rows(self, rows: dict[str, np.ndarray]
                         ) -> dict[str, np.ndarray]:
@@ -52,6 +81,17 @@ class TrainedModel:
         rows['ids'] = preprocess.map_vocab(
             rows.pop('cat'), preprocess.load_vocab_lookups(d.binary_dir))
     return rows
+
+  def admission(self) -> dict[str, tuple[np.ndarray, int]]:
+    """The rare-id admission filter for the export: per filtered feature,
+    its admitted rows and the shared row of the others ({} without
+    `config.admission`)."""
+    admission = self.host.admission if self.host is not None else None
+    if admission is None:
+      return {}
+    oov = self.spec.admission.oov_row
+    return {name: (mask, oov) for name, mask in
+            admission.admitted_rows(self.spec.transform).items()}
 
   def id_tables(self) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
     """Raw hash -> row tables for the export (vocabularies, remappers)."""
@@ -76,35 +116,74 @@ class TrainedModel:
     return tables
 
 
-def load(config, workdir: str, step: int | None = None) -> TrainedModel:
-  """Restores the latest good (or a given) checkpoint of a run (`config`:
-  its config or RunSpec)."""
+def load(config, workdir: str, step: int | None = None,
+         checkpoint: str | int | None = None) -> TrainedModel:
+  """Restores a checkpoint of a run.
+
+  Args:
+    config: the run's config or RunSpec.
+    workdir: the run's directory.
+    step: a checkpoint step (the same as `checkpoint=step`).
+    checkpoint: 'best' (`<workdir>/best_checkpoint`, kept with
+      `config.keep_best_metric`), 'latest' (the newest good one of
+      `<workdir>/checkpoints`; damaged ones are skipped, never moved) or a
+      step; None: 'best' where the run keeps one, else 'latest'.
+
+  Returns:
+    The restored model; `description` says which checkpoint it is.
+
+  Raises:
+    ValueError: if the workdir holds no such checkpoint.
+    IncompatibleCheckpointError: if the checkpoint is of another config.
+    DamagedCheckpointError: if it cannot be read back.
+  """
   spec = config_lib.run_spec(config)
+  if step is not None:
+    checkpoint = step
+  if checkpoint is None:
+    checkpoint = 'best' if _best_steps(workdir) else 'latest'
+  subdir = 'best_checkpoint' if checkpoint == 'best' else 'checkpoints'
+  ckpt = ckpt_lib.Checkpointer(workdir, subdir=subdir, create=False)
   trainer = train.Trainer(spec)
-  ckpt = ckpt_lib.Checkpointer(workdir)
   host = trainer.new_host_state()
 
   def restore(step):
-    state, _ = trainer.restore(ckpt, step)
+    state, meta = trainer.restore(ckpt, step)
     host.restore(ckpt, step)
-    return state
+    return state, meta
 
   try:
-    if step is None:  # The newest good one; damaged ones are left in place.
-      step, state = ckpt.restore_newest_good(restore, move_aside=False)
-    elif step not in ckpt.all_steps():
-      raise ValueError(
-          f'{workdir} holds no checkpoint {step} (it has'
-          f' {ckpt.all_steps() or "none"}).')
+    steps = ckpt.all_steps()
+    if checkpoint == 'latest':  # The newest good one, damaged ones left.
+      step, restored = ckpt.restore_newest_good(restore, move_aside=False)
+      if step is None:
+        raise ValueError(
+            f'{workdir} holds no checkpoint (looked in {ckpt.directory});'
+            ' train first, or pass the --workdir of a run.')
     else:
-      state = _restore_step(ckpt, step, restore)
-    if step is None:
-      raise ValueError(
-          f'{workdir} holds no checkpoint (looked in {ckpt.directory}); train'
-          ' first, or pass the --workdir of a run.')
+      step = steps[-1] if checkpoint == 'best' and steps else checkpoint
+      if step not in steps:
+        raise ValueError(
+            f'{workdir} holds no checkpoint {checkpoint} (it has'
+            f' {steps or "none"} in {ckpt.directory}).')
+      restored = _restore_step(ckpt, step, restore)
   finally:
     ckpt.close()
-  return TrainedModel(spec, trainer, state, step, host)
+  state, meta = restored
+  which = ('best' if checkpoint == 'best' else
+           'latest' if checkpoint == 'latest' else 'step')
+  return TrainedModel(spec, trainer, state, step, host, which=which,
+                      directory=os.fspath(ckpt.directory / str(step)),
+                      best_metric=meta.get('best_metric'),
+                      best_eval=meta.get('best_eval'))
+
+
+def _best_steps(workdir: str) -> list[int]:
+  """The steps under `<workdir>/best_checkpoint` (none: [])."""
+  path = os.path.join(workdir, 'best_checkpoint')
+  if not os.path.isdir(path):
+    return []
+  return sorted(int(n) for n in os.listdir(path) if n.isdigit())
 
 
 def _restore_step(ckpt: ckpt_lib.Checkpointer, step: int, restore):
@@ -202,20 +281,42 @@ def evaluate(model: TrainedModel, paths: Sequence[str] | str | None = None
 
 def evaluate_and_report(model: TrainedModel, workdir: str,
                         paths: Sequence[str] | str | None = None,
-                        print_fn=print) -> dict[str, float]:
-  """`--mode=eval`: prints the metrics as JSON, then writes them to
-  `<workdir>/eval_step<N>.json` (a workdir that cannot be written gets a
-  warning; the printed metrics stand)."""
+                        print_fn=print, output: str | None = None
+                        ) -> dict[str, float]:
+  """`--mode=eval`: prints the metrics as JSON and writes them to a file.
+
+  Args:
+    model: the restored model.
+    workdir: the run's directory.
+    paths: labeled files to evaluate on; None: the config's eval set.
+    print_fn: where the lines go.
+    output: the metrics file; default `<workdir>/eval_step<N>.json` for the
+      config's eval set, `<workdir>/eval_step<N>_<first input's name>.json`
+      for files, so an eval on other data never overwrites the run's own.
+
+  Returns:
+    The metrics. A file that cannot be written gets a warning; the printed
+    metrics stand.
+  """
   result = {k: float(v) for k, v in evaluate(model, paths).items()}
   if jax.process_index() != 0:
     return result
   print_fn(json.dumps(result, sort_keys=True))
-  path = os.path.join(workdir, f'eval_step{model.step}.json')
+  if output is None:
+    suffix = ''
+    if paths:
+      names = [paths] if isinstance(paths, str) else list(paths)
+      stem = re.sub(r'(\.(tsv|txt|csv))?(\.gz)?$', '',
+                    os.path.basename(os.fspath(names[0])))
+      suffix = '_' + re.sub(r'[^A-Za-z0-9._-]+', '_', stem) + (
+          f'_and_{len(names) - 1}_more' if len(names) > 1 else '')
+    output = os.path.join(workdir, f'eval_step{model.step}{suffix}.json')
   try:
-    ckpt_lib.write_json(path, result)
+    ckpt_lib.write_json(output, result)
+    print_fn(f'metrics written to {output}')
   except OSError as e:
     logging.warning('could not write %s (%s); the metrics are the line'
-                    ' printed above.', path, e)
+                    ' printed above.', output, e)
   return result
 
 
@@ -226,6 +327,7 @@ def export(model: TrainedModel, out_dir: str, *, batch_size: int | None = None,
   None, 'fp16' or 'int8' tables (`dlrm_jax.export_tables`)."""
   sm = serving.ServingModel(model.trainer, model.state,
                             id_tables=model.id_tables(),
+                            admission=model.admission(),
                             request_columns=request_columns,
                             quantize=quantize,
                             multi_hot=inputs.make_batch_maker(

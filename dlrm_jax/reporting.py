@@ -89,8 +89,23 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 def write_plots(workdir: str, probs: np.ndarray | None = None,
                 labels: np.ndarray | None = None,
-                teacher_auc: float | None = None) -> list[str]:
-  """Draws the run's PNG plots into the workdir; returns their paths."""
+                teacher_auc: float | None = None,
+                final_step: int | None = None,
+                best: dict[str, Any] | None = None) -> list[str]:
+  """Draws the run's PNG plots into the workdir.
+
+  Args:
+    workdir: the run's directory (its metrics.jsonl is read).
+    probs: the final model's eval probabilities, for the ROC plot.
+    labels: their labels.
+    teacher_auc: the synthetic teacher's AUC, drawn as a line.
+    final_step: the final model's step, for the ROC plot's title.
+    best: the best checkpoint (`BestKeeper.summary`), marked on the eval
+      plot.
+
+  Returns:
+    The paths written.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -110,6 +125,9 @@ def write_plots(workdir: str, probs: np.ndarray | None = None,
   fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
   steps = [r['step'] for r in evals]
   a1.plot(steps, [r['auc'] for r in evals], marker='o', label='model')
+  if best and best.get('metric') == 'auc':
+    a1.plot([best['step']], [best['value']], marker='*', ms=14, ls='',
+            color='C3', label=f'best checkpoint (step {best["step"]})')
   if teacher_auc is not None:
     a1.axhline(teacher_auc, color='gray', ls='--', label='teacher (best)')
   a1.set_xlabel('step')
@@ -130,7 +148,8 @@ def write_plots(workdir: str, probs: np.ndarray | None = None,
     ax.plot([0, 1], [0, 1], color='gray', ls='--')
     ax.set_xlabel('false positive rate')
     ax.set_ylabel('true positive rate')
-    ax.set_title('ROC of the final evaluation')
+    ax.set_title('ROC of the final model' + (
+        f' (step {final_step})' if final_step is not None else ''))
     ax.legend(loc='lower right')
     written.append(_save(fig, workdir, 'roc.png'))
   return written
@@ -164,6 +183,7 @@ def summary_text(summary: dict[str, Any], workdir: str,
     lines.append(f'  last training loss   {summary["train_loss"]:.4f}')
   ev = summary.get('eval')
   if ev:
+    lines.append(f'  final eval, step {summary["step"]}:')
     lines.append(f'  eval AUC             {ev["auc"]:.4f}' + (
         f'   (teacher, the best achievable: {summary["teacher_auc"]:.4f})'
         if summary.get('teacher_auc') is not None else ''))
@@ -172,6 +192,12 @@ def summary_text(summary: dict[str, Any], workdir: str,
     lines.append(f'  calibration          {ev["calibration"]:.3f}'
                  '   (mean prediction / click rate)')
     lines.append(f'  eval examples        {int(ev["num_examples"]):,}')
+  best = summary.get('best_checkpoint')
+  if best:
+    lines.append(f'  best eval            {best["metric"]} {best["value"]:.4f}'
+                 f' at step {best["step"]}, kept in {best["path"]}')
+    lines.append('                       (what eval, predict and export use'
+                 ' by default; --checkpoint=latest for the final model)')
   if summary.get('target_auc'):
     lines.append(f'  target AUC           {summary["target_auc"]:.5f} ' + (
         'reached: training stopped' if summary.get('target_auc_reached')

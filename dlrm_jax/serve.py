@@ -10,7 +10,10 @@ Endpoints (JSON in and out):
                 fields (13 integers, 26 hex hashes; empty = missing), or 40
                 with a label first;
                 or {"instances": [{"int_0": 3, "cat_2": "68fd1e64", ...}]}:
-                feature dicts, absent or null features missing.
+                feature dicts, absent or null features missing. A cat_<j>
+                string is the hash as Criteo writes it, hex ("12345" is
+                0x12345 = 74565); a JSON integer is the hash's value itself
+                (12345 is 12345, so "3039" and 12345 are the same id).
                 200 {"probabilities": [p, ...]}, one per row, in order.
                 400 {"error": "...", "row": i} for a malformed request (bad
                 JSON, wrong field count, a bad value: the error names the
@@ -94,9 +97,20 @@ _INT32 = (-2**31, 2**31 - 1)
 
 
 def parse_instances(instances: Sequence[Any]) -> dict[str, np.ndarray]:
-  """Feature dicts ({'int_<i>': int, 'cat_<j>': hex string or int}) -> the
-  export's inputs. Absent or null features are missing (int 0, cat not
-  present)."""
+  """Feature dicts -> the export's inputs.
+
+  Args:
+    instances: one dict per row: `int_<i>` a 32-bit integer; `cat_<j>` a hex
+      string of at most 8 digits (Criteo's text form: "12345" is 0x12345) or
+      an unsigned 32-bit integer (the value itself: 12345). Absent or null
+      features are missing (int 0, cat not present).
+
+  Returns:
+    {'int', 'cat', 'cat_present'} arrays.
+
+  Raises:
+    BadRequest: naming the row and feature of a bad value.
+  """
   n = len(instances)
   ints = np.zeros((n, NUM_INT), np.int32)
   cat = np.zeros((n, NUM_CAT), np.uint32)
@@ -335,7 +349,9 @@ async def serve(export_dir: str, *, host: str = '127.0.0.1', port: int = 0,
                 max_batch: int = 256, max_wait_ms: float = 2.0,
                 max_request_rows: int = 4096,
                 ready: Callable[[int], None] | None = None,
-                stop: asyncio.Event | None = None) -> None:
+                stop: asyncio.Event | None = None,
+                progress: Callable[[str], None] | None = None,
+                handle_signals: bool = True) -> None:
   """Serves an export until SIGTERM/SIGINT (or `stop` is set).
 
   Args:
@@ -345,9 +361,14 @@ async def serve(export_dir: str, *, host: str = '127.0.0.1', port: int = 0,
     max_request_rows: rows allowed in one request.
     ready: called with the port once the server accepts connections.
     stop: an event that stops the server (for embedding it in a program).
+    progress: called with a line at each start-up stage (loading, compiling).
+    handle_signals: whether SIGTERM and SIGINT set `stop` (the main thread
+      only; off for a server run in another thread).
   """
   from aiohttp import web  # pylint: disable=g-import-not-at-top
 
+  progress = progress or (lambda line: None)
+  progress(f'loading the export {export_dir}')
   model = export_runtime.load_export(export_dir)
   score = padded_scorer(model)
   batcher = Batcher(score, max_batch=max_batch, max_wait_s=max_wait_ms / 1e3)
@@ -356,6 +377,8 @@ async def serve(export_dir: str, *, host: str = '127.0.0.1', port: int = 0,
       ('int', (NUM_INT,), np.int32), ('cat', (NUM_CAT,), np.uint32),
       ('cat_present', (NUM_CAT,), bool))}
   size = 1
+  progress('compiling the batch sizes the server uses (up to'
+           f' {model.signature.get("batch_size") or max_batch} rows)')
   while True:
     score({k: np.repeat(v, size, 0) for k, v in warm.items()})
     if size >= max_batch or model.signature.get('batch_size'):
@@ -373,16 +396,32 @@ async def serve(export_dir: str, *, host: str = '127.0.0.1', port: int = 0,
   await site.start()
   stop = stop or asyncio.Event()
   loop = asyncio.get_running_loop()
-  for sig in (signal.SIGTERM, signal.SIGINT):
+  signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+  for sig in signals:
     loop.add_signal_handler(sig, stop.set)
   if ready is not None:
     ready(sock.getsockname()[1])
   try:
     await stop.wait()
   finally:
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in signals:
       loop.remove_signal_handler(sig)
     await runner.cleanup()  # stops listening, finishes in-flight requests
+
+
+def read_url(stdout) -> str:
+  """The URL a started `python -m dlrm_jax.serve` prints, read from its
+  stdout (a text stream) past the start-up lines.
+
+  Raises:
+    RuntimeError: if the output ends before the server listens.
+  """
+  seen = []
+  for line in stdout:
+    if line.startswith('serving ') and ' on http' in line:
+      return line.rsplit(' on ', 1)[1].strip()
+    seen.append(line.strip())
+  raise RuntimeError(f'the server did not start: {" / ".join(seen)[-2000:]}')
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -410,7 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   asyncio.run(serve(args.export, host=args.host, port=args.port,
                     max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                    max_request_rows=args.max_request_rows, ready=ready))
+                    max_request_rows=args.max_request_rows, ready=ready,
+                    progress=lambda line: print(line, flush=True)))
   print('shut down', flush=True)
   return 0
 

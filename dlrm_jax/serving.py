@@ -63,7 +63,8 @@ class ServingModel:
 
   def __init__(self, trainer, state, *, id_tables: dict[str, Any] | None = None,
                request_columns: Sequence[str] = (),
-               quantize: str | None = None, multi_hot=None):
+               quantize: str | None = None, multi_hot=None,
+               admission: dict[str, tuple[np.ndarray, int]] | None = None):
     """Builds it from a Trainer and a TrainState.
 
     Args:
@@ -82,6 +83,10 @@ class ServingModel:
       multi_hot: the training data's `loader.MultiHot` for a model trained
         on synthetic multi-hot bags: each raw value is expanded into the
         same bag inside the function (`dlrm_jax.multi_hot_export`).
+      admission: per feature name, (bool `[num_rows]` admitted rows, the
+        shared row of the others) of the run's rare-id admission filter
+        (`admission.IdAdmission.admitted_rows`); applied after the id
+        mapping (and bag expansion), as in training and eval.
     """
     setup = trainer.setup
     self.trainer = trainer
@@ -120,6 +125,8 @@ class ServingModel:
                           np.asarray(v[1], np.int32),
                           np.asarray(v[2], np.int32))
                       for k, v in id_tables.items()},
+        'admission': {k: (np.asarray(mask, bool), np.asarray(oov, np.int32))
+                      for k, (mask, oov) in (admission or {}).items()},
     }
     self._params = None
     self._table_of = {f.name: f.table for f in setup.feature_specs}
@@ -150,11 +157,13 @@ class ServingModel:
     for f in features:
       ids = sparse_ids(f, ints, cat, present, params['id_tables'])
       table = params['tables'][self._table_of[f.name]]
+      admitted = params['admission'].get(f.name)
       if f.max_ids == 1:
-        out.append(export_tables.take_rows(table, ids))
+        out.append(export_tables.take_rows(table, _admit(ids, admitted)))
         continue
       bag = multi_hot_export.bags(ids.astype(jnp.int32), self.multi_hot,
                                   self._packed_index[f.name])
+      bag = _admit(bag, admitted)
       pooled = export_tables.take_rows(table, bag).sum(axis=1)  # [B, D]
       combiner = self._combiner[self._table_of[f.name]]
       if combiner == 'mean':
@@ -302,6 +311,15 @@ class ServingModel:
       with open(os.path.join(out_dir, 'signature.json'), 'w') as f:
         json.dump(sig, f, indent=2)
     return out_dir
+
+
+def _admit(ids, admitted):
+  """`ids` with the rows the admission filter does not admit replaced by its
+  shared row (`admitted`: (mask, row), or None: all admitted)."""
+  if admitted is None:
+    return ids
+  mask, oov = admitted
+  return jnp.where(mask[ids], ids, oov.astype(ids.dtype))
 
 
 def _write(path: str, data: bytes) -> None:

@@ -12,6 +12,8 @@ import dataclasses
 import datetime
 import json
 import os
+import signal
+import threading
 import time
 import zlib
 from typing import Any, Sequence
@@ -49,6 +51,73 @@ class NonFiniteLossError(FloatingPointError):
 
 class InvalidIdError(ValueError):
   """Ids outside their tables reached the train step."""
+
+
+class TrainingInterrupted(Exception):
+  """Training stopped on SIGINT or SIGTERM, after saving a checkpoint.
+
+  Attributes:
+    signum: the signal.
+    step: the step the run stopped at.
+    exit_code: what the command line exits with: 130 for SIGINT, 0 for
+      SIGTERM (a requested stop, nothing failed).
+  """
+
+  def __init__(self, message: str, signum: int, step: int):
+    super().__init__(message)
+    self.signum, self.step = signum, step
+    self.exit_code = 130 if signum == signal.SIGINT else 0
+
+
+class StopRequest:
+  """Turns SIGINT and SIGTERM into a request the training loop answers.
+
+  Inside the `with` block the first SIGINT or SIGTERM only sets `signum`;
+  the loop then saves a checkpoint at the step it is at and stops
+  (`TrainingInterrupted`). A second one stops at once, without saving
+  (KeyboardInterrupt). With several processes the request is acted on at
+  the next log step, when every process has heard of it (one gather), so
+  that all save the same step. Off (`enabled` False, or outside the main
+  thread) it installs nothing.
+  """
+
+  SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+  def __init__(self, enabled: bool = True):
+    self.enabled = enabled
+    self.signum: int | None = None
+    self._previous = {}
+
+  def __enter__(self) -> 'StopRequest':
+    if self.enabled and threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self.signum is not None:  # The second one: stop now.
+      self.__exit__()
+      raise KeyboardInterrupt
+    self.signum = signum
+    logging.warning(
+        '%s received: saving a checkpoint after this step, then stopping'
+        ' (send it again to stop at once, without saving).',
+        signal.Signals(signum).name)
+
+  def requested(self, at_log_step: bool) -> int | None:
+    """The signal to stop for, agreed by every process; None: go on."""
+    if jax.process_count() == 1:
+      return self.signum
+    if not at_log_step:
+      return None
+    every = multihost_utils.process_allgather(np.int32(self.signum or 0))
+    return int(np.max(every)) or None
 
 
 @flax.struct.dataclass
@@ -275,6 +344,9 @@ class Trainer:
       IncompatibleCheckpointError: if the model signature differs.
     """
     meta = ckpt.read_meta(step)
+    # A config mismatch is named as one before the saved plan is read (it may
+    # not place this config's tables).
+    ckpt.check_signature(step, meta, self.signature())
     saved = plan_lib.Plan.from_json(meta['plan'])
     abstract = self.abstract_state()
     if saved == self.plan:
@@ -542,8 +614,10 @@ def num_train_steps(loop: config_lib.LoopSpec, data: inputs.DataSetup
     epochs = -(-min_steps // per_epoch)
     logging.info(
         'small data: %d epoch(s) of %d steps is under config.min_train_steps'
-        ' (%d); training %d epochs (%d steps) instead.', loop.num_epochs,
-        per_epoch, min_steps, epochs, epochs * per_epoch)
+        ' (%d): the run is up to %d epochs (%d steps)%s.', loop.num_epochs,
+        per_epoch, min_steps, epochs, epochs * per_epoch,
+        ', or less with early stopping' if loop.early_stopping.get('patience')
+        else '')
     steps = epochs * per_epoch
   elif steps < 100 and not min_steps:
     logging.warning(
@@ -564,21 +638,32 @@ def _finished_summary(workdir: str, step: int) -> dict[str, Any] | None:
   return summary if summary.get('step') == step else None
 
 
-def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None
-                       ) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None,
+                       *, handle_signals: bool = False) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints) and evaluates.
 
-  `config`: a config or its RunSpec (`config_lib.run_spec`). Process 0
-  holds `<workdir>/.lock` meanwhile (`dlrm_jax.workdir_lock`): a second run
-  on the same workdir gets WorkdirLockedError naming the first. See
-  `_train_and_evaluate` for the arguments.
+  Process 0 holds `<workdir>/.lock` meanwhile (`dlrm_jax.workdir_lock`): a
+  second run on the same workdir gets WorkdirLockedError naming the first.
+
+  Args:
+    config: a config or its RunSpec (`config_lib.run_spec`).
+    workdir: the run's directory (relative to the current directory, or
+      absolute).
+    trainer: optionally, a Trainer built from a config with the same model,
+      so that several runs share compiled steps (tests, notebooks).
+    handle_signals: whether SIGINT and SIGTERM save a checkpoint and stop
+      (`StopRequest`, raising TrainingInterrupted); the command line's way.
+
+  Returns:
+    The run's summary (see `_summary`).
   """
   spec = config_lib.run_spec(config)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   lock = (workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0
           else contextlib.nullcontext())
-  with lock:
-    return _train_and_evaluate(spec, workdir, trainer)
+  with lock, StopRequest(enabled=handle_signals) as stop:
+    return _train_and_evaluate(spec, workdir, trainer, stop)
 
 
 def _trainer_for(spec: config_lib.RunSpec, trainer: Trainer | None
@@ -689,8 +774,18 @@ class BestKeeper:
     self.tracker.update(step, result)
     logging.info('best %s so far (%.5f) at step %d: kept in %s', self.metric,
                  result[self.metric], step, self.ckpt.directory)
-    self.ckpt.save(step, state, meta, remappers=host.state_dict(),
-                   metrics=result)
+    self.ckpt.save(step, state, dict(meta, best_metric=self.metric,
+                                     best_eval=result),
+                   remappers=host.state_dict(), metrics=result)
+
+  def summary(self) -> dict[str, Any] | None:
+    """The best checkpoint's step, metric, value and folder; None if no eval
+    was kept."""
+    t = self.tracker
+    if t.best is None:
+      return None
+    return {'step': t.best_step, 'metric': self.metric, 'value': t.best,
+            'path': os.fspath(self.ckpt.directory / str(t.best_step))}
 
 
 @dataclasses.dataclass
@@ -830,7 +925,8 @@ def _open_run(spec: config_lib.RunSpec, workdir: str, trainer: Trainer
                dict(trainer.mesh.shape), trainer.mesh.devices.size,
                jax.process_count())
   logging.info('embedding plan:\n%s',
-               plan_lib.describe(trainer.plan, trainer.setup.tables))
+               plan_lib.describe(trainer.plan, trainer.setup.tables,
+                                 trainer.mesh.shape['data']))
   data = inputs.make_data(spec, process_index=jax.process_index(),
                           process_count=jax.process_count())
   logging.info('data: %s', data.description)
@@ -851,11 +947,17 @@ def _open_run(spec: config_lib.RunSpec, workdir: str, trainer: Trainer
   return run
 
 
-def _train(run: _Run, step: int) -> tuple[int, float | None, dict | None,
-                                          bool]:
+def _train(run: _Run, step: int, stop: StopRequest | None = None
+           ) -> tuple[int, float | None, dict | None, bool]:
   """Trains from `step` to the run's end, an early stop or the target AUC;
-  returns (step, last train loss, last eval, stopped early)."""
+  returns (step, last train loss, last eval, stopped early).
+
+  Raises:
+    TrainingInterrupted: when `stop` was requested (a checkpoint of the
+      step reached is saved first).
+  """
   loop, trainer = run.loop, run.trainer
+  stop = stop or StopRequest(enabled=False)
   recorder = BatchRecorder(run.workdir, loop.record_batches)
   acc = trainer.zero_metrics()
   throughput = Throughput(step, run.total_steps, loop.batch_size)
@@ -873,30 +975,40 @@ def _train(run: _Run, step: int) -> tuple[int, float | None, dict | None,
       do_log = step % loop.log_every_steps == 0 or last
       do_eval = step % loop.eval_every_steps == 0 or last
       do_ckpt = step % loop.checkpoint_every_steps == 0 or last
-      if not (do_log or do_ckpt or do_eval):
-        continue
-      run.ckpt.check_for_errors()  # An asynchronous save that failed stops.
-      host_acc, acc = jax.device_get(acc), trainer.zero_metrics()
-      check_window(host_acc, window_start + 1, step, run.ckpt)
-      if int(host_acc['steps']):
-        last_loss = float(host_acc['loss_sum']) / int(host_acc['steps'])
-        rate, eta = throughput.rate(step)
-        logging.info('step %d/%d | %s ex/s | loss %.4f | eta %s', step,
-                     run.total_steps, f'{rate:,.0f}', last_loss, eta)
-        run.writer.write({'type': 'train', 'step': step, 'loss': last_loss,
-                          'examples_per_sec': rate, 'time': time.time()})
-      reached = False
-      if do_eval:
-        last_eval = run.evaluate(step)
-        stopped, reached = run.after_eval(step, last_eval)
-      if do_ckpt or reached or stopped:
-        run.save(step, reached)
-      window_start = step
-      throughput.reset(step)
-      if reached:
-        run.target_reached = True
-      if reached or stopped:
-        break
+      saved = reached = False
+      if do_log or do_ckpt or do_eval:
+        run.ckpt.check_for_errors()  # An asynchronous save that failed stops.
+        host_acc, acc = jax.device_get(acc), trainer.zero_metrics()
+        check_window(host_acc, window_start + 1, step, run.ckpt)
+        if int(host_acc['steps']):
+          last_loss = float(host_acc['loss_sum']) / int(host_acc['steps'])
+          rate, eta = throughput.rate(step)
+          logging.info('step %d/%d | %s ex/s | loss %.4f | eta %s', step,
+                       run.total_steps, f'{rate:,.0f}', last_loss, eta)
+          run.writer.write({'type': 'train', 'step': step, 'loss': last_loss,
+                            'examples_per_sec': rate, 'time': time.time()})
+        if do_eval:
+          last_eval = run.evaluate(step)
+          stopped, reached = run.after_eval(step, last_eval)
+        saved = do_ckpt or reached or stopped
+        if saved:
+          run.save(step, reached)
+        window_start = step
+        throughput.reset(step)
+        if reached:
+          run.target_reached = True
+        if reached or stopped:
+          break
+      signum = stop.requested(do_log)
+      if signum:
+        if not saved:
+          run.ckpt.check_for_errors()
+          check_window(jax.device_get(acc), window_start + 1, step, run.ckpt)
+          run.save(step)
+        raise TrainingInterrupted(
+            f'interrupted by {signal.Signals(signum).name} at step {step}:'
+            f' saved checkpoint {step} in {run.ckpt.directory}; run the same'
+            ' command again to resume.', signum, step)
   finally:
     recorder.close()
   return step, last_loss, last_eval, stopped
@@ -915,6 +1027,7 @@ def _summary(run: _Run, step: int, last_loss, last_eval, stopped_early
           'teacher_auc': data.teacher_auc, 'stopped_early': stopped_early,
           'best_eval': ({'step': stopper.best_step, stopper.metric:
                          stopper.best} if stopper.best is not None else None),
+          'best_checkpoint': run.best.summary() if run.best else None,
           'malformed_lines_skipped': data.bad_lines.count + (
               eval_bad.count if eval_bad is not None else 0)}
 
@@ -931,7 +1044,9 @@ def _report(run: _Run, summary: dict[str, Any], finished: bool) -> None:
     ckpt_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
     plots = reporting.write_plots(workdir, run.final_eval.get('probs'),
                                   run.final_eval.get('labels'),
-                                  run.data.teacher_auc)
+                                  run.data.teacher_auc,
+                                  final_step=summary['step'],
+                                  best=summary.get('best_checkpoint'))
   else:
     plots = [p for p in (os.path.join(workdir, n) for n in reporting.PLOTS)
              if os.path.exists(p)]
@@ -942,20 +1057,26 @@ def _already_done(run: _Run, step: int) -> dict[str, Any] | None:
   """At a run's end already (stopped early, or all steps taken): the finished
   run's summary when it has one; the run is then not trained further."""
   stopper = run.stopper
-  if stopper.patience and stopper.since_best >= stopper.patience:
+  early = bool(stopper.patience and stopper.since_best >= stopper.patience)
+  if early:
     logging.info('this run stopped early at step %d (eval %s best %.5f at'
                  ' step %d); not training further.', step, stopper.metric,
                  stopper.best, stopper.best_step)
     run.total_steps = step
   if step < run.total_steps:
     return None
-  logging.info('already trained for %d steps (config asks for %d).', step,
-               run.total_steps)
+  if run.target_reached:
+    logging.info('this run reached its target AUC at step %d; not training'
+                 ' further.', step)
+  elif not early:
+    logging.info('already trained for %d steps, all the config asks for.',
+                 step)
   return _finished_summary(run.workdir, step)
 
 
 def _train_and_evaluate(spec: config_lib.RunSpec, workdir: str,
-                        trainer: Trainer | None = None) -> dict[str, Any]:
+                        trainer: Trainer | None = None,
+                        stop: StopRequest | None = None) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints) and evaluates.
 
   Args:
@@ -984,7 +1105,7 @@ def _train_and_evaluate(spec: config_lib.RunSpec, workdir: str,
       losses = [r['loss'] for r in reporting.read_metrics(workdir)
                 if r['type'] == 'train' and r['step'] <= step]
       last_loss = losses[-1] if losses else None
-    step, loss, evaluated, stopped_early = _train(run, step)
+    step, loss, evaluated, stopped_early = _train(run, step, stop)
     last_loss = last_loss if loss is None else loss
     last_eval = last_eval if evaluated is None else evaluated
   finally:

@@ -5,9 +5,11 @@ when its process ends however it ends (SIGKILL included), so a killed run
 never leaves a lock that blocks the next one; the file also names its owner
 (host, pid, start time, command line), for the error the second writer gets.
 A lock file naming a process that is gone (same host, pid not alive) is
-recognized as stale and taken over, with a log line. Where the file system
-offers no flock (some network file systems), the file alone is the lock:
-created exclusively, removed on release, and taken over when stale.
+recognized as stale and taken over, with a log line. A clean release
+removes the file, so a finished or failed run leaves no `.lock` behind.
+Where the file system offers no flock (some network file systems), the file
+alone is the lock: created exclusively, removed on release, and taken over
+when stale.
 """
 
 from __future__ import annotations
@@ -91,6 +93,11 @@ class WorkdirLock:
       if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
         raise
       return self._acquire_without_flock()
+    if not self._is_the_file(fd):
+      # A releasing owner removed the file between our open and our flock:
+      # the lock is on a file nobody else will see. Take the path anew.
+      os.close(fd)
+      return self.acquire()
     self._fd = fd
     owner = self._read_owner()
     if owner and owner.get('pid') != os.getpid():
@@ -100,6 +107,13 @@ class WorkdirLock:
                       ' running.', self.path, _describe(owner))
     self._write_owner(fd)
     return self
+
+  def _is_the_file(self, fd: int) -> bool:
+    """Whether `fd` is still the file at `self.path`."""
+    try:
+      return os.path.samestat(os.fstat(fd), os.stat(self.path))
+    except FileNotFoundError:
+      return False
 
   def _acquire_without_flock(self) -> 'WorkdirLock':
     self._flock = False
@@ -132,9 +146,10 @@ class WorkdirLock:
     if self._fd is None:
       return
     try:
-      os.ftruncate(self._fd, 0)  # Released cleanly: nobody's.
-      if not self._flock:
-        os.remove(self.path)
+      # Released cleanly: the file goes (removed while still locked, so a
+      # process that opened it meanwhile sees it is gone, `_is_the_file`).
+      os.ftruncate(self._fd, 0)
+      os.remove(self.path)
     except OSError:
       pass
     finally:

@@ -45,11 +45,10 @@ class ServerTest(absltest.TestCase):
          '--port=0', '--max_batch=64', '--max_wait_ms=20'],
         cwd=_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, JAX_PLATFORMS='cpu'))
-    line = cls.proc.stdout.readline()
-    if 'serving' not in line:
-      raise RuntimeError(f'the server did not start: {line}'
-                         f' {cls.proc.stderr.read()[-3000:]}')
-    cls.url = line.split(' on ')[1].strip()
+    try:
+      cls.url = serve.read_url(cls.proc.stdout)
+    except RuntimeError as e:
+      raise RuntimeError(f'{e} {cls.proc.stderr.read()[-3000:]}') from e
 
   @classmethod
   def tearDownClass(cls):

@@ -127,7 +127,7 @@ class EngineShardingTest(parameterized.TestCase):
     self.assertEqual(got, {'shared': 'row_wise', 'bag': 'table_wise',
                            'small': 'replicated'})
     text = plan_lib.describe(plan, tables)
-    for word in ('table', 'rows', 'dim', 'strategy', 'devices',
+    for word in ('table', 'rows', 'dim', 'strategy', 'model shards',
                  'bytes/device', 'row_wise', '50,000'):
       self.assertIn(word, text)
     with self.assertRaisesRegex(ValueError, 'device_memory_gb'):

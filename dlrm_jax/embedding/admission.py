@@ -151,6 +151,32 @@ class IdAdmission:
     """Maps an eval/serving batch's rare ids without counting them."""
     return self._map(batch, count=False)
 
+  def admitted_rows(self, transform: features_lib.FeatureTransform,
+                    chunk: int = 1 << 20) -> dict[str, np.ndarray]:
+    """Which rows of each filtered feature's table are admitted.
+
+    An id is admitted by its count alone, so the filter is, for serving, a
+    fixed mask over the table's rows: the export applies it as `row if
+    mask[row] else oov_row`, and scores exactly as `eval` maps.
+
+    Args:
+      transform: the feature transform the filter was built with.
+      chunk: rows estimated at a time (bounds the memory of big tables).
+
+    Returns:
+      Feature name -> bool `[num_rows]`.
+    """
+    out = {}
+    for k, _, _ in self.columns:
+      f = transform.sparse[k]
+      mask = np.zeros(f.num_rows, bool)
+      for lo in range(0, f.num_rows, chunk):
+        rows = np.arange(lo, min(lo + chunk, f.num_rows), dtype=np.int64)
+        mask[lo:lo + len(rows)] = self.sketch.estimate(
+            rows, k) >= self.spec.min_count
+      out[f.name] = mask
+    return out
+
   def state_dict(self) -> dict[str, np.ndarray]:
     return {'counts': self.sketch.counts}
 

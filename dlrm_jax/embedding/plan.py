@@ -317,10 +317,23 @@ def plan_bytes_per_device(plan: Plan, tables: Sequence[TableSpec]) -> np.ndarray
   return mem
 
 
-def describe(plan: Plan, tables: Sequence[TableSpec]) -> str:
-  """The plan as a text table: table, rows, dim, strategy, devices, bytes."""
+def describe(plan: Plan, tables: Sequence[TableSpec],
+             data_replicas: int = 1) -> str:
+  """The plan as a text table.
+
+  Args:
+    plan: the plan.
+    tables: its tables.
+    data_replicas: the devices along the mesh's data axis: each model shard
+      is held by that many devices.
+
+  Returns:
+    One row per table (rows, dim, strategy, the model shards holding it,
+    bytes per device), then the bytes per device over all tables.
+  """
   by_name = {t.name: t for t in tables}
-  rows = [('table', 'rows', 'dim', 'strategy', 'devices', 'bytes/device')]
+  rows = [('table', 'rows', 'dim', 'strategy', 'model shards',
+           'bytes/device')]
   for p in plan.placements:
     t = by_name[p.table]
     b = table_bytes(t)
@@ -338,7 +351,8 @@ def describe(plan: Plan, tables: Sequence[TableSpec]) -> str:
   lines.insert(1, '  '.join('-' * w for w in widths))
   lines.append(
       f'per device: min {_human(per_device.min())}, max '
-      f'{_human(per_device.max())} over {plan.num_shards} model shard(s)')
+      f'{_human(per_device.max())}; {plan.num_shards} model shard(s), each'
+      f' held by {data_replicas} device(s) of the mesh\'s data axis')
   return '\n'.join(lines)
 
 
