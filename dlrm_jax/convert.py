@@ -1,86 +1,68 @@
 """Weights in and out: facebookresearch/dlrm and TorchRec DLRM state dicts.
 
-`python -m dlrm_jax.convert` (see `main` below) turns a peer's state dict
-(`.npz`, or a torch `.pt`/`.pth` when torch is installed) into a dlrm_jax
-checkpoint with a matching config, and a dlrm_jax checkpoint back into the
-peer's file. What it cannot represent it refuses, in one line, before it
-writes anything: it never writes a file that loads into a different model.
+`python -m dlrm_jax.convert` (see `main`) turns a peer's file (`.npz`, or a
+torch `.pt`/`.pth` with torch installed) into a dlrm_jax checkpoint with a
+matching config, and a checkpoint back into the peer's file. What it cannot
+represent it refuses in one line, before writing anything: it never writes a
+file that loads into a different model (keys it would drop, widths no DLRM
+gives, dcn or shared tables for facebookresearch, ...).
 
 The peers' layouts, as their sources define them:
 
 facebookresearch/dlrm (`dlrm_s_pytorch.py`, `DLRM_Net`):
-  emb_l.{k}.weight          [rows_k, D]  `create_emb`: nn.EmbeddingBag(mode='sum'),
-                                         one table per feature
-  bot_l.{2i}.weight, .bias  [out, in]    `create_mlp`: Sequential(Linear, ReLU, ...)
-  top_l.{2i}.weight, .bias  [out, in]    the same, Sigmoid after the last
-  interaction (`interact_features`, dot): T = [x, ly_0 .. ly_{N-1}] (x the
-  bottom MLP's output), Z = T Tᵀ, R = [x, Z[i, j] for i in range(N+1) for j
-  in range(i)] (pairs i > j, row by row; j <= i with
-  --arch-interaction-itself). The state dict does not say which
-  --arch-interaction-op made it: it is read as 'dot' (the default); a top
-  MLP whose width fits no dot interaction is refused ('cat' among them).
-  Files: `--save-model` writes `torch.save` of a dict (`inference` and the
-  training loop of `run`): state_dict, nepochs, nbatches, nbatches_test,
-  test_acc (a numpy float64), epoch, iter, train_loss (a numpy float32),
-  total_loss, opt_state_dict (and test_auc with --mlperf-logging).
-  `--load-model` reads those keys back (all of them but test_auc, which it
-  reads with --mlperf-logging, and opt_state_dict, which it skips with
-  --inference-only).
+  emb_l.{k}.weight          [rows_k, D]  `create_emb`: one
+                                         nn.EmbeddingBag(mode='sum') a feature
+  bot_l.{2i}.weight, .bias  [out, in]    `create_mlp`: Sequential(Linear, ReLU,
+  top_l.{2i}.weight, .bias  [out, in]    ...), Sigmoid after the top's last
+  `interact_features` (dot): T = [x, ly_0 .. ly_{N-1}] (x the bottom MLP's
+  output), Z = T Tᵀ, R = [x, Z[i, j] for i in range(N+1) for j in range(i)]
+  (j <= i with --arch-interaction-itself). The state dict does not record
+  --arch-interaction-op: it is read as dot, the default; widths no dot
+  interaction gives ('cat' among them) are refused.
+  Files: --save-model (`run`, `inference`) writes torch.save of {state_dict,
+  nepochs, nbatches, nbatches_test, test_acc (a numpy float64), epoch, iter,
+  train_loss (a numpy float32), total_loss, opt_state_dict[, test_auc]};
+  --load-model reads them all back (test_auc with --mlperf-logging only,
+  opt_state_dict unless --inference-only).
 TorchRec (`torchrec/models/dlrm.py`, `DLRM`, `DLRM_DCN`):
   sparse_arch.embedding_bag_collection.embedding_bags.{table}.weight [rows, D]
   dense_arch.model._mlp.{i}._linear.weight, .bias   (MLP of Perceptrons)
   over_arch.model.0._mlp.{i}._linear.weight, .bias  (all but the last layer)
   over_arch.model.1.weight, .bias                   (the last nn.Linear)
-  pooled features (`EmbeddingBagCollection.forward`, `SparseArch`): the
-  tables in config order (the state dict's), each table's feature_names in
-  order; a table may serve several features.
+  Pooled features (`EmbeddingBagCollection.forward`, `SparseArch`): tables
+  in config order (the state dict's), each table's feature_names in order.
   DLRM (`InteractionArch`): combined = [dense, sparse_0 ..], pairs from
-  `torch.triu_indices(F+1, F+1, offset=1)` (i < j row by row), output
-  `[dense, pairs]`, no self-interaction.
-  DLRM_DCN (`InteractionDCNArch`, `torchrec/modules/crossnet.py`
-  `LowRankCrossNet`): x_0 = [dense, sparse_0 .., sparse_{F-1}] flattened to
-  [B, (F+1) D]; x_{l+1} = x_0 * (W_l (V_l x_l) + b_l) + x_l with
-  inter_arch.crossnet.W_kernels.{l} [I, r], V_kernels.{l} [r, I],
-  bias.{l} [I]; the over arch takes x_L alone ((F+1) D inputs).
-  Logits out (the sigmoid is in the loss).
-dlrm_jax (`dlrm_jax/models/dlrm.py`, `interaction.py`, `dcn.py`):
-  features [dense_out, sparse_0 ..], pairs i < j (i <= j with
-  interaction_self) row by row, over-arch input `[pairs, dense_out]`
-  (arch_with_sparse off); the cross net `crossnet.v_{l}.kernel` = V_lᵀ,
-  `u_{l}.kernel` = W_lᵀ, `u_{l}.bias` = b_l on the same [dense, sparse ..]
-  concatenation; MLP layers `dense_{i}` with kernels `[in, out]` (a Linear's
-  weight transposed); the last top layer is `output`.
+  `torch.triu_indices(F+1, F+1, offset=1)`, output [dense, pairs]; no
+  self-interaction. DLRM_DCN (`InteractionDCNArch`, `modules/crossnet.py`
+  `LowRankCrossNet`): x_0 = [dense, sparse_0 ..] flattened, [B, (F+1) D];
+  x_{l+1} = x_0 * (W_l (V_l x_l) + b_l) + x_l with
+  inter_arch.crossnet.W_kernels.{l} [I, r], .V_kernels.{l} [r, I],
+  .bias.{l} [I]; the over arch takes x_L alone. Logits out.
+dlrm_jax (`models/dlrm.py`, `interaction.py`, `dcn.py`): features
+  [dense_out, sparse_0 ..]; dot: pairs i < j (i <= j with interaction_self)
+  row by row, over-arch input [pairs, dense_out]; dcn: the same cross net,
+  `crossnet.v_{l}.kernel` = V_lᵀ, `u_{l}.kernel` = W_lᵀ, `u_{l}.bias` = b_l;
+  MLP layers `dense_{i}` with `[in, out]` kernels; the last one `output`.
 
-The mapping. The k-th pooled feature of the peer becomes the id feature
-cat_k (reading Criteo column cat_k); features that share a TorchRec table
-share a dlrm_jax table (`embedding_name`, the name of its first feature).
-The state dict names tables only, so which features a TorchRec table serves
-comes from `--table_features` (without it: one feature per table, and a
-model whose widths say more features than tables is refused). On export the
-tables go out in the order of their first feature in the sparse group, each
-with its features in order (an EBC built from the written
-`<output stem>.torchrec.json` pools them so); the over arch's first layer
-and the cross net are permuted to that order. The first over-arch layer's
-input columns are permuted besides (facebookresearch: a dense block then
-the lower triangle; TorchRec: a dense block then the upper triangle; ours:
-the triangle then the dense block), every other weight is transposed, and
-the tables are copied row for row with `dlrm_jax.embedding.table_access`.
-The model is then numerically the peer's. What rows a raw value maps to,
-and how dense values are normalized (facebookresearch reads log(x+1), as our
-default config), is the data pipeline's business, not the weights'.
+The mapping. The k-th pooled feature becomes the id feature cat_k (Criteo
+column cat_k); features of one TorchRec table share a dlrm_jax table
+(`embedding_name`: its first feature's name). The state dict names tables
+only: `--table_features` says which features each serves (default one; a
+model whose widths say more features than tables is refused). An export
+writes the tables in the order of their first feature in the sparse group,
+each with its features in order (`<output stem>.torchrec.json` lists the
+EmbeddingBagConfigs). The first over-arch layer's input columns and the
+cross net's are permuted to the peer's order, other weights transposed,
+tables copied row for row (`dlrm_jax.embedding.table_access`): the model is
+numerically the peer's. What rows a raw value maps to and how dense values
+are normalized (facebookresearch: log(x+1), as our default config) is the
+data pipeline's business.
 
-Reading torch files is safe: `torch.load(weights_only=True)` with only the
-numpy scalar types a --save-model file holds allowed besides (never
-weights_only=False). An exported facebookresearch `.pt` is the dict
---load-model reads: iter and epoch 0 (the reference skips `iter` batches of
-every epoch, and at `epoch` > 0 its `while k < args.nepochs` loop never
-ends: `if k < skip_upto_epoch: continue`), counters and metrics 0, and as
-opt_state_dict the state of a fresh `torch.optim.SGD` at the reference's
-default --learning-rate 0.01 (its default --optimizer; SGD without
-momentum keeps no state, and the reference's LRPolicyScheduler sets the
-rate from the second step). With --optimizer=adagrad or rwsadagrad run the
-reference with --inference-only, or load `state_dict` alone: their state is
-not in the file. `.npz` files hold the bare state dict.
+Files. Torch files are read with `torch.load(weights_only=True)`, allowing
+besides only the numpy scalar types a --save-model file holds. A
+facebookresearch `.pt` export is the dict --load-model reads
+(`facebook_checkpoint`); `.npz` files and TorchRec `.pt` files hold the bare
+state dict.
 """
 
 from __future__ import annotations
@@ -113,6 +95,7 @@ EXTENSIONS = ('.npz', '.pt', '.pth')
 _EXT_WORDS = '.npz, .pt or .pth'
 _TR_EMB = 'sparse_arch.embedding_bag_collection.embedding_bags.'
 _TR_CROSS = 'inter_arch.crossnet.'
+_NAME = {'facebook': 'facebookresearch', 'torchrec': 'TorchRec'}
 PEER_FILE = 'peer.json'  # in the workdir: the peer's table and feature names
 TORCHREC_SIDECAR = '.torchrec.json'  # beside a TorchRec export
 # Criteo's columns: dlrm_jax reads int_0..int_12 and cat_0..cat_25.
@@ -154,7 +137,8 @@ def _load_torch(path: str):
   """`torch.load(weights_only=True)` with the numpy scalar types allowed."""
   torch = _torch()
   if torch is None:
-    raise ValueError(f'{path}: reading torch files needs torch ({_TORCH_HINT}).')
+    raise ValueError(
+        f'{path}: reading torch files needs torch ({_TORCH_HINT}).')
   allowed = _numpy_scalar_globals()
   try:
     with torch.serialization.safe_globals(allowed):
@@ -228,7 +212,8 @@ def save_state_dict(sd: Mapping[str, np.ndarray], path: str) -> None:
     return
   torch = _torch()
   if torch is None:
-    raise ValueError(f'{path}: writing torch files needs torch ({_TORCH_HINT}).')
+    raise ValueError(
+        f'{path}: writing torch files needs torch ({_TORCH_HINT}).')
   torch.save(_tensors(torch, sd), path)
 
 
@@ -240,17 +225,28 @@ def _tensors(torch, sd):
 def facebook_checkpoint(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
   """The dict `dlrm_s_pytorch.py --load-model` reads (`run`), holding `sd`.
 
+  iter and epoch are 0, so that training from the file starts at the first
+  batch: the reference skips `iter` batches of every epoch, and at
+  `epoch` > 0 its epoch loop never ends (`if k < skip_upto_epoch:
+  continue` comes before `k += 1`). nepochs, nbatches and nbatches_test
+  (printed only) and train_loss, total_loss, test_acc, test_auc are 0 (a
+  fresh run's best_acc_test). opt_state_dict is the state of a fresh
+  `torch.optim.SGD` at lr 0.01, the reference's default --optimizer and
+  --learning-rate: SGD without momentum keeps no state, so it is exact; the
+  saved lr serves the first step, LRPolicyScheduler sets it from the
+  second. With --optimizer=adagrad (or rwsadagrad) the reference's first
+  step fails on it (torch's Adagrad finds no lr_decay nor state): run it
+  with --inference-only, or load `state_dict` alone. Python numbers only, so the
+  reference's own `torch.load` (weights_only by default since torch 2.6)
+  reads the file.
+
   Args:
     sd: a facebookresearch state dict (numpy).
 
   Returns:
-    state_dict (torch tensors), iter and epoch 0 (training from it starts
-    at the first batch), nepochs, nbatches, nbatches_test, train_loss,
-    total_loss, test_acc and test_auc 0, and opt_state_dict, the state of a
-    fresh `torch.optim.SGD` over the model's parameters at lr 0.01 (the
-    reference's defaults; see the module docstring). Python numbers only,
-    so the reference's own `torch.load` (weights_only by default since
-    torch 2.6) reads it.
+    {state_dict (torch tensors), iter, epoch, nepochs, nbatches,
+    nbatches_test, train_loss, total_loss, test_acc, test_auc,
+    opt_state_dict}.
   """
   torch = _torch()
   if torch is None:
@@ -363,14 +359,14 @@ def _strip_prefix(sd: Mapping[str, np.ndarray], peer: str
   keys = [k for k in sd if marker in k]
   if not keys:
     raise ValueError(
-        f'the state dict has no {marker!r} keys: it is not a {peer} DLRM'
-        f' (keys: {sorted(sd)[:6]}...).')
+        f'the state dict has no {marker!r} keys: it is not a {_NAME[peer]}'
+        f' DLRM (keys: {sorted(sd)[:6]}...).')
   prefix = keys[0][:keys[0].index(marker)]
   outside = [k for k in sd if not k.startswith(prefix)]
   if outside:
     raise ValueError(
-        f'the {peer} state dict has keys outside its {prefix!r} prefix'
-        f' ({outside[:4]}); convert would drop them.')
+        f'the {_NAME[peer]} state dict has keys outside its {prefix!r}'
+        f' prefix ({outside[:4]}); convert would drop them.')
   return {k[len(prefix):]: np.asarray(v) for k, v in sd.items()}
 
 
@@ -384,21 +380,24 @@ class _Keys:
     self.used.add(key)
     return self.sd[key]
 
-  def indexed(self, fmt: str, suffix: str, step: int = 1) -> list[int]:
-    """Indices i with `fmt.format(i) + suffix` a key: 0, step, 2 step, ..."""
+  def indexed(self, fmt: str, suffix: str, step: int = 1, start: int = 0
+              ) -> list[int]:
+    """Indices i with `fmt.format(i) + suffix` a key (digits only): start,
+    start + step, ..., with none missing."""
     pattern = re.compile('^' + re.escape(fmt).replace(r'\{\}', r'(\d+)') +
                          re.escape(suffix) + '$')
     idx = sorted(int(m.group(1)) for k in self.sd if (m := pattern.match(k)))
-    if idx != list(range(0, step * len(idx), step)):
+    want = list(range(start, start + step * len(idx), step))
+    if idx != want:
       raise ValueError(
           f'{fmt.format("{i}")}{suffix} has indices {idx}; a whole model has'
-          f' {list(range(0, step * len(idx), step))}.')
+          f' {want}.')
     return idx
 
-  def layers(self, fmt: str, step: int = 1):
+  def layers(self, fmt: str, step: int = 1, start: int = 0):
     """(weight [out, in], bias [out]) of consecutive layers named by `fmt`."""
     out = []
-    for i in self.indexed(fmt, '.weight', step):
+    for i in self.indexed(fmt, '.weight', step, start):
       name = fmt.format(i)
       if name + '.bias' not in self.sd:
         raise ValueError(f'{name} has no bias; DLRM layers have one.')
@@ -500,22 +499,63 @@ def read_peer(sd: Mapping[str, np.ndarray], peer: str,
     raise ValueError(
         '--table_features is for --peer=torchrec: facebookresearch\'s DLRM_Net'
         ' has one table per feature (dlrm_s_pytorch.py create_emb).')
+  names, tables, bottom, top, crossnet = _read_keys(sd, peer)
+  dim = _check_shapes(peer, names, tables, bottom, top)
+  width = int(top[0][0].shape[1])
+  self_interaction = False
+  who = _NAME[peer]
+  if crossnet is not None:
+    n_features = _check_crossnet(crossnet, dim, width)
+    source = f'the TorchRec cross net ({width} inputs)'
+  elif peer == 'facebook':
+    n = len(tables) + 1
+    options = {dim + interaction.output_dim(n, s): s for s in (False, True)}
+    if width not in options:
+      raise ValueError(
+          f'the {who} top MLP takes {width} inputs; a dot interaction of'
+          f' {n} features of dim {dim} gives {sorted(options)}'
+          ' (--arch-interaction-op=cat is not supported).')
+    self_interaction, n_features = options[width], len(tables)
+    source = f'the {who} top MLP ({width} inputs)'
+  else:
+    n_features = _features_of_width(width, dim)
+    if n_features is None:
+      raise ValueError(
+          f'the {who} over arch takes {width} inputs; DLRM\'s takes D + F +'
+          f' F (F - 1) / 2 (D = {dim}), which no feature count F gives.')
+    source = f'the {who} over arch ({width} inputs)'
+  features = _table_features(peer, names, n_features, table_features, source)
+  num_dense = int(bottom[0][0].shape[1])
+  if num_dense > MAX_DENSE or n_features > MAX_SPARSE:
+    raise ValueError(
+        f'the {who} model has {num_dense} dense inputs and {n_features}'
+        f' sparse features; dlrm_jax reads Criteo rows (at most {MAX_DENSE}'
+        f' and {MAX_SPARSE}).')
+  return PeerDLRM(
+      peer, tuple(PeerTable(n, t, f) for n, t, f in
+                  zip(names, tables, features)),
+      tuple(bottom), tuple(top),
+      None if crossnet is None else tuple(crossnet), self_interaction)
+
+
+def _read_keys(sd, peer):
+  """(table names, tables, bottom layers, top layers, cross layers or None)
+  under the peer's names; refuses keys it has no place for."""
   keys = _Keys(_strip_prefix(sd, peer))
   crossnet = None
   if peer == 'facebook':
     names = [f'emb_l.{i}' for i in keys.indexed('emb_l.{}', '.weight')]
+    tables = [keys.get(f'{n}.weight') for n in names]
     bottom = keys.layers('bot_l.{}', step=2)
     top = keys.layers('top_l.{}', step=2)
   else:
     names = [k[len(_TR_EMB):-len('.weight')] for k in keys.sd
              if k.startswith(_TR_EMB) and k.endswith('.weight')]
+    tables = [keys.get(f'{_TR_EMB}{n}.weight') for n in names]
     bottom = keys.layers('dense_arch.model._mlp.{}._linear')
     top = keys.layers('over_arch.model.0._mlp.{}._linear')
-    last = 'over_arch.model.1'
-    if last + '.weight' in keys.sd:
-      if last + '.bias' not in keys.sd:
-        raise ValueError(f'{last} has no bias; DLRM layers have one.')
-      top.append((keys.get(last + '.weight'), keys.get(last + '.bias')))
+    if 'over_arch.model.1.weight' in keys.sd:
+      top += keys.layers('over_arch.model.{}', start=1)
     layers = keys.indexed(_TR_CROSS + 'W_kernels.{}', '')
     if layers:
       crossnet = []
@@ -526,73 +566,45 @@ def read_peer(sd: Mapping[str, np.ndarray], peer: str,
           raise ValueError(f'the TorchRec cross net lacks {parts[1]} or'
                            f' {parts[2]}; LowRankCrossNet has all three.')
         crossnet.append(tuple(keys.get(p) for p in parts))
-  tables = [keys.get(f'{n}.weight' if peer == 'facebook' else
-                     f'{_TR_EMB}{n}.weight') for n in names]
   unused = keys.unused()
   if unused:
     why = next((hint for pattern, hint in _UNSUPPORTED[peer]
                 if any(re.match(pattern, k) for k in unused)), None)
     raise ValueError(
-        f'the {peer} state dict holds {len(unused)} key(s) dlrm_jax has no'
-        f' place for ({", ".join(unused[:3])}'
+        f'the {_NAME[peer]} state dict holds {len(unused)} key(s) dlrm_jax'
+        f' has no place for ({", ".join(unused[:3])}'
         f'{", ..." if len(unused) > 3 else ""})'
         f'{": " + why + " is not supported" if why else ""}; convert would'
         ' drop them.')
+  return names, tables, bottom, top, crossnet
+
+
+def _check_shapes(peer, names, tables, bottom, top) -> int:
+  """Checks the tables and MLPs of a DLRM; returns the embedding dim D."""
+  who = _NAME[peer]
   if not names:
-    raise ValueError(f'the {peer} state dict has no embedding tables.')
+    raise ValueError(f'the {who} state dict has no embedding tables.')
   if not bottom:
-    raise ValueError(f'the {peer} state dict has no bottom (dense) MLP.')
+    raise ValueError(f'the {who} state dict has no bottom (dense) MLP.')
   if len(top) < 2:
     raise ValueError(
-        f'the {peer} top MLP has {len(top)} layer(s); dlrm_jax needs at least'
+        f'the {who} top MLP has {len(top)} layer(s); dlrm_jax needs at least'
         ' two (config.model.final plus the output layer).')
   dim = int(tables[0].shape[1]) if tables[0].ndim == 2 else -1
   for name, t in zip(names, tables):
     if t.ndim != 2 or t.shape[1] != dim:
       raise ValueError(
-          f'{peer} table {name} has shape {list(t.shape)}; every table must'
+          f'{who} table {name} has shape {list(t.shape)}; every table must'
           f' be [rows, {dim}].')
-  _check_chain(bottom, f'the {peer} bottom MLP')
-  _check_chain(top, f'the {peer} top MLP')
+  _check_chain(bottom, f'the {who} bottom MLP')
+  _check_chain(top, f'the {who} top MLP')
   if int(bottom[-1][0].shape[0]) != dim:
     raise ValueError(
-        f'the {peer} bottom MLP ends at width {bottom[-1][0].shape[0]}, not the'
-        f' embedding dim {dim}.')
+        f'the {who} bottom MLP ends at width {bottom[-1][0].shape[0]}, not'
+        f' the embedding dim {dim}.')
   if int(top[-1][0].shape[0]) != 1:
-    raise ValueError(f'the {peer} top MLP must end in one output (logit).')
-  width = int(top[0][0].shape[1])
-  self_interaction = False
-  if crossnet is not None:
-    n_features = _check_crossnet(crossnet, dim, width)
-  elif peer == 'facebook':
-    n = len(tables) + 1
-    options = {dim + interaction.output_dim(n, s): s for s in (False, True)}
-    if width not in options:
-      raise ValueError(
-          f'the facebook top MLP takes {width} inputs; a dot interaction of'
-          f' {n} features of dim {dim} gives {sorted(options)}'
-          ' (--arch-interaction-op=cat is not supported).')
-    self_interaction, n_features = options[width], len(tables)
-  else:
-    n_features = _features_of_width(width, dim)
-    if n_features is None:
-      raise ValueError(
-          f'the TorchRec over arch takes {width} inputs; DLRM\'s takes D + F +'
-          f' F (F - 1) / 2 (D = {dim}), which no feature count F gives.')
-  source = (f'the TorchRec cross net ({width} inputs)' if crossnet else
-            f'the {peer} over arch ({width} inputs)')
-  features = _table_features(peer, names, n_features, table_features, source)
-  num_dense = int(bottom[0][0].shape[1])
-  if num_dense > MAX_DENSE or n_features > MAX_SPARSE:
-    raise ValueError(
-        f'the {peer} model has {num_dense} dense inputs and {n_features}'
-        f' sparse features; dlrm_jax reads Criteo rows (at most {MAX_DENSE}'
-        f' and {MAX_SPARSE}).')
-  return PeerDLRM(
-      peer, tuple(PeerTable(n, t, f) for n, t, f in
-                  zip(names, tables, features)),
-      tuple(bottom), tuple(top),
-      None if crossnet is None else tuple(crossnet), self_interaction)
+    raise ValueError(f'the {who} top MLP must end in one output (logit).')
+  return dim
 
 
 def _check_crossnet(crossnet, dim: int, width: int) -> int:
@@ -816,9 +828,9 @@ def _check_fits(pm: PeerDLRM, setup, layout) -> None:
   if theirs != ours or (pm.crossnet is None) != (m.interaction != 'dcn'):
     raise ValueError(
         f'the model (tables as (features, rows): {ours}, interaction'
-        f' {m.interaction!r}) is not the {pm.peer} state dict\'s ({theirs},'
-        f' {"dot" if pm.crossnet is None else "dcn"}); build it with'
-        ' config_from_peer.')
+        f' {m.interaction!r}) is not the {_NAME[pm.peer]} state dict\'s'
+        f' ({theirs}, {"dot" if pm.crossnet is None else "dcn"}); build it'
+        ' with config_from_peer.')
 
 
 def params_from_peer(sd, peer: str, trainer: train.Trainer,
@@ -916,8 +928,8 @@ def peer_tables(setup, peer: str, saved: Sequence[Mapping] | None = None
   Args:
     setup: the model setup (`trainer.setup`).
     peer: 'facebook' or 'torchrec'.
-    saved: the names an import recorded (`state_from_peer`), used where they
-      still fit the model (the same tables with as many features).
+    saved: TorchRec: the names an import recorded (`state_from_peer`); a
+      table's feature names are used while it serves as many features.
 
   Returns:
     Per table: name (the peer's), table (ours), features (ours),
@@ -928,13 +940,14 @@ def peer_tables(setup, peer: str, saved: Sequence[Mapping] | None = None
   out = []
   for i, (table, ks) in enumerate(peer_layout(setup)):
     feats = [setup.feature_specs[k].name for k in ks]
-    s = by_table.get(table)
-    if s and len(s.get('feature_names', ())) == len(ks):
-      name, feature_names = s['name'], list(s['feature_names'])
-    elif peer == 'facebook':
+    if peer == 'facebook':  # DLRM_Net's tables are positional
       name, feature_names = f'emb_l.{i}', [f'emb_l.{i}']
     else:  # TorchRec's Criteo DLRM: t_cat_{i} serves cat_{i}
-      name, feature_names = f't_{table}', feats
+      s = by_table.get(table) or {}
+      name = s.get('name') or f't_{table}'
+      feature_names = list(s.get('feature_names') or ())
+      if len(feature_names) != len(ks):
+        feature_names = feats
     combiner = _combiner(setup, ks[0])
     out.append({'name': name, 'table': table, 'features': feats,
                 'feature_names': feature_names,
@@ -978,10 +991,11 @@ def _check_exportable(setup, peer: str) -> None:
           f' {", ".join(feats)} share table {name!r} (embedding_name).')
     combiner = _combiner(setup, ks[0])
     if combiner != 'sum' and (peer == 'facebook' or combiner not in _POOLING):
+      pools = ('by sum: nn.EmbeddingBag(mode=sum)' if peer == 'facebook'
+               else 'SUM or MEAN')
       raise ValueError(
           f'config.features.{setup.feature_specs[ks[0]].name}.combiner'
-          f' ({combiner!r}) has no {who} counterpart (it pools'
-          f' {"by sum: nn.EmbeddingBag(mode=sum)" if peer == "facebook" else "SUM or MEAN"}).')
+          f' ({combiner!r}) has no {who} counterpart (it pools {pools}).')
 
 
 def peer_from_state(trainer: train.Trainer, state: train.TrainState,
@@ -1215,7 +1229,7 @@ def export_checkpoint(workdir: str, peer: str, config=None,
     if saved.get('peer') == peer:
       names = saved.get('tables')
       if names is None and saved.get('table_names'):  # before shared tables
-        names = [{'name': n, 'table': t, 'feature_names': [n]} for n, (t, _)
+        names = [{'name': n, 'table': t} for n, (t, _)
                  in zip(saved['table_names'], peer_layout(setup))]
   model = inference.load(setup, workdir, step)
   sd = peer_from_state(model.trainer, model.state, peer, names)
@@ -1386,8 +1400,10 @@ def run_export(workdir: str, peer: str, output: str, config=None) -> str:
 
 def main(argv=None):
   """`python -m dlrm_jax.convert --peer=facebook|torchrec --direction=...`"""
-  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,g-multiple-import
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from absl import app, flags, logging
+  from ml_collections import config_flags
+  # pylint: enable=g-import-not-at-top,g-multiple-import
 
   config_flag = config_flags.DEFINE_config_file(
       'config', None, 'Base config (data, optimizers); the model, features'

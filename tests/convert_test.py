@@ -500,7 +500,7 @@ class RefusalTest(parameterized.TestCase):
     # self-interaction would have; TorchRec has none.
     self.assert_import_refused(
         peer_state_dict('torchrec', tables=SHARED), 'torchrec',
-        'the torchrec over arch (14 inputs) says 4 features, the state dict'
+        'the TorchRec over arch (14 inputs) says 4 features, the state dict'
         ' has 3 tables: a table serves several features'
         ' (EmbeddingBagConfig.feature_names); say which with'
         " --table_features='t_a=f1,f2;t_b=f3'.")
@@ -518,7 +518,7 @@ class RefusalTest(parameterized.TestCase):
         " the state dict has ['t_a', 't_b', 't_c'].",
         't_a=a1,a2;t_b=b1;t_x=c1')
     self.assert_import_refused(
-        sd, 'torchrec', '--table_features names 3 features; the torchrec over'
+        sd, 'torchrec', '--table_features names 3 features; the TorchRec over'
         ' arch (14 inputs) says 4.', 't_a=a1;t_b=b1;t_c=c1')
     self.assert_import_refused(
         sd, 'torchrec', "--table_features ('t_a=a1,a2;t_b'): 't_b' is not"
@@ -537,20 +537,20 @@ class RefusalTest(parameterized.TestCase):
     sd['inter_arch.interaction_branch1._mlp.0._linear.weight'] = np.zeros(
         (2, 2), np.float32)
     self.assert_import_refused(
-        sd, 'torchrec', 'the torchrec state dict holds 1 key(s) dlrm_jax has'
+        sd, 'torchrec', 'the TorchRec state dict holds 1 key(s) dlrm_jax has'
         ' no place for (inter_arch.interaction_branch1._mlp.0._linear.weight):'
         ' TorchRec DLRM_Projection (InteractionProjectionArch) is not'
         ' supported; convert would drop them.')
     sd = peer_state_dict('facebook')
     sd['v_W_l.0'] = np.ones(ROWS[0], np.float32)
     self.assert_import_refused(
-        sd, 'facebook', 'the facebook state dict holds 1 key(s) dlrm_jax has'
-        ' no place for (v_W_l.0): learned weighted pooling'
+        sd, 'facebook', 'the facebookresearch state dict holds 1 key(s)'
+        ' dlrm_jax has no place for (v_W_l.0): learned weighted pooling'
         ' (--weighted-pooling) is not supported; convert would drop them.')
     sd = peer_state_dict('facebook')
     sd['top_l.0.weight'] = sd['top_l.0.weight'][:, :-1]
     self.assert_import_refused(
-        sd, 'facebook', 'the facebook top MLP takes 9 inputs; a dot'
+        sd, 'facebook', 'the facebookresearch top MLP takes 9 inputs; a dot'
         ' interaction of 4 features of dim 4 gives [10, 14]'
         ' (--arch-interaction-op=cat is not supported).')
     # A 'module.' prefix (DistributedDataParallel) is accepted.
@@ -656,7 +656,7 @@ class CommandLineTest(absltest.TestCase):
     self.assertEqual(out.returncode, 1)
     self.assertEqual(
         out.stderr,
-        'error: the torchrec over arch (14 inputs) says 4 features, the state'
+        'error: the TorchRec over arch (14 inputs) says 4 features, the state'
         ' dict has 3 tables: a table serves several features'
         ' (EmbeddingBagConfig.feature_names); say which with'
         " --table_features='t_a=f1,f2;t_b=f3'.\n")
