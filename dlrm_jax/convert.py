@@ -122,15 +122,29 @@ def _torch():
 
 def _numpy_scalar_globals() -> list[Any]:
   """What unpickling a numpy scalar (a --save-model file's test_acc,
-  train_loss) calls: the scalar constructor (under numpy 2's and numpy 1's
-  module names) and the dtypes. Nothing else of numpy (no arrays)."""
+  train_loss) needs besides torch's defaults: `scalar` (under numpy 2's and
+  numpy 1's module names), `dtype`, and the types of numeric dtypes (their
+  state is set with BUILD). Nothing else of numpy (no arrays)."""
   scalar = np._core.multiarray.scalar  # pylint: disable=protected-access
-  dtypes = [getattr(np.dtypes, n) for n in (
-      'Float16DType', 'Float32DType', 'Float64DType', 'Int8DType',
-      'Int16DType', 'Int32DType', 'Int64DType', 'UInt8DType', 'UInt16DType',
-      'UInt32DType', 'UInt64DType', 'BoolDType')]
+  codes = np.typecodes['AllInteger'] + np.typecodes['AllFloat'] + '?'
+  dtypes = sorted({type(np.dtype(c)) for c in codes}, key=str)
   return [scalar, (scalar, 'numpy.core.multiarray.scalar'), np.dtype,
           *dtypes]
+
+
+_SAFE_LOAD = ('convert reads torch files with weights_only=True (tensors,'
+              ' numbers, strings, containers and numpy scalars; it never'
+              ' unpickles arbitrary objects); save the state dict alone:'
+              ' torch.save(model.state_dict(), path).')
+
+
+def _torch_detail(e: BaseException) -> str:
+  """The line of a torch.load error that says what it met."""
+  skip = ('Weights only load failed', 'Please file an issue', 'Check the'
+          ' documentation', '(1)', '(2)', 'WeightsUnpickler error')
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  keep = [l for l in lines if not l.startswith(skip)] or lines or [repr(e)]
+  return ' '.join(keep[0].split())[:300]
 
 
 def _load_torch(path: str):
@@ -152,17 +166,14 @@ def _load_torch(path: str):
           if not isinstance(g, tuple)} | {
               g[1] for g in allowed if isinstance(g, tuple)}
     names = [n for n in names if n not in ok]
-    if not names:
-      raise ValueError(f'{path}: not a readable torch file'
-                       f' ({" ".join(str(e).split())[:200]}).') from e
-    raise ValueError(
-        f'{path} holds {", ".join(names)}: convert reads torch files with'
-        ' weights_only=True (tensors, numbers, strings, containers and numpy'
-        ' scalars; it never unpickles arbitrary objects); save the state dict'
-        ' alone: torch.save(model.state_dict(), path).') from e
+    if names:
+      raise ValueError(
+          f'{path} holds {", ".join(names)}: {_SAFE_LOAD}') from e
+    raise ValueError(f'{path}: torch.load refused it ({_torch_detail(e)});'
+                     f' {_SAFE_LOAD}') from e
   except (RuntimeError, EOFError, OSError) as e:
     raise ValueError(f'{path}: not a readable torch file'
-                     f' ({" ".join(str(e).split())[:200]}).') from e
+                     f' ({_torch_detail(e)}).') from e
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -236,9 +247,9 @@ def facebook_checkpoint(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
   saved lr serves the first step, LRPolicyScheduler sets it from the
   second. With --optimizer=adagrad (or rwsadagrad) the reference's first
   step fails on it (torch's Adagrad finds no lr_decay nor state): run it
-  with --inference-only, or load `state_dict` alone. Python numbers only, so the
-  reference's own `torch.load` (weights_only by default since torch 2.6)
-  reads the file.
+  with --inference-only, or load `state_dict` alone. Python numbers only,
+  so the reference's own `torch.load` (weights_only by default since torch
+  2.6) reads the file.
 
   Args:
     sd: a facebookresearch state dict (numpy).
@@ -371,10 +382,12 @@ def _strip_prefix(sd: Mapping[str, np.ndarray], peer: str
 
 
 class _Keys:
-  """The state dict's entries, and which of them were read."""
+  """The state dict's entries, which of them were read, and the gaps in
+  numbered ones (refused after the keys it has no place for, which say
+  more)."""
 
   def __init__(self, sd):
-    self.sd, self.used = sd, set()
+    self.sd, self.used, self.gaps = sd, set(), []
 
   def get(self, key):
     self.used.add(key)
@@ -389,7 +402,7 @@ class _Keys:
     idx = sorted(int(m.group(1)) for k in self.sd if (m := pattern.match(k)))
     want = list(range(start, start + step * len(idx), step))
     if idx != want:
-      raise ValueError(
+      self.gaps.append(
           f'{fmt.format("{i}")}{suffix} has indices {idx}; a whole model has'
           f' {want}.')
     return idx
@@ -408,13 +421,14 @@ class _Keys:
     return [k for k in self.sd if k not in self.used]
 
 
-def _check_chain(layers, what: str, first_in: int | None = None):
+def _check_chain(layers, what: str):
+  """Each layer a Linear taking what the one before gives."""
   for i, (w, b) in enumerate(layers):
     if w.ndim != 2 or b.shape != (w.shape[0],):
       raise ValueError(
           f'{what} layer {i} has weight {list(w.shape)} and bias'
           f' {list(b.shape)}; a Linear has [out, in] and [out].')
-    want = first_in if i == 0 else int(layers[i - 1][0].shape[0])
+    want = int(layers[i - 1][0].shape[0]) if i else None
     if want is not None and int(w.shape[1]) != want:
       raise ValueError(
           f'{what} layer {i} takes {w.shape[1]} inputs; the layer before'
@@ -448,18 +462,21 @@ def parse_table_features(value: str | None) -> dict[str, list[str]] | None:
     path = cli.absolute(value)
     try:
       with open(path) as f:
-        value = json.load(f).get('table_features', '')
+        value = json.load(f).get('table_features')
     except (OSError, ValueError, AttributeError) as e:
-      raise ValueError(f'--table_features ({path}): not a readable JSON file'
-                       f' with a table_features entry ({e}).') from e
+      raise ValueError(f'--table_features ({path}): not a readable JSON'
+                       f' object ({e}).') from e
+    if not value or not isinstance(value, str):
+      raise ValueError(f'--table_features ({path}) has no table_features'
+                       " entry ('t_a=f1,f2;t_b=f3').")
   out: dict[str, list[str]] = {}
   seen: set[str] = set()
-  for item in value.split(';'):
-    table, eq, feats = item.strip().partition('=')
+  for item in filter(None, (i.strip() for i in value.split(';'))):
+    table, eq, feats = item.partition('=')
     names = [n.strip() for n in feats.split(',')]
     if not eq or not table.strip() or not all(names):
       raise ValueError(
-          f'--table_features ({value!r}): {item.strip()!r} is not'
+          f'--table_features ({value!r}): {item!r} is not'
           ' table=feature[,feature...]; write t_a=f1,f2;t_b=f3.')
     table = table.strip()
     if table in out:
@@ -472,7 +489,7 @@ def parse_table_features(value: str | None) -> dict[str, list[str]] | None:
           ' a DLRM feature reads one table.')
     seen.update(names)
     out[table] = names
-  return out
+  return out or None
 
 
 def read_peer(sd: Mapping[str, np.ndarray], peer: str,
@@ -576,6 +593,8 @@ def _read_keys(sd, peer):
         f'{", ..." if len(unused) > 3 else ""})'
         f'{": " + why + " is not supported" if why else ""}; convert would'
         ' drop them.')
+  if keys.gaps:
+    raise ValueError(keys.gaps[0])
   return names, tables, bottom, top, crossnet
 
 
@@ -635,9 +654,7 @@ def _check_crossnet(crossnet, dim: int, width: int) -> int:
 def _table_features(peer, names, n_features, given, source
                     ) -> list[tuple[str, ...]]:
   """Per table, the features it serves (see `read_peer`)."""
-  if given:
-    if list(given) != names and sorted(given) == sorted(names):
-      given = {n: given[n] for n in names}  # the state dict's (EBC's) order
+  if given:  # read in the state dict's (the EBC's) table order
     if sorted(given) != sorted(names):
       raise ValueError(
           f'--table_features names tables {sorted(given)}; the state dict'
@@ -859,7 +876,7 @@ def params_from_peer(sd, peer: str, trainer: train.Trainer,
   if pm.crossnet is None:
     perm = over_arch_permutation(peer, m.num_interaction_features,
                                  m.embedding_dim, m.interaction_self, order)
-  else:  # ours[idx] = peer, so ours = peer[argsort(idx)]
+  else:  # peer = ours[idx], so ours = peer[argsort(idx)]
     perm = np.argsort(crossnet_columns(m.embedding_dim, order))
     params['crossnet'] = {}
     for l, (w, v, b) in enumerate(pm.crossnet):

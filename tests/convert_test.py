@@ -14,6 +14,7 @@ are skipped, saying so.
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 import unittest
@@ -403,6 +404,11 @@ class FilesTest(absltest.TestCase):
         ' scalars; it never unpickles arbitrary objects); save the state dict'
         ' alone: torch.save(model.state_dict(), path).')
     self.assertEqual(_CALLS, [])
+    with open(path, 'wb') as f:
+      f.write(b'not a torch file')
+    with self.assertRaisesRegex(ValueError, '^' + re.escape(
+        f'{path}: torch.load refused it (')):
+      convert.load_state_dict(path)
 
   @unittest.skipIf(torch is None, NO_TORCH)
   def test_export_loads_as_load_model_does(self):
