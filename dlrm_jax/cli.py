@@ -17,11 +17,18 @@ stderr and exit status 1; the Python traceback is shown too with
 `--verbosity=1` (or `-v=1`) or the environment variable DLRM_JAX_TRACEBACK=1.
 `run` wraps a command's main function so; `UserError` is the error a command
 raises for a mistake that is neither a ValueError nor an OSError.
+
+Flags. `parse_flags` is absl's flag parsing with every mistake in the flags
+(a type, an unknown flag or config field, a config variant that does not
+exist) as one line (`flag_error`); `config_argv` lets `--config` name a run's
+saved `config.json` (`dlrm_jax.saved_config`); `run_app` is `absl.app.run`
+with `--help` ending in status 0.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any, Callable, Sequence
 
@@ -167,3 +174,107 @@ def run_app(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None,
     if e.code == 1 and any(a in HELP_FLAGS for a in args[1:]):
       sys.exit(0)
     raise
+
+
+# ----------------------------------------------------------------------------
+# Flags.
+
+
+def flag_value(argv, name: str) -> tuple[int, str] | None:
+  """(index, value) of `--name=value` or `--name value` in argv, or None."""
+  for i, a in enumerate(argv):
+    for prefix in (f'--{name}=', f'-{name}='):
+      if a.startswith(prefix):
+        return i, a[len(prefix):]
+    if a in (f'--{name}', f'-{name}') and i + 1 < len(argv):
+      return i, argv[i + 1]
+  return None
+
+
+def config_argv(argv: Sequence[str]) -> list[str]:
+  """argv with its `--config` as ml_collections' config_flags takes it.
+
+  A run's `config.json` is handed to `saved_config` (see there); a Python
+  config file is passed on as it is. Without --config, argv is unchanged.
+
+  Raises:
+    UserError: if the config file does not exist.
+  """
+  from dlrm_jax import saved_config  # pylint: disable=g-import-not-at-top
+  argv = list(argv)
+  found = flag_value(argv, 'config')
+  if found is None:
+    return argv
+  i, value = found
+  path = value.split(':', 1)[0]
+  if not os.path.isfile(absolute(path)):
+    raise UserError(f'--config: the file {path} does not exist.')
+  value = saved_config.config_flag_value(value)
+  if '=' in argv[i]:
+    argv[i] = f'--config={value}'
+  else:
+    argv[i + 1] = value
+  return argv
+
+
+_REASONS = (  # Python's parse errors -> what the flag takes.
+    (r"invalid literal for int\(\) with base 10", 'an integer'),
+    (r'could not convert string to float', 'a number'),
+    (r'(?i)boolean|bool', 'true or false'),
+)
+
+
+def flag_error(e: Exception, argv) -> str:
+  """One line for a mistake absl or config_flags found in the flags."""
+  text = str(e)
+  if 'Error whilst parsing config file' in text:  # get_config raised
+    last = [ln.strip() for ln in text.strip().splitlines() if ln.strip()][-1]
+    last = re.sub(r'^[A-Za-z_.]*Error: ', '', last)
+    found = flag_value(argv, 'config')
+    return f'--config={found[1] if found else ""}: {last}'
+  if isinstance(e, (AttributeError, KeyError)):
+    msg = text.replace("\\'", "'").replace('\\n', ' ')
+    msg = msg[1:-1] if msg[:1] in '"\'' and msg[-1:] == msg[:1] else msg
+    msg = ' '.join(msg.split())
+    m = re.match(r"^'([^']+)'\s*(.*)$", msg)
+    if m:
+      name, rest = m.groups()
+      arg = next((a for a in argv if a.startswith('--config.') and
+                  re.search(rf'[.]{re.escape(name)}(=|[.]|$)', a)), None)
+      rest = f'; {rest[0].lower()}{rest[1:]}' if rest else ''
+      return (f'{arg + ": " if arg else ""}no such config field'
+              f' {name!r}{rest}')
+    return f'no such config field: {msg}'
+  m = re.match(r'^flag (--?[^=\s]+)=(.*?): (.*)$', text, re.S)
+  if m:
+    name, value, reason = m.groups()
+    for pattern, wants in _REASONS:
+      if re.search(pattern, reason):
+        return f'{name}={value}: {name.lstrip("-")} takes {wants}, not' \
+               f' {value!r}.'
+    return f'{name}={value}: {" ".join(reason.split())}'
+  return ' '.join(text.split())
+
+
+def parse_flags(argv: Sequence[str],
+                prepare: Callable[[list[str]], list[str]] | None = None
+                ) -> list[str]:
+  """absl's flag parsing (an `app.run` flags_parser), every mistake in the
+  flags shown as one line (`flag_error`).
+
+  Args:
+    argv: the command line.
+    prepare: rewrites argv before parsing (`config_argv`, say); its
+      UserError is shown as it is.
+
+  Returns:
+    The arguments that are not flags.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  original = list(argv)
+  try:
+    return flags.FLAGS(prepare(list(argv)) if prepare else list(argv))
+  except Exception as e:  # pylint: disable=broad-except
+    if show_traceback(original):
+      raise
+    fail(str(e) if isinstance(e, UserError) else flag_error(e, original))

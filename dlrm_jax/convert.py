@@ -1418,7 +1418,7 @@ def run_export(workdir: str, peer: str, output: str, config=None) -> str:
 def main(argv=None):
   """`python -m dlrm_jax.convert --peer=facebook|torchrec --direction=...`"""
   # pylint: disable=g-import-not-at-top,g-multiple-import
-  from absl import app, flags, logging
+  from absl import flags, logging
   from ml_collections import config_flags
   # pylint: enable=g-import-not-at-top,g-multiple-import
 
@@ -1477,17 +1477,10 @@ def main(argv=None):
                         cli.absolute(output.value), config_flag.value)
     print(line)
 
-  def parse(args):
-    try:
-      return flags.FLAGS(args)
-    except Exception as e:  # pylint: disable=broad-except
-      if cli.show_traceback(args):
-        raise
-      cli.fail(f'in the flags: {e}')
-
-  app.run(lambda a: cli.run(run, a, errors=(
+  cli.run_app(lambda a: cli.run(run, a, errors=(
       ckpt_lib.DamagedCheckpointError, ckpt_lib.CheckpointSaveError)),
-          argv, flags_parser=parse)
+              argv, flags_parser=lambda a: cli.parse_flags(
+                  a, prepare=cli.config_argv))
 
 
 if __name__ == '__main__':

@@ -39,7 +39,6 @@ import dataclasses
 import datetime
 import logging as std_logging
 import os
-import re
 import sys
 
 import jax
@@ -55,7 +54,6 @@ from dlrm_jax import config_lib
 from dlrm_jax import gpu
 from dlrm_jax import inference
 from dlrm_jax import parallel
-from dlrm_jax import saved_config
 from dlrm_jax import train
 from dlrm_jax import workdir_lock
 from dlrm_jax.data import criteo
@@ -118,100 +116,29 @@ class _OwnInfoOnly(std_logging.Filter):
 # Flags.
 
 
-def _flag_value(argv, name: str) -> tuple[int, str] | None:
-  """(index, value) of `--name=value` or `--name value` in argv, or None."""
-  for i, a in enumerate(argv):
-    for prefix in (f'--{name}=', f'-{name}='):
-      if a.startswith(prefix):
-        return i, a[len(prefix):]
-    if a in (f'--{name}', f'-{name}') and i + 1 < len(argv):
-      return i, argv[i + 1]
-  return None
-
-
 def _config_argv(argv: list[str]) -> list[str]:
-  """argv with `--config` as config_flags takes it.
-
-  A run's `config.json` is handed to `saved_config`; without --config, the
-  config.json of the --workdir (if it has one) is used.
+  """argv with `--config` as config_flags takes it (`cli.config_argv`);
+  without --config, the config.json of the --workdir, if it has one.
 
   Raises:
-    cli.UserError: if there is no config to use, or its file does not exist.
+    cli.UserError: if there is no config to use.
   """
-  argv = list(argv)
-  found = _flag_value(argv, 'config')
-  if found is None:
-    workdir = _flag_value(argv, 'workdir')
+  if cli.flag_value(argv, 'config') is None:
+    workdir = cli.flag_value(argv, 'workdir')
     saved = workdir and os.path.join(cli.absolute(workdir[1]), 'config.json')
-    if not saved or not os.path.isfile(saved):
-      if any(a in cli.HELP_FLAGS for a in argv[1:]):
-        return argv  # absl prints the help; no config needed for it
+    if saved and os.path.isfile(saved):
+      argv = [argv[0], f'--config={saved}', *argv[1:]]
+    elif not any(a in cli.HELP_FLAGS for a in argv[1:]):
       raise cli.UserError(
           '--config is required: a config file such as'
           ' configs/criteo.py[:variant], or a run\'s config.json (without'
           ' --config, a --workdir holding a config.json runs with it).')
-    argv.insert(1, f'--config={saved}')
-    found = 1, saved
-  i, value = found
-  path = value.split(':', 1)[0]
-  if not os.path.isfile(cli.absolute(path)):
-    raise cli.UserError(f'--config: the file {path} does not exist.')
-  value = saved_config.config_flag_value(value)
-  if argv[i].startswith('-') and '=' in argv[i]:
-    argv[i] = f'--config={value}'
-  else:
-    argv[i + 1] = value
-  return argv
-
-
-_REASONS = (  # Python's parse errors -> what the flag takes.
-    (r"invalid literal for int\(\) with base 10", 'an integer'),
-    (r'could not convert string to float', 'a number'),
-    (r'(?i)boolean|bool', 'true or false'),
-)
-
-
-def flag_error(e: Exception, argv) -> str:
-  """One line for a mistake absl or config_flags found in the flags."""
-  text = str(e)
-  if 'Error whilst parsing config file' in text:  # get_config raised
-    last = [ln.strip() for ln in text.strip().splitlines() if ln.strip()][-1]
-    last = re.sub(r'^[A-Za-z_.]*Error: ', '', last)
-    found = _flag_value(argv, 'config')
-    return f'--config={found[1] if found else ""}: {last}'
-  if isinstance(e, (AttributeError, KeyError)):
-    msg = text.replace("\\'", "'").replace('\\n', ' ')
-    msg = msg[1:-1] if msg[:1] in '"\'' and msg[-1:] == msg[:1] else msg
-    msg = ' '.join(msg.split())
-    m = re.match(r"^'([^']+)'\s*(.*)$", msg)
-    if m:
-      name, rest = m.groups()
-      arg = next((a for a in argv if a.startswith('--config.') and
-                  re.search(rf'[.]{re.escape(name)}(=|[.]|$)', a)), None)
-      rest = f'; {rest[0].lower()}{rest[1:]}' if rest else ''
-      return (f'{arg + ": " if arg else ""}no such config field'
-              f' {name!r}{rest}')
-    return f'no such config field: {msg}'
-  m = re.match(r'^flag (--?[^=\s]+)=(.*?): (.*)$', text, re.S)
-  if m:
-    name, value, reason = m.groups()
-    for pattern, wants in _REASONS:
-      if re.search(pattern, reason):
-        return f'{name}={value}: {name.lstrip("-")} takes {wants}, not' \
-               f' {value!r}.'
-    return f'{name}={value}: {" ".join(reason.split())}'
-  return ' '.join(text.split())
+  return cli.config_argv(argv)
 
 
 def parse_flags(argv):
   """absl's flag parsing, every mistake in the flags shown as one line."""
-  try:
-    argv = _config_argv(argv)
-    return flags.FLAGS(argv)
-  except Exception as e:  # pylint: disable=broad-except
-    if cli.show_traceback(argv):
-      raise
-    cli.fail(str(e) if isinstance(e, cli.UserError) else flag_error(e, argv))
+  return cli.parse_flags(argv, prepare=_config_argv)
 
 
 # ----------------------------------------------------------------------------
