@@ -115,7 +115,7 @@ def lr_predict(model, idx):
 def logistic_regression(parts, seed):
   """Picks L2 and epochs on the validation part, trains on the train part,
   scores the test part."""
-  from dlrm_jax import metrics  # pylint: disable=g-import-not-at-top
+  from dlrm_jax.train import metrics  # pylint: disable=g-import-not-at-top
   feats = {k: lr_features(v) for k, v in parts.items()}
   best = None
   for l2 in (0.0, 1e-4, 1e-3, 1e-2):
@@ -140,8 +140,8 @@ def dlrm(paths, seed, workdir, overrides=None):
   path -> value); scores its best checkpoint on the test part."""
   # pylint: disable=g-import-not-at-top
   from configs import criteo
-  from dlrm_jax import checkpoint as ckpt_lib
-  from dlrm_jax import train
+  from dlrm_jax.train import checkpoint as ckpt_lib
+  from dlrm_jax.train import trainer as train
   from dlrm_jax.data import inputs
   # pylint: enable=g-import-not-at-top
   config = criteo.get_config('small_data')

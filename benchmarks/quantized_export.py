@@ -52,7 +52,10 @@ def _load_config(spec):
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
-  from dlrm_jax import export_runtime, inference, metrics, train  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from dlrm_jax.serving import runtime as export_runtime  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from dlrm_jax.serving import offline as inference  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from dlrm_jax.train import metrics  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from dlrm_jax.train import trainer as train  # pylint: disable=g-import-not-at-top,g-multiple-import
   eval_file = _EVAL.value or _shared('kaggle_train_random_1000.tsv')
   with tempfile.TemporaryDirectory(prefix='dlrm_quant_bench_') as tmp:
     if _WORKDIR.value:

@@ -30,7 +30,7 @@ sys.path.insert(0, _ROOT)
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from dlrm_jax import export_runtime  # pylint: disable=g-import-not-at-top
+from dlrm_jax.serving import runtime as export_runtime  # pylint: disable=g-import-not-at-top
 from tests import row_fuzz  # pylint: disable=g-import-not-at-top
 
 OUTCOMES = (
@@ -46,7 +46,7 @@ OUTCOMES = (
 
 
 def _old_parse_rows(rev: str):
-  src = subprocess.run(['git', 'show', f'{rev}:dlrm_jax/export_runtime.py'],
+  src = subprocess.run(['git', 'show', f'{rev}:dlrm_jax/serving/runtime.py'],
                        capture_output=True, text=True, check=True,
                        cwd=_ROOT).stdout
   mod = types.ModuleType('old_export_runtime')

@@ -50,7 +50,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def fresh_export(out_dir: str, quantize: str | None) -> None:
   from configs import criteo  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from dlrm_jax import serving, train  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from dlrm_jax.serving import export as serving  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from dlrm_jax.train import trainer as train  # pylint: disable=g-import-not-at-top,g-multiple-import
   config = criteo.get_config()
   mesh = jax.make_mesh((1, 1), ('data', 'model'), devices=jax.devices()[:1],
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
@@ -134,7 +135,8 @@ def drive_in_process(score, clients: int, inputs, limit: int,
 
 def main(argv):
   del argv
-  from dlrm_jax import export_runtime, serve  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from dlrm_jax.serving import runtime as export_runtime  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from dlrm_jax.serving import server as serve  # pylint: disable=g-import-not-at-top,g-multiple-import
   clients = [int(c) for c in _CLIENTS.value]
   with tempfile.TemporaryDirectory(prefix='dlrm_serving_bench_') as tmp:
     export_dir = _EXPORT.value

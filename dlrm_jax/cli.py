@@ -21,7 +21,7 @@ raises for a mistake that is neither a ValueError nor an OSError.
 Flags. `parse_flags` is absl's flag parsing with every mistake in the flags
 (a type, an unknown flag or config field, a config variant that does not
 exist) as one line (`flag_error`); `config_argv` lets `--config` name a run's
-saved `config.json` (`dlrm_jax.saved_config`); `run_app` is `absl.app.run`
+saved `config.json` (`dlrm_jax.config.saved`); `run_app` is `absl.app.run`
 with `--help` ending in status 0.
 """
 
@@ -200,7 +200,7 @@ def config_argv(argv: Sequence[str]) -> list[str]:
   Raises:
     UserError: if the config file does not exist.
   """
-  from dlrm_jax import saved_config  # pylint: disable=g-import-not-at-top
+  from dlrm_jax.config import saved as saved_config  # pylint: disable=g-import-not-at-top
   argv = list(argv)
   found = flag_value(argv, 'config')
   if found is None:

@@ -83,9 +83,9 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_dict
 
-from dlrm_jax import checkpoint as ckpt_lib
+from dlrm_jax.train import checkpoint as ckpt_lib
 from dlrm_jax import cli
-from dlrm_jax import train
+from dlrm_jax.train import trainer as train
 from dlrm_jax.data import inputs
 from dlrm_jax.embedding import table_access
 from dlrm_jax.models import interaction
@@ -1231,8 +1231,8 @@ def export_checkpoint(workdir: str, peer: str, config=None,
   Returns:
     The export; the names an import recorded in `peer.json` are kept.
   """
-  from dlrm_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from dlrm_jax import inference  # pylint: disable=g-import-not-at-top
+  from dlrm_jax.config import build as config_lib  # pylint: disable=g-import-not-at-top
+  from dlrm_jax.serving import offline as inference  # pylint: disable=g-import-not-at-top
   workdir = cli.absolute(workdir)
   config = config if config is not None else config_of_workdir(workdir)
   # Refused before anything is restored.

@@ -47,15 +47,15 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from dlrm_jax import checkpoint as ckpt_lib
+from dlrm_jax.train import checkpoint as ckpt_lib
 from dlrm_jax import cli
-from dlrm_jax import config_checks
-from dlrm_jax import config_lib
+from dlrm_jax.config import checks as config_checks
+from dlrm_jax.config import build as config_lib
 from dlrm_jax import gpu
-from dlrm_jax import inference
+from dlrm_jax.serving import offline as inference
 from dlrm_jax import parallel
-from dlrm_jax import train
-from dlrm_jax import workdir_lock
+from dlrm_jax.train import trainer as train
+from dlrm_jax.train import workdir_lock
 from dlrm_jax.data import criteo
 from dlrm_jax.data import inputs
 

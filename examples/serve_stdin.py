@@ -11,13 +11,13 @@ a malformed row (an empty line included), `error<TAB>row N: reason`; the
 error goes to stderr too. Rows follow the training reader's rules
 (`dlrm_jax.data.rows`). Exits with 1 if any row was malformed, after scoring
 all the others. It loads the export with jax and numpy only
-(`dlrm_jax.export_runtime`): no model code, no flax, no training libraries.
+(`dlrm_jax.serving.runtime`): no model code, no flax, no training libraries.
 """
 
 import argparse
 import sys
 
-from dlrm_jax import export_runtime
+from dlrm_jax.serving import runtime as export_runtime
 from dlrm_jax.data import rows as rows_lib
 
 

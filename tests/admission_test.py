@@ -7,10 +7,10 @@ from absl.testing import absltest
 import jax
 import numpy as np
 
-from dlrm_jax import checkpoint as ckpt_lib
-from dlrm_jax import features as features_lib
-from dlrm_jax import train
-from dlrm_jax.embedding import admission
+from dlrm_jax.train import checkpoint as ckpt_lib
+from dlrm_jax.data import features as features_lib
+from dlrm_jax.train import trainer as train
+from dlrm_jax.embedding.ids import admission
 from tests import train_test
 
 

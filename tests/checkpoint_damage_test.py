@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlrm_jax import checkpoint as ckpt_lib
-from dlrm_jax import inference
-from dlrm_jax import train
+from dlrm_jax.train import checkpoint as ckpt_lib
+from dlrm_jax.serving import offline as inference
+from dlrm_jax.train import trainer as train
 from tests import train_test
 
 _BASE = None

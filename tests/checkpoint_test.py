@@ -13,9 +13,9 @@ import jax
 import numpy as np
 
 from configs import criteo as criteo_config
-from dlrm_jax import checkpoint as ckpt_lib
-from dlrm_jax import train
-from dlrm_jax.embedding import plan as plan_lib
+from dlrm_jax.train import checkpoint as ckpt_lib
+from dlrm_jax.train import trainer as train
+from dlrm_jax.embedding.sharding import planner as plan_lib
 from tests import reference
 
 

@@ -134,7 +134,7 @@ class RelativePathsTest(absltest.TestCase):
          '--port=0'], cwd=self.cwd, env=_ENV, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     try:
-      from dlrm_jax import serve  # pylint: disable=g-import-not-at-top
+      from dlrm_jax.serving import server as serve  # pylint: disable=g-import-not-at-top
       url = serve.read_url(server.stdout)
       body = json.dumps({'rows': [ln.rstrip('\n') for ln in lines]}).encode()
       with urllib.request.urlopen(url + '/score', body, timeout=60) as r:

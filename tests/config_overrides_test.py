@@ -10,9 +10,9 @@ from absl.testing import absltest
 from ml_collections import config_flags
 
 from configs import criteo as criteo_config
-from dlrm_jax import config_checks
-from dlrm_jax import config_lib
-from dlrm_jax import train
+from dlrm_jax.config import checks as config_checks
+from dlrm_jax.config import build as config_lib
+from dlrm_jax.train import trainer as train
 from tests import readme_test
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

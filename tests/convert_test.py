@@ -25,9 +25,9 @@ import jax
 import numpy as np
 
 from configs import criteo as criteo_config
-from dlrm_jax import checkpoint as ckpt_lib
+from dlrm_jax.train import checkpoint as ckpt_lib
 from dlrm_jax import convert
-from dlrm_jax import train
+from dlrm_jax.train import trainer as train
 from dlrm_jax.models import interaction
 from tests import reference
 

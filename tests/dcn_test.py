@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import criteo as criteo_config
-from dlrm_jax import config_lib
+from dlrm_jax.config import build as config_lib
 from dlrm_jax.models import DCNSpec, DLRM, DLRMSpec, LowRankCrossNet, MLPSpec
 
 

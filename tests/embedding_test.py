@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlrm_jax import features as features_lib
-from dlrm_jax import schedules
+from dlrm_jax.data import features as features_lib
+from dlrm_jax.train import schedules
 from dlrm_jax.embedding import EmbeddingEngine, FeatureSpec, SparseOptimizerSpec
 from dlrm_jax.embedding import TableSpec
 from tests import reference

@@ -12,12 +12,12 @@ import jax
 import numpy as np
 
 from configs import criteo as criteo_config
-from dlrm_jax import export_runtime
-from dlrm_jax import export_tables
-from dlrm_jax import inference
-from dlrm_jax import metrics
-from dlrm_jax import serving
-from dlrm_jax import train
+from dlrm_jax.serving import runtime as export_runtime
+from dlrm_jax.serving import tables as export_tables
+from dlrm_jax.serving import offline as inference
+from dlrm_jax.train import metrics
+from dlrm_jax.serving import export as serving
+from dlrm_jax.train import trainer as train
 from tests import reference
 from tests import shared_data
 
@@ -149,7 +149,7 @@ class MultiHotExportTest(absltest.TestCase):
   raw rows as `inference.predict` does through the training input path."""
 
   def test_bags_match_the_pipeline(self):
-    from dlrm_jax import multi_hot_export  # pylint: disable=g-import-not-at-top
+    from dlrm_jax.data import multi_hot as multi_hot_export  # pylint: disable=g-import-not-at-top
     from dlrm_jax.data import loader  # pylint: disable=g-import-not-at-top
     ids = np.concatenate([np.arange(50), [39_999_999, 12345]]).astype(np.int32)
     for dist in loader.DISTRIBUTIONS:

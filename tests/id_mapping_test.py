@@ -11,9 +11,9 @@ import numpy as np
 from absl.testing import absltest
 
 from configs import criteo as criteo_config
-from dlrm_jax import config_lib
-from dlrm_jax import features
-from dlrm_jax import serving
+from dlrm_jax.config import build as config_lib
+from dlrm_jax.data import features
+from dlrm_jax.serving import export as serving
 from dlrm_jax.data import pipeline
 from dlrm_jax.data import preprocess
 

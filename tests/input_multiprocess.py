@@ -21,8 +21,8 @@ import numpy as np
 def main(port, pid, num, out, train_file, eval_file):
   if num > 1:
     jax.distributed.initialize(f'127.0.0.1:{port}', num, pid)
-  from dlrm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from dlrm_jax import train  # pylint: disable=g-import-not-at-top
+  from dlrm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from dlrm_jax.train import trainer as train  # pylint: disable=g-import-not-at-top
   from dlrm_jax.data import inputs  # pylint: disable=g-import-not-at-top
   from dlrm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from tests import train_test  # pylint: disable=g-import-not-at-top

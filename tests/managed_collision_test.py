@@ -13,7 +13,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from dlrm_jax.embedding import managed_collision as mc
+from dlrm_jax.embedding.ids import managed_collision as mc
 
 
 class ReferenceRemapper:

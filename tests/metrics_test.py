@@ -3,7 +3,7 @@
 from absl.testing import absltest
 import numpy as np
 
-from dlrm_jax import metrics
+from dlrm_jax.train import metrics
 
 
 def brute_force_auc(scores, labels):

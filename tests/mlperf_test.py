@@ -9,8 +9,8 @@ import jax
 import numpy as np
 
 from configs import criteo as criteo_config
-from dlrm_jax import config_lib
-from dlrm_jax import train
+from dlrm_jax.config import build as config_lib
+from dlrm_jax.train import trainer as train
 from dlrm_jax.data import inputs
 from tests import reference
 

@@ -14,11 +14,11 @@ import numpy as np
 
 from configs import criteo as criteo_config
 from dlrm_jax import convert
-from dlrm_jax import export_runtime
-from dlrm_jax import export_tables
-from dlrm_jax import inference
-from dlrm_jax import serving
-from dlrm_jax import train
+from dlrm_jax.serving import runtime as export_runtime
+from dlrm_jax.serving import tables as export_tables
+from dlrm_jax.serving import offline as inference
+from dlrm_jax.serving import export as serving
+from dlrm_jax.train import trainer as train
 from tests import export_tables_test
 from tests import reference
 

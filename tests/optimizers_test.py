@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlrm_jax import schedules
+from dlrm_jax.train import schedules
 from dlrm_jax.embedding import EmbeddingEngine, FeatureSpec
 from dlrm_jax.embedding import SparseOptimizerSpec, TableSpec
-from dlrm_jax.embedding import plan as plan_lib
+from dlrm_jax.embedding.sharding import planner as plan_lib
 from dlrm_jax.embedding import rounding
 from dlrm_jax.embedding import table_access
 from tests import reference
@@ -146,7 +146,7 @@ class DenseExactAdagradTest(absltest.TestCase):
 
   def test_against_torch_style_loop(self):
     from configs import criteo as criteo_config  # pylint: disable=g-import-not-at-top
-    from dlrm_jax import config_lib  # pylint: disable=g-import-not-at-top
+    from dlrm_jax.config import build as config_lib  # pylint: disable=g-import-not-at-top
     cfg = criteo_config.get_config().optimizer
     cfg.kind, cfg.eps = 'exact_adagrad', 1e-8
     cfg.schedule.kind, cfg.schedule.learning_rate = 'constant', 0.05

@@ -7,7 +7,7 @@ import time
 from absl.testing import absltest
 import numpy as np
 
-from dlrm_jax import features as features_lib
+from dlrm_jax.data import features as features_lib
 from dlrm_jax.data import pipeline
 from dlrm_jax.data import synthetic
 from tests import shared_data

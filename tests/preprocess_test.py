@@ -9,7 +9,7 @@ import shutil
 from absl.testing import absltest
 import numpy as np
 
-from dlrm_jax import features as features_lib
+from dlrm_jax.data import features as features_lib
 from dlrm_jax.data import binary
 from dlrm_jax.data import criteo
 from dlrm_jax.data import preprocess

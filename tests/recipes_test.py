@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from configs import criteo as criteo_config
-from dlrm_jax import train
+from dlrm_jax.train import trainer as train
 from dlrm_jax.models import interaction
 
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlrm_jax import schedules
+from dlrm_jax.train import schedules
 
 
 def single_device_mesh():
@@ -189,8 +189,8 @@ def dense_optimizer(table_spec):
 def predicted_and_exported(test, model, path):
   """(`inference.predict`'s scores, the export's scores) of the rows of the
   Criteo file `path`, the export written to a temp dir of `test`."""
-  from dlrm_jax import export_runtime  # pylint: disable=g-import-not-at-top
-  from dlrm_jax import inference  # pylint: disable=g-import-not-at-top
+  from dlrm_jax.serving import runtime as export_runtime  # pylint: disable=g-import-not-at-top
+  from dlrm_jax.serving import offline as inference  # pylint: disable=g-import-not-at-top
   scores = os.path.join(test.create_tempdir().full_path, 'scores.txt')
   inference.predict(model, path, scores)
   with open(scores) as f:

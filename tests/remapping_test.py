@@ -6,11 +6,11 @@ import jax
 import numpy as np
 
 from configs import criteo as criteo_config
-from dlrm_jax import features as features_lib
-from dlrm_jax import train
+from dlrm_jax.data import features as features_lib
+from dlrm_jax.train import trainer as train
 from dlrm_jax.embedding import EmbeddingEngine
-from dlrm_jax.embedding import plan as plan_lib
-from dlrm_jax.embedding import remapping
+from dlrm_jax.embedding.sharding import planner as plan_lib
+from dlrm_jax.embedding.ids import remapping
 from tests import embedding_test
 from tests import reference
 
@@ -115,7 +115,7 @@ class ManagedCollisionTrainingTest(absltest.TestCase):
     self.assertEqual(a['eval'], b['eval'])
     ckpts = []
     for d in (straight, resumed):
-      from dlrm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+      from dlrm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
       c = ckpt_lib.Checkpointer(d)
       state, _ = trainer.restore(c, 40)
       ckpts.append((state, c.restore_remappers(40)))

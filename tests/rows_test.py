@@ -8,7 +8,7 @@ import re
 from absl.testing import absltest
 import numpy as np
 
-from dlrm_jax import export_runtime
+from dlrm_jax.serving import runtime as export_runtime
 from dlrm_jax.data import criteo
 from dlrm_jax.data import rows
 from tests import row_fuzz

@@ -7,8 +7,8 @@ import shutil
 
 from absl.testing import absltest
 
-from dlrm_jax import inference
-from dlrm_jax import train
+from dlrm_jax.serving import offline as inference
+from dlrm_jax.train import trainer as train
 from dlrm_jax.data import criteo
 from tests import checkpoint_damage_test
 from tests import shared_data

@@ -8,9 +8,9 @@ from unittest import mock
 from absl.testing import absltest
 from ml_collections import config_dict
 
-from dlrm_jax import config_lib
-from dlrm_jax import inference
-from dlrm_jax import train
+from dlrm_jax.config import build as config_lib
+from dlrm_jax.serving import offline as inference
+from dlrm_jax.train import trainer as train
 from tests import train_test
 
 

@@ -19,10 +19,10 @@ import aiohttp
 import numpy as np
 
 from configs import criteo as criteo_config
-from dlrm_jax import export_runtime
-from dlrm_jax import serve
-from dlrm_jax import serving
-from dlrm_jax import train
+from dlrm_jax.serving import runtime as export_runtime
+from dlrm_jax.serving import server as serve
+from dlrm_jax.serving import export as serving
+from dlrm_jax.train import trainer as train
 from tests import reference
 from tests.export_tables_test import random_lines
 

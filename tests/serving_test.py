@@ -11,9 +11,9 @@ from absl.testing import absltest
 import numpy as np
 
 from configs import criteo as criteo_config
-from dlrm_jax import inference
-from dlrm_jax import serving
-from dlrm_jax import train
+from dlrm_jax.serving import offline as inference
+from dlrm_jax.serving import export as serving
+from dlrm_jax.train import trainer as train
 from dlrm_jax.data import criteo
 from dlrm_jax.data import preprocess
 from tests import reference

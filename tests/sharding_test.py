@@ -17,9 +17,9 @@ import numpy as np
 
 from benchmarks import comm_volume
 from configs import criteo as criteo_config
-from dlrm_jax import train
+from dlrm_jax.train import trainer as train
 from dlrm_jax.embedding import EmbeddingEngine
-from dlrm_jax.embedding import plan as plan_lib
+from dlrm_jax.embedding.sharding import planner as plan_lib
 from tests import embedding_test
 from tests import reference
 

@@ -9,7 +9,7 @@ from absl.testing import parameterized
 import jax
 import numpy as np
 
-from dlrm_jax import export_tables
+from dlrm_jax.serving import tables as export_tables
 from dlrm_jax.embedding import EmbeddingEngine
 from dlrm_jax.embedding import table_access
 from tests import embedding_test

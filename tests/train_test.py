@@ -12,9 +12,9 @@ import jax
 import numpy as np
 
 from configs import criteo as criteo_config
-from dlrm_jax import checkpoint as ckpt_lib
-from dlrm_jax import config_lib
-from dlrm_jax import train
+from dlrm_jax.train import checkpoint as ckpt_lib
+from dlrm_jax.config import build as config_lib
+from dlrm_jax.train import trainer as train
 from tests import reference
 
 _TRAINER = None

@@ -24,10 +24,10 @@ from absl.testing import parameterized
 import numpy as np
 
 from configs import criteo as criteo_config
-from dlrm_jax import export_runtime
-from dlrm_jax import inference
-from dlrm_jax import serve
-from dlrm_jax import train
+from dlrm_jax.serving import runtime as export_runtime
+from dlrm_jax.serving import offline as inference
+from dlrm_jax.serving import server as serve
+from dlrm_jax.train import trainer as train
 from tests import shared_data
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

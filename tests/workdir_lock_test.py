@@ -9,7 +9,7 @@ import sys
 
 from absl.testing import absltest
 
-from dlrm_jax import workdir_lock
+from dlrm_jax.train import workdir_lock
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HOLD = ('import sys, time\n'

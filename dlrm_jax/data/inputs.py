@@ -34,7 +34,7 @@ from typing import Any, Iterator
 import numpy as np
 from absl import logging
 
-from dlrm_jax import config_lib
+from dlrm_jax.config import build as config_lib
 from dlrm_jax.data import binary
 from dlrm_jax.data import criteo
 from dlrm_jax.data import loader

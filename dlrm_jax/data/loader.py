@@ -20,7 +20,7 @@ from typing import Any, Iterator, Protocol
 import grain
 import numpy as np
 
-from dlrm_jax import features as features_lib
+from dlrm_jax.data import features as features_lib
 
 
 class RowSource(Protocol):
@@ -30,7 +30,7 @@ class RowSource(Protocol):
   description: str
 
   def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Raw rows at `indices` (see `dlrm_jax.features`), in that order."""
+    """Raw rows at `indices` (see `dlrm_jax.data.features`), in that order."""
 
 
 def _mix(x: np.ndarray, key: np.uint64, mask: np.uint64) -> np.ndarray:

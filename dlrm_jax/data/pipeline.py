@@ -1,6 +1,6 @@
 """Input pipeline: sources of raw rows, batching, host-side checks, prefetch.
 
-A *source* yields raw chunks (see `dlrm_jax.features`) from a row offset:
+A *source* yields raw chunks (see `dlrm_jax.data.features`) from a row offset:
 `SyntheticSource` (the built-in generator) and `TsvSource` (Criteo text files,
 streamed). `TrainBatches` cuts a source into global batches of fixed size,
 epoch after epoch, optionally shuffling within fixed windows of rows; batch k
@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from dlrm_jax import features as features_lib
+from dlrm_jax.data import features as features_lib
 from dlrm_jax.data import criteo
 from dlrm_jax.data import loader
 from dlrm_jax.data.synthetic import SyntheticCriteo

@@ -45,7 +45,7 @@ from absl import flags
 from dlrm_jax import cli
 from absl import logging
 
-from dlrm_jax import features as features_lib
+from dlrm_jax.data import features as features_lib
 from dlrm_jax.data import binary
 from dlrm_jax.data import criteo
 

@@ -11,7 +11,7 @@ would take), an integer beyond int64, a hash of 9 digits.
 
 The training reader (`dlrm_jax.data.criteo`) applies these rules vectorized
 with numpy; this module applies them to one row at a time, in plain Python,
-for scoring (`dlrm_jax.export_runtime.parse_rows`, `examples/serve_stdin.py`)
+for scoring (`dlrm_jax.serving.runtime.parse_rows`, `examples/serve_stdin.py`)
 and states the reasons both give, so a row is accepted or rejected, and
 explained, the same way everywhere. tests/rows_test.py checks both against a
 plain reference on fuzzed lines.

@@ -20,8 +20,8 @@ import functools
 
 import numpy as np
 
-from dlrm_jax import features as features_lib
-from dlrm_jax import metrics
+from dlrm_jax.data import features as features_lib
+from dlrm_jax.train import metrics
 from dlrm_jax.data import rows as rows_lib
 
 NUM_INT, NUM_CAT = rows_lib.NUM_INT, rows_lib.NUM_CAT

@@ -31,15 +31,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dlrm_jax import schedules
-from dlrm_jax.embedding import exchange
+from dlrm_jax.train import schedules
+from dlrm_jax.embedding.sharding import exchange
 from dlrm_jax.embedding import initialization
 from dlrm_jax.embedding import optimizers
-from dlrm_jax.embedding import plan as plan_lib
-from dlrm_jax.embedding import relayout as relayout_lib
+from dlrm_jax.embedding.sharding import planner as plan_lib
+from dlrm_jax.embedding.sharding import relayout as relayout_lib
 from dlrm_jax.embedding import rounding
 from dlrm_jax.embedding import specs as specs_lib
-from dlrm_jax.embedding.relayout import EmbeddingState
+from dlrm_jax.embedding.sharding.relayout import EmbeddingState
 from dlrm_jax.embedding.specs import FeatureSpec, TableSpec
 from dlrm_jax.parallel import BATCH_AXES, MODEL
 

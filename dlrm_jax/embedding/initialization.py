@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlrm_jax.embedding import plan as plan_lib
+from dlrm_jax.embedding.sharding import planner as plan_lib
 from dlrm_jax.embedding import rounding
 from dlrm_jax.embedding import specs as specs_lib
 from dlrm_jax.embedding.specs import TableSpec

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from dlrm_jax.schedules import ScheduleSpec
+from dlrm_jax.train.schedules import ScheduleSpec
 
 COMBINERS = ('sum', 'mean', 'sqrtn')
 INITIALIZERS = ('uniform', 'normal', 'truncated_normal', 'zeros')

@@ -1,6 +1,6 @@
 """Reading and writing whole logical tables (and their optimizer slots).
 
-The engine stores tables packed into stacks (`dlrm_jax.embedding.plan`): a
+The engine stores tables packed into stacks (`dlrm_jax.embedding.sharding.planner`): a
 table may be one block on one device (table_wise), row blocks on several
 (row_wise), column pieces (column_wise) or a copy on every device
 (replicated), padded, side by side with other tables. These functions hide the

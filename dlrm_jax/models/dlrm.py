@@ -35,7 +35,7 @@ INTERACTIONS = ('dot', 'dcn')
 
 @dataclasses.dataclass(frozen=True)
 class DLRMSpec:
-  """Typed description of a DLRM (validated by `dlrm_jax.config_lib`).
+  """Typed description of a DLRM (validated by `dlrm_jax.config.build`).
 
   Attributes:
     num_dense: F, the width of the dense group input (0: no dense group).

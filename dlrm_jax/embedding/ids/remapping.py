@@ -21,8 +21,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dlrm_jax import features as features_lib
-from dlrm_jax.embedding.managed_collision import ManagedCollisionRemapper
+from dlrm_jax.data import features as features_lib
+from dlrm_jax.embedding.ids.managed_collision import ManagedCollisionRemapper
 
 
 class BatchRemapper:

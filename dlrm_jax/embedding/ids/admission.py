@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from dlrm_jax import features as features_lib
+from dlrm_jax.data import features as features_lib
 
 
 @dataclasses.dataclass(frozen=True)

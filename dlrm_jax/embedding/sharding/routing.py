@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlrm_jax.embedding import plan as plan_lib
+from dlrm_jax.embedding.sharding import planner as plan_lib
 
 COMBINERS = ('sum', 'mean', 'sqrtn')
 

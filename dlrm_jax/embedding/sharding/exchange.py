@@ -63,9 +63,9 @@ from jax.sharding import Mesh
 
 from dlrm_jax.embedding import initialization
 from dlrm_jax.embedding import optimizers
-from dlrm_jax.embedding import plan as plan_lib
+from dlrm_jax.embedding.sharding import planner as plan_lib
 from dlrm_jax.embedding import rounding
-from dlrm_jax.embedding import routing
+from dlrm_jax.embedding.sharding import routing
 from dlrm_jax.embedding.specs import TableSpec
 from dlrm_jax.parallel import BATCH_AXES, DATA, MODEL
 

@@ -27,20 +27,20 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dlrm_jax import checkpoint as ckpt_lib
-from dlrm_jax import config_lib
-from dlrm_jax import early_stopping
-from dlrm_jax import metrics as metrics_lib
+from dlrm_jax.train import checkpoint as ckpt_lib
+from dlrm_jax.config import build as config_lib
+from dlrm_jax.train import early_stopping
+from dlrm_jax.train import metrics as metrics_lib
 from dlrm_jax import parallel
-from dlrm_jax import reporting
-from dlrm_jax import workdir_lock
+from dlrm_jax.train import reporting
+from dlrm_jax.train import workdir_lock
 from dlrm_jax.data import inputs
 from dlrm_jax.data import pipeline
 from dlrm_jax.embedding import EmbeddingEngine
-from dlrm_jax.embedding import admission as admission_lib
-from dlrm_jax.embedding import remapping
+from dlrm_jax.embedding.ids import admission as admission_lib
+from dlrm_jax.embedding.ids import remapping
 from dlrm_jax.embedding import specs as emb_specs
-from dlrm_jax.embedding import plan as plan_lib
+from dlrm_jax.embedding.sharding import planner as plan_lib
 from dlrm_jax.embedding import rounding
 from dlrm_jax.models import DLRM, MLPSpec
 
@@ -642,7 +642,7 @@ def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None,
                        *, handle_signals: bool = False) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints) and evaluates.
 
-  Process 0 holds `<workdir>/.lock` meanwhile (`dlrm_jax.workdir_lock`): a
+  Process 0 holds `<workdir>/.lock` meanwhile (`dlrm_jax.train.workdir_lock`): a
   second run on the same workdir gets WorkdirLockedError naming the first.
 
   Args:

@@ -3,7 +3,7 @@
 This file imports nothing else from dlrm_jax but `dlrm_jax.data.rows` (the
 row rules, standard library only), so a serving process needs neither the
 model code nor flax.
-See `dlrm_jax.serving` for what an export holds, and
+See `dlrm_jax.serving.export` for what an export holds, and
 `examples/serve_stdin.py` for a complete scorer.
 """
 

@@ -1,6 +1,6 @@
 """The compiled train step's ops, for comparing two trees of the code.
 
-  python -m benchmarks.step_hlo OUT.txt     # in each tree, then diff
+  python -m tools.step_hlo OUT.txt     # in each tree, then diff
 
 Compiles `Trainer.train_step` of the default config (batch 2048, one
 process's devices) and writes its HLO instructions, sorted, with names,
@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 from configs import criteo
-from dlrm_jax import train
+from dlrm_jax.train import trainer as train
 
 _TABLES = re.compile(
     r'(function_name|file_name|file_location|parent_frame)_id=')

@@ -18,13 +18,13 @@ import optax
 from absl import logging
 from ml_collections import config_dict
 
-from dlrm_jax import config_checks
-from dlrm_jax import early_stopping
-from dlrm_jax import features as features_lib
-from dlrm_jax import schedules
+from dlrm_jax.config import checks as config_checks
+from dlrm_jax.train import early_stopping
+from dlrm_jax.data import features as features_lib
+from dlrm_jax.train import schedules
 from dlrm_jax.data import binary
-from dlrm_jax.embedding import admission as admission_lib
-from dlrm_jax.embedding import plan as plan_lib
+from dlrm_jax.embedding.ids import admission as admission_lib
+from dlrm_jax.embedding.sharding import planner as plan_lib
 from dlrm_jax.embedding import specs as emb_specs
 from dlrm_jax.models import DCNSpec, DLRMSpec, MLPSpec
 from dlrm_jax.models.dlrm import INTERACTIONS

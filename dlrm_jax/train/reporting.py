@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dlrm_jax import metrics as metrics_lib
+from dlrm_jax.train import metrics as metrics_lib
 
 PLOTS = ('loss.png', 'eval.png', 'roc.png')
 

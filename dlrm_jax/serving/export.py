@@ -8,7 +8,7 @@
   tables/           the embedding tables, one `.npy` per table (or per part
                     of an int8 table), streamed from the devices holding
                     them and read back with memory mapping
-                    (`dlrm_jax.export_tables`; `quantize=int8|fp16`)
+                    (`dlrm_jax.serving.tables`; `quantize=int8|fp16`)
   signature.json    input names, shapes and dtypes, the file of each
                     parameter in the order the function takes them
                     (`param_files`), and the request-level columns of the
@@ -20,7 +20,7 @@ The function takes, for B rows:
   cat:         uint32 [B, 26]  the categorical hashes (the 8 hex digits)
   cat_present: bool   [B, 26]  False where a categorical value is missing
 and returns float32 [B] probabilities. `load_export` loads it with jax and
-numpy only (`dlrm_jax.export_runtime`, a file without other dlrm_jax
+numpy only (`dlrm_jax.serving.runtime`, a file without other dlrm_jax
 imports), checks inputs and calls it.
 
 Input tiling (TorchEasyRec's INPUT_TILE): request-level columns (the user's,
@@ -39,11 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlrm_jax import export_tables
-from dlrm_jax import features as features_lib
-from dlrm_jax import multi_hot_export
-from dlrm_jax.export_runtime import INPUTS, NUM_CAT, NUM_INT  # pylint: disable=unused-import
-from dlrm_jax.export_runtime import LoadedModel, load_export, parse_rows  # pylint: disable=unused-import
+from dlrm_jax.serving import tables as export_tables
+from dlrm_jax.data import features as features_lib
+from dlrm_jax.data import multi_hot as multi_hot_export
+from dlrm_jax.serving.runtime import INPUTS, NUM_CAT, NUM_INT  # pylint: disable=unused-import
+from dlrm_jax.serving.runtime import LoadedModel, load_export, parse_rows  # pylint: disable=unused-import
 
 
 def inputs_from_rows(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -68,7 +68,7 @@ class ServingModel:
     """Builds it from a Trainer and a TrainState.
 
     Args:
-      trainer: the `dlrm_jax.train.Trainer`.
+      trainer: the `dlrm_jax.train.trainer.Trainer`.
       state: its trained state.
       id_tables: per feature name, (sorted raw values, their rows, the row of
         values not in the table) mapping raw hashes to table rows
@@ -78,11 +78,11 @@ class ServingModel:
       request_columns: input columns (`int_<i>`, `cat_<j>`) that are the same
         for every candidate of a request, for the tiled function.
       quantize: None, 'fp16' or 'int8': how the tables are stored and served
-        (`dlrm_jax.export_tables`); the in-process scores use the same
+        (`dlrm_jax.serving.tables`); the in-process scores use the same
         (dequantized) rows.
       multi_hot: the training data's `loader.MultiHot` for a model trained
         on synthetic multi-hot bags: each raw value is expanded into the
-        same bag inside the function (`dlrm_jax.multi_hot_export`).
+        same bag inside the function (`dlrm_jax.data.multi_hot`).
       admission: per feature name, (bool `[num_rows]` admitted rows, the
         shared row of the others) of the run's rare-id admission filter
         (`admission.IdAdmission.admitted_rows`); applied after the id

@@ -5,7 +5,7 @@ exported function, streamed from the devices that hold it: each process
 writes the rows its devices own (a shared file system is assumed for several
 processes), a block of at most `CHUNK_ROWS` rows at a time, so no host ever
 holds one table whole, let alone all of them. A loader reads them with
-`np.load(mmap_mode='r')` (`dlrm_jax.export_runtime`).
+`np.load(mmap_mode='r')` (`dlrm_jax.serving.runtime`).
 
 Quantization (`quantize=`), as TorchEasyRec's QUANT_EMB and FBGEMM's
 table-batched embeddings store serving tables:
@@ -136,7 +136,7 @@ def write_tables(engine, state, out_dir: str, quantize: str | None = None
         m = np.lib.format.open_memmap(os.path.join(out_dir, rel), mode='w+',
                                       dtype=st.dtype, shape=st.shape)
         del m
-  _sync('dlrm_jax.export_tables.created')
+  _sync('dlrm_jax.serving.tables.created')
   for t in engine.tables:
     pieces = list(table_access.pieces(engine, t.name))
     split_cols = any(pc.width != t.dim for _, pc, _ in pieces)
@@ -162,7 +162,7 @@ def write_tables(engine, state, out_dir: str, quantize: str | None = None
     for m in jax.tree.leaves(outs):
       m.flush()
     del outs
-  _sync('dlrm_jax.export_tables.written')
+  _sync('dlrm_jax.serving.tables.written')
   return files
 
 

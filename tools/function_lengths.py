@@ -1,6 +1,6 @@
 """Prints the longest functions in a package, with their lengths in lines.
 
-Usage: python benchmarks/function_lengths.py [--top 5] [dlrm_jax]
+Usage: python tools/function_lengths.py [--top 5] [dlrm_jax]
 
 Length is `end_lineno - lineno + 1` of each `def` (decorators excluded), as
 `ast` reports it; nested functions are counted on their own and inside their

@@ -16,11 +16,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from dlrm_jax import checkpoint as ckpt_lib
-from dlrm_jax import config_lib
-from dlrm_jax import metrics as metrics_lib
-from dlrm_jax import serving
-from dlrm_jax import train
+from dlrm_jax.train import checkpoint as ckpt_lib
+from dlrm_jax.config import build as config_lib
+from dlrm_jax.train import metrics as metrics_lib
+from dlrm_jax.serving import export as serving
+from dlrm_jax.train import trainer as train
 from dlrm_jax.data import binary
 from dlrm_jax.data import criteo
 from dlrm_jax.data import inputs
@@ -323,8 +323,8 @@ def evaluate_and_report(model: TrainedModel, workdir: str,
 def export(model: TrainedModel, out_dir: str, *, batch_size: int | None = None,
            request_columns: Sequence[str] = (),
            quantize: str | None = None) -> str:
-  """Exports the inference function (see `dlrm_jax.serving`); `quantize`:
-  None, 'fp16' or 'int8' tables (`dlrm_jax.export_tables`)."""
+  """Exports the inference function (see `dlrm_jax.serving.export`); `quantize`:
+  None, 'fp16' or 'int8' tables (`dlrm_jax.serving.tables`)."""
   sm = serving.ServingModel(model.trainer, model.state,
                             id_tables=model.id_tables(),
                             admission=model.admission(),

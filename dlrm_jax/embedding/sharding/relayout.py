@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dlrm_jax.embedding import optimizers
-from dlrm_jax.embedding import plan as plan_lib
+from dlrm_jax.embedding.sharding import planner as plan_lib
 from dlrm_jax.embedding import rounding
 from dlrm_jax.embedding.specs import TableSpec
 from dlrm_jax.parallel import BATCH_AXES

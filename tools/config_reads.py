@@ -1,6 +1,6 @@
 """Where `dlrm_jax/` still mentions `config.` outside the spec builder.
 
-  python benchmarks/config_reads.py [root]
+  python tools/config_reads.py [root]
 
 Takes the lines that `grep -rn "config\\." dlrm_jax | grep -v config_lib`
 lists and sorts them by where the text sits, using Python's tokenizer: in
