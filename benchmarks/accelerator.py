@@ -233,7 +233,7 @@ def run_case(name: str) -> dict:
   mesh = jax.make_mesh((1, 1), ('data', 'model'),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2,
                        devices=jax.devices()[:1])
-  trainer = train.Trainer(config, mesh=mesh)
+  trainer = trainer_lib.Trainer(config, mesh=mesh)
   t0 = time.time()
   state = trainer.init_state(0)
   jax.block_until_ready(state)
@@ -299,7 +299,7 @@ def run_contention() -> dict:
   for kind in ('sgd', 'adagrad'):
     config = case_config('kaggle', 'float32')
     config.embedding.optimizer.kind = kind
-    trainer = train.Trainer(config, mesh=mesh)
+    trainer = trainer_lib.Trainer(config, mesh=mesh)
     engine = trainer.engine
     emb = engine.init(jax.random.key(0))
     b = config.batch_size

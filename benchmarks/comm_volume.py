@@ -1,6 +1,6 @@
 """Bytes each device sends per train step, read from the compiled HLO.
 
-Compiles the real train step (`train.Trainer.train_step`) of the default
+Compiles the real train step (`trainer_lib.Trainer.train_step`) of the default
 Criteo model (configs/criteo.py: 26 Kaggle-sized tables of dim 16, Adagrad)
 on meshes data=1 x model=S of fake CPU devices (S = 1, 2, 4, 8 by default),
 at a fixed per-device batch B_l, for each sharding strategy; nothing runs,
@@ -166,7 +166,7 @@ def compile_step(strategy: str, s: int, batch_per_device: int) -> dict:
   g = _ROW_GROUP.value
   config.embedding.row_group_size = g if 0 < g < s and s % g == 0 else 0
   mesh = parallel.create_mesh(1, s, devices=jax.devices()[:s])
-  trainer = train.Trainer(config, mesh=mesh)
+  trainer = trainer_lib.Trainer(config, mesh=mesh)
   sh = trainer.batch_shardings()
   b = config.batch_size
   n_ids = trainer.engine.num_id_columns
@@ -181,7 +181,7 @@ def compile_step(strategy: str, s: int, batch_per_device: int) -> dict:
   acc = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.asarray(x).dtype,
                                      sharding=trainer._replicated),
-      train._zero_acc())
+      trainer_lib._zero_acc())
   # pylint: enable=protected-access
   hlo = trainer.train_step.lower(trainer.abstract_state(), batch,
                                  acc).compile().as_text()

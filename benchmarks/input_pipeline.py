@@ -119,7 +119,7 @@ def child(task: dict) -> dict:
     config = criteo_config.get_config()
     config.batch_size = task['batch']
     config.eval_batch_size = task['batch']
-    trainer = train.Trainer(config)
+    trainer = trainer_lib.Trainer(config)
     state = trainer.init_state(0)
     rng = np.random.default_rng(0)
     rows = trainer.setup.table_rows

@@ -141,7 +141,8 @@ def dlrm(paths, seed, workdir, overrides=None):
   # pylint: disable=g-import-not-at-top
   from configs import criteo
   from dlrm_jax.train import checkpoint as ckpt_lib
-  from dlrm_jax.train import trainer as train
+  from dlrm_jax.train import loop as train_loop
+  from dlrm_jax.train import trainer as trainer_lib
   from dlrm_jax.data import inputs
   # pylint: enable=g-import-not-at-top
   config = criteo.get_config('small_data')
@@ -154,8 +155,8 @@ def dlrm(paths, seed, workdir, overrides=None):
     for p in path:
       target = target[p]
     target[last] = value
-  trainer = train.Trainer(inputs.prepare_config(config))
-  summary = train.train_and_evaluate(config, workdir, trainer)
+  trainer = trainer_lib.Trainer(inputs.prepare_config(config))
+  summary = train_loop.train_and_evaluate(config, workdir, trainer)
   best = ckpt_lib.BestCheckpointer(workdir, config.keep_best_metric, 'max')
   step = best.best_step()
   state, _ = best.restore(step, trainer.abstract_state())
@@ -165,7 +166,7 @@ def dlrm(paths, seed, workdir, overrides=None):
   data = inputs.make_data(test_config)
   host = trainer.new_host_state()  # the kept step's remappers and sketch
   ckpt = ckpt_lib.BestCheckpointer(workdir, config.keep_best_metric, 'max')
-  host.restore(ckpt, step)
+  ckpt.restore_host_state(step, host)
   ckpt.close()
   test, _, _ = trainer.evaluate(state, data.eval, host)
   return test, {'best_step': step, 'steps_run': summary['step'],

@@ -70,8 +70,8 @@ def main(argv):
       mesh = jax.make_mesh((1, 1), ('data', 'model'),
                            devices=jax.devices()[:1],
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
-      train.train_and_evaluate(config, workdir,
-                               train.Trainer(config, mesh=mesh))
+      train_loop.train_and_evaluate(config, workdir,
+                                    trainer_lib.Trainer(config, mesh=mesh))
     model = inference.load(config, workdir)
     lines = open(eval_file).read().splitlines()
     labels = np.array([int(l.split('\t', 1)[0]) for l in lines])

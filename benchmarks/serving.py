@@ -55,7 +55,7 @@ def fresh_export(out_dir: str, quantize: str | None) -> None:
   config = criteo.get_config()
   mesh = jax.make_mesh((1, 1), ('data', 'model'), devices=jax.devices()[:1],
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  trainer = train.Trainer(config, mesh=mesh)
+  trainer = trainer_lib.Trainer(config, mesh=mesh)
   serving.ServingModel(trainer, trainer.init_state(0),
                        quantize=quantize).export(out_dir)
 

@@ -89,7 +89,7 @@ def run_one(rows: int) -> dict:
 
   config = config_for(rows)
   t0 = time.time()
-  trainer = train.Trainer(config)
+  trainer = trainer_lib.Trainer(config)
   state = trainer.init_state(0)
   jax.block_until_ready(state)
   init_s = time.time() - t0

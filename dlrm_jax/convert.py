@@ -85,7 +85,7 @@ from ml_collections import config_dict
 
 from dlrm_jax.train import checkpoint as ckpt_lib
 from dlrm_jax import cli
-from dlrm_jax.train import trainer as train
+from dlrm_jax.train import trainer as trainer_lib
 from dlrm_jax.data import inputs
 from dlrm_jax.embedding import table_access
 from dlrm_jax.models import interaction
@@ -850,7 +850,7 @@ def _check_fits(pm: PeerDLRM, setup, layout) -> None:
         ' with config_from_peer.')
 
 
-def params_from_peer(sd, peer: str, trainer: train.Trainer,
+def params_from_peer(sd, peer: str, trainer: trainer_lib.Trainer,
                      table_features=None
                      ) -> tuple[dict[str, Any], dict[str, np.ndarray],
                                 PeerDLRM]:
@@ -898,9 +898,9 @@ def _check_tree(got, want, what):
                      f' model {ws}.')
 
 
-def state_from_peer(sd, peer: str, trainer: train.Trainer, seed: int = 0,
+def state_from_peer(sd, peer: str, trainer: trainer_lib.Trainer, seed: int = 0,
                     table_features=None
-                    ) -> tuple[train.TrainState, list[dict[str, Any]]]:
+                    ) -> tuple[trainer_lib.TrainState, list[dict[str, Any]]]:
   """A fresh train state holding the peer's weights.
 
   Args:
@@ -1015,7 +1015,7 @@ def _check_exportable(setup, peer: str) -> None:
           f' ({combiner!r}) has no {who} counterpart (it pools {pools}).')
 
 
-def peer_from_state(trainer: train.Trainer, state: train.TrainState,
+def peer_from_state(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState,
                     peer: str, names: Sequence[Mapping] | None = None
                     ) -> dict[str, np.ndarray]:
   """The peer's state dict (numpy) of a dlrm_jax model.
@@ -1136,7 +1136,7 @@ def facebook_flags(setup) -> str:
 
 
 def import_checkpoint(sd, peer: str, workdir: str, base_config,
-                      trainer: train.Trainer | None = None,
+                      trainer: trainer_lib.Trainer | None = None,
                       table_features=None) -> config_dict.ConfigDict:
   """Writes a step-0 checkpoint of the peer's weights.
 
@@ -1154,7 +1154,7 @@ def import_checkpoint(sd, peer: str, workdir: str, base_config,
   """
   workdir = cli.absolute(workdir)
   config = config_from_peer(sd, peer, base_config, table_features)
-  trainer = trainer or train.Trainer(config)
+  trainer = trainer or trainer_lib.Trainer(config)
   state, names = state_from_peer(sd, peer, trainer,
                                  seed=trainer.spec.loop.seed,
                                  table_features=table_features)
@@ -1165,7 +1165,7 @@ def import_checkpoint(sd, peer: str, workdir: str, base_config,
   return config
 
 
-def save_initial_checkpoint(trainer: train.Trainer, state: train.TrainState,
+def save_initial_checkpoint(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState,
                             workdir: str) -> None:
   """Writes `state` as the step-0 checkpoint of a run of the trainer's spec.
 

@@ -54,7 +54,7 @@ from dlrm_jax.config import build as config_lib
 from dlrm_jax import gpu
 from dlrm_jax.serving import offline as inference
 from dlrm_jax import parallel
-from dlrm_jax.train import trainer as train
+from dlrm_jax.train import loop as train_loop
 from dlrm_jax.train import workdir_lock
 from dlrm_jax.data import criteo
 from dlrm_jax.data import inputs
@@ -312,7 +312,7 @@ def _train(command: Command) -> None:
         f'--workdir {workdir}: cannot create it ({e.strerror}).') from e
   logging.info('workdir: %s', workdir)
   try:
-    train.train_and_evaluate(command.spec, workdir, handle_signals=True)
+    train_loop.train_and_evaluate(command.spec, workdir, handle_signals=True)
   except BaseException:
     if made and jax.process_index() == 0:
       _remove_if_empty(workdir)
@@ -332,15 +332,15 @@ def _remove_if_empty(directory: str) -> None:
 
 # Errors besides ValueError and OSError that are the user's to fix.
 USER_ERRORS = (ckpt_lib.DamagedCheckpointError, ckpt_lib.CheckpointSaveError,
-               workdir_lock.WorkdirLockedError, train.NonFiniteLossError,
-               train.InvalidIdError)
+               workdir_lock.WorkdirLockedError, train_loop.NonFiniteLossError,
+               train_loop.InvalidIdError)
 
 
 def run_main(argv):
   """`main`, with user errors printed as one line (see the module doc)."""
   try:
     cli.run(main, argv, errors=USER_ERRORS)
-  except train.TrainingInterrupted as e:  # saved; one line
+  except train_loop.TrainingInterrupted as e:  # saved; one line
     sys.stdout.flush()
     sys.stderr.write(f'{e}\n')
     sys.exit(e.exit_code)

@@ -9,7 +9,7 @@ import numpy as np
 
 from dlrm_jax.train import checkpoint as ckpt_lib
 from dlrm_jax.data import features as features_lib
-from dlrm_jax.train import trainer as train
+from dlrm_jax.train import loop as train_loop
 from dlrm_jax.embedding.ids import admission
 from tests import train_test
 
@@ -74,12 +74,12 @@ class AdmissionResumeTest(absltest.TestCase):
     over = {'admission.min_count': 3, 'admission.width': 4096,
             'eval_every_steps': 10, 'checkpoint_every_steps': 10}
     straight = self.create_tempdir().full_path
-    a = train.train_and_evaluate(
+    a = train_loop.train_and_evaluate(
         train_test.tiny_config(num_train_steps=20, **over), straight, trainer)
     resumed = self.create_tempdir().full_path
-    train.train_and_evaluate(
+    train_loop.train_and_evaluate(
         train_test.tiny_config(num_train_steps=10, **over), resumed, trainer)
-    b = train.train_and_evaluate(
+    b = train_loop.train_and_evaluate(
         train_test.tiny_config(num_train_steps=20, **over), resumed, trainer)
     self.assertEqual(a['eval'], b['eval'])
     sketches = []

@@ -16,7 +16,7 @@ import numpy as np
 
 from dlrm_jax.train import checkpoint as ckpt_lib
 from dlrm_jax.serving import offline as inference
-from dlrm_jax.train import trainer as train
+from dlrm_jax.train import loop as train_loop
 from tests import train_test
 
 _BASE = None
@@ -35,7 +35,7 @@ def base_workdir():
     # One per test process: pytest-xdist workers share the default tmpdir.
     _BASE = tempfile.mkdtemp(prefix='damage_base_',
                              dir=absltest.get_default_test_tmpdir())
-    train.train_and_evaluate(_config(), _BASE, train_test.shared_trainer())
+    train_loop.train_and_evaluate(_config(), _BASE, train_test.shared_trainer())
   return _BASE
 
 
@@ -119,8 +119,8 @@ class DamagedCheckpointTest(absltest.TestCase):
         shutil.copytree(base, workdir, dirs_exist_ok=True)
         damage(os.path.join(workdir, 'checkpoints', '20'))
         with self.assertLogs('absl', level='WARNING') as logs:
-          summary = train.train_and_evaluate(_config(), workdir,
-                                             train_test.shared_trainer())
+          summary = train_loop.train_and_evaluate(_config(), workdir,
+                                                  train_test.shared_trainer())
         self.assertEqual(summary['step'], 20)
         line = [l for l in logs.output if 'is damaged' in l]
         self.assertLen(line, 1, logs.output)
@@ -159,8 +159,8 @@ class DamagedCheckpointTest(absltest.TestCase):
       _garble_meta(os.path.join(workdir, 'checkpoints', str(step)))
     with self.assertRaisesRegex(ckpt_lib.DamagedCheckpointError,
                                 'every checkpoint in .* is damaged: 20 .*; 10'):
-      train.train_and_evaluate(_config(), workdir,
-                               train_test.shared_trainer())
+      train_loop.train_and_evaluate(_config(), workdir,
+                                    train_test.shared_trainer())
     self.assertLen(os.listdir(os.path.join(workdir, 'checkpoints_damaged')),
                    2)
 
@@ -206,7 +206,7 @@ class FailedSaveTest(absltest.TestCase):
     """A real full disk: a tmpfs with room for one checkpoint (skipped where
     tmpfs cannot be mounted)."""
     probe = self.create_tempdir().full_path
-    train.train_and_evaluate(_config(10), probe, train_test.shared_trainer())
+    train_loop.train_and_evaluate(_config(10), probe, train_test.shared_trainer())
     ckpt_bytes = _du(os.path.join(probe, 'checkpoints', '10'))
     mnt = self.create_tempdir().full_path
     size = _du(probe) + ckpt_bytes // 2 + (64 << 10)
@@ -220,7 +220,7 @@ class FailedSaveTest(absltest.TestCase):
           r'^saving checkpoint 20 to .*/run/checkpoints failed \(.*No space'
           r' left on device.*\); the run stops here; the earlier checkpoints'
           r' \(10\) are intact\.$'):
-        train.train_and_evaluate(
+        train_loop.train_and_evaluate(
             train_test.tiny_config(num_train_steps=40,
                                    checkpoint_every_steps=10,
                                    log_every_steps=5, eval_every_steps=1000),
@@ -234,8 +234,8 @@ class FailedSaveTest(absltest.TestCase):
     finally:
       subprocess.run(['umount', mnt], check=True)
     # Given room, it resumes from 10.
-    summary = train.train_and_evaluate(_config(20), moved,
-                                       train_test.shared_trainer())
+    summary = train_loop.train_and_evaluate(_config(20), moved,
+                                            train_test.shared_trainer())
     self.assertEqual(summary['step'], 20)
 
   def test_a_failed_save_stops_the_run_and_keeps_the_earlier_ones(self):
@@ -253,11 +253,11 @@ class FailedSaveTest(absltest.TestCase):
           r'^saving checkpoint 20 to .*checkpoints failed \(OSError: \[Errno'
           r' 28\] No space left on device\); the run stops here; the earlier'
           r' checkpoints \(10\) are intact\.$'):
-        train.train_and_evaluate(_config(30), workdir,
-                                 train_test.shared_trainer())
+        train_loop.train_and_evaluate(_config(30), workdir,
+                                      train_test.shared_trainer())
     self.assertEqual(ckpt_lib.Checkpointer(workdir).all_steps(), [10])
-    summary = train.train_and_evaluate(_config(20), workdir,
-                                       train_test.shared_trainer())
+    summary = train_loop.train_and_evaluate(_config(20), workdir,
+                                            train_test.shared_trainer())
     self.assertEqual(summary['step'], 20)
 
   def test_a_failed_asynchronous_save_is_noticed_at_the_next_log_step(self):
@@ -273,7 +273,7 @@ class FailedSaveTest(absltest.TestCase):
                            'check_for_errors', check):
       with self.assertRaisesRegex(ckpt_lib.CheckpointSaveError,
                                   'Permission denied.*the run stops here'):
-        train.train_and_evaluate(
+        train_loop.train_and_evaluate(
             train_test.tiny_config(num_train_steps=30,
                                    checkpoint_every_steps=10,
                                    log_every_steps=5,

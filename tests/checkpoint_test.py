@@ -14,7 +14,8 @@ import numpy as np
 
 from configs import criteo as criteo_config
 from dlrm_jax.train import checkpoint as ckpt_lib
-from dlrm_jax.train import trainer as train
+from dlrm_jax.train import loop as train_loop
+from dlrm_jax.train import trainer as trainer_lib
 from dlrm_jax.embedding.sharding import planner as plan_lib
 from tests import reference
 
@@ -47,7 +48,7 @@ class CheckpointTopologyTest(absltest.TestCase):
   def test_8_to_4_to_1_and_back(self):
     meshes = {8: reference.mesh_of(1, 8), 4: reference.mesh_of(1, 4),
               1: reference.single_device_mesh()}
-    trainers = {n: train.Trainer(mixed_config(20), mesh=m)
+    trainers = {n: trainer_lib.Trainer(mixed_config(20), mesh=m)
                 for n, m in meshes.items()}
     strategies = {p.strategy for p in trainers[8].plan.placements}
     self.assertEqual(strategies, {'replicated', 'table_wise', 'row_wise',
@@ -55,7 +56,7 @@ class CheckpointTopologyTest(absltest.TestCase):
     self.assertNotEqual(trainers[8].plan, trainers[4].plan)
 
     first = self.create_tempdir().full_path
-    train.train_and_evaluate(mixed_config(10), first, trainers[8])
+    train_loop.train_and_evaluate(mixed_config(10), first, trainers[8])
     _, meta = final_state(trainers[8], first)
     self.assertEqual(plan_lib.Plan.from_json(meta['plan']), trainers[8].plan)
 
@@ -63,8 +64,8 @@ class CheckpointTopologyTest(absltest.TestCase):
     for n in (8, 4, 1):
       workdir = self.create_tempdir().full_path
       shutil.copytree(first, workdir, dirs_exist_ok=True)
-      summary = train.train_and_evaluate(mixed_config(20), workdir,
-                                         trainers[n])
+      summary = train_loop.train_and_evaluate(mixed_config(20), workdir,
+                                              trainers[n])
       self.assertEqual(summary['step'], 20)
       state, meta = final_state(trainers[n], workdir)
       results[n] = (summary, state, workdir)
@@ -103,11 +104,11 @@ class CheckpointTopologyTest(absltest.TestCase):
     # signature says how they are stored.
     config = mixed_config(2)
     config.embedding.dtype = 'bfloat16'
-    t8 = train.Trainer(config, mesh=reference.mesh_of(1, 8))
-    t1 = train.Trainer(config, mesh=reference.single_device_mesh())
+    t8 = trainer_lib.Trainer(config, mesh=reference.mesh_of(1, 8))
+    t1 = trainer_lib.Trainer(config, mesh=reference.single_device_mesh())
     self.assertNotEqual(t8.plan, t1.plan)
     workdir = self.create_tempdir().full_path
-    train.train_and_evaluate(config, workdir, t8)
+    train_loop.train_and_evaluate(config, workdir, t8)
     state8, meta = final_state(t8, workdir)
     self.assertEqual(
         meta['signature']['tables']['cat_0'].get('storage'), 'uint16')

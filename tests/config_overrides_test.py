@@ -12,7 +12,7 @@ from ml_collections import config_flags
 from configs import criteo as criteo_config
 from dlrm_jax.config import checks as config_checks
 from dlrm_jax.config import build as config_lib
-from dlrm_jax.train import trainer as train
+from dlrm_jax.train import trainer as trainer_lib
 from tests import readme_test
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,15 +44,15 @@ class OverrideTest(absltest.TestCase):
                      {'float32'})
     self.assertEqual({t.name: t.init_scale for t in setup.tables}['cat_5'],
                      0.5)
-    plan = train.make_plan(config, setup.tables, 8)
+    plan = trainer_lib.make_plan(config, setup.tables, 8)
     strategies = {p.table: p.strategy for p in plan.placements}
     self.assertEqual(strategies['cat_3'], 'row_wise')
     # Unset, the placeholders change nothing.
     default = parse()
-    self.assertEqual(train.make_plan(default, config_lib.build(default).tables,
-                                     8),
-                     train.make_plan(criteo_config.get_config('tiny'),
-                                     setup.tables, 8))
+    self.assertEqual(trainer_lib.make_plan(default, config_lib.build(default).tables,
+                                           8),
+                     trainer_lib.make_plan(criteo_config.get_config('tiny'),
+                                           setup.tables, 8))
     self.assertEqual(config_lib.build(default).tables,
                      config_lib.build(criteo_config.get_config('tiny')).tables)
 

@@ -27,7 +27,7 @@ import numpy as np
 from configs import criteo as criteo_config
 from dlrm_jax.train import checkpoint as ckpt_lib
 from dlrm_jax import convert
-from dlrm_jax.train import trainer as train
+from dlrm_jax.train import trainer as trainer_lib
 from dlrm_jax.models import interaction
 from tests import reference
 
@@ -201,7 +201,7 @@ class ConvertTest(parameterized.TestCase):
     sd = peer_state_dict(peer, self_interaction)
     config = convert.config_from_peer(sd, peer, base_config())
     self.assertEqual(config.model.interaction_self, self_interaction)
-    trainer = train.Trainer(config, mesh=reference.single_device_mesh())
+    trainer = trainer_lib.Trainer(config, mesh=reference.single_device_mesh())
     state, names = convert.state_from_peer(sd, peer, trainer)
     b = batch()
     got = trainer.predict(state, {k: b[k] for k in ('ids', 'dense')})
@@ -243,7 +243,7 @@ class ConvertTest(parameterized.TestCase):
     if dcn:
       self.assertEqual((config.model.dcn.num_layers, config.model.dcn.rank),
                        dcn)
-    trainer = train.Trainer(config, mesh=reference.single_device_mesh())
+    trainer = trainer_lib.Trainer(config, mesh=reference.single_device_mesh())
     self.assertEqual([t.name for t in trainer.setup.tables],
                      ['cat_0', 'cat_2', 'cat_3'])
     state, names = convert.state_from_peer(sd, 'torchrec', trainer,
@@ -273,7 +273,7 @@ class ConvertTest(parameterized.TestCase):
         sd, 'torchrec', base_config(),
         convert.parse_table_features(SHARED_FLAG))
     config.model.feature_groups.sparse = ['cat_0', 'cat_2', 'cat_1', 'cat_3']
-    trainer = train.Trainer(config, mesh=reference.single_device_mesh())
+    trainer = trainer_lib.Trainer(config, mesh=reference.single_device_mesh())
     state = trainer.init_state(0)
     rng = np.random.default_rng(3)
     params = jax.tree.map(

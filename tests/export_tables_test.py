@@ -17,7 +17,8 @@ from dlrm_jax.serving import tables as export_tables
 from dlrm_jax.serving import offline as inference
 from dlrm_jax.train import metrics
 from dlrm_jax.serving import export as serving
-from dlrm_jax.train import trainer as train
+from dlrm_jax.train import loop as train_loop
+from dlrm_jax.train import trainer as trainer_lib
 from tests import reference
 from tests import shared_data
 
@@ -83,7 +84,7 @@ class ShardedExportTest(absltest.TestCase):
     config.embedding.sharding_overrides = {'cat_0': 'column_wise',
                                            'cat_1': 'row_wise',
                                            'cat_2': 'replicated'}
-    trainer = train.Trainer(config, mesh=reference.mesh_of(2, 4))
+    trainer = trainer_lib.Trainer(config, mesh=reference.mesh_of(2, 4))
     self.assertEqual(trainer.plan.placement('cat_0').strategy, 'column_wise')
     state = trainer.init_state(0)
     inputs = random_inputs(64)
@@ -119,7 +120,7 @@ class Int8AucTest(absltest.TestCase):
     config.num_train_steps = 30
     config.eval_every_steps = 30
     workdir = tempfile.mkdtemp(prefix='dlrm_int8_')
-    train.train_and_evaluate(config, workdir, train.Trainer(
+    train_loop.train_and_evaluate(config, workdir, trainer_lib.Trainer(
         config, mesh=reference.single_device_mesh()))
     model = inference.load(config, workdir)
     lines = open(eval_file).read().splitlines()
@@ -174,7 +175,7 @@ class MultiHotExportTest(absltest.TestCase):
     config.data.multi_hot.hotness = [3, 1, 5] + [1] * 22 + [2]
     config.features.cat_2.combiner = 'mean'
     config = inputs_lib.prepare_config(config)
-    trainer = train.Trainer(config, mesh=reference.single_device_mesh())
+    trainer = trainer_lib.Trainer(config, mesh=reference.single_device_mesh())
     model = inference.TrainedModel(trainer.spec, trainer,
                                    trainer.init_state(0), 0)
     path = self.create_tempfile(

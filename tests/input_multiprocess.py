@@ -30,7 +30,7 @@ def main(port, pid, num, out, train_file, eval_file):
       'data.source': 'criteo_tsv', 'data.train_path': train_file,
       'data.eval_path': eval_file, 'data.shuffle_buffer': 1024,
       'batch_size': 64, 'eval_batch_size': 256}))
-  trainer = train.Trainer(config)
+  trainer = trainer_lib.Trainer(config)
   data = inputs.make_data(config,
                           process_index=jax.process_index(),
                           process_count=jax.process_count())

@@ -10,7 +10,8 @@ import numpy as np
 
 from configs import criteo as criteo_config
 from dlrm_jax.config import build as config_lib
-from dlrm_jax.train import trainer as train
+from dlrm_jax.train import loop as train_loop
+from dlrm_jax.train import trainer as trainer_lib
 from dlrm_jax.data import inputs
 from tests import reference
 
@@ -27,8 +28,8 @@ def tiny_config(**overrides):
 def shared_trainer():
   global _TRAINER
   if _TRAINER is None:
-    _TRAINER = train.Trainer(inputs.prepare_config(tiny_config()),
-                             mesh=reference.single_device_mesh())
+    _TRAINER = trainer_lib.Trainer(inputs.prepare_config(tiny_config()),
+                                   mesh=reference.single_device_mesh())
   return _TRAINER
 
 
@@ -44,7 +45,7 @@ class FullSizeTest(absltest.TestCase):
 
   def test_builds_abstractly_with_the_recipe_shapes(self):
     config = inputs.prepare_config(criteo_config.get_config('mlperf_dcnv2'))
-    trainer = train.Trainer(config, mesh=reference.single_device_mesh())
+    trainer = trainer_lib.Trainer(config, mesh=reference.single_device_mesh())
     state = trainer.abstract_state()  # jax.eval_shape: allocates nothing
     d, n = 128, 26
     cross_in = (n + 1) * d
@@ -83,18 +84,18 @@ class TinyTest(absltest.TestCase):
   def test_trains_and_resumes_to_the_same_state(self):
     trainer = shared_trainer()
     straight = self.create_tempdir().full_path
-    summary = train.train_and_evaluate(tiny_config(), straight, trainer)
+    summary = train_loop.train_and_evaluate(tiny_config(), straight, trainer)
     self.assertEqual(summary['step'], 40)
     self.assertGreater(summary['eval']['auc'], 0.55)
     self.assertFalse(summary['target_auc_reached'])
     resumed = self.create_tempdir().full_path
-    train.train_and_evaluate(tiny_config(num_train_steps=20), resumed,
-                             trainer)
-    second = train.train_and_evaluate(tiny_config(), resumed, trainer)
+    train_loop.train_and_evaluate(tiny_config(num_train_steps=20), resumed,
+                                  trainer)
+    second = train_loop.train_and_evaluate(tiny_config(), resumed, trainer)
     self.assertEqual(second['step'], 40)
     self.assertEqual(second['eval'], summary['eval'])
-    a = train.ckpt_lib.Checkpointer(straight)
-    b = train.ckpt_lib.Checkpointer(resumed)
+    a = trainer_lib.ckpt_lib.Checkpointer(straight)
+    b = trainer_lib.ckpt_lib.Checkpointer(resumed)
     sa, _ = a.restore(40, trainer.abstract_state())
     sb, _ = b.restore(40, trainer.abstract_state())
     a.close()
@@ -106,8 +107,8 @@ class TinyTest(absltest.TestCase):
     trainer = shared_trainer()
     workdir = self.create_tempdir().full_path
     # Any trained model beats 0.51 at the first eval (step 20 of 40).
-    summary = train.train_and_evaluate(tiny_config(target_auc=0.51), workdir,
-                                       trainer)
+    summary = train_loop.train_and_evaluate(tiny_config(target_auc=0.51), workdir,
+                                            trainer)
     self.assertEqual(summary['step'], 20)
     self.assertTrue(summary['target_auc_reached'])
     self.assertGreaterEqual(summary['eval']['auc'], 0.51)
@@ -116,12 +117,12 @@ class TinyTest(absltest.TestCase):
              if json.loads(l)['type'] == 'eval']
     self.assertLen(evals, 1)
     # Running the same command again does not train past the target.
-    again = train.train_and_evaluate(tiny_config(target_auc=0.51), workdir,
-                                     trainer)
+    again = train_loop.train_and_evaluate(tiny_config(target_auc=0.51), workdir,
+                                          trainer)
     self.assertEqual(again['step'], 20)
     self.assertTrue(again['target_auc_reached'])
     # An unreachable target trains to the end.
-    summary = train.train_and_evaluate(
+    summary = train_loop.train_and_evaluate(
         tiny_config(target_auc=1.0, num_train_steps=20),
         self.create_tempdir().full_path, trainer)
     self.assertEqual(summary['step'], 20)
@@ -141,8 +142,8 @@ class ShardedTinyTest(absltest.TestCase):
     config = inputs.prepare_config(tiny_config())
     config.optimizer.kind = 'sgd'  # equal params <=> equal gradients
     config.embedding.sharding = 'row_wise'
-    sharded = train.Trainer(config, mesh=reference.mesh_of(2, 4))
-    single = train.Trainer(config, mesh=reference.single_device_mesh())
+    sharded = trainer_lib.Trainer(config, mesh=reference.mesh_of(2, 4))
+    single = trainer_lib.Trainer(config, mesh=reference.single_device_mesh())
     it = inputs.make_data(config).train.iterator()
     batches = [next(it) for _ in range(3)]
     hlo = sharded.train_step.lower(

@@ -300,7 +300,7 @@ class TerabyteConfigTest(absltest.TestCase):
     mesh = jax.make_mesh((1, 1), ('data', 'model'),
                          axis_types=(jax.sharding.AxisType.Auto,) * 2,
                          devices=jax.devices()[:1])
-    trainer = train.Trainer(config, mesh=mesh)
+    trainer = trainer_lib.Trainer(config, mesh=mesh)
     self.assertEqual(
         [t.num_rows for t in trainer.setup.tables],
         list(criteo_config.TERABYTE_NUM_BUCKETS))

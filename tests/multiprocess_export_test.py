@@ -18,7 +18,7 @@ from dlrm_jax.serving import runtime as export_runtime
 from dlrm_jax.serving import tables as export_tables
 from dlrm_jax.serving import offline as inference
 from dlrm_jax.serving import export as serving
-from dlrm_jax.train import trainer as train
+from dlrm_jax.train import trainer as trainer_lib
 from tests import export_tables_test
 from tests import reference
 
@@ -36,7 +36,7 @@ class MultiProcessExportTest(parameterized.TestCase):
       section, field = k.split('.')
       config[section][field] = v
     workdir = tempfile.mkdtemp(prefix='dlrm_mp_export_')
-    trainer = train.Trainer(config, mesh=reference.mesh_of(1, 4))
+    trainer = trainer_lib.Trainer(config, mesh=reference.mesh_of(1, 4))
     convert.save_initial_checkpoint(trainer, trainer.init_state(1), workdir)
     export_dir = os.path.join(workdir, 'export')
     env = dict(os.environ, PYTHON=sys.executable, NUM_PROCESSES='2',

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from configs import criteo as criteo_config
-from dlrm_jax.train import trainer as train
+from dlrm_jax.train import trainer as trainer_lib
 from dlrm_jax.models import interaction
 
 
@@ -21,7 +21,7 @@ class PeerRecipeTest(parameterized.TestCase):
     mesh = jax.make_mesh((1, 1), ('data', 'model'),
                          axis_types=(jax.sharding.AxisType.Auto,) * 2,
                          devices=jax.devices()[:1])
-    trainer = train.Trainer(config, mesh=mesh)
+    trainer = trainer_lib.Trainer(config, mesh=mesh)
     self.assertEqual([t.num_rows for t in trainer.setup.tables],
                      list(criteo_config.TERABYTE_NUM_BUCKETS))
     self.assertEqual({t.dim for t in trainer.setup.tables}, {128})

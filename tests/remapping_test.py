@@ -7,7 +7,8 @@ import numpy as np
 
 from configs import criteo as criteo_config
 from dlrm_jax.data import features as features_lib
-from dlrm_jax.train import trainer as train
+from dlrm_jax.train import loop as train_loop
+from dlrm_jax.train import trainer as trainer_lib
 from dlrm_jax.embedding import EmbeddingEngine
 from dlrm_jax.embedding.sharding import planner as plan_lib
 from dlrm_jax.embedding.ids import remapping
@@ -104,14 +105,14 @@ def mc_config(steps):
 class ManagedCollisionTrainingTest(absltest.TestCase):
 
   def test_resumed_run_maps_ids_as_an_uninterrupted_one(self):
-    trainer = train.Trainer(mc_config(40), mesh=reference.single_device_mesh())
+    trainer = trainer_lib.Trainer(mc_config(40), mesh=reference.single_device_mesh())
     self.assertEqual(trainer.new_host_state().remapper.feature_names,
                      ('cat_2', 'cat_3'))
     straight = self.create_tempdir().full_path
-    a = train.train_and_evaluate(mc_config(40), straight, trainer)
+    a = train_loop.train_and_evaluate(mc_config(40), straight, trainer)
     resumed = self.create_tempdir().full_path
-    train.train_and_evaluate(mc_config(20), resumed, trainer)
-    b = train.train_and_evaluate(mc_config(40), resumed, trainer)
+    train_loop.train_and_evaluate(mc_config(20), resumed, trainer)
+    b = train_loop.train_and_evaluate(mc_config(40), resumed, trainer)
     self.assertEqual(a['eval'], b['eval'])
     ckpts = []
     for d in (straight, resumed):

@@ -8,7 +8,7 @@ import shutil
 from absl.testing import absltest
 
 from dlrm_jax.serving import offline as inference
-from dlrm_jax.train import trainer as train
+from dlrm_jax.train import loop as train_loop
 from dlrm_jax.data import criteo
 from tests import checkpoint_damage_test
 from tests import shared_data
@@ -33,8 +33,8 @@ class FinishedRunTest(absltest.TestCase):
     path = os.path.join(workdir, 'summary.json')
     before = open(path).read()
     self.assertIsNotNone(json.loads(before)['eval'])
-    summary = train.train_and_evaluate(checkpoint_damage_test._config(),
-                                       workdir, train_test.shared_trainer())
+    summary = train_loop.train_and_evaluate(checkpoint_damage_test._config(),
+                                            workdir, train_test.shared_trainer())
     self.assertEqual(open(path).read(), before)
     self.assertEqual(summary, json.loads(before))
     self.assertEqual(_rows(workdir), _rows(checkpoint_damage_test
@@ -44,8 +44,8 @@ class FinishedRunTest(absltest.TestCase):
     workdir = _copy_of_base(self)
     want = json.load(open(os.path.join(workdir, 'summary.json')))
     os.remove(os.path.join(workdir, 'summary.json'))
-    summary = train.train_and_evaluate(checkpoint_damage_test._config(),
-                                       workdir, train_test.shared_trainer())
+    summary = train_loop.train_and_evaluate(checkpoint_damage_test._config(),
+                                            workdir, train_test.shared_trainer())
     self.assertEqual(summary['eval'], want['eval'])
     self.assertEqual(summary['train_loss'], want['train_loss'])
 
@@ -54,11 +54,11 @@ class FinishedRunTest(absltest.TestCase):
     config = train_test.tiny_config(num_train_steps=20, log_every_steps=5,
                                     checkpoint_every_steps=10,
                                     eval_every_steps=10)
-    train.train_and_evaluate(config, workdir, train_test.shared_trainer())
+    train_loop.train_and_evaluate(config, workdir, train_test.shared_trainer())
     # The run "died" after logging steps 15 and 20 but before saving 20.
     shutil.rmtree(os.path.join(workdir, 'checkpoints', '20'))
     os.remove(os.path.join(workdir, 'summary.json'))
-    train.train_and_evaluate(config, workdir, train_test.shared_trainer())
+    train_loop.train_and_evaluate(config, workdir, train_test.shared_trainer())
     rows = _rows(workdir)
     self.assertEqual([r['step'] for r in rows if r['type'] == 'train'],
                      [5, 10, 15, 20])

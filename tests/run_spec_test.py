@@ -10,7 +10,7 @@ from ml_collections import config_dict
 
 from dlrm_jax.config import build as config_lib
 from dlrm_jax.serving import offline as inference
-from dlrm_jax.train import trainer as train
+from dlrm_jax.train import loop as train_loop
 from tests import train_test
 
 
@@ -78,13 +78,13 @@ class RunSpecTest(absltest.TestCase):
     config = train_test.tiny_config(num_train_steps=10, eval_every_steps=10,
                                     checkpoint_every_steps=10)
     spec = config_lib.run_spec(config)
-    from_config = train.train_and_evaluate(
+    from_config = train_loop.train_and_evaluate(
         config, self.create_tempdir().full_path, trainer)
     workdir = self.create_tempdir().full_path
     with no_config_reads():
       with self.assertRaises(ConfigReadError):  # the guard works
         _ = config.batch_size
-      summary = train.train_and_evaluate(spec, workdir, trainer)
+      summary = train_loop.train_and_evaluate(spec, workdir, trainer)
       model = inference.load(spec, workdir)
       metrics = inference.evaluate(model)
     self.assertEqual(summary['step'], 10)

@@ -22,7 +22,7 @@ from configs import criteo as criteo_config
 from dlrm_jax.serving import runtime as export_runtime
 from dlrm_jax.serving import server as serve
 from dlrm_jax.serving import export as serving
-from dlrm_jax.train import trainer as train
+from dlrm_jax.train import trainer as trainer_lib
 from tests import reference
 from tests.export_tables_test import random_lines
 
@@ -36,7 +36,7 @@ class ServerTest(absltest.TestCase):
     super().setUpClass()
     cls.export_dir = tempfile.mkdtemp(prefix='dlrm_serve_test_')
     config = criteo_config.get_config('tiny')
-    trainer = train.Trainer(config, mesh=reference.single_device_mesh())
+    trainer = trainer_lib.Trainer(config, mesh=reference.single_device_mesh())
     state = trainer.init_state(0)
     cls.sm = serving.ServingModel(trainer, state)
     cls.sm.export(cls.export_dir)

@@ -13,7 +13,8 @@ import numpy as np
 from configs import criteo as criteo_config
 from dlrm_jax.serving import offline as inference
 from dlrm_jax.serving import export as serving
-from dlrm_jax.train import trainer as train
+from dlrm_jax.train import loop as train_loop
+from dlrm_jax.train import trainer as trainer_lib
 from dlrm_jax.data import criteo
 from dlrm_jax.data import preprocess
 from tests import reference
@@ -40,9 +41,9 @@ class TrainedRunTest(absltest.TestCase):
     cls.workdir = tempfile.mkdtemp(prefix='dlrm_serving_test_')
     cls.config = criteo_config.get_config('tiny')
     cls.config.features.cat_4.managed_collision.num_rows = 500
-    cls.summary = train.train_and_evaluate(
+    cls.summary = train_loop.train_and_evaluate(
         cls.config, cls.workdir,
-        train.Trainer(cls.config, mesh=reference.single_device_mesh()))
+        trainer_lib.Trainer(cls.config, mesh=reference.single_device_mesh()))
     cls.model = inference.load(cls.config, cls.workdir)
 
   @classmethod
@@ -211,7 +212,7 @@ class VocabExportTest(absltest.TestCase):
     config.data.binary_dir = data_dir
     config.num_train_steps = 30
     workdir = self.create_tempdir().full_path
-    train.train_and_evaluate(config, workdir)
+    train_loop.train_and_evaluate(config, workdir)
     model = inference.load(config, workdir)
     path = unlabeled_copy(self, 'kaggle_train_random_1000.tsv', rows=200)
     want, got = reference.predicted_and_exported(self, model, path)

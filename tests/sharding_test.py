@@ -17,7 +17,7 @@ import numpy as np
 
 from benchmarks import comm_volume
 from configs import criteo as criteo_config
-from dlrm_jax.train import trainer as train
+from dlrm_jax.train import trainer as trainer_lib
 from dlrm_jax.embedding import EmbeddingEngine
 from dlrm_jax.embedding.sharding import planner as plan_lib
 from tests import embedding_test
@@ -252,7 +252,7 @@ def single_device_trainer(strategy):
   """On one device every strategy stores the same: share one per config."""
   key = 'auto' if strategy == 'auto' else 'fixed'
   if key not in _SINGLE_TRAINERS:
-    _SINGLE_TRAINERS[key] = train.Trainer(
+    _SINGLE_TRAINERS[key] = trainer_lib.Trainer(
         trainer_config(strategy), mesh=reference.single_device_mesh())
   return _SINGLE_TRAINERS[key]
 
@@ -262,7 +262,7 @@ class TrainerShardingTest(parameterized.TestCase):
   @parameterized.parameters(*(STRATEGIES + ('auto', 'table_row_wise')))
   def test_training_steps_match_one_device(self, strategy):
     config = trainer_config(strategy)
-    sharded = train.Trainer(config, mesh=reference.mesh_of(2, 4))
+    sharded = trainer_lib.Trainer(config, mesh=reference.mesh_of(2, 4))
     single = single_device_trainer(strategy)
     if strategy == 'auto':
       used = {p.strategy for p in sharded.plan.placements}

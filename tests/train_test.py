@@ -14,7 +14,8 @@ import numpy as np
 from configs import criteo as criteo_config
 from dlrm_jax.train import checkpoint as ckpt_lib
 from dlrm_jax.config import build as config_lib
-from dlrm_jax.train import trainer as train
+from dlrm_jax.train import loop as train_loop
+from dlrm_jax.train import trainer as trainer_lib
 from tests import reference
 
 _TRAINER = None
@@ -35,8 +36,8 @@ def shared_trainer():
   """One Trainer (and its compiled steps) for every run of the tiny model."""
   global _TRAINER
   if _TRAINER is None:
-    _TRAINER = train.Trainer(tiny_config(),
-                             mesh=reference.single_device_mesh())
+    _TRAINER = trainer_lib.Trainer(tiny_config(),
+                                   mesh=reference.single_device_mesh())
   return _TRAINER
 
 
@@ -66,7 +67,7 @@ class TrainLoopTest(absltest.TestCase):
   def test_learns_and_resumes_to_the_same_result(self):
     trainer = shared_trainer()
     straight = self.create_tempdir().full_path
-    summary = train.train_and_evaluate(tiny_config(), straight, trainer)
+    summary = train_loop.train_and_evaluate(tiny_config(), straight, trainer)
     self.assertEqual(summary['step'], 40)
     # It learns: eval AUC well above chance, and the train loss went down.
     self.assertGreater(summary['eval']['auc'], 0.57)
@@ -78,10 +79,10 @@ class TrainLoopTest(absltest.TestCase):
 
     # Stop after 20 steps, then run the same command again: it resumes.
     resumed = self.create_tempdir().full_path
-    first = train.train_and_evaluate(tiny_config(num_train_steps=20), resumed,
-                                     trainer)
+    first = train_loop.train_and_evaluate(tiny_config(num_train_steps=20), resumed,
+                                          trainer)
     self.assertEqual(first['step'], 20)
-    second = train.train_and_evaluate(tiny_config(), resumed, trainer)
+    second = train_loop.train_and_evaluate(tiny_config(), resumed, trainer)
     self.assertEqual(second['step'], 40)
     self.assertEqual(second['eval'], summary['eval'])
     a, meta_a = restore_final_state(straight, trainer)
@@ -93,14 +94,14 @@ class TrainLoopTest(absltest.TestCase):
   def test_incompatible_config_is_refused(self):
     trainer = shared_trainer()
     workdir = self.create_tempdir().full_path
-    train.train_and_evaluate(tiny_config(num_train_steps=10), workdir,
-                             trainer)
+    train_loop.train_and_evaluate(tiny_config(num_train_steps=10), workdir,
+                                  trainer)
     config = tiny_config()
     config.features.cat_3.num_buckets = 57
     with self.assertRaisesRegex(ckpt_lib.IncompatibleCheckpointError,
                                 r"tables\.cat_3\.num_rows: checkpoint has 101,"
                                 ' config has 57'):
-      train.train_and_evaluate(config, workdir)
+      train_loop.train_and_evaluate(config, workdir)
 
   def test_non_finite_loss_stops_before_saving(self):
     config = tiny_config(**{
@@ -108,12 +109,12 @@ class TrainLoopTest(absltest.TestCase):
         'embedding.optimizer.schedule.learning_rate': 1e30,
         'optimizer.kind': 'sgd', 'optimizer.schedule.learning_rate': 1e30,
         'checkpoint_every_steps': 10, 'log_every_steps': 10})
-    trainer = train.Trainer(config, mesh=reference.single_device_mesh())
+    trainer = trainer_lib.Trainer(config, mesh=reference.single_device_mesh())
     workdir = self.create_tempdir().full_path
-    with self.assertRaisesRegex(train.NonFiniteLossError,
+    with self.assertRaisesRegex(train_loop.NonFiniteLossError,
                                 r'non-finite at step \d+ \(checked over steps'
                                 r' 1\.\.10\)'):
-      train.train_and_evaluate(config, workdir, trainer)
+      train_loop.train_and_evaluate(config, workdir, trainer)
     self.assertEqual(ckpt_lib.Checkpointer(workdir).all_steps(), [])
 
 
@@ -128,7 +129,7 @@ class EarlyStoppingTest(absltest.TestCase):
         'eval_every_steps': 5, 'log_every_steps': 5,
         'early_stopping.patience': 2, 'early_stopping.min_delta': 1.0,
         'keep_best_metric': 'log_loss'})
-    summary = train.train_and_evaluate(config, workdir, trainer)
+    summary = train_loop.train_and_evaluate(config, workdir, trainer)
     self.assertEqual(summary['step'], 15)
     self.assertTrue(summary['stopped_early'])
     evals = [json.loads(l) for l in open(os.path.join(workdir,
@@ -144,7 +145,7 @@ class EarlyStoppingTest(absltest.TestCase):
     self.assertEqual(meta['step'], best['step'])
     self.assertEqual(int(state.step), best['step'])
     # Run again on the same workdir: it resumes at 15 and stays stopped.
-    again = train.train_and_evaluate(config, workdir, trainer)
+    again = train_loop.train_and_evaluate(config, workdir, trainer)
     self.assertEqual(again['step'], 15)
 
   def test_min_train_steps_trains_whole_epochs(self):
@@ -153,7 +154,7 @@ class EarlyStoppingTest(absltest.TestCase):
                                                num_epochs=1))
     data = inputs.make_data(config)
     per_epoch = data.train.batches_per_epoch
-    steps = lambda: train.num_train_steps(config_lib.build_loop(config), data)
+    steps = lambda: train_loop.num_train_steps(config_lib.build_loop(config), data)
     self.assertEqual(steps(), per_epoch)
     config.min_train_steps = per_epoch + 1
     self.assertEqual(steps(), 2 * per_epoch)
@@ -164,17 +165,16 @@ class EarlyStoppingTest(absltest.TestCase):
   def test_bad_early_stopping_config_names_the_field(self):
     with self.assertRaisesRegex(ValueError,
                                 r"config.early_stopping.metric \('auroc'\)"):
-      train.train_and_evaluate(
+      train_loop.train_and_evaluate(
           tiny_config(**{'early_stopping.metric': 'auroc'}),
           self.create_tempdir().full_path, shared_trainer())
 
 
 class TextResumeTest(absltest.TestCase):
   """criteo_tsv: the text stream's position is the checkpoint's 'data' item,
-  as a grain iterator's is; checkpoints written before (the position in
-  meta['data_position']) still resume."""
+  as a grain iterator's is."""
 
-  def test_resumes_to_the_same_state_from_new_and_old_checkpoints(self):
+  def test_resumes_to_the_same_state(self):
     from tests import shared_data  # pylint: disable=g-import-not-at-top
     path = shared_data.criteo_file(self, 'kaggle_train_head_4000.tsv')
     text = lambda steps: tiny_config(**{
@@ -182,52 +182,37 @@ class TextResumeTest(absltest.TestCase):
         'num_train_steps': steps})  # 28 steps an epoch: 40 cross into a 2nd
     trainer = shared_trainer()
     straight = self.create_tempdir().full_path
-    summary = train.train_and_evaluate(text(40), straight, trainer)
+    summary = train_loop.train_and_evaluate(text(40), straight, trainer)
     self.assertEqual(saved_data_state(straight),
                      {'kind': 'text_stream', 'position': 40})
 
     resumed = self.create_tempdir().full_path
-    train.train_and_evaluate(text(20), resumed, trainer)
+    train_loop.train_and_evaluate(text(20), resumed, trainer)
     self.assertEqual(saved_data_state(resumed),
                      {'kind': 'text_stream', 'position': 20})
-    # The same step as a checkpoint of before: no 'data' item, the position
-    # in the meta.
-    old = self.create_tempdir().full_path
-    state, meta = restore_final_state(resumed, trainer)
-    del meta['fingerprints']
-    ckpt = ckpt_lib.Checkpointer(old)
-    ckpt.save(20, state, dict(meta, data_position=20))
-    ckpt.close()
-    self.assertNotIn('data', ckpt_lib.Checkpointer(old).manager.item_metadata(
-        20))
-
     want, _ = restore_final_state(straight, trainer)
-    for workdir in (resumed, old):
-      second = train.train_and_evaluate(text(40), workdir, trainer)
-      self.assertEqual(second['eval'], summary['eval'], workdir)
-      got, _ = restore_final_state(workdir, trainer)
-      assert_same_state(got, want)
-      self.assertEqual(saved_data_state(workdir),
-                       {'kind': 'text_stream', 'position': 40})
+    second = train_loop.train_and_evaluate(text(40), resumed, trainer)
+    self.assertEqual(second['eval'], summary['eval'])
+    got, _ = restore_final_state(resumed, trainer)
+    assert_same_state(got, want)
+    self.assertEqual(saved_data_state(resumed),
+                     {'kind': 'text_stream', 'position': 40})
 
     # A text stream's state does not go into a grain iterator, nor the
     # reverse; nothing is moved aside as damaged.
     with self.assertRaisesRegex(ckpt_lib.IncompatibleCheckpointError,
                                 r'text_stream \(streamed text\), but this'
                                 r' run reads a random-access source'):
-      train.train_and_evaluate(tiny_config(num_train_steps=60), resumed,
-                               trainer)
-    with self.assertRaisesRegex(ckpt_lib.IncompatibleCheckpointError,
-                                'text_stream'):  # the old one as well
-      train.train_and_evaluate(tiny_config(num_train_steps=60), old, trainer)
+      train_loop.train_and_evaluate(tiny_config(num_train_steps=60), resumed,
+                                    trainer)
     grain_run = self.create_tempdir().full_path
-    train.train_and_evaluate(tiny_config(num_train_steps=20), grain_run,
-                             trainer)
+    train_loop.train_and_evaluate(tiny_config(num_train_steps=20), grain_run,
+                                  trainer)
     with self.assertRaisesRegex(ckpt_lib.IncompatibleCheckpointError,
                                 r'a random-access source \(grain\), but this'
                                 r' run reads a text_stream'):
-      train.train_and_evaluate(text(40), grain_run, trainer)
-    for workdir in (resumed, old, grain_run):
+      train_loop.train_and_evaluate(text(40), grain_run, trainer)
+    for workdir in (resumed, grain_run):
       self.assertFalse(os.path.exists(os.path.join(
           workdir, 'checkpoints_damaged')), workdir)
 
@@ -240,14 +225,14 @@ class MultiHotTrainingTest(absltest.TestCase):
                             'num_train_steps': 20})
     prepared = inputs.prepare_config(config)
     self.assertEqual(prepared.features.cat_20.max_ids, 100)
-    trainer = train.Trainer(prepared, mesh=reference.single_device_mesh())
+    trainer = trainer_lib.Trainer(prepared, mesh=reference.single_device_mesh())
     data = inputs.make_data(prepared)
     batch = next(data.train.iterator())
     self.assertEqual(batch['ids'].shape, (128, sum(
         criteo_config.MLPERF_HOTNESS)))
     self.assertGreater((batch['ids'] >= 0).mean(), 0.9)
-    summary = train.train_and_evaluate(config, self.create_tempdir().full_path,
-                                       trainer)
+    summary = train_loop.train_and_evaluate(config, self.create_tempdir().full_path,
+                                            trainer)
     self.assertEqual(summary['step'], 20)
     self.assertTrue(np.isfinite(summary['eval']['log_loss']))
 
@@ -297,7 +282,7 @@ class KilledRunTest(absltest.TestCase):
 
     straight = self.create_tempdir().full_path
     config = tiny_config(**overrides)
-    train.train_and_evaluate(config, straight)
+    train_loop.train_and_evaluate(config, straight)
 
     def digests(d):  # step -> digest; a replayed step's last record wins
       rows = [json.loads(l) for l in open(os.path.join(d, 'batches.jsonl'))]
@@ -319,7 +304,7 @@ class RealCriteoTest(absltest.TestCase):
     config = tiny_config(**{'data.train_path': path, 'num_train_steps': -1,
                             'num_epochs': 2, 'data.eval_fraction': 0.1})
     workdir = self.create_tempdir().full_path
-    summary = train.train_and_evaluate(config, workdir, shared_trainer())
+    summary = train_loop.train_and_evaluate(config, workdir, shared_trainer())
     self.assertEqual(summary['step'], 2 * (3600 // 128))
     ev = summary['eval']
     self.assertEqual(ev['num_examples'], 400)
@@ -343,10 +328,10 @@ class RealCriteoTest(absltest.TestCase):
                             'eval_every_steps': 5})
     with self.assertRaisesRegex(criteo.MalformedLineError,
                                 r'train\.txt:11: expected 40 fields, got 3'):
-      train.train_and_evaluate(config, self.create_tempdir().full_path,
-                               shared_trainer())
+      train_loop.train_and_evaluate(config, self.create_tempdir().full_path,
+                                    shared_trainer())
     config.data.bad_lines = 'skip'
-    summary = train.train_and_evaluate(
+    summary = train_loop.train_and_evaluate(
         config, self.create_tempdir().full_path, shared_trainer())
     # Each line counted once, over three epochs and several evaluations.
     self.assertEqual(summary['malformed_lines_skipped'], 5)

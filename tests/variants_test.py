@@ -27,7 +27,7 @@ from configs import criteo as criteo_config
 from dlrm_jax.serving import runtime as export_runtime
 from dlrm_jax.serving import offline as inference
 from dlrm_jax.serving import server as serve
-from dlrm_jax.train import trainer as train
+from dlrm_jax.train import loop as train_loop
 from tests import shared_data
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,7 +121,7 @@ class EveryPathScoresAlikeTest(parameterized.TestCase):
     rows_path = shared_data.criteo_file(self, 'kaggle_train_random_1000.tsv')
     config = shrunk(variant, train_path)
     workdir = self.create_tempdir().full_path
-    train.train_and_evaluate(config, workdir)
+    train_loop.train_and_evaluate(config, workdir)
     model = inference.load(config, workdir)
     if variant == 'small_data':  # the admission filter is at work
       masks = model.admission()

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 from configs import criteo
-from dlrm_jax.train import trainer as train
+from dlrm_jax.train import trainer as trainer_lib
 
 _TABLES = re.compile(
     r'(function_name|file_name|file_location|parent_frame)_id=')
@@ -24,7 +24,7 @@ _TABLES = re.compile(
 def step_ops(batch: int = 2048) -> list[str]:
   config = criteo.get_config()
   config.batch_size = config.eval_batch_size = batch
-  trainer = train.Trainer(config)
+  trainer = trainer_lib.Trainer(config)
   num_dense = trainer.setup.model.num_dense
   host = {'ids': np.zeros((batch, len(trainer.setup.feature_specs)),
                           np.int32),

@@ -20,7 +20,8 @@ from dlrm_jax.train import checkpoint as ckpt_lib
 from dlrm_jax.config import build as config_lib
 from dlrm_jax.train import metrics as metrics_lib
 from dlrm_jax.serving import export as serving
-from dlrm_jax.train import trainer as train
+from dlrm_jax.train import trainer as trainer_lib
+from dlrm_jax.embedding.ids import host_state
 from dlrm_jax.data import binary
 from dlrm_jax.data import criteo
 from dlrm_jax.data import inputs
@@ -48,10 +49,10 @@ class TrainedModel:
   """
 
   spec: config_lib.RunSpec
-  trainer: train.Trainer
-  state: train.TrainState
+  trainer: trainer_lib.Trainer
+  state: trainer_lib.TrainState
   step: int
-  host: train.HostState | None = None
+  host: host_state.HostState | None = None
   which: str = 'latest'
   directory: str = ''
   best_metric: str | None = None
@@ -86,12 +87,7 @@ class TrainedModel:
     """The rare-id admission filter for the export: per filtered feature,
     its admitted rows and the shared row of the others ({} without
     `config.admission`)."""
-    admission = self.host.admission if self.host is not None else None
-    if admission is None:
-      return {}
-    oov = self.spec.admission.oov_row
-    return {name: (mask, oov) for name, mask in
-            admission.admitted_rows(self.spec.transform).items()}
+    return self.host.admitted_rows(self.spec) if self.host else {}
 
   def id_tables(self) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
     """Raw hash -> row tables for the export (vocabularies, remappers)."""
@@ -104,15 +100,7 @@ class TrainedModel:
             preprocess.load_vocab_lookups(d.binary_dir),
             self.trainer.setup.transform))
     host = self.host or self.trainer.new_host_state()
-    for name, r in host.remapper.remappers.items():
-      live = r.live_ids()
-      keys = np.array(sorted(live), np.int64)
-      if len(keys) and (keys.max() >= 2**32 or keys.min() < 0):
-        raise ValueError(
-            f'feature {name!r} has raw ids outside 32 bits, which the export'
-            ' (uint32 inputs) cannot take.')
-      tables[name] = (keys.astype(np.uint32),
-                      np.array([live[k] for k in keys], np.int32), 0)
+    tables.update(host.export_id_tables())
     return tables
 
 
@@ -144,12 +132,12 @@ def load(config, workdir: str, step: int | None = None,
     checkpoint = 'best' if _best_steps(workdir) else 'latest'
   subdir = 'best_checkpoint' if checkpoint == 'best' else 'checkpoints'
   ckpt = ckpt_lib.Checkpointer(workdir, subdir=subdir, create=False)
-  trainer = train.Trainer(spec)
+  trainer = trainer_lib.Trainer(spec)
   host = trainer.new_host_state()
 
   def restore(step):
     state, meta = trainer.restore(ckpt, step)
-    host.restore(ckpt, step)
+    ckpt.restore_host_state(step, host)
     return state, meta
 
   try:

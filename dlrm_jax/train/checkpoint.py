@@ -116,8 +116,9 @@ def fingerprints(tree: Any) -> dict[str, str]:
 
 def _check_fingerprints(saved: dict[str, str] | None, tree: Any,
                         where: str) -> None:
-  if saved is None:  # Written before fingerprints were kept.
-    return
+  if saved is None:
+    raise DamagedCheckpointError(
+        f'{where} holds no fingerprints of its arrays in its meta.')
   got = fingerprints(tree)
   bad = sorted(k for k in set(saved) | set(got) if saved.get(k) != got.get(k))
   if bad:
@@ -329,31 +330,41 @@ class Checkpointer:
                         f'checkpoint {step} at {self.directory / str(step)}')
     return remappers
 
-  def restore_data_iterator(self, step: int, data_iter: Any,
-                            old_state: bytes | None = None) -> None:
+  def restore_data_iterator(self, step: int, data_iter: Any) -> None:
     """Sets a data iterator (a grain `DatasetIterator`, or one with
     `get_state()`/`set_state()` of JSON bytes, `pipeline.TextBatchIterator`)
     to where it was when `step` was saved.
-
-    `old_state`: the state to set when the checkpoint has no 'data' item (one
-    written before its source's iterator was saved; see `_Run.resume`).
 
     Raises:
       IncompatibleCheckpointError: if the checkpoint holds no data state, or
         that of another kind of source.
     """
     where = self.directory / str(step)
-    checked = _KindChecked(data_iter, where)
     if 'data' not in self.manager.item_metadata(step):
-      if old_state is None:
-        raise IncompatibleCheckpointError(
-            f'the checkpoint at {where} holds no input pipeline state; it was'
-            ' written with another config.data.source.')
-      checked.set_state(old_state)
-      checked.start_prefetch()
-      return
+      raise IncompatibleCheckpointError(
+          f'the checkpoint at {where} holds no input pipeline state; it was'
+          ' written with another config.data.source.')
     self.manager.restore(step, args=ocp.args.Composite(
-        data=grain.checkpoint.CheckpointRestore(checked)))
+        data=grain.checkpoint.CheckpointRestore(_KindChecked(data_iter,
+                                                             where))))
+
+  def restore_host_state(self, step: int, host: Any) -> None:
+    """Loads a run's host-side id state (`embedding.ids.host_state`) saved
+    with `step`; nothing when `host` is empty.
+
+    Raises:
+      IncompatibleCheckpointError: if the saved state is of another config.
+      DamagedCheckpointError: if its arrays differ from their fingerprints.
+    """
+    if not host:
+      return
+    try:
+      host.load_state_dict(self.restore_remappers(step))
+    except IncompatibleCheckpointError:
+      raise
+    except ValueError as e:
+      raise IncompatibleCheckpointError(
+          f'the checkpoint at {self.directory / str(step)}: {e}') from e
 
   def read_meta(self, step: int) -> dict[str, Any]:
     restored = self.manager.restore(
