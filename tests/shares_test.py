@@ -36,7 +36,7 @@ class LineStartTest(absltest.TestCase):
     path = self.create_tempfile(content=text, mode='wb').full_path
     for offset in range(len(text) + 2):
       want = min(s for s in starts if s >= min(offset, len(text)))
-      self.assertEqual(criteo._line_start(path, offset, len(text)), want,  # pylint: disable=protected-access
+      self.assertEqual(criteo.line_start(path, offset, len(text)), want,
                        offset)
 
 

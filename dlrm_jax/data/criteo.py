@@ -504,9 +504,21 @@ class _RangeReader:
     self._f.close()
 
 
-def _line_start(path: str, offset: int, size: int) -> int:
-  """The first line start at or after `offset`: just after the first line
-  end (`\n`, `\r\n`, bare `\r`) at or after byte `offset - 1`."""
+def line_start(path: str, offset: int, size: int) -> int:
+  """The first line start at or after byte `offset` of a plain file.
+
+  The one place where byte cuts are aligned to lines (the shares of
+  `plan_shares`, the ranges of `dlrm_jax.data.preprocess`).
+
+  Args:
+    path: a plain (not gzip) file.
+    offset: a byte offset; 0 or less is the file's start.
+    size: the file's size in bytes.
+
+  Returns:
+    The offset just after the first line end (`\n`, `\r\n` or a bare `\r`)
+    at or after byte `offset - 1`; `size` when there is none.
+  """
   if offset <= 0:
     return 0
   if offset >= size:
@@ -560,7 +572,7 @@ def plan_shares(paths: Sequence[str], process_count: int, *,
       for p in range(process_count):
         lo = min(max(cuts[p] - offset, 0), size)
         hi = min(max(cuts[p + 1] - offset, 0), size)
-        begin, end = _line_start(path, lo, size), _line_start(path, hi, size)
+        begin, end = line_start(path, lo, size), line_start(path, hi, size)
         if begin < end:
           whole = begin == 0 and end == size
           shares[p].append(Segment(path) if whole else

@@ -88,28 +88,21 @@ class Options:
 
 
 def _range_starts(path: str, range_bytes: int) -> list[int]:
-  """Byte offsets of line starts about `range_bytes` apart."""
+  """Byte offsets of line starts about `range_bytes` apart (0 first).
+
+  A range that starts at byte s ends at the line start after byte
+  s + range_bytes (`criteo.line_start`: lines end in `\n`, `\r\n` or a bare
+  `\r`).
+  """
   size = os.path.getsize(path)
   starts = [0]
-  with open(path, 'rb') as f:
-    pos = range_bytes
-    while pos < size:
-      f.seek(pos)
-      tail = f.read(1 << 20)
-      nl = tail.find(b'\n')
-      while nl < 0 and tail:
-        more = f.read(1 << 20)
-        if not more:
-          break
-        nl = len(tail) + more.find(b'\n') if b'\n' in more else -1
-        tail += more
-      if nl < 0:
-        break
-      start = pos + nl + 1
-      if start >= size:
-        break
-      starts.append(start)
-      pos = start + range_bytes
+  pos = range_bytes
+  while pos < size:
+    start = criteo.line_start(path, pos + 1, size)
+    if start >= size:
+      break
+    starts.append(start)
+    pos = start + range_bytes
   return starts
 
 
