@@ -137,8 +137,8 @@ class RangesTest(absltest.TestCase):
     starts = preprocess._range_starts(path, range_bytes)  # pylint: disable=protected-access
     self.assertEqual(starts, want, range_bytes)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      units = preprocess.plan_units('train', [path], range_bytes, True,
-                                    pool)
+      units = preprocess.cut_into_units('train', [path], range_bytes, True,
+                                        pool)
     self.assertEqual([(u.start, u.end) for u in units],
                      list(zip(want, want[1:] + [len(text)])))
     self.assertEqual([u.first_line for u in units],

@@ -431,17 +431,28 @@ class _GuardedStream(io.RawIOBase):
     super().close()
 
 
-def count_rows(paths: Sequence[str | Segment] | str | Segment) -> int:
-  """Lines in the files (or `Segment`s), gzip decompressed, ended as the
-  reader ends them (`\n`, `\r\n` or a bare `\r`); a last line without an
-  end counts. No parsing: a scan for line ends."""
-  if isinstance(paths, (str, Segment)):
+def count_rows(paths: Sequence[str | FileRange] | str | FileRange) -> int:
+  """Lines of files or file ranges, counted as the reader counts them.
+
+  No parsing: a scan for line ends (gzip files decompressed).
+
+  Args:
+    paths: a path or a `FileRange`, or a list of them.
+
+  Returns:
+    The lines, each ended by `\n`, `\r\n` or a bare `\r`; a last line
+    without an end counts.
+
+  Raises:
+    MalformedLineError: naming the file, when a gzip file is damaged.
+  """
+  if isinstance(paths, (str, FileRange)):
     paths = [paths]
   total = 0
   for item in paths:
-    seg = item if isinstance(item, Segment) else Segment(item)
+    part = item if isinstance(item, FileRange) else FileRange(item)
     last = b'\n'
-    with _GuardedStream(seg.name, seg.stream()) as f:
+    with _GuardedStream(part.name, part.stream()) as f:
       while block := f.read(_READ_BYTES):
         # '\r\n' counts once, also when a block boundary splits it.
         total += block.count(b'\n') - (last == b'\r' and block[:1] == b'\n')
@@ -460,11 +471,18 @@ class LineCounter:
 
 
 @dataclasses.dataclass(frozen=True)
-class Segment:
-  """Bytes `[begin, end)` of a file (`end=None`: to its end), or a whole
-  (plain or gzip) file. A byte range must be of a plain file and start at a
-  line start (see `plan_shares`). Messages about its lines name
-  `'path[bytes begin..end]'` and count lines from the range's first one."""
+class FileRange:
+  """Bytes `[begin, end)` of a file, or a whole (plain or gzip) file.
+
+  A byte range must be of a plain file and start at a line start (see
+  `split_into_shares`). Messages about its lines name
+  `'path[bytes begin..end]'` and count lines from the range's first one.
+
+  Attributes:
+    path: the file.
+    begin: the first byte.
+    end: the byte after the last (None: the file's end).
+  """
 
   path: str
   begin: int = 0
@@ -472,10 +490,12 @@ class Segment:
 
   @property
   def whole(self) -> bool:
+    """Whether this is the whole file."""
     return self.begin == 0 and self.end is None
 
   @property
   def name(self) -> str:
+    """The name messages give it: the path, then `[bytes begin..end]`."""
     return self.path if self.whole else (
         f'{self.path}[bytes {self.begin}..{self.end}]')
 
@@ -508,7 +528,7 @@ def line_start(path: str, offset: int, size: int) -> int:
   """The first line start at or after byte `offset` of a plain file.
 
   The one place where byte cuts are aligned to lines (the shares of
-  `plan_shares`, the ranges of `dlrm_jax.data.preprocess`).
+  `split_into_shares`, the ranges of `dlrm_jax.data.preprocess`).
 
   Args:
     path: a plain (not gzip) file.
@@ -537,10 +557,10 @@ def line_start(path: str, offset: int, size: int) -> int:
   return size
 
 
-def plan_shares(paths: Sequence[str], process_count: int, *,
-                span: tuple[float, float] = (0.0, 1.0)
-                ) -> list[list[Segment]]:
-  """Splits files over processes: each process's `Segment`s, in file order.
+def split_into_shares(paths: Sequence[str], process_count: int, *,
+                      span: tuple[float, float] = (0.0, 1.0)
+                      ) -> list[list[FileRange]]:
+  """Splits files over processes, one share of file ranges per process.
 
   The files are laid end to end (plain files by their bytes, gzip files by
   their compressed size), the fraction `span` of the whole is taken (e.g.
@@ -555,19 +575,27 @@ def plan_shares(paths: Sequence[str], process_count: int, *,
   A gzip file (no random access) goes whole to the process whose span holds
   its first byte: with fewer gzip files than processes, some processes get
   none (`share_error` says so).
+
+  Args:
+    paths: the files, plain or gzip.
+    process_count: how many shares.
+    span: the fraction of the files' bytes to split, as (start, end).
+
+  Returns:
+    Each process's `FileRange`s, in file order (a list may be empty).
   """
   sizes = [os.path.getsize(p) for p in paths]
   total = sum(sizes)
   lo, hi = (int(round(f * total)) for f in span)
   cuts = [lo + p * (hi - lo) // process_count
           for p in range(process_count + 1)]
-  shares: list[list[Segment]] = [[] for _ in range(process_count)]
+  shares: list[list[FileRange]] = [[] for _ in range(process_count)]
   offset = 0
   for path, size in zip(paths, sizes):
     if is_gzip(path):
       if cuts[0] <= offset < cuts[-1]:
         owner = max(p for p in range(process_count) if cuts[p] <= offset)
-        shares[owner].append(Segment(path))
+        shares[owner].append(FileRange(path))
     else:
       for p in range(process_count):
         lo = min(max(cuts[p] - offset, 0), size)
@@ -575,14 +603,22 @@ def plan_shares(paths: Sequence[str], process_count: int, *,
         begin, end = line_start(path, lo, size), line_start(path, hi, size)
         if begin < end:
           whole = begin == 0 and end == size
-          shares[p].append(Segment(path) if whole else
-                           Segment(path, begin, end))
+          shares[p].append(FileRange(path) if whole else
+                           FileRange(path, begin, end))
     offset += size
   return shares
 
 
-def share_error(shares: list[list[Segment]], field: str) -> str | None:
-  """Why a share plan cannot be used (a process without data), or None."""
+def share_error(shares: list[list[FileRange]], field: str) -> str | None:
+  """Why shares cannot be used: a process without data.
+
+  Args:
+    shares: what `split_into_shares` returned.
+    field: the config field that named the files, for the message.
+
+  Returns:
+    The message, or None when every process has data.
+  """
   empty = [p for p, s in enumerate(shares) if not s]
   if not empty:
     return None
@@ -908,8 +944,8 @@ def read_criteo(
   """Streams the valid rows of Criteo text files, in file then line order.
 
   Args:
-    paths: the files, plain or gzip (see `expand_paths`), or `Segment`s
-      (byte ranges of plain files, see `plan_shares`).
+    paths: the files, plain or gzip (see `expand_paths`), or `FileRange`s
+      (byte ranges of plain files, see `split_into_shares`).
     labeled: the 40-field layout with a label; False: the 39-field layout of
       Kaggle `test.txt`, without one.
     bad_lines: 'error' raises MalformedLineError at the first malformed line;
@@ -959,9 +995,9 @@ def _valid_rows(paths, labeled, bad_lines, report, skip, max_rows, counter
     if left == 0:
       break
     limit = None if left is None else skip + left
-    seg = item if isinstance(item, Segment) else Segment(item)
-    file_reader = _FileReader(seg.name, labeled, bad_lines, report, skip,
-                              stream=seg.stream(), counter=counter)
+    part = item if isinstance(item, FileRange) else FileRange(item)
+    file_reader = _FileReader(part.name, labeled, bad_lines, report, skip,
+                              stream=part.stream(), counter=counter)
     for rows in file_reader.rows(limit):
       if left is not None:
         left -= len(rows['int'])

@@ -62,12 +62,12 @@ class SyntheticSource:
 class TsvSource:
   """Valid rows `start .. stop` of Criteo text files (streamed).
 
-  `paths` may hold `criteo.Segment`s (a process's byte ranges); `counter`
+  `paths` may hold `criteo.FileRange`s (a process's byte ranges); `counter`
   (a `criteo.LineCounter`) counts the lines handed to the parser.
   """
 
-  def __init__(self, paths: Sequence[str | criteo.Segment], *, start: int = 0,
-               stop: int | None = None, labeled: bool = True,
+  def __init__(self, paths: Sequence[str | criteo.FileRange], *,
+               start: int = 0, stop: int | None = None, labeled: bool = True,
                bad_lines: str = 'error',
                chunk_rows: int = criteo.CHUNK_ROWS,
                report: criteo.BadLineReport | None = None,

@@ -106,9 +106,24 @@ def _range_starts(path: str, range_bytes: int) -> list[int]:
   return starts
 
 
-def plan_units(split: str, paths: Sequence[str], range_bytes: int,
-               labeled: bool, pool) -> list[Unit]:
-  """Cuts the files into units; counts lines so errors name file lines."""
+def cut_into_units(split: str, paths: Sequence[str], range_bytes: int,
+                   labeled: bool, pool) -> list[Unit]:
+  """Cuts a split's files into the units the workers process.
+
+  A gzip file is one unit; a plain file is cut at line starts into byte
+  ranges of about `range_bytes`, whose lines are counted so that errors
+  name the lines of the file.
+
+  Args:
+    split: the split the files are of ('train' or 'eval').
+    paths: the files, plain or gzip.
+    range_bytes: the size at which a plain file is cut.
+    labeled: whether the files have a label field.
+    pool: an executor; its `map` counts the ranges' lines.
+
+  Returns:
+    The units, in file then byte order.
+  """
   pieces = []
   for path in paths:
     if criteo.is_gzip(path):
@@ -120,7 +135,7 @@ def plan_units(split: str, paths: Sequence[str], range_bytes: int,
   # Lines as the reader numbers them (`criteo.count_rows`).
   counts = list(pool.map(
       criteo.count_rows,
-      [criteo.Segment(p, s, e) for p, s, e in pieces if s is not None]))
+      [criteo.FileRange(p, s, e) for p, s, e in pieces if s is not None]))
   units, first, it = [], {}, iter(counts)
   for i, (path, s, e) in enumerate(pieces):
     line = 1
@@ -357,9 +372,10 @@ def run(train: Sequence[str], output_dir: str, *,
       'spawn' if 'jax' in sys.modules else None)
   with concurrent.futures.ProcessPoolExecutor(workers,
                                               mp_context=context) as pool:
-    units = plan_units('train', train, range_bytes, True, pool)
+    units = cut_into_units('train', train, range_bytes, True, pool)
     if eval_paths:
-      units += plan_units('eval', eval_paths, range_bytes, labeled_eval, pool)
+      units += cut_into_units('eval', eval_paths, range_bytes, labeled_eval,
+                              pool)
     total = sum(u.bytes for u in units)
     logging.info('%d input file(s), %.2f GB, in %d unit(s), %d worker(s)',
                  len(train) + len(eval_paths), total / 1e9, len(units),
