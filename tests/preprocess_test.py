@@ -127,20 +127,19 @@ class RangesTest(absltest.TestCase):
     path = self.create_tempfile(content=text, mode='wb').full_path
     lines = text.splitlines(keepends=True)  # '\n', '\r\n' and a bare '\r'
     line_starts = np.cumsum([0] + [len(l) for l in lines[:-1]]).tolist()
-    want = [0]  # A range ends at the first line start after its byte
-    while True:  # start + range_bytes.
+    # A range ends at the first line start after byte start + range_bytes.
+    want = [0]
+    while True:
       end = min([s for s in line_starts if s > want[-1] + range_bytes] +
                 [len(text)])
       if end >= len(text):
         break
       want.append(end)
-    starts = preprocess._range_starts(path, range_bytes)  # pylint: disable=protected-access
-    self.assertEqual(starts, want, range_bytes)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
       units = preprocess.cut_into_units('train', [path], range_bytes, True,
                                         pool)
     self.assertEqual([(u.start, u.end) for u in units],
-                     list(zip(want, want[1:] + [len(text)])))
+                     list(zip(want, want[1:] + [len(text)])), range_bytes)
     self.assertEqual([u.first_line for u in units],
                      [line_starts.index(s) + 1 for s in want])
     return path
