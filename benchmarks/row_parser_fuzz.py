@@ -45,10 +45,21 @@ OUTCOMES = (
 )
 
 
+# The module's path, now and before the layout of issue 21 (882e564).
+_RUNTIME_PATHS = ('dlrm_jax/serving/runtime.py', 'dlrm_jax/export_runtime.py')
+
+
 def _old_parse_rows(rev: str):
-  src = subprocess.run(['git', 'show', f'{rev}:dlrm_jax/serving/runtime.py'],
-                       capture_output=True, text=True, check=True,
-                       cwd=_ROOT).stdout
+  for path in _RUNTIME_PATHS:
+    out = subprocess.run(['git', 'show', f'{rev}:{path}'],
+                         capture_output=True, text=True, check=False,
+                         cwd=_ROOT)
+    if not out.returncode:
+      break
+  else:
+    raise ValueError(f'--before={rev}: no {" or ".join(_RUNTIME_PATHS)} at'
+                     f' that revision: {out.stderr.strip()}')
+  src = out.stdout
   mod = types.ModuleType('old_export_runtime')
   exec(compile(src, 'old_export_runtime.py', 'exec'), mod.__dict__)  # pylint: disable=exec-used
   return mod.parse_rows

@@ -1,6 +1,7 @@
 """Preprocessing to the binary format, against the direct reader."""
 
 import collections
+import concurrent.futures
 import gzip
 import json
 import os
@@ -117,6 +118,60 @@ class PreprocessTest(absltest.TestCase):
     self.assertEqual(got.num_rows, 4000)
     np.testing.assert_array_equal(got.read_range(0, 4000)['label'],
                                   direct(self.head)['label'])
+
+
+class RangesTest(absltest.TestCase):
+  """Byte ranges of plain files, against the lines of Python's split."""
+
+  def _check_ranges(self, text, range_bytes):
+    path = self.create_tempfile(content=text, mode='wb').full_path
+    lines = text.splitlines(keepends=True)  # '\n', '\r\n' and a bare '\r'
+    line_starts = np.cumsum([0] + [len(l) for l in lines[:-1]]).tolist()
+    # A range ends at the first line start after byte start + range_bytes.
+    want = [0]
+    while True:
+      end = min([s for s in line_starts if s > want[-1] + range_bytes] +
+                [len(text)])
+      if end >= len(text):
+        break
+      want.append(end)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      units = preprocess.cut_into_units('train', [path], range_bytes, True,
+                                        pool)
+    self.assertEqual([(u.start, u.end) for u in units],
+                     list(zip(want, want[1:] + [len(text)])), range_bytes)
+    self.assertEqual([u.first_line for u in units],
+                     [line_starts.index(s) + 1 for s in want])
+    return path
+
+  def test_ranges_of_a_file_with_cr_line_ends(self):
+    lines = open(shared_data.criteo_file(self, RANDOM), 'rb').read(
+        ).splitlines()
+    lines.insert(700, b'not\ta\tcriteo\tline')
+    text = b'\r'.join(lines) + b'\r'
+    for range_bytes in (1, 50, 999, 20_000, 100_000, len(text)):
+      path = self._check_ranges(text, range_bytes)
+    mixed = b''.join(l + (b'\n', b'\r\n', b'\r')[i % 3]
+                     for i, l in enumerate(lines[:300]))
+    for range_bytes in (1, 333, 5_000, 40_000):
+      self._check_ranges(mixed, range_bytes)
+    # The rows and the line numbers of later ranges, as the direct reader.
+    with self.assertRaisesRegex(criteo.MalformedLineError,
+                                r':701: expected 40 fields, got 4'):
+      run([path], self.create_tempdir().full_path, range_bytes=50_000)
+    out = self.create_tempdir().full_path
+    meta = run([path], out, range_bytes=50_000, bad_lines='skip',
+               num_buckets=5000)
+    self.assertGreater(len(meta.splits['train']), 3)  # it really split
+    self.assertEqual(meta.bad_lines['count'], 1)
+    self.assertIn(':701:', meta.bad_lines['examples'][0])
+    got = binary.BinarySource(out, 'train')
+    want = {k: np.concatenate([c[k] for c in criteo.read_criteo(
+        [path], bad_lines='skip')]) for k in ('label', 'int')}
+    self.assertEqual(got.num_rows, 1000)
+    rows = got.read_range(0, 1000)
+    np.testing.assert_array_equal(rows['label'], want['label'])
+    np.testing.assert_array_equal(rows['int'], want['int'])
 
 
 class CorruptFileTest(absltest.TestCase):

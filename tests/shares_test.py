@@ -36,11 +36,11 @@ class LineStartTest(absltest.TestCase):
     path = self.create_tempfile(content=text, mode='wb').full_path
     for offset in range(len(text) + 2):
       want = min(s for s in starts if s >= min(offset, len(text)))
-      self.assertEqual(criteo._line_start(path, offset, len(text)), want,  # pylint: disable=protected-access
+      self.assertEqual(criteo.line_start(path, offset, len(text)), want,
                        offset)
 
 
-class PlanSharesTest(absltest.TestCase):
+class SplitIntoSharesTest(absltest.TestCase):
 
   def test_shares_partition_the_rows_for_every_line_end(self):
     lines = _lines(self, 300)
@@ -49,7 +49,7 @@ class PlanSharesTest(absltest.TestCase):
                                   mode='wb').full_path
       whole = _rows([path])
       for pc in (1, 2, 3, 7):
-        shares = criteo.plan_shares([path], pc)
+        shares = criteo.split_into_shares([path], pc)
         self.assertIsNone(criteo.share_error(shares, 'f'))
         counts = [criteo.count_rows(s) for s in shares]
         self.assertEqual(sum(counts), 300)
@@ -74,14 +74,14 @@ class PlanSharesTest(absltest.TestCase):
         p = self.create_tempfile(f'f{i}', content=t, mode='wb').full_path
       paths.append(p)
     whole = _rows(paths)
-    shares = criteo.plan_shares(paths, 3)
+    shares = criteo.split_into_shares(paths, 3)
     gz = [s for share in shares for s in share if s.path == paths[1]]
-    self.assertEqual(gz, [criteo.Segment(paths[1])])  # whole, in one share
+    self.assertEqual(gz, [criteo.FileRange(paths[1])])  # whole, in one share
     np.testing.assert_array_equal(
         np.concatenate([_rows(s) for s in shares]), whole)
     # Train and eval spans: the head and the tail, no row in both.
-    head = criteo.plan_shares(paths, 2, span=(0.0, 0.8))
-    tail = criteo.plan_shares(paths, 2, span=(0.8, 1.0))
+    head = criteo.split_into_shares(paths, 2, span=(0.0, 0.8))
+    tail = criteo.split_into_shares(paths, 2, span=(0.8, 1.0))
     parts = [_rows(s) for s in head + tail]
     np.testing.assert_array_equal(np.concatenate(parts), whole)
     self.assertBetween(sum(len(p) for p in parts[2:]), 50, 110)
@@ -90,8 +90,8 @@ class PlanSharesTest(absltest.TestCase):
     path = self.create_tempfile('one.gz').full_path
     with gzip.open(path, 'wb') as f:
       f.write(b'\n'.join(_lines(self, 10)) + b'\n')
-    shares = criteo.plan_shares([path], 2)
-    self.assertEqual(shares, [[criteo.Segment(path)], []])
+    shares = criteo.split_into_shares([path], 2)
+    self.assertEqual(shares, [[criteo.FileRange(path)], []])
     self.assertRegex(criteo.share_error(shares, 'config.data.train_path'),
                      r'config.data.train_path.*processes \[1\].*gzip')
 

@@ -191,6 +191,116 @@ def open_file(path: str) -> pa.NativeFile:
   return pa.input_stream(path, compression='gzip' if is_gzip(path) else None)
 
 
+# A malformed line or run of lines: (first file line, number of lines, reason).
+_Event = tuple[int, int, str]
+
+
+class _LineRecord:
+  """Which file line each row of a stream came from, and the lines dropped.
+
+  The one record of line numbers while one file (or byte range) is read.
+  Lines are counted from 1 in the stream the parser reads; the lines the
+  record hands out are file lines (`line_offset`, the file's lines before
+  the stream's first, added). Its writers, in stream lines:
+    the guarded stream: the lines it passes on (`pass_on`) and those it cuts
+      for their length (`cut_long`);
+    pyarrow's invalid-row handler: the lines of a wrong field count it drops
+      (`drop`), kept as runs until placed (a file of the wrong layout is one
+      run); pyarrow parses a few blocks ahead, so they may lie past the rows
+      of the batch at hand;
+    the file reader: each batch of rows, placed in order after the dropped
+      lines before it (`line_of`, then `place`).
+  A cut line reaches pyarrow as the one-field line '?', so it comes back
+  among the dropped lines, where it gets its own reason.
+  """
+
+  def __init__(self, num_fields: int, line_offset: int = 0,
+               counter: LineCounter | None = None):
+    """`num_fields`: the layout's field count; `counter`: also counts the
+    lines passed on."""
+    self.num_fields = num_fields
+    self.line_offset = line_offset
+    self.counter = counter
+    self.passed = 0  # Stream lines passed on to the parser.
+    self._placed = 0  # Stream lines 1.._placed are placed.
+    self._runs: list[list[int]] = []  # [first line, lines, field count]
+    self._long: set[int] = set()  # Stream lines cut for their length.
+
+  def pass_on(self, lines: int) -> None:
+    """The guarded stream passed on `lines` more lines."""
+    self.passed += lines
+    if self.counter is not None:
+      self.counter.lines += lines
+
+  def cut_long(self, line: int) -> None:
+    """The guarded stream cut stream line `line` for its length."""
+    self._long.add(line)
+
+  def drop(self, line: int, fields: int) -> None:
+    """pyarrow dropped stream line `line`, of `fields` fields."""
+    runs = self._runs
+    last = runs[-1] if runs else None
+    if last and last[0] + last[1] == line and last[2] == fields:
+      last[1] += 1
+    else:
+      runs.append([line, 1, fields])
+
+  @property
+  def next_line(self) -> int:
+    """The file line of the first line not placed yet."""
+    return self.line_offset + self._placed + 1
+
+  def line_of(self, rows: np.ndarray) -> np.ndarray:
+    """The file lines of rows `rows` (indices) of the next batch."""
+    before, after = self._pending()
+    return (self.line_offset + self._placed + rows + 1 +
+            before[np.searchsorted(after, rows, side='right')])
+
+  def place(self, num_rows: int, last: int, since: int) -> list[_Event]:
+    """Places the next batch of `num_rows` rows, and the dropped lines that
+    come before its row `last`; returns those of them from file line `since`
+    on (the ones before it are passed over)."""
+    before, after = self._pending()
+    n_runs = int(np.searchsorted(after, last, side='right'))
+    runs = self._runs[:n_runs]
+    del self._runs[:n_runs]
+    self._placed += num_rows + int(before[n_runs])
+    return self._events(runs, since)
+
+  def rest(self) -> list[_Event]:
+    """The dropped lines not placed yet (those after the last row)."""
+    runs, self._runs = self._runs, []
+    return self._events(runs, 0)
+
+  def _pending(self) -> tuple[np.ndarray, np.ndarray]:
+    """(`[R + 1]` dropped lines before each pending run and in all, `[R]`
+    rows of the next batch before each run)."""
+    # Row k of the next batch lies on stream line placed + k + 1 + (dropped
+    # lines before it). All lines of run r come before row k exactly when
+    # k >= after[r], with after[r] = (rows between line `placed` and run r).
+    runs = np.array(self._runs, np.int64).reshape(-1, 3)
+    before = np.concatenate([[0], np.cumsum(runs[:, 1])])
+    return before, runs[:, 0] - self._placed - 1 - before[:-1]
+
+  def _events(self, runs: list[list[int]], since: int) -> list[_Event]:
+    """Runs of dropped lines from file line `since` on, as events; the lines
+    cut for their length split out with their own reason."""
+    offset, events = self.line_offset, []
+    for line, count, fields in runs:
+      if line + offset < since:
+        continue
+      reason = rows_lib.field_count_reason(self.num_fields, fields)
+      for cut in sorted(l for l in self._long if line <= l < line + count):
+        if cut > line:
+          events.append((line + offset, cut - line, reason))
+        events.append((cut + offset, 1, rows_lib.long_line_reason()))
+        count -= cut + 1 - line
+        line = cut + 1
+      if count > 0:
+        events.append((line + offset, count, reason))
+    return events
+
+
 class _GuardedStream(io.RawIOBase):
   """A file's text for pyarrow's CSV reader, guarded.
 
@@ -200,19 +310,19 @@ class _GuardedStream(io.RawIOBase):
   malformed, is reported at its line and can be skipped. A line longer than
   `rows_lib.MAX_LINE_BYTES` (which pyarrow could only fail on, naming no
   line, once it passes its block size) is passed on as the one-field line
-  '?' and its number (1-based, in this stream) kept in `long_lines`. A
-  damaged gzip stream is named with the file and the offset reached.
+  '?', and recorded as cut. The lines passed on are recorded too, in the
+  reader's `_LineRecord`. A damaged gzip stream is named with the file and
+  the offset reached.
   """
 
   _MARK = b'?'
 
   def __init__(self, path: str, stream: pa.NativeFile | None = None, *,
-               guard_lines: bool = True, counter: LineCounter | None = None):
-    """`guard_lines=False`: the bytes as they are (gzip errors named);
-    `counter`: counts the lines passed on."""
+               lines: _LineRecord | None = None):
+    """`lines`: where the lines passed on and cut are recorded; None: the
+    bytes pass as they are (gzip errors still named), for counting lines."""
     super().__init__()
-    self._counter = counter
-    self._guard_lines = guard_lines
+    self._record = lines
     self._path = path
     self._gzip = stream is None and is_gzip(path)
     self._stream = stream if stream is not None else open_file(path)
@@ -220,9 +330,7 @@ class _GuardedStream(io.RawIOBase):
     self._out = bytearray()  # Ready for the reader.
     self._tail = b''  # The start of the current line (and a held '\r').
     self._long = False  # The current line is too long: dropped to its end.
-    self._lines = 0  # Line ends passed on.
     self._eof = False
-    self.long_lines: set[int] = set()
 
   def readable(self) -> bool:
     return True
@@ -239,7 +347,7 @@ class _GuardedStream(io.RawIOBase):
           + (' (a damaged or truncated gzip file?)' if self._gzip else '')
       ) from e
     self._pos += len(data)
-    if not self._guard_lines:
+    if self._record is None:
       return data
     view = np.frombuffer(data, np.uint8)
     if view.size and view.max() >= 0x80:
@@ -254,7 +362,7 @@ class _GuardedStream(io.RawIOBase):
     starts = np.concatenate([[0], ends[:-1] + 1])
     if not ((ends - starts) > limit).any():
       return complete
-    pieces, lines = [], self._lines
+    pieces, lines = [], self._record.passed
     pos = 0
     for a, b in zip(starts.tolist(), ends.tolist()):
       # A '\n' right after a '\r' ends no line of its own.
@@ -264,7 +372,7 @@ class _GuardedStream(io.RawIOBase):
       if b - a > limit:
         pieces += [complete[pos:a], self._MARK]
         pos = b
-        self.long_lines.add(lines)
+        self._record.cut_long(lines)
     pieces.append(complete[pos:])
     return b''.join(pieces)
 
@@ -272,12 +380,13 @@ class _GuardedStream(io.RawIOBase):
     data = self._raw_read(max(size, 1 << 16))
     if not data:
       self._eof = True
-      if self._counter is not None and (self._tail or self._long):
-        self._counter.lines += 1  # The last line, or one ended by a '\r'.
+      last = bool(self._tail or self._long)  # (or a line ended by a '\r')
       if self._long:
         self._out += self._MARK
       else:
         self._out += self._cut_long(self._tail + b'\n')[:-1]
+      if last:
+        self._record.pass_on(1)
       self._tail, self._long = b'', False
       return
     if self._long:  # Drop to the end of the long line.
@@ -295,14 +404,11 @@ class _GuardedStream(io.RawIOBase):
     complete, rest = buf[:k + 1], buf[k + 1:]
     if complete:
       self._out += self._cut_long(complete)
-      ends = (complete.count(b'\n') + complete.count(b'\r') -
-              complete.count(b'\r\n'))
-      self._lines += ends
-      if self._counter is not None:
-        self._counter.lines += ends
+      self._record.pass_on(complete.count(b'\n') + complete.count(b'\r') -
+                           complete.count(b'\r\n'))
     if len(rest) > rows_lib.MAX_LINE_BYTES:
       self._long = True
-      self.long_lines.add(self._lines + 1)
+      self._record.cut_long(self._record.passed + 1)
       rest = b''
       if hold:  # The long line ended at this '\r'.
         self._out += self._MARK
@@ -312,7 +418,7 @@ class _GuardedStream(io.RawIOBase):
   def read(self, size: int = -1) -> bytes:
     if size is None or size < 0:
       size = 1 << 62
-    if not self._guard_lines:
+    if self._record is None:
       return self._raw_read(size)
     while not self._out and not self._eof:
       self._fill(min(size, 1 << 24))
@@ -325,17 +431,28 @@ class _GuardedStream(io.RawIOBase):
     super().close()
 
 
-def count_rows(paths: Sequence[str | Segment] | str | Segment) -> int:
-  """Lines in the files (or `Segment`s), gzip decompressed, ended as the
-  reader ends them (`\n`, `\r\n` or a bare `\r`); a last line without an
-  end counts. No parsing: a scan for line ends."""
-  if isinstance(paths, (str, Segment)):
+def count_rows(paths: Sequence[str | FileRange] | str | FileRange) -> int:
+  """Lines of files or file ranges, counted as the reader counts them.
+
+  No parsing: a scan for line ends (gzip files decompressed).
+
+  Args:
+    paths: a path or a `FileRange`, or a list of them.
+
+  Returns:
+    The lines, each ended by `\n`, `\r\n` or a bare `\r`; a last line
+    without an end counts.
+
+  Raises:
+    MalformedLineError: naming the file, when a gzip file is damaged.
+  """
+  if isinstance(paths, (str, FileRange)):
     paths = [paths]
   total = 0
   for item in paths:
-    seg = item if isinstance(item, Segment) else Segment(item)
+    part = item if isinstance(item, FileRange) else FileRange(item)
     last = b'\n'
-    with _GuardedStream(seg.name, seg.stream(), guard_lines=False) as f:
+    with _GuardedStream(part.name, part.stream()) as f:
       while block := f.read(_READ_BYTES):
         # '\r\n' counts once, also when a block boundary splits it.
         total += block.count(b'\n') - (last == b'\r' and block[:1] == b'\n')
@@ -354,11 +471,18 @@ class LineCounter:
 
 
 @dataclasses.dataclass(frozen=True)
-class Segment:
-  """Bytes `[begin, end)` of a file (`end=None`: to its end), or a whole
-  (plain or gzip) file. A byte range must be of a plain file and start at a
-  line start (see `plan_shares`). Messages about its lines name
-  `'path[bytes begin..end]'` and count lines from the range's first one."""
+class FileRange:
+  """Bytes `[begin, end)` of a file, or a whole (plain or gzip) file.
+
+  A byte range must be of a plain file and start at a line start (see
+  `split_into_shares`). Messages about its lines name
+  `'path[bytes begin..end]'` and count lines from the range's first one.
+
+  Attributes:
+    path: the file.
+    begin: the first byte.
+    end: the byte after the last (None: the file's end).
+  """
 
   path: str
   begin: int = 0
@@ -366,10 +490,12 @@ class Segment:
 
   @property
   def whole(self) -> bool:
+    """Whether this is the whole file."""
     return self.begin == 0 and self.end is None
 
   @property
   def name(self) -> str:
+    """The name messages give it: the path, then `[bytes begin..end]`."""
     return self.path if self.whole else (
         f'{self.path}[bytes {self.begin}..{self.end}]')
 
@@ -398,9 +524,21 @@ class _RangeReader:
     self._f.close()
 
 
-def _line_start(path: str, offset: int, size: int) -> int:
-  """The first line start at or after `offset`: just after the first line
-  end (`\n`, `\r\n`, bare `\r`) at or after byte `offset - 1`."""
+def line_start(path: str, offset: int, size: int) -> int:
+  """The first line start at or after byte `offset` of a plain file.
+
+  The one place where byte cuts are aligned to lines (the shares of
+  `split_into_shares`, the ranges of `dlrm_jax.data.preprocess`).
+
+  Args:
+    path: a plain (not gzip) file.
+    offset: a byte offset; 0 or less is the file's start.
+    size: the file's size in bytes.
+
+  Returns:
+    The offset just after the first line end (`\n`, `\r\n` or a bare `\r`)
+    at or after byte `offset - 1`; `size` when there is none.
+  """
   if offset <= 0:
     return 0
   if offset >= size:
@@ -419,10 +557,10 @@ def _line_start(path: str, offset: int, size: int) -> int:
   return size
 
 
-def plan_shares(paths: Sequence[str], process_count: int, *,
-                span: tuple[float, float] = (0.0, 1.0)
-                ) -> list[list[Segment]]:
-  """Splits files over processes: each process's `Segment`s, in file order.
+def split_into_shares(paths: Sequence[str], process_count: int, *,
+                      span: tuple[float, float] = (0.0, 1.0)
+                      ) -> list[list[FileRange]]:
+  """Splits files over processes, one share of file ranges per process.
 
   The files are laid end to end (plain files by their bytes, gzip files by
   their compressed size), the fraction `span` of the whole is taken (e.g.
@@ -437,34 +575,50 @@ def plan_shares(paths: Sequence[str], process_count: int, *,
   A gzip file (no random access) goes whole to the process whose span holds
   its first byte: with fewer gzip files than processes, some processes get
   none (`share_error` says so).
+
+  Args:
+    paths: the files, plain or gzip.
+    process_count: how many shares.
+    span: the fraction of the files' bytes to split, as (start, end).
+
+  Returns:
+    Each process's `FileRange`s, in file order (a list may be empty).
   """
   sizes = [os.path.getsize(p) for p in paths]
   total = sum(sizes)
   lo, hi = (int(round(f * total)) for f in span)
   cuts = [lo + p * (hi - lo) // process_count
           for p in range(process_count + 1)]
-  shares: list[list[Segment]] = [[] for _ in range(process_count)]
+  shares: list[list[FileRange]] = [[] for _ in range(process_count)]
   offset = 0
   for path, size in zip(paths, sizes):
     if is_gzip(path):
       if cuts[0] <= offset < cuts[-1]:
         owner = max(p for p in range(process_count) if cuts[p] <= offset)
-        shares[owner].append(Segment(path))
+        shares[owner].append(FileRange(path))
     else:
       for p in range(process_count):
         lo = min(max(cuts[p] - offset, 0), size)
         hi = min(max(cuts[p + 1] - offset, 0), size)
-        begin, end = _line_start(path, lo, size), _line_start(path, hi, size)
+        begin, end = line_start(path, lo, size), line_start(path, hi, size)
         if begin < end:
           whole = begin == 0 and end == size
-          shares[p].append(Segment(path) if whole else
-                           Segment(path, begin, end))
+          shares[p].append(FileRange(path) if whole else
+                           FileRange(path, begin, end))
     offset += size
   return shares
 
 
-def share_error(shares: list[list[Segment]], field: str) -> str | None:
-  """Why a share plan cannot be used (a process without data), or None."""
+def share_error(shares: list[list[FileRange]], field: str) -> str | None:
+  """Why shares cannot be used: a process without data.
+
+  Args:
+    shares: what `split_into_shares` returned.
+    field: the config field that named the files, for the message.
+
+  Returns:
+    The message, or None when every process has data.
+  """
   empty = [p for p, s in enumerate(shares) if not s]
   if not empty:
     return None
@@ -660,22 +814,13 @@ class _FileReader:
     self.report = report
     self.skip = skip
     self.stream = stream
-    self.line_offset = line_offset
-    self.counter = counter
     self.names = (('label',) if labeled else ()) + INT_NAMES + CAT_NAMES
-    # Lines with a wrong field count that pyarrow dropped, not yet placed
-    # among the rows, as runs [first line, number of lines, field count] (a
-    # file of the wrong layout is one run). pyarrow parses a few blocks
-    # ahead, so these may lie past the rows of the batch at hand. Line
-    # numbers are 1-based.
-    self.dropped: list[list[int]] = []
-    self.consumed = 0  # Lines 1..consumed are placed.
-    self.guard: _GuardedStream | None = None
+    self.lines = _LineRecord(len(self.names), line_offset, counter)
 
   def rows(self, limit: int | None) -> Iterator[dict[str, np.ndarray]]:
     """The valid rows, stopping after `limit` of them (None: all)."""
-    self.guard = _GuardedStream(self.path, self.stream, counter=self.counter)
-    reader = self._open()
+    reader = self._open(
+        _GuardedStream(self.path, self.stream, lines=self.lines))
     if reader is None:
       return
     produced = 0
@@ -686,9 +831,8 @@ class _FileReader:
         break
       except pa.ArrowInvalid as e:
         raise MalformedLineError(
-            f'{self.path}:{self.consumed + self.line_offset + 1}: cannot be'
-            ' parsed (at or after this line):'
-            f' {e}') from e
+            f'{self.path}:{self.lines.next_line}: cannot be parsed (at or'
+            f' after this line): {e}') from e
       if not batch.num_rows:
         continue
       out, n_good, done = self._take(batch, limit, produced)
@@ -697,15 +841,14 @@ class _FileReader:
         yield out
       if done:
         return
-    self._emit([(start, count, self._field_count(actual))
-                for start, count, actual in self.dropped])
+    self._emit(self.lines.rest())
 
-  def _open(self):
+  def _open(self, guard: _GuardedStream):
     """pyarrow's streaming reader over the guarded stream (None: empty)."""
     names = self.names
     try:
       return pa_csv.open_csv(
-          self.guard,
+          guard,
           read_options=pa_csv.ReadOptions(
               column_names=names, block_size=_BLOCK_BYTES, use_threads=False),
           parse_options=pa_csv.ParseOptions(
@@ -720,20 +863,11 @@ class _FileReader:
       if 'Empty CSV file' in str(e):
         return None
       raise MalformedLineError(
-          f'{self.path}:{self.line_offset + 1}: cannot be parsed: {e}') from e
+          f'{self.path}:{self.lines.next_line}: cannot be parsed: {e}') from e
 
   def _on_invalid_row(self, row) -> str:
-    dropped = self.dropped
-    last = dropped[-1] if dropped else None
-    if (last and last[0] + last[1] == row.number and
-        last[2] == row.actual_columns):
-      last[1] += 1
-    else:
-      dropped.append([row.number, 1, row.actual_columns])
+    self.lines.drop(row.number, row.actual_columns)
     return 'skip'
-
-  def _field_count(self, actual: int) -> str:
-    return rows_lib.field_count_reason(len(self.names), actual)
 
   def _take(self, batch: pa.RecordBatch, limit: int | None, produced: int
             ) -> tuple[dict[str, np.ndarray], int, bool]:
@@ -741,15 +875,7 @@ class _FileReader:
     ones before its last row needed); returns (its rows to return, valid
     rows used, whether `limit` is reached)."""
     n = batch.num_rows
-    consumed = self.consumed
     out, checks = _convert(batch, self.labeled)
-    # Row k of the batch lies on line consumed + k + 1 + (dropped lines before
-    # it). All lines of run r come before row k exactly when k >= after[r],
-    # with after[r] = (valid rows between line `consumed` and the run).
-    runs = np.array(self.dropped, np.int64).reshape(-1, 3)
-    lines_before = np.concatenate([[0], np.cumsum(runs[:, 1])])
-    after = runs[:, 0] - consumed - 1 - lines_before[:-1]
-
     good = ~checks.bad
     last = n - 1  # The last row needed from this batch.
     done = False
@@ -759,33 +885,25 @@ class _FileReader:
       if len(good_rows) >= need:
         last = int(good_rows[need - 1])
         done = True
-    n_runs = int(np.searchsorted(after, last, side='right'))
-
-    def line_of(rows):
-      return (consumed + rows + 1 +
-              lines_before[np.searchsorted(after, rows, side='right')])
-
     n_good = int(np.count_nonzero(good[:last + 1]))
-    first, quiet_before = self._skip_rows(good, last, n_good, line_of)
-    events = [(start, count, self._field_count(actual))
-              for start, count, actual in self.dropped[:n_runs]
-              if start >= quiet_before]
+    first, quiet_before = self._skip_rows(good, last, n_good)
+    events = []
     bad_rows = np.flatnonzero(checks.bad[first:last + 1]) + first
     if bad_rows.size:
       events += [(int(line), 1, checks.reason(int(k)))
-                 for line, k in zip(line_of(bad_rows), bad_rows)]
+                 for line, k in zip(self.lines.line_of(bad_rows), bad_rows)]
+    # (After `line_of`: placing moves the record on to the next batch.)
+    events += self.lines.place(n, last, since=quiet_before)
     self._emit(events)
-    self.consumed += n + int(lines_before[n_runs])
-    del self.dropped[:n_runs]
     keep = good[first:last + 1]
     if first or last + 1 < n or not keep.all():
       out = {k: v[first:last + 1][keep] for k, v in out.items()}
     return out, n_good, done
 
-  def _skip_rows(self, good, last, n_good, line_of) -> tuple[int, int]:
+  def _skip_rows(self, good, last, n_good) -> tuple[int, int]:
     """Passes over `self.skip` valid rows of `good[:last + 1]`; returns (the
-    first row returned, the line before which malformed lines are passed
-    over)."""
+    first row returned, the file line before which malformed lines are
+    passed over)."""
     first = 0  # The first row returned from this batch.
     quiet_before = 0  # Malformed lines before this one are passed over.
     if self.skip:
@@ -795,34 +913,20 @@ class _FileReader:
       else:
         first = int(np.flatnonzero(good[:last + 1])[self.skip])
         self.skip = 0
-        quiet_before = int(line_of(np.array([first]))[0])
+        quiet_before = int(self.lines.line_of(np.array([first]))[0])
     return first, quiet_before
 
-  def _emit(self, events: list[tuple[int, int, str]]) -> None:
-    """Raises or reports (first line, number of lines, reason) events."""
-    long_lines = self.guard.long_lines
-    if long_lines:  # Lines cut by the guard: their own reason.
-      split = []
-      for line, count, reason in events:
-        cut = sorted(l for l in long_lines if line <= l < line + count)
-        for l in cut:
-          if l > line:
-            split.append((line, l - line, reason))
-          split.append((l, 1, rows_lib.long_line_reason()))
-          count -= l + 1 - line
-          line = l + 1
-        if count > 0:
-          split.append((line, count, reason))
-      events = split
+  def _emit(self, events: list[_Event]) -> None:
+    """Raises or reports the events (file lines)."""
     events.sort()
-    path, line_offset, report = self.path, self.line_offset, self.report
+    path, report = self.path, self.report
     if events and self.bad_lines == 'error':
       line, _, reason = events[0]
-      raise MalformedLineError(f'{path}:{line + line_offset}: {reason}')
+      raise MalformedLineError(f'{path}:{line}: {reason}')
     for line, count, reason in events:
       shown = min(count, max(report.max_examples - len(report.examples), 1))
       for i in range(shown):
-        report.add(path, line + line_offset + i, reason)
+        report.add(path, line + i, reason)
       report.count += count - shown
 
 
@@ -840,8 +944,8 @@ def read_criteo(
   """Streams the valid rows of Criteo text files, in file then line order.
 
   Args:
-    paths: the files, plain or gzip (see `expand_paths`), or `Segment`s
-      (byte ranges of plain files, see `plan_shares`).
+    paths: the files, plain or gzip (see `expand_paths`), or `FileRange`s
+      (byte ranges of plain files, see `split_into_shares`).
     labeled: the 40-field layout with a label; False: the 39-field layout of
       Kaggle `test.txt`, without one.
     bad_lines: 'error' raises MalformedLineError at the first malformed line;
@@ -891,9 +995,9 @@ def _valid_rows(paths, labeled, bad_lines, report, skip, max_rows, counter
     if left == 0:
       break
     limit = None if left is None else skip + left
-    seg = item if isinstance(item, Segment) else Segment(item)
-    file_reader = _FileReader(seg.name, labeled, bad_lines, report, skip,
-                              stream=seg.stream(), counter=counter)
+    part = item if isinstance(item, FileRange) else FileRange(item)
+    file_reader = _FileReader(part.name, labeled, bad_lines, report, skip,
+                              stream=part.stream(), counter=counter)
     for rows in file_reader.rows(limit):
       if left is not None:
         left -= len(rows['int'])

@@ -11,9 +11,10 @@ Random-access sources (all but criteo_tsv) go through the grain pipeline of
 
 Several processes: every process reads only its own rows. Random-access
 sources read this process's slice of each global batch; criteo_tsv splits
-the files over the processes by bytes (`criteo.plan_shares`: line-aligned
-byte ranges of plain files, whole gzip files) and each process streams and
-parses its share only, in batches of `batch_size // process_count` rows.
+the files over the processes by bytes (`criteo.split_into_shares`:
+line-aligned byte ranges of plain files, whole gzip files) and each process
+streams and parses its share only, in batches of `batch_size //
+process_count` rows.
 At start-up each process counts the lines of its own share (a scan for line
 ends, no parse; a gzip file of its share is decompressed for it) and one
 collective gathers the counts: an epoch is `min(lines of a share) //
@@ -346,16 +347,17 @@ def _tsv_shares(spec, pi, pc, gather, kw, report, eval_report):
   train_paths = criteo.expand_paths(d.train_path,
                                     field='config.data.train_path')
   if d.eval_path:
-    train = criteo.plan_shares(train_paths, pc)
-    evals = criteo.plan_shares(
+    train = criteo.split_into_shares(train_paths, pc)
+    evals = criteo.split_into_shares(
         criteo.expand_paths(d.eval_path, field='config.data.eval_path'),
         pc) if d.labeled_eval else None
     eval_field = 'config.data.eval_path'
   else:
     frac = d.eval_fraction
-    train = criteo.plan_shares(train_paths, pc, span=(0.0, 1.0 - frac))
-    evals = criteo.plan_shares(train_paths, pc, span=(1.0 - frac, 1.0)) if (
-        frac) else None
+    train = criteo.split_into_shares(train_paths, pc,
+                                     span=(0.0, 1.0 - frac))
+    evals = criteo.split_into_shares(
+        train_paths, pc, span=(1.0 - frac, 1.0)) if frac else None
     eval_field = 'config.data.eval_fraction'
     if evals is not None and not any(evals):
       evals = None

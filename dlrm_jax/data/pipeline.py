@@ -62,12 +62,19 @@ class SyntheticSource:
 class TsvSource:
   """Valid rows `start .. stop` of Criteo text files (streamed).
 
-  `paths` may hold `criteo.Segment`s (a process's byte ranges); `counter`
-  (a `criteo.LineCounter`) counts the lines handed to the parser.
+  Args:
+    paths: the files, or `criteo.FileRange`s (a process's byte ranges).
+    start: the first valid row.
+    stop: the row after the last (None: counted, one pass over the files).
+    labeled: whether the files have a label field.
+    bad_lines: 'error' or 'skip', as `criteo.read_criteo` takes it.
+    chunk_rows: rows per chunk yielded.
+    report: where skipped lines are recorded (a new one if None).
+    counter: a `criteo.LineCounter` of the lines handed to the parser.
   """
 
-  def __init__(self, paths: Sequence[str | criteo.Segment], *, start: int = 0,
-               stop: int | None = None, labeled: bool = True,
+  def __init__(self, paths: Sequence[str | criteo.FileRange], *,
+               start: int = 0, stop: int | None = None, labeled: bool = True,
                bad_lines: str = 'error',
                chunk_rows: int = criteo.CHUNK_ROWS,
                report: criteo.BadLineReport | None = None,

@@ -88,34 +88,42 @@ class Options:
 
 
 def _range_starts(path: str, range_bytes: int) -> list[int]:
-  """Byte offsets of line starts about `range_bytes` apart."""
+  """Byte offsets of line starts about `range_bytes` apart (0 first).
+
+  A range that starts at byte s ends at the line start after byte
+  s + range_bytes (`criteo.line_start`: lines end in `\n`, `\r\n` or a bare
+  `\r`).
+  """
   size = os.path.getsize(path)
   starts = [0]
-  with open(path, 'rb') as f:
-    pos = range_bytes
-    while pos < size:
-      f.seek(pos)
-      tail = f.read(1 << 20)
-      nl = tail.find(b'\n')
-      while nl < 0 and tail:
-        more = f.read(1 << 20)
-        if not more:
-          break
-        nl = len(tail) + more.find(b'\n') if b'\n' in more else -1
-        tail += more
-      if nl < 0:
-        break
-      start = pos + nl + 1
-      if start >= size:
-        break
-      starts.append(start)
-      pos = start + range_bytes
+  pos = range_bytes
+  while pos < size:
+    start = criteo.line_start(path, pos + 1, size)
+    if start >= size:
+      break
+    starts.append(start)
+    pos = start + range_bytes
   return starts
 
 
-def plan_units(split: str, paths: Sequence[str], range_bytes: int,
-               labeled: bool, pool) -> list[Unit]:
-  """Cuts the files into units; counts lines so errors name file lines."""
+def cut_into_units(split: str, paths: Sequence[str], range_bytes: int,
+                   labeled: bool, pool) -> list[Unit]:
+  """Cuts a split's files into the units the workers process.
+
+  A gzip file is one unit; a plain file is cut at line starts into byte
+  ranges of about `range_bytes`, whose lines are counted so that errors
+  name the lines of the file.
+
+  Args:
+    split: the split the files are of ('train' or 'eval').
+    paths: the files, plain or gzip.
+    range_bytes: the size at which a plain file is cut.
+    labeled: whether the files have a label field.
+    pool: an executor; its `map` counts the ranges' lines.
+
+  Returns:
+    The units, in file then byte order.
+  """
   pieces = []
   for path in paths:
     if criteo.is_gzip(path):
@@ -127,7 +135,7 @@ def plan_units(split: str, paths: Sequence[str], range_bytes: int,
   # Lines as the reader numbers them (`criteo.count_rows`).
   counts = list(pool.map(
       criteo.count_rows,
-      [criteo.Segment(p, s, e) for p, s, e in pieces if s is not None]))
+      [criteo.FileRange(p, s, e) for p, s, e in pieces if s is not None]))
   units, first, it = [], {}, iter(counts)
   for i, (path, s, e) in enumerate(pieces):
     line = 1
@@ -364,9 +372,10 @@ def run(train: Sequence[str], output_dir: str, *,
       'spawn' if 'jax' in sys.modules else None)
   with concurrent.futures.ProcessPoolExecutor(workers,
                                               mp_context=context) as pool:
-    units = plan_units('train', train, range_bytes, True, pool)
+    units = cut_into_units('train', train, range_bytes, True, pool)
     if eval_paths:
-      units += plan_units('eval', eval_paths, range_bytes, labeled_eval, pool)
+      units += cut_into_units('eval', eval_paths, range_bytes, labeled_eval,
+                              pool)
     total = sum(u.bytes for u in units)
     logging.info('%d input file(s), %.2f GB, in %d unit(s), %d worker(s)',
                  len(train) + len(eval_paths), total / 1e9, len(units),

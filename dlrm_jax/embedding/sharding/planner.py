@@ -388,13 +388,27 @@ class Piece:
 
 
 @dataclasses.dataclass(frozen=True)
-class Segment:
+class FeatureRoute:
   """How one feature's ids reach one column piece of its table in a stack.
 
-  An id `i` of the feature (columns `id_offset .. id_offset + max_ids` of the
-  packed ids) is valid when `0 <= i < num_rows`; it lives on model device
-  `first_device + i // rows_per_shard` at local row
-  `offsets[device] + i % rows_per_shard`. Replicated: `offsets` has one entry.
+  An id `i` of the feature is valid when `0 <= i < num_rows`; it lives on
+  model device `first_device + i // rows_per_shard` at local row
+  `offsets[device] + i % rows_per_shard`. A stack's `segments` are its
+  routes.
+
+  Attributes:
+    feature: the feature's index among the features.
+    id_offset: its first column in the packed ids.
+    max_ids: its columns there (ids per example).
+    num_rows: the rows of its table.
+    col_start: the piece's first embedding column.
+    first_device: the model device holding the piece's first rows (0 when
+      replicated).
+    rows_per_shard: the rows of each device's block (`num_rows` when the
+      piece is not split by rows).
+    offsets: the piece's local row offset on each model device (-1: not on
+      it); replicated: one entry.
+    combiner: how the feature's ids are pooled.
   """
 
   feature: int
@@ -420,7 +434,7 @@ class Stack:
   replicated: bool
   capacity: int
   pieces: tuple[Piece, ...]
-  segments: tuple[Segment, ...]
+  segments: tuple[FeatureRoute, ...]
 
   @property
   def max_ids(self) -> int:
@@ -442,7 +456,7 @@ def build_layout(
             for i, (key, pieces) in enumerate(groups.items())]
   # Route features: one segment per (feature, column piece of its table).
   id_offset = 0
-  segs: dict[str, list[Segment]] = {s.name: [] for s in stacks}
+  segs: dict[str, list[FeatureRoute]] = {s.name: [] for s in stacks}
   for fi, f in enumerate(features):
     t = by_name[f.table]
     p = plan.placement(t.name)
@@ -499,7 +513,7 @@ def _pack_stack(i, key, piece_fields, num_shards, row_multiple) -> Stack:
                ())
 
 
-def _segments(fi, f, t, p, s, id_offset, num_shards) -> list[Segment]:
+def _segments(fi, f, t, p, s, id_offset, num_shards) -> list[FeatureRoute]:
   """Feature `fi`'s segments in stack `s`: one per column piece of table `t`
   (placement `p`) stored there."""
   by_col: dict[int, list[Piece]] = {}
@@ -524,6 +538,6 @@ def _segments(fi, f, t, p, s, id_offset, num_shards) -> list[Segment]:
               ' consecutive.')
       else:
         first, rps = pcs[0].device, t.num_rows
-    out.append(Segment(fi, id_offset, f.max_ids, t.num_rows, col_start, first,
-                       rps, offsets, t.combiner))
+    out.append(FeatureRoute(fi, id_offset, f.max_ids, t.num_rows, col_start,
+                            first, rps, offsets, t.combiner))
   return out

@@ -34,7 +34,15 @@ class Routing:
   combiners: tuple[str, ...]   # per segment
 
 
-def routing_of(segments: Sequence[plan_lib.Segment]) -> Routing:
+def routing_of(segments: Sequence[plan_lib.FeatureRoute]) -> Routing:
+  """The per-column routing of some of a stack's segments.
+
+  Args:
+    segments: the segments (`FeatureRoute`s), in order.
+
+  Returns:
+    Their `Routing`: one entry per id column, segments by position.
+  """
   cols, seg_of_col, rows, first, rps, offsets = [], [], [], [], [], []
   for k, seg in enumerate(segments):
     for j in range(seg.max_ids):
@@ -71,7 +79,7 @@ def take_cols(ids: jax.Array, cols: np.ndarray,
 
 @dataclasses.dataclass(frozen=True)
 class Owned:
-  """The all-to-all plan of a stack's segments held by a few shards.
+  """The all-to-all routing of a stack's segments held by a few shards.
 
   Destination d serves bags `bag_seg[d, :N_d]` (stack segments) whose ids
   fill slots `:L_d` of its `[L]` id block; the rest is padding. A segment
@@ -98,8 +106,20 @@ class Owned:
   weighted: bool         # some bag of several ids is not sum-pooled
 
 
-def owned_plan(stack: plan_lib.Stack, segs: Sequence[int], num_shards: int,
-                num_columns: int) -> Owned:
+def owned_routing(stack: plan_lib.Stack, segs: Sequence[int],
+                  num_shards: int, num_columns: int) -> Owned:
+  """The all-to-all routing of the stack's segments `segs`.
+
+  Args:
+    stack: the stack.
+    segs: the indices of the segments served by all-to-all (each held by
+      some of the shards, not row-split over all of them).
+    num_shards: S, the model shards.
+    num_columns: T, the packed id columns (T itself marks a padding slot).
+
+  Returns:
+    The `Owned` routing of those segments.
+  """
   s = num_shards
   segments = stack.segments
   multi = any(segments[k].max_ids > 1 for k in segs)
@@ -151,8 +171,20 @@ def owned_plan(stack: plan_lib.Stack, segs: Sequence[int], num_shards: int,
                    for k in segs))
 
 
-def holders(seg: plan_lib.Segment, num_shards: int) -> list[int]:
-  """The model shards holding rows of a segment."""
+# The name exchange.py still calls (its owner switches to owned_routing).
+owned_plan = owned_routing
+
+
+def holders(seg: plan_lib.FeatureRoute, num_shards: int) -> list[int]:
+  """The model shards holding rows of a segment.
+
+  Args:
+    seg: the segment.
+    num_shards: S, the model shards.
+
+  Returns:
+    The shards, in order (`[0]` when replicated).
+  """
   if len(seg.offsets) == 1:  # replicated
     return [0]
   return [d for d in range(num_shards) if seg.offsets[d] >= 0]
