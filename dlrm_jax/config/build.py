@@ -19,6 +19,9 @@ from absl import logging
 from ml_collections import config_dict
 
 from dlrm_jax.config import checks as config_checks
+from dlrm_jax.config.spec import (DataSpec, DenseOptimizerSpec, LoopSpec,
+                                  MeshSpec, ModelSetup, PlanRequest, RunSpec,
+                                  SyntheticDataSpec)
 from dlrm_jax.train import early_stopping
 from dlrm_jax.data import features as features_lib
 from dlrm_jax.train import schedules
@@ -33,23 +36,6 @@ FEATURE_TYPES = ('raw', 'id', 'sequence_id')
 DENSE_OPTIMIZERS = ('sgd', 'adagrad', 'exact_adagrad', 'adam', 'adamw')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelSetup:
-  """Everything static about a model: features, transform, specs."""
-
-  features: dict[str, features_lib.Feature]
-  transform: features_lib.FeatureTransform
-  model: DLRMSpec
-  tables: tuple[emb_specs.TableSpec, ...]
-  feature_specs: tuple[emb_specs.FeatureSpec, ...]
-  compute_dtype: Any
-
-  @property
-  def table_rows(self) -> tuple[int, ...]:
-    """Rows of the table of each sparse feature, in sparse-group order."""
-    rows = {t.name: t.num_rows for t in self.tables}
-    return tuple(rows[f.table] for f in self.feature_specs)
 
 
 def _to_dict(value) -> dict:
@@ -504,44 +490,6 @@ def load_config(spec: str):
   return module.get_config(variant or None)
 
 
-@dataclasses.dataclass(frozen=True)
-class LoopSpec:
-  """The training loop of a run; each field is the config field of the same
-  name (`data.record_batches` for the last), whose defaults are in
-  configs/criteo.py.
-
-  Attributes:
-    num_train_steps: steps to train; None: `num_epochs` over the train rows.
-    num_epochs: epochs when `num_train_steps` is None.
-    min_train_steps: with epochs, at least this many steps (whole epochs).
-    batch_size: global train batch.
-    eval_batch_size: global eval batch.
-    seed: seeds parameters, dropout and data.
-    log_every_steps: progress line and metrics row.
-    eval_every_steps: full evaluation (and at the end).
-    checkpoint_every_steps: checkpoint (and at the end).
-    max_to_keep: checkpoints kept.
-    target_auc: the eval AUC that ends training; None when off.
-    keep_best_metric: eval metric whose best state is kept; None when off.
-    early_stopping: `config.early_stopping` as a dict (checked).
-    record_batches: log a digest of each step's ids to batches.jsonl.
-  """
-
-  num_train_steps: int | None
-  num_epochs: float
-  min_train_steps: int
-  batch_size: int
-  eval_batch_size: int
-  seed: int
-  log_every_steps: int
-  eval_every_steps: int
-  checkpoint_every_steps: int
-  max_to_keep: int
-  target_auc: float | None
-  keep_best_metric: str | None
-  early_stopping: Mapping[str, Any]
-  record_batches: bool
-
 
 def build_loop(config) -> LoopSpec:
   """`config`'s training loop, validated (ValueErrors name the field)."""
@@ -566,32 +514,6 @@ def build_loop(config) -> LoopSpec:
       record_batches=bool(config.data.record_batches))
 
 
-@dataclasses.dataclass(frozen=True)
-class MeshSpec:
-  """`config.mesh`: devices along each axis; -1: the rest."""
-
-  data: int
-  model: int
-
-
-@dataclasses.dataclass(frozen=True)
-class PlanRequest:
-  """What `config.embedding` asks of the sharding planner
-  (`train.make_plan`); the fields are those of `config.embedding`.
-
-  Attributes:
-    strategy: 'auto' (the planner) or a strategy for every table.
-    overrides: (table, strategy) pairs that override it.
-    replicate_bytes: auto: tables this small are replicated.
-    row_group_size: >0: big tables row-wise over groups of this size.
-    device_memory_gb: auto: the per-device budget; None: none.
-  """
-
-  strategy: str
-  overrides: tuple[tuple[str, str], ...]
-  replicate_bytes: int
-  row_group_size: int
-  device_memory_gb: float | None
 
 
 def build_plan_request(config) -> PlanRequest:
@@ -606,21 +528,6 @@ def build_plan_request(config) -> PlanRequest:
   return PlanRequest(e.sharding, overrides, e.replicate_bytes,
                      e.row_group_size or 0, e.device_memory_gb)
 
-
-@dataclasses.dataclass(frozen=True)
-class DenseOptimizerSpec:
-  """`config.optimizer`, the optimizer of the dense (MLP) parameters; the
-  fields are those of `config.optimizer` (see configs/criteo.py)."""
-
-  kind: str
-  schedule: schedules.ScheduleSpec
-  eps: float
-  b1: float
-  b2: float
-  weight_decay: float
-  initial_accumulator_value: float
-  momentum: float
-  grad_clip_norm: float
 
 
 def build_dense_optimizer_spec(cfg) -> DenseOptimizerSpec:
@@ -650,44 +557,6 @@ def build_dense_optimizer_spec(cfg) -> DenseOptimizerSpec:
   return spec
 
 
-@dataclasses.dataclass(frozen=True)
-class SyntheticDataSpec:
-  """`config.data.synthetic`: the built-in generator's split sizes and
-  difficulty (see `data.synthetic.SyntheticSpec`)."""
-
-  num_train: int
-  num_eval: int
-  zipf_exponent: float
-  logit_scale: float
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSpec:
-  """`config.data`, resolved (`source` is never 'auto'); each field is the
-  `config.data` field of the same name (`multi_hot` is
-  `config.data.multi_hot.enabled`, `multi_hot_distribution` its
-  distribution), documented and defaulted in configs/criteo.py."""
-
-  source: str
-  train_path: str | tuple[str, ...]
-  eval_path: str | tuple[str, ...]
-  eval_fraction: float
-  labeled_eval: bool
-  bad_lines: str
-  check_ids: bool
-  binary_dir: str
-  tfds_name: str
-  tfds_data_dir: str
-  tfds_train_split: str
-  tfds_eval_split: str
-  shuffle: bool
-  shuffle_buffer: int
-  chunk_rows: int
-  num_threads: int
-  prefetch: int
-  multi_hot: bool
-  multi_hot_distribution: str
-  synthetic: SyntheticDataSpec
 
 
 DATA_SOURCES = ('auto', 'synthetic', 'criteo_tsv', 'binary', 'tfds')
@@ -742,42 +611,6 @@ def build_data(config) -> DataSpec:
           int(s.num_train), int(s.num_eval), float(s.zipf_exponent),
           float(s.logit_scale)))
 
-
-@dataclasses.dataclass(frozen=True)
-class RunSpec(ModelSetup):
-  """Everything a run is, typed and checked: the model (`ModelSetup`'s
-  fields), the sharding plan request, the mesh, the dense optimizer, the
-  data, the loop and the rare-id admission. Built once from the config by
-  `build`; nothing downstream reads the ConfigDict.
-
-  Attributes:
-    plan: what the sharding planner is asked for.
-    mesh: the device mesh's axis sizes.
-    dense_optimizer: the MLPs' optimizer.
-    data: the input data.
-    loop: the training loop.
-    admission: rare-id admission (`min_count <= 1`: off).
-    config_json: the config as JSON, written to config.json and the
-      checkpoints' meta for the record (never read back by the run).
-  """
-
-  plan: PlanRequest
-  mesh: MeshSpec
-  dense_optimizer: DenseOptimizerSpec
-  data: DataSpec
-  loop: LoopSpec
-  admission: admission_lib.AdmissionSpec
-  config_json: str = dataclasses.field(default='{}', compare=False)
-
-  def same_trainer(self, other: 'RunSpec') -> bool:
-    """Whether a Trainer of `other` serves this spec (same model, tables,
-    plan request, mesh, optimizers and batch sizes; the data, loop and
-    admission are the run's own)."""
-    keep = ('features', 'transform', 'model', 'tables', 'feature_specs',
-            'compute_dtype', 'plan', 'mesh', 'dense_optimizer')
-    return all(getattr(self, k) == getattr(other, k) for k in keep) and (
-        (self.loop.batch_size, self.loop.eval_batch_size) ==
-        (other.loop.batch_size, other.loop.eval_batch_size))
 
 
 def build(config) -> RunSpec:

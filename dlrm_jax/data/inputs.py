@@ -35,6 +35,7 @@ import numpy as np
 from absl import logging
 
 from dlrm_jax.config import build as config_lib
+from dlrm_jax.config import spec as spec_lib
 from dlrm_jax.data import binary
 from dlrm_jax.data import criteo
 from dlrm_jax.data import loader
@@ -237,7 +238,7 @@ def _tsv_shared_sources(spec, pi, pc, gather, report) -> _Sources:
                   eval_counts=eval_counts, lines=lines)
 
 
-def _synthetic_sources(s: config_lib.SyntheticDataSpec, seed: int
+def _synthetic_sources(s: spec_lib.SyntheticDataSpec, seed: int
                        ) -> _Sources:
   gen = synthetic.SyntheticCriteo(synthetic.SyntheticSpec(
       seed=seed, num_train=s.num_train, num_eval=s.num_eval,
@@ -256,7 +257,7 @@ def _synthetic_sources(s: config_lib.SyntheticDataSpec, seed: int
                   iid=True)  # rows are i.i.d. draws already
 
 
-def _tsv_sources(d: config_lib.DataSpec, report) -> _Sources:
+def _tsv_sources(d: spec_lib.DataSpec, report) -> _Sources:
   """criteo_tsv in one process: eval from `eval_path` or the train tail."""
   train_paths = criteo.expand_paths(d.train_path,
                                     field='config.data.train_path')
@@ -288,7 +289,7 @@ def _tsv_sources(d: config_lib.DataSpec, report) -> _Sources:
                   cache_eval=cache_eval)
 
 
-def _random_access_sources(d: config_lib.DataSpec) -> _Sources:
+def _random_access_sources(d: spec_lib.DataSpec) -> _Sources:
   """binary or tfds: eval from its own split or the train tail."""
   kind = d.source
   if kind == 'binary':
