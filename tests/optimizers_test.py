@@ -147,10 +147,12 @@ class DenseExactAdagradTest(absltest.TestCase):
   def test_against_torch_style_loop(self):
     from configs import criteo as criteo_config  # pylint: disable=g-import-not-at-top
     from dlrm_jax.config import build as config_lib  # pylint: disable=g-import-not-at-top
+    from dlrm_jax.train import optimizers as dense_optimizers  # pylint: disable=g-import-not-at-top
     cfg = criteo_config.get_config().optimizer
     cfg.kind, cfg.eps = 'exact_adagrad', 1e-8
     cfg.schedule.kind, cfg.schedule.learning_rate = 'constant', 0.05
-    tx = config_lib.build_dense_optimizer(cfg)
+    tx = dense_optimizers.build_dense_optimizer(
+        config_lib.build_dense_optimizer_spec(cfg))
     rng = np.random.default_rng(0)
     w = {'k': rng.normal(size=(3, 4)).astype(np.float32)}
     state = tx.init(w)

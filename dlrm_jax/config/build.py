@@ -12,9 +12,7 @@ import copy
 import dataclasses
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
-import optax
 from absl import logging
 from ml_collections import config_dict
 
@@ -23,6 +21,7 @@ from dlrm_jax.config.spec import (DataSpec, DenseOptimizerSpec, LoopSpec,
                                   MeshSpec, ModelSetup, PlanRequest, RunSpec,
                                   SyntheticDataSpec)
 from dlrm_jax.train import early_stopping
+from dlrm_jax.train import optimizers as dense_optimizers
 from dlrm_jax.data import features as features_lib
 from dlrm_jax.train import schedules
 from dlrm_jax.data import binary
@@ -33,7 +32,7 @@ from dlrm_jax.models import DCNSpec, DLRMSpec, MLPSpec
 from dlrm_jax.models.dlrm import INTERACTIONS
 
 FEATURE_TYPES = ('raw', 'id', 'sequence_id')
-DENSE_OPTIMIZERS = ('sgd', 'adagrad', 'exact_adagrad', 'adam', 'adamw')
+DENSE_OPTIMIZERS = tuple(dense_optimizers.KINDS)
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
@@ -421,56 +420,6 @@ def build_tables(config, sparse) -> tuple[tuple[emb_specs.TableSpec, ...],
         optimizer=table_opt, combiner=fields['combiner'], dtype=dtype))
   emb_specs.validate(tables, feature_specs)
   return tuple(tables), tuple(feature_specs)
-
-
-def scale_by_exact_adagrad(eps: float = 1e-8,
-                           initial_accumulator_value: float = 0.0
-                           ) -> optax.GradientTransformation:
-  """torch.optim.Adagrad's (and FBGEMM EXACT_ADAGRAD's) scaling:
-  acc += g^2; g / (sqrt(acc) + eps), acc starting at 0. (optax.adagrad
-  scales by 1 / sqrt(acc + eps) with acc starting at 0.1.)"""
-  def init(params):
-    return jax.tree.map(
-        lambda p: jnp.full_like(p, initial_accumulator_value, jnp.float32),
-        params)
-
-  def update(updates, state, params=None):
-    del params
-    acc = jax.tree.map(lambda a, g: a + jnp.square(g.astype(jnp.float32)),
-                       state, updates)
-    out = jax.tree.map(
-        lambda g, a: (g / (jnp.sqrt(a) + eps)).astype(g.dtype), updates, acc)
-    return out, acc
-
-  return optax.GradientTransformation(init, update)
-
-
-def build_dense_optimizer(spec: DenseOptimizerSpec | Any
-                          ) -> optax.GradientTransformation:
-  """The optax optimizer of the dense (MLP) parameters (`spec`, or a
-  `config.optimizer` to build it from)."""
-  if not isinstance(spec, DenseOptimizerSpec):
-    spec = build_dense_optimizer_spec(spec)
-  lr = schedules.build(spec.schedule)
-  kind, eps = spec.kind, spec.eps
-  if kind == 'sgd':
-    tx = optax.sgd(lr, momentum=spec.momentum or None)
-  elif kind == 'adagrad':
-    # optax starts the accumulator at 0.1; torch.optim.Adagrad (the MLPerf
-    # DLRM-DCNv2 reference's dense optimizer) at 0.
-    tx = optax.adagrad(lr, initial_accumulator_value=(
-        spec.initial_accumulator_value), eps=eps)
-  elif kind == 'exact_adagrad':
-    tx = optax.chain(scale_by_exact_adagrad(eps),
-                     optax.scale_by_learning_rate(lr))
-  elif kind == 'adam':
-    tx = optax.adam(lr, b1=spec.b1, b2=spec.b2, eps=eps)
-  else:
-    tx = optax.adamw(lr, b1=spec.b1, b2=spec.b2, eps=eps,
-                     weight_decay=spec.weight_decay)
-  if spec.grad_clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(spec.grad_clip_norm), tx)
-  return tx
 
 
 def load_config(spec: str):

@@ -31,6 +31,7 @@ from dlrm_jax.train import checkpoint as ckpt_lib
 from dlrm_jax.config import build as config_lib
 from dlrm_jax.train import early_stopping
 from dlrm_jax.train import metrics as metrics_lib
+from dlrm_jax.train import optimizers as dense_optimizers
 from dlrm_jax import parallel
 from dlrm_jax.train import reporting
 from dlrm_jax.train import workdir_lock
@@ -245,7 +246,7 @@ class Trainer:
                            for f in self.setup.transform.sparse)
     # Host-side id state that eval/predict must be given (HostState).
     self.needs_host_state = self.resets_rows or spec.admission.min_count > 1
-    self.tx = config_lib.build_dense_optimizer(spec.dense_optimizer)
+    self.tx = dense_optimizers.build_dense_optimizer(spec.dense_optimizer)
     self.has_bn = any(
         m is not None and m.use_bn
         for m in (self.setup.model.dense_mlp, self.setup.model.final))
