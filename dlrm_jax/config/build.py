@@ -483,6 +483,12 @@ def build_dense_optimizer_spec(cfg) -> DenseOptimizerSpec:
   path = 'config.optimizer'
   cfg = _to_dict(cfg)
   kind = cfg.get('kind')
+  if kind == 'adagrad':
+    raise ValueError(
+        f"{path}.kind ('adagrad') is ambiguous; choose 'optax_adagrad'"
+        " (optax.adagrad's formula: g / sqrt(acc + eps), acc from 0.1) or"
+        " 'exact_adagrad' (torch.optim.Adagrad and FBGEMM: g / (sqrt(acc) +"
+        " eps), acc from 0, as the table optimizer 'adagrad').")
   if kind not in DENSE_OPTIMIZERS:
     raise ValueError(
         f'{path}.kind ({kind!r}) must be one of {list(DENSE_OPTIMIZERS)}.')

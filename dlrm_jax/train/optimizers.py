@@ -5,11 +5,14 @@ rows in the lookup's backward (`dlrm_jax.embedding.optimizers`).
 
 Kinds (`DenseOptimizerSpec.kind`; g the gradient, lr the scheduled rate):
   sgd:            optax.sgd, with `momentum` when it is not 0.
-  adagrad:        optax.adagrad: acc += g^2; w -= lr * g / sqrt(acc + eps),
+  optax_adagrad:  optax.adagrad: acc += g^2; w -= lr * g / sqrt(acc + eps),
                   acc starting at `initial_accumulator_value` (optax's 0.1).
   exact_adagrad:  torch.optim.Adagrad's (and FBGEMM EXACT_ADAGRAD's, the
                   tables' 'adagrad'): acc += g^2; w -= lr * g / (sqrt(acc) +
                   eps), acc starting at 0.
+(The two differ most on the first steps: with acc 0 and eps 1e-8, a first
+gradient of 1e-5 moves a weight by 0.1 lr under optax_adagrad and by 0.999
+lr under exact_adagrad. The config has no plain 'adagrad' for the MLPs.)
   adam:           optax.adam.
   adamw:          optax.adamw, with decoupled `weight_decay`.
 A `grad_clip_norm` above 0 clips the gradients' global norm first.
@@ -62,7 +65,7 @@ def _sgd(spec: DenseOptimizerSpec, lr) -> optax.GradientTransformation:
   return optax.sgd(lr, momentum=spec.momentum or None)
 
 
-def _adagrad(spec: DenseOptimizerSpec, lr) -> optax.GradientTransformation:
+def _optax_adagrad(spec: DenseOptimizerSpec, lr) -> optax.GradientTransformation:
   return optax.adagrad(
       lr, initial_accumulator_value=spec.initial_accumulator_value,
       eps=spec.eps)
@@ -87,7 +90,7 @@ def _adamw(spec: DenseOptimizerSpec, lr) -> optax.GradientTransformation:
 KINDS: dict[str, Callable[[DenseOptimizerSpec, optax.Schedule],
                           optax.GradientTransformation]] = {
                               'sgd': _sgd,
-                              'adagrad': _adagrad,
+                              'optax_adagrad': _optax_adagrad,
                               'exact_adagrad': _exact_adagrad,
                               'adam': _adam,
                               'adamw': _adamw,
