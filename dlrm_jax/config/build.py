@@ -18,7 +18,7 @@ from ml_collections import config_dict
 
 from dlrm_jax.config import checks as config_checks
 from dlrm_jax.config.spec import (DataSpec, DenseOptimizerSpec, LoopSpec,
-                                  MeshSpec, ModelSetup, PlanRequest, RunSpec,
+                                  MeshSpec, ModelSetup, RunSpec, ShardingRequest,
                                   SyntheticDataSpec)
 from dlrm_jax.train import early_stopping
 from dlrm_jax.train import optimizers as dense_optimizers
@@ -465,7 +465,7 @@ def build_loop(config) -> LoopSpec:
 
 
 
-def build_plan_request(config) -> PlanRequest:
+def build_sharding_request(config) -> ShardingRequest:
   e = config.embedding
   if e.sharding != 'auto' and e.sharding not in plan_lib.STRATEGIES:
     raise ValueError(
@@ -474,7 +474,7 @@ def build_plan_request(config) -> PlanRequest:
   overrides = tuple(sorted(
       (k, v) for k, v in _to_dict(e.sharding_overrides).items()
       if v is not None))  # unset placeholders dropped
-  return PlanRequest(e.sharding, overrides, e.replicate_bytes,
+  return ShardingRequest(e.sharding, overrides, e.replicate_bytes,
                      e.row_group_size or 0, e.device_memory_gb)
 
 
@@ -576,7 +576,7 @@ def build(config) -> RunSpec:
   return RunSpec(
       **{f.name: getattr(model, f.name)
          for f in dataclasses.fields(ModelSetup)},
-      plan=build_plan_request(config),
+      sharding=build_sharding_request(config),
       mesh=MeshSpec(config.mesh.data, config.mesh.model),
       dense_optimizer=build_dense_optimizer_spec(config.optimizer),
       data=build_data(config), loop=build_loop(config),

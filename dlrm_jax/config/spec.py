@@ -86,9 +86,10 @@ class MeshSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class PlanRequest:
+class ShardingRequest:
   """What `config.embedding` asks of the sharding planner
-  (`train.make_plan`); the fields are those of `config.embedding`.
+  (`train.make_plan`, which makes the `Plan`); the fields are those of
+  `config.embedding`.
 
   Attributes:
     strategy: 'auto' (the planner) or a strategy for every table.
@@ -164,12 +165,12 @@ class DataSpec:
 @dataclasses.dataclass(frozen=True)
 class RunSpec(ModelSetup):
   """Everything a run is, typed and checked: the model (`ModelSetup`'s
-  fields), the sharding plan request, the mesh, the dense optimizer, the
+  fields), the sharding request, the mesh, the dense optimizer, the
   data, the loop and the rare-id admission. Built once from the config by
   `build`; nothing downstream reads the ConfigDict.
 
   Attributes:
-    plan: what the sharding planner is asked for.
+    sharding: what the sharding planner is asked for.
     mesh: the device mesh's axis sizes.
     dense_optimizer: the MLPs' optimizer.
     data: the input data.
@@ -179,7 +180,7 @@ class RunSpec(ModelSetup):
       checkpoints' meta for the record (never read back by the run).
   """
 
-  plan: PlanRequest
+  sharding: ShardingRequest
   mesh: MeshSpec
   dense_optimizer: DenseOptimizerSpec
   data: DataSpec
@@ -189,10 +190,10 @@ class RunSpec(ModelSetup):
 
   def same_trainer(self, other: 'RunSpec') -> bool:
     """Whether a Trainer of `other` serves this spec (same model, tables,
-    plan request, mesh, optimizers and batch sizes; the data, loop and
+    sharding request, mesh, optimizers and batch sizes; the data, loop and
     admission are the run's own)."""
     keep = ('features', 'transform', 'model', 'tables', 'feature_specs',
-            'compute_dtype', 'plan', 'mesh', 'dense_optimizer')
+            'compute_dtype', 'sharding', 'mesh', 'dense_optimizer')
     return all(getattr(self, k) == getattr(other, k) for k in keep) and (
         (self.loop.batch_size, self.loop.eval_batch_size) ==
         (other.loop.batch_size, other.loop.eval_batch_size))

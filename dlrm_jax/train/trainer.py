@@ -179,7 +179,7 @@ def make_plan(spec, tables, num_shards: int,
   """The embedding sharding plan a run (`spec`: a RunSpec or a config)
   asks for."""
   spec = config_lib.run_spec(spec)
-  request = spec.plan
+  request = spec.sharding
   overrides = dict(request.overrides)
   if request.strategy != 'auto':
     for t in tables:
