@@ -570,7 +570,7 @@ def build_data(config) -> DataSpec:
 
 def build(config) -> RunSpec:
   """The run spec of a config whose data is resolved
-  (`data.inputs.prepare_config`): every field checked, ValueErrors naming
+  (`resolve_data`): every field checked, ValueErrors naming
   the field."""
   model = build_model(config)
   return RunSpec(

@@ -45,11 +45,6 @@ from dlrm_jax.data import synthetic
 _READ_CHUNK = criteo.CHUNK_ROWS
 
 
-def prepare_config(config):
-  """The data-resolution step (`config_lib.resolve_data`)."""
-  return config_lib.resolve_data(config)
-
-
 class RandomAccessRows:
   """Adds in-order reading (`iter_rows`) to a random-access source, for the
   eval loop; `rows` restricts it to a range."""
