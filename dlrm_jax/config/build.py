@@ -18,13 +18,13 @@ from ml_collections import config_dict
 
 from dlrm_jax.config import checks as config_checks
 from dlrm_jax.config.spec import (DataSpec, DenseOptimizerSpec, LoopSpec,
-                                  MeshSpec, ModelSetup, RunSpec, ShardingRequest,
-                                  SyntheticDataSpec)
+                                  MeshSpec, ModelSetup, RunSpec, ShardingRequest)
 from dlrm_jax.train import early_stopping
 from dlrm_jax.train import optimizers as dense_optimizers
 from dlrm_jax.data import features as features_lib
 from dlrm_jax.train import schedules
 from dlrm_jax.data import binary
+from dlrm_jax.data import synthetic as synthetic_lib
 from dlrm_jax.embedding.ids import admission as admission_lib
 from dlrm_jax.embedding.sharding import planner as plan_lib
 from dlrm_jax.embedding import specs as emb_specs
@@ -562,9 +562,11 @@ def build_data(config) -> DataSpec:
       num_threads=d.num_threads, prefetch=d.prefetch,
       multi_hot=bool(d.multi_hot.enabled),
       multi_hot_distribution=d.multi_hot.distribution,
-      synthetic=SyntheticDataSpec(
-          int(s.num_train), int(s.num_eval), float(s.zipf_exponent),
-          float(s.logit_scale)))
+      synthetic=synthetic_lib.SyntheticSpec(
+          seed=config.seed, num_train=int(s.num_train),
+          num_eval=int(s.num_eval), zipf_exponent=float(s.zipf_exponent),
+          logit_scale=float(s.logit_scale))
+      if source == 'synthetic' else None)
 
 
 

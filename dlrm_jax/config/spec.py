@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from dlrm_jax.data import features as features_lib
+from dlrm_jax.data import synthetic as synthetic_lib
 from dlrm_jax.embedding import specs as emb_specs
 from dlrm_jax.embedding.ids import admission as admission_lib
 from dlrm_jax.models import DLRMSpec
@@ -123,22 +124,13 @@ class DenseOptimizerSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class SyntheticDataSpec:
-  """`config.data.synthetic`: the built-in generator's split sizes and
-  difficulty (see `data.synthetic.SyntheticSpec`)."""
-
-  num_train: int
-  num_eval: int
-  zipf_exponent: float
-  logit_scale: float
-
-
-@dataclasses.dataclass(frozen=True)
 class DataSpec:
   """`config.data`, resolved (`source` is never 'auto'); each field is the
   `config.data` field of the same name (`multi_hot` is
   `config.data.multi_hot.enabled`, `multi_hot_distribution` its
-  distribution), documented and defaulted in configs/criteo.py."""
+  distribution), documented and defaulted in configs/criteo.py;
+  `synthetic` is the generator of `config.data.synthetic` and `config.seed`
+  when the source is 'synthetic', None otherwise."""
 
   source: str
   train_path: str | tuple[str, ...]
@@ -159,7 +151,7 @@ class DataSpec:
   prefetch: int
   multi_hot: bool
   multi_hot_distribution: str
-  synthetic: SyntheticDataSpec
+  synthetic: synthetic_lib.SyntheticSpec | None
 
 
 @dataclasses.dataclass(frozen=True)

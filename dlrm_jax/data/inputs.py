@@ -144,7 +144,7 @@ def make_data(spec, *, process_index: int = 0, process_count: int = 1,
   if kind == 'criteo_tsv' and pc > 1:
     src = _tsv_shared_sources(spec, pi, pc, gather or gather_ints, report)
   elif kind == 'synthetic':
-    src = _synthetic_sources(d.synthetic, spec.loop.seed)
+    src = _synthetic_sources(d.synthetic)
   elif kind == 'criteo_tsv':
     src = _tsv_sources(d, report)
   else:
@@ -233,11 +233,8 @@ def _tsv_shared_sources(spec, pi, pc, gather, report) -> _Sources:
                   eval_counts=eval_counts, lines=lines)
 
 
-def _synthetic_sources(s: spec_lib.SyntheticDataSpec, seed: int
-                       ) -> _Sources:
-  gen = synthetic.SyntheticCriteo(synthetic.SyntheticSpec(
-      seed=seed, num_train=s.num_train, num_eval=s.num_eval,
-      zipf_exponent=s.zipf_exponent, logit_scale=s.logit_scale))
+def _synthetic_sources(s: synthetic.SyntheticSpec) -> _Sources:
+  gen = synthetic.SyntheticCriteo(s)
   train_src = pipeline.SyntheticSource(gen, 'train')
   eval_src = pipeline.SyntheticSource(gen, 'eval')
   teacher_auc = gen.teacher_auc()
