@@ -4,26 +4,39 @@ A `RunSpec` is everything a run is: the model (`ModelSetup`'s fields), the
 sharding request, the mesh, the dense optimizer, the data, the loop and the
 rare-id admission. `config.build.run_spec` makes it from a config, once;
 nothing downstream reads the ConfigDict. Its parts are the typed specs of
-the modules below (`DLRMSpec`, `TableSpec`, `AdmissionSpec`, ...) and the
-specs of this module, each field named as the config field it comes from.
+the modules below (`DLRMSpec`, `TableSpec`, `SyntheticSpec`,
+`EarlyStoppingSpec`, `AdmissionSpec`, ...) and the specs of this module,
+each field named as the config field it comes from; the fields' defaults and
+comments are in configs/criteo.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 from dlrm_jax.data import features as features_lib
 from dlrm_jax.data import synthetic as synthetic_lib
 from dlrm_jax.embedding import specs as emb_specs
 from dlrm_jax.embedding.ids import admission as admission_lib
 from dlrm_jax.models import DLRMSpec
+from dlrm_jax.train import early_stopping as early_stopping_lib
 from dlrm_jax.train import schedules
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSetup:
-  """Everything static about a model: features, transform, specs."""
+  """Everything static about a model.
+
+  Attributes:
+    features: every feature of `config.features`, by name.
+    transform: raw batches -> model batches (the dense and sparse groups).
+    model: the DLRM's dense and over arches.
+    tables: the embedding tables.
+    feature_specs: the sparse features' specs (which table, how many ids),
+      in sparse-group order.
+    compute_dtype: the MLPs' compute dtype (`config.model.compute_dtype`).
+  """
 
   features: dict[str, features_lib.Feature]
   transform: features_lib.FeatureTransform
@@ -41,9 +54,7 @@ class ModelSetup:
 
 @dataclasses.dataclass(frozen=True)
 class LoopSpec:
-  """The training loop of a run; each field is the config field of the same
-  name (`data.record_batches` for the last), whose defaults are in
-  configs/criteo.py.
+  """The training loop: the config's top-level fields of the same names.
 
   Attributes:
     num_train_steps: steps to train; None: `num_epochs` over the train rows.
@@ -58,8 +69,9 @@ class LoopSpec:
     max_to_keep: checkpoints kept.
     target_auc: the eval AUC that ends training; None when off.
     keep_best_metric: eval metric whose best state is kept; None when off.
-    early_stopping: `config.early_stopping` as a dict (checked).
-    record_batches: log a digest of each step's ids to batches.jsonl.
+    early_stopping: `config.early_stopping`, its mode resolved.
+    record_batches: `config.data.record_batches`: log a digest of each
+      step's ids to batches.jsonl.
   """
 
   num_train_steps: int | None
@@ -74,13 +86,19 @@ class LoopSpec:
   max_to_keep: int
   target_auc: float | None
   keep_best_metric: str | None
-  early_stopping: Mapping[str, Any]
+  early_stopping: early_stopping_lib.EarlyStoppingSpec
   record_batches: bool
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshSpec:
-  """`config.mesh`: devices along each axis; -1: the rest."""
+  """`config.mesh`: the device mesh's axis sizes.
+
+  Attributes:
+    data: devices along the data axis (replicas of the table shards); -1:
+      the rest.
+    model: devices along the model axis (sharing the tables); -1: the rest.
+  """
 
   data: int
   model: int
@@ -88,13 +106,15 @@ class MeshSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ShardingRequest:
-  """What `config.embedding` asks of the sharding planner
-  (`train.make_plan`, which makes the `Plan`); the fields are those of
-  `config.embedding`.
+  """What `config.embedding` asks of the sharding planner.
+
+  `train.make_plan` hands it to the planner, which makes the `Plan`.
 
   Attributes:
-    strategy: 'auto' (the planner) or a strategy for every table.
-    overrides: (table, strategy) pairs that override it.
+    strategy: `config.embedding.sharding`: 'auto' (the planner) or a
+      strategy for every table.
+    overrides: `config.embedding.sharding_overrides`: (table, strategy)
+      pairs that override it, unset ones dropped.
     replicate_bytes: auto: tables this small are replicated.
     row_group_size: >0: big tables row-wise over groups of this size.
     device_memory_gb: auto: the per-device budget; None: none.
@@ -109,8 +129,23 @@ class ShardingRequest:
 
 @dataclasses.dataclass(frozen=True)
 class DenseOptimizerSpec:
-  """`config.optimizer`, the optimizer of the dense (MLP) parameters; the
-  fields are those of `config.optimizer` (see configs/criteo.py)."""
+  """`config.optimizer`: the optimizer of the dense (MLP) parameters.
+
+  `dlrm_jax.train.optimizers` makes the optax optimizer of it and gives the
+  formula of each kind.
+
+  Attributes:
+    kind: 'sgd', 'optax_adagrad' (optax.adagrad), 'exact_adagrad'
+      (torch.optim.Adagrad), 'adam' or 'adamw'.
+    schedule: the learning-rate schedule.
+    eps: adam/adamw/adagrad epsilon.
+    b1: adam/adamw first-moment decay.
+    b2: adam/adamw second-moment decay.
+    weight_decay: adamw's decoupled weight decay.
+    initial_accumulator_value: optax_adagrad's accumulator start.
+    momentum: sgd momentum (0: none).
+    grad_clip_norm: clip the gradients' global norm to this (0: off).
+  """
 
   kind: str
   schedule: schedules.ScheduleSpec
@@ -125,12 +160,31 @@ class DenseOptimizerSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-  """`config.data`, resolved (`source` is never 'auto'); each field is the
-  `config.data` field of the same name (`multi_hot` is
-  `config.data.multi_hot.enabled`, `multi_hot_distribution` its
-  distribution), documented and defaulted in configs/criteo.py;
-  `synthetic` is the generator of `config.data.synthetic` and `config.seed`
-  when the source is 'synthetic', None otherwise."""
+  """`config.data`, its source resolved: the fields of the same names.
+
+  Attributes:
+    source: 'synthetic', 'criteo_tsv', 'binary' or 'tfds' (never 'auto').
+    train_path: criteo_tsv: file, glob or comma list, or a tuple of those.
+    eval_path: criteo_tsv: the same; empty: the eval_fraction split.
+    eval_fraction: share of the train rows held out for eval.
+    labeled_eval: eval files carry labels.
+    bad_lines: malformed lines: 'error' (stop) or 'skip'.
+    check_ids: reject ids outside their table on the host.
+    binary_dir: binary: the output_dir of `dlrm_jax.data.preprocess`.
+    tfds_name: tfds: criteo_kaggle or criteo_terabyte.
+    tfds_data_dir: tfds: data_dir of the prepared dataset.
+    tfds_train_split: tfds: the training split.
+    tfds_eval_split: tfds: the eval split; empty: eval_fraction.
+    shuffle: global shuffle of random-access sources.
+    shuffle_buffer: criteo_tsv: rows per seeded shuffle window.
+    chunk_rows: criteo_tsv: rows per read.
+    num_threads: grain: threads preparing batches.
+    prefetch: batches prepared ahead.
+    multi_hot: `config.data.multi_hot.enabled`: MLPerf multi-hot bags.
+    multi_hot_distribution: `config.data.multi_hot.distribution`.
+    synthetic: the generator of `config.data.synthetic`, seeded by
+      `config.seed`, when the source is 'synthetic'; None otherwise.
+  """
 
   source: str
   train_path: str | tuple[str, ...]
@@ -156,10 +210,10 @@ class DataSpec:
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec(ModelSetup):
-  """Everything a run is, typed and checked: the model (`ModelSetup`'s
-  fields), the sharding request, the mesh, the dense optimizer, the
-  data, the loop and the rare-id admission. Built once from the config by
-  `build`; nothing downstream reads the ConfigDict.
+  """Everything a run is, typed and checked: `ModelSetup`'s fields and these.
+
+  Built once from the config by `config.build.run_spec`; nothing downstream
+  reads the ConfigDict.
 
   Attributes:
     sharding: what the sharding planner is asked for.
@@ -180,10 +234,17 @@ class RunSpec(ModelSetup):
   admission: admission_lib.AdmissionSpec
   config_json: str = dataclasses.field(default='{}', compare=False)
 
-  def same_trainer(self, other: 'RunSpec') -> bool:
-    """Whether a Trainer of `other` serves this spec (same model, tables,
-    sharding request, mesh, optimizers and batch sizes; the data, loop and
-    admission are the run's own)."""
+  def same_trainer(self, other: RunSpec) -> bool:
+    """Whether a Trainer of `other` serves this spec.
+
+    Args:
+      other: the spec the Trainer was made for.
+
+    Returns:
+      True if the model, tables, sharding request, mesh, optimizers and
+      batch sizes are the same (the data, loop and admission are the run's
+      own).
+    """
     keep = ('features', 'transform', 'model', 'tables', 'feature_specs',
             'compute_dtype', 'sharding', 'mesh', 'dense_optimizer')
     return all(getattr(self, k) == getattr(other, k) for k in keep) and (

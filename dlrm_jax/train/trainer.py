@@ -617,7 +617,7 @@ def num_train_steps(loop: config_lib.LoopSpec, data: inputs.DataSetup
         'small data: %d epoch(s) of %d steps is under config.min_train_steps'
         ' (%d): the run is up to %d epochs (%d steps)%s.', loop.num_epochs,
         per_epoch, min_steps, epochs, epochs * per_epoch,
-        ', or less with early stopping' if loop.early_stopping.get('patience')
+        ', or less with early stopping' if loop.early_stopping.patience
         else '')
     steps = epochs * per_epoch
   elif steps < 100 and not min_steps:
@@ -757,8 +757,8 @@ class BestKeeper:
   def __init__(self, workdir: str, metric: str):
     self.metric = metric
     self.tracker = early_stopping.EarlyStopping(
-        metric, early_stopping.metric_mode(metric, None,
-                                           'config.keep_best_metric'))
+        early_stopping.EarlyStoppingSpec(
+            metric, early_stopping.metric_mode(metric)))
     self.ckpt = ckpt_lib.BestCheckpointer(workdir, metric, self.tracker.mode)
 
   @classmethod
@@ -935,7 +935,7 @@ def _open_run(spec: config_lib.RunSpec, workdir: str, trainer: Trainer
   run = _Run(
       spec=spec, workdir=workdir, trainer=trainer, data=data,
       ckpt=ckpt_lib.Checkpointer(workdir, max_to_keep=loop.max_to_keep),
-      stopper=early_stopping.EarlyStopping.from_config(loop.early_stopping),
+      stopper=early_stopping.EarlyStopping(loop.early_stopping),
       best=BestKeeper.of(loop, workdir),
       host=trainer.new_host_state(spec),
       data_iter=data.train.iterator(),

@@ -35,7 +35,9 @@ from dlrm_jax.data import features as features_lib
 
 @dataclasses.dataclass(frozen=True)
 class AdmissionSpec:
-  """Attributes:
+  """The rare-id filter (`config.admission`).
+
+  Attributes:
     min_count: ids seen fewer times than this read the shared row (0 or 1:
       off).
     oov_row: the shared row of every admitted feature's table.
@@ -50,22 +52,6 @@ class AdmissionSpec:
   depth: int = 4
   width: int = 1 << 18
   features: tuple[str, ...] = ()
-
-  @classmethod
-  def from_config(cls, cfg, path: str = 'config.admission'
-                  ) -> 'AdmissionSpec':
-    cfg = dict(cfg or {})
-    out = {}
-    for field, low in (('min_count', 0), ('oov_row', 0), ('depth', 1),
-                       ('width', 1)):
-      v = cfg.get(field, getattr(cls, field))
-      if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ValueError(f'{path}.{field} ({v!r}) must be an integer >= {low}.')
-      out[field] = v
-    feats = cfg.get('features') or ()
-    if isinstance(feats, str):
-      feats = (feats,)
-    return cls(features=tuple(feats), **out)
 
 
 class CountMinSketch:
