@@ -94,8 +94,8 @@ class IdAdmission:
     unknown = sorted(set(spec.features) - set(names))
     if unknown:
       raise ValueError(
-          f'config.admission.features names {unknown}, which are'
-          f' not sparse features (features: {names}).')
+          f'AdmissionSpec.features names {unknown}, which are not sparse'
+          f' features (features: {names}).')
     # (feature index, first id column, columns) of each filtered feature.
     self.columns: list[tuple[int, int, int]] = []
     for k, (f, off, width) in enumerate(zip(
@@ -106,8 +106,8 @@ class IdAdmission:
         continue
       if spec.oov_row >= f.num_rows:
         raise ValueError(
-            f'config.admission.oov_row ({spec.oov_row}) is outside'
-            f' the {f.num_rows} rows of feature {f.name!r}.')
+            f'AdmissionSpec.oov_row ({spec.oov_row}) is outside the'
+            f' {f.num_rows} rows of feature {f.name!r}.')
       self.columns.append((k, off, width))
 
   def _global(self, x: np.ndarray) -> np.ndarray:
