@@ -25,6 +25,7 @@ in their errors).
                         `config.data`
   check_loop            `config.early_stopping`, `config.keep_best_metric`
   check_admission       `config.admission`
+  check_batch_sizes     the batch sizes on a mesh (the Trainer calls it)
 
 Each builder calls `validate_numbers` for its group and then the group's
 checks. Configs of other files may lack some fields: `validate_numbers`
@@ -686,6 +687,25 @@ def check_loop(config) -> None:
     raise ValueError(f'{path}.min_delta ({min_delta!r}) must be >= 0.')
   if config['keep_best_metric']:
     _check_metric(config['keep_best_metric'], None, 'config.keep_best_metric')
+
+
+def check_batch_sizes(loop, num_devices: int) -> None:
+  """Checks that the batches split evenly over the devices.
+
+  Args:
+    loop: the run's `LoopSpec`.
+    num_devices: the devices of the mesh.
+
+  Raises:
+    ValueError: naming config.batch_size or config.eval_batch_size if it is
+      not a positive multiple of `num_devices`.
+  """
+  for field in ('batch_size', 'eval_batch_size'):
+    value = getattr(loop, field)
+    if value <= 0 or value % num_devices:
+      raise ValueError(
+          f'config.{field} ({value}) must be a positive multiple of the'
+          f' number of devices ({num_devices}).')
 
 
 # ----- Rare-id admission --------------------------------------------------------

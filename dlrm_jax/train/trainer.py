@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dlrm_jax.train import checkpoint as ckpt_lib
 from dlrm_jax.config import build as config_lib
+from dlrm_jax.config import checks as config_checks
 from dlrm_jax.train import early_stopping
 from dlrm_jax.train import metrics as metrics_lib
 from dlrm_jax.train import optimizers as dense_optimizers
@@ -229,12 +230,7 @@ class Trainer:
     self.mesh = mesh if mesh is not None else parallel.create_mesh(
         spec.mesh.data, spec.mesh.model)
     n_dev = self.mesh.devices.size
-    for field in ('batch_size', 'eval_batch_size'):
-      value = getattr(spec.loop, field)
-      if value <= 0 or value % n_dev:
-        raise ValueError(
-            f'config.{field} ({value}) must be a positive multiple of the'
-            f' number of devices ({n_dev}).')
+    config_checks.check_batch_sizes(spec.loop, n_dev)
     if plan is None:
       plan = make_plan(spec, spec.tables, self.mesh.shape['model'], n_dev,
                        spec.feature_specs)
