@@ -239,8 +239,8 @@ def get_config(arg=None):
   config.embedding.init_scale = config_dict.placeholder(float)  # None: sqrt(1/rows) for uniform
   config.embedding.dtype = 'float32'         # table storage: float32 or bfloat16
   config.embedding.optimizer = config_dict.ConfigDict()
-  config.embedding.optimizer.kind = 'adagrad'  # sgd, adagrad (exact: torch/FBGEMM),
-                                               # rowwise_adagrad, adam, ftrl
+  config.embedding.optimizer.kind = 'adagrad'  # sgd, adagrad, rowwise_adagrad, adam, ftrl
+                                               # (adagrad: torch.optim.Adagrad, FBGEMM)
   config.embedding.optimizer.schedule = _schedule(0.05)  # learning-rate schedule
   config.embedding.optimizer.initial_accumulator_value = 0.0  # adagrad start
   config.embedding.optimizer.eps = 1e-8      # denominator epsilon
@@ -256,9 +256,10 @@ def get_config(arg=None):
 
   # ----- Dense optimizer -----------------------------------------------------
   config.optimizer = config_dict.ConfigDict()
+  # Two Adagrads: optax_adagrad is optax.adagrad, g / sqrt(acc + eps) with acc
+  # from initial_accumulator_value; exact_adagrad is torch.optim.Adagrad (as
+  # the tables' adagrad), g / (sqrt(acc) + eps) with acc from 0.
   config.optimizer.kind = 'adam'             # sgd, optax_adagrad, exact_adagrad, adam, adamw
-                                             # optax_adagrad: optax.adagrad, g / sqrt(acc + eps)
-                                             # exact_adagrad: torch.optim.Adagrad, g / (sqrt(acc) + eps)
   config.optimizer.schedule = _schedule(1e-3)  # learning-rate schedule
   config.optimizer.weight_decay = 0.0        # adamw decoupled decay
   config.optimizer.b1 = 0.9                  # adam/adamw
