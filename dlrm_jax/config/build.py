@@ -65,7 +65,7 @@ def _copy(cls, cfg: Mapping[str, Any], **given):
   return cls(**values)
 
 
-# ----- Model --------------------------------------------------------------------
+# ----- Model ------------------------------------------------------------------
 
 
 def build_feature(name: str, cfg: Mapping[str, Any]) -> features_lib.Feature:
@@ -174,7 +174,7 @@ def build_model(config) -> ModelSetup:
                     jnp.dtype(m.compute_dtype))
 
 
-# ----- Embedding tables -------------------------------------------------------------
+# ----- Embedding tables -------------------------------------------------------
 
 
 def build_schedule(cfg, path: str) -> schedules.ScheduleSpec:
@@ -315,7 +315,7 @@ def build_sharding_request(config, table_names: Sequence[str]
       device_memory_gb=e.device_memory_gb)
 
 
-# ----- Mesh, dense optimizer, data, loop, admission ------------------------------------
+# ----- Mesh, dense optimizer, data, loop, admission ---------------------------
 
 
 def build_mesh(config) -> MeshSpec:
@@ -446,7 +446,7 @@ def build_admission(cfg, transform: features_lib.FeatureTransform
       (features,) if isinstance(features, str) else tuple(features)))
 
 
-# ----- The run ---------------------------------------------------------------------------
+# ----- The run ----------------------------------------------------------------
 
 
 def build(config) -> RunSpec:

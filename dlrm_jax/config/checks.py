@@ -11,6 +11,7 @@ library user may call directly, `MLPSpec.create`, `DCNSpec.create` and
 in their errors).
 
   check_fields          the unknown-field check of every group
+  check_positive_int    a count, e.g. an embedding_dim
   validate_numbers      the integer and float fields of the loop, data, mesh
                         and embedding groups (the table `_RULES`)
   check_feature         `config.features.<name>`
@@ -29,9 +30,11 @@ in their errors).
 
 Each builder calls `validate_numbers` for its group and then the group's
 checks. Configs of other files may lack some fields: `validate_numbers`
-passes over absent fields. `ListFlagParser` lets `--config.<field>=[32,8]` (or `=32,8`)
-override a list field, which ml_collections' config_flags cannot by itself
-(it parses tuples only); `main.py` registers it.
+passes over absent fields.
+
+`ListFlagParser` lets `--config.<field>=[32,8]` (or `=32,8`) override a list
+field, which ml_collections' config_flags cannot by itself (it parses tuples
+only); `main.py` registers it.
 """
 
 from __future__ import annotations
@@ -467,10 +470,10 @@ def check_tables(e: Mapping[str, Any],
 
 
 def check_sparse_optimizer(cfg: Mapping[str, Any], path: str) -> None:
-  """Checks a table optimizer's fields (its schedule: `check_schedule`).
+  """Checks a table optimizer's fields.
 
-  Its kinds and ranges are `SparseOptimizerSpec.check`'s, which the builder
-  calls with the same path.
+  Its schedule is `check_schedule`'s; its kinds and ranges are
+  `SparseOptimizerSpec.check`'s, which the builder calls with the same path.
 
   Args:
     cfg: `config.embedding.optimizer`, or a table's optimizer merged over it.
@@ -518,8 +521,9 @@ def check_schedule(cfg: Mapping[str, Any], path: str) -> None:
 
 
 def check_dense_optimizer(cfg: Mapping[str, Any]) -> None:
-  """Checks `config.optimizer`, the dense (MLP) optimizer (its schedule:
-  `check_schedule`).
+  """Checks `config.optimizer`, the dense (MLP) optimizer.
+
+  Its schedule is `check_schedule`'s.
 
   Args:
     cfg: `config.optimizer`; it must give every field (configs/criteo.py
@@ -586,7 +590,7 @@ def check_sharding(config, table_names: Iterable[str]) -> None:
                   f'config.embedding.sharding_overrides.{name}')
 
 
-# ----- Data ---------------------------------------------------------------------
+# ----- Data -------------------------------------------------------------------
 
 
 def check_data_source(d: Mapping[str, Any], source: str) -> None:
@@ -652,7 +656,7 @@ def check_multi_hot(mh: Mapping[str, Any], id_features: Sequence[str]
         f' {len(id_features)} id features of the sparse group.')
 
 
-# ----- Loop ---------------------------------------------------------------------
+# ----- Loop -------------------------------------------------------------------
 
 
 def _check_metric(metric, mode, path: str) -> None:
@@ -708,7 +712,7 @@ def check_batch_sizes(loop, num_devices: int) -> None:
           f' number of devices ({num_devices}).')
 
 
-# ----- Rare-id admission --------------------------------------------------------
+# ----- Rare-id admission ------------------------------------------------------
 
 
 def check_admission(cfg: Mapping[str, Any],
@@ -752,16 +756,30 @@ def check_admission(cfg: Mapping[str, Any],
           f' rows of feature {f.name!r}.')
 
 
-# ----- Command line ---------------------------------------------------------------
+# ----- Command line -----------------------------------------------------------
 
 
 class ListFlagParser(flags.ArgumentParser):
-  """`[32, 8]`, `(32, 8)`, `32,8`, `32` or `[]` -> a list of literals
-  (numbers, strings, booleans; a bare word is a string)."""
+  """The parser of list config fields on the command line.
+
+  `[32, 8]`, `(32, 8)`, `32,8`, `32` or `[]` -> a list of literals (numbers,
+  strings, booleans; a bare word is a string).
+  """
 
   syntactic_help = 'a list: [a,b,...] or a,b,...'
 
   def parse(self, argument):
+    """A flag's value as a list.
+
+    Args:
+      argument: the text after `=`, or a list or tuple.
+
+    Returns:
+      The list.
+
+    Raises:
+      ValueError: on an empty item (`1,,2`).
+    """
     if isinstance(argument, (list, tuple)):
       return list(argument)
     text = str(argument).strip()
@@ -790,9 +808,13 @@ class ListFlagParser(flags.ArgumentParser):
     return out
 
   def flag_type(self):
+    """The type named in `--help`."""
     return 'list'
 
 
 def register_list_parser() -> None:
-  """Makes config_flags parse list fields with ListFlagParser."""
+  """Makes config_flags parse list fields with ListFlagParser.
+
+  `main.py` calls it before the flags are defined.
+  """
   config_flags.register_flag_parser_for_type(list, ListFlagParser())

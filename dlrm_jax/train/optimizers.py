@@ -65,7 +65,8 @@ def _sgd(spec: DenseOptimizerSpec, lr) -> optax.GradientTransformation:
   return optax.sgd(lr, momentum=spec.momentum or None)
 
 
-def _optax_adagrad(spec: DenseOptimizerSpec, lr) -> optax.GradientTransformation:
+def _optax_adagrad(spec: DenseOptimizerSpec, lr
+                   ) -> optax.GradientTransformation:
   return optax.adagrad(
       lr, initial_accumulator_value=spec.initial_accumulator_value,
       eps=spec.eps)
