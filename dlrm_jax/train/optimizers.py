@@ -26,13 +26,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dlrm_jax.config.spec import DenseOptimizerSpec
+from dlrm_jax.config import spec as spec_lib
 from dlrm_jax.train import schedules
+
+Spec = spec_lib.DenseOptimizerSpec
+Transform = optax.GradientTransformation
 
 
 def scale_by_exact_adagrad(eps: float = 1e-8,
                            initial_accumulator_value: float = 0.0
-                           ) -> optax.GradientTransformation:
+                           ) -> Transform:
   """torch.optim.Adagrad's scaling: g / (sqrt(acc) + eps), acc += g^2.
 
   optax.adagrad scales by 1 / sqrt(acc + eps) instead, with acc starting at
@@ -61,45 +64,41 @@ def scale_by_exact_adagrad(eps: float = 1e-8,
   return optax.GradientTransformation(init, update)
 
 
-def _sgd(spec: DenseOptimizerSpec, lr) -> optax.GradientTransformation:
+def _sgd(spec: Spec, lr) -> Transform:
   return optax.sgd(lr, momentum=spec.momentum or None)
 
 
-def _optax_adagrad(spec: DenseOptimizerSpec, lr
-                   ) -> optax.GradientTransformation:
+def _optax_adagrad(spec: Spec, lr) -> Transform:
   return optax.adagrad(
       lr, initial_accumulator_value=spec.initial_accumulator_value,
       eps=spec.eps)
 
 
-def _exact_adagrad(spec: DenseOptimizerSpec, lr
-                   ) -> optax.GradientTransformation:
+def _exact_adagrad(spec: Spec, lr) -> Transform:
   return optax.chain(scale_by_exact_adagrad(spec.eps),
                      optax.scale_by_learning_rate(lr))
 
 
-def _adam(spec: DenseOptimizerSpec, lr) -> optax.GradientTransformation:
+def _adam(spec: Spec, lr) -> Transform:
   return optax.adam(lr, b1=spec.b1, b2=spec.b2, eps=spec.eps)
 
 
-def _adamw(spec: DenseOptimizerSpec, lr) -> optax.GradientTransformation:
+def _adamw(spec: Spec, lr) -> Transform:
   return optax.adamw(lr, b1=spec.b1, b2=spec.b2, eps=spec.eps,
                      weight_decay=spec.weight_decay)
 
 
 # Kind -> the optax optimizer of a spec and its learning-rate schedule.
-KINDS: dict[str, Callable[[DenseOptimizerSpec, optax.Schedule],
-                          optax.GradientTransformation]] = {
-                              'sgd': _sgd,
-                              'optax_adagrad': _optax_adagrad,
-                              'exact_adagrad': _exact_adagrad,
-                              'adam': _adam,
-                              'adamw': _adamw,
-                          }
+KINDS: dict[str, Callable[[Spec, optax.Schedule], Transform]] = {
+    'sgd': _sgd,
+    'optax_adagrad': _optax_adagrad,
+    'exact_adagrad': _exact_adagrad,
+    'adam': _adam,
+    'adamw': _adamw,
+}
 
 
-def build_dense_optimizer(spec: DenseOptimizerSpec
-                          ) -> optax.GradientTransformation:
+def build_dense_optimizer(spec: Spec) -> Transform:
   """The optax optimizer of the dense (MLP) parameters.
 
   Args:
