@@ -133,7 +133,7 @@ def _memory_stats(device) -> dict | None:
 def case_config(shape: str, dtype: str):
   """The config of a case, and a description of its tables."""
   from configs import criteo  # pylint: disable=g-import-not-at-top
-  from dlrm_jax.data import inputs  # pylint: disable=g-import-not-at-top
+  from dlrm_jax.config import build as config_lib  # pylint: disable=g-import-not-at-top
   smoke = _SMOKE.value
   if shape == 'kaggle':
     config = criteo.get_config()
@@ -170,7 +170,7 @@ def case_config(shape: str, dtype: str):
   config.model.compute_dtype = dtype
   config.eval_batch_size = config.batch_size
   config.mesh.data, config.mesh.model = 1, 1
-  return inputs.prepare_config(config)
+  return config_lib.resolve_data(config)
 
 
 def host_batches(trainer, n: int, seed: int = 0, zipf: float | None = None):

@@ -84,11 +84,12 @@ def child(task: dict) -> dict:
     return {'seconds': time.time() - t0}
   if kind in ('read_binary', 'read_tfds'):
     from configs import criteo as criteo_config  # pylint: disable=g-import-not-at-top
+    from dlrm_jax.config import build as config_lib  # pylint: disable=g-import-not-at-top
     from dlrm_jax.data import binary, inputs, loader  # pylint: disable=g-import-not-at-top
     config = criteo_config.get_config()
     if kind == 'read_binary':
       config.data.source, config.data.binary_dir = 'binary', task['dir']
-      config = inputs.prepare_config(config)
+      config = config_lib.resolve_data(config)
       source = binary.BinarySource(task['dir'], 'train')
     else:
       from dlrm_jax.data import tfds_criteo  # pylint: disable=g-import-not-at-top

@@ -140,6 +140,7 @@ def dlrm(paths, seed, workdir, overrides=None):
   path -> value); scores its best checkpoint on the test part."""
   # pylint: disable=g-import-not-at-top
   from configs import criteo
+  from dlrm_jax.config import build as config_lib
   from dlrm_jax.train import checkpoint as ckpt_lib
   from dlrm_jax.train import loop as train_loop
   from dlrm_jax.train import trainer as trainer_lib
@@ -155,13 +156,13 @@ def dlrm(paths, seed, workdir, overrides=None):
     for p in path:
       target = target[p]
     target[last] = value
-  trainer = trainer_lib.Trainer(inputs.prepare_config(config))
+  trainer = trainer_lib.Trainer(config_lib.resolve_data(config))
   summary = train_loop.train_and_evaluate(config, workdir, trainer)
   best = ckpt_lib.BestCheckpointer(workdir, config.keep_best_metric, 'max')
   step = best.best_step()
   state, _ = best.restore(step, trainer.abstract_state())
   best.close()
-  test_config = inputs.prepare_config(config)
+  test_config = config_lib.resolve_data(config)
   test_config.data.eval_path = paths['test']
   data = inputs.make_data(test_config)
   host = trainer.new_host_state()  # the kept step's remappers and sketch

@@ -239,7 +239,8 @@ def get_config(arg=None):
   config.embedding.init_scale = config_dict.placeholder(float)  # None: sqrt(1/rows) for uniform
   config.embedding.dtype = 'float32'         # table storage: float32 or bfloat16
   config.embedding.optimizer = config_dict.ConfigDict()
-  config.embedding.optimizer.kind = 'adagrad'  # sgd, adagrad, rowwise_adagrad, adam
+  config.embedding.optimizer.kind = 'adagrad'  # sgd, adagrad, rowwise_adagrad, adam, ftrl
+                                               # (adagrad: torch.optim.Adagrad, FBGEMM)
   config.embedding.optimizer.schedule = _schedule(0.05)  # learning-rate schedule
   config.embedding.optimizer.initial_accumulator_value = 0.0  # adagrad start
   config.embedding.optimizer.eps = 1e-8      # denominator epsilon
@@ -255,13 +256,16 @@ def get_config(arg=None):
 
   # ----- Dense optimizer -----------------------------------------------------
   config.optimizer = config_dict.ConfigDict()
-  config.optimizer.kind = 'adam'             # sgd, adagrad, exact_adagrad, adam, adamw
+  # Two Adagrads: optax_adagrad is optax.adagrad, g / sqrt(acc + eps) with acc
+  # from initial_accumulator_value; exact_adagrad is torch.optim.Adagrad (as
+  # the tables' adagrad), g / (sqrt(acc) + eps) with acc from 0.
+  config.optimizer.kind = 'adam'             # sgd, optax_adagrad, exact_adagrad, adam, adamw
   config.optimizer.schedule = _schedule(1e-3)  # learning-rate schedule
   config.optimizer.weight_decay = 0.0        # adamw decoupled decay
   config.optimizer.b1 = 0.9                  # adam/adamw
   config.optimizer.b2 = 0.999                # adam/adamw
-  config.optimizer.eps = 1e-8                # adam/adamw/adagrad epsilon
-  config.optimizer.initial_accumulator_value = 0.1  # adagrad start (optax's)
+  config.optimizer.eps = 1e-8                # adam/adamw/optax_adagrad/exact_adagrad epsilon
+  config.optimizer.initial_accumulator_value = 0.1  # optax_adagrad start (optax's)
   config.optimizer.momentum = 0.0            # sgd momentum
   config.optimizer.grad_clip_norm = 0.0      # clip dense grads (0: off)
 

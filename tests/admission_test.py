@@ -7,6 +7,7 @@ from absl.testing import absltest
 import jax
 import numpy as np
 
+from dlrm_jax.config import build as config_lib
 from dlrm_jax.train import checkpoint as ckpt_lib
 from dlrm_jax.data import features as features_lib
 from dlrm_jax.train import loop as train_loop
@@ -61,7 +62,7 @@ class AdmissionTest(absltest.TestCase):
 
   def test_bad_config_names_the_field(self):
     with self.assertRaisesRegex(ValueError, r'config.admission.width \(0\)'):
-      admission.AdmissionSpec.from_config({'min_count': 2, 'width': 0})
+      config_lib.build_admission({'min_count': 2, 'width': 0}, transform())
     with self.assertRaisesRegex(ValueError, r"names \['c'\]"):
       admission.IdAdmission(admission.AdmissionSpec(2, features=('c',)),
                             transform())

@@ -169,12 +169,12 @@ class MultiHotExportTest(absltest.TestCase):
                                       err_msg=f'{dist} feature {k}')
 
   def test_multi_hot_export_scores_like_predict(self):
-    from dlrm_jax.data import inputs as inputs_lib  # pylint: disable=g-import-not-at-top
+    from dlrm_jax.config import build as config_lib  # pylint: disable=g-import-not-at-top
     config = criteo_config.get_config('tiny')
     config.data.multi_hot.enabled = True
     config.data.multi_hot.hotness = [3, 1, 5] + [1] * 22 + [2]
     config.features.cat_2.combiner = 'mean'
-    config = inputs_lib.prepare_config(config)
+    config = config_lib.resolve_data(config)
     trainer = trainer_lib.Trainer(config, mesh=reference.single_device_mesh())
     model = inference.TrainedModel(trainer.spec, trainer,
                                    trainer.init_state(0), 0)

@@ -21,12 +21,13 @@ import numpy as np
 def main(port, pid, num, out, train_file, eval_file):
   if num > 1:
     jax.distributed.initialize(f'127.0.0.1:{port}', num, pid)
+  from dlrm_jax.config import build as config_lib  # pylint: disable=g-import-not-at-top
   from dlrm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from dlrm_jax.train import trainer as train  # pylint: disable=g-import-not-at-top
   from dlrm_jax.data import inputs  # pylint: disable=g-import-not-at-top
   from dlrm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from tests import train_test  # pylint: disable=g-import-not-at-top
-  config = inputs.prepare_config(train_test.tiny_config(**{
+  config = config_lib.resolve_data(train_test.tiny_config(**{
       'data.source': 'criteo_tsv', 'data.train_path': train_file,
       'data.eval_path': eval_file, 'data.shuffle_buffer': 1024,
       'batch_size': 64, 'eval_batch_size': 256}))

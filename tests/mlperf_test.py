@@ -28,7 +28,7 @@ def tiny_config(**overrides):
 def shared_trainer():
   global _TRAINER
   if _TRAINER is None:
-    _TRAINER = trainer_lib.Trainer(inputs.prepare_config(tiny_config()),
+    _TRAINER = trainer_lib.Trainer(config_lib.resolve_data(tiny_config()),
                                    mesh=reference.single_device_mesh())
   return _TRAINER
 
@@ -44,7 +44,7 @@ def mlp_params(widths):
 class FullSizeTest(absltest.TestCase):
 
   def test_builds_abstractly_with_the_recipe_shapes(self):
-    config = inputs.prepare_config(criteo_config.get_config('mlperf_dcnv2'))
+    config = config_lib.resolve_data(criteo_config.get_config('mlperf_dcnv2'))
     trainer = trainer_lib.Trainer(config, mesh=reference.single_device_mesh())
     state = trainer.abstract_state()  # jax.eval_shape: allocates nothing
     d, n = 128, 26
@@ -139,7 +139,7 @@ class ShardedTinyTest(absltest.TestCase):
     """DLRM-DCN with multi-hot bags, row-wise tables on a 2 x 4 mesh: the
     same losses, dense parameters and tables as one device; the cross net
     runs on each device's batch rows only."""
-    config = inputs.prepare_config(tiny_config())
+    config = config_lib.resolve_data(tiny_config())
     config.optimizer.kind = 'sgd'  # equal params <=> equal gradients
     config.embedding.sharding = 'row_wise'
     sharded = trainer_lib.Trainer(config, mesh=reference.mesh_of(2, 4))

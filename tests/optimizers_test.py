@@ -13,6 +13,7 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from dlrm_jax.train import schedules
 from dlrm_jax.embedding import EmbeddingEngine, FeatureSpec
@@ -147,10 +148,12 @@ class DenseExactAdagradTest(absltest.TestCase):
   def test_against_torch_style_loop(self):
     from configs import criteo as criteo_config  # pylint: disable=g-import-not-at-top
     from dlrm_jax.config import build as config_lib  # pylint: disable=g-import-not-at-top
+    from dlrm_jax.train import optimizers as dense_optimizers  # pylint: disable=g-import-not-at-top
     cfg = criteo_config.get_config().optimizer
     cfg.kind, cfg.eps = 'exact_adagrad', 1e-8
     cfg.schedule.kind, cfg.schedule.learning_rate = 'constant', 0.05
-    tx = config_lib.build_dense_optimizer(cfg)
+    tx = dense_optimizers.build_dense_optimizer(
+        config_lib.build_dense_optimizer_spec(cfg))
     rng = np.random.default_rng(0)
     w = {'k': rng.normal(size=(3, 4)).astype(np.float32)}
     state = tx.init(w)
@@ -162,6 +165,37 @@ class DenseExactAdagradTest(absltest.TestCase):
       acc += g.astype(np.float64) ** 2  # torch.optim.Adagrad, lr_decay 0
       ref -= 0.05 * g / (np.sqrt(acc) + 1e-8)
     np.testing.assert_allclose(w['k'], ref, rtol=1e-5, atol=1e-7)
+
+
+class DenseAdagradKindTest(absltest.TestCase):
+  """The dense 'adagrad' is named by its formula: optax_adagrad or
+  exact_adagrad; the bare name is refused with both choices."""
+
+  def _cfg(self, kind):
+    from configs import criteo as criteo_config  # pylint: disable=g-import-not-at-top
+    cfg = criteo_config.get_config().optimizer
+    cfg.kind = kind
+    return cfg
+
+  def test_optax_adagrad_is_optax_adagrad(self):
+    from dlrm_jax.config import build as config_lib  # pylint: disable=g-import-not-at-top
+    from dlrm_jax.train import optimizers as dense_optimizers  # pylint: disable=g-import-not-at-top
+    spec = config_lib.build_dense_optimizer_spec(self._cfg('optax_adagrad'))
+    tx = dense_optimizers.build_dense_optimizer(spec)
+    ref = optax.adagrad(spec.schedule.learning_rate,
+                        initial_accumulator_value=0.1, eps=spec.eps)
+    w = {'k': jnp.ones((2, 3))}
+    g = {'k': jnp.full((2, 3), 1e-3)}
+    got, _ = tx.update(g, tx.init(w), w)
+    want, _ = ref.update(g, ref.init(w), w)
+    np.testing.assert_allclose(got['k'], want['k'], rtol=1e-6)
+
+  def test_bare_adagrad_names_the_field_and_both_choices(self):
+    from dlrm_jax.config import build as config_lib  # pylint: disable=g-import-not-at-top
+    with self.assertRaisesRegex(
+        ValueError, r"config\.optimizer\.kind \('adagrad'\).*'optax_adagrad'"
+        r".*optax\.adagrad.*'exact_adagrad'.*torch\.optim\.Adagrad"):
+      config_lib.build_dense_optimizer_spec(self._cfg('adagrad'))
 
 
 class StochasticRoundingTest(parameterized.TestCase):

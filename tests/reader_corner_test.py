@@ -7,6 +7,7 @@ import os
 from absl.testing import absltest
 import numpy as np
 
+from dlrm_jax.config import build as config_lib
 from dlrm_jax.data import criteo
 from dlrm_jax.data import inputs
 from dlrm_jax.data import pipeline
@@ -42,7 +43,7 @@ class ReaderCornerTest(absltest.TestCase):
                                          'data.bad_lines': 'skip',
                                          'data.eval_fraction': 0.0})
       with self.assertRaisesRegex(ValueError, 'fewer rows than one batch'):
-        inputs.make_data(inputs.prepare_config(config))
+        inputs.make_data(config_lib.resolve_data(config))
 
     class Empty:  # Counted rows that are not there: no endless loop.
       num_rows, description, report = 512, 'empty', criteo.BadLineReport()
@@ -68,7 +69,7 @@ class ReaderCornerTest(absltest.TestCase):
     config = train_test.tiny_config(**{'data.train_path': path,
                                        'data.bad_lines': 'skip',
                                        'data.eval_fraction': 0.2})
-    data = inputs.make_data(inputs.prepare_config(config))
+    data = inputs.make_data(config_lib.resolve_data(config))
     self.assertEqual(data.eval.source.num_rows, 200)
     self.assertEqual(sum(n for _, n in data.eval), 200)
     self.assertEqual(data.train.source.num_rows, 800)

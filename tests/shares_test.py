@@ -8,6 +8,7 @@ import os
 from absl.testing import absltest
 import numpy as np
 
+from dlrm_jax.config import build as config_lib
 from dlrm_jax.data import criteo
 from dlrm_jax.data import inputs
 from dlrm_jax.data import pipeline
@@ -100,7 +101,7 @@ class TsvSharesTest(absltest.TestCase):
 
   def test_two_processes_split_train_and_eval_tail(self):
     path = shared_data.criteo_file(self, 'kaggle_train_head_4000.tsv')
-    config = inputs.prepare_config(train_test.tiny_config(**{
+    config = config_lib.resolve_data(train_test.tiny_config(**{
         'data.source': 'criteo_tsv', 'data.train_path': path,
         'data.eval_fraction': 0.1, 'batch_size': 64}))
     trainer = train_test.shared_trainer()
@@ -177,7 +178,7 @@ class EvalRunsTest(absltest.TestCase):
                                 counts=[10, 10]))
 
   def test_make_data_gives_each_process_its_run(self):
-    config = inputs.prepare_config(train_test.tiny_config())
+    config = config_lib.resolve_data(train_test.tiny_config())
     trainer = train_test.shared_trainer()
     runs = [inputs.make_data(config, process_index=p,
                              process_count=2).eval for p in range(2)]

@@ -150,7 +150,7 @@ class EarlyStoppingTest(absltest.TestCase):
 
   def test_min_train_steps_trains_whole_epochs(self):
     from dlrm_jax.data import inputs  # pylint: disable=g-import-not-at-top
-    config = inputs.prepare_config(tiny_config(num_train_steps=-1,
+    config = config_lib.resolve_data(tiny_config(num_train_steps=-1,
                                                num_epochs=1))
     data = inputs.make_data(config)
     per_epoch = data.train.batches_per_epoch
@@ -223,7 +223,7 @@ class MultiHotTrainingTest(absltest.TestCase):
     from dlrm_jax.data import inputs  # pylint: disable=g-import-not-at-top
     config = tiny_config(**{'data.multi_hot.enabled': True,
                             'num_train_steps': 20})
-    prepared = inputs.prepare_config(config)
+    prepared = config_lib.resolve_data(config)
     self.assertEqual(prepared.features.cat_20.max_ids, 100)
     trainer = trainer_lib.Trainer(prepared, mesh=reference.single_device_mesh())
     data = inputs.make_data(prepared)

@@ -1,55 +1,48 @@
-"""From an ml_collections config to typed, validated specs.
+"""From a config to its RunSpec.
 
-Everything a config can get wrong is checked here, and every error is a
-ValueError that names the config field and its value, e.g.
-`config.model.dense_mlp.hidden_units[-1] (64) must equal the sparse embedding
-dim (16)`. The modules downstream take the typed specs, never a ConfigDict.
+  run_spec(config)      `build(resolve_data(config))`; a RunSpec as it is
+  resolve_data(config)  a copy of the config completed from the data
+  build(config)         the RunSpec of a resolved config
+  load_config(spec)     a config from `path/to/file.py[:variant]`
+
+Each `build_*` turns one group of the config into its typed spec: it calls
+the group's rules in `config.checks` (ValueErrors naming the field), then
+copies the fields, generically (`_copy`) where the spec's fields are the
+config's. The modules downstream take the typed specs, never a ConfigDict.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Mapping
+import importlib.util
+import os
+from typing import Any, Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
-import optax
 from absl import logging
 from ml_collections import config_dict
 
-from dlrm_jax.config import checks as config_checks
-from dlrm_jax.train import early_stopping
-from dlrm_jax.data import features as features_lib
-from dlrm_jax.train import schedules
+from dlrm_jax.config import checks
+from dlrm_jax.config.spec import (DataSpec, DenseOptimizerSpec, LoopSpec,
+                                  MeshSpec, ModelSetup, RunSpec,
+                                  ShardingRequest)
 from dlrm_jax.data import binary
-from dlrm_jax.embedding.ids import admission as admission_lib
-from dlrm_jax.embedding.sharding import planner as plan_lib
+from dlrm_jax.data import features as features_lib
+from dlrm_jax.data import synthetic as synthetic_lib
 from dlrm_jax.embedding import specs as emb_specs
+from dlrm_jax.embedding.ids import admission as admission_lib
 from dlrm_jax.models import DCNSpec, DLRMSpec, MLPSpec
-from dlrm_jax.models.dlrm import INTERACTIONS
+from dlrm_jax.train import early_stopping
+from dlrm_jax.train import schedules
 
-FEATURE_TYPES = ('raw', 'id', 'sequence_id')
-DENSE_OPTIMIZERS = ('sgd', 'adagrad', 'exact_adagrad', 'adam', 'adamw')
-COMPUTE_DTYPES = ('float32', 'bfloat16')
+# Field types (as the dataclasses annotate them) that `_copy` casts to.
+_CASTS = {'bool': bool, 'float': float}
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSetup:
-  """Everything static about a model: features, transform, specs."""
-
-  features: dict[str, features_lib.Feature]
-  transform: features_lib.FeatureTransform
-  model: DLRMSpec
-  tables: tuple[emb_specs.TableSpec, ...]
-  feature_specs: tuple[emb_specs.FeatureSpec, ...]
-  compute_dtype: Any
-
-  @property
-  def table_rows(self) -> tuple[int, ...]:
-    """Rows of the table of each sparse feature, in sparse-group order."""
-    rows = {t.name: t.num_rows for t in self.tables}
-    return tuple(rows[f.table] for f in self.feature_specs)
+def _type_name(field: dataclasses.Field) -> str:
+  """A field's type as written ('float', 'int | None', ...)."""
+  return getattr(field.type, '__name__', field.type)
 
 
 def _to_dict(value) -> dict:
@@ -58,639 +51,310 @@ def _to_dict(value) -> dict:
   return dict(value or {})
 
 
-def _positive_int(value, path: str) -> int:
-  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-    raise ValueError(f'{path} ({value!r}) must be a positive integer.')
-  return value
+def _copy(cls, cfg: Mapping[str, Any], **given):
+  """A `cls` (a dataclass) of the `given` fields and, for each other field,
+  `cfg`'s field of the same name (absent: the field's default), cast where
+  the field is a bool or a float."""
+  values = dict(given)
+  for f in dataclasses.fields(cls):
+    if f.name in values or (
+        f.name not in cfg and f.default is not dataclasses.MISSING):
+      continue
+    cast = _CASTS.get(_type_name(f))
+    values[f.name] = cast(cfg[f.name]) if cast else cfg[f.name]
+  return cls(**values)
 
 
-def _build_raw_feature(name: str, path: str, column: str, col_kind: str,
-                       cfg: Mapping[str, Any]) -> features_lib.RawFeature:
-  _check_fields(path, 'raw', cfg,
-                {'normalizer', 'boundaries', 'embedding_dim', 'embedding_name'})
-  if col_kind != 'int':
-    raise ValueError(
-        f'{path}.input ({column!r}) must be an integer column (int_<i>)'
-        ' for a raw feature.')
-  normalizer = cfg.get('normalizer') or 'none'
-  if normalizer not in features_lib.NORMALIZERS:
-    raise ValueError(
-        f'{path}.normalizer ({normalizer!r}) must be one of'
-        f' {list(features_lib.NORMALIZERS)}.')
-  boundaries = cfg.get('boundaries')
-  dim = cfg.get('embedding_dim')
-  if boundaries is not None:
-    boundaries = tuple(float(b) for b in boundaries)
-    if not boundaries or any(
-        b >= c for b, c in zip(boundaries, boundaries[1:])):
-      raise ValueError(
-          f'{path}.boundaries ({list(boundaries)}) must be a non-empty,'
-          ' strictly increasing list.')
-    _positive_int(dim, f'{path}.embedding_dim')
-  elif dim is not None:
-    raise ValueError(
-        f'{path}.embedding_dim ({dim}) needs {path}.boundaries: a raw'
-        ' feature gets an embedding only when bucketized.')
-  return features_lib.RawFeature(
-      name=name, input=column, normalizer=normalizer, boundaries=boundaries,
-      embedding_dim=dim, embedding_name=cfg.get('embedding_name'))
-
-
-def _id_rows(path: str, cfg: Mapping[str, Any]
-             ) -> tuple[int | None, int | None, str | None]:
-  """(num_buckets, hash_bucket_size, managed-collision policy) of an id
-  feature, checked: exactly one way to give its rows, at least 2 of them."""
-  nb, hb = cfg.get('num_buckets'), cfg.get('hash_bucket_size')
-  mc = _to_dict(cfg.get('managed_collision'))
-  policy = None
-  if mc.get('num_rows') is not None:
-    unknown = set(mc) - {'num_rows', 'policy'}
-    if unknown:
-      raise ValueError(
-          f'{path}.managed_collision has unknown fields {sorted(unknown)};'
-          ' it takes num_rows and policy.')
-    policy = mc.get('policy', 'lru')
-    if policy not in ('lru', 'lfu'):
-      raise ValueError(
-          f"{path}.managed_collision.policy ({policy!r}) must be 'lru' or"
-          " 'lfu'.")
-    # The remapper's table replaces num_buckets / hash_bucket_size.
-    hb = None
-    nb = _positive_int(mc.get('num_rows'),
-                       f'{path}.managed_collision.num_rows')
-  if (nb is None) == (hb is None):
-    raise ValueError(
-        f'{path}: give exactly one of num_buckets ({nb!r}) and'
-        f' hash_bucket_size ({hb!r}).')
-  field = ('managed_collision.num_rows' if policy else
-           'num_buckets' if nb is not None else 'hash_bucket_size')
-  rows = _positive_int(nb if nb is not None else hb, f'{path}.{field}')
-  if rows < 2:
-    raise ValueError(
-        f'{path}.{field} ({rows}) must be at least 2: row 0 holds missing'
-        ' values.')
-  return nb, hb, policy
-
-
-def _check_fields(path: str, kind: str, cfg: Mapping[str, Any], allowed):
-  unknown = set(cfg) - set(allowed)
-  if unknown:
-    raise ValueError(
-        f'{path} has fields {sorted(unknown)} that a {kind} feature does not'
-        f' take; it takes {sorted(allowed)}.')
+# ----- Model ------------------------------------------------------------------
 
 
 def build_feature(name: str, cfg: Mapping[str, Any]) -> features_lib.Feature:
-  """One feature from `config.features.<name>`."""
-  path = f'config.features.{name}'
-  cfg = dict(cfg)
-  kind = cfg.pop('type', None)
-  if kind not in FEATURE_TYPES:
-    raise ValueError(
-        f'{path}.type ({kind!r}) must be one of {list(FEATURE_TYPES)}.')
-  column = cfg.pop('input', None) or name
-  col_kind, _ = features_lib.parse_input(column, path=f'{path}.input')
+  """One feature, `config.features.<name>`.
+
+  Args:
+    name: the feature's name.
+    cfg: its config group.
+
+  Returns:
+    A RawFeature, IdFeature or SequenceIdFeature, by `cfg['type']`.
+
+  Raises:
+    ValueError: naming the field of the first rule it breaks
+      (`checks.check_feature`).
+  """
+  checks.check_feature(name, cfg)
+  kind = cfg['type']
+  common = dict(name=name, input=cfg.get('input') or name,
+                embedding_name=cfg.get('embedding_name'))
   if kind == 'raw':
-    return _build_raw_feature(name, path, column, col_kind, cfg)
-  allowed = {'embedding_dim', 'num_buckets', 'hash_bucket_size',
-             'embedding_name'}
-  if kind == 'id':
-    allowed |= {'max_ids', 'combiner', 'managed_collision'}
-  else:
-    allowed |= {'sequence_length'}
-  _check_fields(path, kind, cfg, allowed)
-  if col_kind != 'cat':
-    raise ValueError(
-        f'{path}.input ({column!r}) must be a categorical column (cat_<i>)'
-        f' for an {kind} feature.')
-  dim = _positive_int(cfg.get('embedding_dim'), f'{path}.embedding_dim')
-  nb, hb, policy = _id_rows(path, cfg)
+    boundaries = cfg.get('boundaries')
+    return features_lib.RawFeature(
+        normalizer=cfg.get('normalizer') or 'none',
+        boundaries=None if boundaries is None else tuple(
+            float(b) for b in boundaries),
+        embedding_dim=cfg.get('embedding_dim'), **common)
+  num_buckets, hash_bucket_size, policy = _id_rows(cfg)
+  common.update(embedding_dim=cfg['embedding_dim'], num_buckets=num_buckets,
+                hash_bucket_size=hash_bucket_size)
   if kind == 'sequence_id':
     return features_lib.SequenceIdFeature(
-        name=name, input=column, embedding_dim=dim, num_buckets=nb,
-        hash_bucket_size=hb, embedding_name=cfg.get('embedding_name'),
-        sequence_length=int(cfg.get('sequence_length') or 1))
-  max_ids = _positive_int(cfg.get('max_ids', 1), f'{path}.max_ids')
-  combiner = cfg.get('combiner') or 'sum'
-  if combiner not in emb_specs.COMBINERS:
-    raise ValueError(
-        f'{path}.combiner ({combiner!r}) must be one of'
-        f' {list(emb_specs.COMBINERS)}.')
-  if policy and max_ids != 1:
-    raise ValueError(
-        f'{path}: managed_collision takes single-valued features; max_ids is'
-        f' {max_ids}.')
+        sequence_length=int(cfg.get('sequence_length') or 1), **common)
   return features_lib.IdFeature(
-      name=name, input=column, embedding_dim=dim, num_buckets=nb,
-      hash_bucket_size=hb, embedding_name=cfg.get('embedding_name'),
-      max_ids=max_ids, combiner=combiner, managed_collision=policy)
+      max_ids=cfg.get('max_ids', 1), combiner=cfg.get('combiner') or 'sum',
+      managed_collision=policy, **common)
+
+
+def _id_rows(cfg: Mapping[str, Any]
+             ) -> tuple[int | None, int | None, str | None]:
+  """(num_buckets, hash_bucket_size, managed-collision policy) of an id
+  feature: a remapper's num_rows replaces the other two."""
+  mc = cfg.get('managed_collision') or {}
+  if mc.get('num_rows') is not None:
+    return mc['num_rows'], None, mc.get('policy', 'lru')
+  return cfg.get('num_buckets'), cfg.get('hash_bucket_size'), None
 
 
 def build_mlp(cfg, path: str) -> MLPSpec:
+  """An MLP, e.g. `config.model.final`.
+
+  Args:
+    cfg: its config group; fields left out take `MLPSpec.create`'s defaults.
+    path: its config path.
+
+  Returns:
+    The MLP's spec.
+
+  Raises:
+    ValueError: on an unknown field, or a value `MLPSpec.create` refuses,
+      naming it.
+  """
   cfg = _to_dict(cfg)
-  allowed = {'hidden_units', 'activation', 'use_bn', 'use_ln',
-             'dropout_ratio', 'bias'}
-  unknown = set(cfg) - allowed
-  if unknown:
-    raise ValueError(
-        f'{path} has unknown fields {sorted(unknown)}; an MLP takes'
-        f' {sorted(allowed)}.')
-  # Fields left out take MLPSpec.create's defaults (configs/criteo.py's
-  # _mlp sets them all).
+  checks.check_fields(cfg, [f.name for f in dataclasses.fields(MLPSpec)],
+                      path, 'an MLP')
   return MLPSpec.create(cfg.pop('hidden_units', None), path=path, **cfg)
 
 
-def build_interaction(m) -> tuple[str, DCNSpec | None]:
-  """`config.model.interaction` and, for 'dcn', `config.model.dcn`."""
-  kind = m.interaction
-  if kind not in INTERACTIONS:
-    raise ValueError(
-        f'config.model.interaction ({kind!r}) must be one of'
-        f' {list(INTERACTIONS)}.')
-  if kind != 'dcn':
-    return kind, None
-  for field in ('arch_with_sparse', 'interaction_self'):
-    if m[field]:
-      raise ValueError(
-          f'config.model.{field} ({m[field]!r}) must be False with'
-          " config.model.interaction 'dcn': the over arch sees the cross"
-          ' network output only (TorchRec DLRM_DCN, MLPerf DLRM-DCNv2).')
-  cfg = _to_dict(m.dcn)
-  path = 'config.model.dcn'
-  unknown = set(cfg) - {'num_layers', 'rank'}
-  if unknown:
-    raise ValueError(
-        f'{path} has unknown fields {sorted(unknown)}; it takes num_layers'
-        ' and rank.')
-  return kind, DCNSpec.create(cfg.get('num_layers'), cfg.get('rank'),
-                              path=path)
-
-
-def build_sparse_optimizer(cfg, path: str) -> emb_specs.SparseOptimizerSpec:
-  cfg = _to_dict(cfg)
-  kind = cfg.get('kind', 'sgd')
-  if kind not in emb_specs.SPARSE_OPTIMIZERS:
-    raise ValueError(
-        f'{path}.kind ({kind!r}) must be one of'
-        f' {list(emb_specs.SPARSE_OPTIMIZERS)}.')
-  schedule = schedules.ScheduleSpec.create(
-      path=f'{path}.schedule', **_to_dict(cfg.get('schedule')))
-  defaults = emb_specs.SparseOptimizerSpec()
-  floats = ('initial_accumulator_value', 'eps', 'b1', 'b2', 'l1', 'l2',
-            'lr_power', 'beta', 'weight_decay')
-  fields = {k: float(cfg.get(k, getattr(defaults, k))) for k in floats}
-  opt = emb_specs.SparseOptimizerSpec(
-      kind=kind, schedule=schedule,
-      weight_decay_mode=cfg.get('weight_decay_mode',
-                                defaults.weight_decay_mode),
-      stochastic_rounding=bool(cfg.get('stochastic_rounding',
-                                       defaults.stochastic_rounding)),
-      **fields)
-  opt.check(path)
-  return opt
-
-
-def _feature_groups(config, features: Mapping[str, features_lib.Feature]
-                    ) -> tuple[list[features_lib.Feature],
-                               list[features_lib.Feature]]:
-  """The dense and sparse groups of `config.model.feature_groups`, checked."""
-  groups = _to_dict(config.model.feature_groups)
-  unknown_groups = set(groups) - {'dense', 'sparse'}
-  if unknown_groups:
-    raise ValueError(
-        f'config.model.feature_groups has groups {sorted(unknown_groups)};'
-        ' DLRM takes a dense and a sparse group.')
-  sparse_names = list(groups.get('sparse') or [])
-  dense_names = list(groups.get('dense') or [])
-  if not sparse_names:
-    raise ValueError(
-        'config.model.feature_groups.sparse is missing or empty; DLRM needs a'
-        ' sparse group.')
-  for group, names in (('dense', dense_names), ('sparse', sparse_names)):
-    seen = set()
-    for n in names:
-      if n not in features:
-        raise ValueError(
-            f'config.model.feature_groups.{group} lists {n!r}, which is not'
-            ' in config.features.')
-      if n in seen:
-        raise ValueError(
-            f'config.model.feature_groups.{group} lists {n!r} twice.')
-      seen.add(n)
-  dense, sparse = [], []
-  for n in dense_names:
-    f = features[n]
-    if isinstance(f, features_lib.SequenceIdFeature):
-      raise ValueError(
-          f'config.model.feature_groups.dense lists {n!r}, a sequence feature;'
-          ' DLRM groups cannot take sequence features.')
-    if not isinstance(f, features_lib.RawFeature) or f.is_sparse:
-      raise ValueError(
-          f'config.model.feature_groups.dense lists {n!r}, which has ids'
-          f' ({type(f).__name__}{", bucketized" if isinstance(f, features_lib.RawFeature) else ""});'
-          ' the dense group takes raw features without boundaries; move it'
-          ' to the sparse group.')
-    dense.append(f)
-  for n in sparse_names:
-    f = features[n]
-    if isinstance(f, features_lib.SequenceIdFeature):
-      raise ValueError(
-          f'config.model.feature_groups.sparse lists {n!r}, a sequence'
-          ' feature; DLRM groups cannot take sequence features.')
-    if isinstance(f, features_lib.RawFeature) and not f.is_sparse:
-      raise ValueError(
-          f'config.model.feature_groups.sparse lists {n!r}, a raw feature'
-          ' without boundaries (no embedding); give it boundaries and an'
-          ' embedding_dim, or move it to the dense group.')
-    sparse.append(f)
-  return dense, sparse
-
-
 def build_model(config) -> ModelSetup:
-  """Validates the features, groups, model and embedding configs."""
-  if config.model.name != 'dlrm':
-    raise ValueError(
-        f"config.model.name ({config.model.name!r}) must be 'dlrm'.")
+  """The features, their transform, the model and the tables of a config.
+
+  Args:
+    config: the config (its data resolved, `resolve_data`).
+
+  Returns:
+    The model's setup.
+
+  Raises:
+    ValueError: naming the first field of `config.features`, `config.model`
+      or `config.embedding` that breaks a rule.
+  """
   features = {name: build_feature(name, cfg)
               for name, cfg in _to_dict(config.features).items()}
-  dense, sparse = _feature_groups(config, features)
-  dims = {f.name: f.embedding_dim for f in sparse}
-  if len(set(dims.values())) > 1:
-    raise ValueError(
-        'config.features: the sparse group\'s features must share one'
-        f' embedding_dim, got {dims}.')
-  dim = sparse[0].embedding_dim
-
+  groups = _to_dict(config.model.feature_groups)
+  checks.check_feature_groups(groups, features)
+  dense = [features[n] for n in groups.get('dense') or []]
+  sparse = [features[n] for n in groups['sparse']]
   m = config.model
-  has_dense_mlp = m.dense_mlp is not None and bool(
-      _to_dict(m.dense_mlp))
-  if dense and not has_dense_mlp:
-    raise ValueError(
-        f'config.model.feature_groups.dense has {len(dense)} features but'
-        ' config.model.dense_mlp is not set.')
-  if has_dense_mlp and not dense:
-    raise ValueError(
-        'config.model.dense_mlp is set but there is no dense feature group'
-        ' (config.model.feature_groups.dense); remove dense_mlp or add the'
-        ' group.')
-  dense_mlp = build_mlp(m.dense_mlp, 'config.model.dense_mlp') if dense else None
-  if dense_mlp is not None and dense_mlp.output_dim != dim:
-    raise ValueError(
-        f'config.model.dense_mlp.hidden_units[-1] ({dense_mlp.output_dim})'
-        f' must equal the sparse embedding dim ({dim}).')
-  final = build_mlp(m.final, 'config.model.final')
-  compute = m.compute_dtype
-  if compute not in COMPUTE_DTYPES:
-    raise ValueError(
-        f'config.model.compute_dtype ({compute!r}) must be one of'
-        f' {list(COMPUTE_DTYPES)}.')
-  interaction, dcn = build_interaction(m)
+  checks.check_model(m, dense, sparse)
+  dcn = _to_dict(m.dcn)
   model = DLRMSpec(
-      num_dense=len(dense), num_sparse=len(sparse), embedding_dim=dim,
-      dense_mlp=dense_mlp, final=final,
+      num_dense=len(dense), num_sparse=len(sparse),
+      embedding_dim=sparse[0].embedding_dim,
+      dense_mlp=(build_mlp(m.dense_mlp, 'config.model.dense_mlp') if dense
+                 else None),
+      final=build_mlp(m.final, 'config.model.final'),
       arch_with_sparse=bool(m.arch_with_sparse),
       interaction_self=bool(m.interaction_self),
-      interaction=interaction, dcn=dcn)
-
+      interaction=m.interaction,
+      dcn=(DCNSpec.create(dcn.get('num_layers'), dcn.get('rank'),
+                          path='config.model.dcn')
+           if m.interaction == 'dcn' else None))
   tables, feature_specs = build_tables(config, sparse)
   transform = features_lib.FeatureTransform(tuple(dense), tuple(sparse))
   return ModelSetup(features, transform, model, tables, feature_specs,
-                    jnp.dtype(compute))
+                    jnp.dtype(m.compute_dtype))
 
 
-def build_tables(config, sparse) -> tuple[tuple[emb_specs.TableSpec, ...],
-                                           tuple[emb_specs.FeatureSpec, ...]]:
-  """One table per sparse feature, or shared by features naming one."""
-  e = config.embedding
-  opt = build_sparse_optimizer(e.optimizer, 'config.embedding.optimizer')
-  overrides = {  # Unset (None) fields, and tables without any, dropped.
-      name: {k: v for k, v in _to_dict(t).items() if v is not None}
-      for name, t in _to_dict(e.tables).items()}
-  overrides = {name: t for name, t in overrides.items() if t}
-  table_fields: dict[str, dict] = {}
-  owner: dict[str, str] = {}
-  features_by_name = {f.name: f for f in sparse}
-  feature_specs = []
-  for f in sparse:
-    name = features_lib.table_name(f)
-    fields = dict(num_rows=f.num_rows, dim=f.embedding_dim,
-                  combiner=f.combiner)
-    if name in table_fields and (
-        getattr(f, 'managed_collision', None) or getattr(
-            features_by_name.get(owner[name]), 'managed_collision', None)):
-      raise ValueError(
-          f'config.features.{f.name} and config.features.{owner[name]}:'
-          f' features with managed_collision cannot share table {name!r}'
-          ' (each remapper owns its table\'s rows).')
-    if name in table_fields:
-      prev = table_fields[name]
-      for k in ('num_rows', 'dim', 'combiner'):
-        if prev[k] != fields[k]:
-          what = {'num_rows': 'table size', 'dim': 'embedding_dim',
-                  'combiner': 'combiner'}[k]
-          raise ValueError(
-              f'config.features.{f.name} and config.features.{owner[name]}'
-              f' share table {name!r} but differ in {what}'
-              f' ({fields[k]} vs {prev[k]}).')
-    else:
-      table_fields[name] = fields
-      owner[name] = f.name
-    feature_specs.append(emb_specs.FeatureSpec(
-        name=f.name, table=name, max_ids=f.max_ids, dim=f.embedding_dim))
-  for name in overrides:
-    if name not in table_fields:
-      raise ValueError(
-          f'config.embedding.tables.{name} overrides a table that no sparse'
-          f' feature uses (tables: {sorted(table_fields)}).')
-  tables = []
-  for name, fields in table_fields.items():
-    over = dict(overrides.get(name, {}))
-    path = f'config.embedding.tables.{name}'
-    allowed = {'initializer', 'init_scale', 'dtype', 'optimizer'}
-    if set(over) - allowed:
-      raise ValueError(
-          f'{path} has unknown fields {sorted(set(over) - allowed)}; it takes'
-          f' {sorted(allowed)}.')
-    table_opt = opt
-    if 'optimizer' in over:
-      merged = _to_dict(e.optimizer)
-      merged.update(_to_dict(over['optimizer']))
-      table_opt = build_sparse_optimizer(merged, f'{path}.optimizer')
-    initializer = over.get('initializer', e.initializer)
-    if initializer not in emb_specs.INITIALIZERS:
-      src = path if 'initializer' in over else 'config.embedding'
-      raise ValueError(
-          f'{src}.initializer ({initializer!r}) must be one of'
-          f' {list(emb_specs.INITIALIZERS)}.')
-    dtype = over.get('dtype', e.dtype)
-    if dtype not in emb_specs.TABLE_DTYPES:
-      src = path if 'dtype' in over else 'config.embedding'
-      raise ValueError(
-          f'{src}.dtype ({dtype!r}) must be one of'
-          f' {list(emb_specs.TABLE_DTYPES)}.')
-    tables.append(emb_specs.TableSpec(
-        name=name, num_rows=fields['num_rows'], dim=fields['dim'],
-        initializer=initializer,
-        init_scale=over.get('init_scale', e.init_scale),
-        optimizer=table_opt, combiner=fields['combiner'], dtype=dtype))
-  emb_specs.validate(tables, feature_specs)
-  return tuple(tables), tuple(feature_specs)
+# ----- Embedding tables -------------------------------------------------------
 
 
-def scale_by_exact_adagrad(eps: float = 1e-8,
-                           initial_accumulator_value: float = 0.0
-                           ) -> optax.GradientTransformation:
-  """torch.optim.Adagrad's (and FBGEMM EXACT_ADAGRAD's) scaling:
-  acc += g^2; g / (sqrt(acc) + eps), acc starting at 0. (optax.adagrad
-  scales by 1 / sqrt(acc + eps) with acc starting at 0.1.)"""
-  def init(params):
-    return jax.tree.map(
-        lambda p: jnp.full_like(p, initial_accumulator_value, jnp.float32),
-        params)
+def build_schedule(cfg, path: str) -> schedules.ScheduleSpec:
+  """A learning-rate schedule.
 
-  def update(updates, state, params=None):
-    del params
-    acc = jax.tree.map(lambda a, g: a + jnp.square(g.astype(jnp.float32)),
-                       state, updates)
-    out = jax.tree.map(
-        lambda g, a: (g / (jnp.sqrt(a) + eps)).astype(g.dtype), updates, acc)
-    return out, acc
+  Args:
+    cfg: the `schedule` group of an optimizer; fields left out take
+      ScheduleSpec's defaults.
+    path: its config path.
 
-  return optax.GradientTransformation(init, update)
+  Returns:
+    The schedule's spec.
 
-
-def build_dense_optimizer(spec: DenseOptimizerSpec | Any
-                          ) -> optax.GradientTransformation:
-  """The optax optimizer of the dense (MLP) parameters (`spec`, or a
-  `config.optimizer` to build it from)."""
-  if not isinstance(spec, DenseOptimizerSpec):
-    spec = build_dense_optimizer_spec(spec)
-  lr = schedules.build(spec.schedule)
-  kind, eps = spec.kind, spec.eps
-  if kind == 'sgd':
-    tx = optax.sgd(lr, momentum=spec.momentum or None)
-  elif kind == 'adagrad':
-    # optax starts the accumulator at 0.1; torch.optim.Adagrad (the MLPerf
-    # DLRM-DCNv2 reference's dense optimizer) at 0.
-    tx = optax.adagrad(lr, initial_accumulator_value=(
-        spec.initial_accumulator_value), eps=eps)
-  elif kind == 'exact_adagrad':
-    tx = optax.chain(scale_by_exact_adagrad(eps),
-                     optax.scale_by_learning_rate(lr))
-  elif kind == 'adam':
-    tx = optax.adam(lr, b1=spec.b1, b2=spec.b2, eps=eps)
-  else:
-    tx = optax.adamw(lr, b1=spec.b1, b2=spec.b2, eps=eps,
-                     weight_decay=spec.weight_decay)
-  if spec.grad_clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(spec.grad_clip_norm), tx)
-  return tx
-
-
-def load_config(spec: str):
-  """A config from `path/to/file.py[:variant]`, as `--config=` loads it.
-
-  For notebooks and scripts; the command line uses ml_collections'
-  config_flags with the same syntax.
+  Raises:
+    ValueError: naming the field that breaks a rule
+      (`checks.check_schedule`).
   """
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  path, _, variant = spec.partition(':')
-  if not os.path.isfile(path):
-    raise ValueError(f'config file {path!r} does not exist.')
-  module_spec = importlib.util.spec_from_file_location('_dlrm_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(variant or None)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopSpec:
-  """The training loop of a run; each field is the config field of the same
-  name (`data.record_batches` for the last), whose defaults are in
-  configs/criteo.py.
-
-  Attributes:
-    num_train_steps: steps to train; None: `num_epochs` over the train rows.
-    num_epochs: epochs when `num_train_steps` is None.
-    min_train_steps: with epochs, at least this many steps (whole epochs).
-    batch_size: global train batch.
-    eval_batch_size: global eval batch.
-    seed: seeds parameters, dropout and data.
-    log_every_steps: progress line and metrics row.
-    eval_every_steps: full evaluation (and at the end).
-    checkpoint_every_steps: checkpoint (and at the end).
-    max_to_keep: checkpoints kept.
-    target_auc: the eval AUC that ends training; None when off.
-    keep_best_metric: eval metric whose best state is kept; None when off.
-    early_stopping: `config.early_stopping` as a dict (checked).
-    record_batches: log a digest of each step's ids to batches.jsonl.
-  """
-
-  num_train_steps: int | None
-  num_epochs: float
-  min_train_steps: int
-  batch_size: int
-  eval_batch_size: int
-  seed: int
-  log_every_steps: int
-  eval_every_steps: int
-  checkpoint_every_steps: int
-  max_to_keep: int
-  target_auc: float | None
-  keep_best_metric: str | None
-  early_stopping: Mapping[str, Any]
-  record_batches: bool
-
-
-def build_loop(config) -> LoopSpec:
-  """`config`'s training loop, validated (ValueErrors name the field)."""
-  config_checks.validate_numbers(config)
-  steps = config.num_train_steps
-  early = _to_dict(config.early_stopping)
-  early_stopping.EarlyStopping.from_config(early)  # checks it
-  if config.keep_best_metric:
-    early_stopping.metric_mode(config.keep_best_metric, None,
-                               'config.keep_best_metric')
-  return LoopSpec(
-      num_train_steps=steps if steps > 0 else None,
-      num_epochs=config.num_epochs, min_train_steps=config.min_train_steps,
-      batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
-      seed=config.seed, log_every_steps=config.log_every_steps,
-      eval_every_steps=config.eval_every_steps,
-      checkpoint_every_steps=config.checkpoint_every_steps,
-      max_to_keep=config.max_to_keep,
-      target_auc=float(config.target_auc) or None,
-      keep_best_metric=config.keep_best_metric or None,
-      early_stopping=early,
-      record_batches=bool(config.data.record_batches))
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshSpec:
-  """`config.mesh`: devices along each axis; -1: the rest."""
-
-  data: int
-  model: int
-
-
-@dataclasses.dataclass(frozen=True)
-class PlanRequest:
-  """What `config.embedding` asks of the sharding planner
-  (`train.make_plan`); the fields are those of `config.embedding`.
-
-  Attributes:
-    strategy: 'auto' (the planner) or a strategy for every table.
-    overrides: (table, strategy) pairs that override it.
-    replicate_bytes: auto: tables this small are replicated.
-    row_group_size: >0: big tables row-wise over groups of this size.
-    device_memory_gb: auto: the per-device budget; None: none.
-  """
-
-  strategy: str
-  overrides: tuple[tuple[str, str], ...]
-  replicate_bytes: int
-  row_group_size: int
-  device_memory_gb: float | None
-
-
-def build_plan_request(config) -> PlanRequest:
-  e = config.embedding
-  if e.sharding != 'auto' and e.sharding not in plan_lib.STRATEGIES:
-    raise ValueError(
-        f'config.embedding.sharding ({e.sharding!r}) must be auto or one of'
-        f' {list(plan_lib.STRATEGIES)}.')
-  overrides = tuple(sorted(
-      (k, v) for k, v in _to_dict(e.sharding_overrides).items()
-      if v is not None))  # unset placeholders dropped
-  return PlanRequest(e.sharding, overrides, e.replicate_bytes,
-                     e.row_group_size or 0, e.device_memory_gb)
-
-
-@dataclasses.dataclass(frozen=True)
-class DenseOptimizerSpec:
-  """`config.optimizer`, the optimizer of the dense (MLP) parameters; the
-  fields are those of `config.optimizer` (see configs/criteo.py)."""
-
-  kind: str
-  schedule: schedules.ScheduleSpec
-  eps: float
-  b1: float
-  b2: float
-  weight_decay: float
-  initial_accumulator_value: float
-  momentum: float
-  grad_clip_norm: float
-
-
-def build_dense_optimizer_spec(cfg) -> DenseOptimizerSpec:
-  path = 'config.optimizer'
   cfg = _to_dict(cfg)
-  kind = cfg.get('kind')
-  if kind not in DENSE_OPTIMIZERS:
-    raise ValueError(
-        f'{path}.kind ({kind!r}) must be one of {list(DENSE_OPTIMIZERS)}.')
-  fields = {f.name for f in dataclasses.fields(DenseOptimizerSpec)}
-  unknown = set(cfg) - fields
-  if unknown:
-    raise ValueError(f'{path} has unknown fields {sorted(unknown)}; it takes'
-                     f' {sorted(fields)}.')
-  missing = fields - set(cfg)
-  if missing:
-    raise ValueError(f'{path} lacks fields {sorted(missing)} (see'
-                     ' configs/criteo.py).')
-  spec = DenseOptimizerSpec(
-      kind=kind, schedule=schedules.ScheduleSpec.create(
-          path=f'{path}.schedule', **_to_dict(cfg['schedule'])),
-      **{k: float(cfg[k] or 0.0) for k in fields - {'kind', 'schedule'}})
-  for k in ('initial_accumulator_value', 'grad_clip_norm', 'weight_decay',
-            'momentum', 'eps'):
-    if getattr(spec, k) < 0:
-      raise ValueError(f'{path}.{k} ({getattr(spec, k)}) must be >= 0.')
+  checks.check_schedule(cfg, path)
+  return _copy(schedules.ScheduleSpec, cfg)
+
+
+def build_sparse_optimizer(cfg, path: str) -> emb_specs.SparseOptimizerSpec:
+  """A table optimizer, `config.embedding.optimizer` or a table's.
+
+  Args:
+    cfg: its config group; fields left out take SparseOptimizerSpec's
+      defaults.
+    path: its config path.
+
+  Returns:
+    The optimizer's spec.
+
+  Raises:
+    ValueError: naming the field that breaks a rule
+      (`checks.check_sparse_optimizer`, `SparseOptimizerSpec.check`).
+  """
+  cfg = _to_dict(cfg)
+  checks.check_sparse_optimizer(cfg, path)
+  spec = _copy(emb_specs.SparseOptimizerSpec, cfg, schedule=build_schedule(
+      cfg.get('schedule'), f'{path}.schedule'))
+  spec.check(path)
   return spec
 
 
-@dataclasses.dataclass(frozen=True)
-class SyntheticDataSpec:
-  """`config.data.synthetic`: the built-in generator's split sizes and
-  difficulty (see `data.synthetic.SyntheticSpec`)."""
+def build_tables(config, sparse: Sequence[features_lib.Feature]
+                 ) -> tuple[tuple[emb_specs.TableSpec, ...],
+                            tuple[emb_specs.FeatureSpec, ...]]:
+  """The embedding tables and the specs of the sparse features reading them.
 
-  num_train: int
-  num_eval: int
-  zipf_exponent: float
-  logit_scale: float
+  A sparse feature reads a table of its own, or the one it names
+  (`embedding_name`), which features naming it share; a table takes
+  `config.embedding`'s fields, as `config.embedding.tables.<table>`
+  overrides them.
 
+  Args:
+    config: the config.
+    sparse: the features of the sparse group.
 
-@dataclasses.dataclass(frozen=True)
-class DataSpec:
-  """`config.data`, resolved (`source` is never 'auto'); each field is the
-  `config.data` field of the same name (`multi_hot` is
-  `config.data.multi_hot.enabled`, `multi_hot_distribution` its
-  distribution), documented and defaulted in configs/criteo.py."""
+  Returns:
+    The tables (in the order the features first read them) and the
+    features' specs (in sparse-group order).
 
-  source: str
-  train_path: str | tuple[str, ...]
-  eval_path: str | tuple[str, ...]
-  eval_fraction: float
-  labeled_eval: bool
-  bad_lines: str
-  check_ids: bool
-  binary_dir: str
-  tfds_name: str
-  tfds_data_dir: str
-  tfds_train_split: str
-  tfds_eval_split: str
-  shuffle: bool
-  shuffle_buffer: int
-  chunk_rows: int
-  num_threads: int
-  prefetch: int
-  multi_hot: bool
-  multi_hot_distribution: str
-  synthetic: SyntheticDataSpec
+  Raises:
+    ValueError: naming the field of `config.embedding` (or the features
+      sharing a table) that breaks a rule (`checks.check_tables`).
+  """
+  e = config.embedding
+  checks.validate_numbers(config, 'embedding')
+  optimizer = build_sparse_optimizer(e.optimizer, 'config.embedding.optimizer')
+  readers = _readers(sparse)
+  overrides = _table_overrides(e.tables)
+  checks.check_tables(e, readers, overrides)
+  tables = tuple(_table(e, name, features[0], overrides.get(name, {}),
+                        optimizer)
+                 for name, features in readers.items())
+  feature_specs = tuple(
+      emb_specs.FeatureSpec(name=f.name, table=features_lib.table_name(f),
+                            max_ids=f.max_ids, dim=f.embedding_dim)
+      for f in sparse)
+  return tables, feature_specs
 
 
-DATA_SOURCES = ('auto', 'synthetic', 'criteo_tsv', 'binary', 'tfds')
+def _readers(sparse) -> dict[str, list[features_lib.Feature]]:
+  """Table name -> the features reading it, in sparse-group order."""
+  out: dict[str, list[features_lib.Feature]] = {}
+  for f in sparse:
+    out.setdefault(features_lib.table_name(f), []).append(f)
+  return out
+
+
+def _table_overrides(tables_cfg) -> dict[str, dict[str, Any]]:
+  """`config.embedding.tables` without its unset (None) fields, and without
+  the tables that are then empty."""
+  out = {name: {k: v for k, v in _to_dict(t).items() if v is not None}
+         for name, t in _to_dict(tables_cfg).items()}
+  return {name: t for name, t in out.items() if t}
+
+
+def _table(e, name: str, feature, over: Mapping[str, Any],
+           optimizer: emb_specs.SparseOptimizerSpec) -> emb_specs.TableSpec:
+  """Table `name` of (the first of) its features, with its overrides; its
+  optimizer is `optimizer` unless it overrides optimizer fields."""
+  if 'optimizer' in over:
+    optimizer = build_sparse_optimizer(
+        {**_to_dict(e.optimizer), **_to_dict(over['optimizer'])},
+        f'config.embedding.tables.{name}.optimizer')
+  return emb_specs.TableSpec(
+      name=name, num_rows=feature.num_rows, dim=feature.embedding_dim,
+      initializer=over.get('initializer', e.initializer),
+      init_scale=over.get('init_scale', e.init_scale), optimizer=optimizer,
+      combiner=feature.combiner, dtype=over.get('dtype', e.dtype))
+
+
+def build_sharding_request(config, table_names: Sequence[str]
+                           ) -> ShardingRequest:
+  """What `config.embedding` asks of the sharding planner.
+
+  Args:
+    config: the config.
+    table_names: the embedding tables.
+
+  Returns:
+    The request (unset overrides dropped).
+
+  Raises:
+    ValueError: naming the field that breaks a rule
+      (`checks.check_sharding`).
+  """
+  checks.check_sharding(config, table_names)
+  e = config.embedding
+  overrides = tuple(sorted(
+      (k, v) for k, v in _to_dict(e.sharding_overrides).items()
+      if v is not None))
+  return ShardingRequest(
+      strategy=e.sharding, overrides=overrides,
+      replicate_bytes=e.replicate_bytes, row_group_size=e.row_group_size or 0,
+      device_memory_gb=e.device_memory_gb)
+
+
+# ----- Mesh, dense optimizer, data, loop, admission ---------------------------
+
+
+def build_mesh(config) -> MeshSpec:
+  """`config.mesh`.
+
+  Args:
+    config: the config.
+
+  Returns:
+    The mesh's axis sizes.
+
+  Raises:
+    ValueError: naming an axis size that is neither -1 nor positive.
+  """
+  checks.validate_numbers(config, 'mesh')
+  return _copy(MeshSpec, config.mesh)
+
+
+def build_dense_optimizer_spec(cfg) -> DenseOptimizerSpec:
+  """`config.optimizer`, the optimizer of the dense (MLP) parameters.
+
+  Args:
+    cfg: `config.optimizer`; an unset (None) number is 0.
+
+  Returns:
+    The optimizer's spec (`train.optimizers.build_dense_optimizer` makes the
+    optax optimizer of it).
+
+  Raises:
+    ValueError: naming the field that breaks a rule
+      (`checks.check_dense_optimizer`), e.g. the kind 'adagrad', which is
+      'optax_adagrad' or 'exact_adagrad'.
+  """
+  cfg = _to_dict(cfg)
+  checks.check_dense_optimizer(cfg)
+  numbers = {k: v or 0.0 for k, v in cfg.items()}
+  return _copy(DenseOptimizerSpec, numbers, kind=cfg['kind'],
+               schedule=build_schedule(cfg['schedule'],
+                                       'config.optimizer.schedule'))
 
 
 def _paths(value) -> str | tuple[str, ...]:
@@ -698,113 +362,137 @@ def _paths(value) -> str | tuple[str, ...]:
 
 
 def _data_source(d) -> str:
-  """The source `config.data` (`d`) reads, 'auto' resolved; checks the
-  fields that source needs."""
+  """The source `config.data` (`d`) reads, 'auto' resolved, checked with
+  the fields it needs."""
   source = d.source
-  if source not in DATA_SOURCES:
-    raise ValueError(
-        f'config.data.source ({source!r}) must be one of'
-        f' {list(DATA_SOURCES)}.')
   if source == 'auto':
     source = 'criteo_tsv' if d.train_path else 'synthetic'
-  if source == 'binary' and not d.binary_dir:
-    raise ValueError(
-        "config.data.source is 'binary' but config.data.binary_dir is"
-        ' empty.')
-  if source == 'criteo_tsv' and not d.train_path:
-    raise ValueError(
-        "config.data.train_path is empty but config.data.source is"
-        " 'criteo_tsv'; give the Criteo train file(s).")
+  checks.check_data_source(d, source)
   return source
 
 
 def build_data(config) -> DataSpec:
-  """`config.data`, checked, its source resolved."""
+  """`config.data`, its source resolved.
+
+  Args:
+    config: the config.
+
+  Returns:
+    The data's spec.
+
+  Raises:
+    ValueError: naming the field that breaks a rule
+      (`checks.check_data_source`, `checks.check_data`).
+  """
   d = config.data
   source = _data_source(d)
-  if d.bad_lines not in ('error', 'skip'):
-    raise ValueError(
-        f"config.data.bad_lines ({d.bad_lines!r}) must be 'error' or 'skip'.")
-  s = d.synthetic
-  return DataSpec(
-      source=source, train_path=_paths(d.train_path),
-      eval_path=_paths(d.eval_path), eval_fraction=float(d.eval_fraction),
-      labeled_eval=bool(d.labeled_eval), bad_lines=d.bad_lines,
-      check_ids=bool(d.check_ids), binary_dir=d.binary_dir,
-      tfds_name=d.tfds_name, tfds_data_dir=d.tfds_data_dir,
-      tfds_train_split=d.tfds_train_split,
-      tfds_eval_split=d.tfds_eval_split, shuffle=bool(d.shuffle),
-      shuffle_buffer=d.shuffle_buffer, chunk_rows=d.chunk_rows,
-      num_threads=d.num_threads, prefetch=d.prefetch,
-      multi_hot=bool(d.multi_hot.enabled),
+  checks.validate_numbers(config, 'data')
+  checks.check_data(config, source)
+  return _copy(
+      DataSpec, d, source=source, train_path=_paths(d.train_path),
+      eval_path=_paths(d.eval_path), multi_hot=bool(d.multi_hot.enabled),
       multi_hot_distribution=d.multi_hot.distribution,
-      synthetic=SyntheticDataSpec(
-          int(s.num_train), int(s.num_eval), float(s.zipf_exponent),
-          float(s.logit_scale)))
+      synthetic=(_copy(synthetic_lib.SyntheticSpec, d.synthetic,
+                       seed=config.seed)
+                 if source == 'synthetic' else None))
 
 
-@dataclasses.dataclass(frozen=True)
-class RunSpec(ModelSetup):
-  """Everything a run is, typed and checked: the model (`ModelSetup`'s
-  fields), the sharding plan request, the mesh, the dense optimizer, the
-  data, the loop and the rare-id admission. Built once from the config by
-  `build`; nothing downstream reads the ConfigDict.
+def build_loop(config) -> LoopSpec:
+  """The training loop of a config (its top-level fields).
 
-  Attributes:
-    plan: what the sharding planner is asked for.
-    mesh: the device mesh's axis sizes.
-    dense_optimizer: the MLPs' optimizer.
-    data: the input data.
-    loop: the training loop.
-    admission: rare-id admission (`min_count <= 1`: off).
-    config_json: the config as JSON, written to config.json and the
-      checkpoints' meta for the record (never read back by the run).
+  Args:
+    config: the config.
+
+  Returns:
+    The loop's spec.
+
+  Raises:
+    ValueError: naming the field that breaks a rule (`validate_numbers`,
+      `checks.check_loop`).
   """
+  checks.validate_numbers(config, 'loop')
+  checks.check_loop(config)
+  early = config.early_stopping
+  steps = config.num_train_steps
+  return _copy(
+      LoopSpec, config, num_train_steps=steps if steps > 0 else None,
+      target_auc=float(config.target_auc) or None,
+      keep_best_metric=config.keep_best_metric or None,
+      early_stopping=_copy(
+          early_stopping.EarlyStoppingSpec, early,
+          mode=early_stopping.metric_mode(early.metric, early.mode)),
+      record_batches=bool(config.data.record_batches))
 
-  plan: PlanRequest
-  mesh: MeshSpec
-  dense_optimizer: DenseOptimizerSpec
-  data: DataSpec
-  loop: LoopSpec
-  admission: admission_lib.AdmissionSpec
-  config_json: str = dataclasses.field(default='{}', compare=False)
 
-  def same_trainer(self, other: 'RunSpec') -> bool:
-    """Whether a Trainer of `other` serves this spec (same model, tables,
-    plan request, mesh, optimizers and batch sizes; the data, loop and
-    admission are the run's own)."""
-    keep = ('features', 'transform', 'model', 'tables', 'feature_specs',
-            'compute_dtype', 'plan', 'mesh', 'dense_optimizer')
-    return all(getattr(self, k) == getattr(other, k) for k in keep) and (
-        (self.loop.batch_size, self.loop.eval_batch_size) ==
-        (other.loop.batch_size, other.loop.eval_batch_size))
+def build_admission(cfg, transform: features_lib.FeatureTransform
+                    ) -> admission_lib.AdmissionSpec:
+  """`config.admission`, the rare-id filter.
+
+  Args:
+    cfg: `config.admission`; fields left out take AdmissionSpec's defaults.
+    transform: the features it may filter.
+
+  Returns:
+    The filter's spec (`min_count <= 1`: off).
+
+  Raises:
+    ValueError: naming the field that breaks a rule
+      (`checks.check_admission`).
+  """
+  cfg = _to_dict(cfg)
+  checks.check_admission(cfg, transform.sparse)
+  features = cfg.get('features') or ()
+  return _copy(admission_lib.AdmissionSpec, cfg, features=(
+      (features,) if isinstance(features, str) else tuple(features)))
+
+
+# ----- The run ----------------------------------------------------------------
 
 
 def build(config) -> RunSpec:
-  """The run spec of a config whose data is resolved
-  (`data.inputs.prepare_config`): every field checked, ValueErrors naming
-  the field."""
+  """The RunSpec of a config whose data is resolved (`resolve_data`).
+
+  Args:
+    config: the config.
+
+  Returns:
+    The run's spec; it keeps the config as JSON, for the record.
+
+  Raises:
+    ValueError: naming the first field that breaks a rule of
+      `config.checks`.
+  """
   model = build_model(config)
   return RunSpec(
       **{f.name: getattr(model, f.name)
          for f in dataclasses.fields(ModelSetup)},
-      plan=build_plan_request(config),
-      mesh=MeshSpec(config.mesh.data, config.mesh.model),
+      sharding=build_sharding_request(config, [t.name for t in model.tables]),
+      mesh=build_mesh(config),
       dense_optimizer=build_dense_optimizer_spec(config.optimizer),
       data=build_data(config), loop=build_loop(config),
-      admission=admission_lib.AdmissionSpec.from_config(config.admission),
+      admission=build_admission(config.admission, model.transform),
       config_json=config.to_json_best_effort())
 
 
 def resolve_data(config):
-  """The data-resolution step before `build`: a copy of the config
-  completed from the data, with the table sizes of a preprocessed dataset
-  (`config.data.source='binary'`, read from its metadata) and the bag sizes
-  of multi-hot data (`config.data.multi_hot.hotness`)."""
+  """The step before `build`: the config completed from its data.
+
+  Args:
+    config: the config.
+
+  Returns:
+    A copy of it with the table sizes of a preprocessed dataset
+    (`config.data.source='binary'`, read from its metadata) and the bag
+    sizes of multi-hot data (`config.data.multi_hot.hotness`).
+
+  Raises:
+    ValueError: if the data source lacks a field it needs, or the bag sizes
+      do not match the id features.
+  """
   config = copy.deepcopy(config)
   source = _data_source(config.data)
   id_features = [n for n in config.model.feature_groups.sparse
-                 if config.features[n].get('type') == 'id']
+                 if (config.features.get(n) or {}).get('type') == 'id']
   if source == 'binary':
     meta = binary.Metadata.load(config.data.binary_dir)
     for name in id_features:
@@ -818,20 +506,52 @@ def resolve_data(config):
       f.num_buckets = size
       f.hash_bucket_size = None
   mh = config.data.multi_hot
+  checks.check_multi_hot(mh, id_features)
   if mh.enabled:
-    if len(mh.hotness) != len(id_features):
-      raise ValueError(
-          f'config.data.multi_hot.hotness has {len(mh.hotness)} values for'
-          f' {len(id_features)} id features of the sparse group.')
     for name, h in zip(id_features, mh.hotness):
       config.features[name].max_ids = int(h)
   return config
 
 
 def run_spec(config) -> RunSpec:
-  """A config's RunSpec: `build(resolve_data(config))`. A RunSpec is
-  returned as it is, so the entry points (Trainer, train_and_evaluate,
-  inference.load, data.inputs.make_data) take either."""
+  """A config's RunSpec: `build(resolve_data(config))`.
+
+  The entry points (Trainer, train_and_evaluate, inference.load,
+  data.inputs.make_data) call it, so they take either.
+
+  Args:
+    config: a config, or a RunSpec.
+
+  Returns:
+    The RunSpec; a RunSpec is returned as it is.
+
+  Raises:
+    ValueError: naming the first field of the config that breaks a rule.
+  """
   if isinstance(config, RunSpec):
     return config
   return build(resolve_data(config))
+
+
+def load_config(spec: str) -> config_dict.ConfigDict:
+  """A config from `path/to/file.py[:variant]`, as `--config=` loads it.
+
+  For notebooks and scripts; the command line uses ml_collections'
+  config_flags with the same syntax.
+
+  Args:
+    spec: the config file's path, optionally with `:variant`.
+
+  Returns:
+    Its `get_config(variant)`.
+
+  Raises:
+    ValueError: if the file does not exist.
+  """
+  path, _, variant = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ValueError(f'config file {path!r} does not exist.')
+  module_spec = importlib.util.spec_from_file_location('_dlrm_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant or None)

@@ -47,7 +47,14 @@ def load(path: str) -> config_dict.ConfigDict:
 
 
 def get_config(path: str) -> config_dict.ConfigDict:
-  """`config_flags`' entry point: the config saved at `path`."""
+  """`config_flags`' entry point: the config saved at `path`.
+
+  Args:
+    path: a `config.json` written by a run.
+
+  Returns:
+    The config, as a ConfigDict (see `load`).
+  """
   return load(path)
 
 

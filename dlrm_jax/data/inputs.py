@@ -36,6 +36,7 @@ import numpy as np
 from absl import logging
 
 from dlrm_jax.config import build as config_lib
+from dlrm_jax.config import spec as spec_lib
 from dlrm_jax.data import binary
 from dlrm_jax.data import criteo
 from dlrm_jax.data import loader
@@ -43,11 +44,6 @@ from dlrm_jax.data import pipeline
 from dlrm_jax.data import synthetic
 
 _READ_CHUNK = criteo.CHUNK_ROWS
-
-
-def prepare_config(config):
-  """The data-resolution step (`config_lib.resolve_data`)."""
-  return config_lib.resolve_data(config)
 
 
 class RandomAccessRows:
@@ -149,7 +145,7 @@ def make_data(spec, *, process_index: int = 0, process_count: int = 1,
   if kind == 'criteo_tsv' and pc > 1:
     src = _tsv_shared_sources(spec, pi, pc, gather or gather_ints, report)
   elif kind == 'synthetic':
-    src = _synthetic_sources(d.synthetic, spec.loop.seed)
+    src = _synthetic_sources(d.synthetic)
   elif kind == 'criteo_tsv':
     src = _tsv_sources(d, report)
   else:
@@ -238,11 +234,8 @@ def _tsv_shared_sources(spec, pi, pc, gather, report) -> _Sources:
                   eval_counts=eval_counts, lines=lines)
 
 
-def _synthetic_sources(s: config_lib.SyntheticDataSpec, seed: int
-                       ) -> _Sources:
-  gen = synthetic.SyntheticCriteo(synthetic.SyntheticSpec(
-      seed=seed, num_train=s.num_train, num_eval=s.num_eval,
-      zipf_exponent=s.zipf_exponent, logit_scale=s.logit_scale))
+def _synthetic_sources(s: synthetic.SyntheticSpec) -> _Sources:
+  gen = synthetic.SyntheticCriteo(s)
   train_src = pipeline.SyntheticSource(gen, 'train')
   eval_src = pipeline.SyntheticSource(gen, 'eval')
   teacher_auc = gen.teacher_auc()
@@ -257,7 +250,7 @@ def _synthetic_sources(s: config_lib.SyntheticDataSpec, seed: int
                   iid=True)  # rows are i.i.d. draws already
 
 
-def _tsv_sources(d: config_lib.DataSpec, report) -> _Sources:
+def _tsv_sources(d: spec_lib.DataSpec, report) -> _Sources:
   """criteo_tsv in one process: eval from `eval_path` or the train tail."""
   train_paths = criteo.expand_paths(d.train_path,
                                     field='config.data.train_path')
@@ -289,7 +282,7 @@ def _tsv_sources(d: config_lib.DataSpec, report) -> _Sources:
                   cache_eval=cache_eval)
 
 
-def _random_access_sources(d: config_lib.DataSpec) -> _Sources:
+def _random_access_sources(d: spec_lib.DataSpec) -> _Sources:
   """binary or tfds: eval from its own split or the train tail."""
   kind = d.source
   if kind == 'binary':

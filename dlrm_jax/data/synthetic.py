@@ -64,12 +64,13 @@ class SyntheticSpec:
   def __post_init__(self):
     if len(self.vocab_sizes) != NUM_CAT:
       raise ValueError(
-          f'config.data.synthetic.vocab_sizes has {len(self.vocab_sizes)}'
-          f' values; it needs {NUM_CAT}.')
+          f'SyntheticSpec.vocab_sizes has {len(self.vocab_sizes)} values; it'
+          f' needs {NUM_CAT}.')
     if min(self.vocab_sizes) <= 0 or self.num_train <= 0 or self.num_eval <= 0:
       raise ValueError(
-          'config.data.synthetic: vocab_sizes, num_train and num_eval must be'
-          ' positive.')
+          'SyntheticSpec: vocab_sizes, num_train and num_eval must be'
+          f' positive (smallest vocab size {min(self.vocab_sizes)}, num_train'
+          f' {self.num_train}, num_eval {self.num_eval}).')
 
 
 def _hash(values: np.ndarray, salt: int) -> np.ndarray:

@@ -51,10 +51,10 @@ FBGEMM does (`WeightDecayMode`):
                                  (FBGEMM's DECOUPLED, AdamW-style).
 
 The dense (MLP) parameters are not updated here: they use optax
-(`config_lib.build_dense_optimizer`). Its kind 'adagrad' is optax.adagrad
+(`dlrm_jax.train.optimizers`). Its kind 'optax_adagrad' is optax.adagrad
 (`w -= lr * g / sqrt(acc + eps)`, acc starting at 0.1), whose first steps
 differ from torch.optim.Adagrad's; kind 'exact_adagrad' is the formula above
-(`config_lib.scale_by_exact_adagrad`), as peers use for MLPs.
+(`train.optimizers.scale_by_exact_adagrad`), as peers use for MLPs.
 """
 
 from __future__ import annotations

@@ -35,7 +35,10 @@ INTERACTIONS = ('dot', 'dcn')
 
 @dataclasses.dataclass(frozen=True)
 class DLRMSpec:
-  """Typed description of a DLRM (validated by `dlrm_jax.config.build`).
+  """Typed description of a DLRM.
+
+  `__post_init__` checks what the module needs of it (consistent widths and
+  arches); the config's rules are `dlrm_jax.config.checks.check_model`'s.
 
   Attributes:
     num_dense: F, the width of the dense group input (0: no dense group).
@@ -43,8 +46,9 @@ class DLRMSpec:
     embedding_dim: D.
     dense_mlp: the dense arch; None exactly when there is no dense group.
     final: the over arch MLP.
-    arch_with_sparse: also feed the flattened sparse embeddings to `final`.
-    interaction_self: include the diagonal of the interaction.
+    arch_with_sparse: also feed the flattened sparse embeddings to `final`
+      (dot interaction only).
+    interaction_self: include the diagonal of the interaction (dot only).
     interaction: 'dot' or 'dcn' (INTERACTIONS).
     dcn: the cross network; given exactly when interaction is 'dcn'.
   """
@@ -68,12 +72,6 @@ class DLRMSpec:
       raise ValueError(
           f'dcn ({self.dcn}) must be given exactly when interaction is'
           f" 'dcn' (interaction={self.interaction!r}).")
-    if self.interaction == 'dcn' and (self.arch_with_sparse
-                                      or self.interaction_self):
-      raise ValueError(
-          'arch_with_sparse and interaction_self must be False with the dcn'
-          ' interaction: the over arch sees the cross output only (TorchRec'
-          ' DLRM_DCN).')
     if self.num_sparse <= 0:
       raise ValueError(
           f'DLRM needs at least one sparse feature, got num_sparse='

@@ -18,6 +18,7 @@ from absl import logging
 
 from dlrm_jax.train import checkpoint as ckpt_lib
 from dlrm_jax.config import build as config_lib
+from dlrm_jax.config import spec as spec_lib
 from dlrm_jax.train import metrics as metrics_lib
 from dlrm_jax.serving import export as serving
 from dlrm_jax.train import trainer as trainer_lib
@@ -48,7 +49,7 @@ class TrainedModel:
     best_eval: for the best checkpoint, its eval metrics.
   """
 
-  spec: config_lib.RunSpec
+  spec: spec_lib.RunSpec
   trainer: trainer_lib.Trainer
   state: trainer_lib.TrainState
   step: int

@@ -25,15 +25,41 @@ METRIC_MODES = {'auc': 'max', 'accuracy': 'max', 'log_loss': 'min',
 MODES = ('max', 'min')
 
 
-def metric_mode(metric: str, mode: str | None, path: str) -> str:
-  """The mode of `metric` ('max'/'min'), checking both (config path `path`)."""
+def metric_mode(metric: str, mode: str | None = None) -> str:
+  """The direction in which `metric` improves.
+
+  Args:
+    metric: an eval metric, one of METRIC_MODES.
+    mode: 'max' or 'min' to say it; None: the metric's own (METRIC_MODES).
+
+  Returns:
+    'max' or 'min'.
+
+  Raises:
+    ValueError: if the metric is unknown (the config's are checked by
+      `config.checks.check_loop`).
+  """
   if metric not in METRIC_MODES:
-    raise ValueError(f'{path}.metric ({metric!r}) must be one of'
+    raise ValueError(f'metric {metric!r} must be one of'
                      f' {sorted(METRIC_MODES)}.')
-  mode = mode or METRIC_MODES[metric]
-  if mode not in MODES:
-    raise ValueError(f'{path}.mode ({mode!r}) must be one of {list(MODES)}.')
-  return mode
+  return mode or METRIC_MODES[metric]
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStoppingSpec:
+  """When to stop (`config.early_stopping`, mode resolved).
+
+  Attributes:
+    metric: the eval metric's name (METRIC_MODES).
+    mode: 'max' or 'min'.
+    patience: evaluations without improvement before stopping (0: never).
+    min_delta: the least change that counts as an improvement.
+  """
+
+  metric: str = 'auc'
+  mode: str = 'max'
+  patience: int = 0
+  min_delta: float = 0.0
 
 
 @dataclasses.dataclass
@@ -41,38 +67,22 @@ class EarlyStopping:
   """Tracks an eval metric; `update` says when to stop.
 
   Attributes:
-    metric: the eval metric's name.
-    mode: 'max' or 'min'.
-    patience: evaluations without improvement before stopping (0: never).
-    min_delta: the least change that counts as an improvement.
+    spec: the metric, its mode, the patience and min_delta.
     best: the best value so far (None before the first evaluation).
     best_step: its step.
     since_best: evaluations since it.
   """
 
-  metric: str = 'auc'
-  mode: str = 'max'
-  patience: int = 0
-  min_delta: float = 0.0
+  spec: EarlyStoppingSpec = EarlyStoppingSpec()
   best: float | None = None
   best_step: int | None = None
   since_best: int = 0
 
-  @classmethod
-  def from_config(cls, cfg) -> 'EarlyStopping':
-    path = 'config.early_stopping'
-    cfg = dict(cfg)  # every field, as configs/criteo.py gives them
-    metric = cfg['metric']
-    mode = metric_mode(metric, cfg['mode'], path)
-    patience = cfg['patience']
-    if isinstance(patience, bool) or not isinstance(patience, int) or (
-        patience < 0):
-      raise ValueError(f'{path}.patience ({patience!r}) must be an integer'
-                       ' >= 0 (0: off).')
-    min_delta = float(cfg['min_delta'])
-    if not min_delta >= 0:
-      raise ValueError(f'{path}.min_delta ({min_delta}) must be >= 0.')
-    return cls(metric, mode, patience, min_delta)
+  # The spec's fields, read as the tracker's own.
+  metric = property(lambda self: self.spec.metric)
+  mode = property(lambda self: self.spec.mode)
+  patience = property(lambda self: self.spec.patience)
+  min_delta = property(lambda self: self.spec.min_delta)
 
   def improved(self, value: float) -> bool:
     if self.best is None:

@@ -142,7 +142,7 @@ def num_train_steps(loop: config_lib.LoopSpec, data: inputs.DataSetup
         'small data: %d epoch(s) of %d steps is under config.min_train_steps'
         ' (%d): the run is up to %d epochs (%d steps)%s.', loop.num_epochs,
         per_epoch, min_steps, epochs, epochs * per_epoch,
-        ', or less with early stopping' if loop.early_stopping.get('patience')
+        ', or less with early stopping' if loop.early_stopping.patience
         else '')
     steps = epochs * per_epoch
   elif steps < 100 and not min_steps:
@@ -254,8 +254,8 @@ class BestKeeper:
   def __init__(self, workdir: str, metric: str):
     self.metric = metric
     self.tracker = early_stopping.EarlyStopping(
-        metric, early_stopping.metric_mode(metric, None,
-                                           'config.keep_best_metric'))
+        early_stopping.EarlyStoppingSpec(
+            metric, early_stopping.metric_mode(metric)))
     self.ckpt = ckpt_lib.BestCheckpointer(workdir, metric, self.tracker.mode)
 
   @classmethod
@@ -362,7 +362,7 @@ class _Run:
         closing.enter_context(contextlib.closing(best.ckpt))
       data_iter = closing.enter_context(contextlib.closing(
           data.train.iterator()))
-      stopper = early_stopping.EarlyStopping.from_config(loop.early_stopping)
+      stopper = early_stopping.EarlyStopping(loop.early_stopping)
       host = trainer.new_host_state(spec)
       step, state, meta = _resume(trainer, ckpt, data_iter, host, loop.seed)
       if meta is not None:

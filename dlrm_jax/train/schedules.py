@@ -35,28 +35,6 @@ class ScheduleSpec:
   end_learning_rate: float = 0.0
   power: float = 2.0
 
-  @classmethod
-  def create(cls, *, path: str, **kwargs) -> 'ScheduleSpec':
-    unknown = set(kwargs) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f'{path} has unknown fields {sorted(unknown)}.')
-    spec = cls(**kwargs)
-    if spec.kind not in SCHEDULES:
-      raise ValueError(
-          f'{path}.kind ({spec.kind!r}) must be one of {list(SCHEDULES)}.')
-    if not spec.learning_rate > 0:
-      raise ValueError(
-          f'{path}.learning_rate ({spec.learning_rate}) must be positive.')
-    for name in ('warmup_steps', 'decay_start_step', 'decay_steps'):
-      if getattr(spec, name) < 0:
-        raise ValueError(
-            f'{path}.{name} ({getattr(spec, name)}) must be >= 0.')
-    if spec.kind == 'cosine' and spec.decay_steps <= 0:
-      raise ValueError(
-          f'{path}.decay_steps ({spec.decay_steps}) must be positive for a'
-          ' cosine schedule.')
-    return spec
-
 
 def build(spec: ScheduleSpec) -> optax.Schedule:
   """The optax schedule (a step -> rate function) of a spec."""

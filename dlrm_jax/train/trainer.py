@@ -22,6 +22,7 @@ from absl import logging
 
 from dlrm_jax import parallel
 from dlrm_jax.config import build as config_lib
+from dlrm_jax.config import checks as config_checks
 from dlrm_jax.data import pipeline
 from dlrm_jax.embedding import EmbeddingEngine
 from dlrm_jax.embedding import rounding
@@ -31,6 +32,7 @@ from dlrm_jax.embedding.sharding import planner as plan_lib
 from dlrm_jax.models import DLRM, MLPSpec
 from dlrm_jax.train import checkpoint as ckpt_lib
 from dlrm_jax.train import metrics as metrics_lib
+from dlrm_jax.train import optimizers as dense_optimizers
 
 
 @flax.struct.dataclass
@@ -91,7 +93,7 @@ def make_plan(spec, tables, num_shards: int,
   """The embedding sharding plan a run (`spec`: a RunSpec or a config)
   asks for."""
   spec = config_lib.run_spec(spec)
-  request = spec.plan
+  request = spec.sharding
   overrides = dict(request.overrides)
   if request.strategy != 'auto':
     for t in tables:
@@ -141,12 +143,7 @@ class Trainer:
     self.mesh = mesh if mesh is not None else parallel.create_mesh(
         spec.mesh.data, spec.mesh.model)
     n_dev = self.mesh.devices.size
-    for field in ('batch_size', 'eval_batch_size'):
-      value = getattr(spec.loop, field)
-      if value <= 0 or value % n_dev:
-        raise ValueError(
-            f'config.{field} ({value}) must be a positive multiple of the'
-            f' number of devices ({n_dev}).')
+    config_checks.check_batch_sizes(spec.loop, n_dev)
     if plan is None:
       plan = make_plan(spec, spec.tables, self.mesh.shape['model'], n_dev,
                        spec.feature_specs)
@@ -158,7 +155,7 @@ class Trainer:
                            for f in self.setup.transform.sparse)
     # Host-side id state that eval/predict must be given (HostState).
     self.needs_host_state = self.resets_rows or spec.admission.min_count > 1
-    self.tx = config_lib.build_dense_optimizer(spec.dense_optimizer)
+    self.tx = dense_optimizers.build_dense_optimizer(spec.dense_optimizer)
     self.has_bn = any(
         m is not None and m.use_bn
         for m in (self.setup.model.dense_mlp, self.setup.model.final))

@@ -35,7 +35,9 @@ from dlrm_jax.data import features as features_lib
 
 @dataclasses.dataclass(frozen=True)
 class AdmissionSpec:
-  """Attributes:
+  """The rare-id filter (`config.admission`).
+
+  Attributes:
     min_count: ids seen fewer times than this read the shared row (0 or 1:
       off).
     oov_row: the shared row of every admitted feature's table.
@@ -50,22 +52,6 @@ class AdmissionSpec:
   depth: int = 4
   width: int = 1 << 18
   features: tuple[str, ...] = ()
-
-  @classmethod
-  def from_config(cls, cfg, path: str = 'config.admission'
-                  ) -> 'AdmissionSpec':
-    cfg = dict(cfg or {})
-    out = {}
-    for field, low in (('min_count', 0), ('oov_row', 0), ('depth', 1),
-                       ('width', 1)):
-      v = cfg.get(field, getattr(cls, field))
-      if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ValueError(f'{path}.{field} ({v!r}) must be an integer >= {low}.')
-      out[field] = v
-    feats = cfg.get('features') or ()
-    if isinstance(feats, str):
-      feats = (feats,)
-    return cls(features=tuple(feats), **out)
 
 
 class CountMinSketch:
@@ -108,8 +94,8 @@ class IdAdmission:
     unknown = sorted(set(spec.features) - set(names))
     if unknown:
       raise ValueError(
-          f'config.admission.features names {unknown}, which are'
-          f' not sparse features (features: {names}).')
+          f'AdmissionSpec.features names {unknown}, which are not sparse'
+          f' features (features: {names}).')
     # (feature index, first id column, columns) of each filtered feature.
     self.columns: list[tuple[int, int, int]] = []
     for k, (f, off, width) in enumerate(zip(
@@ -120,8 +106,8 @@ class IdAdmission:
         continue
       if spec.oov_row >= f.num_rows:
         raise ValueError(
-            f'config.admission.oov_row ({spec.oov_row}) is outside'
-            f' the {f.num_rows} rows of feature {f.name!r}.')
+            f'AdmissionSpec.oov_row ({spec.oov_row}) is outside the'
+            f' {f.num_rows} rows of feature {f.name!r}.')
       self.columns.append((k, off, width))
 
   def _global(self, x: np.ndarray) -> np.ndarray:
