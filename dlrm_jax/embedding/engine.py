@@ -10,9 +10,11 @@ are split over 'model' and repeated over 'data' (replicated stacks are on
 every device).
 
 The engine holds the layout and the shardings and runs each stack's
-exchange (`exchange.StackExchange`: all-to-all for table-wise and
-column-wise pieces, all-gather / reduce-scatter for row-wise ones, local
-lookups for replicated stacks) inside one `jax.shard_map`. Initialization is
+exchange (`exchange.StackExchange`, which combines one `SegmentExchange` per
+way its segments are served: `OwnedExchange`, all-to-all for table-wise,
+column-wise and table-row-wise pieces; `RowWiseExchange`, all-gather /
+reduce-scatter for row-wise ones; `ReplicatedExchange`, local lookups for
+replicated stacks) inside one `jax.shard_map`. Initialization is
 in `initialization.py`, moving state between layouts and logical views in
 `relayout.py`. No device ever reads or writes rows it does not own, nothing
 is table-sized but the tables and their optimizer state, and every replica
