@@ -1,5 +1,9 @@
 """Integer hash finalizers, identical on numpy and jax.numpy.
 
+  mix32        MurmurHash3's 32-bit finalizer, a bijection on uint32: hashed
+               id features (`data.features.map_ids`), the synthetic click
+               logs, the admission filter's count-min sketch and the random
+               bits of stochastic rounding (`embedding.rounding`).
   splitmix64   SplitMix64's 64-bit finalizer of a keyed value: the global
                shuffle (`data.loader.FeistelPermutation`) and the synthetic
                multi-hot bags (`data.multi_hot`).
@@ -13,6 +17,22 @@ neither needs the other for it.
 from __future__ import annotations
 
 import numpy as np
+
+
+def mix32(x, xp=np):
+  """MurmurHash3's 32-bit finalizer.
+
+  Args:
+    x: an integer array, taken as uint32.
+    xp: numpy or jax.numpy.
+
+  Returns:
+    The uint32 hashes, of the shape of `x`.
+  """
+  z = x.astype(xp.uint32)
+  z = (z ^ (z >> xp.uint32(16))) * xp.uint32(0x85EBCA6B)
+  z = (z ^ (z >> xp.uint32(13))) * xp.uint32(0xC2B2AE35)
+  return z ^ (z >> xp.uint32(16))
 
 
 def splitmix64(x, key, mask, xp=np):

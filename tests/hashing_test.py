@@ -7,7 +7,14 @@ import numpy as np
 
 from dlrm_jax import hashing
 
-_M64 = (1 << 64) - 1
+_M32, _M64 = (1 << 32) - 1, (1 << 64) - 1
+
+
+def murmur_fmix32(x: int) -> int:
+  x &= _M32
+  x = ((x ^ (x >> 16)) * 0x85EBCA6B) & _M32
+  x = ((x ^ (x >> 13)) * 0xC2B2AE35) & _M32
+  return x ^ (x >> 16)
 
 
 def splitmix64(x: int, key: int, mask: int) -> int:
@@ -18,6 +25,13 @@ def splitmix64(x: int, key: int, mask: int) -> int:
 
 
 class HashingTest(absltest.TestCase):
+
+  def test_mix32(self):
+    x = np.array([0, 1, 2, 12345, 2**31, 2**32 - 1], np.uint32)
+    want = [murmur_fmix32(int(v)) for v in x]
+    np.testing.assert_array_equal(hashing.mix32(x), want)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(lambda v: hashing.mix32(v, jnp))(x)), want)
 
   def test_splitmix64(self):
     x = np.array([0, 1, 7, 2**40 + 3, 2**64 - 1], np.uint64)
