@@ -49,6 +49,7 @@ import numpy as np
 from dlrm_jax.data import features as features_lib
 from dlrm_jax.data import multi_hot as multi_hot_lib
 from dlrm_jax.embedding import pooling
+from dlrm_jax.embedding import table_access
 from dlrm_jax.serving import tables as export_tables
 from dlrm_jax.serving.runtime import INPUTS, NUM_CAT, NUM_INT  # pylint: disable=unused-import
 from dlrm_jax.serving.runtime import LoadedModel, load_export, parse_rows  # pylint: disable=unused-import
@@ -137,7 +138,8 @@ class ServingModel:
       engine = self.trainer.engine
       self._params = dict(self._small, tables={
           t.name: export_tables.quantize_rows(
-              engine.gather_table(self._emb, t.name), self.quantize)
+              table_access.get_table(engine, self._emb, t.name),
+              self.quantize)
           for t in self.trainer.setup.tables})
     return self._params
 
