@@ -17,6 +17,7 @@ from dlrm_jax.train import checkpoint as ckpt_lib
 from dlrm_jax.train import loop as train_loop
 from dlrm_jax.train import trainer as trainer_lib
 from dlrm_jax.embedding.sharding import planner as plan_lib
+from dlrm_jax.embedding import table_access
 from tests import reference
 
 
@@ -84,8 +85,10 @@ class CheckpointTopologyTest(absltest.TestCase):
       for t in trainers[8].setup.tables:
         for slot in (None, 'acc'):
           np.testing.assert_allclose(
-              trainers[n].engine.gather_table(state.emb, t.name, slot),
-              trainers[8].engine.gather_table(base_state.emb, t.name, slot),
+              table_access.get_table(trainers[n].engine, state.emb, t.name,
+                                     slot),
+              table_access.get_table(trainers[8].engine, base_state.emb,
+                                     t.name, slot),
               rtol=2e-4, atol=1e-5, err_msg=f'{n} devices, {t.name} {slot}')
 
     # And back: the 1-device checkpoint onto 8 devices, exactly.
@@ -94,8 +97,10 @@ class CheckpointTopologyTest(absltest.TestCase):
     for t in trainers[8].setup.tables:
       for slot in (None, 'acc'):
         np.testing.assert_array_equal(
-            trainers[8].engine.gather_table(state8.emb, t.name, slot),
-            trainers[1].engine.gather_table(state1.emb, t.name, slot))
+            table_access.get_table(trainers[8].engine, state8.emb, t.name,
+                                   slot),
+            table_access.get_table(trainers[1].engine, state1.emb, t.name,
+                                   slot))
     self.assertEqual(int(state8.step), 20)
 
   def test_bfloat16_tables_move_bit_exactly(self):
@@ -116,10 +121,11 @@ class CheckpointTopologyTest(absltest.TestCase):
     for leaf in jax.tree.leaves(state1.emb['stacks']):
       self.assertEqual(leaf.dtype, np.uint16)
     for t in t8.setup.tables:
-      a = t8.engine.gather_table(state8.emb, t.name)
+      a = table_access.get_table(t8.engine, state8.emb, t.name)
       self.assertEqual(a.dtype, jax.numpy.bfloat16)
       np.testing.assert_array_equal(
-          t1.engine.gather_table(state1.emb, t.name).view(np.uint16),
+          table_access.get_table(t1.engine, state1.emb,
+                                 t.name).view(np.uint16),
           a.view(np.uint16))
 
 

@@ -18,6 +18,7 @@ from dlrm_jax.data import features as features_lib
 from dlrm_jax.train import schedules
 from dlrm_jax.embedding import EmbeddingEngine, FeatureSpec, SparseOptimizerSpec
 from dlrm_jax.embedding import TableSpec
+from dlrm_jax.embedding import table_access
 from tests import reference
 
 B = 16
@@ -97,7 +98,7 @@ class SparseEqualsDenseTest(parameterized.TestCase):
     tables, features = make_specs(kind)
     h = EngineHarness(tables, features, reference.single_device_mesh())
     state = h.engine.init(jax.random.key(0))
-    tabs = {t.name: jnp.asarray(h.engine.gather_table(state, t.name))
+    tabs = {t.name: jnp.asarray(table_access.get_table(h.engine, state, t.name))
             for t in tables}
     dense_opts = {t.name: reference.dense_optimizer(t) for t in tables}
     opt_states = {n: dense_opts[n][0](tabs[n]) for n in tabs}
@@ -116,10 +117,11 @@ class SparseEqualsDenseTest(parameterized.TestCase):
                                                   grads[n])
       for t in tables:
         np.testing.assert_allclose(
-            h.engine.gather_table(state, t.name), np.asarray(tabs[t.name]),
+            table_access.get_table(h.engine, state, t.name),
+            np.asarray(tabs[t.name]),
             rtol=2e-5, atol=2e-6, err_msg=f'{kind} table {t.name} step {step}')
     if kind == 'rowwise_adagrad':
-      acc = h.engine.gather_table(state, 'shared', slot='acc')
+      acc = table_access.get_table(h.engine, state, 'shared', slot='acc')
       self.assertEqual(acc.shape, (23,))
       np.testing.assert_allclose(acc, opt_states['shared']['opt'].racc,
                                  rtol=1e-5, atol=1e-8)
@@ -128,7 +130,7 @@ class SparseEqualsDenseTest(parameterized.TestCase):
     tables, features = make_specs('adam', lr=0.01)
     h = EngineHarness(tables, features, reference.single_device_mesh())
     state = h.engine.init(jax.random.key(1))
-    tabs = {t.name: jnp.asarray(h.engine.gather_table(state, t.name))
+    tabs = {t.name: jnp.asarray(table_access.get_table(h.engine, state, t.name))
             for t in tables}
     init, update = reference.dense_optimizer(tables[0])
     opt_states = {n: init(tabs[n]) for n in tabs}
@@ -146,10 +148,10 @@ class SparseEqualsDenseTest(parameterized.TestCase):
         tabs[n], opt_states[n] = update(tabs[n], opt_states[n], grads[n])
       state, _, _ = h.sparse_step(state, ids, step)
       if step == 0:
-        before = h.engine.gather_table(state, 'shared')
+        before = table_access.get_table(h.engine, state, 'shared')
         np.testing.assert_allclose(before, np.asarray(tabs['shared']),
                                    rtol=1e-5, atol=1e-6)
-    got = h.engine.gather_table(state, 'shared')
+    got = table_access.get_table(h.engine, state, 'shared')
     touched1, touched2 = [
         (set(ids[:, 0]) | set(ids[:, 5:7].reshape(-1))) - {-1}
         for ids in (ids1, ids2)]
@@ -174,7 +176,7 @@ class PoolingTest(parameterized.TestCase):
     state = h.engine.init(jax.random.key(2))
     ids = make_ids(np.random.default_rng(5), features, tables)
     embs, _ = h.lookup(state['stacks'], jnp.asarray(ids))
-    bag = h.engine.gather_table(state, 'bag')
+    bag = table_access.get_table(h.engine, state, 'bag')
     got = np.asarray(embs[1])
     for b in range(B):
       want = reference.loop_pool(bag, ids[b, 1:5], combiner)
@@ -185,7 +187,7 @@ class PoolingTest(parameterized.TestCase):
     tables, features = make_specs('sgd')
     engine = EmbeddingEngine(tables, features, reference.single_device_mesh())
     state = engine.init(jax.random.key(0))
-    shared = engine.gather_table(state, 'shared')
+    shared = table_access.get_table(engine, state, 'shared')
     bound = np.sqrt(1 / 23)
     self.assertLessEqual(np.abs(shared).max(), bound)
     self.assertGreater(np.abs(shared).max(), bound / 2)
@@ -202,7 +204,8 @@ class InvalidIdTest(absltest.TestCase):
     tables, features = make_specs('sgd')
     h = EngineHarness(tables, features, reference.single_device_mesh())
     state = h.engine.init(jax.random.key(0))
-    before = {t.name: h.engine.gather_table(state, t.name) for t in tables}
+    before = {t.name: table_access.get_table(h.engine, state, t.name)
+              for t in tables}
     ids = make_ids(np.random.default_rng(1), features, tables)
     ids[2, 0] = 23       # one past 'shared'
     ids[3, 7] = 1000     # far past 'small' (the stack holds other rows there)
@@ -215,7 +218,7 @@ class InvalidIdTest(absltest.TestCase):
     grads = h.dense_grads(tabs, ids)  # the reference ignores invalid ids too
     for t in tables:
       np.testing.assert_allclose(
-          h.engine.gather_table(state, t.name),
+          table_access.get_table(h.engine, state, t.name),
           before[t.name] - 0.1 * np.asarray(grads[t.name]), rtol=1e-5,
           atol=1e-6)
 
@@ -253,8 +256,8 @@ class PrecisionTest(absltest.TestCase):
       s32, _, _ = h32.sparse_step(s32, ids, step)
       s16, _, _ = h16.sparse_step(s16, ids, step)
     for t in tables32:
-      a = h32.engine.gather_table(s32, t.name)
-      b = h16.engine.gather_table(s16, t.name).astype(np.float32)
+      a = table_access.get_table(h32.engine, s32, t.name)
+      b = table_access.get_table(h16.engine, s16, t.name).astype(np.float32)
       np.testing.assert_allclose(b, a, rtol=2e-2, atol=2e-2)
 
 

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from configs import criteo as criteo_config
+from dlrm_jax.embedding import table_access
 from dlrm_jax.serving import runtime as export_runtime
 from dlrm_jax.serving import tables as export_tables
 from dlrm_jax.serving import offline as inference
@@ -106,7 +107,7 @@ class ShardedExportTest(absltest.TestCase):
     stored = np.load(os.path.join(out, 'tables', 'cat_0.q.npy'))
     np.testing.assert_array_equal(
         stored, export_tables.quantize_int8(
-            trainer.engine.gather_table(state.emb, 'cat_0'))['q'])
+            table_access.get_table(trainer.engine, state.emb, 'cat_0'))['q'])
 
 
 class Int8AucTest(absltest.TestCase):

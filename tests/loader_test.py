@@ -116,6 +116,22 @@ class MultiHotTest(parameterized.TestCase):
     other = loader.MultiHot(hotness, rows, distribution, seed=1).expand(packed)
     self.assertFalse(np.array_equal(out, other))
 
+  @parameterized.parameters('uniform', 'pareto')
+  def test_numpy_and_jax_bags_are_identical(self, distribution):
+    import jax  # pylint: disable=g-import-not-at-top
+    from dlrm_jax.data import multi_hot  # pylint: disable=g-import-not-at-top
+    mh = loader.MultiHot((4, 1, 30), (50, 7, 40_000_000), distribution,
+                         seed=5)
+    ids = np.arange(-1, 120)
+    for k, rows in enumerate(mh.num_rows):
+      first = np.where(ids >= 0, ids % rows, -1).astype(np.int32)
+      want = multi_hot.bags(first, mh, k, np)
+      got = jax.jit(lambda x, k=k: multi_hot.bags(x, mh, k))(first)
+      self.assertEqual(want.dtype, np.int32)
+      np.testing.assert_array_equal(np.asarray(got), want, err_msg=str(k))
+      self.assertTrue((want[0] == -1).all())  # no id, no extra ids
+      self.assertTrue((want[1:] >= 0).all() and (want < rows).all())
+
   def test_errors(self):
     with self.assertRaisesRegex(ValueError, 'hotness has 2 values'):
       loader.MultiHot((1, 2), (5, 5, 5))

@@ -14,6 +14,7 @@ import numpy as np
 
 from configs import criteo as criteo_config
 from dlrm_jax import convert
+from dlrm_jax.embedding import table_access
 from dlrm_jax.serving import runtime as export_runtime
 from dlrm_jax.serving import tables as export_tables
 from dlrm_jax.serving import offline as inference
@@ -55,7 +56,7 @@ class MultiProcessExportTest(parameterized.TestCase):
     # Every table on disk is the logical table, rows from both processes.
     for t in model.trainer.setup.tables:
       want = export_tables.quantize_rows(
-          model.trainer.engine.gather_table(model.state.emb, t.name),
+          table_access.get_table(model.trainer.engine, model.state.emb, t.name),
           quantize)
       names = export_tables.file_names(t.name, quantize)
       if quantize is None:

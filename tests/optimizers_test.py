@@ -81,7 +81,7 @@ class AgainstNumpyTest(parameterized.TestCase):
         schedule=schedules.ScheduleSpec('constant', 0.05), **kw)
     engine, update = make_engine(opt)
     state = engine.init(jax.random.key(0))
-    table = engine.gather_table(state, 't').astype(np.float64)
+    table = table_access.get_table(engine, state, 't').astype(np.float64)
     ref = reference.NumpyOptimizer(opt, ROWS, DIM)
     rng = np.random.default_rng(1)
     for step in range(4):
@@ -92,7 +92,7 @@ class AgainstNumpyTest(parameterized.TestCase):
                rng.normal(size=(B, DIM)).astype(np.float32))
       state = update(state, jnp.asarray(ids), grads, jnp.int32(step))
       table = ref.step(table, row_grads(ids, grads, 3), step)
-      got = engine.gather_table(state, 't')
+      got = table_access.get_table(engine, state, 't')
       np.testing.assert_allclose(got, table, rtol=2e-5, atol=2e-6,
                                  err_msg=f'{kw} step {step}')
     np.testing.assert_array_equal(got[6:], table[6:])  # untouched rows
@@ -105,14 +105,14 @@ class AgainstNumpyTest(parameterized.TestCase):
                               eps=eps)
     engine, update = make_engine(opt)
     state = engine.init(jax.random.key(0))
-    before = engine.gather_table(state, 't')
+    before = table_access.get_table(engine, state, 't')
     ids = np.full((B, 4), -1, np.int32)
     ids[0, 3] = 4
     grads = (np.zeros((B, DIM), np.float32),
              np.zeros((B, DIM), np.float32))
     grads[1][0] = g
     state = update(state, jnp.asarray(ids), grads, jnp.int32(0))
-    moved = before[4] - engine.gather_table(state, 't')[4]
+    moved = before[4] - table_access.get_table(engine, state, 't')[4]
     np.testing.assert_allclose(moved, lr * g / (g + eps), rtol=1e-4)
     self.assertGreater(moved.min(), 0.99 * lr)
 
@@ -129,7 +129,7 @@ class AgainstNumpyTest(parameterized.TestCase):
       grads = (np.zeros((B, DIM), np.float32),
                np.tile(scale[np.arange(B) % 4, None], (1, DIM)))
       state = update(state, jnp.asarray(ids), grads, jnp.int32(step))
-    got = engine.gather_table(state, 't')
+    got = table_access.get_table(engine, state, 't')
     np.testing.assert_array_equal(got[:2], 0.0)  # exactly, not just small
     self.assertTrue(np.all(got[2:4] < -0.01))
 
@@ -248,10 +248,11 @@ class StochasticRoundingTest(parameterized.TestCase):
                         ('rn', nearest, dtype)):
       engine, update = make_engine(o, dtype=dt, rows=rows, dim=dim)
       state = set_table(engine, engine.init(jax.random.key(0)), start)
-      w0 = engine.gather_table(state, 't').astype(np.float64)
+      w0 = table_access.get_table(engine, state, 't').astype(np.float64)
       for step in range(steps):
         state = update(state, jnp.asarray(ids), grads, jnp.int32(step))
-      moves[name] = engine.gather_table(state, 't').astype(np.float64) - w0
+      moves[name] = table_access.get_table(engine, state, 't').astype(
+          np.float64) - w0
     want = steps * delta
     np.testing.assert_allclose(moves['f32'].mean(), want, rtol=5e-3)
     np.testing.assert_array_equal(moves['rn'], 0.0)
@@ -293,7 +294,8 @@ class StochasticRoundingTest(parameterized.TestCase):
       update = jax.jit(engine.apply_gradients)
       for step in range(3):
         state = update(state, put, g, jnp.int32(step))
-      out.append([engine.gather_table(state, t.name) for t in tables])
+      out.append([table_access.get_table(engine, state, t.name)
+                  for t in tables])
     for a, b in zip(*out):
       np.testing.assert_array_equal(a.view(np.uint16), b.view(np.uint16))
 

@@ -1,4 +1,5 @@
-"""Plain references for the tests: dense lookups, dense-gradient optimizers."""
+"""Plain references for the tests: dense lookups, dense-gradient optimizers,
+a host copy of a whole table."""
 
 import os
 
@@ -6,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dlrm_jax.embedding import rounding
+from dlrm_jax.embedding import table_access
 from dlrm_jax.train import schedules
 
 
@@ -41,10 +44,39 @@ def train_alike(sharded, single, batches):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4,
                                atol=1e-6)
   for t in single.setup.tables:
-    np.testing.assert_allclose(sharded.engine.gather_table(a.emb, t.name),
-                               single.engine.gather_table(b.emb, t.name),
-                               rtol=1e-4, atol=1e-6, err_msg=t.name)
+    np.testing.assert_allclose(
+        table_access.get_table(sharded.engine, a.emb, t.name),
+        table_access.get_table(single.engine, b.emb, t.name),
+        rtol=1e-4, atol=1e-6, err_msg=t.name)
   return a, b
+
+
+def host_table(engine, state, name, slot=None):
+  """The logical `[R, D]` table `name` (or `[R]` row-wise slot) read the
+  plain way: every stack array copied whole to the host, the table's pieces
+  cut out of it (one process only; `table_access.get_table` reads shards)."""
+  spec = next(t for t in engine.tables if t.name == name)
+  out = None
+  for s in engine.stacks:
+    arr = state['stacks'][s.name] if slot is None else state['slots'][
+        s.name][slot]
+    arr = np.asarray(jax.device_get(arr))
+    if slot is None:
+      arr = rounding.to_logical(arr, s.dtype)
+    for pc in s.pieces:
+      if pc.table != name:
+        continue
+      if out is None:
+        tail = (spec.dim,) if arr.ndim == 2 else ()
+        out = np.zeros((spec.num_rows,) + tail, arr.dtype)
+      base = 0 if s.replicated else pc.device * s.capacity
+      block = arr[base + pc.offset:base + pc.offset + pc.rows]
+      if arr.ndim == 2:
+        out[pc.row_start:pc.row_start + pc.rows,
+            pc.col_start:pc.col_start + pc.width] = block
+      else:  # row-wise slot: identical across column pieces
+        out[pc.row_start:pc.row_start + pc.rows] = block
+  return out
 
 
 def dense_lookup(tables, table_specs, feature_specs, ids):

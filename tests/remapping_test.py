@@ -12,6 +12,7 @@ from dlrm_jax.train import trainer as trainer_lib
 from dlrm_jax.embedding import EmbeddingEngine
 from dlrm_jax.embedding.sharding import planner as plan_lib
 from dlrm_jax.embedding.ids import remapping
+from dlrm_jax.embedding import table_access
 from tests import embedding_test
 from tests import reference
 
@@ -33,8 +34,8 @@ class ResetRowsTest(parameterized.TestCase):
     rng = np.random.default_rng(0)
     state, _, _ = h.sparse_step(state, embedding_test.make_ids(
         rng, features, tables), 0)  # accumulators move away from 0.1
-    before = {t.name: (engine.gather_table(state, t.name),
-                       engine.gather_table(state, t.name, 'acc'))
+    before = {t.name: (table_access.get_table(engine, state, t.name),
+                       table_access.get_table(engine, state, t.name, 'acc'))
               for t in tables}
     rows = -np.ones((16, engine.num_id_columns), np.int32)
     rows[0, 0] = 3    # f_shared_a -> table 'shared' row 3
@@ -50,10 +51,10 @@ class ResetRowsTest(parameterized.TestCase):
       for r in {'shared': [3, 7], 'small': [4]}.get(t.name, []):
         want_w[r] = 0.0
         want_acc[r] = 0.1  # the initial accumulator value
-      np.testing.assert_array_equal(engine.gather_table(state, t.name),
-                                    want_w)
       np.testing.assert_array_equal(
-          engine.gather_table(state, t.name, 'acc'), want_acc)
+          table_access.get_table(engine, state, t.name), want_w)
+      np.testing.assert_array_equal(
+          table_access.get_table(engine, state, t.name, 'acc'), want_acc)
 
 
 class BatchRemapperTest(absltest.TestCase):

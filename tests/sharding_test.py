@@ -20,6 +20,7 @@ from configs import criteo as criteo_config
 from dlrm_jax.train import trainer as trainer_lib
 from dlrm_jax.embedding import EmbeddingEngine
 from dlrm_jax.embedding.sharding import planner as plan_lib
+from dlrm_jax.embedding import table_access
 from tests import embedding_test
 from tests import reference
 
@@ -76,8 +77,9 @@ class EngineShardingTest(parameterized.TestCase):
     a = sharded.engine.init(jax.random.key(4))
     b = single.engine.init(jax.random.key(4))
     for t in tables:  # the same logical tables, whatever the layout
-      np.testing.assert_array_equal(sharded.engine.gather_table(a, t.name),
-                                    single.engine.gather_table(b, t.name))
+      np.testing.assert_array_equal(
+          table_access.get_table(sharded.engine, a, t.name),
+          table_access.get_table(single.engine, b, t.name))
     rng = np.random.default_rng(0)
     for step in range(3):
       ids = embedding_test.make_ids(rng, features, tables)
@@ -87,13 +89,14 @@ class EngineShardingTest(parameterized.TestCase):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6,
                                    atol=1e-6)
     for t in tables:
-      np.testing.assert_allclose(sharded.engine.gather_table(a, t.name),
-                                 single.engine.gather_table(b, t.name),
-                                 rtol=1e-5, atol=1e-6, err_msg=t.name)
+      np.testing.assert_allclose(
+          table_access.get_table(sharded.engine, a, t.name),
+          table_access.get_table(single.engine, b, t.name),
+          rtol=1e-5, atol=1e-6, err_msg=t.name)
       for slot in a['slots'][next(iter(a['slots']))]:
         np.testing.assert_allclose(
-            sharded.engine.gather_table(a, t.name, slot),
-            single.engine.gather_table(b, t.name, slot), rtol=1e-5,
+            table_access.get_table(sharded.engine, a, t.name, slot),
+            table_access.get_table(single.engine, b, t.name, slot), rtol=1e-5,
             atol=1e-6, err_msg=f'{t.name} {slot}')
 
   def test_shards_hold_their_share(self):

@@ -40,9 +40,9 @@ class TableAccessTest(parameterized.TestCase):
     state = engine.init(jax.random.key(0))
     before = {t.name: table_access.get_table(engine, state, t.name)
               for t in tables}
-    for t in tables:  # get_table reads what the engine's own view reads
-      np.testing.assert_array_equal(before[t.name],
-                                    engine.gather_table(state, t.name))
+    for t in tables:  # get_table reads what a plain host copy reads
+      np.testing.assert_array_equal(
+          before[t.name], reference.host_table(engine, state, t.name))
     rng = np.random.default_rng(1)
     new = rng.normal(size=(tables[0].num_rows, tables[0].dim)).astype(
         np.float32)
@@ -60,8 +60,8 @@ class TableAccessTest(parameterized.TestCase):
       state2 = table_access.set_slot(engine, state2, 'bag', k, vals)
       np.testing.assert_array_equal(
           table_access.get_slot(engine, state2, 'bag', k), vals)
-      np.testing.assert_array_equal(engine.gather_table(state2, 'bag', k),
-                                    vals)
+      np.testing.assert_array_equal(
+          reference.host_table(engine, state2, 'bag', k), vals)
     tabs = {t.name: table_access.get_table(engine, state2, t.name)
             for t in tables}
     ids = embedding_test.make_ids(np.random.default_rng(2), features, tables,
@@ -82,7 +82,7 @@ class TableAccessTest(parameterized.TestCase):
   @parameterized.parameters('bfloat16', 'float16')
   def test_low_precision_tables_stored_as_bits(self, dtype):
     # 16-bit tables are stored as their uint16 bit patterns; get_table,
-    # gather_table, lookups and exports see the logical values.
+    # a plain host copy, lookups and exports see the logical values.
     tables, features = embedding_test.make_specs('adagrad', dtype=dtype)
     mesh = reference.mesh_of(2, 4)
     engine = EmbeddingEngine(tables, features, mesh,
@@ -99,15 +99,16 @@ class TableAccessTest(parameterized.TestCase):
     got = table_access.get_table(engine, state, 'shared')
     self.assertEqual(got.dtype, logical)
     np.testing.assert_array_equal(got, new.astype(logical))  # NumPy's cast
-    np.testing.assert_array_equal(engine.gather_table(state, 'shared'), got)
+    np.testing.assert_array_equal(
+        reference.host_table(engine, state, 'shared'), got)
     # Initial values: the float32 engine's, rounded to nearest once.
     engine32 = EmbeddingEngine(embedding_test.make_specs('adagrad')[0],
                                features, reference.single_device_mesh())
     bag = table_access.get_table(engine, state, 'bag')
     self.assertEqual(bag.dtype, logical)
     np.testing.assert_array_equal(
-        bag, engine32.gather_table(engine32.init(jax.random.key(0)),
-                                   'bag').astype(logical))
+        bag, table_access.get_table(engine32, engine32.init(
+            jax.random.key(0)), 'bag').astype(logical))
     ids = embedding_test.make_ids(np.random.default_rng(2), features, tables,
                                   batch=16)
     embs, _ = engine.lookup(
@@ -198,7 +199,7 @@ class CollectiveReadTest(absltest.TestCase):
     arr = state['stacks'][s.name]
     got = table_access._cut(engine, arr, s, pc)  # pylint: disable=protected-access
     np.testing.assert_array_equal(
-        np.asarray(got), engine.gather_table(state, 'bag')[:pc.rows])
+        np.asarray(got), reference.host_table(engine, state, 'bag')[:pc.rows])
     hlo = table_access.cut_fn(engine, s, pc, 2).lower(arr).compile().as_text()
     ops = re.findall(r'= (\w+\[[\d,]*\])\{?[\d,]*\}? ?(all-reduce|all-gather|'
                      r'collective-permute|all-to-all)\(', hlo)

@@ -28,6 +28,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from dlrm_jax import hashing
+
 NORMALIZERS = ('none', 'log(x+1)', 'log(x+3)')
 MISSING_ID = 0  # The row reserved for a missing categorical value.
 
@@ -145,14 +147,6 @@ def parse_input(column: str, *, path: str) -> tuple[str, int]:
   return m.group(1), int(m.group(2))
 
 
-def mix32(x, xp=np):
-  """MurmurHash3's 32-bit finalizer on uint32 values (same on numpy and jax)."""
-  z = x.astype(xp.uint32)
-  z = (z ^ (z >> xp.uint32(16))) * xp.uint32(0x85EBCA6B)
-  z = (z ^ (z >> xp.uint32(13))) * xp.uint32(0xC2B2AE35)
-  return z ^ (z >> xp.uint32(16))
-
-
 def normalize(x, normalizer: str, xp=np):
   """Clamps negatives (and missing, written 0) to 0, then normalizes."""
   x = xp.maximum(x.astype(xp.float32), 0.0)
@@ -179,7 +173,7 @@ def map_ids(values, feature: IdFeature, xp=np, missing=None):
   u = values.astype(xp.uint32)
   if feature.hash_bucket_size:
     rows = feature.hash_bucket_size
-    u = mix32(u, xp)
+    u = hashing.mix32(u, xp)
   else:
     rows = feature.num_buckets
   ids = (xp.uint32(1) + u % xp.uint32(rows - 1)).astype(xp.int32)

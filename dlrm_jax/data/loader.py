@@ -20,7 +20,9 @@ from typing import Any, Iterator, Protocol
 import grain
 import numpy as np
 
+from dlrm_jax import hashing
 from dlrm_jax.data import features as features_lib
+from dlrm_jax.data import multi_hot as multi_hot_lib
 
 
 class RowSource(Protocol):
@@ -31,16 +33,6 @@ class RowSource(Protocol):
 
   def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     """Raw rows at `indices` (see `dlrm_jax.data.features`), in that order."""
-
-
-def _mix(x: np.ndarray, key: np.uint64, mask: np.uint64) -> np.ndarray:
-  """A keyed 64-bit mix (SplitMix64's finalizer), truncated to `mask`."""
-  with np.errstate(over='ignore'):
-    z = (x ^ key) * np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    z = z ^ (z >> np.uint64(31))
-  return z & mask
 
 
 class FeistelPermutation:
@@ -63,7 +55,7 @@ class FeistelPermutation:
   def _once(self, x: np.ndarray) -> np.ndarray:
     left, right = x >> self.half, x & self.mask
     for k in self.keys:
-      left, right = right, left ^ _mix(right, k, self.mask)
+      left, right = right, left ^ hashing.splitmix64(right, k, self.mask)
     return (left << self.half) | right
 
   def __call__(self, positions: np.ndarray) -> np.ndarray:
@@ -176,7 +168,7 @@ class MultiHot:
   ids are fixed pseudo-random rows of the same table, uniform or Pareto
   (a = 0.25) distributed. MLPerf keeps them in a table per feature seeded by
   k; here they are a keyed hash of (k, i, j), so nothing is stored and every
-  process and run computes the same bags.
+  process and run computes the same bags (`dlrm_jax.data.multi_hot`).
 
   Attributes:
     hotness: bag size per sparse feature.
@@ -204,21 +196,20 @@ class MultiHot:
           f' one of {list(DISTRIBUTIONS)}.')
 
   def expand(self, ids: np.ndarray) -> np.ndarray:
-    """`[B, T]` packed ids whose bags hold one id then -1 padding -> bags."""
+    """Expands single-hot ids into their bags (`multi_hot.bags`).
+
+    Args:
+      ids: `[B, T]` packed ids whose bags hold one id (or -1), then -1
+        padding.
+
+    Returns:
+      `[B, T]` the bags, of the dtype of `ids`.
+    """
     out = ids.copy()
     start = 0
-    for k, (h, rows) in enumerate(zip(self.hotness, self.num_rows)):
+    for k, h in enumerate(self.hotness):
       if h > 1:
-        first = ids[:, start]
-        j = np.arange(1, h, dtype=np.uint64)[None, :]
-        key = np.uint64((self.seed * 1_000_003 + k) & (2**63 - 1))
-        u = _mix(first.astype(np.uint64)[:, None] * np.uint64(h) + j, key,
-                 np.uint64(2**53 - 1)).astype(np.float64) / 2.0**53
-        if self.distribution == 'uniform':
-          extra = np.floor(u * rows).astype(np.int64)
-        else:  # numpy's pareto(a) = (1-u)^(-1/a) - 1, taken modulo the rows
-          extra = np.floor(np.minimum((1.0 - u) ** -4.0 - 1.0, 2.0**62))
-          extra = extra.astype(np.int64) % rows
-        out[:, start + 1:start + h] = np.where(first[:, None] >= 0, extra, -1)
+        bags = multi_hot_lib.bags(ids[:, start], self, k, np)
+        out[:, start + 1:start + h] = bags[:, 1:]
       start += h
     return out

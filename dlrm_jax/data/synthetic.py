@@ -20,7 +20,7 @@ import functools
 
 import numpy as np
 
-from dlrm_jax.data import features as features_lib
+from dlrm_jax import hashing
 from dlrm_jax.train import metrics
 from dlrm_jax.data import rows as rows_lib
 
@@ -77,8 +77,8 @@ def _hash(values: np.ndarray, salt: int) -> np.ndarray:
   """uint32 hash of uint32 values and a salt (two rounds of murmur's mix)."""
   with np.errstate(over='ignore'):
     z = values.astype(np.uint32) ^ np.uint32((salt * 0x9E3779B9) & 0xFFFFFFFF)
-    z = features_lib.mix32(z)
-    z = features_lib.mix32(z + np.uint32(0x6A09E667))
+    z = hashing.mix32(z)
+    z = hashing.mix32(z + np.uint32(0x6A09E667))
   return z
 
 

@@ -10,13 +10,15 @@ are split over 'model' and repeated over 'data' (replicated stacks are on
 every device).
 
 The engine holds the layout and the shardings and runs each stack's
-exchange (`exchange.StackExchange`: all-to-all for table-wise and
-column-wise pieces, all-gather / reduce-scatter for row-wise ones, local
-lookups for replicated stacks) inside one `jax.shard_map`. Initialization is
-in `initialization.py`, moving state between layouts and logical views in
-`relayout.py`. No device ever reads or writes rows it does not own, nothing
-is table-sized but the tables and their optimizer state, and every replica
-of a stack makes the same update.
+exchange (`exchange.StackExchange`, which combines one `SegmentExchange` per
+way its segments are served: `OwnedExchange`, all-to-all for table-wise,
+column-wise and table-row-wise pieces; `RowWiseExchange`, all-gather /
+reduce-scatter for row-wise ones; `ReplicatedExchange`, local lookups for
+replicated stacks) inside one `jax.shard_map`. Initialization is in
+`initialization.py`, moving state between layouts in `relayout.py`, reading
+and writing whole logical tables in `table_access.py`. No device ever reads
+or writes rows it does not own, nothing is table-sized but the tables and
+their optimizer state, and every replica of a stack makes the same update.
 
 Invalid ids (outside `[0, rows)`, other than the -1 padding) read as zero,
 update nothing, and are counted, so the training loop can stop on them.
@@ -130,8 +132,8 @@ class EmbeddingEngine:
     """ShapeDtypeStructs (with shardings) of the state, allocating nothing.
 
     bfloat16/float16 tables are stored as uint16 bit patterns
-    (`rounding.storage_dtype`; `gather_table` and `table_access` give their
-    logical values); optimizer slots are float32.
+    (`rounding.storage_dtype`; `table_access.get_table` gives their logical
+    values); optimizer slots are float32.
     """
     stacks, slots = {}, {}
     for s in self.stacks:
@@ -372,7 +374,7 @@ class EmbeddingEngine:
     return fn(state, ids, grads if stacked else tuple(grads), lrs, step)
 
   # --------------------------------------------------------------------------
-  # Checkpoints written under another plan or mesh; logical views.
+  # Checkpoints written under another plan or mesh.
 
   def abstract_state_of_layout(self, stacks: Sequence[plan_lib.Stack],
                                num_shards: int) -> EmbeddingState:
@@ -386,13 +388,3 @@ class EmbeddingEngine:
     (`relayout.relayout`)."""
     return relayout_lib.relayout(self.stacks, self.num_shards, old_stacks,
                                  old_state, self.state_shardings())
-
-  def gather_table(self, state: EmbeddingState, name: str,
-                   slot: str | None = None) -> np.ndarray:
-    """The whole logical `[R, D]` table (or a slot of it) on the host, in
-    the table's logical dtype (bfloat16 tables as bfloat16).
-
-    For tests and small tables only: it copies the table to host memory.
-    """
-    return relayout_lib.gather_table(self.stacks, self._by_name[name], state,
-                                     slot)

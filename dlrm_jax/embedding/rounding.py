@@ -21,14 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlrm_jax.data import features as features_lib
+from dlrm_jax import hashing
 
 LOW_PRECISION = ('bfloat16', 'float16')
 
 
 def _mix(z: jax.Array) -> jax.Array:
   """MurmurHash3's 32-bit finalizer (a bijection on uint32)."""
-  return features_lib.mix32(z, jnp)
+  return hashing.mix32(z, jnp)
 
 
 def hash_bits(seed: jax.Array, row: jax.Array, col: jax.Array) -> jax.Array:

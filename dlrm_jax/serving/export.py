@@ -1,7 +1,8 @@
 """Exported inference: raw Criteo features in, click probability out.
 
-`export_model` serializes the inference function with `jax.export`
-(StableHLO), preprocessing included, to a directory:
+`ServingModel.export` (`dlrm_jax.serving.offline.export` for a trained
+model) serializes the inference function with `jax.export` (StableHLO),
+preprocessing included, to a directory:
 
   model.stablehlo   the function, for a fixed or a symbolic batch size
   params.npz        its small parameters (dense weights, id lookup tables)
@@ -23,6 +24,12 @@ and returns float32 [B] probabilities. `load_export` loads it with jax and
 numpy only (`dlrm_jax.serving.runtime`, a file without other dlrm_jax
 imports), checks inputs and calls it.
 
+Inside, each sparse feature's raw value is mapped to a table row as in
+training (`sparse_ids`), expanded into its bag for a multi-hot model
+(`dlrm_jax.data.multi_hot`), passed through the admission filter, and its
+rows are pooled by the table's combiner with the engine's own weights
+(`dlrm_jax.embedding.pooling`).
+
 Input tiling (TorchEasyRec's INPUT_TILE): request-level columns (the user's,
 the same for every candidate of a request) go in once, as `[1, n]` arrays,
 with K candidates for the other columns; their embeddings are looked up once
@@ -33,25 +40,19 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlrm_jax.serving import tables as export_tables
 from dlrm_jax.data import features as features_lib
-from dlrm_jax.data import multi_hot as multi_hot_export
+from dlrm_jax.data import multi_hot as multi_hot_lib
+from dlrm_jax.embedding import pooling
+from dlrm_jax.embedding import table_access
+from dlrm_jax.serving import tables as export_tables
 from dlrm_jax.serving.runtime import INPUTS, NUM_CAT, NUM_INT  # pylint: disable=unused-import
 from dlrm_jax.serving.runtime import LoadedModel, load_export, parse_rows  # pylint: disable=unused-import
-
-
-def inputs_from_rows(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Reader rows (`dlrm_jax.data.criteo`) -> the exported function's inputs."""
-  cat = rows['cat']
-  return {'int': np.clip(rows['int'], -2**31, 2**31 - 1).astype(np.int32),
-          'cat': np.where(cat >= 0, cat, 0).astype(np.uint32),
-          'cat_present': cat >= 0}
 
 
 class ServingModel:
@@ -87,49 +88,47 @@ class ServingModel:
         shared row of the others) of the run's rare-id admission filter
         (`admission.IdAdmission.admitted_rows`); applied after the id
         mapping (and bag expansion), as in training and eval.
+
+    Raises:
+      ValueError: a feature with several ids per example but no multi-hot
+        scheme, a managed-collision feature without its table in
+        `id_tables`, a request column that names no input column, or an
+        unknown `quantize`.
     """
     setup = trainer.setup
     self.trainer = trainer
     self.transform = setup.transform
     self.multi_hot = multi_hot
     self._packed_index = {f.name: k for k, f in enumerate(setup.feature_specs)}
+    self._table_of = {f.name: f.table for f in setup.feature_specs}
     self._combiner = {t.name: t.combiner for t in setup.tables}
-    for f in self.transform.sparse:
-      hot = (1 if multi_hot is None else
-             multi_hot.hotness[self._packed_index[f.name]])
-      if f.max_ids != hot:
-        raise ValueError(
-            f'feature {f.name!r} has max_ids {f.max_ids}: the export takes one'
-            ' raw value per feature, expanded into a bag only by the'
-            ' synthetic multi-hot scheme (pass multi_hot=).')
-    id_tables = dict(id_tables or {})
-    for f in self.transform.sparse:
-      if isinstance(f, features_lib.IdFeature) and f.managed_collision and (
-          f.name not in id_tables):
-        raise ValueError(
-            f'feature {f.name!r} uses managed collisions: pass its remapper\'s'
-            ' table in id_tables.')
-    self.id_tables = id_tables
+    self.id_tables = dict(id_tables or {})
+    self._check_sparse_features()
     for c in request_columns:
       features_lib.parse_input(c, path='request_columns')
     self.request_columns = tuple(request_columns)
     export_tables.check_quantize(quantize)
     self.quantize = quantize
     self._emb = state.emb  # tables are read when needed (see `params`)
-    variables = {'params': state.params}
-    if trainer.has_bn:
-      variables['batch_stats'] = state.batch_stats
-    self._small = {
-        'variables': jax.device_get(variables),
-        'id_tables': {k: (np.asarray(v[0], np.uint32),
-                          np.asarray(v[1], np.int32),
-                          np.asarray(v[2], np.int32))
-                      for k, v in id_tables.items()},
-        'admission': {k: (np.asarray(mask, bool), np.asarray(oov, np.int32))
-                      for k, (mask, oov) in (admission or {}).items()},
-    }
+    self._small = _small_params(trainer, state, self.id_tables, admission)
     self._params = None
-    self._table_of = {f.name: f.table for f in setup.feature_specs}
+
+  def _check_sparse_features(self) -> None:
+    """Each sparse feature can be computed from one raw value per row."""
+    for f in self.transform.sparse:
+      hot = (1 if self.multi_hot is None else
+             self.multi_hot.hotness[self._packed_index[f.name]])
+      if f.max_ids != hot:
+        raise ValueError(
+            f'feature {f.name!r} has max_ids {f.max_ids}: the export takes one'
+            ' raw value per feature, expanded into a bag only by the'
+            ' synthetic multi-hot scheme (pass multi_hot=).')
+    for f in self.transform.sparse:
+      if isinstance(f, features_lib.IdFeature) and f.managed_collision and (
+          f.name not in self.id_tables):
+        raise ValueError(
+            f'feature {f.name!r} uses managed collisions: pass its remapper\'s'
+            ' table in id_tables.')
 
   @property
   def params(self) -> dict[str, Any]:
@@ -139,7 +138,8 @@ class ServingModel:
       engine = self.trainer.engine
       self._params = dict(self._small, tables={
           t.name: export_tables.quantize_rows(
-              engine.gather_table(self._emb, t.name), self.quantize)
+              table_access.get_table(engine, self._emb, t.name),
+              self.quantize)
           for t in self.trainer.setup.tables})
     return self._params
 
@@ -150,28 +150,26 @@ class ServingModel:
         for t in self.trainer.setup.tables})
 
   # --------------------------------------------------------------------------
+  # The function.
+
+  def _embedding(self, params, f, ints, cat, present) -> jax.Array:
+    """`[B, D]` embedding of one sparse feature of raw rows: its rows, its
+    bag's rows pooled by its table's combiner for a multi-hot feature."""
+    ids = sparse_ids(f, ints, cat, present, params['id_tables'])
+    table = params['tables'][self._table_of[f.name]]
+    admitted = params['admission'].get(f.name)
+    if f.max_ids == 1:
+      return export_tables.take_rows(table, _admit(ids, admitted))
+    bag = multi_hot_lib.bags(ids.astype(jnp.int32), self.multi_hot,
+                             self._packed_index[f.name])
+    bag = _admit(bag, admitted)
+    return pooling.pool(export_tables.take_rows(table, bag), bag >= 0,
+                        self._combiner[self._table_of[f.name]])
 
   def _sparse(self, params, ints, cat, present, features):
     """`[B, len(features), D]` embeddings of some sparse features."""
-    out = []
-    for f in features:
-      ids = sparse_ids(f, ints, cat, present, params['id_tables'])
-      table = params['tables'][self._table_of[f.name]]
-      admitted = params['admission'].get(f.name)
-      if f.max_ids == 1:
-        out.append(export_tables.take_rows(table, _admit(ids, admitted)))
-        continue
-      bag = multi_hot_export.bags(ids.astype(jnp.int32), self.multi_hot,
-                                  self._packed_index[f.name])
-      bag = _admit(bag, admitted)
-      pooled = export_tables.take_rows(table, bag).sum(axis=1)  # [B, D]
-      combiner = self._combiner[self._table_of[f.name]]
-      if combiner == 'mean':
-        pooled = pooled / f.max_ids
-      elif combiner == 'sqrtn':
-        pooled = pooled / np.sqrt(f.max_ids)
-      out.append(pooled)
-    return jnp.stack(out, axis=1)
+    return jnp.stack([self._embedding(params, f, ints, cat, present)
+                      for f in features], axis=1)
 
   def _dense(self, ints):
     if not self.transform.dense:
@@ -188,6 +186,8 @@ class ServingModel:
     return out['probs']
 
   def _split(self, kind: str) -> tuple[list[int], list[int]]:
+    """The request-level and the candidate columns of one kind ('int' or
+    'cat'), as column numbers."""
     n = NUM_INT if kind == 'int' else NUM_CAT
     req = sorted(int(c.split('_')[1]) for c in self.request_columns
                  if c.startswith(kind + '_'))
@@ -238,6 +238,7 @@ class ServingModel:
     return out['probs']
 
   # --------------------------------------------------------------------------
+  # In-process scores and the export.
 
   def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
     """In-process scores (the reference the export is checked against)."""
@@ -245,72 +246,116 @@ class ServingModel:
         self.params, *(jnp.asarray(inputs[k]) for k in INPUTS)))
 
   def export(self, out_dir: str, batch_size: int | None = None) -> str:
-    """Writes the export directory (see the module docstring)."""
+    """Writes the export directory (see the module docstring).
+
+    Collective with several processes: every process calls it and writes
+    the table rows its devices hold; process 0 writes the other files.
+
+    Args:
+      out_dir: the directory (created if missing).
+      batch_size: the function's fixed batch size, or None for a symbolic
+        one.
+
+    Returns:
+      `out_dir`.
+    """
     os.makedirs(out_dir, exist_ok=True)
-    abstract = self._abstract_params()
-    leaves, treedef = jax.tree.flatten(abstract)
+    chief = jax.process_index() == 0
+    leaves, treedef = jax.tree.flatten(self._abstract_params())
     b = jax.export.symbolic_shape('b')[0] if batch_size is None else int(
         batch_size)
-
-    def flat(*args):
-      params = jax.tree.unflatten(treedef, args[:len(leaves)])
-      return self.forward(params, *args[len(leaves):])
-
-    leaf_specs = [x if isinstance(x, jax.ShapeDtypeStruct) else
-                  jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
-                  for x in leaves]
-    in_specs = [jax.ShapeDtypeStruct((b, NUM_INT), np.int32),
-                jax.ShapeDtypeStruct((b, NUM_CAT), np.uint32),
-                jax.ShapeDtypeStruct((b, NUM_CAT), np.bool_)]
-    exported = jax.export.export(jax.jit(flat))(*leaf_specs, *in_specs)
-    chief = jax.process_index() == 0
+    exported = _export(self.forward, leaves, treedef,
+                       _row_specs(b, NUM_INT, NUM_CAT))
     if chief:
       _write(os.path.join(out_dir, 'model.stablehlo'), exported.serialize())
-    # Every process writes the table rows its devices hold.
     table_files = export_tables.write_tables(self.trainer.engine, self._emb,
                                              out_dir, self.quantize)
-    files = [f'params.npz:p{i:05d}' for i in range(len(leaves))]
-    index = jax.tree.unflatten(treedef, list(range(len(leaves))))
-    for i, rel in zip(jax.tree.leaves(index['tables']),
-                      jax.tree.leaves(table_files)):
-      files[i] = rel
-    sig = {'format': 'dlrm_jax.export', 'version': 2,
-           'num_params': len(leaves), 'batch_size': batch_size,
-           'quantize': self.quantize, 'param_files': files,
-           'inputs': {'int': ['B', NUM_INT, 'int32'],
-                      'cat': ['B', NUM_CAT, 'uint32'],
-                      'cat_present': ['B', NUM_CAT, 'bool']},
-           'output': ['B', 'float32'],
-           'request_columns': list(self.request_columns)}
+    files = _param_files(leaves, treedef, table_files)
+    sig = self._signature(len(leaves), batch_size, files)
     if self.request_columns:
+      (ri, ci), (rc, cc) = self._split('int'), self._split('cat')
       k = jax.export.symbolic_shape('k')[0]
-      ri, ci = self._split('int')
-      rc, cc = self._split('cat')
-
-      def flat_tiled(*args):
-        params = jax.tree.unflatten(treedef, args[:len(leaves)])
-        return self.forward_tiled(params, *args[len(leaves):])
-
-      tiled_specs = [
-          jax.ShapeDtypeStruct((1, len(ri)), np.int32),
-          jax.ShapeDtypeStruct((1, len(rc)), np.uint32),
-          jax.ShapeDtypeStruct((1, len(rc)), np.bool_),
-          jax.ShapeDtypeStruct((k, len(ci)), np.int32),
-          jax.ShapeDtypeStruct((k, len(cc)), np.uint32),
-          jax.ShapeDtypeStruct((k, len(cc)), np.bool_)]
-      tiled = jax.export.export(jax.jit(flat_tiled))(*leaf_specs,
-                                                     *tiled_specs)
+      tiled = _export(self.forward_tiled, leaves, treedef,
+                      _row_specs(1, len(ri), len(rc)) +
+                      _row_specs(k, len(ci), len(cc)))
       if chief:
         _write(os.path.join(out_dir, 'tiled.stablehlo'), tiled.serialize())
       sig['tiled'] = {'request_int': ri, 'request_cat': rc,
                       'candidate_int': ci, 'candidate_cat': cc}
     if chief:
-      np.savez(os.path.join(out_dir, 'params.npz'),
-               **{f'p{i:05d}': np.asarray(x) for i, x in enumerate(leaves)
-                  if files[i].startswith('params.npz:')})
+      _write_small_params(out_dir, leaves, files)
       with open(os.path.join(out_dir, 'signature.json'), 'w') as f:
         json.dump(sig, f, indent=2)
     return out_dir
+
+  def _signature(self, num_params: int, batch_size: int | None,
+                 files: list[str]) -> dict[str, Any]:
+    """signature.json's contents, but for the tiled function's columns."""
+    return {'format': 'dlrm_jax.export', 'version': 2,
+            'num_params': num_params, 'batch_size': batch_size,
+            'quantize': self.quantize, 'param_files': files,
+            'inputs': {'int': ['B', NUM_INT, 'int32'],
+                       'cat': ['B', NUM_CAT, 'uint32'],
+                       'cat_present': ['B', NUM_CAT, 'bool']},
+            'output': ['B', 'float32'],
+            'request_columns': list(self.request_columns)}
+
+
+def _small_params(trainer, state, id_tables, admission) -> dict[str, Any]:
+  """The function's parameters but the tables, on the host: the dense
+  variables, the id tables and the admission masks."""
+  variables = {'params': state.params}
+  if trainer.has_bn:
+    variables['batch_stats'] = state.batch_stats
+  return {
+      'variables': jax.device_get(variables),
+      'id_tables': {k: (np.asarray(v[0], np.uint32),
+                        np.asarray(v[1], np.int32),
+                        np.asarray(v[2], np.int32))
+                    for k, v in id_tables.items()},
+      'admission': {k: (np.asarray(mask, bool), np.asarray(oov, np.int32))
+                    for k, (mask, oov) in (admission or {}).items()},
+  }
+
+
+def _row_specs(rows, num_int: int, num_cat: int) -> list[jax.ShapeDtypeStruct]:
+  """The (int, cat, cat_present) inputs of `rows` rows."""
+  return [jax.ShapeDtypeStruct((rows, num_int), np.int32),
+          jax.ShapeDtypeStruct((rows, num_cat), np.uint32),
+          jax.ShapeDtypeStruct((rows, num_cat), np.bool_)]
+
+
+def _export(fn: Callable, leaves: list, treedef,
+            input_specs: list[jax.ShapeDtypeStruct]) -> jax.export.Exported:
+  """`fn(params, *inputs)` exported as a function of the params' leaves (in
+  `jax.tree.flatten` order), then the inputs."""
+
+  def flat(*args):
+    params = jax.tree.unflatten(treedef, args[:len(leaves)])
+    return fn(params, *args[len(leaves):])
+
+  leaf_specs = [x if isinstance(x, jax.ShapeDtypeStruct) else
+                jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+                for x in leaves]
+  return jax.export.export(jax.jit(flat))(*leaf_specs, *input_specs)
+
+
+def _param_files(leaves: list, treedef, table_files) -> list[str]:
+  """The file of each parameter leaf: its table file, else its entry in
+  params.npz."""
+  files = [f'params.npz:p{i:05d}' for i in range(len(leaves))]
+  index = jax.tree.unflatten(treedef, list(range(len(leaves))))
+  for i, rel in zip(jax.tree.leaves(index['tables']),
+                    jax.tree.leaves(table_files)):
+    files[i] = rel
+  return files
+
+
+def _write_small_params(out_dir: str, leaves: list, files: list[str]) -> None:
+  """params.npz: the leaves that are not in a table file."""
+  np.savez(os.path.join(out_dir, 'params.npz'),
+           **{f'p{i:05d}': np.asarray(x) for i, x in enumerate(leaves)
+              if files[i].startswith('params.npz:')})
 
 
 def _admit(ids, admitted):
@@ -341,6 +386,9 @@ def sparse_ids(f, ints, cat, present, id_tables, xp=jnp):
     id_tables: per feature name, (sorted raw values, their rows, the row of
       values not in the table).
     xp: jax.numpy (the export) or numpy.
+
+  Returns:
+    `[B]` int32 rows.
   """
   if isinstance(f, features_lib.RawFeature):
     return features_lib.bucketize(ints[:, int(f.input[4:])], f, xp)

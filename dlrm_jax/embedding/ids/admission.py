@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from dlrm_jax import hashing
 from dlrm_jax.data import features as features_lib
 
 
@@ -64,10 +65,10 @@ class CountMinSketch:
     depth, width = self.counts.shape
     keys = keys.astype(np.uint32)
     rows = np.arange(depth, dtype=np.uint32)[:, None]
-    seed = features_lib.mix32(rows * np.uint32(0x9E3779B1) +
-                              np.uint32(salt & 0xFFFFFFFF))
-    h = features_lib.mix32(features_lib.mix32(keys[None, :] ^ seed) +
-                           np.uint32(0x7F4A7C15))
+    seed = hashing.mix32(rows * np.uint32(0x9E3779B1) +
+                         np.uint32(salt & 0xFFFFFFFF))
+    h = hashing.mix32(hashing.mix32(keys[None, :] ^ seed) +
+                      np.uint32(0x7F4A7C15))
     return (h % np.uint32(width)).astype(np.int64)
 
   def add(self, keys: np.ndarray, salt: int) -> None:

@@ -3,14 +3,18 @@
 Shape letters: B_l per-device batch, T packed id columns, S model shards,
 R data replicas (the mesh's 'data' axis), C a stack's rows per device, W its
 width, L_d the id columns device d owns (L = max_d L_d, the padded share),
-N_d its bags (N = max_d N_d).
+N_d its bags (N = max_d N_d), K the segments one way serves.
 
 A stack's segments (feature x column piece) are served in one of three ways,
-all inside `jax.shard_map`, per device:
+all inside `jax.shard_map`, per device; each is one `SegmentExchange` class
+(TorchRec's sharding classes: `tw_sharding.py`, `rw_sharding.py`, ...), and
+the plan's placement of a segment's table picks it (`EXCHANGES`,
+`exchange_of`):
 
-  owned (table-wise and column-wise pieces: one model shard holds all rows;
-         table-row-wise: rows split over a group of shards, each id sent to
-         the one holding its row, partial bags summed by the sender):
+  OwnedExchange (placements table_wise and column_wise: one model shard
+         holds all rows of a piece; table_row_wise: rows split over a group
+         of shards, each id sent to the one holding its row, partial bags
+         summed by the sender):
     lookup   the ids of the bags each destination owns are routed to its
              local rows and sent by one `all_to_all` over 'model'
              (`[B_l, S * L]` int32, padded to the largest share); the owner
@@ -20,17 +24,27 @@ all inside `jax.shard_map`, per device:
     update   the transpose: the ids again and the pooled gradients go to the
              owners by `all_to_all`; each owner expands them to its
              `S * B_l * L` ids (combiner weights) and deduplicates those only.
-  row-wise (rows split over several shards, TorchRec's row-wise pattern):
+  RowWiseExchange (placement row_wise: rows split over every shard,
+         TorchRec's row-wise pattern; a row split over fewer shards, one
+         shard included, is served as owned, one over every shard as
+         row-wise, whatever the placement's name):
     lookup   all-gather the model group's ids (`[S * B_l, T]`), pool the rows
              this shard holds (others read as zero), reduce-scatter the
              partial sums over 'model'.
     update   all-gather the group's ids and pooled gradients over 'model';
              each shard keeps the ids it holds.
-  replicated (a full copy everywhere): lookups are local; an update needs
-             the gradient of the whole batch on every device: either a dense
-             `[C, W + 1]` psum (gradient sums and touch counts) when the table
-             is small next to the batch, or an all-gather of each device's
-             deduplicated (row, gradient) pairs.
+  ReplicatedExchange (placement replicated: a full copy everywhere): lookups
+             are local; an update needs the gradient of the whole batch on
+             every device: either a dense `[C, W + 1]` psum (gradient sums
+             and touch counts) when the table is small next to the batch, or
+             an all-gather of each device's deduplicated (row, gradient)
+             pairs.
+
+`StackExchange` runs the ways a stack's segments need (a stack is replicated
+or sharded as a whole, and a sharded one may mix owned and row-wise
+segments) and combines them: the lookups' pooled segments are put back in
+the stack's segment order, the (row, gradient) pairs of an update are
+concatenated, and then deduplicated and summed once.
 
 Data-parallel replicas (R > 1) of a shard make the same update: after the
 owner's deduplication, the fixed-size (row, summed gradient) pairs are
@@ -53,8 +67,9 @@ over an axis of size 1 is skipped (XLA:CPU would run it as a copy).
 
 from __future__ import annotations
 
+import abc
 import zlib
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,11 +78,14 @@ from jax.sharding import Mesh
 
 from dlrm_jax.embedding import initialization
 from dlrm_jax.embedding import optimizers
+from dlrm_jax.embedding import pooling
 from dlrm_jax.embedding.sharding import planner as plan_lib
 from dlrm_jax.embedding import rounding
 from dlrm_jax.embedding.sharding import routing
 from dlrm_jax.embedding.specs import TableSpec
 from dlrm_jax.parallel import BATCH_AXES, DATA, MODEL
+
+Axes = str | tuple[str, ...]
 
 # ----------------------------------------------------------------------------
 # Collectives over the mesh, skipped on axes of size 1.
@@ -111,41 +129,7 @@ class Comm:
 
 
 # ----------------------------------------------------------------------------
-# Pooling helpers.
-
-
-def combiner_weights(valid: jax.Array, combiner: str) -> jax.Array:
-  """`[X, L]` valid mask -> `[X, L]` float32 pooling weight of each id."""
-  w = valid.astype(jnp.float32)
-  if combiner == 'sum' or valid.shape[1] == 1:
-    return w
-  n = jnp.sum(w, axis=1, keepdims=True)
-  if combiner == 'mean':
-    return w / jnp.maximum(n, 1.0)
-  return w * jax.lax.rsqrt(jnp.maximum(n, 1.0))  # sqrtn
-
-
-def _static_weights(valid: jax.Array, widths: Sequence[int],
-                    combiners: Sequence[str]) -> jax.Array:
-  """`[X, L]` valid mask -> weights, bags of `widths` columns side by side."""
-  parts, start = [], 0
-  for w, c in zip(widths, combiners):
-    piece = valid[:, start:start + w]
-    parts.append(combiner_weights(piece, c) if w > 1 else
-                 piece.astype(jnp.float32))
-    start += w
-  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
-
-
-def _pool(rows: jax.Array, widths: Sequence[int]) -> jax.Array:
-  """`[X, L, W]` weighted rows -> `[X, n_bags, W]` bag sums."""
-  if all(w == 1 for w in widths):
-    return rows
-  out, start = [], 0
-  for w in widths:
-    out.append(jnp.sum(rows[:, start:start + w], axis=1))
-    start += w
-  return jnp.stack(out, axis=1)
+# Helpers.
 
 
 def _dedup(idx: jax.Array, fill: int, size: int
@@ -177,79 +161,260 @@ def dedup_sum(idx: jax.Array, grads: jax.Array, fill: int
   return uniq, jax.ops.segment_sum(grads, inv, num_segments=size)
 
 
+def _read_rows(table: jax.Array, idx: jax.Array, dtype: str) -> jax.Array:
+  """`[...]` local rows (>= C: zero) of a stored `[C, W]` table of logical
+  `dtype` -> `[..., W]` float32 values (16-bit tables are stored as uint16
+  and only the gathered rows are converted: `rounding.storage_dtype`)."""
+  return rounding.rows_to_float32(
+      table.at[idx].get(mode='fill', fill_value=0), dtype)
+
+
+def _route_weights(r: routing.Routing, valid: jax.Array):
+  """`[X, L]` valid ids of a route -> their `[X, L]` float32 pooling weights,
+  or None when every bag holds one id."""
+  return (pooling.bag_weights(valid, r.widths, r.combiners)
+          if any(w > 1 for w in r.widths) else None)
+
+
+def _valid_cols(r: routing.Routing, ids: jax.Array):
+  """`[X, T]` packed ids -> (`[X, L]` valid mask of a route's columns, the
+  ids with invalid ones read as row 0)."""
+  cols = routing.take_cols(ids, r.cols, r.col_slice)
+  valid = (cols >= 0) & (cols < r.num_rows)
+  return valid, jnp.where(valid, cols, 0)
+
+
 # ----------------------------------------------------------------------------
-# One stack's exchange.
+# One way of serving segments.
 
 
-class StackExchange:
-  """Lookup and update of one stack, per device (inside shard_map).
+class SegmentExchange(abc.ABC):
+  """Lookups and gradient routing of some of a stack's segments, per device.
+
+  A subclass is one way of serving segments (see the module docstring) and
+  says which segments it serves (`serves`); `EXCHANGES` lists them.
+
+  Attributes:
+    kind: the way's name.
+    replicas: the mesh axes over which devices hold the same rows of these
+      segments and must make the same update.
+    dense_sum: whether an update may all-reduce a dense `[C, G + 1]`
+      gradient over `replicas`, where that moves less than the deduplicated
+      (row, gradient) pairs.
+    reset_gather: the mesh axes the rows `rows_to_reset` returns are then
+      all-gathered over, so that every replica resets the same rows.
+    stack: the stack.
+    segs: the positions of the served segments in `stack.segments`.
+    comm: the mesh's collectives.
 
   Args:
     stack: the stack.
-    feature_dims: the embedding dim of every feature.
-    tables: the table specs (dims; names seed stochastic rounding).
+    segs: the positions of the segments to serve in `stack.segments`.
     num_columns: T, the packed id columns.
     comm: the mesh's collectives.
   """
 
-  def __init__(self, stack: plan_lib.Stack, feature_dims: Sequence[int],
-               tables: Sequence[TableSpec], num_columns: int, comm: Comm):
+  kind: ClassVar[str]
+  replicas: ClassVar[Axes] = DATA
+  dense_sum: ClassVar[bool] = False
+  reset_gather: ClassVar[Axes] = DATA
+
+  def __init__(self, stack: plan_lib.Stack, segs: Sequence[int],
+               num_columns: int, comm: Comm):
+    del num_columns  # used by some ways
     self.stack = stack
-    self.tables = tuple(tables)
+    self.segs = tuple(segs)
     self.comm = comm
     self.num_shards = comm.size(MODEL)
-    segs = stack.segments
-    self.n_seg = len(segs)
-    if stack.replicated:
-      owned, rowwise = [], []
-    else:
-      # Row-wise over every shard: all-gather and reduce-scatter; held by
-      # fewer shards (table-wise, column-wise, table-row-wise): all-to-all.
-      s = self.num_shards
-      spread = [g.rows_per_shard < g.num_rows and
-                len(routing.holders(g, s)) == s for g in segs]
-      owned = [k for k in range(len(segs)) if not spread[k]]
-      rowwise = [k for k in range(len(segs)) if spread[k]]
-    self.owned = (routing.owned_plan(stack, owned, self.num_shards,
-                                     num_columns) if owned else None)
-    self.rowwise = np.array(rowwise, np.int32)
-    self.rowwise_routing = (routing.routing_of([segs[k] for k in rowwise])
-                            if rowwise else None)
-    self.all_routing = routing.routing_of(segs)  # replicated stacks
-    self.dims = [feature_dims[g.feature] for g in segs]
-    # Row-wise Adagrad on column pieces needs each row's full-width gradient.
-    self.full_width = (
-        max(self.dims) if stack.optimizer.kind == 'rowwise_adagrad' and
-        any(d != stack.width for d in self.dims) else 0)
 
-  # --------------------------------------------------------------------------
-  # Routing.
+  @classmethod
+  @abc.abstractmethod
+  def serves(cls, stack: plan_lib.Stack, seg: plan_lib.Segment,
+             num_shards: int) -> bool:
+    """Whether this way serves a segment.
 
-  def _my(self) -> jax.Array:
-    return (jnp.int32(0) if self.stack.replicated
-            else self.comm.index(MODEL))
+    Args:
+      stack: the stack holding it.
+      seg: the segment.
+      num_shards: S.
 
-  def _route(self, r: routing.Routing, ids: jax.Array, my: jax.Array):
+    Returns:
+      True for exactly one of `EXCHANGES`.
+    """
+
+  def shard_index(self) -> jax.Array:
+    """The block of the stack this device holds (its model shard)."""
+    return self.comm.index(MODEL)
+
+  def _rows(self, table: jax.Array, idx: jax.Array) -> jax.Array:
+    return _read_rows(table, idx, self.stack.dtype)
+
+  @abc.abstractmethod
+  def lookup(self, table: jax.Array, ids: jax.Array) -> jax.Array:
+    """The pooled embeddings of the served segments.
+
+    Args:
+      table: `[C, W]` rows held here.
+      ids: `[B_l, T]` packed ids of this device's examples.
+
+    Returns:
+      `[B_l, K, W]` float32, segments in the order of `segs`.
+    """
+
+  @abc.abstractmethod
+  def grads_here(self, ids: jax.Array, grads: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]:
+    """The ids held here among those the served segments route here.
+
+    Args:
+      ids: `[B_l, T]` packed ids of this device's examples.
+      grads: `[B_l, n_seg, G]` gradients of the pooled embeddings of all the
+        stack's segments.
+
+    Returns:
+      `[M]` local rows (C: none) and their `[M, G]` gradients (combiner
+      weights applied).
+    """
+
+  @abc.abstractmethod
+  def rows_to_reset(self, rows: jax.Array) -> jax.Array:
+    """The rows held here that the served segments' devices name.
+
+    Args:
+      rows: `[B_l, T]` rows named like packed ids (-1: none).
+
+    Returns:
+      `[M]` local rows (C: none), before the gather over `reset_gather`.
+    """
+
+
+class ReplicatedExchange(SegmentExchange):
+  """Segments of a replicated stack: local lookups (module docstring)."""
+
+  kind = 'replicated'
+  replicas = BATCH_AXES
+  dense_sum = True
+  reset_gather = ()  # `rows_to_reset` reads every device's rows itself
+
+  def __init__(self, stack, segs, num_columns, comm):
+    super().__init__(stack, segs, num_columns, comm)
+    self.routing = routing.routing_of([stack.segments[k] for k in segs])
+
+  @classmethod
+  def serves(cls, stack, seg, num_shards) -> bool:
+    return stack.replicated
+
+  def shard_index(self) -> jax.Array:
+    return jnp.int32(0)
+
+  def _route(self, ids: jax.Array):
+    """`[X, T]` packed ids -> (`[X, L]` local rows, C where invalid; their
+    `[X, L]` pooling weights or None)."""
+    r = self.routing
+    valid, safe = _valid_cols(r, ids)
+    local = jnp.where(valid, r.offsets[:, 0] + safe, self.stack.capacity)
+    return local, _route_weights(r, valid)
+
+  def lookup(self, table, ids):
+    idx, wts = self._route(ids)
+    rows = self._rows(table, idx)
+    if wts is not None:
+      rows = rows * wts[..., None]
+    return pooling.bag_sums(rows, self.routing.widths)
+
+  def grads_here(self, ids, grads):
+    g = grads.shape[-1]
+    idx, w = self._route(ids)
+    if w is not None:
+      grads = jnp.take(grads, jnp.asarray(self.routing.seg_of_col),
+                       axis=1) * w[..., None]
+    return idx.reshape(-1), grads.reshape(-1, g)
+
+  def rows_to_reset(self, rows):
+    local, _ = self._route(self.comm.all_gather(rows, BATCH_AXES))
+    return local.reshape(-1)
+
+
+def _over_every_shard(seg: plan_lib.Segment, num_shards: int) -> bool:
+  """Whether a segment's rows are split over every model shard."""
+  return (seg.rows_per_shard < seg.num_rows and
+          len(routing.holders(seg, num_shards)) == num_shards)
+
+
+class RowWiseExchange(SegmentExchange):
+  """Segments whose rows are split over every model shard: all-gather and
+  reduce-scatter over 'model' (module docstring)."""
+
+  kind = 'row_wise'
+
+  def __init__(self, stack, segs, num_columns, comm):
+    super().__init__(stack, segs, num_columns, comm)
+    self.routing = routing.routing_of([stack.segments[k] for k in segs])
+    self.seg_index = np.array(segs, np.int32)
+
+  @classmethod
+  def serves(cls, stack, seg, num_shards) -> bool:
+    return not stack.replicated and _over_every_shard(seg, num_shards)
+
+  def _route(self, ids: jax.Array, my: jax.Array):
     """`[X, T]` packed ids -> (`[X, L]` local rows, C where not held here or
-    invalid; `[X, L]` float32 pooling weights)."""
-    cols = routing.take_cols(ids, r.cols, r.col_slice)
-    valid = (cols >= 0) & (cols < r.num_rows)
-    safe = jnp.where(valid, cols, 0)
-    if self.stack.replicated:
-      local, mine = r.offsets[:, 0] + safe, valid
-    else:
-      off = jnp.take(jnp.asarray(r.offsets), my, axis=1)
-      mine = valid & (r.first + safe // r.rps == my) & (off >= 0)
-      local = off + safe % r.rps
-    local = jnp.where(mine, local, self.stack.capacity)
-    weights = (_static_weights(valid, r.widths, r.combiners)
-               if any(w > 1 for w in r.widths) else None)
-    return local, weights
+    invalid; their `[X, L]` pooling weights or None)."""
+    r = self.routing
+    valid, safe = _valid_cols(r, ids)
+    off = jnp.take(jnp.asarray(r.offsets), my, axis=1)
+    mine = valid & (r.first + safe // r.rps == my) & (off >= 0)
+    local = jnp.where(mine, off + safe % r.rps, self.stack.capacity)
+    return local, _route_weights(r, valid)
+
+  def lookup(self, table, ids):
+    idx, wts = self._route(self.comm.all_gather(ids, MODEL),
+                           self.shard_index())
+    rows = self._rows(table, idx)
+    if wts is not None:
+      rows = rows * wts[..., None]
+    return self.comm.psum_scatter(pooling.bag_sums(rows, self.routing.widths),
+                                  MODEL)
+
+  def grads_here(self, ids, grads):
+    g = grads.shape[-1]
+    ids_grp = self.comm.all_gather(ids, MODEL)
+    g_grp = self.comm.all_gather(
+        jnp.take(grads, jnp.asarray(self.seg_index), axis=1)
+        if len(self.segs) != len(self.stack.segments) else grads, MODEL)
+    idx, w = self._route(ids_grp, self.shard_index())
+    if w is not None:
+      g_grp = jnp.take(g_grp, jnp.asarray(self.routing.seg_of_col),
+                       axis=1) * w[..., None]
+    return idx.reshape(-1), g_grp.reshape(-1, g)
+
+  def rows_to_reset(self, rows):
+    local, _ = self._route(self.comm.all_gather(rows, MODEL),
+                           self.shard_index())
+    return local.reshape(-1)
+
+
+class OwnedExchange(SegmentExchange):
+  """Segments held by some model shards (table-wise, column-wise and
+  table-row-wise pieces): all-to-all over 'model' (module docstring).
+
+  Attributes:
+    plan: the all-to-all plan (`routing.Owned`).
+  """
+
+  kind = 'owned'
+
+  def __init__(self, stack, segs, num_columns, comm):
+    super().__init__(stack, segs, num_columns, comm)
+    self.plan = routing.owned_plan(stack, segs, self.num_shards, num_columns)
+
+  @classmethod
+  def serves(cls, stack, seg, num_shards) -> bool:
+    return not stack.replicated and not _over_every_shard(seg, num_shards)
 
   def _send_rows(self, ids: jax.Array) -> jax.Array:
     """`[B_l, T]` -> `[B_l, S * L]` rows on each owner (C: nothing; C + 1:
     a valid id whose row another shard of the group holds)."""
-    o = self.owned
+    o = self.plan
     x = routing.take_cols(ids, o.cols.ravel(), o.col_slice)
     valid = (x >= 0) & (x < o.num_rows.ravel())
     cap = self.stack.capacity
@@ -263,13 +428,14 @@ class StackExchange:
   def _owner_weights(self, local: jax.Array, my: jax.Array):
     """Owner side: `[X, S * L]` received rows -> `[X, S, L]` weights of the
     ids in their bags (None when only valid masks would be needed)."""
-    o = self.owned
+    o = self.plan
     s, n_cols = o.cols.shape
     valid = (local != self.stack.capacity).reshape(-1, s, n_cols)
     if not o.weighted:
       return None
     if self.num_shards == 1:
-      return _static_weights(valid[:, 0], o.widths0, o.combiners0)[:, None]
+      weights = pooling.bag_weights(valid[:, 0], o.widths0, o.combiners0)
+      return weights[:, None]
     col_bag = jnp.take(jnp.asarray(o.col_bag), my, axis=0)  # [L]
     one_hot = jax.nn.one_hot(col_bag, o.bag_seg.shape[1], dtype=jnp.float32)
     v = valid.astype(jnp.float32)
@@ -285,7 +451,7 @@ class StackExchange:
 
   def _owner_pool(self, rows: jax.Array, weights, my) -> jax.Array:
     """`[X, S * L, W]` rows -> `[X, S * N, W]` bag sums per source."""
-    o = self.owned
+    o = self.plan
     if not o.multi:
       return rows
     s, n_cols = o.cols.shape
@@ -294,7 +460,7 @@ class StackExchange:
     if weights is not None:
       rows = rows * weights[..., None]
     if self.num_shards == 1:
-      return _pool(rows[:, 0], o.widths0)
+      return pooling.bag_sums(rows[:, 0], o.widths0)
     col_bag = jnp.take(jnp.asarray(o.col_bag), my, axis=0)
     one_hot = jax.nn.one_hot(col_bag, o.bag_seg.shape[1], dtype=rows.dtype)
     out = jnp.einsum('xslw,ln->xsnw', rows, one_hot,
@@ -304,7 +470,7 @@ class StackExchange:
   def _owner_expand(self, grads: jax.Array, weights, my) -> jax.Array:
     """The transpose of `_owner_pool`: `[X, S * N, G]` bag gradients ->
     `[X, S * L, G]` id gradients."""
-    o = self.owned
+    o = self.plan
     if not o.multi:
       return grads
     s, n_cols = o.cols.shape
@@ -321,75 +487,171 @@ class StackExchange:
       out = out * weights[..., None]
     return out.reshape(x, -1, g)
 
+  def lookup(self, table, ids):
+    o, my = self.plan, self.shard_index()
+    local = self.comm.all_to_all(self._send_rows(ids))
+    rows = self._rows(table, local)
+    pooled = self._owner_pool(rows, self._owner_weights(local, my), my)
+    back = self.comm.all_to_all(pooled)
+    if o.out_index.shape[1] > 1:  # partial bags of row-split segments
+      pad = jnp.concatenate([back, jnp.zeros_like(back[:, :1])], axis=1)
+      back = jnp.take(pad, jnp.asarray(o.out_index.ravel()), axis=1)
+      return jnp.sum(back.reshape(back.shape[0], *o.out_index.shape, -1),
+                     axis=2)
+    if not np.array_equal(o.out_index[:, 0], np.arange(back.shape[1])):
+      back = jnp.take(back, jnp.asarray(o.out_index[:, 0]), axis=1)
+    return back
+
+  def grads_here(self, ids, grads):
+    o, my = self.plan, self.shard_index()
+    g = grads.shape[-1]
+    local = self.comm.all_to_all(self._send_rows(ids))
+    send = grads
+    if not np.array_equal(o.bag_seg.ravel(),
+                          np.arange(len(self.stack.segments))):
+      pad = jnp.concatenate([grads, jnp.zeros_like(grads[:, :1])], axis=1)
+      send = jnp.take(pad, jnp.asarray(o.bag_seg.ravel()), axis=1)
+    got = self.comm.all_to_all(send)
+    g_ids = self._owner_expand(got, self._owner_weights(local, my), my)
+    if not np.all(o.rps >= o.num_rows):  # C + 1: held elsewhere
+      local = jnp.minimum(local, self.stack.capacity)
+    return local.reshape(-1), g_ids.reshape(-1, g)
+
+  def rows_to_reset(self, rows):
+    local = self.comm.all_to_all(self._send_rows(rows))
+    return jnp.minimum(local, self.stack.capacity).reshape(-1)
+
+
+# The ways, in the order a stack's parts are combined (owned before
+# row-wise: the order of the concatenations in the compiled step).
+EXCHANGES: tuple[type[SegmentExchange], ...] = (
+    ReplicatedExchange, OwnedExchange, RowWiseExchange)
+
+
+def exchange_of(stack: plan_lib.Stack, seg: plan_lib.Segment,
+                num_shards: int) -> type[SegmentExchange]:
+  """The way a segment is served.
+
+  Args:
+    stack: the stack holding it.
+    seg: the segment.
+    num_shards: S.
+
+  Returns:
+    The one class of `EXCHANGES` that serves it.
+
+  Raises:
+    ValueError: if not exactly one serves it.
+  """
+  found = [c for c in EXCHANGES if c.serves(stack, seg, num_shards)]
+  if len(found) != 1:
+    raise ValueError(
+        f'stack {stack.name!r}: segment of feature {seg.feature} is served'
+        f' by {[c.kind for c in found]}; exactly one way must serve it.')
+  return found[0]
+
+
+def _concat(parts: Sequence[jax.Array], axis: int = 0) -> jax.Array:
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+
+
+# ----------------------------------------------------------------------------
+# One stack's exchange.
+
+
+class StackExchange:
+  """Lookup and update of one stack, per device (inside shard_map).
+
+  Attributes:
+    stack: the stack.
+    parts: one `SegmentExchange` per way its segments are served, in the
+      order of `EXCHANGES`.
+    full_width: F, the width of the full-width gradients `update` takes
+      (0: none).
+
+  Args:
+    stack: the stack.
+    feature_dims: the embedding dim of every feature.
+    tables: the table specs (dims; names seed stochastic rounding).
+    num_columns: T, the packed id columns.
+    comm: the mesh's collectives.
+
+  Raises:
+    ValueError: if the stack's parts disagree on where its rows are held
+      (a stack is replicated or sharded as a whole).
+  """
+
+  def __init__(self, stack: plan_lib.Stack, feature_dims: Sequence[int],
+               tables: Sequence[TableSpec], num_columns: int, comm: Comm):
+    self.stack = stack
+    self.tables = tuple(tables)
+    self.comm = comm
+    self.num_shards = comm.size(MODEL)
+    self.n_seg = len(stack.segments)
+    self.parts = self._parts(num_columns)
+    self._order = [k for p in self.parts for k in p.segs]
+    lead = self.parts[0]
+    for p in self.parts[1:]:
+      if (p.replicas, p.dense_sum, p.reset_gather) != (
+          lead.replicas, lead.dense_sum, lead.reset_gather):
+        raise ValueError(
+            f'stack {stack.name!r} mixes the exchanges {lead.kind} and'
+            f' {p.kind}, which hold rows on different devices.')
+    self.dims = [feature_dims[g.feature] for g in stack.segments]
+    # Row-wise Adagrad on column pieces needs each row's full-width gradient.
+    self.full_width = (
+        max(self.dims) if stack.optimizer.kind == 'rowwise_adagrad' and
+        any(d != stack.width for d in self.dims) else 0)
+
+  def _parts(self, num_columns: int) -> list[SegmentExchange]:
+    """One `SegmentExchange` per way the segments need, `EXCHANGES` order."""
+    by_way: dict[type[SegmentExchange], list[int]] = {}
+    for k, seg in enumerate(self.stack.segments):
+      by_way.setdefault(exchange_of(self.stack, seg, self.num_shards),
+                        []).append(k)
+    return [cls(self.stack, by_way[cls], num_columns, self.comm)
+            for cls in EXCHANGES if cls in by_way]
+
+  @property
+  def owned(self) -> routing.Owned | None:
+    """The all-to-all plan of the owned segments (None: there are none)."""
+    for p in self.parts:
+      if isinstance(p, OwnedExchange):
+        return p.plan
+    return None
+
+  def _shard_index(self) -> jax.Array:
+    return self.parts[0].shard_index()  # the same for every part
+
   def rows_to_reset(self, rows: jax.Array) -> jax.Array:
-    """`[B_l, T]` rows named like packed ids (-1: none) on each device ->
-    `[M]` local rows held here that some device names (C: none), sent the
-    way lookups send ids: every replica of a shard gets the same rows."""
-    comm, cap = self.comm, self.stack.capacity
-    if self.stack.replicated:  # few: resets are rare
-      local, _ = self._route(self.all_routing,
-                             comm.all_gather(rows, BATCH_AXES), jnp.int32(0))
-      return local.reshape(-1)
-    parts = []
-    if self.owned is not None:
-      local = comm.all_to_all(self._send_rows(rows))
-      parts.append(jnp.minimum(local, cap).reshape(-1))
-    if self.rowwise_routing is not None:
-      local, _ = self._route(self.rowwise_routing,
-                             comm.all_gather(rows, MODEL), self._my())
-      parts.append(local.reshape(-1))
-    idx = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-    return comm.all_gather(idx, DATA)
+    """The rows to reset that this device holds.
+
+    Args:
+      rows: `[B_l, T]` rows named like packed ids (-1: none) on each device.
+
+    Returns:
+      `[M]` local rows held here that some device names (C: none), sent the
+      way lookups send ids: every replica of a shard gets the same rows.
+    """
+    idx = _concat([p.rows_to_reset(rows) for p in self.parts])
+    return self.comm.all_gather(idx, self.parts[0].reset_gather)
 
   # --------------------------------------------------------------------------
   # Lookup.
 
-  def _rows(self, table: jax.Array, idx: jax.Array) -> jax.Array:
-    """`[...]` local rows (>= C: zero) of the stored `[C, W]` table ->
-    `[..., W]` float32 values (16-bit tables are stored as uint16 and only
-    the gathered rows are converted: `rounding.storage_dtype`)."""
-    return rounding.rows_to_float32(
-        table.at[idx].get(mode='fill', fill_value=0), self.stack.dtype)
-
   def lookup(self, table: jax.Array, ids: jax.Array) -> jax.Array:
-    """`[C, W]` rows held here, `[B_l, T]` ids -> `[B_l, n_seg, W]` float32
-    pooled embeddings of the stack's segments for this device's examples."""
-    parts, order = [], []
-    if self.stack.replicated:
-      r = self.all_routing
-      idx, wts = self._route(r, ids, jnp.int32(0))
-      rows = self._rows(table, idx)
-      if wts is not None:
-        rows = rows * wts[..., None]
-      return _pool(rows, r.widths)
-    my = self._my()
-    if self.owned is not None:
-      o = self.owned
-      local = self.comm.all_to_all(self._send_rows(ids))
-      rows = self._rows(table, local)
-      pooled = self._owner_pool(rows, self._owner_weights(local, my), my)
-      back = self.comm.all_to_all(pooled)
-      if o.out_index.shape[1] > 1:  # partial bags of row-split segments
-        pad = jnp.concatenate([back, jnp.zeros_like(back[:, :1])], axis=1)
-        back = jnp.take(pad, jnp.asarray(o.out_index.ravel()), axis=1)
-        back = jnp.sum(back.reshape(back.shape[0], *o.out_index.shape, -1),
-                       axis=2)
-      elif not np.array_equal(o.out_index[:, 0], np.arange(back.shape[1])):
-        back = jnp.take(back, jnp.asarray(o.out_index[:, 0]), axis=1)
-      parts.append(back)
-      order.extend(o.segs.tolist())
-    if self.rowwise_routing is not None:
-      r = self.rowwise_routing
-      ids_grp = self.comm.all_gather(ids, MODEL)
-      idx, wts = self._route(r, ids_grp, my)
-      rows = self._rows(table, idx)
-      if wts is not None:
-        rows = rows * wts[..., None]
-      parts.append(self.comm.psum_scatter(_pool(rows, r.widths), MODEL))
-      order.extend(self.rowwise.tolist())
-    out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
-    if order != list(range(self.n_seg)):
-      out = jnp.take(out, jnp.asarray(np.argsort(order)), axis=1)
+    """The pooled embeddings of the stack's segments.
+
+    Args:
+      table: `[C, W]` rows held here.
+      ids: `[B_l, T]` packed ids of this device's examples.
+
+    Returns:
+      `[B_l, n_seg, W]` float32, in the order of `stack.segments`.
+    """
+    out = _concat([p.lookup(table, ids) for p in self.parts], axis=1)
+    if self._order != list(range(self.n_seg)):
+      out = jnp.take(out, jnp.asarray(np.argsort(self._order)), axis=1)
     return out
 
   # --------------------------------------------------------------------------
@@ -400,52 +662,15 @@ class StackExchange:
     """`[B_l, T]` ids and `[B_l, n_seg, G]` pooled gradients -> the ids this
     device holds among those it serves (`[M]` local rows, C for none) and
     their `[M, G]` gradients."""
-    idx_parts, g_parts = [], []
-    g = grads.shape[-1]
-    if self.stack.replicated:
-      r = self.all_routing
-      idx, w = self._route(r, ids, jnp.int32(0))
-      if w is not None:
-        grads = jnp.take(grads, jnp.asarray(r.seg_of_col), axis=1) * w[
-            ..., None]
-      return idx.reshape(-1), grads.reshape(-1, g)
-    my = self._my()
-    if self.owned is not None:
-      o = self.owned
-      local = self.comm.all_to_all(self._send_rows(ids))
-      send = grads
-      if not np.array_equal(o.bag_seg.ravel(), np.arange(self.n_seg)):
-        pad = jnp.concatenate([grads, jnp.zeros_like(grads[:, :1])], axis=1)
-        send = jnp.take(pad, jnp.asarray(o.bag_seg.ravel()), axis=1)
-      got = self.comm.all_to_all(send)
-      g_ids = self._owner_expand(got, self._owner_weights(local, my), my)
-      if not np.all(o.rps >= o.num_rows):  # C + 1: held elsewhere
-        local = jnp.minimum(local, self.stack.capacity)
-      idx_parts.append(local.reshape(-1))
-      g_parts.append(g_ids.reshape(-1, g))
-    if self.rowwise_routing is not None:
-      r = self.rowwise_routing
-      ids_grp = self.comm.all_gather(ids, MODEL)
-      g_grp = self.comm.all_gather(
-          jnp.take(grads, jnp.asarray(self.rowwise), axis=1)
-          if len(self.rowwise) != self.n_seg else grads, MODEL)
-      idx, w = self._route(r, ids_grp, my)
-      if w is not None:
-        g_grp = jnp.take(g_grp, jnp.asarray(r.seg_of_col), axis=1) * w[
-            ..., None]
-      idx_parts.append(idx.reshape(-1))
-      g_parts.append(g_grp.reshape(-1, g))
-    if len(idx_parts) == 1:
-      return idx_parts[0], g_parts[0]
-    return jnp.concatenate(idx_parts), jnp.concatenate(g_parts)
+    idx, g = zip(*[p.grads_here(ids, grads) for p in self.parts])
+    return _concat(idx), _concat(g)
 
   def _sgd_scatter_add(self) -> bool:
     """Plain SGD is linear in the gradient: where no other device must make
     the same update, a scatter-add sums repeated ids itself, with no
     deduplication. (Low-precision tables, and SGD with weight decay, take
     the dedup + float32 sum + one rounding path: `optimizers.scatter_add_ok`.)"""
-    shared = (self.comm.num_devices > 1 if self.stack.replicated
-              else self.comm.size(DATA) > 1)
+    shared = self.comm.size(self.parts[0].replicas) > 1
     return optimizers.scatter_add_ok(self.stack.optimizer,
                                      self.stack.dtype) and not shared
 
@@ -455,25 +680,23 @@ class StackExchange:
     every device holding them must update and their summed gradients."""
     cap = self.stack.capacity
     comm = self.comm
-    if self.stack.replicated and comm.num_devices > 1:
-      n = comm.num_devices
-      # Per device, a ring all-reduce of the dense [C, G + 1] sums sends
-      # 2 (n-1)/n C rows; an all-gather of the deduplicated pairs (n-1) U.
-      if 2 * cap <= n * min(idx.shape[0], cap + 1):
-        ones = jnp.ones((g.shape[0], 1), g.dtype)
-        dense = jnp.zeros((cap, g.shape[1] + 1), g.dtype).at[idx].add(
-            jnp.concatenate([g, ones], axis=1), mode='drop')
-        dense = comm.psum(dense, BATCH_AXES)
-        uniq = jnp.where(dense[:, -1] > 0, jnp.arange(cap, dtype=jnp.int32),
-                         cap)
-        return uniq, dense[:, :-1]
-      uniq, g_sum = dedup_sum(idx, g, cap)
-      return dedup_sum(comm.all_gather(uniq, BATCH_AXES),
-                       comm.all_gather(g_sum, BATCH_AXES), cap)
+    replicas = self.parts[0].replicas
+    n = comm.size(replicas)
+    # Per device, a ring all-reduce of the dense [C, G + 1] sums sends
+    # 2 (n-1)/n C rows; an all-gather of the deduplicated pairs (n-1) U.
+    if (self.parts[0].dense_sum and n > 1 and
+        2 * cap <= n * min(idx.shape[0], cap + 1)):
+      ones = jnp.ones((g.shape[0], 1), g.dtype)
+      dense = jnp.zeros((cap, g.shape[1] + 1), g.dtype).at[idx].add(
+          jnp.concatenate([g, ones], axis=1), mode='drop')
+      dense = comm.psum(dense, replicas)
+      uniq = jnp.where(dense[:, -1] > 0, jnp.arange(cap, dtype=jnp.int32),
+                       cap)
+      return uniq, dense[:, :-1]
     uniq, g_sum = dedup_sum(idx, g, cap)
-    if not self.stack.replicated and comm.size(DATA) > 1:
-      uniq, g_sum = dedup_sum(comm.all_gather(uniq, DATA),
-                              comm.all_gather(g_sum, DATA), cap)
+    if n > 1:
+      uniq, g_sum = dedup_sum(comm.all_gather(uniq, replicas),
+                              comm.all_gather(g_sum, replicas), cap)
     return uniq, g_sum
 
   def _pieces_at(self, rows: jax.Array):
@@ -481,7 +704,7 @@ class StackExchange:
     `[U]` the piece each row lies in)."""
     arrs = initialization.piece_tables(self.stack, self.tables,
                                        self.num_shards)
-    piece = {k: jnp.asarray(v)[self._my()] for k, v in arrs.items()}
+    piece = {k: jnp.asarray(v)[self._shard_index()] for k, v in arrs.items()}
     return piece, initialization.piece_at(piece, rows)
 
   def _row_dims(self, rows: jax.Array) -> jax.Array:
@@ -501,7 +724,8 @@ class StackExchange:
       grads: `[B_l, n_seg, W]` float32 gradients of the pooled embeddings.
       full_grads: `[B_l, n_seg, F]` full-width gradients (F =
         `self.full_width`), or None when `self.full_width` is 0.
-      lr, step: the learning rate and the 0-based step.
+      lr: the learning rate.
+      step: the 0-based step.
 
     Returns:
       The new table and slots.
@@ -519,7 +743,7 @@ class StackExchange:
       g_sum = g_sum[:, :w]
       row_msq = jnp.sum(full * full, axis=-1) / jnp.maximum(
           self._row_dims(uniq), 1.0)
-    w_rows = self._rows(table, uniq)
+    w_rows = _read_rows(table, uniq, self.stack.dtype)
     slot_rows = {k: v.at[uniq].get(mode='fill', fill_value=0)
                  for k, v in slots.items()}
     new_rows, new_slot_rows = optimizers.update_rows(

@@ -1,8 +1,8 @@
-"""Moving embedding state between layouts, and logical views of it.
+"""Moving embedding state between layouts.
 
 Used when a checkpoint written under one plan or mesh is restored under
-another (`abstract_state_of_layout`, `relayout`), and by tests and export to
-read a whole logical table (`gather_table`).
+another (`abstract_state_of_layout`, `relayout`). A whole logical table is
+read with `dlrm_jax.embedding.table_access.get_table`.
 """
 
 from __future__ import annotations
@@ -11,13 +11,11 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dlrm_jax.embedding import optimizers
 from dlrm_jax.embedding.sharding import planner as plan_lib
 from dlrm_jax.embedding import rounding
-from dlrm_jax.embedding.specs import TableSpec
 from dlrm_jax.parallel import BATCH_AXES
 
 EmbeddingState = dict[str, Any]  # {'stacks': {name: W}, 'slots': {name: {..}}}
@@ -114,34 +112,3 @@ def relayout(new_stacks: Sequence[plan_lib.Stack], num_shards: int,
     return {'stacks': out_stacks, 'slots': out_slots}
 
   return jax.jit(move, out_shardings=out_shardings)(old_state)
-
-
-def gather_table(stacks: Sequence[plan_lib.Stack], table: TableSpec,
-                 state: EmbeddingState, slot: str | None = None
-                 ) -> np.ndarray:
-  """The whole logical `[R, D]` table (or a slot of it) on the host, in the
-  table's logical dtype (16-bit tables are stored as uint16).
-
-  For tests and small tables only: it copies the table to host memory.
-  """
-  out = None
-  for s in stacks:
-    arr = state['stacks'][s.name] if slot is None else state['slots'][
-        s.name][slot]
-    arr = np.asarray(jax.device_get(arr))
-    if slot is None:
-      arr = rounding.to_logical(arr, s.dtype)
-    for pc in s.pieces:
-      if pc.table != table.name:
-        continue
-      if out is None:
-        tail = (table.dim,) if arr.ndim == 2 else ()
-        out = np.zeros((table.num_rows,) + tail, arr.dtype)
-      base = 0 if s.replicated else pc.device * s.capacity
-      block = arr[base + pc.offset: base + pc.offset + pc.rows]
-      if arr.ndim == 2:
-        out[pc.row_start:pc.row_start + pc.rows,
-            pc.col_start:pc.col_start + pc.width] = block
-      else:  # row-wise slot: identical across column pieces
-        out[pc.row_start:pc.row_start + pc.rows] = block
-  return out

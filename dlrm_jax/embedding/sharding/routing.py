@@ -1,8 +1,9 @@
 """Static routing of a stack's ids: which shard serves which id column.
 
 Computed once per stack from the layout (NumPy constants baked into the
-compiled step); `exchange.py` uses them to build its all-to-all blocks and
-its row-wise and replicated routes. Shape letters as in `exchange.py`.
+compiled step); `exchange.py` uses them to build its all-to-all blocks
+(`OwnedExchange`) and its row-wise and replicated routes (`RowWiseExchange`,
+`ReplicatedExchange`). Shape letters as in `exchange.py`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dlrm_jax.embedding.sharding import planner as plan_lib
-
-COMBINERS = ('sum', 'mean', 'sqrtn')
+from dlrm_jax.embedding.specs import COMBINERS
 
 
 @dataclasses.dataclass(frozen=True)
