@@ -179,8 +179,8 @@ def host_batches(trainer, n: int, seed: int = 0, zipf: float | None = None):
   import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   b = trainer.spec.loop.batch_size
-  rows = trainer.setup.table_rows
-  hot = [f.max_ids for f in trainer.setup.feature_specs]
+  rows = trainer.spec.table_rows
+  hot = [f.max_ids for f in trainer.spec.feature_specs]
   out = []
   for _ in range(n):
     cols = []
@@ -192,9 +192,9 @@ def host_batches(trainer, n: int, seed: int = 0, zipf: float | None = None):
       cols.append(ids.astype(np.int32))
     batch = {'ids': np.concatenate(cols, axis=1),
              'label': (rng.random(b) < 0.25).astype(np.float32)}
-    if trainer.setup.model.num_dense:
+    if trainer.spec.model.num_dense:
       batch['dense'] = rng.normal(
-          size=(b, trainer.setup.model.num_dense)).astype(np.float32)
+          size=(b, trainer.spec.model.num_dense)).astype(np.float32)
     out.append(batch)
   return out
 
@@ -213,9 +213,9 @@ def embedding_bytes_per_step(trainer) -> int:
   """Rows gathered by the lookup plus rows the sparse optimizer reads and
   writes with their slots, counting repeated ids (an upper bound)."""
   slots = {'sgd': 0, 'adagrad': 1, 'rowwise_adagrad': 0, 'adam': 2}
-  by_table = {t.name: t for t in trainer.setup.tables}
+  by_table = {t.name: t for t in trainer.spec.tables}
   total = 0
-  for f in trainer.setup.feature_specs:
+  for f in trainer.spec.feature_specs:
     t = by_table[f.table]
     ids = trainer.spec.loop.batch_size * f.max_ids
     row = t.dim * (2 if t.dtype == 'bfloat16' else 4)
@@ -262,12 +262,12 @@ def run_case(name: str) -> dict:
       'tflops': flops / step_s / 1e12 if flops else None,
       'flops_per_step': flops,
       'embedding_gbps': emb / step_s / 1e9,
-      'table_rows': int(sum(t.num_rows for t in trainer.setup.tables)),
+      'table_rows': int(sum(t.num_rows for t in trainer.spec.tables)),
       'table_gib': sum(x.nbytes for x in jax.tree.leaves(state.emb)) / 2**30,
       'peak_memory_gib': (stats['peak_bytes_in_use'] / 2**30
                           if 'peak_bytes_in_use' in stats else None),
       'ids_per_example': int(sum(f.max_ids
-                                 for f in trainer.setup.feature_specs)),
+                                 for f in trainer.spec.feature_specs)),
       'init_s': init_s, 'compile_s': compile_s,
       'loss_finite': bool(np.isfinite(loss)),
   }
@@ -303,8 +303,8 @@ def run_contention() -> dict:
     engine = trainer.engine
     emb = engine.init(jax.random.key(0))
     b = config.batch_size
-    g = jnp.full((b, trainer.setup.model.num_sparse,
-                  trainer.setup.model.embedding_dim), 1e-3, jnp.float32)
+    g = jnp.full((b, trainer.spec.model.num_sparse,
+                  trainer.spec.model.embedding_dim), 1e-3, jnp.float32)
     # The state is donated, as in the train step: no copy of the tables.
     update = jax.jit(lambda emb, ids, g: engine.apply_gradients(
         emb, ids, g, jnp.int32(0)), donate_argnums=0)

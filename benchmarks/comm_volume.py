@@ -176,7 +176,7 @@ def compile_step(strategy: str, s: int, batch_per_device: int) -> dict:
                                          sharding=sh['label'])}
   if 'dense' in sh:
     batch['dense'] = jax.ShapeDtypeStruct(
-        (b, trainer.setup.model.num_dense), jnp.float32, sharding=sh['dense'])
+        (b, trainer.spec.model.num_dense), jnp.float32, sharding=sh['dense'])
   # pylint: disable=protected-access
   acc = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.asarray(x).dtype,
@@ -186,7 +186,7 @@ def compile_step(strategy: str, s: int, batch_per_device: int) -> dict:
   hlo = trainer.train_step.lower(trainer.abstract_state(), batch,
                                  acc).compile().as_text()
   res = collective_bytes(hlo, s)
-  n_feat = len(trainer.setup.feature_specs)
+  n_feat = len(trainer.spec.feature_specs)
   dim = trainer.engine.feature_dims[0]
   res['bound'] = ((2 * batch_per_device * n_feat * dim * 4 +
                    batch_per_device * n_feat * 4) * (s - 1) / s)

@@ -123,7 +123,7 @@ def child(task: dict) -> dict:
     trainer = trainer_lib.Trainer(config)
     state = trainer.init_state(0)
     rng = np.random.default_rng(0)
-    rows = trainer.setup.table_rows
+    rows = trainer.spec.table_rows
     b = task['batch']
     batch = trainer.put_batch({
         'dense': rng.normal(size=(b, 13)).astype(np.float32),

@@ -747,7 +747,7 @@ def peer_layout(setup) -> list[tuple[str, list[int]]]:
   """The peer's order of a dlrm_jax model's tables and features.
 
   Args:
-    setup: the model setup (`trainer.setup`).
+    setup: the model setup (`trainer.spec`).
 
   Returns:
     [(our table name, [indices in the sparse group of the features it
@@ -866,9 +866,9 @@ def params_from_peer(sd, peer: str, trainer: trainer_lib.Trainer,
     (dense params, {our table name: [rows, D]}, the peer's model).
   """
   pm = read_peer(sd, peer, table_features)
-  m = trainer.setup.model
-  layout = peer_layout(trainer.setup)
-  _check_fits(pm, trainer.setup, layout)
+  m = trainer.spec.model
+  layout = peer_layout(trainer.spec)
+  _check_fits(pm, trainer.spec, layout)
   order = _order(layout)
   final = _dense_layers(pm.top[:-1])
   params = {'dense_mlp': _dense_layers(pm.bottom), 'final': final,
@@ -926,7 +926,7 @@ def state_from_peer(sd, peer: str, trainer: trainer_lib.Trainer, seed: int = 0,
   for name, values in tables.items():
     emb = table_access.set_table(trainer.engine, emb, name, values)
   names = [{'name': t.name, 'table': name, 'feature_names': list(t.features)}
-           for (name, _), t in zip(peer_layout(trainer.setup), pm.tables)]
+           for (name, _), t in zip(peer_layout(trainer.spec), pm.tables)]
   return state.replace(emb=emb), names
 
 
@@ -943,7 +943,7 @@ def peer_tables(setup, peer: str, saved: Sequence[Mapping] | None = None
   """The peer's tables of a dlrm_jax model, in the peer's order.
 
   Args:
-    setup: the model setup (`trainer.setup`).
+    setup: the model setup (`trainer.spec`).
     peer: 'facebook' or 'torchrec'.
     saved: TorchRec: the names an import recorded (`state_from_peer`); a
       table's feature names are used while it serves as many features.
@@ -1032,7 +1032,7 @@ def peer_from_state(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState,
     arch_with_sparse, self-interaction for TorchRec, dcn or shared tables
     for facebookresearch, combiners the peer lacks.
   """
-  setup = trainer.setup
+  setup = trainer.spec
   _check_exportable(setup, peer)
   m = setup.model
   tables = peer_tables(setup, peer, names)
@@ -1250,8 +1250,8 @@ def export_checkpoint(workdir: str, peer: str, config=None,
                  in zip(saved['table_names'], peer_layout(setup))]
   model = inference.load(setup, workdir, step)
   sd = peer_from_state(model.trainer, model.state, peer, names)
-  return Export(sd, peer_tables(model.trainer.setup, peer, names),
-                model.trainer.setup)
+  return Export(sd, peer_tables(model.trainer.spec, peer, names),
+                model.trainer.spec)
 
 
 # ----------------------------------------------------------------------------

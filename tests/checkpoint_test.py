@@ -82,7 +82,7 @@ class CheckpointTopologyTest(absltest.TestCase):
                       jax.tree.leaves(base_state.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4,
                                    atol=1e-5)
-      for t in trainers[8].setup.tables:
+      for t in trainers[8].spec.tables:
         for slot in (None, 'acc'):
           np.testing.assert_allclose(
               table_access.get_table(trainers[n].engine, state.emb, t.name,
@@ -94,7 +94,7 @@ class CheckpointTopologyTest(absltest.TestCase):
     # And back: the 1-device checkpoint onto 8 devices, exactly.
     _, state1, workdir1 = results[1]
     state8, _ = final_state(trainers[8], workdir1)
-    for t in trainers[8].setup.tables:
+    for t in trainers[8].spec.tables:
       for slot in (None, 'acc'):
         np.testing.assert_array_equal(
             table_access.get_table(trainers[8].engine, state8.emb, t.name,
@@ -120,7 +120,7 @@ class CheckpointTopologyTest(absltest.TestCase):
     state1, _ = final_state(t1, workdir)
     for leaf in jax.tree.leaves(state1.emb['stacks']):
       self.assertEqual(leaf.dtype, np.uint16)
-    for t in t8.setup.tables:
+    for t in t8.spec.tables:
       a = table_access.get_table(t8.engine, state8.emb, t.name)
       self.assertEqual(a.dtype, jax.numpy.bfloat16)
       np.testing.assert_array_equal(

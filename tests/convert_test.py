@@ -244,7 +244,7 @@ class ConvertTest(parameterized.TestCase):
       self.assertEqual((config.model.dcn.num_layers, config.model.dcn.rank),
                        dcn)
     trainer = trainer_lib.Trainer(config, mesh=reference.single_device_mesh())
-    self.assertEqual([t.name for t in trainer.setup.tables],
+    self.assertEqual([t.name for t in trainer.spec.tables],
                      ['cat_0', 'cat_2', 'cat_3'])
     state, names = convert.state_from_peer(sd, 'torchrec', trainer,
                                            table_features=mapping)
@@ -254,8 +254,8 @@ class ConvertTest(parameterized.TestCase):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
     assert_same(self, convert.peer_from_state(trainer, state, 'torchrec',
                                               names), sd)
-    tables = convert.peer_tables(trainer.setup, 'torchrec', names)
-    args = convert.torchrec_arguments(trainer.setup, tables)
+    tables = convert.peer_tables(trainer.spec, 'torchrec', names)
+    args = convert.torchrec_arguments(trainer.spec, tables)
     self.assertEqual(args['table_features'], SHARED_FLAG)
     self.assertEqual(args['model'], 'DLRM_DCN' if dcn else 'DLRM')
     self.assertEqual(
@@ -282,7 +282,7 @@ class ConvertTest(parameterized.TestCase):
         state.params, trainer.state_shardings().params)
     state = state.replace(params=params)
     back = convert.peer_from_state(trainer, state, 'torchrec')
-    tables = convert.peer_tables(trainer.setup, 'torchrec')
+    tables = convert.peer_tables(trainer.spec, 'torchrec')
     peer_tables = {t['name']: (t['num_embeddings'], t['feature_names'])
                    for t in tables}
     self.assertEqual(peer_tables, {'t_cat_0': (11, ['cat_0', 'cat_1']),
@@ -297,7 +297,7 @@ class ConvertTest(parameterized.TestCase):
                         tables=peer_tables)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
     # Read back with its mapping, the export is a whole TorchRec model.
-    flag = convert.torchrec_arguments(trainer.setup, tables)['table_features']
+    flag = convert.torchrec_arguments(trainer.spec, tables)['table_features']
     self.assertEqual(flag, 't_cat_0=cat_0,cat_1;t_cat_2=cat_2;t_cat_3=cat_3')
     pm = convert.read_peer(back, 'torchrec',
                            convert.parse_table_features(flag))

@@ -60,14 +60,14 @@ class FullSizeTest(absltest.TestCase):
     self.assertEqual(state.params['final']['dense_0']['kernel'].shape,
                      (cross_in, 1024))
     rows = sum(criteo_config.TERABYTE_NUM_BUCKETS)
-    self.assertEqual(max(t.num_rows for t in trainer.setup.tables),
+    self.assertEqual(max(t.num_rows for t in trainer.spec.tables),
                      40_000_000)
     tables = nbytes(state.emb['stacks'])
     # The engine's stack pads the rows a little (alignment).
     self.assertBetween(tables - rows * d * 4, 0, 64 * d * 4)
     self.assertEqual(nbytes(state.emb['slots']), tables)  # full Adagrad
     self.assertEqual(
-        [f.max_ids for f in trainer.setup.feature_specs],
+        [f.max_ids for f in trainer.spec.feature_specs],
         list(criteo_config.MLPERF_HOTNESS))
     self.assertEqual(config.batch_size, 65_536)
     self.assertEqual(config.eval_every_steps, 3200)

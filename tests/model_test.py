@@ -302,7 +302,7 @@ class TerabyteConfigTest(absltest.TestCase):
                          devices=jax.devices()[:1])
     trainer = trainer_lib.Trainer(config, mesh=mesh)
     self.assertEqual(
-        [t.num_rows for t in trainer.setup.tables],
+        [t.num_rows for t in trainer.spec.tables],
         list(criteo_config.TERABYTE_NUM_BUCKETS))
     abstract = trainer.abstract_state()
     shapes = jax.eval_shape(lambda: abstract)  # allocates nothing

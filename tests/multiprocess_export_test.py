@@ -54,7 +54,7 @@ class MultiProcessExportTest(parameterized.TestCase):
     self.assertEqual(out.returncode, 0, out.stderr[-3000:])
     model = inference.load(config, workdir)
     # Every table on disk is the logical table, rows from both processes.
-    for t in model.trainer.setup.tables:
+    for t in model.trainer.spec.tables:
       want = export_tables.quantize_rows(
           table_access.get_table(model.trainer.engine, model.state.emb, t.name),
           quantize)

@@ -22,9 +22,9 @@ class PeerRecipeTest(parameterized.TestCase):
                          axis_types=(jax.sharding.AxisType.Auto,) * 2,
                          devices=jax.devices()[:1])
     trainer = trainer_lib.Trainer(config, mesh=mesh)
-    self.assertEqual([t.num_rows for t in trainer.setup.tables],
+    self.assertEqual([t.num_rows for t in trainer.spec.tables],
                      list(criteo_config.TERABYTE_NUM_BUCKETS))
-    self.assertEqual({t.dim for t in trainer.setup.tables}, {128})
+    self.assertEqual({t.dim for t in trainer.spec.tables}, {128})
     abstract = trainer.abstract_state()
     shapes = jax.eval_shape(lambda: abstract)
     p = shapes.params

@@ -43,7 +43,7 @@ def train_alike(sharded, single, batches):
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4,
                                atol=1e-6)
-  for t in single.setup.tables:
+  for t in single.spec.tables:
     np.testing.assert_allclose(
         table_access.get_table(sharded.engine, a.emb, t.name),
         table_access.get_table(single.engine, b.emb, t.name),

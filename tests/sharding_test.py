@@ -236,7 +236,7 @@ def trainer_config(strategy):
 
 def host_batches(trainer, n, seed=0):
   rng = np.random.default_rng(seed)
-  rows = trainer.setup.table_rows
+  rows = trainer.spec.table_rows
   out = []
   for _ in range(n):
     b = trainer.spec.loop.batch_size

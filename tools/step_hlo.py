@@ -95,7 +95,7 @@ def step_ops(batch: int = 2048, config=None) -> list[str]:
   config = criteo.get_config() if config is None else config
   config.batch_size = config.eval_batch_size = batch
   trainer = trainer_lib.Trainer(config)
-  num_dense = trainer.setup.model.num_dense
+  num_dense = trainer.spec.model.num_dense
   ids_shape = (batch, trainer.engine.num_id_columns)
   host = {'ids': np.zeros(ids_shape, np.int32),
           'label': np.zeros(batch, np.float32)}

@@ -21,7 +21,6 @@ import grain
 import numpy as np
 
 from dlrm_jax import hashing
-from dlrm_jax.data import features as features_lib
 from dlrm_jax.data import multi_hot as multi_hot_lib
 
 

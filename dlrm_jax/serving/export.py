@@ -95,7 +95,7 @@ class ServingModel:
         `id_tables`, a request column that names no input column, or an
         unknown `quantize`.
     """
-    setup = trainer.setup
+    setup = trainer.spec
     self.trainer = trainer
     self.transform = setup.transform
     self.multi_hot = multi_hot
@@ -140,14 +140,14 @@ class ServingModel:
           t.name: export_tables.quantize_rows(
               table_access.get_table(engine, self._emb, t.name),
               self.quantize)
-          for t in self.trainer.setup.tables})
+          for t in self.trainer.spec.tables})
     return self._params
 
   def _abstract_params(self) -> dict[str, Any]:
     """`params` with ShapeDtypeStructs for the tables (nothing read)."""
     return dict(self._small, tables={
         t.name: export_tables.stored_structs(t, self.quantize)
-        for t in self.trainer.setup.tables})
+        for t in self.trainer.spec.tables})
 
   # --------------------------------------------------------------------------
   # The function.

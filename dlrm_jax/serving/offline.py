@@ -99,7 +99,7 @@ class TrainedModel:
       if meta.id_scheme == 'vocab':
         tables.update(preprocess.vocab_id_tables(
             preprocess.load_vocab_lookups(d.binary_dir),
-            self.trainer.setup.transform))
+            self.trainer.spec.transform))
     host = self.host or self.trainer.new_host_state()
     tables.update(host.export_id_tables())
     return tables

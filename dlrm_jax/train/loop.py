@@ -347,7 +347,7 @@ class _Run:
                  dict(trainer.mesh.shape), trainer.mesh.devices.size,
                  jax.process_count())
     logging.info('embedding plan:\n%s',
-                 plan_lib.describe(trainer.plan, trainer.setup.tables,
+                 plan_lib.describe(trainer.plan, trainer.spec.tables,
                                    trainer.mesh.shape['data']))
     data = inputs.make_data(spec, process_index=jax.process_index(),
                             process_count=jax.process_count())

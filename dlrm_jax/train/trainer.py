@@ -123,7 +123,6 @@ class Trainer:
   Attributes:
     spec: the run's RunSpec (built from the config by
       `config_lib.run_spec`).
-    setup: the same spec (its model, tables and feature transform).
     mesh: the device mesh.
     engine: the embedding engine.
     model: the Flax DLRM (dense and over arches).
@@ -139,7 +138,7 @@ class Trainer:
                plan: plan_lib.Plan | None = None):
     """`spec`: a RunSpec, or a config to build one from."""
     spec = config_lib.run_spec(spec)
-    self.spec = self.setup = spec
+    self.spec = spec
     self.mesh = mesh if mesh is not None else parallel.create_mesh(
         spec.mesh.data, spec.mesh.model)
     n_dev = self.mesh.devices.size
@@ -147,18 +146,18 @@ class Trainer:
     if plan is None:
       plan = make_plan(spec, spec.tables, self.mesh.shape['model'], n_dev,
                        spec.feature_specs)
-    self.engine = EmbeddingEngine(self.setup.tables, self.setup.feature_specs,
+    self.engine = EmbeddingEngine(self.spec.tables, self.spec.feature_specs,
                                   self.mesh, plan)
-    self.model = DLRM(self.setup.model, dtype=self.setup.compute_dtype)
+    self.model = DLRM(self.spec.model, dtype=self.spec.compute_dtype)
     # Rows given to new managed-collision values are reset by the step.
     self.resets_rows = any(getattr(f, 'managed_collision', None)
-                           for f in self.setup.transform.sparse)
+                           for f in self.spec.transform.sparse)
     # Host-side id state that eval/predict must be given (HostState).
     self.needs_host_state = self.resets_rows or spec.admission.min_count > 1
     self.tx = dense_optimizers.build_dense_optimizer(spec.dense_optimizer)
     self.has_bn = any(
         m is not None and m.use_bn
-        for m in (self.setup.model.dense_mlp, self.setup.model.final))
+        for m in (self.spec.model.dense_mlp, self.spec.model.final))
     self._replicated = NamedSharding(self.mesh, P())
     shardings = self.state_shardings()
     acc_sh = jax.tree.map(lambda _: self._replicated, _zero_acc())
@@ -191,7 +190,7 @@ class Trainer:
   # State.
 
   def _init_dense(self, key):
-    m = self.setup.model
+    m = self.spec.model
     dense = jnp.zeros((2, m.num_dense)) if m.num_dense else None
     sparse = jnp.zeros((2, m.num_sparse, m.embedding_dim))
     variables = self.model.init({'params': key, 'dropout': key}, dense, sparse,
@@ -257,8 +256,8 @@ class Trainer:
     abstract = self.abstract_state()
     if saved == self.plan:
       return ckpt.restore(step, abstract, self.signature())
-    old_stacks = plan_lib.build_layout(saved, self.setup.tables,
-                                       self.setup.feature_specs)
+    old_stacks = plan_lib.build_layout(saved, self.spec.tables,
+                                       self.spec.feature_specs)
     abstract = abstract.replace(emb=self.engine.abstract_state_of_layout(
         old_stacks, saved.num_shards))
     state, meta = ckpt.restore(step, abstract, self.signature())
@@ -274,9 +273,9 @@ class Trainer:
     the hyperparameters in `_UNSHAPED_FIELDS`, so a field added to a spec is
     checked on restore unless it is named there.
     """
-    model = _shape_fields(self.setup.model)
-    tables = {t.name: _shape_fields(t) for t in self.setup.tables}
-    for t in self.setup.tables:
+    model = _shape_fields(self.spec.model)
+    tables = {t.name: _shape_fields(t) for t in self.spec.tables}
+    for t in self.spec.tables:
       if t.dtype in rounding.LOW_PRECISION:
         # 16-bit tables are stored as uint16 bit patterns.
         tables[t.name]['storage'] = 'uint16'
@@ -292,7 +291,7 @@ class Trainer:
 
   def batch_shardings(self, with_label: bool = True) -> dict[str, Any]:
     sh = {'ids': parallel.batch_sharding(self.mesh, 2)}
-    if self.setup.model.num_dense:
+    if self.spec.model.num_dense:
       sh['dense'] = parallel.batch_sharding(self.mesh, 2)
     if with_label:
       sh['label'] = parallel.batch_sharding(self.mesh, 1)

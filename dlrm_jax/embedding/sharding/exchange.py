@@ -405,7 +405,7 @@ class OwnedExchange(SegmentExchange):
 
   def __init__(self, stack, segs, num_columns, comm):
     super().__init__(stack, segs, num_columns, comm)
-    self.plan = routing.owned_plan(stack, segs, self.num_shards, num_columns)
+    self.plan = routing.owned_routing(stack, segs, self.num_shards, num_columns)
 
   @classmethod
   def serves(cls, stack, seg, num_shards) -> bool:

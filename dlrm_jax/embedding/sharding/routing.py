@@ -172,7 +172,6 @@ def owned_routing(stack: plan_lib.Stack, segs: Sequence[int],
 
 
 # The name exchange.py still calls (its owner switches to owned_routing).
-owned_plan = owned_routing
 
 
 def holders(seg: plan_lib.FeatureRoute, num_shards: int) -> list[int]:
