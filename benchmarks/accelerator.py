@@ -227,7 +227,7 @@ def run_case(name: str) -> dict:
   """Times one `shape:dtype` train-step case in this process."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from dlrm_jax.train import trainer as train  # pylint: disable=g-import-not-at-top
+  from dlrm_jax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   shape, dtype = name.split(':')
   config = case_config(shape, dtype)
   mesh = jax.make_mesh((1, 1), ('data', 'model'),
@@ -289,7 +289,7 @@ def run_contention() -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from dlrm_jax.train import trainer as train  # pylint: disable=g-import-not-at-top
+  from dlrm_jax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   n = 3 if _SMOKE.value else 20
   result = {'jaxlib': _jaxlib_version(),
             'xla_flags': os.environ.get('XLA_FLAGS', '')}

@@ -158,7 +158,7 @@ def compile_step(strategy: str, s: int, batch_per_device: int) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from configs import criteo  # pylint: disable=g-import-not-at-top
   from dlrm_jax import parallel  # pylint: disable=g-import-not-at-top
-  from dlrm_jax.train import trainer as train  # pylint: disable=g-import-not-at-top
+  from dlrm_jax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
 
   config = criteo.get_config()
   config.batch_size = config.eval_batch_size = batch_per_device * s

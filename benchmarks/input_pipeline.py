@@ -116,7 +116,7 @@ def child(task: dict) -> dict:
   if kind == 'train_step':
     import jax  # pylint: disable=g-import-not-at-top
     from configs import criteo as criteo_config  # pylint: disable=g-import-not-at-top
-    from dlrm_jax.train import trainer as train  # pylint: disable=g-import-not-at-top
+    from dlrm_jax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
     config = criteo_config.get_config()
     config.batch_size = task['batch']
     config.eval_batch_size = task['batch']

@@ -55,7 +55,8 @@ def main(argv):
   from dlrm_jax.serving import runtime as export_runtime  # pylint: disable=g-import-not-at-top,g-multiple-import
   from dlrm_jax.serving import offline as inference  # pylint: disable=g-import-not-at-top,g-multiple-import
   from dlrm_jax.train import metrics  # pylint: disable=g-import-not-at-top,g-multiple-import
-  from dlrm_jax.train import trainer as train  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from dlrm_jax.train import loop as train_loop  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from dlrm_jax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top,g-multiple-import
   eval_file = _EVAL.value or _shared('kaggle_train_random_1000.tsv')
   with tempfile.TemporaryDirectory(prefix='dlrm_quant_bench_') as tmp:
     if _WORKDIR.value:

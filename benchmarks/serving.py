@@ -51,7 +51,7 @@ def fresh_export(out_dir: str, quantize: str | None) -> None:
   from configs import criteo  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from dlrm_jax.serving import export as serving  # pylint: disable=g-import-not-at-top,g-multiple-import
-  from dlrm_jax.train import trainer as train  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from dlrm_jax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top,g-multiple-import
   config = criteo.get_config()
   mesh = jax.make_mesh((1, 1), ('data', 'model'), devices=jax.devices()[:1],
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)

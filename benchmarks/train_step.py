@@ -85,7 +85,7 @@ def run_one(rows: int) -> dict:
   """Times the train step for one table size (in this process)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from dlrm_jax.train import trainer as train  # pylint: disable=g-import-not-at-top
+  from dlrm_jax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
 
   config = config_for(rows)
   t0 = time.time()

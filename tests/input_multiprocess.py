@@ -23,7 +23,7 @@ def main(port, pid, num, out, train_file, eval_file):
     jax.distributed.initialize(f'127.0.0.1:{port}', num, pid)
   from dlrm_jax.config import build as config_lib  # pylint: disable=g-import-not-at-top
   from dlrm_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from dlrm_jax.train import trainer as train  # pylint: disable=g-import-not-at-top
+  from dlrm_jax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   from dlrm_jax.data import inputs  # pylint: disable=g-import-not-at-top
   from dlrm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from tests import train_test  # pylint: disable=g-import-not-at-top

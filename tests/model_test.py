@@ -295,7 +295,7 @@ class ConfigErrorTest(parameterized.TestCase):
 class TerabyteConfigTest(absltest.TestCase):
 
   def test_builds_abstractly(self):
-    from dlrm_jax.train import trainer as train  # pylint: disable=g-import-not-at-top
+    from dlrm_jax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
     config = criteo_config.get_config('terabyte')
     mesh = jax.make_mesh((1, 1), ('data', 'model'),
                          axis_types=(jax.sharding.AxisType.Auto,) * 2,

@@ -153,7 +153,9 @@ class ServerTest(absltest.TestCase):
                             json={'rows': random_lines(5, seed=i)}) as r:
             return r.status
         tasks = [asyncio.create_task(one(i)) for i in range(8)]
-        await asyncio.sleep(0.02)
+        # The signal comes once the server has answered one (so on a loaded
+        # machine it has surely received some), the others still in flight.
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         self.proc.send_signal(signal.SIGTERM)
         return await asyncio.gather(*tasks, return_exceptions=True)
     statuses = asyncio.run(run())
