@@ -70,7 +70,7 @@ class EmbeddingEngine:
     exchanges: the `exchange.StackExchange` of each stack that features read.
 
   Raises:
-    ValueError: if the specs are invalid, the mesh axes are not
+    ValueError: if the specs or the plan are invalid, the mesh axes are not
       ('data', 'model'), or the plan is for another number of shards.
   """
 

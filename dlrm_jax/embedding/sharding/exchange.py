@@ -529,7 +529,7 @@ class RowWiseExchange(SegmentExchange):
                                   MODEL)
 
   def grads_here(self, ids, grads):
-    """All-gathers the model group's ids and gradients and keeps those held here.
+    """All-gathers the model group's ids and gradients, keeps those held here.
 
     Args:
       ids: `[B_l, T]` packed ids of this device's examples.
