@@ -41,9 +41,9 @@ def splitmix64(x, key, mask, xp=np):
   Args:
     x: a uint64 array.
     key: a uint64 scalar.
-    mask: a uint64 scalar; the bits of the hash to keep.
-    xp: numpy or jax.numpy (which needs 64-bit types enabled:
-      `jax.enable_x64`).
+    mask: a uint64 scalar. It selects the bits of the hash to keep.
+    xp: numpy or jax.numpy. jax.numpy needs 64-bit types enabled with
+      `jax.enable_x64`.
 
   Returns:
     The uint64 hashes, of the shape of `x`.

@@ -47,7 +47,18 @@ def _file_size(rows: int, chunk_rows: int) -> tuple[int, int]:
 
 def write_part(path: str, records: np.ndarray,
                chunk_rows: int = CHUNK_ROWS) -> None:
-  """Writes `[n, 40]` int32 records atomically (a temp file, then rename)."""
+  """Writes int32 records to a part file, atomically.
+
+  The file is written under a temporary name, then renamed.
+
+  Args:
+    path: the part file.
+    records: `[n, 40]` int32 records.
+    chunk_rows: the records per checksummed chunk.
+
+  Raises:
+    ValueError: if `records` is not `[n, 40]`.
+  """
   records = np.ascontiguousarray(records, dtype='<i4')
   if records.ndim != 2 or records.shape[1] != NUM_FIELDS:
     raise ValueError(f'records must be [n, {NUM_FIELDS}], got {records.shape}.')
@@ -69,7 +80,21 @@ def write_part(path: str, records: np.ndarray,
 
 
 class PartFile:
-  """A part file, memory-mapped; chunks are checked on first read."""
+  """A part file, memory-mapped. Chunks are checked on first read.
+
+  Args:
+    path: the part file.
+
+  Attributes:
+    path: the part file.
+    num_rows: its records.
+    chunk_rows: the records per checksummed chunk.
+    records: the `[num_rows, 40]` int32 records, memory-mapped.
+
+  Raises:
+    CorruptFileError: if the file cannot be read, or if its header, size or
+      footer is wrong.
+  """
 
   def __init__(self, path: str):
     self.path = path
@@ -105,6 +130,14 @@ class PartFile:
     self._checked = np.zeros(chunks, bool)
 
   def check_chunks(self, chunks: np.ndarray) -> None:
+    """Checks the CRC32 of chunks not checked yet.
+
+    Args:
+      chunks: chunk indices. Repeats are fine.
+
+    Raises:
+      CorruptFileError: if a chunk fails its checksum.
+    """
     for c in np.unique(chunks):
       if self._checked[c]:
         continue
@@ -117,17 +150,39 @@ class PartFile:
       self._checked[c] = True
 
   def read(self, local: np.ndarray) -> np.ndarray:
-    """Records at sorted or unsorted local row indices, checked."""
+    """Reads records, checking their chunks first.
+
+    Args:
+      local: row indices in this file, sorted or not.
+
+    Returns:
+      `[n, 40]` int32 records.
+
+    Raises:
+      CorruptFileError: if a chunk fails its checksum.
+    """
     self.check_chunks(local // self.chunk_rows)
     return self.records[local]
 
   def check_all(self) -> None:
+    """Checks every chunk. Raises CorruptFileError on a damaged one."""
     self.check_chunks(np.arange(len(self._checked)))
 
 
 @dataclasses.dataclass
 class Metadata:
-  """`metadata.json` of a preprocessed dataset."""
+  """`metadata.json` of a preprocessed dataset.
+
+  Attributes:
+    id_scheme: how the ids were mapped, 'modulo' or 'vocab'.
+    num_buckets: the table rows of each of the 26 id columns.
+    splits: split name -> its part files. Each is a dict with 'file', 'rows',
+      'source' and 'byte_range'.
+    threshold: the vocabulary's count threshold, None for 'modulo'.
+    bad_lines: the 'count' of skipped malformed lines and a few 'examples'.
+    sources: the 'train' and 'eval' text files.
+    version: the format version.
+  """
 
   id_scheme: str
   num_buckets: list[int]
@@ -139,6 +194,17 @@ class Metadata:
 
   @classmethod
   def load(cls, directory: str) -> 'Metadata':
+    """Reads a dataset's metadata.
+
+    Args:
+      directory: the preprocessed dataset.
+
+    Returns:
+      The metadata. Unknown keys are ignored.
+
+    Raises:
+      ValueError: if `metadata.json` is missing.
+    """
     path = os.path.join(directory, METADATA)
     if not os.path.isfile(path):
       raise ValueError(
@@ -150,6 +216,11 @@ class Metadata:
                   if k in {f.name for f in dataclasses.fields(cls)}})
 
   def save(self, directory: str) -> None:
+    """Writes `metadata.json` into a directory, atomically.
+
+    Args:
+      directory: the preprocessed dataset.
+    """
     path = os.path.join(directory, METADATA)
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
@@ -162,6 +233,26 @@ class BinarySource:
 
   `read(indices)` returns a raw batch with mapped ids:
   {'label': float32 [n], 'int': int64 [n, 13], 'ids': int32 [n, 26]}.
+
+  Args:
+    directory: the preprocessed dataset.
+    split: the split's name.
+    rows: an optional `(lo, hi)` range of the split's rows to serve.
+
+  Attributes:
+    directory: the preprocessed dataset.
+    metadata: its `Metadata`.
+    split: the split's name.
+    parts: the split's `PartFile`s.
+    offset: the first row served.
+    num_rows: the rows served.
+    description: a line naming the source, for logs.
+
+  Raises:
+    ValueError: if `metadata.json` is missing, the split is unknown, or
+      `rows` is outside the split.
+    CorruptFileError: if a part file is damaged or disagrees with the
+      metadata.
   """
 
   def __init__(self, directory: str, split: str, *,
@@ -194,6 +285,17 @@ class BinarySource:
     return self.num_rows
 
   def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Reads rows by index.
+
+    Args:
+      indices: row indices within the served range.
+
+    Returns:
+      A raw batch with 'label', 'int' and 'ids'.
+
+    Raises:
+      CorruptFileError: if a chunk fails its checksum.
+    """
     idx = np.asarray(indices, np.int64) + self.offset
     part = np.searchsorted(self._starts, idx, side='right') - 1
     out = np.empty((len(idx), NUM_FIELDS), np.int32)
@@ -205,9 +307,27 @@ class BinarySource:
             'ids': out[:, 14:]}
 
   def read_range(self, start: int, count: int) -> dict[str, np.ndarray]:
+    """Reads consecutive rows.
+
+    Args:
+      start: the first row, within the served range.
+      count: the number of rows.
+
+    Returns:
+      A raw batch, as `read` gives.
+    """
     return self.read(np.arange(start, start + count))
 
 
 def split_files(directory: str, split: str) -> Sequence[str]:
+  """Lists the part files of a split.
+
+  Args:
+    directory: the preprocessed dataset.
+    split: the split's name.
+
+  Returns:
+    The paths of its part files, in order.
+  """
   return [os.path.join(directory, p['file'])
           for p in Metadata.load(directory).splits[split]]

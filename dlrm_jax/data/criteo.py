@@ -73,7 +73,7 @@ _HEX_PAIR = _hex_pair_table()
 
 
 class MalformedLineError(ValueError):
-  """A malformed line of a Criteo file; the message is `path:line: reason`."""
+  """A malformed line of a Criteo file. The message is `path:line: reason`."""
 
 
 @dataclasses.dataclass
@@ -81,7 +81,7 @@ class BadLineReport:
   """Malformed lines dropped under `bad_lines='skip'`.
 
   Attributes:
-    count: lines dropped.
+    count: the lines dropped.
     examples: the first `max_examples` of them, as `'path:line: reason'`.
     max_examples: how many examples to keep.
   """
@@ -91,11 +91,19 @@ class BadLineReport:
   max_examples: int = 10
 
   def add(self, path: str, line: int, reason: str) -> None:
+    """Records one dropped line.
+
+    Args:
+      path: the file.
+      line: the line number.
+      reason: why the line is malformed.
+    """
     self.count += 1
     if len(self.examples) < self.max_examples:
       self.examples.append(f'{path}:{line}: {reason}')
 
   def summary(self) -> str:
+    """A one-line summary of the dropped lines, for logs."""
     if not self.count:
       return 'no malformed lines'
     plural = 's' if self.count > 1 else ''
@@ -108,14 +116,15 @@ _BRACE_RANGE = re.compile(r'\{(\d+)\.\.(\d+)\}')
 
 
 def brace_ranges(pattern: str) -> list[str]:
-  """A pattern with its numeric ranges `{m..n}` expanded, as bash does.
+  """Expands the numeric ranges `{m..n}` of a pattern, as bash does.
 
   Args:
-    pattern: e.g. `day_{0..22}`; zero-padded bounds (`{00..22}`) pad.
+    pattern: such as `day_{0..22}`. Zero-padded bounds such as `{00..22}`
+      pad.
 
   Returns:
-    The patterns in order (`day_0`, ..., `day_22`); one without a range is
-    returned alone.
+    The patterns in order, such as `day_0` to `day_22`. A pattern without a
+    range is returned alone.
   """
   m = _BRACE_RANGE.search(pattern)
   if m is None:
@@ -128,8 +137,9 @@ def brace_ranges(pattern: str) -> list[str]:
 
 
 def expand_paths(spec, *, field: str = 'data.train_path') -> list[str]:
-  """Files named by a path, a glob (`*`, `?`, `[...]`, and bash's numeric
-  ranges `{m..n}`), a comma-separated string, or a list.
+  """Lists the files named by paths and globs.
+
+  A glob may use `*`, `?`, `[...]` and bash's numeric ranges `{m..n}`.
 
   Args:
     spec: a path, a glob, a comma-separated string of paths and globs, or a
@@ -137,8 +147,8 @@ def expand_paths(spec, *, field: str = 'data.train_path') -> list[str]:
     field: the config field `spec` came from, for error messages.
 
   Returns:
-    The files in the order given, each glob's matches sorted, each file once
-    (at its first place).
+    The files in the order given, each glob's matches sorted. Each file
+    comes once, at its first place.
 
   Raises:
     ValueError: naming `field` and the pattern, when a path does not exist or
@@ -181,13 +191,27 @@ def expand_paths(spec, *, field: str = 'data.train_path') -> list[str]:
 
 
 def is_gzip(path: str) -> bool:
-  """Whether the file starts with the gzip magic bytes."""
+  """Tells whether a file starts with the gzip magic bytes.
+
+  Args:
+    path: the file.
+
+  Returns:
+    True for a gzip file.
+  """
   with open(path, 'rb') as f:
     return f.read(2) == _GZIP_MAGIC
 
 
 def open_file(path: str) -> pa.NativeFile:
-  """A byte stream of the file, gunzipped when it is gzip."""
+  """Opens a file as a byte stream.
+
+  Args:
+    path: the file, plain or gzip.
+
+  Returns:
+    A pyarrow stream of its bytes, gunzipped when it is gzip.
+  """
   return pa.input_stream(path, compression='gzip' if is_gzip(path) else None)
 
 
@@ -198,26 +222,31 @@ _Event = tuple[int, int, str]
 class _LineRecord:
   """Which file line each row of a stream came from, and the lines dropped.
 
-  The one record of line numbers while one file (or byte range) is read.
-  Lines are counted from 1 in the stream the parser reads; the lines the
-  record hands out are file lines (`line_offset`, the file's lines before
-  the stream's first, added). Its writers, in stream lines:
-    the guarded stream: the lines it passes on (`pass_on`) and those it cuts
-      for their length (`cut_long`);
-    pyarrow's invalid-row handler: the lines of a wrong field count it drops
-      (`drop`), kept as runs until placed (a file of the wrong layout is one
-      run); pyarrow parses a few blocks ahead, so they may lie past the rows
-      of the batch at hand;
+  The one record of line numbers while one file or byte range is read.
+  Lines are counted from 1 in the stream the parser reads. The lines the
+  record hands out are file lines: `line_offset`, the file's lines before
+  the stream's first, is added. Its writers, in stream lines:
+    the guarded stream: the lines it passes on, by `pass_on`, and those it
+      cuts for their length, by `cut_long`.
+    pyarrow's invalid-row handler: the lines of a wrong field count that it
+      drops, by `drop`. They are kept as runs until placed. A file of the
+      wrong layout is one run. pyarrow parses a few blocks ahead, so they
+      may lie past the rows of the batch at hand.
     the file reader: each batch of rows, placed in order after the dropped
-      lines before it (`line_of`, then `place`).
-  A cut line reaches pyarrow as the one-field line '?', so it comes back
+      lines before it, by `line_of` then `place`.
+  A cut line reaches pyarrow as the one-field line '?'. So it comes back
   among the dropped lines, where it gets its own reason.
   """
 
   def __init__(self, num_fields: int, line_offset: int = 0,
                counter: LineCounter | None = None):
-    """`num_fields`: the layout's field count; `counter`: also counts the
-    lines passed on."""
+    """Makes an empty record.
+
+    Args:
+      num_fields: the layout's field count.
+      line_offset: the file's lines before the stream's first.
+      counter: also counts the lines passed on, when given.
+    """
     self.num_fields = num_fields
     self.line_offset = line_offset
     self.counter = counter
@@ -257,9 +286,12 @@ class _LineRecord:
             before[np.searchsorted(after, rows, side='right')])
 
   def place(self, num_rows: int, last: int, since: int) -> list[_Event]:
-    """Places the next batch of `num_rows` rows, and the dropped lines that
-    come before its row `last`; returns those of them from file line `since`
-    on (the ones before it are passed over)."""
+    """Places the next batch of `num_rows` rows.
+
+    The dropped lines that come before its row `last` are placed too. Those
+    from file line `since` on are returned as events. The ones before it are
+    passed over.
+    """
     before, after = self._pending()
     n_runs = int(np.searchsorted(after, last, side='right'))
     runs = self._runs[:n_runs]
@@ -268,13 +300,16 @@ class _LineRecord:
     return self._events(runs, since)
 
   def rest(self) -> list[_Event]:
-    """The dropped lines not placed yet (those after the last row)."""
+    """The dropped lines not placed yet, those after the last row."""
     runs, self._runs = self._runs, []
     return self._events(runs, 0)
 
   def _pending(self) -> tuple[np.ndarray, np.ndarray]:
-    """(`[R + 1]` dropped lines before each pending run and in all, `[R]`
-    rows of the next batch before each run)."""
+    """Counts around the pending runs of dropped lines.
+
+    Returns `[R + 1]` dropped lines before each pending run and in all, and
+    `[R]` rows of the next batch before each run.
+    """
     # Row k of the next batch lies on stream line placed + k + 1 + (dropped
     # lines before it). All lines of run r come before row k exactly when
     # k >= after[r], with after[r] = (rows between line `placed` and run r).
@@ -283,8 +318,10 @@ class _LineRecord:
     return before, runs[:, 0] - self._placed - 1 - before[:-1]
 
   def _events(self, runs: list[list[int]], since: int) -> list[_Event]:
-    """Runs of dropped lines from file line `since` on, as events; the lines
-    cut for their length split out with their own reason."""
+    """Turns runs of dropped lines from file line `since` on into events.
+
+    The lines cut for their length are split out with their own reason.
+    """
     offset, events = self.line_offset, []
     for line, count, fields in runs:
       if line + offset < since:
@@ -304,23 +341,29 @@ class _LineRecord:
 class _GuardedStream(io.RawIOBase):
   """A file's text for pyarrow's CSV reader, guarded.
 
-  Bytes >= 0x80 (in no valid row: every valid field is ASCII) become '?', so
-  that pyarrow, which decodes a line of a wrong field count as UTF-8 before
-  the invalid-row handler sees it, never fails on one: the line stays
-  malformed, is reported at its line and can be skipped. A line longer than
-  `rows_lib.MAX_LINE_BYTES` (which pyarrow could only fail on, naming no
-  line, once it passes its block size) is passed on as the one-field line
-  '?', and recorded as cut. The lines passed on are recorded too, in the
-  reader's `_LineRecord`. A damaged gzip stream is named with the file and
-  the offset reached.
+  Bytes >= 0x80 become '?'. No valid row holds one, as every valid field is
+  ASCII. pyarrow decodes a line of a wrong field count as UTF-8 before the
+  invalid-row handler sees it. With the bytes replaced it never fails on
+  one. The line stays malformed, is reported at its line and can be skipped.
+  A line longer than `rows_lib.MAX_LINE_BYTES` is passed on as the one-field
+  line '?', and recorded as cut. pyarrow could only fail on it, naming no
+  line, once it passes its block size. The lines passed on are recorded
+  too, in the reader's `_LineRecord`. A damaged gzip stream is named with
+  the file and the offset reached.
   """
 
   _MARK = b'?'
 
   def __init__(self, path: str, stream: pa.NativeFile | None = None, *,
                lines: _LineRecord | None = None):
-    """`lines`: where the lines passed on and cut are recorded; None: the
-    bytes pass as they are (gzip errors still named), for counting lines."""
+    """Opens the guarded stream.
+
+    Args:
+      path: the file.
+      stream: the bytes to read, or None to open `path`.
+      lines: where the lines passed on and cut are recorded. None passes the
+        bytes as they are, for counting lines. gzip errors are still named.
+    """
     super().__init__()
     self._record = lines
     self._path = path
@@ -355,7 +398,7 @@ class _GuardedStream(io.RawIOBase):
     return data
 
   def _cut_long(self, complete: bytes) -> bytes:
-    """`complete` (whole lines) with lines over the limit replaced."""
+    """Replaces the lines over the limit in `complete`, which is whole lines."""
     limit = rows_lib.MAX_LINE_BYTES
     view = np.frombuffer(complete, np.uint8)
     ends = np.flatnonzero((view == 10) | (view == 13))
@@ -432,15 +475,15 @@ class _GuardedStream(io.RawIOBase):
 
 
 def count_rows(paths: Sequence[str | FileRange] | str | FileRange) -> int:
-  """Lines of files or file ranges, counted as the reader counts them.
+  """Counts the lines of files or file ranges, as the reader counts them.
 
-  No parsing: a scan for line ends (gzip files decompressed).
+  Nothing is parsed. It scans for line ends. gzip files are decompressed.
 
   Args:
     paths: a path or a `FileRange`, or a list of them.
 
   Returns:
-    The lines, each ended by `\n`, `\r\n` or a bare `\r`; a last line
+    The lines, each ended by `\n`, `\r\n` or a bare `\r`. A last line
     without an end counts.
 
   Raises:
@@ -465,23 +508,27 @@ def count_rows(paths: Sequence[str | FileRange] | str | FileRange) -> int:
 
 @dataclasses.dataclass
 class LineCounter:
-  """Lines handed to the parser (by `read_criteo(..., counter=)`)."""
+  """Counts the lines handed to the parser by `read_criteo(..., counter=)`.
+
+  Attributes:
+    lines: the lines so far.
+  """
 
   lines: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class FileRange:
-  """Bytes `[begin, end)` of a file, or a whole (plain or gzip) file.
+  """Bytes `[begin, end)` of a file, or a whole plain or gzip file.
 
-  A byte range must be of a plain file and start at a line start (see
-  `split_into_shares`). Messages about its lines name
+  A byte range must be of a plain file and start at a line start, as
+  `split_into_shares` cuts them. Messages about its lines name
   `'path[bytes begin..end]'` and count lines from the range's first one.
 
   Attributes:
     path: the file.
     begin: the first byte.
-    end: the byte after the last (None: the file's end).
+    end: the byte after the last. None means the file's end.
   """
 
   path: str
@@ -500,7 +547,11 @@ class FileRange:
         f'{self.path}[bytes {self.begin}..{self.end}]')
 
   def stream(self) -> '_RangeReader | None':
-    """The range's bytes (None for a whole file: the reader opens it)."""
+    """Opens a reader of the range's bytes.
+
+    Returns:
+      The reader, or None for a whole file, which the reader opens itself.
+    """
     if self.whole:
       return None
     return _RangeReader(self.path, self.begin, self.end)
@@ -527,17 +578,18 @@ class _RangeReader:
 def line_start(path: str, offset: int, size: int) -> int:
   """The first line start at or after byte `offset` of a plain file.
 
-  The one place where byte cuts are aligned to lines (the shares of
-  `split_into_shares`, the ranges of `dlrm_jax.data.preprocess`).
+  This is the one place where byte cuts are aligned to lines. The shares of
+  `split_into_shares` and the ranges of `dlrm_jax.data.preprocess` use it.
 
   Args:
-    path: a plain (not gzip) file.
-    offset: a byte offset; 0 or less is the file's start.
+    path: a plain file, not gzip.
+    offset: a byte offset. 0 or less is the file's start.
     size: the file's size in bytes.
 
   Returns:
-    The offset just after the first line end (`\n`, `\r\n` or a bare `\r`)
-    at or after byte `offset - 1`; `size` when there is none.
+    The offset just after the first line end at or after byte
+    `offset - 1`. A line ends in `\n`, `\r\n` or a bare `\r`. `size` when
+    there is none.
   """
   if offset <= 0:
     return 0
@@ -562,27 +614,28 @@ def split_into_shares(paths: Sequence[str], process_count: int, *,
                       ) -> list[list[FileRange]]:
   """Splits files over processes, one share of file ranges per process.
 
-  The files are laid end to end (plain files by their bytes, gzip files by
-  their compressed size), the fraction `span` of the whole is taken (e.g.
-  (0.9, 1.0): the last tenth, line-aligned like every cut) and cut into
-  `process_count` equal byte spans;
-  process p's rows are a contiguous run of the whole, so the shares of
-  processes 0, 1, ... concatenated are the files' rows in order. In a plain
-  file, a cut at byte c moves to the first line start at or after c (just
-  after the first line end at or after byte c - 1): a process reads the
-  lines whose first byte lies in its span, through the line that straddles
-  its end, and no line is read twice or missed. Finding a cut reads one line.
-  A gzip file (no random access) goes whole to the process whose span holds
-  its first byte: with fewer gzip files than processes, some processes get
-  none (`share_error` says so).
+  The files are laid end to end, plain files by their bytes and gzip files
+  by their compressed size. The fraction `span` of the whole is taken and
+  cut into `process_count` equal byte spans. `(0.9, 1.0)`, say, is the last
+  tenth, line-aligned like every cut. Process p's rows are a contiguous run
+  of the whole. So the shares of processes 0, 1, ... concatenated are the
+  files' rows in order.
+
+  In a plain file, a cut at byte c moves to the first line start at or
+  after c, just after the first line end at or after byte c - 1. A process
+  reads the lines whose first byte lies in its span, through the line that
+  straddles its end. No line is read twice or missed. Finding a cut reads
+  one line. A gzip file has no random access. It goes whole to the process
+  whose span holds its first byte. With fewer gzip files than processes,
+  some processes get none, and `share_error` says so.
 
   Args:
     paths: the files, plain or gzip.
     process_count: how many shares.
-    span: the fraction of the files' bytes to split, as (start, end).
+    span: the fraction of the files' bytes to split, as `(start, end)`.
 
   Returns:
-    Each process's `FileRange`s, in file order (a list may be empty).
+    Each process's `FileRange`s, in file order. A list may be empty.
   """
   sizes = [os.path.getsize(p) for p in paths]
   total = sum(sizes)
@@ -610,7 +663,7 @@ def split_into_shares(paths: Sequence[str], process_count: int, *,
 
 
 def share_error(shares: list[list[FileRange]], field: str) -> str | None:
-  """Why shares cannot be used: a process without data.
+  """Says why shares cannot be used: a process without data.
 
   Args:
     shares: what `split_into_shares` returned.
@@ -630,13 +683,25 @@ def share_error(shares: list[list[FileRange]], field: str) -> str | None:
 
 def count_valid_rows(paths: Sequence[str] | str, *, labeled: bool = True
                      ) -> int:
-  """Rows that `read_criteo(..., bad_lines='skip')` yields (a full parse)."""
+  """Counts the rows that `read_criteo(..., bad_lines='skip')` yields.
+
+  It takes a full parse.
+
+  Args:
+    paths: the files, or one file.
+    labeled: whether the files have a label field.
+
+  Returns:
+    The valid rows.
+  """
   return sum(len(c['int']) for c in read_criteo(
       paths, labeled=labeled, bad_lines='skip', report=BadLineReport()))
 
 
 def _buffers(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """A binary column -> (offsets `[n + 1]`, data bytes, lengths `[n]`).
+  """Splits a binary column into its buffers.
+
+  Returns the offsets `[n + 1]`, the data bytes and the lengths `[n]`.
 
   Empty fields are nulls of length 0.
   """
@@ -652,7 +717,7 @@ def _buffers(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _parse_label(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-  """Labels -> (float32 values, bad mask)."""
+  """Parses labels into float32 values and a bad mask."""
   offsets, data, lengths = _buffers(col)
   if len(col) and (lengths == 1).all():
     value = data[offsets[0]:offsets[-1]] - np.uint8(ord('0'))
@@ -666,10 +731,10 @@ def _parse_label(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _parse_int(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Decimal integers -> (int64 values, 0 if missing; bad mask; overflow mask).
+  """Parses decimal integers into int64 values, a bad mask and an overflow mask.
 
-  Valid: `-?[0-9]+` within int64 (Arrow's own cast also takes `0x1f`, so the
-  bytes are checked first).
+  Missing values are 0. Valid is `-?[0-9]+` within int64. Arrow's own cast
+  also takes `0x1f`, so the bytes are checked first.
   """
   n = len(col)
   offsets, data, lengths = _buffers(col)
@@ -694,7 +759,10 @@ def _parse_int(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _parse_hex(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-  """1..8 hex digits -> (int64 values in [0, 2^32), -1 if missing; bad mask)."""
+  """Parses 1..8 hex digits into int64 values in [0, 2^32) and a bad mask.
+
+  Missing values are -1.
+  """
   n = len(col)
   offsets, data, lengths = _buffers(col)
   present = lengths > 0
@@ -729,7 +797,7 @@ def _parse_hex(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _value(col: pa.Array, i: int) -> bytes:
-  """Field `i` of a column, for messages (`rows_lib.show` cuts it)."""
+  """Field `i` of a column, for messages. `rows_lib.show` cuts it."""
   raw = col[i].as_py()
   return b'' if raw is None else raw
 
@@ -755,7 +823,7 @@ class _Checks:
 
 def _convert(batch: pa.RecordBatch, labeled: bool
              ) -> tuple[dict[str, np.ndarray], _Checks]:
-  """Parses a batch of binary columns; returns all rows and their checks."""
+  """Parses a batch of binary columns. Returns all rows and their checks."""
   n = batch.num_rows
   cols = batch.columns
   checks = _Checks(n)
@@ -793,15 +861,15 @@ def _convert(batch: pa.RecordBatch, labeled: bool
 
 
 class _FileReader:
-  """Valid rows of one file in line order (`rows(limit)`).
+  """Valid rows of one file in line order, by `rows(limit)`.
 
-  The first `skip` valid rows (counted in `limit`) are passed over, and
-  `self.skip` is decremented as they are (what is left carries over to the
-  next file); malformed lines before the first row returned are neither
-  raised nor reported (a resumed or split read has met them already).
+  The first `skip` valid rows are passed over. They count in `limit`.
+  `self.skip` is decremented as they are, and what is left carries over to
+  the next file. Malformed lines before the first row returned are neither
+  raised nor reported, since a resumed or split read has met them already.
   Malformed lines from there to the last row returned are raised or
-  reported. With `stream`, the text comes from it (a byte range of `path`
-  whose first line is line `line_offset + 1` of the file).
+  reported. With `stream`, the text comes from it. It is a byte range of
+  `path` whose first line is line `line_offset + 1` of the file.
   """
 
   def __init__(self, path: str, labeled: bool, bad_lines: str,
@@ -818,7 +886,7 @@ class _FileReader:
     self.lines = _LineRecord(len(self.names), line_offset, counter)
 
   def rows(self, limit: int | None) -> Iterator[dict[str, np.ndarray]]:
-    """The valid rows, stopping after `limit` of them (None: all)."""
+    """Yields the valid rows, stopping after `limit` of them. None reads all."""
     reader = self._open(
         _GuardedStream(self.path, self.stream, lines=self.lines))
     if reader is None:
@@ -844,7 +912,7 @@ class _FileReader:
     self._emit(self.lines.rest())
 
   def _open(self, guard: _GuardedStream):
-    """pyarrow's streaming reader over the guarded stream (None: empty)."""
+    """pyarrow's streaming reader over the guarded stream, or None if empty."""
     names = self.names
     try:
       return pa_csv.open_csv(
@@ -871,9 +939,12 @@ class _FileReader:
 
   def _take(self, batch: pa.RecordBatch, limit: int | None, produced: int
             ) -> tuple[dict[str, np.ndarray], int, bool]:
-    """One batch: raises or reports its malformed lines (and the dropped
-    ones before its last row needed); returns (its rows to return, valid
-    rows used, whether `limit` is reached)."""
+    """Takes one batch.
+
+    Raises or reports its malformed lines, and the dropped ones before its
+    last row needed. Returns its rows to return, the valid rows used, and
+    whether `limit` is reached.
+    """
     n = batch.num_rows
     out, checks = _convert(batch, self.labeled)
     good = ~checks.bad
@@ -901,9 +972,11 @@ class _FileReader:
     return out, n_good, done
 
   def _skip_rows(self, good, last, n_good) -> tuple[int, int]:
-    """Passes over `self.skip` valid rows of `good[:last + 1]`; returns (the
-    first row returned, the file line before which malformed lines are
-    passed over)."""
+    """Passes over `self.skip` valid rows of `good[:last + 1]`.
+
+    Returns the first row returned, and the file line before which
+    malformed lines are passed over.
+    """
     first = 0  # The first row returned from this batch.
     quiet_before = 0  # Malformed lines before this one are passed over.
     if self.skip:
@@ -917,7 +990,7 @@ class _FileReader:
     return first, quiet_before
 
   def _emit(self, events: list[_Event]) -> None:
-    """Raises or reports the events (file lines)."""
+    """Raises or reports the events, in file lines."""
     events.sort()
     path, report = self.path, self.report
     if events and self.bad_lines == 'error':
@@ -944,25 +1017,26 @@ def read_criteo(
   """Streams the valid rows of Criteo text files, in file then line order.
 
   Args:
-    paths: the files, plain or gzip (see `expand_paths`), or `FileRange`s
-      (byte ranges of plain files, see `split_into_shares`).
-    labeled: the 40-field layout with a label; False: the 39-field layout of
-      Kaggle `test.txt`, without one.
-    bad_lines: 'error' raises MalformedLineError at the first malformed line;
+    paths: the files, plain or gzip, as from `expand_paths`. Or `FileRange`s,
+      byte ranges of plain files from `split_into_shares`.
+    labeled: True for the 40-field layout with a label. False for the
+      39-field layout of Kaggle `test.txt`, without one.
+    bad_lines: 'error' raises MalformedLineError at the first malformed line.
       'skip' drops malformed lines and records them in `report`.
-    report: where skipped lines are recorded (a new one if None).
-    chunk_rows: rows per chunk; only the last chunk is smaller. Chunks span
-      file boundaries.
-    skip_rows: valid rows to skip at the start of the stream (to resume, or
-      to read a held-out tail); malformed lines among them are passed over.
-    max_rows: stop after this many valid rows (None: read to the end). Lines
+    report: where skipped lines are recorded. None makes a new one.
+    chunk_rows: the rows per chunk. Only the last chunk is smaller. Chunks
+      span file boundaries.
+    skip_rows: the valid rows to skip at the start of the stream, to resume
+      or to read a held-out tail. Malformed lines among them are passed
+      over.
+    max_rows: stop after this many valid rows. None reads to the end. Lines
       after the last row returned are not checked.
     counter: if given, counts the lines handed to the parser.
 
   Yields:
-    Chunks {'label': float32 `[n]` (labeled only), 'int': int64 `[n, 13]`
-    (missing written as 0, negatives kept), 'cat': int64 `[n, 26]` (the hash
-    in [0, 2^32), missing written as -1)}.
+    Chunks with 'label', 'int' and 'cat'. 'label' is float32 `[n]`, labeled
+    only. 'int' is int64 `[n, 13]`, missing written as 0 and negatives kept.
+    'cat' is int64 `[n, 26]`, the hash in [0, 2^32), missing written as -1.
 
   Raises:
     MalformedLineError: `'path:line: reason'`, for a malformed line under
@@ -1007,9 +1081,18 @@ def _valid_rows(paths, labeled, bad_lines, report, skip, max_rows, counter
 
 def rechunk(pieces: Iterable[dict[str, np.ndarray]], size: int
             ) -> Iterator[dict[str, np.ndarray]]:
-  """Re-cuts a stream of column dicts (equal-length arrays) into chunks of
-  `size` rows, in order; only the last chunk may be shorter. Chunks span
-  piece boundaries; pieces are consumed lazily, as chunks are asked for."""
+  """Re-cuts a stream of column dicts into chunks of `size` rows, in order.
+
+  Only the last chunk may be shorter. Chunks span piece boundaries. Pieces
+  are consumed lazily, as chunks are asked for.
+
+  Args:
+    pieces: dicts of equal-length column arrays.
+    size: the rows per chunk.
+
+  Yields:
+    Column dicts of `size` rows, the last one possibly shorter.
+  """
   buf: list[dict[str, np.ndarray]] = []
   have = 0
   for piece in pieces:
@@ -1037,11 +1120,27 @@ def read_criteo_range(path: str, start: int, end: int, first_line: int, *,
                       labeled: bool = True, bad_lines: str = 'error',
                       report: BadLineReport | None = None
                       ) -> Iterator[dict[str, np.ndarray]]:
-  """Valid rows of bytes `[start, end)` of a plain (not gzip) file.
+  """Streams the valid rows of bytes `[start, end)` of a plain file.
 
-  The range must start at a line start; `first_line` is the 1-based line
-  number of its first line, so errors name the right line of the file. Holds
-  the range in memory: keep ranges to a few hundred MB.
+  The file must not be gzip. The range must start at a line start. The range
+  is held in memory, so keep ranges to a few hundred MB.
+
+  Args:
+    path: the file.
+    start: the first byte.
+    end: the byte after the last.
+    first_line: the 1-based line number of the range's first line. So errors
+      name the right line of the file.
+    labeled: whether the file has a label field.
+    bad_lines: 'error' or 'skip', as in `read_criteo`.
+    report: where skipped lines are recorded. None makes a new one.
+
+  Yields:
+    Chunks of rows, as `read_criteo` yields.
+
+  Raises:
+    MalformedLineError: for a malformed line under `bad_lines='error'`.
+    ValueError: if `bad_lines` is unknown.
   """
   if bad_lines not in BAD_LINE_POLICIES:
     raise ValueError(

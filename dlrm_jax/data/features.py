@@ -41,14 +41,14 @@ class RawFeature:
   """A numeric input column.
 
   Attributes:
-    name: feature name, used in feature groups.
-    input: input column (`int_<i>`).
+    name: the feature name, used in feature groups.
+    input: the input column, `int_<i>`.
     normalizer: one of NORMALIZERS, applied after negatives are set to 0.
-    boundaries: if set, the (clamped) value is bucketized into
-      `len(boundaries) + 1` ids with an embedding of its own, and the feature
-      belongs in the sparse group.
-    embedding_dim: embedding width when `boundaries` is set.
-    embedding_name: optional name of a table shared with other features.
+    boundaries: if set, the clamped value is bucketized into
+      `len(boundaries) + 1` ids with an embedding of its own. The feature
+      then belongs in the sparse group.
+    embedding_dim: the embedding width when `boundaries` is set.
+    embedding_name: the optional name of a table shared with other features.
   """
 
   name: str
@@ -60,19 +60,23 @@ class RawFeature:
 
   @property
   def is_sparse(self) -> bool:
+    """Whether the feature is bucketized, which makes it sparse."""
     return self.boundaries is not None
 
   @property
   def max_ids(self) -> int:
+    """The ids per example: always 1."""
     return 1
 
   @property
   def num_rows(self) -> int:
+    """The rows of its bucket table, `len(boundaries) + 1`."""
     assert self.boundaries is not None
     return len(self.boundaries) + 1
 
   @property
   def combiner(self) -> str:
+    """The pooling of its single id: 'sum'."""
     return 'sum'
 
 
@@ -81,20 +85,24 @@ class IdFeature:
   """A categorical input column looked up in an embedding table.
 
   Attributes:
-    name: feature name, used in feature groups.
-    input: input column (`cat_<i>`).
-    embedding_dim: embedding width.
-    num_buckets: table rows; a raw value v maps to `1 + v % (num_buckets-1)`
-      (row 0 is kept for missing values), so num_buckets caps the table as
-      `--max-ind-range` does in the reference DLRM.
-    hash_bucket_size: table rows; the value is hashed (a 32-bit mix) before
-      the modulo, which spreads structured ids. Exclusive with num_buckets.
-    embedding_name: optional name of a table shared with other features.
-    max_ids: most ids one example carries (1: single-hot).
-    combiner: pooling of a multi-hot bag: one of `dlrm_jax.embedding.specs.COMBINERS`.
-    managed_collision: eviction policy ('lru' or 'lfu') when the raw values
-      are mapped to the `num_buckets` rows by a managed-collision remapper
-      (each live value its own row) instead of by modulo; None otherwise.
+    name: the feature name, used in feature groups.
+    input: the input column, `cat_<i>`.
+    embedding_dim: the embedding width.
+    num_buckets: the table rows. A raw value v maps to
+      `1 + v % (num_buckets-1)`. Row 0 is kept for missing values. So
+      num_buckets caps the table as `--max-ind-range` does in the reference
+      DLRM.
+    hash_bucket_size: the table rows. The value is hashed with a 32-bit mix
+      before the modulo, which spreads structured ids. Exclusive with
+      num_buckets.
+    embedding_name: the optional name of a table shared with other features.
+    max_ids: the most ids one example carries. 1 means single-hot.
+    combiner: the pooling of a multi-hot bag, one of
+      `dlrm_jax.embedding.specs.COMBINERS`.
+    managed_collision: the eviction policy, 'lru' or 'lfu', when a
+      managed-collision remapper maps the raw values to the `num_buckets`
+      rows instead of the modulo. Each live value then has its own row. None
+      otherwise.
   """
 
   name: str
@@ -109,16 +117,29 @@ class IdFeature:
 
   @property
   def is_sparse(self) -> bool:
+    """Always True: an id feature is sparse."""
     return True
 
   @property
   def num_rows(self) -> int:
+    """The rows of its table, `num_buckets` or `hash_bucket_size`."""
     return int(self.num_buckets or self.hash_bucket_size)
 
 
 @dataclasses.dataclass(frozen=True)
 class SequenceIdFeature:
-  """A sequence of ids (user history); DLRM groups cannot take these."""
+  """A sequence of ids, such as a user history. DLRM groups cannot take these.
+
+  Attributes:
+    name: the feature name.
+    input: the input column.
+    embedding_dim: the embedding width.
+    num_buckets: the table rows, by modulo.
+    hash_bucket_size: the table rows, by hash.
+    embedding_name: the optional name of a shared table.
+    sequence_length: the ids per example.
+    is_sparse: always False. A sequence is in neither DLRM group.
+  """
 
   name: str
   input: str
@@ -134,11 +155,30 @@ Feature = RawFeature | IdFeature | SequenceIdFeature
 
 
 def table_name(feature: RawFeature | IdFeature) -> str:
-  """The embedding table a sparse feature reads."""
+  """Names the embedding table that a sparse feature reads.
+
+  Args:
+    feature: the sparse feature.
+
+  Returns:
+    Its `embedding_name`, or its own name when that is unset.
+  """
   return feature.embedding_name or feature.name
 
 
 def parse_input(column: str, *, path: str) -> tuple[str, int]:
+  """Parses an input column name, `int_<i>` or `cat_<i>`.
+
+  Args:
+    column: the column name.
+    path: the config path named in errors.
+
+  Returns:
+    `(kind, i)`, with kind 'int' or 'cat'.
+
+  Raises:
+    ValueError: if the name has another form.
+  """
   m = _INPUT_RE.match(column or '')
   if not m:
     raise ValueError(
@@ -148,7 +188,16 @@ def parse_input(column: str, *, path: str) -> tuple[str, int]:
 
 
 def normalize(x, normalizer: str, xp=np):
-  """Clamps negatives (and missing, written 0) to 0, then normalizes."""
+  """Clamps negatives to 0, then normalizes. Missing values are written 0.
+
+  Args:
+    x: the raw values.
+    normalizer: one of NORMALIZERS.
+    xp: numpy or jax.numpy.
+
+  Returns:
+    float32 values of the shape of `x`.
+  """
   x = xp.maximum(x.astype(xp.float32), 0.0)
   if normalizer == 'log(x+1)':
     return xp.log1p(x)
@@ -158,14 +207,17 @@ def normalize(x, normalizer: str, xp=np):
 
 
 def map_ids(values, feature: IdFeature, xp=np, missing=None):
-  """Raw categorical values to table rows, as int32.
+  """Maps raw categorical values to table rows.
 
   Args:
-    values: raw 32-bit hashes; as int64 with -1 for missing, or (when
-      `missing` is given) as uint32.
+    values: raw 32-bit hashes, as int64 with -1 for missing. When `missing`
+      is given they may be uint32.
     feature: the id feature.
     xp: numpy or jax.numpy.
-    missing: optional boolean mask of missing values.
+    missing: an optional boolean mask of missing values.
+
+  Returns:
+    int32 rows of the shape of `values`. Missing values get MISSING_ID.
   """
   if missing is None:
     missing = values < 0
@@ -181,30 +233,43 @@ def map_ids(values, feature: IdFeature, xp=np, missing=None):
 
 
 def bucketize(values, feature: RawFeature, xp=np):
-  """A bucketized numeric feature's rows (int32): negatives (and missing,
-  written 0) clamp to 0, then row i holds boundaries[i-1] <= x <
-  boundaries[i] (`searchsorted(..., side='right')`, TorchRec/TorchEasyRec's
-  bucketize)."""
+  """Maps a numeric feature's values to bucket rows.
+
+  Negatives clamp to 0, and missing values are written 0. Row i then holds
+  `boundaries[i-1] <= x < boundaries[i]`. That is
+  `searchsorted(..., side='right')`, the bucketize of TorchRec and
+  TorchEasyRec.
+
+  Args:
+    values: the raw values.
+    feature: the bucketized feature.
+    xp: numpy or jax.numpy.
+
+  Returns:
+    int32 rows of the shape of `values`.
+  """
   x = xp.maximum(values.astype(xp.float32), 0.0)
   return xp.searchsorted(xp.asarray(feature.boundaries, dtype=xp.float32), x,
                          side='right').astype(xp.int32)
 
 
 def lookup_sorted(values, keys, rows, unknown: int, missing, xp=np):
-  """Table rows (int32) of raw `values` by a sorted table `keys -> rows`:
-  missing values read MISSING_ID, values not in the table `unknown`.
+  """Maps raw values to table rows by a sorted table `keys -> rows`.
 
-  The mapping of vocabulary features (preprocessing, `preprocess.map_vocab`;
-  unknown: the out-of-vocabulary row) and of managed-collision remapper
-  tables in the export (unknown: row 0), on numpy or jax.numpy.
+  It maps vocabulary features in preprocessing, `preprocess.map_vocab`.
+  There `unknown` is the out-of-vocabulary row. It also maps the
+  managed-collision remapper tables in the export, with `unknown` row 0.
 
   Args:
-    values: raw values (uint32), `[B]`.
-    keys: the table's sorted raw values, `[K]` (same dtype as `values`).
-    rows: the row of each key, `[K]`.
+    values: `[B]` uint32 raw values.
+    keys: `[K]` sorted raw values of the table, of the dtype of `values`.
+    rows: `[K]` row of each key.
     unknown: the row of values not in the table.
-    missing: boolean mask of missing values, `[B]`.
+    missing: `[B]` boolean mask of missing values.
     xp: numpy or jax.numpy.
+
+  Returns:
+    `[B]` int32 rows. Missing values get MISSING_ID.
   """
   if keys.shape[0] == 0:
     return xp.where(missing, MISSING_ID, unknown).astype(xp.int32)
@@ -216,25 +281,34 @@ def lookup_sorted(values, keys, rows, unknown: int, missing, xp=np):
 
 @dataclasses.dataclass(frozen=True)
 class FeatureTransform:
-  """Turns raw batches into model batches (see the module docstring)."""
+  """Turns raw batches into model batches, as the module docstring describes.
+
+  Attributes:
+    dense: the features of the dense group, in column order.
+    sparse: the features of the sparse group, in packed id order.
+  """
 
   dense: tuple[RawFeature, ...]
   sparse: tuple[RawFeature | IdFeature, ...]
 
   @property
   def num_dense(self) -> int:
+    """F, the width of the dense group."""
     return len(self.dense)
 
   @property
   def id_widths(self) -> tuple[int, ...]:
+    """The packed id columns of each sparse feature, its `max_ids`."""
     return tuple(f.max_ids for f in self.sparse)
 
   @property
   def id_offsets(self) -> tuple[int, ...]:
+    """The first packed id column of each sparse feature."""
     return tuple(int(o) for o in np.cumsum((0,) + self.id_widths)[:-1])
 
   @property
   def num_id_columns(self) -> int:
+    """T, the packed id columns of all sparse features."""
     return int(sum(self.id_widths))
 
   @staticmethod
@@ -245,7 +319,20 @@ class FeatureTransform:
     return raw[kind][:, index]
 
   def apply(self, raw: Mapping[str, Any], xp=np) -> dict[str, Any]:
-    """Maps a raw batch to a model batch, with numpy (`xp=np`) or jax.numpy."""
+    """Maps a raw batch to a model batch.
+
+    Args:
+      raw: the raw batch.
+      xp: numpy or jax.numpy.
+
+    Returns:
+      The model batch, with 'label' when `raw` has one, 'dense' when there is
+      a dense group, and 'ids'. Managed-collision features add their raw
+      values under 'mc_raw' and leave -1 ids for the remapper to fill.
+
+    Raises:
+      ValueError: if a feature gets more ids per example than its max_ids.
+    """
     out = {}
     if 'label' in raw:
       out['label'] = raw['label'].astype(xp.float32)
@@ -260,8 +347,8 @@ class FeatureTransform:
       if isinstance(f, RawFeature):
         ids = bucketize(col, f, xp)
       elif f.managed_collision:
-        # Raw values go to the remapper, which fills the ids in (in order,
-        # outside the input threads: it keeps state).
+        # Raw values go to the remapper, which fills the ids in. It keeps
+        # state, so it runs in order, outside the input threads.
         values = col if col.ndim == 2 else col[:, None]
         out.setdefault('mc_raw', {})[f.name] = values.astype(xp.int64)
         ids = xp.full(values.shape, -1, xp.int32)
@@ -286,7 +373,16 @@ class FeatureTransform:
     return out
 
   def check_ids(self, ids: np.ndarray, num_rows: Sequence[int]) -> None:
-    """Rejects ids outside their table, naming the feature and the value."""
+    """Rejects ids outside their table.
+
+    Args:
+      ids: `[B, T]` packed ids.
+      num_rows: the table rows of each sparse feature.
+
+    Raises:
+      ValueError: naming the feature and the value, if an id is >= its
+        table's rows or below -1.
+    """
     for f, off, width, rows in zip(
         self.sparse, self.id_offsets, self.id_widths, num_rows):
       col = ids[:, off:off + width]

@@ -1,10 +1,10 @@
 """The input pipeline a config asks for: sources, batches, eval sets.
 
 `config.data.source`:
-  synthetic:  the built-in generator (rows by index; no shuffle needed);
-  criteo_tsv: Criteo text files, streamed in order (resumed by position);
-  binary:     a directory written by `python -m dlrm_jax.data.preprocess`;
-  tfds:       a prepared TFDS dataset (`criteo_kaggle`, `criteo_terabyte`);
+  synthetic:  the built-in generator. Rows by index, no shuffle needed.
+  criteo_tsv: Criteo text files, streamed in order, resumed by position.
+  binary:     a directory written by `python -m dlrm_jax.data.preprocess`.
+  tfds:       a prepared TFDS dataset, `criteo_kaggle` or `criteo_terabyte`.
   auto:       criteo_tsv when `data.train_path` is set, else synthetic.
 Random-access sources (all but criteo_tsv) go through the grain pipeline of
 `dlrm_jax.data.loader` with a global shuffle.
@@ -47,8 +47,21 @@ _READ_CHUNK = criteo.CHUNK_ROWS
 
 
 class RandomAccessRows:
-  """Adds in-order reading (`iter_rows`) to a random-access source, for the
-  eval loop; `rows` restricts it to a range."""
+  """Adds in-order reading, `iter_rows`, to a random-access source.
+
+  The eval loop reads this way.
+
+  Args:
+    source: the random-access source.
+    rows: an optional `(lo, hi)` range of its rows to serve.
+
+  Attributes:
+    source: the random-access source.
+    lo: the first row served.
+    hi: the end of the rows served.
+    num_rows: the rows served.
+    description: a line naming the rows, for logs.
+  """
 
   def __init__(self, source, rows: tuple[int, int] | None = None):
     self.source = source
@@ -58,9 +71,25 @@ class RandomAccessRows:
         f' rows {self.lo:,}..{self.hi:,}' if rows is not None else '')
 
   def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Reads rows by index.
+
+    Args:
+      indices: row indices within the served range.
+
+    Returns:
+      A raw batch of those rows.
+    """
     return self.source.read(np.asarray(indices, np.int64) + self.lo)
 
   def iter_rows(self, offset: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Reads the served rows in order, in chunks.
+
+    Args:
+      offset: the first row to read, within the served range.
+
+    Yields:
+      Raw batches of consecutive rows.
+    """
     for start in range(offset, self.num_rows, _READ_CHUNK):
       stop = min(start + _READ_CHUNK, self.num_rows)
       yield self.read(np.arange(start, stop, dtype=np.int64))
@@ -71,15 +100,15 @@ class DataSetup:
   """Train and eval data of a run.
 
   Attributes:
-    train: `pipeline.TrainBatches` (streamed text) or
-      `loader.GrainTrainData` (random access, grain).
+    train: a `pipeline.TrainBatches` for streamed text, or a
+      `loader.GrainTrainData` for random access through grain.
     eval: the eval batches, or None.
     description: what the data is, for the log.
-    teacher_auc: the generator's best achievable AUC.
-    bad_lines: malformed training lines skipped.
-    eval_bad_lines: malformed eval lines skipped.
-    train_lines: criteo_tsv over several processes: the training lines this
-      process handed to the parser (its share only).
+    teacher_auc: the generator's best achievable AUC, or None.
+    bad_lines: the malformed training lines skipped.
+    eval_bad_lines: the malformed eval lines skipped.
+    train_lines: the training lines this process handed to the parser, its
+      share only. Set for criteo_tsv over several processes.
     eval_lines: the same for its eval rows.
   """
 
@@ -94,7 +123,14 @@ class DataSetup:
 
 
 def make_batch_maker(spec) -> pipeline.ModelBatchMaker:
-  """Raw rows -> model batches of a run (`spec`: a RunSpec or a config)."""
+  """Builds the maker of a run's model batches from raw rows.
+
+  Args:
+    spec: a RunSpec, or a config to build one from.
+
+  Returns:
+    The `pipeline.ModelBatchMaker`.
+  """
   spec = config_lib.run_spec(spec)
   multi_hot = None
   if spec.data.multi_hot:
@@ -130,12 +166,22 @@ def check_sources(spec) -> None:
 
 def make_data(spec, *, process_index: int = 0, process_count: int = 1,
               gather=None) -> DataSetup:
-  """The train and eval data of a run (`spec`: a RunSpec, or a config to
-  build one from; see the module doc).
+  """Builds the train and eval data of a run, as the module docstring says.
 
-  `gather(values)`: the int `values` of every process, `[process_count,
-  len(values)]` (default: `gather_ints`, a collective); criteo_tsv over
-  several processes calls it once.
+  Args:
+    spec: a RunSpec, or a config to build one from.
+    process_index: this process.
+    process_count: the processes of the run.
+    gather: `gather(values)` gives the int `values` of every process, as
+      `[process_count, len(values)]`. The default is `gather_ints`, a
+      collective. criteo_tsv over several processes calls it once.
+
+  Returns:
+    The `DataSetup`.
+
+  Raises:
+    ValueError: if a file is missing, a dataset is damaged or incomplete, or
+      the batch does not divide over the processes.
   """
   spec = config_lib.run_spec(spec)
   d, kind = spec.data, spec.data.source
@@ -173,16 +219,20 @@ class _Sources:
   """What `make_data` builds for one source kind, before batching.
 
   Attributes:
-    train: the train rows (this process's share when `batches_per_epoch`).
+    train: the train rows. It is this process's share when
+      `batches_per_epoch` is set.
     eval: the eval rows or None.
     description: the log line about them.
-    eval_report: the eval reader's bad-line report (text sources) or None.
+    eval_report: the eval reader's bad-line report for text sources, or None.
     teacher_auc: the synthetic teacher's eval AUC, or None.
     cache_eval: whether the eval batches are cached after the first pass.
-    iid: rows are i.i.d. draws already (no shuffle).
-    batches_per_epoch: criteo_tsv over several processes: steps an epoch.
-    eval_counts: eval rows of every process (own sources), or None.
-    lines: (train, eval) line counters (criteo_tsv over processes) or None.
+    iid: whether rows are i.i.d. draws already, which need no shuffle.
+    batches_per_epoch: the steps an epoch, for criteo_tsv over several
+      processes.
+    eval_counts: the eval rows of every process with its own sources, or
+      None.
+    lines: the train and eval line counters for criteo_tsv over processes,
+      or None.
   """
 
   train: Any
@@ -198,8 +248,10 @@ class _Sources:
 
 
 def _train_data(spec, src: _Sources, make_batch, pi, pc):
-  """The train batches over `src.train`: text sources stream in order, the
-  others go through grain."""
+  """The train batches over `src.train`.
+
+  Text sources stream in order. The others go through grain.
+  """
   d, batch, seed = spec.data, spec.loop.batch_size, spec.loop.seed
   if d.source == 'criteo_tsv' and pc > 1:
     return pipeline.TrainBatches(
@@ -218,7 +270,7 @@ def _train_data(spec, src: _Sources, make_batch, pi, pc):
 
 
 def _tsv_shared_sources(spec, pi, pc, gather, report) -> _Sources:
-  """criteo_tsv over `pc` processes (see `_tsv_shares`)."""
+  """criteo_tsv over `pc` processes. See `_tsv_shares`."""
   d = spec.data
   eval_report = criteo.BadLineReport()
   train_src, eval_src, bpe, eval_counts, lines = _tsv_shares(
@@ -312,13 +364,29 @@ def _random_access_sources(d: spec_lib.DataSpec) -> _Sources:
 
 
 def split_rows(n: int, parts: int) -> list[tuple[int, int]]:
-  """`[0, n)` cut into `parts` contiguous runs, in order, sizes within 1."""
+  """Cuts `[0, n)` into contiguous runs, in order.
+
+  Args:
+    n: the rows.
+    parts: the number of runs.
+
+  Returns:
+    `(lo, hi)` of each run. Their sizes differ by at most 1.
+  """
   return [(p * n // parts, (p + 1) * n // parts) for p in range(parts)]
 
 
 def gather_ints(values) -> np.ndarray:
-  """Int `values` of every process, `[process_count, len(values)]`, by one
-  `process_allgather` (sent as 31-bit halves: int64 needs jax x64)."""
+  """Gathers int values from every process, by one `process_allgather`.
+
+  The values are sent as 31-bit halves, since int64 would need jax x64.
+
+  Args:
+    values: this process's ints.
+
+  Returns:
+    `[process_count, len(values)]` int64 values.
+  """
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   v = np.asarray(values, np.int64)
   halves = np.stack([v >> 31, v & ((1 << 31) - 1)]).astype(np.int32)
@@ -329,8 +397,9 @@ def gather_ints(values) -> np.ndarray:
 def _tsv_shares(spec, pi, pc, gather, kw, report, eval_report):
   """criteo_tsv over `pc` processes: this process's own sources.
 
-  Returns (train source, eval source or None, steps an epoch, eval rows of
-  every process, (train, eval) line counters). See the module doc.
+  Returns the train source, the eval source or None, the steps an epoch,
+  the eval rows of every process, and the train and eval line counters. See
+  the module doc.
   """
   d, batch = spec.data, spec.loop.batch_size
   if batch % pc:

@@ -1,15 +1,15 @@
-"""grain input pipeline over random-access sources (binary, TFDS, synthetic).
+"""grain input pipeline over random-access sources: binary, TFDS, synthetic.
 
-The grain dataset's elements are whole training batches: element k is global
-batch k (epoch k // batches_per_epoch). Its rows are positions
-`[j*B, (j+1)*B)` of the epoch's order, which is a seeded pseudo-random
-permutation of all rows (a global shuffle that stores nothing: a Feistel
-network over the row numbers, re-keyed every epoch). Each process reads only
-its own slice of each batch (the equivalent of `ShardByJaxProcess`: over an
-epoch the processes cover every row exactly once), with one vectorized read
-per batch, not one per record. grain prefetches batches in background threads
-and its iterator state (the next batch index) goes into the orbax checkpoint,
-so a resumed run sees exactly the batches an uninterrupted run would have.
+The grain dataset's elements are whole training batches. Element k is global
+batch k, of epoch `k // batches_per_epoch`. Its rows are positions
+`[j*B, (j+1)*B)` of the epoch's order. That order is a seeded pseudo-random
+permutation of all rows: a global shuffle that stores nothing, by a Feistel
+network over the row numbers, re-keyed every epoch. Each process reads only
+its own slice of each batch, as `ShardByJaxProcess` does. Over an epoch the
+processes cover every row exactly once. Each batch takes one vectorized read,
+not one per record. grain prefetches batches in background threads. Its
+iterator state, the next batch index, goes into the orbax checkpoint. So a
+resumed run sees exactly the batches an uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -25,13 +25,25 @@ from dlrm_jax.data import multi_hot as multi_hot_lib
 
 
 class RowSource(Protocol):
-  """Random access to the rows of a data set."""
+  """Random access to the rows of a data set.
+
+  Attributes:
+    num_rows: the rows of the data set.
+    description: a line naming the source, for logs and errors.
+  """
 
   num_rows: int
   description: str
 
   def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Raw rows at `indices` (see `dlrm_jax.data.features`), in that order."""
+    """Reads rows by index.
+
+    Args:
+      indices: the row indices.
+
+    Returns:
+      A raw batch of those rows, in that order. See `dlrm_jax.data.features`.
+    """
 
 
 class FeistelPermutation:
@@ -39,6 +51,22 @@ class FeistelPermutation:
 
   A 4-round balanced Feistel network on the smallest even number of bits
   covering n, with cycle walking to stay below n. Nothing of size n is stored.
+
+  Call it on an array of positions to get their images.
+
+  Args:
+    n: the size of the domain.
+    seed: the seed of the round keys.
+    rounds: the Feistel rounds.
+
+  Attributes:
+    n: the size of the domain.
+    half: the bits of each half.
+    mask: the mask of one half.
+    keys: the round keys.
+
+  Raises:
+    ValueError: if n <= 0.
   """
 
   def __init__(self, n: int, seed: int, rounds: int = 4):
@@ -67,8 +95,10 @@ class FeistelPermutation:
 
 
 class _Batches:
-  """grain random-access source whose element k is this process's rows of
-  global batch k."""
+  """grain random-access source of this process's slices of the batches.
+
+  Element k is this process's slice of global batch k.
+  """
 
   def __init__(self, source: RowSource, make_batch, batch_size: int,
                num_batches: int, seed: int, shuffle: bool, process_index: int,
@@ -111,8 +141,21 @@ class GrainTrainData:
 
   Attributes:
     source: the rows.
+    make_batch: maps a raw batch to a model batch.
     batch_size: the global batch size.
-    batches_per_epoch: full batches in an epoch (the rest is dropped).
+    num_batches: the batches of the dataset, over all epochs.
+    seed: the seed of the shuffle.
+    shuffle: whether to shuffle the rows of each epoch.
+    process_index: this process.
+    process_count: the processes of the run.
+    num_threads: grain's read threads.
+    prefetch: grain's prefetch buffer, in batches.
+    batches_per_epoch: the full batches in an epoch. The rest is dropped.
+    elements: the grain source of this process's batches.
+
+  Raises:
+    ValueError: if the batch does not divide over the processes, or if the
+      source has fewer rows than one batch.
   """
 
   source: RowSource
@@ -141,7 +184,11 @@ class GrainTrainData:
         self.seed, self.shuffle, self.process_index, self.process_count)
 
   def iterator(self) -> grain.DatasetIterator:
-    """A fresh grain iterator from batch 0 (restore its state to resume)."""
+    """Starts a grain iterator at batch 0. Restore its state to resume.
+
+    Returns:
+      The grain iterator.
+    """
     ds = grain.MapDataset.source(self.elements)
     read = grain.ReadOptions(num_threads=self.num_threads,
                              prefetch_buffer_size=self.prefetch)
@@ -162,18 +209,18 @@ DISTRIBUTIONS = ('uniform', 'pareto')
 class MultiHot:
   """Turns single-hot ids into bags, deterministically.
 
-  As in MLPerf's DLRM-DCNv2 benchmark, an id `i` of feature k becomes the bag
-  `[i, e_1(i), ..., e_{h-1}(i)]` of hotness h = hotness[k], where the extra
-  ids are fixed pseudo-random rows of the same table, uniform or Pareto
-  (a = 0.25) distributed. MLPerf keeps them in a table per feature seeded by
-  k; here they are a keyed hash of (k, i, j), so nothing is stored and every
-  process and run computes the same bags (`dlrm_jax.data.multi_hot`).
+  The scheme is MLPerf DLRM-DCNv2's. The formulas are in
+  `dlrm_jax.data.multi_hot`.
 
   Attributes:
-    hotness: bag size per sparse feature.
-    num_rows: table size per sparse feature.
-    distribution: 'uniform' or 'pareto'.
-    seed: key of the hash.
+    hotness: the bag size of each sparse feature.
+    num_rows: the table size of each sparse feature.
+    distribution: one of DISTRIBUTIONS.
+    seed: the key of the hash.
+
+  Raises:
+    ValueError: if hotness and num_rows differ in length, a hotness is below
+      1, or the distribution is unknown.
   """
 
   hotness: tuple[int, ...]
@@ -195,14 +242,13 @@ class MultiHot:
           f' one of {list(DISTRIBUTIONS)}.')
 
   def expand(self, ids: np.ndarray) -> np.ndarray:
-    """Expands single-hot ids into their bags (`multi_hot.bags`).
+    """Expands single-hot ids into their bags, by `multi_hot.bags`.
 
     Args:
-      ids: `[B, T]` packed ids whose bags hold one id (or -1), then -1
-        padding.
+      ids: `[B, T]` packed ids. Each bag holds one id or -1, then -1 padding.
 
     Returns:
-      `[B, T]` the bags, of the dtype of `ids`.
+      `[B, T]` bags, of the dtype of `ids`.
     """
     out = ids.copy()
     start = 0

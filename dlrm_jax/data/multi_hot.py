@@ -39,17 +39,17 @@ def _x64(xp):
 
 
 def bags(first, multi_hot, k: int, xp=jnp):
-  """The bags of feature k (hotness h) of its single-hot ids.
+  """Expands single-hot ids of feature k into bags of its hotness h.
 
   Args:
-    first: `[B]` integer table rows (the single-hot ids), -1 for none.
+    first: `[B]` integer table rows, the single-hot ids. -1 means none.
     multi_hot: the `loader.MultiHot` of the training data.
-    k: the feature's index among the sparse features (the packed order).
-    xp: jax.numpy (the export) or numpy (the input pipeline).
+    k: the feature's index among the sparse features, in packed order.
+    xp: jax.numpy for the export, or numpy for the input pipeline.
 
   Returns:
-    `[B, h]` int32 bags: the id, then its h - 1 extra ids (-1 where the id
-    is -1).
+    `[B, h]` int32 bags: the id, then its h - 1 extra ids. The extra ids are
+    -1 where the id is -1.
   """
   h, rows = multi_hot.hotness[k], multi_hot.num_rows[k]
   if h == 1:

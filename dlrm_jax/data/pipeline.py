@@ -3,13 +3,44 @@
 A *source* yields raw chunks (see `dlrm_jax.data.features`) from a row offset:
 `SyntheticSource` (the built-in generator) and `TsvSource` (Criteo text files,
 streamed). `TrainBatches` cuts a source into global batches of fixed size,
-epoch after epoch, optionally shuffling within fixed windows of rows; batch k
+epoch after epoch, optionally shuffling within fixed windows of rows. Batch k
 is a pure function of (source, seed, k), so a run resumed at step k sees the
 same batches as a run that never stopped. Each process keeps its own slice of
-every global batch, or (`lockstep`) reads a source of its own rows only.
-`EvalBatches` walks this process's eval rows once, padding the last batch.
-`TrainBatches.iterator()` is the training stream as an iterator whose state
-(the position) the checkpoint keeps (`TextBatchIterator`).
+every global batch, or, in `lockstep` mode, reads a source of its own rows
+only. `EvalBatches` walks this process's eval rows once, padding the last
+batch. `TrainBatches.iterator()` is the training stream as a
+`TextBatchIterator`, whose state, the position, the checkpoint keeps.
+
+`TrainBatches` order: batch k of epoch e takes rows `[j*B, (j+1)*B)`, with
+j = k mod batches per epoch, of the epoch's row order. With
+`shuffle_window > 0` the order permutes rows within consecutive windows of
+that many rows, seeded by (seed, epoch, window). In lockstep mode, several
+processes each read a source of their own rows, with `process_count=1` in
+`TrainBatches`. Every epoch is then exactly `batches_per_epoch` batches. Rows
+past them are dropped. A source that ends sooner, because lines were skipped
+as malformed, is read again from its start to fill the epoch. So all
+processes take the same steps.
+
+`EvalBatches` order: `source` holds this process's rows only, a contiguous
+run of the eval set. Process p's run comes just after process p-1's. So the
+runs concatenated in process order are the eval set in order. That is the
+order in which `Trainer.evaluate` combines predictions, whatever the mesh.
+`counts[p]` is at least the rows of process p, and every process knows it.
+Every process yields the same number of batches, `num_batches`, from the
+largest count. Batches past its own rows are all padding. With `cache`, the
+model batches of the first pass are kept in memory, about 160 bytes a row,
+and replayed. That is for an eval set cut from the end of the training
+files, which would otherwise be reached by parsing the training rows again
+at every evaluation.
+
+`TextBatchIterator` state: grain's orbax handler saves it as it saves a grain
+iterator, by `grain.checkpoint.CheckpointSave` and `CheckpointRestore`.
+`get_state()` is JSON bytes `{"kind": KIND, "position": k}`, one file per
+process. k is the schedule position after the last batch that
+`__next__` handed out, as in `TrainBatches.iterate`. Batches prepared ahead
+but not handed out are not counted. Restoring calls `set_state(bytes)` then
+`start_prefetch()`, and the iterator goes on with the batches an
+uninterrupted run would have drawn.
 """
 
 from __future__ import annotations
@@ -32,7 +63,18 @@ _SYNTHETIC_CHUNK = 16384
 
 
 class SyntheticSource:
-  """Rows of one split of the synthetic generator."""
+  """Rows of one split of the synthetic generator.
+
+  Args:
+    generator: the generator.
+    split: 'train' or 'eval'.
+
+  Attributes:
+    generator: the generator.
+    split: the split.
+    num_rows: the rows of the split.
+    description: a line naming the source, for logs.
+  """
 
   def __init__(self, generator: SyntheticCriteo, split: str):
     self.generator = generator
@@ -41,6 +83,14 @@ class SyntheticSource:
     self.description = f'synthetic {split} split ({self.num_rows:,} rows)'
 
   def iter_rows(self, offset: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Generates the split's rows in order, in chunks.
+
+    Args:
+      offset: the first row.
+
+    Yields:
+      Raw batches of consecutive rows.
+    """
     pos = offset
     while pos < self.num_rows:
       n = min(_SYNTHETIC_CHUNK, self.num_rows - pos)
@@ -48,7 +98,14 @@ class SyntheticSource:
       pos += n
 
   def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Rows at `indices` (fast for a contiguous range)."""
+    """Generates rows by index. A contiguous range is fast.
+
+    Args:
+      indices: the row indices.
+
+    Returns:
+      A raw batch with 'label', 'int' and 'cat'.
+    """
     idx = np.asarray(indices, np.int64)
     if len(idx) and np.array_equal(idx, np.arange(idx[0], idx[0] + len(idx))):
       rows = self.generator.rows(self.split, int(idx[0]), len(idx))
@@ -60,17 +117,30 @@ class SyntheticSource:
 
 
 class TsvSource:
-  """Valid rows `start .. stop` of Criteo text files (streamed).
+  """Valid rows `start .. stop` of Criteo text files, streamed.
 
   Args:
-    paths: the files, or `criteo.FileRange`s (a process's byte ranges).
+    paths: the files, or `criteo.FileRange`s for a process's byte ranges.
     start: the first valid row.
-    stop: the row after the last (None: counted, one pass over the files).
+    stop: the row after the last. None counts them, in one pass over the
+      files.
     labeled: whether the files have a label field.
     bad_lines: 'error' or 'skip', as `criteo.read_criteo` takes it.
-    chunk_rows: rows per chunk yielded.
-    report: where skipped lines are recorded (a new one if None).
+    chunk_rows: the rows per chunk yielded.
+    report: where skipped lines are recorded. None makes a new one.
     counter: a `criteo.LineCounter` of the lines handed to the parser.
+
+  Attributes:
+    paths: the files or byte ranges.
+    counter: the line counter, or None.
+    start: the first valid row.
+    stop: the row after the last.
+    num_rows: the rows served.
+    labeled: whether the files have a label field.
+    bad_lines: 'error' or 'skip'.
+    chunk_rows: the rows per chunk yielded.
+    report: where skipped lines are recorded.
+    description: a line naming the files and rows, for logs.
   """
 
   def __init__(self, paths: Sequence[str | criteo.FileRange], *,
@@ -97,6 +167,20 @@ class TsvSource:
     self.description = f'{names} (rows {start:,}..{stop:,})'
 
   def iter_rows(self, offset: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Reads the rows in order, from an offset.
+
+    Each malformed line is reported once, not again every epoch.
+
+    Args:
+      offset: the first row, counted from `start`.
+
+    Yields:
+      Raw chunks of consecutive rows.
+
+    Raises:
+      criteo.MalformedLineError: on a malformed line when `bad_lines` is
+        'error'.
+    """
     if offset >= self.num_rows:
       return
     # Each malformed line is reported once, not again every epoch.
@@ -120,8 +204,17 @@ def _take(chunk: dict[str, np.ndarray], idx) -> dict[str, np.ndarray]:
 
 def pad_rows(rows: dict[str, np.ndarray], size: int
              ) -> dict[str, np.ndarray]:
-  """A short last batch's columns padded to `size` rows with copies of its
-  first row (the padding is masked out by the caller's row count)."""
+  """Pads a short last batch to `size` rows with copies of its first row.
+
+  The caller's row count masks the padding out.
+
+  Args:
+    rows: the batch's columns.
+    size: the rows wanted.
+
+  Returns:
+    The columns with `size` rows, or `rows` itself when not short.
+  """
   n = len(next(iter(rows.values())))
   if n >= size:
     return rows
@@ -131,7 +224,17 @@ def pad_rows(rows: dict[str, np.ndarray], size: int
 
 @dataclasses.dataclass
 class ModelBatchMaker:
-  """Raw rows -> model batch (transform, multi-hot bags, host-side id check)."""
+  """Maps raw rows to a model batch.
+
+  It applies the transform and the multi-hot bags, then checks the ids on
+  the host. Call it on a raw batch.
+
+  Attributes:
+    transform: the feature transform.
+    table_rows: the table rows of each sparse feature. None skips the id
+      check.
+    multi_hot: the multi-hot bags, or None.
+  """
 
   transform: features_lib.FeatureTransform
   table_rows: Sequence[int] | None  # None: no id check
@@ -149,16 +252,36 @@ class ModelBatchMaker:
 class TrainBatches:
   """Global training batches, this process's slice of each, from step k on.
 
-  Batch k of epoch e takes rows `[j*B, (j+1)*B)` (j = k mod batches per epoch)
-  of the epoch's row order. With `shuffle_window > 0` the order permutes rows
-  within consecutive windows of that many rows, seeded by (seed, epoch, window).
+  The order and lockstep mode are in the module docstring.
 
-  With `batches_per_epoch` given (lockstep mode, for several processes that
-  each read a source of their own rows, `process_count=1` here), every epoch
-  is exactly that many batches: rows past them are dropped, and a source
-  that ends sooner (lines skipped as malformed) is read again from its
-  start to fill the epoch, so that all processes take the same steps.
-  `prefetch`: batches `iterator()` prepares ahead.
+  Args:
+    source: the rows, with `num_rows`, `description` and `iter_rows`.
+    make_batch: maps raw rows to a model batch.
+    batch_size: B, the global batch size.
+    seed: the seed of the shuffle.
+    shuffle_window: the rows of each shuffle window. 0 turns shuffling off.
+      It is rounded up to a multiple of the batch size.
+    process_index: this process.
+    process_count: the processes that share each batch.
+    batches_per_epoch: the batches of an epoch in lockstep mode. None counts
+      full batches of the source.
+    prefetch: the batches that `iterator()` prepares ahead.
+
+  Attributes:
+    source: the rows.
+    make_batch: maps raw rows to a model batch.
+    batch_size: B.
+    seed: the seed of the shuffle.
+    prefetch: the batches that `iterator()` prepares ahead.
+    window: the rows of each shuffle window, 0 when off.
+    process_index: this process.
+    process_count: the processes that share each batch.
+    lockstep: whether `batches_per_epoch` was given.
+    batches_per_epoch: the batches of an epoch.
+
+  Raises:
+    ValueError: if the batch does not divide over the processes, or if an
+      epoch would hold no batch.
   """
 
   def __init__(self, source, make_batch: ModelBatchMaker, batch_size: int, *,
@@ -218,12 +341,21 @@ class TrainBatches:
 
   def iterate(self, position: int = 0
               ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """Endless (position after it, model batch) pairs from `position` on.
+    """Yields model batches without end, from a schedule position on.
 
-    A position is an index into the batch schedule; it equals the train step
-    unless an epoch ended early (rows skipped as malformed). Saving the
-    position of the last batch used and resuming from it repeats the stream
-    exactly.
+    A position is an index into the batch schedule. It equals the train step
+    unless an epoch ended early, when rows were skipped as malformed. Saving
+    the position of the last batch used and resuming from it repeats the
+    stream exactly.
+
+    Args:
+      position: the schedule position to start at.
+
+    Yields:
+      `(position, batch)` pairs. `position` is the position after the batch.
+
+    Raises:
+      ValueError: if a whole epoch gives not one batch of valid rows.
     """
     per = self.batch_size // self.process_count
     lo, hi = self.process_index * per, (self.process_index + 1) * per
@@ -247,33 +379,52 @@ class TrainBatches:
             f'the training data ({self.source.description}) gave not one'
             f' batch of {self.batch_size} valid rows in epoch {epoch}'
             + (f' ({report.summary()})' if report is not None else '') + '.')
-      # Data that ends before the counted number of batches (rows skipped as
-      # malformed) also ends the epoch.
+      # Data that ends before the counted number of batches also ends the
+      # epoch. That happens when rows are skipped as malformed.
       step = max(step, (epoch + 1) * self.batches_per_epoch)
 
   def iterator(self, prefetch: int | None = None) -> 'TextBatchIterator':
-    """The batches from position 0, `prefetch` of them (None:
-    `self.prefetch`) prepared ahead in a thread, as a checkpointable
-    iterator (`set_state` to resume)."""
+    """Makes a checkpointable iterator of the batches from position 0.
+
+    Call its `set_state` to resume.
+
+    Args:
+      prefetch: the batches prepared ahead in a thread. None takes
+        `self.prefetch`.
+
+    Returns:
+      The `TextBatchIterator`.
+    """
     return TextBatchIterator(
         self, self.prefetch if prefetch is None else prefetch)
 
 
 class EvalBatches:
-  """One pass over this process's eval rows in order; the last batch padded.
+  """One pass over this process's eval rows in order, the last batch padded.
 
-  `source` holds this process's rows only: a contiguous run of the eval set,
-  process p's run just after process p-1's, so the runs concatenated in
-  process order are the eval set in order (the order `Trainer.evaluate`
-  combines predictions in, whatever the mesh). Each batch holds
-  `batch_size // process_count` of them. `counts[p]` is (at least) the rows
-  of process p, known to every process; every process yields the same
-  number of batches (`num_batches`, from the largest), batches past its own
-  rows being all padding. Yields (model batch, number of real rows in it).
-  With `cache`, the model batches of
-  the first pass are kept in memory (about 160 bytes a row) and replayed: for
-  an eval set cut from the end of the training files, which would otherwise
-  be reached by parsing the training rows again at every evaluation.
+  Iterating yields `(model batch, number of real rows in it)` pairs. The
+  order across processes and the cache are in the module docstring.
+
+  Args:
+    source: this process's eval rows, with `num_rows`, `description` and
+      `iter_rows`.
+    make_batch: maps raw rows to a model batch.
+    batch_size: the global eval batch size.
+    process_count: the processes of the run.
+    counts: at least the rows of each process. None takes `source.num_rows`.
+    cache: keep the first pass's batches in memory and replay them.
+
+  Attributes:
+    source: this process's eval rows.
+    make_batch: maps raw rows to a model batch.
+    batch_size: the global eval batch size.
+    process_count: the processes of the run.
+    per_process: the rows of each process in a batch.
+    num_batches: the batches every process yields.
+
+  Raises:
+    ValueError: if the batch does not divide over the processes, or if
+      `counts` does not have one count per process.
   """
 
   def __init__(self, source, make_batch: ModelBatchMaker, batch_size: int, *,
@@ -366,11 +517,18 @@ def _produce(iterator: Iterator[Any], q: queue.Queue,
 
 
 class Prefetcher:
-  """Runs `iterator` in a background (daemon) thread, `size` items ahead.
+  """Runs `iterator` in a background daemon thread, `size` items ahead.
 
-  `size <= 0`: no thread, each item is made when asked for. Exceptions in
-  the producer are re-raised in the consumer. `close()` stops the thread
-  (and waits for it); dropping the prefetcher stops it too.
+  Exceptions in the producer are re-raised in the consumer. `close()` stops
+  the thread and waits for it. Dropping the prefetcher stops it too.
+
+  Args:
+    iterator: the items.
+    size: the items made ahead. With `size <= 0` there is no thread, and
+      each item is made when asked for.
+
+  Attributes:
+    THREAD_NAME: the name of the producer thread.
   """
 
   THREAD_NAME = 'dlrm_jax prefetch'
@@ -402,7 +560,11 @@ class Prefetcher:
     return item
 
   def close(self, wait: bool = True) -> None:
-    """Stops the producer; `wait`: until its thread has ended."""
+    """Stops the producer.
+
+    Args:
+      wait: wait until its thread has ended.
+    """
     if self._thread is None:
       close = getattr(self._iterator, 'close', None)
       if close is not None:
@@ -419,18 +581,23 @@ class Prefetcher:
 
 
 class TextBatchIterator:
-  """`TrainBatches`' model batches as an iterator whose state a checkpoint
-  keeps, as grain's `DatasetIterator`'s.
+  """`TrainBatches`' model batches as an iterator with checkpointable state.
 
-  grain's orbax handler (`grain.checkpoint.CheckpointSave` /
-  `CheckpointRestore`) saves it as it saves a grain iterator: `get_state()`
-  is JSON bytes `{"kind": KIND, "position": k}`, one file per process, with
-  k the schedule position (see `TrainBatches.iterate`) after the last batch
-  that `__next__` handed out; batches prepared ahead but not handed out are
-  not counted. Restoring calls `set_state(bytes)` then `start_prefetch()`,
-  and the iterator goes on with the batches an uninterrupted run would have
-  drawn. `prefetch` batches are prepared ahead in a background thread
-  (`Prefetcher`), started by the first `__next__` or `start_prefetch()`.
+  A checkpoint keeps its state as it keeps grain's `DatasetIterator`'s. The
+  state is described in the module docstring. `prefetch` batches are
+  prepared ahead in a background `Prefetcher` thread. The first `__next__`
+  or `start_prefetch()` starts it.
+
+  Args:
+    batches: the training batches.
+    prefetch: the batches prepared ahead.
+    position: the schedule position to start at.
+
+  Attributes:
+    KIND: the 'kind' of the state.
+    batches: the training batches.
+    prefetch: the batches prepared ahead.
+    position: the schedule position after the last batch handed out.
   """
 
   KIND = 'text_stream'
@@ -451,23 +618,36 @@ class TextBatchIterator:
     return batch
 
   def start_prefetch(self) -> None:
-    """Starts preparing batches from `position` on (if not started)."""
+    """Starts preparing batches from `position` on, if not started."""
     if self._ahead is None:
       self._ahead = Prefetcher(self.batches.iterate(self.position),
                                self.prefetch)
 
   @classmethod
   def state_at(cls, position: int) -> bytes:
-    """The state of an iterator whose next batch is that after `position`."""
+    """Gives the state of an iterator whose next batch follows `position`.
+
+    Args:
+      position: the schedule position.
+
+    Returns:
+      The JSON state bytes.
+    """
     return json.dumps({'kind': cls.KIND, 'position': int(position)}).encode()
 
   def get_state(self) -> bytes:
+    """The JSON state bytes of the current position."""
     return self.state_at(self.position)
 
   def set_state(self, state: bytes) -> None:
-    """Goes to a `get_state()`'s position; batches prepared ahead for the
-    old position are dropped (the thread is stopped, and started again from
-    the new position by the next `__next__` or `start_prefetch()`).
+    """Goes to the position of a `get_state()`.
+
+    Batches prepared ahead for the old position are dropped. The thread is
+    stopped. The next `__next__` or `start_prefetch()` starts it again from
+    the new position.
+
+    Args:
+      state: the JSON state bytes.
 
     Raises:
       ValueError: if `state` is not a text stream's state.

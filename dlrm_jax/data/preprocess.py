@@ -55,23 +55,36 @@ OOV_ID = 1  # Values not in the vocabulary (0 is features.MISSING_ID).
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-  """A piece of an input file processed by one worker."""
+  """A piece of an input file processed by one worker.
+
+  Attributes:
+    split: 'train' or 'eval'.
+    path: the input file.
+    index: the position of the unit in its split.
+    start: the start of the byte range of a plain file. None means the whole
+      file.
+    end: the end of the byte range, or None.
+    first_line: the 1-based line number of the range's first line.
+    labeled: whether the file has a label field.
+  """
 
   split: str
   path: str
-  index: int            # position of the unit in its split
-  start: int | None     # byte range of a plain file; None: the whole file
+  index: int
+  start: int | None
   end: int | None
-  first_line: int       # 1-based line number of the range's first line
+  first_line: int
   labeled: bool
 
   @property
   def key(self) -> str:
+    """A name unique to the unit, for its files under `_work/`."""
     h = hashlib.sha1(f'{self.path}:{self.start}:{self.end}'.encode())
     return f'{self.split}-{self.index:05d}-{h.hexdigest()[:10]}'
 
   @property
   def bytes(self) -> int:
+    """The input bytes of the unit."""
     if self.start is None:
       return os.path.getsize(self.path)
     return self.end - self.start
@@ -79,6 +92,17 @@ class Unit:
 
 @dataclasses.dataclass(frozen=True)
 class Options:
+  """The settings every worker needs.
+
+  Attributes:
+    output_dir: where to write.
+    id_scheme: one of ID_SCHEMES.
+    num_buckets: the table size of each of the 26 columns, for 'modulo'.
+    vocab_threshold: the count a value needs for its own id, for 'vocab'.
+    vocab_max_rows: the cap on a vocabulary table's rows. 0 means none.
+    bad_lines: 'error' or 'skip'.
+  """
+
   output_dir: str
   id_scheme: str
   num_buckets: tuple[int, ...]
@@ -88,11 +112,11 @@ class Options:
 
 
 def _range_starts(path: str, range_bytes: int) -> list[int]:
-  """Byte offsets of line starts about `range_bytes` apart (0 first).
+  """Byte offsets of line starts about `range_bytes` apart, 0 first.
 
   A range that starts at byte s ends at the line start after byte
-  s + range_bytes (`criteo.line_start`: lines end in `\n`, `\r\n` or a bare
-  `\r`).
+  s + range_bytes, by `criteo.line_start`. Lines end in `\n`, `\r\n` or a
+  bare `\r`.
   """
   size = os.path.getsize(path)
   starts = [0]
@@ -110,16 +134,16 @@ def cut_into_units(split: str, paths: Sequence[str], range_bytes: int,
                    labeled: bool, pool) -> list[Unit]:
   """Cuts a split's files into the units the workers process.
 
-  A gzip file is one unit; a plain file is cut at line starts into byte
-  ranges of about `range_bytes`, whose lines are counted so that errors
+  A gzip file is one unit. A plain file is cut at line starts into byte
+  ranges of about `range_bytes`. Their lines are counted, so that errors
   name the lines of the file.
 
   Args:
-    split: the split the files are of ('train' or 'eval').
+    split: the split of the files, 'train' or 'eval'.
     paths: the files, plain or gzip.
     range_bytes: the size at which a plain file is cut.
     labeled: whether the files have a label field.
-    pool: an executor; its `map` counts the ranges' lines.
+    pool: an executor. Its `map` counts the ranges' lines.
 
   Returns:
     The units, in file then byte order.
@@ -166,7 +190,22 @@ def _work_dir(opts: Options, *parts: str) -> str:
 
 
 def count_unit(unit: Unit, opts: Options) -> dict:
-  """Vocab pass 1: counts of each categorical value in a unit."""
+  """Vocab pass 1: counts each categorical value in a unit.
+
+  The counts go to `_work/counts/<key>.npz`. A unit counted before is
+  skipped.
+
+  Args:
+    unit: the unit.
+    opts: the settings.
+
+  Returns:
+    A progress record with 'unit', 'skipped', 'bytes' and 'rows'.
+
+  Raises:
+    criteo.MalformedLineError: on a malformed line when `opts.bad_lines` is
+      'error'.
+  """
   out = os.path.join(_work_dir(opts, 'counts'), unit.key + '.npz')
   if os.path.exists(out):
     return {'unit': unit.key, 'skipped': True, 'bytes': unit.bytes, 'rows': 0}
@@ -190,7 +229,14 @@ def build_vocabularies(units: Sequence[Unit], opts: Options
                        ) -> list[tuple[np.ndarray, np.ndarray]]:
   """Merges the unit counts into one vocabulary per categorical column.
 
-  Returns, per column, (values sorted ascending, their ids), for lookups.
+  Each vocabulary is also saved to `vocab/cat_<i>.npz`.
+
+  Args:
+    units: the training units, counted by `count_unit`.
+    opts: the settings.
+
+  Returns:
+    Per column, the values sorted ascending and their ids, for lookups.
   """
   vocab_dir = os.path.join(opts.output_dir, 'vocab')
   os.makedirs(vocab_dir, exist_ok=True)
@@ -231,7 +277,16 @@ def _merge(values: np.ndarray, counts: np.ndarray):
 
 
 def map_vocab(cats: np.ndarray, lookups) -> np.ndarray:
-  """`[n, 26]` raw values (-1 missing) -> ids with the vocabularies."""
+  """Maps raw categorical values to ids with the vocabularies.
+
+  Args:
+    cats: `[n, 26]` raw values, -1 for missing.
+    lookups: per column, the sorted values and their ids.
+
+  Returns:
+    `[n, 26]` int32 ids. Missing values get 0, values not in the vocabulary
+    OOV_ID.
+  """
   ids = np.empty(cats.shape, np.int32)
   for j, (values, col_ids) in enumerate(lookups):
     col = cats[:, j]
@@ -241,6 +296,15 @@ def map_vocab(cats: np.ndarray, lookups) -> np.ndarray:
 
 
 def map_modulo(cats: np.ndarray, num_buckets: Sequence[int]) -> np.ndarray:
+  """Maps raw categorical values to ids by modulo, as the trainer does.
+
+  Args:
+    cats: `[n, 26]` raw values, -1 for missing.
+    num_buckets: the table size of each column.
+
+  Returns:
+    `[n, 26]` int32 ids.
+  """
   ids = np.empty(cats.shape, np.int32)
   for j, nb in enumerate(num_buckets):
     f = features_lib.IdFeature(f'cat_{j}', f'cat_{j}', 1, num_buckets=nb)
@@ -252,7 +316,21 @@ _VOCAB_LOOKUPS = None
 
 
 def write_unit(unit: Unit, opts: Options) -> dict:
-  """Pass 2: parse, map ids, write the unit's part file and its marker."""
+  """Pass 2: parses a unit, maps its ids, writes its part file and marker.
+
+  A unit with a marker and a part file is skipped.
+
+  Args:
+    unit: the unit.
+    opts: the settings.
+
+  Returns:
+    The unit's marker record, with 'skipped' and 'bytes' added.
+
+  Raises:
+    criteo.MalformedLineError: on a malformed line when `opts.bad_lines` is
+      'error'.
+  """
   marker = os.path.join(_work_dir(opts, 'done'), unit.key + '.json')
   part = os.path.join(unit.split, f'part-{unit.index:05d}.bin')
   if os.path.exists(marker):
@@ -296,17 +374,33 @@ def _vocab_lookups(opts: Options):
 
 def vocab_id_tables(lookups, transform: features_lib.FeatureTransform
                     ) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
-  """The vocabularies as the export's id tables (`serving.ServingModel`'s
-  `id_tables`: sorted values, their ids, the out-of-vocabulary id) of the
-  features that read a cat column; the same mapping as `map_vocab`."""
+  """Gives the vocabularies as the export's id tables.
+
+  These are `serving.ServingModel`'s `id_tables`. The mapping is that of
+  `map_vocab`.
+
+  Args:
+    lookups: per column, the sorted values and their ids.
+    transform: the feature transform.
+
+  Returns:
+    Per feature that reads a cat column, a triple of the sorted values,
+    their ids and OOV_ID.
+  """
   return {f.name: lookups[int(f.input[4:])] + (OOV_ID,)
           for f in transform.sparse if f.input.startswith('cat_')}
 
 
 def load_vocab_lookups(output_dir: str
                        ) -> list[tuple[np.ndarray, np.ndarray]]:
-  """The (sorted values, their ids) of each cat feature's vocabulary written
-  to `output_dir`, as `map_vocab` takes them."""
+  """Loads the vocabularies written to `output_dir`.
+
+  Args:
+    output_dir: the preprocessed dataset.
+
+  Returns:
+    Per column, the sorted values and their ids, as `map_vocab` takes them.
+  """
   lookups = []
   for j in range(criteo.NUM_CAT):
     with np.load(os.path.join(output_dir, 'vocab', f'cat_{j}.npz')) as z:
@@ -318,7 +412,7 @@ def load_vocab_lookups(output_dir: str
 
 
 class _Progress:
-  """A progress bar (tqdm) over input bytes, with rows/s and ETA."""
+  """A tqdm progress bar over input bytes, with rows/s and ETA."""
 
   def __init__(self, total_bytes: int, desc: str):
     import tqdm  # pylint: disable=g-import-not-at-top
@@ -345,7 +439,29 @@ def run(train: Sequence[str], output_dir: str, *,
         bad_lines: str = 'error', labeled_eval: bool = True,
         workers: int | None = None, range_bytes: int = 128 << 20,
         progress: bool = True) -> binary.Metadata:
-  """Preprocesses the files; returns the metadata it wrote."""
+  """Preprocesses the files.
+
+  Args:
+    train: the training files or globs.
+    output_dir: where to write.
+    eval_paths: the eval files or globs.
+    id_scheme: one of ID_SCHEMES.
+    num_buckets: the table size for 'modulo', one for all or 26.
+    vocab_threshold: the count a value needs for its own id, for 'vocab'.
+    vocab_max_rows: the cap on a vocabulary table's rows. 0 means none.
+    bad_lines: 'error' or 'skip'.
+    labeled_eval: whether the eval files have labels.
+    workers: the worker processes. None takes the CPU count.
+    range_bytes: the size at which plain files are cut.
+    progress: show progress bars.
+
+  Returns:
+    The metadata it wrote.
+
+  Raises:
+    ValueError: if a setting is invalid, a file is missing, or a line is
+      malformed when `bad_lines` is 'error'.
+  """
   if id_scheme not in ID_SCHEMES:
     raise ValueError(f'--id_scheme ({id_scheme!r}) must be one of'
                      f' {list(ID_SCHEMES)}.')
@@ -447,6 +563,14 @@ def define_flags() -> dict:
 
 
 def main(argv):
+  """Runs `run` from the command line's flags.
+
+  Args:
+    argv: the command line. It takes no positional arguments.
+
+  Raises:
+    app.UsageError: on positional arguments.
+  """
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)

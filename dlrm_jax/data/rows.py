@@ -45,8 +45,16 @@ _INT64_DIGITS = 19  # Nonzero-led decimal strings longer than this overflow.
 
 
 def show(value: bytes | str | None) -> str:
-  """A field for an error message: its repr, cut after MAX_SHOWN characters
-  (a 5 MiB field is not echoed)."""
+  """Shows a field in an error message.
+
+  The repr is cut after MAX_SHOWN characters, so a 5 MiB field is not echoed.
+
+  Args:
+    value: the field. None shows as empty.
+
+  Returns:
+    Its repr, cut and followed by its length when long.
+  """
   if value is None:
     value = b''
   if isinstance(value, bytes):
@@ -60,24 +68,61 @@ def show(value: bytes | str | None) -> str:
 
 
 def field_count_reason(expected: int, got: int) -> str:
+  """The reason for a row with the wrong number of fields.
+
+  Args:
+    expected: the fields of the layout.
+    got: the fields of the row.
+
+  Returns:
+    The reason text.
+  """
   return f'expected {expected} fields, got {got}'
 
 
 def label_reason(value) -> str:
+  """The reason for a label other than 0 or 1.
+
+  Args:
+    value: the label field.
+
+  Returns:
+    The reason text.
+  """
   return f'label must be 0 or 1, got {show(value)}'
 
 
 def int_reason(name: str, value, overflow: bool) -> str:
+  """The reason for a bad integer field.
+
+  Args:
+    name: the field's name, such as 'I3'.
+    value: the field.
+    overflow: True when the field is an integer outside int64.
+
+  Returns:
+    The reason text.
+  """
   if overflow:
     return f'{name} does not fit in int64: {show(value)}'
   return f'{name} is not an integer: {show(value)}'
 
 
 def hex_reason(name: str, value) -> str:
+  """The reason for a bad categorical field.
+
+  Args:
+    name: the field's name, such as 'C7'.
+    value: the field.
+
+  Returns:
+    The reason text.
+  """
   return f'{name} is not 1 to 8 hex digits: {show(value)}'
 
 
 def long_line_reason() -> str:
+  """The reason for a line longer than MAX_LINE_BYTES."""
   return f'line longer than {MAX_LINE_BYTES} bytes'
 
 
@@ -87,8 +132,17 @@ NO_VALUES = 'empty line, or every field empty'
 
 
 def int64_value(digits: bytes) -> int | None:
-  """The value of a `-?[0-9]+` string, None outside int64 (any length:
-  leading zeros do not count, so no huge int is ever built)."""
+  """Reads a `-?[0-9]+` string as an int64.
+
+  Any length is taken. Leading zeros do not count, so no huge int is ever
+  built.
+
+  Args:
+    digits: the string.
+
+  Returns:
+    Its value, or None outside int64.
+  """
   body = digits[1:] if digits[:1] == b'-' else digits
   body = body.lstrip(b'0')
   if len(body) > _INT64_DIGITS:
@@ -100,12 +154,30 @@ def int64_value(digits: bytes) -> int | None:
 
 
 def int64_overflows(digits: bytes) -> bool:
-  """Whether a `-?[0-9]+` string lies outside int64."""
+  """Tells whether a `-?[0-9]+` string lies outside int64.
+
+  Args:
+    digits: the string.
+
+  Returns:
+    True when it overflows int64.
+  """
   return int64_value(digits) is None
 
 
 def parse_int(name: str, field: bytes) -> int:
-  """One integer field -> its value (0 if empty); ValueError(reason)."""
+  """Parses one integer field.
+
+  Args:
+    name: the field's name, for the reason.
+    field: the field's bytes.
+
+  Returns:
+    Its value. An empty field gives 0.
+
+  Raises:
+    ValueError: with the reason, if the field is not an int64 integer.
+  """
   if not field:
     return 0
   if _INT_RE.fullmatch(field) is None:
@@ -117,7 +189,18 @@ def parse_int(name: str, field: bytes) -> int:
 
 
 def parse_hex(name: str, field: bytes) -> int:
-  """One categorical field -> its hash in [0, 2^32), -1 if empty."""
+  """Parses one categorical field.
+
+  Args:
+    name: the field's name, for the reason.
+    field: the field's bytes.
+
+  Returns:
+    Its hash in [0, 2^32). An empty field gives -1.
+
+  Raises:
+    ValueError: with the reason, if the field is not 1 to 8 hex digits.
+  """
   if not field:
     return -1
   if _HEX_RE.fullmatch(field) is None:
@@ -126,14 +209,28 @@ def parse_hex(name: str, field: bytes) -> int:
 
 
 def to_bytes(line: bytes | str) -> bytes:
-  """Text -> the bytes it came from (surrogate-escaped bytes restored)."""
+  """Turns text back into the bytes it came from.
+
+  Args:
+    line: bytes or text. Surrogate-escaped bytes are restored.
+
+  Returns:
+    The bytes.
+  """
   if isinstance(line, str):
     return line.encode('utf-8', 'surrogateescape')
   return bytes(line)
 
 
 def strip_terminator(line: bytes) -> bytes:
-  """Removes one line end (`\\r\\n`, `\\n` or `\\r`)."""
+  """Removes one line end: `\\r\\n`, `\\n` or `\\r`.
+
+  Args:
+    line: the line.
+
+  Returns:
+    The line without its end.
+  """
   if line.endswith(b'\r\n'):
     return line[:-2]
   if line.endswith((b'\n', b'\r')):
@@ -143,14 +240,22 @@ def strip_terminator(line: bytes) -> bytes:
 
 def parse_line(line: bytes | str, labeled: bool
                ) -> tuple[int | None, list[int], list[int]]:
-  """One row -> (label or None, 13 ints, 26 hashes with -1 for missing).
+  """Parses one row.
 
-  A line end at the end is allowed; one inside is not (it would be two lines
-  in a file).
+  A line end at the end is allowed. One inside is not, as it would be two
+  lines in a file.
+
+  Args:
+    line: the row, as bytes or text.
+    labeled: whether the row starts with a label.
+
+  Returns:
+    `(label, ints, cats)`. `label` is None when not labeled. `ints` holds
+    the 13 integers. `cats` holds the 26 hashes, -1 for missing.
 
   Raises:
-    ValueError: the reason, naming the field and showing its value (the
-      caller adds the row or line).
+    ValueError: with the reason, naming the field and showing its value.
+      The caller adds the row or line.
   """
   line = strip_terminator(to_bytes(line))
   if not line:
@@ -177,14 +282,30 @@ def parse_line(line: bytes | str, labeled: bool
 
 
 def layout_of(line: bytes | str) -> bool | None:
-  """True for a 40-field (labeled) line, False for 39, None otherwise."""
+  """Tells a line's layout from its field count.
+
+  Args:
+    line: the line, as bytes or text.
+
+  Returns:
+    True for 40 fields, which is labeled. False for 39. None otherwise.
+  """
   n = strip_terminator(to_bytes(line)).count(b'\t') + 1
   return {NUM_LABELED_FIELDS: True, NUM_FEATURE_FIELDS: False}.get(n)
 
 
 def split_lines(data: bytes) -> list[bytes]:
-  """Bytes -> lines, ending at `\\r\\n`, `\\n` or a bare `\\r` (pyarrow's
-  rule); a last line without an end counts, an end at the end starts none."""
+  """Splits bytes into lines, as pyarrow does.
+
+  A line ends at `\\r\\n`, `\\n` or a bare `\\r`. A last line without an
+  end counts. An end at the end starts no new line.
+
+  Args:
+    data: the bytes.
+
+  Returns:
+    The lines, without their ends.
+  """
   lines = re.split(rb'\r\n|\r|\n', data)
   if lines and lines[-1] == b'':
     lines.pop()
@@ -192,7 +313,14 @@ def split_lines(data: bytes) -> list[bytes]:
 
 
 def iter_lines(stream: BinaryIO) -> Iterator[bytes]:
-  """`split_lines` of a binary stream, one line at a time (stdin)."""
+  """Splits a binary stream such as stdin into lines, as `split_lines` does.
+
+  Args:
+    stream: the binary stream.
+
+  Yields:
+    The lines, one at a time, without their ends.
+  """
   # A binary stream splits at '\n' only, so a '\r\n' never straddles two
   # of its lines.
   for raw in stream:

@@ -41,13 +41,18 @@ class SyntheticSpec:
   """Parameters of the generator.
 
   Attributes:
-    seed: seed of the teacher and of the rows.
-    num_train: rows in the train split.
-    num_eval: rows in the eval split.
-    vocab_sizes: distinct values of each of the 26 categorical columns.
-    zipf_exponent: value k of a column has frequency proportional to k^-s.
-    logit_scale: standard deviation of the teacher's logit; larger is easier.
+    seed: the seed of the teacher and of the rows.
+    num_train: the rows of the train split.
+    num_eval: the rows of the eval split.
+    vocab_sizes: the distinct values of each of the 26 categorical columns.
+    zipf_exponent: s. Value k of a column has frequency proportional to k^-s.
+    logit_scale: the standard deviation of the teacher's logit. Larger is
+      easier.
     ctr: the target click rate.
+
+  Raises:
+    ValueError: if vocab_sizes does not have 26 values, or if a size or
+      split is not positive.
   """
 
   seed: int = 0
@@ -74,7 +79,7 @@ class SyntheticSpec:
 
 
 def _hash(values: np.ndarray, salt: int) -> np.ndarray:
-  """uint32 hash of uint32 values and a salt (two rounds of murmur's mix)."""
+  """uint32 hash of uint32 values and a salt, by two rounds of murmur's mix."""
   with np.errstate(over='ignore'):
     z = values.astype(np.uint32) ^ np.uint32((salt * 0x9E3779B9) & 0xFFFFFFFF)
     z = hashing.mix32(z)
@@ -88,7 +93,14 @@ def _unit(h: np.ndarray) -> np.ndarray:
 
 
 class SyntheticCriteo:
-  """The generator (see the module docstring)."""
+  """The generator, as the module docstring describes.
+
+  Args:
+    spec: the generator's parameters.
+
+  Attributes:
+    spec: the generator's parameters.
+  """
 
   def __init__(self, spec: SyntheticSpec):
     self.spec = spec
@@ -133,6 +145,14 @@ class SyntheticCriteo:
     return (lo + hi) / 2
 
   def num_rows(self, split: str) -> int:
+    """Gives the rows of a split.
+
+    Args:
+      split: 'train' or 'eval'.
+
+    Returns:
+      The split's rows.
+    """
     return self.spec.num_train if split == 'train' else self.spec.num_eval
 
   def _block_raw(self, split_id: int, block: int, n: int, rng_tag: int = 0):
@@ -173,6 +193,14 @@ class SyntheticCriteo:
     return z
 
   def teacher_logit(self, raw) -> np.ndarray:
+    """Computes the teacher's logit of generated rows.
+
+    Args:
+      raw: generated rows, with 'int' and the private '_rank'.
+
+    Returns:
+      `[n]` float64 logits.
+    """
     z = (self._raw_logit(raw) - self._shift) / self._scale
     return z * self.spec.logit_scale + self._bias
 
@@ -190,7 +218,17 @@ class SyntheticCriteo:
     return raw
 
   def rows(self, split: str, start: int, count: int) -> dict[str, np.ndarray]:
-    """Rows `start .. start+count` of a split (wrapping past its end)."""
+    """Generates consecutive rows of a split.
+
+    Args:
+      split: 'train' or 'eval'.
+      start: the first row. Rows wrap past the split's end.
+      count: the number of rows.
+
+    Returns:
+      A raw batch with 'label', 'int', 'cat' and the teacher's probability
+      'teacher_prob'.
+    """
     n_rows = self.num_rows(split)
     out = {k: [] for k in ('label', 'int', 'cat', 'teacher_prob')}
     pos, left = start % n_rows, count
@@ -205,18 +243,24 @@ class SyntheticCriteo:
     return {k: np.concatenate(v) for k, v in out.items()}
 
   def teacher_auc(self) -> float:
-    """AUC of the teacher's own probabilities on the eval split."""
+    """The AUC of the teacher's own probabilities on the eval split."""
     r = self.rows('eval', 0, self.spec.num_eval)
     return metrics.roc_auc(r['teacher_prob'], r['label'])
 
 
 def write_criteo_tsv(path: str, rows: int, seed: int = 0,
                      labeled: bool = True) -> None:
-  """Writes synthetic rows in Criteo's text layout (Kaggle `train.txt`, or
-  `test.txt` without labels), streaming, with pyarrow.
+  """Writes synthetic rows in Criteo's text layout, streaming, with pyarrow.
 
-  For trying the Criteo code paths (preprocessing, text reading, serving)
-  without the real data. Missing values are written as empty fields.
+  The layout is Kaggle's `train.txt`, or `test.txt` without labels. It is for
+  trying the Criteo code paths without the real data: preprocessing, text
+  reading and serving. Missing values are written as empty fields.
+
+  Args:
+    path: the output file.
+    rows: the rows to write.
+    seed: the generator's seed.
+    labeled: whether to write the label column.
   """
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.csv as pa_csv  # pylint: disable=g-import-not-at-top

@@ -71,7 +71,7 @@ _CITATION = """\
 
 
 class CorruptDataError(ValueError):
-  """A shard of a prepared dataset cannot be read or decoded; names the file."""
+  """A shard of a prepared dataset cannot be read or decoded. Names the file."""
 
 
 # tf.train.Example in the protobuf wire format. Example: features = 1;
@@ -82,7 +82,7 @@ _INT64_LIST = 3
 
 
 def _varint(value: int) -> bytes:
-  """Protobuf varint of an int64 (negatives as their 64-bit complement)."""
+  """Protobuf varint of an int64. Negatives become their 64-bit complement."""
   value &= (1 << 64) - 1
   out = bytearray()
   while value >= 0x80:
@@ -104,8 +104,8 @@ class _Layout:
   Attributes:
     template: uint8 [length], a record with every value zero and the label of
       unlabeled rows.
-    label: the byte of the label (labeled layout) or None (unlabeled: the
-      label is part of the fixed bytes).
+    label: the byte of the label in the labeled layout. None for unlabeled,
+      where the label is part of the fixed bytes.
     int: the span of the 13 int64 values.
     cat: the span of the 26 int64 values.
     fixed: the indices of the bytes every record of the layout shares.
@@ -119,11 +119,12 @@ class _Layout:
 
   @property
   def length(self) -> int:
+    """The bytes of a record."""
     return len(self.template)
 
 
 def _make_layout(labeled: bool) -> _Layout:
-  """The layout of labeled (label 0/1) or unlabeled (label -1) records."""
+  """The layout of labeled records, label 0 or 1, or unlabeled ones, -1."""
   label = _varint(0 if labeled else _UNLABELED)
   # Map entries in key order. (TFDS's own serializer writes them in the
   # order of its protobuf map, which is not specified; any order parses.)
@@ -191,8 +192,8 @@ def _features() -> tfds.features.FeaturesDict:
 class _ShardWriter:
   """Appends records to ArrayRecord shards of a split, `shard_rows` each.
 
-  Shards are written under temporary names; `close` gives them TFDS's names
-  (`<name>-<split>.array_record-<i:05d>-of-<n:05d>`), once `n` is known.
+  Shards are written under temporary names. Once `n` is known, `close` gives
+  them TFDS's names, `<name>-<split>.array_record-<i:05d>-of-<n:05d>`.
   """
 
   def __init__(self, template: tfds.core.naming.ShardedFileTemplate,
@@ -214,6 +215,7 @@ class _ShardWriter:
     self.shard_lengths.append(0)
 
   def write(self, records: Sequence[bytes]) -> None:
+    """Appends records, opening and finishing shards as they fill."""
     pos = 0
     while pos < len(records):
       if self._writer is None:
@@ -241,6 +243,7 @@ class _ShardWriter:
       self._writer = None
 
   def close(self) -> None:
+    """Finishes the open shard and gives every shard its TFDS name."""
     if self._writer is not None:
       self._finish_shard()
     n = len(self._paths)
@@ -265,14 +268,18 @@ class _CriteoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Builder of the dataset.
 
     Args:
-      bad_lines: 'error': a malformed line stops the preparation, naming its
-        file and line; 'skip': malformed lines are dropped (their count is
-        logged and recorded in `info.metadata['bad_lines']`).
-      shard_rows: rows per ArrayRecord shard file.
-      compression: compression of the ArrayRecord records: 'zstd[:level]',
-        'snappy', 'brotli[:level]' or 'uncompressed'.
-      file_format: only 'array_record' (the default) can be written.
+      bad_lines: 'error' or 'skip'. With 'error' a malformed line stops the
+        preparation, naming its file and line. With 'skip' malformed lines
+        are dropped. Their count is logged and recorded in
+        `info.metadata['bad_lines']`.
+      shard_rows: the rows per ArrayRecord shard file.
+      compression: the compression of the ArrayRecord records:
+        'zstd[:level]', 'snappy', 'brotli[:level]' or 'uncompressed'.
+      file_format: only 'array_record', the default, can be written.
       **kwargs: passed to `tfds.core.GeneratorBasedBuilder`.
+
+    Raises:
+      ValueError: if `bad_lines`, `shard_rows` or `compression` is invalid.
     """
     if bad_lines not in criteo.BAD_LINE_POLICIES:
       raise ValueError(
@@ -308,7 +315,11 @@ class _CriteoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     )
 
   def _split_files(self, manual_dir: str) -> dict[str, tuple[list[str], bool]]:
-    """{split: (files in order, labeled)} found in `manual_dir`."""
+    """Finds the files of each split in `manual_dir`.
+
+    Returns a dict from split to the files in order and whether they are
+    labeled.
+    """
     raise NotImplementedError
 
   def _manual_dir(self, dl_manager: tfds.download.DownloadManager) -> str:
@@ -349,17 +360,17 @@ class _CriteoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, paths: Sequence[str], labeled: bool
                          ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(row index, example) of the files, one at a time.
+    """Yields the examples of the files, one at a time.
 
-    TFDS's own (slow) path; `_download_and_prepare` writes the same examples
-    under the same keys in bulk.
+    This is TFDS's own slow path. `_download_and_prepare` writes the same
+    examples under the same keys in bulk.
 
     Args:
       paths: the files of the split, in order.
       labeled: whether the files have the label field.
 
     Yields:
-      (the index of the row in the split, the example).
+      `(index, example)`, with `index` the row's index in the split.
     """
     report = criteo.BadLineReport()
     key = 0
@@ -377,7 +388,7 @@ class _CriteoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _download_and_prepare(
       self, dl_manager: tfds.download.DownloadManager,
       download_config: tfds.download.DownloadConfig) -> None:
-    """Writes every split in bulk (see the module docstring for why)."""
+    """Writes every split in bulk. The module docstring says why."""
     if self.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
       raise ValueError(
           f'{self.name}: file_format ({self.info.file_format}) must be'
@@ -400,7 +411,7 @@ class _CriteoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _write_split(self, split: str, paths: Sequence[str], labeled: bool,
                    max_rows: int | None) -> tuple[tfds.core.SplitInfo, int]:
-    """Writes the shards of a split; returns its SplitInfo and bad lines."""
+    """Writes the shards of a split. Returns its SplitInfo and bad lines."""
     layout = _LAYOUTS[labeled]
     template = self._get_filename_template(split)
     writer = _ShardWriter(template, self._shard_rows,
@@ -449,7 +460,14 @@ class _CriteoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 class CriteoKaggle(_CriteoBuilder):
-  """Criteo Display Advertising Challenge (Kaggle, 2014): 7 days of clicks."""
+  """Criteo Display Advertising Challenge (Kaggle, 2014): 7 days of clicks.
+
+  The builder takes the arguments of `_CriteoBuilder.__init__`. Its splits are
+  'train' from train.txt and, when given, the unlabeled 'test' from test.txt.
+
+  Attributes:
+    MANUAL_DOWNLOAD_INSTRUCTIONS: what to put in manual_dir.
+  """
 
   _DESCRIPTION = (
       'Criteo Display Advertising Challenge (Kaggle 2014): about 45.8M'
@@ -479,7 +497,14 @@ class CriteoKaggle(_CriteoBuilder):
 
 
 class CriteoTerabyte(_CriteoBuilder):
-  """Criteo 1TB Click Logs: 24 days of clicks, day_0 .. day_23."""
+  """Criteo 1TB Click Logs: 24 days of clicks, day_0 .. day_23.
+
+  The builder takes the arguments of `_CriteoBuilder.__init__`. Its splits are
+  'train' from the days 0..22 given, in day order, and 'eval' from day_23.
+
+  Attributes:
+    MANUAL_DOWNLOAD_INSTRUCTIONS: what to put in manual_dir.
+  """
 
   _DESCRIPTION = (
       'Criteo 1TB Click Logs: 24 days (day_0 .. day_23, about 4.4B labeled'
@@ -515,7 +540,7 @@ class TfdsCriteoSource:
   """Rows of a prepared TFDS Criteo split, for random access in batches.
 
   Attributes:
-    num_rows: rows in the split.
+    num_rows: the rows of the split.
     description: what is read, for logs.
   """
 
@@ -523,10 +548,10 @@ class TfdsCriteoSource:
     """Opens a prepared split.
 
     Args:
-      name: the dataset ('criteo_kaggle', 'criteo_terabyte'; a version or
-        config may follow as TFDS allows: 'criteo_kaggle:1.0.0').
-      split: a split of it ('train', 'test', 'eval'; TFDS slices such as
-        'train[:90%]' work too).
+      name: the dataset, 'criteo_kaggle' or 'criteo_terabyte'. A version or
+        config may follow as TFDS allows, such as 'criteo_kaggle:1.0.0'.
+      split: a split of it, 'train', 'test' or 'eval'. TFDS slices such as
+        'train[:90%]' work too.
       data_dir: the TFDS data_dir it was prepared in.
 
     Raises:
@@ -571,10 +596,10 @@ class TfdsCriteoSource:
     return np.searchsorted(self._ends, rows, side='right')
 
   def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Rows at `indices` (any order, int64 array) in the order given.
+    """Reads rows by index, in the order given.
 
     Args:
-      indices: row indices in [0, num_rows), 1-D.
+      indices: 1-D integer row indices in [0, num_rows), in any order.
 
     Returns:
       {'label': float32 [n], 'int': int64 [n, 13], 'cat': int64 [n, 26]}.
@@ -618,8 +643,10 @@ class TfdsCriteoSource:
     return self._decode(records, indices)
 
   def _reader(self, f: int):
-    """The reader of shard `f`, opened on first use (and shared by threads:
-    its reads are const and release the GIL)."""
+    """The reader of shard `f`, opened on first use.
+
+    Threads share it. Its reads are const and release the GIL.
+    """
     reader = self._readers.get(f)
     if reader is None:
       with self._open_lock:
@@ -646,7 +673,7 @@ class TfdsCriteoSource:
 
   def _decode(self, records: Sequence[bytes],
               indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Decodes a batch of records; checks every byte outside the values."""
+    """Decodes a batch of records, checking every byte outside the values."""
     n = len(records)
     lengths = np.fromiter(map(len, records), np.int64, n)
     label = np.empty(n, np.float32)

@@ -49,13 +49,29 @@ from dlrm_jax.parallel import BATCH_AXES, MODEL
 class EmbeddingEngine:
   """Embedding tables of a model, laid out on a mesh by a sharding plan.
 
+  Args:
+    tables: the table specs.
+    features: the feature specs, in the order of the packed id columns.
+    mesh: a mesh with axes ('data', 'model').
+    plan: the sharding plan. None takes `planner.auto_plan`.
+
   Attributes:
     tables: the table specs.
     features: the feature specs, in the order of the packed id columns and of
       the lookup outputs.
     mesh: a mesh with axes ('data', 'model').
-    plan: the sharding plan (one placement per table).
+    num_shards: S, the size of the 'model' axis.
+    num_devices: the number of devices of the mesh.
+    plan: the sharding plan, with one placement per table.
     stacks: the physical layout.
+    feature_dims: the embedding dim of each feature.
+    num_id_columns: T, the packed id columns of a batch.
+    comm: the collectives over the mesh.
+    exchanges: the `exchange.StackExchange` of each stack that features read.
+
+  Raises:
+    ValueError: if the specs or the plan are invalid, the mesh axes are not
+      ('data', 'model'), or the plan is for another number of shards.
   """
 
   def __init__(
@@ -95,8 +111,8 @@ class EmbeddingEngine:
         for s in self.stacks if s.segments}
 
   # --------------------------------------------------------------------------
-  # One device runs the per-device code directly, without `shard_map` (and
-  # `exchange.Comm` skips collectives over axes of size 1): XLA:CPU would
+  # One device runs the per-device code directly, without `shard_map`.
+  # `exchange.Comm` also skips collectives over axes of size 1. XLA:CPU would
   # still run them as copies, a tenth of a single-device step.
 
   def _shard_map(self, fn, in_specs, out_specs):
@@ -114,6 +130,11 @@ class EmbeddingEngine:
     return P(MODEL, *([None] * (ndim - 1)))
 
   def state_specs(self) -> EmbeddingState:
+    """Gives the PartitionSpec of every array of the state.
+
+    Returns:
+      A tree like the state, with 'stacks' and 'slots', of PartitionSpecs.
+    """
     stacks, slots = {}, {}
     for s in self.stacks:
       stacks[s.name] = self._stack_spec(s, 2)
@@ -124,16 +145,24 @@ class EmbeddingEngine:
     return {'stacks': stacks, 'slots': slots}
 
   def state_shardings(self) -> EmbeddingState:
+    """Gives the NamedSharding of every array of the state.
+
+    Returns:
+      A tree like the state, of NamedShardings on this mesh.
+    """
     return jax.tree.map(lambda p: NamedSharding(self.mesh, p),
                         self.state_specs(),
                         is_leaf=lambda x: isinstance(x, P))
 
   def abstract_state(self) -> EmbeddingState:
-    """ShapeDtypeStructs (with shardings) of the state, allocating nothing.
+    """Describes the state without allocating it.
 
-    bfloat16/float16 tables are stored as uint16 bit patterns
-    (`rounding.storage_dtype`; `table_access.get_table` gives their logical
-    values); optimizer slots are float32.
+    bfloat16 and float16 tables are stored as uint16 bit patterns, as in
+    `rounding.storage_dtype`. `table_access.get_table` gives their logical
+    values. Optimizer slots are float32.
+
+    Returns:
+      A tree like the state, of ShapeDtypeStructs with shardings.
     """
     stacks, slots = {}, {}
     for s in self.stacks:
@@ -152,6 +181,7 @@ class EmbeddingEngine:
     return {'stacks': stacks, 'slots': slots}
 
   def ids_spec(self) -> P:
+    """The PartitionSpec of `[B, T]` packed ids: batch-sharded."""
     return P(BATCH_AXES, None)
 
   # --------------------------------------------------------------------------
@@ -160,8 +190,14 @@ class EmbeddingEngine:
   def init(self, key: jax.Array) -> EmbeddingState:
     """Initializes tables and optimizer state, each device making its own rows.
 
-    A value depends only on (key, table, row, column), so every plan and mesh
-    starts from the same logical tables.
+    A value depends only on the key, table, row and column. So every plan and
+    mesh starts from the same logical tables.
+
+    Args:
+      key: a PRNG key.
+
+    Returns:
+      The state, sharded as `state_shardings`.
     """
     def local(key):
       seeds = initialization.table_seeds(key, len(self.tables))
@@ -201,13 +237,16 @@ class EmbeddingEngine:
     Args:
       stacks: the state's 'stacks'.
       ids: `[B, T]` int32 packed ids, batch-sharded.
-      stacked: return one `[B, N, D]` array (all features must have one dim
-        D) instead of one array per feature.
+      stacked: return one `[B, N, D]` array instead of one array per
+        feature. All features must then have the same dim D.
 
     Returns:
-      (one `[B, D_k]` float32 array per feature, or `[B, N, D]` when
-      `stacked`, batch-sharded; the number of invalid ids in the batch, a
-      scalar).
+      A pair. The first is a tuple of one `[B, D_k]` float32 array per
+      feature, or one `[B, N, D]` array when `stacked`. It is batch-sharded.
+      The second is the number of invalid ids in the batch, a scalar.
+
+    Raises:
+      ValueError: if `stacked` is set and the features' dims differ.
     """
     n_feat = len(self.features)
     if stacked and len(set(self.feature_dims)) != 1:
@@ -251,12 +290,23 @@ class EmbeddingEngine:
 
   def lookup_stacked(self, stacks: dict[str, jax.Array], ids: jax.Array
                      ) -> tuple[jax.Array, jax.Array]:
-    """`lookup(stacks, ids, stacked=True)`: one `[B, N, D]` array."""
+    """Looks up pooled embeddings as one array, as `lookup(..., stacked=True)`.
+
+    Args:
+      stacks: the state's 'stacks'.
+      ids: `[B, T]` int32 packed ids, batch-sharded.
+
+    Returns:
+      The `[B, N, D]` float32 embeddings and the number of invalid ids.
+    """
     return self.lookup(stacks, ids, stacked=True)
 
   def _each_stack(self, state: EmbeddingState, fn) -> EmbeddingState:
-    """`fn(stack, table, slots) -> (table, slots)` over the stacks that
-    features read (inside shard_map); the others pass through."""
+    """Maps `fn(stack, table, slots) -> (table, slots)` over the stacks.
+
+    Only the stacks that features read are mapped, inside shard_map. The
+    others pass through.
+    """
     new_stacks, new_slots = {}, {}
     for s in self.stacks:
       table, slots = state['stacks'][s.name], state['slots'][s.name]
@@ -274,9 +324,10 @@ class EmbeddingEngine:
 
     Args:
       state: the embedding state.
-      rows: `[B, T]` int32, laid out like packed ids (a feature's columns
-        name rows of its table), -1 where nothing is reset; batch-sharded.
-        Used when a managed-collision remapper gives a row to a new id.
+      rows: `[B, T]` int32, laid out like packed ids. A feature's columns
+        name rows of its table. -1 means nothing is reset. It is
+        batch-sharded. A managed-collision remapper sends these rows when it
+        gives a row to a new id.
 
     Returns:
       The new state.
@@ -315,9 +366,9 @@ class EmbeddingEngine:
       state: the embedding state.
       ids: `[B, T]` packed ids of the batch, batch-sharded.
       grads: the gradient of the loss with respect to the pooled embeddings
-        returned by `lookup` (one `[B, D_k]` array per feature, or one
-        `[B, N, D]` array when stacked), batch-sharded.
-      step: the 0-based step (for the learning-rate schedules and Adam).
+        that `lookup` returned. It is one `[B, D_k]` array per feature, or
+        one `[B, N, D]` array when stacked. It is batch-sharded.
+      step: the 0-based step. The learning-rate schedules and Adam use it.
 
     Returns:
       The new state.
@@ -345,7 +396,7 @@ class EmbeddingEngine:
            for seg in s.segments], axis=1)
 
     def full_grads(s, grads, width):
-      """`[B_l, n_segments, width]` full-width gradients (zero-padded)."""
+      """`[B_l, n_segments, width]` full-width gradients, zero-padded."""
       out = []
       for seg in s.segments:
         g = feature_grad(grads, seg.feature).astype(jnp.float32)
@@ -378,13 +429,32 @@ class EmbeddingEngine:
 
   def abstract_state_of_layout(self, stacks: Sequence[plan_lib.Stack],
                                num_shards: int) -> EmbeddingState:
-    """See `relayout.abstract_state_of_layout` (placed on this mesh)."""
+    """Describes a state of another layout, placed on this mesh.
+
+    See `relayout.abstract_state_of_layout`.
+
+    Args:
+      stacks: the other layout.
+      num_shards: the model shards of the other layout.
+
+    Returns:
+      A tree like the state, of ShapeDtypeStructs with shardings.
+    """
     return relayout_lib.abstract_state_of_layout(stacks, num_shards,
                                                  self.mesh)
 
   def relayout(self, old_stacks: Sequence[plan_lib.Stack],
                old_state: EmbeddingState) -> EmbeddingState:
-    """Moves tables and optimizer state from another layout into this one
-    (`relayout.relayout`)."""
+    """Moves tables and optimizer state from another layout into this one.
+
+    See `relayout.relayout`.
+
+    Args:
+      old_stacks: the other layout.
+      old_state: the state in the other layout.
+
+    Returns:
+      The state in this engine's layout and shardings.
+    """
     return relayout_lib.relayout(self.stacks, self.num_shards, old_stacks,
                                  old_state, self.state_shardings())

@@ -25,17 +25,37 @@ _INIT_CHUNK_ROWS = 1 << 16
 
 def hash_uniform(seed: jax.Array, row: jax.Array, col: jax.Array
                  ) -> jax.Array:
-  """Uniform in [-1, 1) from uint32 (seed, row, col): 24 bits of
-  `rounding.hash_bits` (two rounds of MurmurHash3's finalizer)."""
+  """Hashes a position to a uniform value in [-1, 1).
+
+  The value takes 24 bits of `rounding.hash_bits`.
+
+  Args:
+    seed: uint32 seeds.
+    row: uint32 row numbers.
+    col: uint32 column numbers.
+
+  Returns:
+    float32 values in [-1, 1), of the broadcast shape of the inputs.
+  """
   z = rounding.hash_bits(seed, row, col)
   return (z >> 8).astype(jnp.float32) * np.float32(2.0**-23) - 1.0
 
 
 def piece_tables(stack: plan_lib.Stack, tables: Sequence[TableSpec],
                  num_shards: int) -> dict[str, np.ndarray]:
-  """Per-device piece arrays `[S', P]` (S' = 1 when replicated): local
-  offset (sorted; int32 max pads), rows, row_start, col_start, table index
-  and dim of each piece a device holds."""
+  """Lists the pieces each device holds of a stack, as arrays.
+
+  Args:
+    stack: the stack.
+    tables: all table specs, in table-index order.
+    num_shards: the number of model shards.
+
+  Returns:
+    A dict of int32 `[S', P]` arrays, with S' the number of shards, or 1 when
+    the stack is replicated. P is the most pieces on one device. The keys are
+    'offset', 'rows', 'row_start', 'col_start', 'table' and 'dim'. Each row of
+    'offset' is sorted and padded with the int32 maximum.
+  """
   index = {t.name: i for i, t in enumerate(tables)}
   dims = {t.name: t.dim for t in tables}
   n_dev = 1 if stack.replicated else num_shards
@@ -59,8 +79,15 @@ def piece_tables(stack: plan_lib.Stack, tables: Sequence[TableSpec],
 
 
 def piece_at(piece: dict[str, jax.Array], rows: jax.Array) -> jax.Array:
-  """Index of the piece each local row lies in (or follows), given one
-  device's `piece_tables` row."""
+  """Finds the piece that each local row lies in or follows.
+
+  Args:
+    piece: one device's row of `piece_tables`.
+    rows: local row numbers.
+
+  Returns:
+    The index of the piece of each row, of the shape of `rows`.
+  """
   return jnp.maximum(
       jnp.searchsorted(piece['offset'], rows, side='right') - 1, 0)
 
@@ -68,11 +95,19 @@ def piece_at(piece: dict[str, jax.Array], rows: jax.Array) -> jax.Array:
 def init_stack_local(stack: plan_lib.Stack, tables: Sequence[TableSpec],
                      num_shards: int, my: jax.Array,
                      seeds: jax.Array) -> jax.Array:
-  """This device's `[C, W]` rows of a stack (`my`: its model shard), in the
-  stack's stored form (`rounding.storage_dtype`).
+  """Builds this device's initial rows of a stack.
 
-  Rows are filled in chunks, in place, so nothing table-sized is allocated
-  twice.
+  Rows are filled in chunks, in place. Nothing table-sized is allocated twice.
+
+  Args:
+    stack: the stack.
+    tables: all table specs, in table-index order.
+    num_shards: the number of model shards.
+    my: this device's model shard.
+    seeds: `[T]` uint32 seeds, one per table, from `table_seeds`.
+
+  Returns:
+    `[C, W]` rows in the stack's stored form, `rounding.storage_dtype`.
   """
   arrs = piece_tables(stack, tables, num_shards)
   piece = {k: jnp.asarray(v)[my] for k, v in arrs.items()}
@@ -119,6 +154,14 @@ def init_stack_local(stack: plan_lib.Stack, tables: Sequence[TableSpec],
 
 
 def table_seeds(key: jax.Array, num_tables: int) -> jax.Array:
-  """`[num_tables]` uint32 seeds, one per table."""
+  """Draws one seed per table.
+
+  Args:
+    key: a PRNG key.
+    num_tables: T, the number of tables.
+
+  Returns:
+    `[T]` uint32 seeds.
+  """
   return jax.vmap(lambda t: jax.random.bits(
       jax.random.fold_in(key, t), (), jnp.uint32))(jnp.arange(num_tables))

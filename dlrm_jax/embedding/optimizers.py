@@ -74,20 +74,38 @@ SlotShapes = dict[str, tuple[tuple[int, ...], float]]
 class SparseOptimizer:
   """One kind of sparse optimizer.
 
-  Subclasses set `kind` and implement `slots` and `_step` (the update before
-  weight decay); `update` adds the spec's weight decay around `_step`.
+  Subclasses set `kind` and implement `slots` and `_step`. `_step` is the
+  update before weight decay. `update` adds the spec's weight decay around
+  `_step`.
+
+  Args:
+    spec: the optimizer spec.
+
+  Attributes:
+    kind: the spec kind that this class implements, a key of REGISTRY.
+    linear: True when the update of a row is linear in its gradient, with no
+      state.
+    spec: the optimizer spec.
   """
 
   kind: ClassVar[str]
-  # True when the update of a row is linear in its gradient with no state
-  # (a scatter-add of `-lr * g` then sums repeated ids itself).
+  # True when the update of a row is linear in its gradient with no state.
+  # A scatter-add of `-lr * g` then sums repeated ids itself.
   linear: ClassVar[bool] = False
 
   def __init__(self, spec: SparseOptimizerSpec):
     self.spec = spec
 
   def slots(self, rows: int, dim: int) -> SlotShapes:
-    """Slot name -> (shape, initial value) for a stack of `rows` x `dim`."""
+    """Gives the optimizer slots of a stack.
+
+    Args:
+      rows: the rows of the stack.
+      dim: the width of the stack.
+
+    Returns:
+      A dict from slot name to `(shape, initial value)`.
+    """
     raise NotImplementedError
 
   def _step(self, lr, step, w, g, slots, row_msq):
@@ -96,7 +114,20 @@ class SparseOptimizer:
   def update(self, lr: jax.Array, step: jax.Array, weights: jax.Array,
              grads: jax.Array, slots: Slots, row_msq: jax.Array | None = None
              ) -> tuple[jax.Array, Slots]:
-    """See `update_rows`."""
+    """Takes one step on gathered rows, weight decay included.
+
+    Args:
+      lr: `[U]` or scalar learning rate.
+      step: the 0-based step being taken.
+      weights: `[U, D]` float32 rows.
+      grads: `[U, D]` float32 summed gradients of those rows.
+      slots: slot name -> `[U, D]` or `[U]` float32 rows.
+      row_msq: `[U]` mean square of each row's gradient over its full width.
+        Only rowwise_adagrad uses it. See `update_rows`.
+
+    Returns:
+      The new float32 weights and slots.
+    """
     lr = jnp.asarray(lr, jnp.float32)
     if lr.ndim == 1:
       lr = lr[:, None]
@@ -115,16 +146,34 @@ REGISTRY: dict[str, type[SparseOptimizer]] = {}
 
 
 def register(cls: type[SparseOptimizer]) -> type[SparseOptimizer]:
+  """Adds an optimizer class to REGISTRY under its `kind`.
+
+  Args:
+    cls: the `SparseOptimizer` subclass.
+
+  Returns:
+    `cls`, so that this works as a class decorator.
+  """
   REGISTRY[cls.kind] = cls
   return cls
 
 
 @register
 class SGD(SparseOptimizer):
+  """Plain SGD: `w -= lr * g`."""
   kind = 'sgd'
   linear = True
 
   def slots(self, rows, dim):
+    """Gives SGD's slots, which are none.
+
+    Args:
+      rows: the rows of the stack.
+      dim: the width of the stack.
+
+    Returns:
+      An empty dict.
+    """
     return {}
 
   def _step(self, lr, step, w, g, slots, row_msq):
@@ -133,10 +182,19 @@ class SGD(SparseOptimizer):
 
 @register
 class Adagrad(SparseOptimizer):
-  """FBGEMM EXACT_ADAGRAD / torch.optim.Adagrad."""
+  """Per-element Adagrad, as FBGEMM's EXACT_ADAGRAD and torch.optim.Adagrad."""
   kind = 'adagrad'
 
   def slots(self, rows, dim):
+    """Gives Adagrad's slot, one accumulator per element.
+
+    Args:
+      rows: the rows of the stack.
+      dim: the width of the stack.
+
+    Returns:
+      `{'acc': ((rows, dim), initial_accumulator_value)}`.
+    """
     return {'acc': ((rows, dim), self.spec.initial_accumulator_value)}
 
   def _step(self, lr, step, w, g, slots, row_msq):
@@ -146,10 +204,19 @@ class Adagrad(SparseOptimizer):
 
 @register
 class RowwiseAdagrad(SparseOptimizer):
-  """FBGEMM EXACT_ROWWISE_ADAGRAD."""
+  """Row-wise Adagrad, as FBGEMM's EXACT_ROWWISE_ADAGRAD."""
   kind = 'rowwise_adagrad'
 
   def slots(self, rows, dim):
+    """Gives row-wise Adagrad's slot, one accumulator per row.
+
+    Args:
+      rows: the rows of the stack.
+      dim: the width of the stack.
+
+    Returns:
+      `{'acc': ((rows,), initial_accumulator_value)}`.
+    """
     return {'acc': ((rows,), self.spec.initial_accumulator_value)}
 
   def _step(self, lr, step, w, g, slots, row_msq):
@@ -162,10 +229,19 @@ class RowwiseAdagrad(SparseOptimizer):
 
 @register
 class LazyAdam(SparseOptimizer):
-  """FBGEMM ADAM on touched rows; untouched rows' moments are not decayed."""
+  """FBGEMM's ADAM on touched rows. Untouched rows' moments are not decayed."""
   kind = 'adam'
 
   def slots(self, rows, dim):
+    """Gives Adam's slots, the two moments.
+
+    Args:
+      rows: the rows of the stack.
+      dim: the width of the stack.
+
+    Returns:
+      `{'m': ((rows, dim), 0.0), 'v': ((rows, dim), 0.0)}`.
+    """
     return {'m': ((rows, dim), 0.0), 'v': ((rows, dim), 0.0)}
 
   def _step(self, lr, step, w, g, slots, row_msq):
@@ -180,10 +256,20 @@ class LazyAdam(SparseOptimizer):
 
 @register
 class FTRL(SparseOptimizer):
-  """FTRL-proximal, TensorFlow's parameterization (see the module doc)."""
+  """FTRL-proximal in TensorFlow's parameterization, given in the module doc."""
   kind = 'ftrl'
 
   def slots(self, rows, dim):
+    """Gives FTRL's slots, the accumulator and the linear term.
+
+    Args:
+      rows: the rows of the stack.
+      dim: the width of the stack.
+
+    Returns:
+      `{'acc': ((rows, dim), initial_accumulator_value),
+      'linear': ((rows, dim), 0.0)}`.
+    """
     return {'acc': ((rows, dim), self.spec.initial_accumulator_value),
             'linear': ((rows, dim), 0.0)}
 
@@ -203,7 +289,17 @@ class FTRL(SparseOptimizer):
 
 
 def get(spec: SparseOptimizerSpec) -> SparseOptimizer:
-  """The optimizer object of a spec."""
+  """Makes the optimizer object of a spec.
+
+  Args:
+    spec: the optimizer spec.
+
+  Returns:
+    An instance of the REGISTRY class of `spec.kind`.
+
+  Raises:
+    ValueError: if `spec.kind` is not in REGISTRY.
+  """
   cls = REGISTRY.get(spec.kind)
   if cls is None:
     raise ValueError(f'unknown sparse optimizer kind {spec.kind!r}; known:'
@@ -212,7 +308,16 @@ def get(spec: SparseOptimizerSpec) -> SparseOptimizer:
 
 
 def slot_shapes(opt: SparseOptimizerSpec, rows: int, dim: int) -> SlotShapes:
-  """Slot name -> (shape, initial value) for a stack of `rows` x `dim`."""
+  """Gives the optimizer slots of a stack.
+
+  Args:
+    opt: the optimizer spec.
+    rows: the rows of the stack.
+    dim: the width of the stack.
+
+  Returns:
+    A dict from slot name to `(shape, initial value)`.
+  """
   return get(opt).slots(rows, dim)
 
 
@@ -229,25 +334,35 @@ def update_rows(
 
   Args:
     opt: the optimizer.
-    lr: `[U]` (per row, as rows of one stack may have different schedules) or
-      scalar learning rate.
-    step: the 0-based step being taken (Adam's bias correction uses step + 1).
+    lr: `[U]` or scalar learning rate. It is per row because rows of one stack
+      may have different schedules.
+    step: the 0-based step being taken. Adam's bias correction uses step + 1.
     weights: `[U, D]` float32 rows.
     grads: `[U, D]` float32 summed gradients of those rows.
     slots: slot name -> `[U, D]` or `[U]` float32 rows.
-    row_msq: rowwise_adagrad only: `[U]` mean square of each row's gradient
-      over the row's full width, when `grads` holds only some of its columns.
+    row_msq: `[U]` mean square of each row's gradient over the row's full
+      width. Only rowwise_adagrad uses it. It is needed when `grads` holds
+      only some of the row's columns.
 
   Returns:
-    The new weights and slots (float32).
+    The new float32 weights and slots.
   """
   return get(opt).update(lr, step, weights, grads, slots, row_msq)
 
 
 def scatter_add_ok(opt: SparseOptimizerSpec, table_dtype) -> bool:
-  """True when a plain scatter-add of `-lr * g` per id is the exact update:
-  a stateless, linear optimizer without weight decay, on a float32 table
-  (low-precision tables need the summed update rounded once)."""
+  """Tells whether a plain scatter-add of `-lr * g` per id is the exact update.
+
+  That holds for a stateless, linear optimizer without weight decay, on a
+  float32 table. Low-precision tables need the summed update rounded once.
+
+  Args:
+    opt: the optimizer spec.
+    table_dtype: the table's logical dtype.
+
+  Returns:
+    True when the scatter-add is exact.
+  """
   return (get(opt).linear and not opt.weight_decay and
           jnp.dtype(table_dtype) == jnp.float32)
 
@@ -255,9 +370,23 @@ def scatter_add_ok(opt: SparseOptimizerSpec, table_dtype) -> bool:
 def cast_rows(opt: SparseOptimizerSpec, rows: jax.Array, table_dtype,
               seed: int | jax.Array, row_ids: jax.Array, step: jax.Array,
               col_ids: jax.Array | None = None) -> jax.Array:
-  """Updated float32 rows in the table's dtype: stochastically rounded for
-  bfloat16/float16 tables when `opt.stochastic_rounding`, else round to
-  nearest (see `rounding.stochastic_round` for the arguments)."""
+  """Casts updated float32 rows to the table's dtype.
+
+  bfloat16 and float16 rows are rounded stochastically when
+  `opt.stochastic_rounding` is set, else to nearest.
+
+  Args:
+    opt: the optimizer spec.
+    rows: `[U, D]` float32 rows.
+    table_dtype: the table's logical dtype.
+    seed: the rounding seed, as in `rounding.stochastic_round`.
+    row_ids: `[U]` row numbers, hashed for the random bits.
+    step: the training step.
+    col_ids: the column numbers, or None for 0..D-1.
+
+  Returns:
+    `[U, D]` rows in `table_dtype`.
+  """
   dtype = jnp.dtype(table_dtype)
   if dtype == jnp.float32:
     return rows

@@ -27,7 +27,7 @@ def combiner_weights(valid: jax.Array, combiner: str) -> jax.Array:
     combiner: one of `specs.COMBINERS`.
 
   Returns:
-    `[X, L]` float32 weights (0 where not valid).
+    `[X, L]` float32 weights. They are 0 where not valid.
   """
   w = valid.astype(jnp.float32)
   if combiner == 'sum' or valid.shape[1] == 1:

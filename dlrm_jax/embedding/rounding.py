@@ -32,7 +32,16 @@ def _mix(z: jax.Array) -> jax.Array:
 
 
 def hash_bits(seed: jax.Array, row: jax.Array, col: jax.Array) -> jax.Array:
-  """uint32 hash of uint32 (seed, row, col): two rounds of the finalizer."""
+  """Hashes a position with two rounds of MurmurHash3's finalizer.
+
+  Args:
+    seed: uint32 seeds.
+    row: integer row numbers.
+    col: integer column numbers.
+
+  Returns:
+    uint32 hashes, of the broadcast shape of the inputs.
+  """
   seed = jnp.asarray(seed, jnp.uint32)
   z = _mix(seed ^ (row.astype(jnp.uint32) * jnp.uint32(0x9E3779B1)))
   return _mix(z ^ (col.astype(jnp.uint32) * jnp.uint32(0x85EBCA77) +
@@ -40,15 +49,26 @@ def hash_bits(seed: jax.Array, row: jax.Array, col: jax.Array) -> jax.Array:
 
 
 def step_seed(seed: int | jax.Array, step: jax.Array) -> jax.Array:
-  """A per-step uint32 seed from a base seed and the 0-based step."""
+  """Derives a per-step seed.
+
+  Args:
+    seed: the base uint32 seed, or an array of them.
+    step: the 0-based step.
+
+  Returns:
+    uint32 seeds, of the broadcast shape of `seed` and `step`.
+  """
   s = jnp.asarray(step).astype(jnp.uint32)
   return _mix(jnp.asarray(seed, jnp.uint32) ^ _mix(s + jnp.uint32(0x6A09E667)))
 
 
 def _bf16_from_bits(x: jax.Array, add: jax.Array) -> jax.Array:
-  """f32 -> bf16 by adding `add` (uint32 below 2^16) to the bits and
-  truncating: round to nearest for add = 0x7FFF + lsb, stochastic for
-  uniform 16-bit `add`. Integer ops only (XLA:CPU's bf16 convert is slow)."""
+  """Casts f32 to bf16 by adding `add` to the bits and truncating.
+
+  `add` is a uint32 below 2^16. `0x7FFF + lsb` rounds to nearest. A uniform
+  16-bit `add` rounds stochastically. Only integer ops are used, because
+  XLA:CPU's bf16 convert is slow.
+  """
   u = jax.lax.bitcast_convert_type(x, jnp.uint32)
   u = (u + add) >> 16
   # NaN stays NaN (the quiet bit survives); +-inf and overflow give +-inf.
@@ -62,15 +82,18 @@ def stochastic_round(x: jax.Array, dtype, seed: int | jax.Array,
 
   Args:
     x: `[U, D]` float32 values.
-    dtype: bfloat16 or float16 (float32 returns `x` unchanged).
-    seed: a uint32 seed, or `[U]` of them (e.g. one per table).
-    row_ids: `[U]` row numbers (any integer; the hash input).
-    step: the training step (a new draw every step).
-    col_ids: `[U, D]` (or `[D]`) column numbers; default 0..D-1.
+    dtype: bfloat16 or float16. float32 returns `x` unchanged.
+    seed: a uint32 seed, or `[U]` of them, such as one per table.
+    row_ids: `[U]` integer row numbers. They are an input of the hash.
+    step: the training step. Every step draws new bits.
+    col_ids: `[U, D]` or `[D]` column numbers. The default is 0..D-1.
 
   Returns:
-    `[U, D]` values of `dtype`: each element is one of its two neighbours
-    in `dtype`, the upper one with probability (x - lo) / (hi - lo).
+    `[U, D]` values of `dtype`. Each element is one of its two neighbours in
+    `dtype`. The upper one comes with probability `(x - lo) / (hi - lo)`.
+
+  Raises:
+    ValueError: if `dtype` is not float32, bfloat16 or float16.
   """
   dtype = jnp.dtype(dtype)
   if dtype == jnp.float32:
@@ -102,7 +125,17 @@ def stochastic_round(x: jax.Array, dtype, seed: int | jax.Array,
 
 
 def round_nearest(x: jax.Array, dtype) -> jax.Array:
-  """Round-to-nearest-even cast (bf16 through integer ops, as above)."""
+  """Casts to `dtype`, rounding to nearest even.
+
+  bfloat16 goes through integer ops, as in `stochastic_round`.
+
+  Args:
+    x: the values.
+    dtype: the target dtype.
+
+  Returns:
+    `x` cast to `dtype`.
+  """
   dtype = jnp.dtype(dtype)
   if dtype == jnp.bfloat16:
     x = x.astype(jnp.float32)
@@ -126,15 +159,32 @@ def round_nearest(x: jax.Array, dtype) -> jax.Array:
 
 
 def storage_dtype(dtype) -> np.dtype:
-  """The dtype a table of logical `dtype` is stored in: uint16 for
-  bfloat16/float16 (their bit patterns), else `dtype` itself."""
+  """Gives the dtype that a table of logical `dtype` is stored in.
+
+  Args:
+    dtype: the logical table dtype.
+
+  Returns:
+    uint16 for bfloat16 and float16, which are kept as bit patterns.
+    Otherwise `dtype` itself.
+  """
   dtype = jnp.dtype(dtype)
   return jnp.dtype(jnp.uint16) if dtype.name in LOW_PRECISION else dtype
 
 
 def to_storage(x, dtype):
-  """Values of logical `dtype` (or float32, rounded to nearest) -> their
-  stored form (`storage_dtype(dtype)`). numpy in, numpy out."""
+  """Converts values to their stored form, `storage_dtype(dtype)`.
+
+  numpy in gives numpy out.
+
+  Args:
+    x: values of the logical `dtype`, or float32 values. float32 values are
+      rounded to nearest.
+    dtype: the logical table dtype.
+
+  Returns:
+    The values in the stored dtype.
+  """
   dtype = jnp.dtype(dtype)
   if storage_dtype(dtype) == dtype:
     return x.astype(dtype)
@@ -146,8 +196,18 @@ def to_storage(x, dtype):
 
 
 def to_logical(x, dtype):
-  """Stored values -> values of the logical `dtype` (a bitcast for 16-bit
-  tables; anything else is returned as is). numpy in, numpy out."""
+  """Converts stored values to the logical `dtype`.
+
+  A 16-bit table takes a bitcast. Anything else is returned as is. numpy in
+  gives numpy out.
+
+  Args:
+    x: stored values.
+    dtype: the logical table dtype.
+
+  Returns:
+    The values in the logical dtype.
+  """
   dtype = jnp.dtype(dtype)
   if storage_dtype(dtype) == dtype or x.dtype != jnp.uint16:
     return x
@@ -157,8 +217,17 @@ def to_logical(x, dtype):
 
 
 def rows_to_float32(x: jax.Array, dtype) -> jax.Array:
-  """Stored rows of a table of logical `dtype` -> exact float32 values;
-  bfloat16 by a shift of its bits (no bf16 op at all)."""
+  """Converts stored rows to their exact float32 values.
+
+  bfloat16 takes a shift of its bits, with no bf16 op at all.
+
+  Args:
+    x: stored rows.
+    dtype: the logical table dtype.
+
+  Returns:
+    float32 rows, of the shape of `x`.
+  """
   dtype = jnp.dtype(dtype)
   if dtype == jnp.bfloat16 and x.dtype == jnp.uint16:
     u = x.astype(jnp.uint32) << 16

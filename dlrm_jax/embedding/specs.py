@@ -21,28 +21,33 @@ TABLE_DTYPES = ('float32', 'bfloat16', 'float16')
 
 @dataclasses.dataclass(frozen=True)
 class SparseOptimizerSpec:
-  """A sparse (touched-rows-only) optimizer.
+  """A sparse optimizer, which updates the touched rows only.
+
+  The formulas and their sources are in `dlrm_jax.embedding.optimizers`.
 
   Attributes:
-    kind: 'sgd'; 'adagrad' (per element, FBGEMM EXACT_ADAGRAD =
-      torch.optim.Adagrad); 'rowwise_adagrad' (one accumulator per row,
-      FBGEMM EXACT_ROWWISE_ADAGRAD); 'adam' (lazy: moments of untouched rows
-      are not decayed); or 'ftrl' (FTRL-proximal, TensorFlow's form). The
-      formulas and sources are in `dlrm_jax.embedding.optimizers`.
-    schedule: learning-rate schedule.
-    initial_accumulator_value: adagrad/ftrl accumulators' start value.
-    eps: added to the denominator (sqrt(acc) + eps).
+    kind: one of SPARSE_OPTIMIZERS. 'adagrad' is per element, as FBGEMM's
+      EXACT_ADAGRAD and torch.optim.Adagrad. 'rowwise_adagrad' keeps one
+      accumulator per row, as FBGEMM's EXACT_ROWWISE_ADAGRAD. 'adam' is lazy:
+      the moments of untouched rows are not decayed. 'ftrl' is TensorFlow's
+      FTRL-proximal.
+    schedule: the learning-rate schedule.
+    initial_accumulator_value: the start value of the adagrad and ftrl
+      accumulators.
+    eps: added to the denominator `sqrt(acc) + eps`.
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
-    l1: FTRL's L1 regularization strength (>= 0).
-    l2: FTRL's L2 regularization strength (>= 0; TF's l2, penalty l2 * w^2).
-    lr_power: FTRL's learning-rate power (<= 0; -0.5 is the paper's).
-    beta: FTRL's beta (>= 0).
-    weight_decay: weight decay of touched rows (>= 0; 0 is off).
-    weight_decay_mode: 'l2' (g += wd * w, FBGEMM's L2) or 'decoupled'
-      (w -= lr * wd * w, FBGEMM's DECOUPLED).
-    stochastic_rounding: bfloat16/float16 tables: round each updated row
-      stochastically (FBGEMM's default) rather than to nearest.
+    l1: FTRL's L1 regularization strength, >= 0.
+    l2: FTRL's L2 regularization strength, >= 0. It is TensorFlow's l2, the
+      penalty `l2 * w^2`.
+    lr_power: FTRL's learning-rate power, <= 0. The paper uses -0.5.
+    beta: FTRL's beta, >= 0.
+    weight_decay: the weight decay of touched rows, >= 0. 0 turns it off.
+    weight_decay_mode: 'l2' or 'decoupled'. 'l2' adds `wd * w` to the
+      gradient, as FBGEMM's L2. 'decoupled' subtracts `lr * wd * w` from the
+      weight, as FBGEMM's DECOUPLED.
+    stochastic_rounding: round each updated row of a bfloat16 or float16
+      table stochastically rather than to nearest. FBGEMM does so by default.
   """
 
   kind: str = 'sgd'
@@ -60,8 +65,14 @@ class SparseOptimizerSpec:
   stochastic_rounding: bool = True
 
   def check(self, path: str):
-    """Raises ValueError naming `path` (the spec's config path) when a field
-    is out of range."""
+    """Checks that every field is in range.
+
+    Args:
+      path: the spec's config path, named in errors.
+
+    Raises:
+      ValueError: if a field is out of range, or if ftrl would divide by zero.
+    """
     if self.kind not in SPARSE_OPTIMIZERS:
       raise ValueError(
           f'{path}.kind ({self.kind!r}) must be one of'
@@ -95,14 +106,14 @@ class TableSpec:
     num_rows: rows (ids 0..num_rows-1).
     dim: embedding width.
     initializer: one of INITIALIZERS.
-    init_scale: the uniform bound or normal stddev; None means
-      sqrt(1/num_rows) for 'uniform' (as the reference DLRM and TorchRec)
-      and 1/sqrt(dim) for the normal initializers.
+    init_scale: the uniform bound or the normal stddev. None means
+      `sqrt(1/num_rows)` for 'uniform', as the reference DLRM and TorchRec.
+      For the normal initializers None means `1/sqrt(dim)`.
     optimizer: how its rows are updated.
-    combiner: pooling of multi-hot bags: one of COMBINERS.
-    dtype: storage dtype ('float32', 'bfloat16' or 'float16'); optimizer
-      state is float32; low-precision rows are updated in float32 and
-      rounded once (stochastically, by default).
+    combiner: the pooling of multi-hot bags, one of COMBINERS.
+    dtype: the storage dtype, one of TABLE_DTYPES. The optimizer state is
+      float32. Low-precision rows are updated in float32 and rounded once,
+      stochastically by default.
   """
 
   name: str
@@ -116,6 +127,7 @@ class TableSpec:
 
   @property
   def scale(self) -> float:
+    """The initializer's scale: `init_scale`, or its default when None."""
     if self.init_scale is not None:
       return float(self.init_scale)
     if self.initializer == 'uniform':
@@ -130,8 +142,8 @@ class FeatureSpec:
   Attributes:
     name: unique feature name.
     table: the table's name.
-    max_ids: the most ids one example carries (1: single-hot).
-    dim: the embedding width the feature expects; None takes the table's.
+    max_ids: the most ids one example carries. 1 means single-hot.
+    dim: the embedding width the feature expects. None takes the table's.
   """
 
   name: str
@@ -141,7 +153,16 @@ class FeatureSpec:
 
 
 def validate(tables: Sequence[TableSpec], features: Sequence[FeatureSpec]):
-  """Raises ValueError on inconsistent specs, naming the offending one."""
+  """Checks tables and features for consistency.
+
+  Args:
+    tables: the table specs.
+    features: the feature specs.
+
+  Raises:
+    ValueError: if a spec is invalid or disagrees with another. The message
+      names the offending spec.
+  """
   names = set()
   for t in tables:
     if t.name in names:

@@ -51,7 +51,16 @@ def _table_spec(engine, name: str):
 
 
 def pieces(engine, name: str) -> Iterator[tuple[Any, Any, int]]:
-  """(stack, piece, first global row of the piece in the stack array)."""
+  """Yields the pieces of a table.
+
+  Args:
+    engine: the `EmbeddingEngine`.
+    name: the table.
+
+  Yields:
+    `(stack, piece, first_row)`, with `first_row` the piece's first global
+    row in the stack array.
+  """
   for s in engine.stacks:
     for pc in s.pieces:
       if pc.table == name:
@@ -83,7 +92,18 @@ def _norm(index, shape) -> tuple[tuple[int, int], ...]:
 
 
 def table_slots(engine, name: str) -> tuple[str, ...]:
-  """The optimizer slot names of a table ('acc', 'm', 'v', ...)."""
+  """Lists the optimizer slot names of a table, such as 'acc', 'm' and 'v'.
+
+  Args:
+    engine: the `EmbeddingEngine`.
+    name: the table.
+
+  Returns:
+    The slot names.
+
+  Raises:
+    ValueError: if the table is unknown.
+  """
   _table_spec(engine, name)
   stack = next(pieces(engine, name))[0]
   return tuple(optimizers.slot_shapes(stack.optimizer, 1, stack.width))
@@ -91,18 +111,21 @@ def table_slots(engine, name: str) -> tuple[str, ...]:
 
 def get_table(engine, state: EmbeddingState, name: str,
               slot: str | None = None) -> np.ndarray:
-  """The logical table `name` (or its optimizer slot) as a host array.
+  """Reads the logical table `name`, or one of its slots, as a host array.
 
   Args:
     engine: the `EmbeddingEngine`.
-    state: its state ({'stacks', 'slots'}).
+    state: its state, with 'stacks' and 'slots'.
     name: the table.
     slot: None for the weights, else a slot of the table's optimizer.
 
   Returns:
-    `[R, D]` in the table's logical dtype (a bfloat16 table as bfloat16,
-    though it is stored as uint16 bit patterns), or `[R]` float32 for a
-    row-wise slot.
+    `[R, D]` in the table's logical dtype, or `[R]` float32 for a row-wise
+    slot. A bfloat16 table comes back as bfloat16, though it is stored as
+    uint16 bit patterns.
+
+  Raises:
+    ValueError: if the table or the slot is unknown.
   """
   shape = _logical_shape(engine, name, state, slot)
   out = None
@@ -130,6 +153,17 @@ def get_table(engine, state: EmbeddingState, name: str,
 
 
 def covers(sl: slice, n: int, start: int, rows: int) -> bool:
+  """Tells whether a shard's row slice holds a block of rows.
+
+  Args:
+    sl: the shard's slice of the rows.
+    n: the number of rows of the array.
+    start: the block's first row.
+    rows: the block's number of rows.
+
+  Returns:
+    True when `sl` covers all rows of the block.
+  """
   a, b, _ = sl.indices(n)
   return a <= start and start + rows <= b
 
@@ -139,18 +173,28 @@ def _cut(engine, arr: jax.Array, stack, pc) -> jax.Array:
 
 
 def cut_fn(engine, stack, pc, ndim: int):
-  """`fn(stack_array)`: a piece's `[rows, ...]` block of a model-sharded stack array,
-  replicated on every device.
+  """Builds a function that cuts a piece out of a model-sharded stack array.
 
   Inside `shard_map`, the owning device cuts the block out of its own shard
-  with static offsets and the others contribute zeros, summed over the
-  model axis: only the block's size crosses devices (a slice of the global
-  array would all-gather the whole stack first).
+  with static offsets. The others contribute zeros, summed over the model
+  axis. So only the block's size crosses devices. A slice of the global
+  array would all-gather the whole stack first.
+
+  Args:
+    engine: the `EmbeddingEngine`.
+    stack: the stack. It is unused, as the piece's offsets are local.
+    pc: the piece.
+    ndim: the number of dimensions of the stack array.
+
+  Returns:
+    A jitted `fn(stack_array)` that gives the piece's `[rows, ...]` block,
+    replicated on every device.
   """
   del stack  # the piece's offsets are within its device's block
   spec = P(MODEL, *([None] * (ndim - 1)))
 
   def local(a):
+    """The block on its owner, zeros elsewhere, summed over the model axis."""
     block = a[pc.offset:pc.offset + pc.rows]
     mine = jax.lax.axis_index(MODEL) == pc.device
     return jax.lax.psum(jnp.where(mine, block, jnp.zeros_like(block)), MODEL)
@@ -161,23 +205,24 @@ def cut_fn(engine, stack, pc, ndim: int):
 
 def set_table(engine, state: EmbeddingState, name: str, values,
               slot: str | None = None) -> EmbeddingState:
-  """A new state whose table `name` (or its slot) holds `values`.
+  """Writes `values` into the table `name`, or one of its slots.
 
   Args:
     engine: the `EmbeddingEngine`.
-    state: its state; not modified (its arrays stay valid).
+    state: its state. It is not modified and its arrays stay valid.
     name: the table.
-    values: `[R, D]` (or `[R]` for a row-wise slot) array-like with numpy
-      slicing: only the rows this process's devices own are read. Weights
-      are cast (round to nearest) to the table's logical dtype.
+    values: an `[R, D]` array-like with numpy slicing, or `[R]` for a
+      row-wise slot. Only the rows that this process's devices own are read.
+      Weights are rounded to nearest in the table's logical dtype.
     slot: None for the weights, else a slot of the table's optimizer.
 
   Returns:
-    The state with new arrays for the stacks holding the table; the other
-    tables' rows, padding rows and the other stacks are unchanged.
+    A new state with new arrays for the stacks that hold the table. The
+    other tables' rows, the padding rows and the other stacks are unchanged.
 
   Raises:
-    ValueError: unknown table or slot, or `values` of the wrong shape.
+    ValueError: if the table or the slot is unknown, or if `values` has the
+      wrong shape.
   """
   shape = _logical_shape(engine, name, state, slot)
   if tuple(np.shape(values)) != shape:
@@ -197,6 +242,7 @@ def set_table(engine, state: EmbeddingState, name: str, values,
       local.setdefault(_norm(sh.index, old.shape), sh.data)
 
     def shard(index, old=old, local=local, blocks=blocks):
+      """One device's new shard: its old shard with the table's rows set."""
       key = _norm(index, old.shape)
       buf = np.array(local[key])  # this device's old shard, a host copy
       (r0, r1) = key[0]
@@ -224,11 +270,32 @@ def set_table(engine, state: EmbeddingState, name: str, values,
 
 def get_slot(engine, state: EmbeddingState, name: str, slot: str
              ) -> np.ndarray:
-  """`get_table(..., slot=slot)`."""
+  """Reads a slot of a table, as `get_table(..., slot=slot)`.
+
+  Args:
+    engine: the `EmbeddingEngine`.
+    state: its state.
+    name: the table.
+    slot: a slot of the table's optimizer.
+
+  Returns:
+    The slot as a host array.
+  """
   return get_table(engine, state, name, slot=slot)
 
 
 def set_slot(engine, state: EmbeddingState, name: str, slot: str, values
              ) -> EmbeddingState:
-  """`set_table(..., slot=slot)`."""
+  """Writes a slot of a table, as `set_table(..., slot=slot)`.
+
+  Args:
+    engine: the `EmbeddingEngine`.
+    state: its state.
+    name: the table.
+    slot: a slot of the table's optimizer.
+    values: the new slot values.
+
+  Returns:
+    The new state.
+  """
   return set_table(engine, state, name, values, slot=slot)

@@ -36,8 +36,8 @@ class DCNSpec:
   """Typed description of a low-rank cross network.
 
   Attributes:
-    num_layers: L, the number of cross layers (3 in MLPerf DLRM-DCNv2).
-    rank: r, the rank of each layer's `U_l V_l` (512 in MLPerf DLRM-DCNv2).
+    num_layers: L, the number of cross layers. MLPerf DLRM-DCNv2 uses 3.
+    rank: r, the rank of each layer's `U_l V_l`. MLPerf DLRM-DCNv2 uses 512.
   """
 
   num_layers: int
@@ -45,7 +45,19 @@ class DCNSpec:
 
   @classmethod
   def create(cls, num_layers, rank, *, path: str = 'dcn') -> 'DCNSpec':
-    """Builds a spec, raising ValueError that names `path` on bad values."""
+    """Builds a checked spec.
+
+    Args:
+      num_layers: L, the number of cross layers.
+      rank: r, the rank of each layer.
+      path: the config path named in errors.
+
+    Returns:
+      The spec.
+
+    Raises:
+      ValueError: if `num_layers` or `rank` is not a positive integer.
+    """
     for name, value in (('num_layers', num_layers), ('rank', rank)):
       if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(
@@ -53,16 +65,23 @@ class DCNSpec:
     return cls(num_layers=int(num_layers), rank=int(rank))
 
   def num_params(self, in_features: int) -> int:
-    """Parameters of the network on `in_features` inputs: L (2 I r + I)."""
+    """Counts the parameters of the network.
+
+    Args:
+      in_features: I, the input width.
+
+    Returns:
+      The number of parameters, `L * (2 I r + I)`.
+    """
     return self.num_layers * (2 * in_features * self.rank + in_features)
 
 
 class LowRankCrossNet(nn.Module):
-  """`x_{l+1} = x_0 * (U_l (V_l x_l) + b_l) + x_l`, L times.
+  """Low-rank cross network: `x_{l+1} = x_0 * (U_l (V_l x_l) + b_l) + x_l`.
 
   Attributes:
-    spec: number of layers and rank.
-    dtype: compute dtype (e.g. bfloat16); the parameters stay float32.
+    spec: the number of layers and the rank.
+    dtype: the compute dtype, such as bfloat16. The parameters stay float32.
   """
 
   spec: DCNSpec
@@ -77,6 +96,9 @@ class LowRankCrossNet(nn.Module):
 
     Returns:
       `[B, I]`, the output of the last layer, in `dtype`.
+
+    Raises:
+      ValueError: if `x0` is not two-dimensional.
     """
     if x0.ndim != 2:
       raise ValueError(

@@ -37,20 +37,23 @@ INTERACTIONS = ('dot', 'dcn')
 class DLRMSpec:
   """Typed description of a DLRM.
 
-  `__post_init__` checks what the module needs of it (consistent widths and
-  arches); the config's rules are `dlrm_jax.config.checks.check_model`'s.
+  `__post_init__` checks what the module needs of it: consistent widths and
+  arches. The config's own rules live in `dlrm_jax.config.checks.check_model`.
 
   Attributes:
-    num_dense: F, the width of the dense group input (0: no dense group).
+    num_dense: F, the width of the dense group input. 0 means no dense group.
     num_sparse: N, the number of sparse features.
     embedding_dim: D.
-    dense_mlp: the dense arch; None exactly when there is no dense group.
+    dense_mlp: the dense arch. It is None exactly when there is no dense group.
     final: the over arch MLP.
-    arch_with_sparse: also feed the flattened sparse embeddings to `final`
-      (dot interaction only).
-    interaction_self: include the diagonal of the interaction (dot only).
-    interaction: 'dot' or 'dcn' (INTERACTIONS).
-    dcn: the cross network; given exactly when interaction is 'dcn'.
+    arch_with_sparse: also feed the flattened sparse embeddings to `final`.
+      Used by the dot interaction only.
+    interaction_self: include the diagonal of the dot interaction.
+    interaction: 'dot' or 'dcn', one of INTERACTIONS.
+    dcn: the cross network. It is given exactly when interaction is 'dcn'.
+
+  Raises:
+    ValueError: if the fields disagree with each other.
   """
 
   num_dense: int
@@ -88,10 +91,12 @@ class DLRMSpec:
 
   @property
   def num_interaction_features(self) -> int:
+    """The number of features that interact: N, plus one with a dense group."""
     return self.num_sparse + (1 if self.dense_mlp is not None else 0)
 
   @property
   def final_input_dim(self) -> int:
+    """The input width of the over arch `final`."""
     if self.interaction == 'dcn':
       return self.num_interaction_features * self.embedding_dim
     dim = interaction.output_dim(
@@ -108,8 +113,9 @@ class DLRM(nn.Module):
 
   Attributes:
     spec: the model description.
-    dtype: compute dtype of the MLPs and the cross network (e.g. bfloat16;
-      the parameters stay float32 master weights); logits come out float32.
+    dtype: the compute dtype of the MLPs and the cross network, such as
+      bfloat16. The parameters stay float32 master weights. The logits come
+      out float32.
   """
 
   spec: DLRMSpec
@@ -128,10 +134,13 @@ class DLRM(nn.Module):
     Args:
       dense: `[B, F]` normalized dense inputs, or None without a dense group.
       sparse: `[B, N, D]` pooled sparse embeddings.
-      train: training mode (batch statistics, dropout).
+      train: training mode. It turns on batch statistics and dropout.
 
     Returns:
-      {'logits': `[B]` float32, 'probs': `[B]` float32}.
+      A dict with `[B]` float32 'logits' and `[B]` float32 'probs'.
+
+    Raises:
+      ValueError: if `sparse` or `dense` has the wrong shape.
     """
     spec = self.spec
     b = sparse.shape[0]

@@ -15,9 +15,17 @@ import numpy as np
 
 @functools.lru_cache(maxsize=None)
 def triangle_indices(num_features: int, self_interaction: bool) -> np.ndarray:
-  """Flat indices into an `[N, N]` matrix of its upper triangle, row major.
+  """Flat indices of the upper triangle of an `[N, N]` matrix, row major.
 
-  Computed once per shape on the host, so they are static constants inside jit.
+  They are computed once per shape on the host. Inside jit they are static
+  constants.
+
+  Args:
+    num_features: N.
+    self_interaction: include the diagonal.
+
+  Returns:
+    An int32 array of flat indices into the `N * N` entries.
   """
   offset = 0 if self_interaction else 1
   rows, cols = np.triu_indices(num_features, k=offset)
@@ -25,6 +33,15 @@ def triangle_indices(num_features: int, self_interaction: bool) -> np.ndarray:
 
 
 def output_dim(num_features: int, self_interaction: bool = False) -> int:
+  """Gives the output width of `dot_interaction`.
+
+  Args:
+    num_features: N.
+    self_interaction: include the diagonal.
+
+  Returns:
+    `N(N-1)/2`, or `N(N+1)/2` with self-interaction.
+  """
   n = num_features
   return n * (n + 1) // 2 if self_interaction else n * (n - 1) // 2
 
@@ -33,8 +50,8 @@ def _upper_from_flat(z: jax.Array, n: int, self_interaction: bool
                      ) -> jax.Array:
   """`[B, P]` triangle values -> `[B, N, N]` upper-triangular matrices.
 
-  The inverse placement of `triangle_indices`, built from pads and a
-  concatenation rather than a scatter (which XLA runs slowly on CPU).
+  The inverse placement of `triangle_indices`. It is built from pads and a
+  concatenation rather than a scatter, which XLA runs slowly on CPU.
   """
   b = z.shape[0]
   k = 0 if self_interaction else 1
@@ -84,9 +101,13 @@ def dot_interaction(
     self_interaction: include each feature's dot product with itself.
 
   Returns:
-    `[B, N(N-1)/2]` (`[B, N(N+1)/2]` with self-interaction): element
-    `(i, j)`, `i < j` (`i <= j`), in row-major order of the upper triangle,
-    gathered from `X Xᵀ` with the static indices of `triangle_indices`.
+    `[B, N(N-1)/2]`, or `[B, N(N+1)/2]` with self-interaction. It holds the
+    elements `(i, j)` with `i < j` of `X Xᵀ`, or `i <= j` with
+    self-interaction. They come in row-major order of the upper triangle.
+    The static indices of `triangle_indices` gather them.
+
+  Raises:
+    ValueError: if `features` is not three-dimensional.
   """
   if features.ndim != 3:
     raise ValueError(

@@ -42,12 +42,14 @@ class MLPSpec:
   """Typed, validated description of an MLP.
 
   Attributes:
-    hidden_units: width of each layer; the last one is the output width.
-    activation: applied after every layer (also the last): one of ACTIVATIONS.
-    use_bn: batch norm after each linear layer (running statistics at eval).
+    hidden_units: the width of each layer. The last one is the output width.
+    activation: one of ACTIVATIONS. It is applied after every layer, the last
+      one included.
+    use_bn: batch norm after each linear layer. Eval uses running statistics.
     use_ln: layer norm after each linear layer. Exclusive with `use_bn`.
     dropout_ratio: one ratio per layer, in [0, 1).
-    bias: whether the linear layers have a bias (always off under batch norm).
+    bias: whether the linear layers have a bias. It is always off under batch
+      norm.
   """
 
   hidden_units: tuple[int, ...]
@@ -69,7 +71,25 @@ class MLPSpec:
       *,
       path: str = 'mlp',
   ) -> 'MLPSpec':
-    """Builds a spec, raising ValueError that names `path` on bad values."""
+    """Builds a checked spec.
+
+    Args:
+      hidden_units: the width of each layer.
+      activation: an activation name. TorchEasyRec's 'nn.ReLU' spelling is
+        accepted. None or '' means no activation.
+      use_bn: batch norm after each linear layer.
+      use_ln: layer norm after each linear layer.
+      dropout_ratio: one ratio for all layers, or one per layer. None means 0.
+      bias: whether the linear layers have a bias.
+      path: the config path named in errors.
+
+    Returns:
+      The spec.
+
+    Raises:
+      ValueError: if a width, the activation, the normalization or a dropout
+        ratio is invalid.
+    """
     if hidden_units is None or len(hidden_units) == 0:
       raise ValueError(
           f'{path}.hidden_units ({hidden_units!r}) must list at least one layer'
@@ -119,15 +139,16 @@ class MLPSpec:
 
   @property
   def output_dim(self) -> int:
+    """The output width, `hidden_units[-1]`."""
     return self.hidden_units[-1]
 
 
 class MLP(nn.Module):
-  """Stack of (linear, optional BN/LN, activation, dropout) layers.
+  """Stack of layers: linear, optional batch or layer norm, activation, dropout.
 
   Attributes:
     spec: the validated layer description.
-    dtype: computation dtype of the linear layers (parameters stay float32).
+    dtype: the compute dtype of the linear layers. The parameters stay float32.
   """
 
   spec: MLPSpec

@@ -36,16 +36,16 @@ from dlrm_jax.data import features as features_lib
 
 @dataclasses.dataclass(frozen=True)
 class AdmissionSpec:
-  """The rare-id filter (`config.admission`).
+  """The rare-id filter, from `config.admission`.
 
   Attributes:
-    min_count: ids seen fewer times than this read the shared row (0 or 1:
-      off).
-    oov_row: the shared row of every admitted feature's table.
-    depth: count-min sketch rows (hash functions).
-    width: counters per sketch row.
-    features: names of the features to filter; empty: every id feature
-      without managed collisions.
+    min_count: ids seen fewer times than this read the shared row. 0 or 1
+      turns the filter off.
+    oov_row: the shared row of every filtered feature's table.
+    depth: the count-min sketch rows, one hash function each.
+    width: the counters per sketch row.
+    features: the names of the features to filter. Empty means every id
+      feature without managed collisions.
   """
 
   min_count: int = 0
@@ -56,7 +56,15 @@ class AdmissionSpec:
 
 
 class CountMinSketch:
-  """`depth` x `width` uint32 counters of uint32 keys (seeded by row)."""
+  """A count-min sketch of uint32 keys, with a seed per row.
+
+  Args:
+    depth: the rows, one hash function each.
+    width: the counters per row.
+
+  Attributes:
+    counts: the `[depth, width]` uint32 counters.
+  """
 
   def __init__(self, depth: int, width: int):
     self.counts = np.zeros((depth, width), np.uint32)
@@ -72,18 +80,52 @@ class CountMinSketch:
     return (h % np.uint32(width)).astype(np.int64)
 
   def add(self, keys: np.ndarray, salt: int) -> None:
+    """Counts keys, one increment per key and row.
+
+    Args:
+      keys: the keys. Repeats count once each.
+      salt: a salt of the hashes, such as the feature index.
+    """
     cells = self._cells(keys, salt)
     for d in range(self.counts.shape[0]):
       np.add.at(self.counts[d], cells[d], np.uint32(1))
 
   def estimate(self, keys: np.ndarray, salt: int) -> np.ndarray:
+    """Estimates the counts of keys.
+
+    Args:
+      keys: the keys.
+      salt: the salt that `add` used.
+
+    Returns:
+      The uint32 estimates, one per key. They never under-count.
+    """
     cells = self._cells(keys, salt)
     rows = np.arange(self.counts.shape[0])[:, None]
     return self.counts[rows, cells].min(axis=0)
 
 
 class IdAdmission:
-  """Maps ids seen fewer than `spec.min_count` times to `spec.oov_row`."""
+  """Maps ids seen fewer than `spec.min_count` times to `spec.oov_row`.
+
+  Args:
+    spec: the filter.
+    transform: the feature transform of the batches.
+    process_index: this process.
+    process_count: the processes of the run. Each counts every process's ids.
+
+  Attributes:
+    spec: the filter.
+    process_index: this process.
+    process_count: the processes of the run.
+    sketch: the `CountMinSketch` of the counts.
+    columns: `(feature index, first id column, columns)` of each filtered
+      feature.
+
+  Raises:
+    ValueError: if `spec.features` names an unknown feature, or if
+      `spec.oov_row` is outside a filtered feature's rows.
+  """
 
   def __init__(self, spec: AdmissionSpec,
                transform: features_lib.FeatureTransform, *,
@@ -131,24 +173,39 @@ class IdAdmission:
     return dict(batch, ids=ids)
 
   def train(self, batch: dict[str, Any]) -> dict[str, Any]:
-    """Counts a training batch's ids, then maps the rare ones."""
+    """Counts a training batch's ids, then maps the rare ones.
+
+    Args:
+      batch: a host batch with `[B, T]` 'ids'.
+
+    Returns:
+      A copy of the batch with the rare ids set to `oov_row`.
+    """
     return self._map(batch, count=True)
 
   def eval(self, batch: dict[str, Any]) -> dict[str, Any]:
-    """Maps an eval/serving batch's rare ids without counting them."""
+    """Maps an eval or serving batch's rare ids without counting them.
+
+    Args:
+      batch: a host batch with `[B, T]` 'ids'.
+
+    Returns:
+      A copy of the batch with the rare ids set to `oov_row`.
+    """
     return self._map(batch, count=False)
 
   def admitted_rows(self, transform: features_lib.FeatureTransform,
                     chunk: int = 1 << 20) -> dict[str, np.ndarray]:
     """Which rows of each filtered feature's table are admitted.
 
-    An id is admitted by its count alone, so the filter is, for serving, a
-    fixed mask over the table's rows: the export applies it as `row if
+    An id is admitted by its count alone. So for serving the filter is a
+    fixed mask over the table's rows. The export applies it as `row if
     mask[row] else oov_row`, and scores exactly as `eval` maps.
 
     Args:
       transform: the feature transform the filter was built with.
-      chunk: rows estimated at a time (bounds the memory of big tables).
+      chunk: the rows estimated at a time. It bounds the memory of big
+        tables.
 
     Returns:
       Feature name -> bool `[num_rows]`.
@@ -165,9 +222,18 @@ class IdAdmission:
     return out
 
   def state_dict(self) -> dict[str, np.ndarray]:
+    """The arrays to checkpoint: {'counts': the sketch's counters}."""
     return {'counts': self.sketch.counts}
 
   def load_state_dict(self, state: dict[str, Any]) -> None:
+    """Sets the sketch from `state_dict`'s arrays.
+
+    Args:
+      state: the arrays, with 'counts'.
+
+    Raises:
+      ValueError: if the sketch in `state` has another size.
+    """
     counts = np.asarray(state['counts'])
     if counts.shape != self.sketch.counts.shape:
       raise ValueError(
@@ -180,7 +246,17 @@ class IdAdmission:
 def build(spec: AdmissionSpec, transform: features_lib.FeatureTransform, *,
           process_index: int = 0, process_count: int = 1
           ) -> IdAdmission | None:
-  """The admission filter of `spec` (`config.admission`), None when off."""
+  """Builds the admission filter of `config.admission`.
+
+  Args:
+    spec: the filter.
+    transform: the feature transform of the batches.
+    process_index: this process.
+    process_count: the processes of the run.
+
+  Returns:
+    The `IdAdmission`, or None when `spec.min_count` is at most 1.
+  """
   if spec.min_count <= 1:
     return None
   return IdAdmission(spec, transform, process_index=process_index,

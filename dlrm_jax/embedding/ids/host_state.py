@@ -1,13 +1,13 @@
 """A run's host-side id state: managed-collision remappers and admission.
 
 Both map raw ids to table rows on the host, in step order, and change as
-training sees ids; both are saved with every checkpoint (its 'remappers'
-item, `Checkpointer.restore_host_state`) and restored with it, so that a
-resumed run, an evaluation and an export map ids exactly as training did.
-`HostState.of(spec)` builds the empty state of a run; `train` maps a
-training batch (and learns from it), `eval` an eval or serving batch (and
-learns nothing); `export_id_tables` and `admitted_rows` give what the export
-needs to map ids the same way inside its function.
+training sees ids. Both are saved with every checkpoint, as its 'remappers'
+item (`Checkpointer.restore_host_state`), and restored with it. So a resumed
+run, an evaluation and an export map ids exactly as training did.
+`HostState.of(spec)` builds the empty state of a run. `train` maps a training
+batch and learns from it. `eval` maps an eval or serving batch and learns
+nothing. `export_id_tables` and `admitted_rows` give what the export needs to
+map ids the same way inside its function.
 """
 
 from __future__ import annotations
@@ -23,8 +23,13 @@ from dlrm_jax.embedding.ids import remapping
 class HostState:
   """A run's host-side id state.
 
+  Args:
+    remapper: the managed-collision remappers.
+    admission: the rare-id admission filter, or None.
+
   Attributes:
-    remapper: the managed-collision remappers (empty without such features).
+    remapper: the managed-collision remappers. It is empty without such
+      features.
     admission: the rare-id admission filter, None without config.admission.
   """
 
@@ -41,10 +46,11 @@ class HostState:
     """The empty state of a run.
 
     Args:
-      spec: the run's RunSpec (its feature transform and `admission`).
+      spec: the run's RunSpec. Its feature transform and `admission` are
+        used.
       process_index: this process.
-      process_count: the processes of the run (the state sees every
-        process's ids).
+      process_count: the processes of the run. The state sees every
+        process's ids.
 
     Returns:
       Empty remappers and, with rare-id admission, an empty sketch.
@@ -54,10 +60,19 @@ class HostState:
                admission_lib.build(spec.admission, spec.transform, **kw))
 
   def __bool__(self) -> bool:
+    """Whether there is any host-side id state."""
     return bool(self.remapper) or self.admission is not None
 
   def train(self, host_batch: dict[str, Any], step: int) -> dict[str, Any]:
-    """Maps a training batch, updating the state: call in step order."""
+    """Maps a training batch and updates the state. Call it in step order.
+
+    Args:
+      host_batch: a host batch.
+      step: the 0-based training step.
+
+    Returns:
+      The mapped batch.
+    """
     if self.remapper:
       host_batch = self.remapper.train(host_batch, step)
     if self.admission is not None:  # counts ids
@@ -65,7 +80,14 @@ class HostState:
     return host_batch
 
   def eval(self, host_batch: dict[str, Any]) -> dict[str, Any]:
-    """Maps an eval/serving batch without changing the state."""
+    """Maps an eval or serving batch without changing the state.
+
+    Args:
+      host_batch: a host batch.
+
+    Returns:
+      The mapped batch.
+    """
     if 'mc_raw' in host_batch:
       host_batch = self.remapper.eval(host_batch)
     if self.admission is not None:
@@ -73,7 +95,7 @@ class HostState:
     return host_batch
 
   def state_dict(self) -> dict[str, Any] | None:
-    """The arrays to checkpoint; None when there is no state."""
+    """The arrays to checkpoint, or None when there is no state."""
     out = self.remapper.state_dict() if self.remapper else {}
     if self.admission is not None:
       out[self._ADMISSION_KEY] = self.admission.state_dict()
@@ -82,9 +104,12 @@ class HostState:
   def load_state_dict(self, state: dict[str, Any]) -> None:
     """Sets the state from `state_dict`'s arrays.
 
+    Args:
+      state: the arrays.
+
     Raises:
-      ValueError: if the arrays are of another config (no admission sketch,
-        other remappers, another sketch size).
+      ValueError: if the arrays are of another config. That is a missing
+        admission sketch, other remappers or another sketch size.
     """
     if self.remapper:
       self.remapper.load_state_dict(
@@ -100,12 +125,12 @@ class HostState:
     """The managed-collision features' raw id -> row tables, for the export.
 
     Returns:
-      Per feature name: (sorted raw ids as uint32, their rows as int32, the
-      row of ids not in the table: 0).
+      Per feature name, a triple. It holds the sorted raw ids as uint32,
+      their rows as int32, and 0, the row of ids not in the table.
 
     Raises:
-      ValueError: if a feature holds raw ids outside 32 bits (the export's
-        inputs are uint32).
+      ValueError: if a feature holds raw ids outside 32 bits. The export's
+        inputs are uint32.
     """
     tables = {}
     for name, r in self.remapper.remappers.items():
@@ -126,8 +151,8 @@ class HostState:
       spec: the run's RunSpec.
 
     Returns:
-      Per filtered feature: (bool `[num_rows]`, the shared row of the rows
-      not admitted); {} without admission.
+      Per filtered feature, a pair of the bool `[num_rows]` mask and the
+      shared row of the rows not admitted. {} without admission.
     """
     if self.admission is None:
       return {}

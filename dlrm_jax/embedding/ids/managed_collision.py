@@ -53,8 +53,8 @@ def _sorted_unique(
     ids: int64 [N] ids >= 0, N >= 1.
 
   Returns:
-    (order, uniq, counts): ids[order] is ascending: uniq[i] (ascending,
-    distinct) repeated counts[i] times.
+    `(order, uniq, counts)`. `ids[order]` is ascending. It is each `uniq[i]`
+    repeated `counts[i]` times, with `uniq` ascending and distinct.
   """
   n = ids.size
   bits = max((n - 1).bit_length(), 1)
@@ -124,9 +124,9 @@ class ManagedCollisionRemapper:
   """Maps unbounded raw ids of one feature to rows of a bounded table.
 
   Attributes:
-    num_rows: rows of the table, row 0 (missing values) included.
+    num_rows: the rows of the table, row 0 for missing values included.
     policy: the eviction policy, one of POLICIES.
-    name: a name for error messages (e.g. the feature's).
+    name: a name for error messages, such as the feature's.
   """
 
   def __init__(self, num_rows: int, policy: str = 'lru', *, name: str = ''):
@@ -278,26 +278,26 @@ class ManagedCollisionRemapper:
     return victims[order]
 
   def remap(self, raw: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """Maps a batch of raw ids to rows, admitting new ids (may evict).
+    """Maps a batch of raw ids to rows, admitting new ids. It may evict.
 
     Args:
-      raw: integer array of any shape ([B] or [B, L]): values >= 0 are ids,
-        -1 marks a missing value and -2 bag padding.
-      step: the recency clock (the training step); must not decrease between
-        calls. Each id seen gets last_seen = step and its count increased by
-        its occurrences in `raw`.
+      raw: an integer array of any shape, such as `[B]` or `[B, L]`. Values
+        >= 0 are ids. -1 marks a missing value and -2 bag padding.
+      step: the recency clock, the training step. It must not decrease
+        between calls. Each id seen gets last_seen = step, and its count
+        grows by its occurrences in `raw`.
 
     Returns:
-      rows: int32, raw's shape: the row of each id; 0 for missing values and
-        -1 for padding.
-      reset: int32 [R], ascending: the rows (re)assigned in this call, whose
-        embedding and optimizer state the caller must reset.
+      A pair `(rows, reset)`. `rows` is int32 of raw's shape: the row of each
+      id, 0 for missing values and -1 for padding. `reset` is int32 `[R]`,
+      ascending: the rows assigned or reassigned in this call. The caller
+      must reset their embedding and optimizer state.
 
     Raises:
-      ValueError: for ids < -2, a non-integer dtype, a decreasing step, or when
-        the batch holds more distinct new ids than rows can be made available
-        (free rows + live rows not used by this batch). The state is unchanged
-        when it raises.
+      ValueError: for ids < -2, a non-integer dtype or a decreasing step. Also
+        when the batch holds more distinct new ids than rows can be made
+        available, that is free rows plus live rows not used by this batch.
+        The state is unchanged when it raises.
     """
     raw = self._check_raw(raw)
     step = int(step)
@@ -355,14 +355,17 @@ class ManagedCollisionRemapper:
     return out.reshape(raw.shape), reset
 
   def lookup(self, raw: np.ndarray) -> np.ndarray:
-    """Rows of ids without changing any state (eval, serving).
+    """Gives the rows of ids without changing any state, for eval and serving.
 
     Args:
-      raw: integer array of any shape, as for remap().
+      raw: an integer array of any shape, as for `remap`.
 
     Returns:
-      int32 rows, raw's shape: the row of each live id; 0 for unknown ids and
-      missing values; -1 for padding.
+      int32 rows of raw's shape. A live id gets its row. Unknown ids and
+      missing values get 0. Padding gets -1.
+
+    Raises:
+      ValueError: for ids < -2 or a non-integer dtype.
     """
     raw = self._check_raw(raw)
     flat = raw.reshape(-1)
@@ -377,7 +380,7 @@ class ManagedCollisionRemapper:
     return out.reshape(raw.shape)
 
   def live_ids(self) -> dict[int, int]:
-    """Raw id -> row of every live id (for tests and inspection)."""
+    """Raw id -> row of every live id, for tests and inspection."""
     return dict(zip(self._keys.tolist(), self._key_rows.tolist()))
 
   def state_dict(self) -> dict[str, np.ndarray]:
@@ -386,7 +389,7 @@ class ManagedCollisionRemapper:
     Returns:
       num_rows: int64 [], the table's rows.
       policy: int32 [], the policy's index in POLICIES.
-      step: int64 [], the last step remap() was called with (-1: never).
+      step: int64 [], the last step remap() was called with. -1 means never.
       owner: int64 [num_rows], the raw id holding each row, -1 if none.
       last_seen: int64 [num_rows], the step each row's id was last seen.
       count: int64 [num_rows], how many times each row's id was seen since it
@@ -404,7 +407,18 @@ class ManagedCollisionRemapper:
   @classmethod
   def from_state_dict(cls, state: Mapping[str, np.ndarray], *,
                       name: str = '') -> ManagedCollisionRemapper:
-    """A remapper restored from state_dict()'s output."""
+    """Restores a remapper from state_dict()'s output.
+
+    Args:
+      state: arrays as returned by state_dict().
+      name: a name for error messages.
+
+    Returns:
+      The remapper, with the num_rows and policy of `state`.
+
+    Raises:
+      ValueError: if `state` is incomplete or malformed.
+    """
     missing = [key for key in ('num_rows', 'policy') if key not in state]
     if missing:
       raise ValueError(
@@ -423,12 +437,12 @@ class ManagedCollisionRemapper:
     """Restores state_dict()'s output into this remapper.
 
     Args:
-      state: arrays as returned by state_dict() (e.g. after np.savez/np.load
-        or an orbax checkpoint).
+      state: arrays as returned by state_dict(), such as after np.savez and
+        np.load or an orbax checkpoint.
 
     Raises:
-      ValueError: if keys are missing, num_rows or policy differ from this
-        remapper's, or the arrays are malformed.
+      ValueError: if keys are missing, if num_rows or policy differ from this
+        remapper's, or if the arrays are malformed.
     """
     prefix = f'managed-collision remapper {self.name!r}'
     missing = [key for key in _STATE_KEYS if key not in state]

@@ -3,14 +3,14 @@
 A feature with `managed_collision` set reaches the trainer with raw values
 (`batch['mc_raw'][name]`, `[B, 1]` int64, -1 missing) and placeholder ids.
 `BatchRemapper.train` maps them with one `ManagedCollisionRemapper` per
-feature, writes the rows into `batch['ids']` and the rows given to new values
-into `batch['reset']` (`[B, T]`, laid out like the ids, -1 elsewhere), which the
-train step resets (embedding zeroed, optimizer state to its start) before the
-lookup. It runs in the training loop, batch after batch, because the remappers
-keep state; that state goes into the checkpoint, so a resumed run maps ids
-exactly as an uninterrupted one.
+feature. It writes the rows into `batch['ids']`, and the rows given to new
+values into `batch['reset']` (`[B, T]`, laid out like the ids, -1 elsewhere).
+The train step resets those rows before the lookup: embedding zeroed,
+optimizer state back to its start. Remapping runs in the training loop, batch
+after batch, because the remappers keep state. That state goes into the
+checkpoint, so a resumed run maps ids exactly as an uninterrupted one.
 
-With several processes every process sees only its rows of a batch: the raw
+With several processes every process sees only its rows of a batch. The raw
 values of the whole batch are gathered first, so that every process runs the
 same remapping and keeps its own rows.
 """
@@ -26,7 +26,20 @@ from dlrm_jax.embedding.ids.managed_collision import ManagedCollisionRemapper
 
 
 class BatchRemapper:
-  """The remappers of a model's managed-collision features."""
+  """The remappers of a model's managed-collision features.
+
+  Args:
+    transform: the feature transform of the batches.
+    process_index: this process.
+    process_count: the processes of the run.
+
+  Attributes:
+    transform: the feature transform.
+    process_index: this process.
+    process_count: the processes of the run.
+    remappers: the `ManagedCollisionRemapper` of each managed-collision
+      feature, by name.
+  """
 
   def __init__(self, transform: features_lib.FeatureTransform, *,
                process_index: int = 0, process_count: int = 1):
@@ -42,6 +55,7 @@ class BatchRemapper:
         self._columns[f.name] = off
 
   def __bool__(self) -> bool:
+    """Whether there is any managed-collision feature."""
     return bool(self.remappers)
 
   def _global(self, raw: np.ndarray) -> np.ndarray:
@@ -57,7 +71,17 @@ class BatchRemapper:
     return rows[self.process_index * per:(self.process_index + 1) * per]
 
   def train(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
-    """Maps a training batch's raw values (updating the remappers)."""
+    """Maps a training batch's raw values and updates the remappers.
+
+    Args:
+      batch: a host batch with 'ids' and 'mc_raw'.
+      step: the 0-based training step.
+
+    Returns:
+      A new batch without 'mc_raw'. Its 'ids' hold the mapped rows. Its
+      `[B, T]` int32 'reset' holds the rows given to new values, -1
+      elsewhere. Without remappers, `batch` itself.
+    """
     if not self.remappers:
       return batch
     batch = dict(batch)
@@ -69,9 +93,9 @@ class BatchRemapper:
       raw = self._global(raw_all[name])
       rows, fresh = remapper.remap(raw, step)
       ids[:, col] = self._local(rows)[:, 0]
-      # The rows to reset, once each over the whole batch (there are at most
-      # as many as new values, so at most one per example), each process
-      # taking its share of them.
+      # The rows to reset, once each over the whole batch. There are at most
+      # as many as new values, so at most one per example. Each process
+      # takes its share of them.
       column = np.full(raw.shape[0], -1, np.int32)
       column[:len(fresh)] = fresh
       reset[:, col] = self._local(column)
@@ -80,8 +104,17 @@ class BatchRemapper:
     return batch
 
   def eval(self, batch: dict[str, Any]) -> dict[str, Any]:
-    """Maps an eval or serving batch without changing any state (unknown
-    values read the missing row)."""
+    """Maps an eval or serving batch without changing any state.
+
+    Unknown values read the missing row.
+
+    Args:
+      batch: a host batch with 'ids' and 'mc_raw'.
+
+    Returns:
+      A new batch without 'mc_raw', its 'ids' holding the mapped rows.
+      Without remappers, `batch` itself.
+    """
     if not self.remappers:
       return batch
     batch = dict(batch)
@@ -93,9 +126,19 @@ class BatchRemapper:
     return batch
 
   def state_dict(self) -> dict[str, dict[str, np.ndarray]]:
+    """The arrays to checkpoint: each remapper's state, by feature name."""
     return {name: r.state_dict() for name, r in self.remappers.items()}
 
   def load_state_dict(self, state: dict[str, Any]) -> None:
+    """Sets every remapper from `state_dict`'s arrays.
+
+    Args:
+      state: each remapper's arrays, by feature name.
+
+    Raises:
+      ValueError: if `state` lacks a remapper of this model, or if a
+        remapper rejects its arrays.
+    """
     missing = set(self.remappers) - set(state)
     if missing:
       raise ValueError(
@@ -105,4 +148,5 @@ class BatchRemapper:
 
   @property
   def feature_names(self) -> Sequence[str]:
+    """The names of the managed-collision features."""
     return tuple(self.remappers)

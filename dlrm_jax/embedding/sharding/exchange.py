@@ -92,37 +92,94 @@ Axes = str | tuple[str, ...]
 
 
 class Comm:
-  """Collectives over a ('data', 'model') mesh, for use inside shard_map."""
+  """Collectives over a ('data', 'model') mesh, for use inside shard_map.
+
+  A collective over axes of total size 1 is skipped.
+
+  Args:
+    mesh: the mesh.
+
+  Attributes:
+    shape: the size of each mesh axis, by name.
+    num_devices: the devices of the mesh.
+  """
 
   def __init__(self, mesh: Mesh):
     self.shape = {a: int(mesh.shape[a]) for a in BATCH_AXES}
     self.num_devices = int(mesh.devices.size)
 
   def size(self, axes) -> int:
+    """Gives the number of devices along some mesh axes.
+
+    Args:
+      axes: an axis name or a tuple of them.
+
+    Returns:
+      The product of their sizes.
+    """
     axes = (axes,) if isinstance(axes, str) else axes
     return int(np.prod([self.shape[a] for a in axes]))
 
   def index(self, axis: str) -> jax.Array:
+    """Gives this device's index along a mesh axis.
+
+    Args:
+      axis: the axis name.
+
+    Returns:
+      An int32 scalar. It is the constant 0 on an axis of size 1.
+    """
     return jnp.int32(0) if self.size(axis) == 1 else jax.lax.axis_index(axis)
 
   def all_gather(self, x: jax.Array, axes) -> jax.Array:
-    """Tiled all-gather along dim 0."""
+    """All-gathers along dim 0, tiled.
+
+    Args:
+      x: this device's block.
+      axes: the mesh axes to gather over.
+
+    Returns:
+      The blocks of all devices along `axes`, concatenated on dim 0.
+    """
     if self.size(axes) == 1:
       return x
     return jax.lax.all_gather(x, axes, axis=0, tiled=True)
 
   def psum_scatter(self, x: jax.Array, axes) -> jax.Array:
-    """Tiled reduce-scatter along dim 0."""
+    """Reduce-scatters along dim 0, tiled.
+
+    Args:
+      x: this device's full-size partial sums.
+      axes: the mesh axes to reduce over.
+
+    Returns:
+      This device's block of the sums along dim 0.
+    """
     if self.size(axes) == 1:
       return x
     return jax.lax.psum_scatter(x, axes, scatter_dimension=0, tiled=True)
 
   def psum(self, x: jax.Array, axes) -> jax.Array:
+    """Sums over mesh axes.
+
+    Args:
+      x: this device's value.
+      axes: the mesh axes to sum over.
+
+    Returns:
+      The sum, on every device along `axes`.
+    """
     return x if self.size(axes) == 1 else jax.lax.psum(x, axes)
 
   def all_to_all(self, x: jax.Array) -> jax.Array:
-    """Over 'model', along dim 1: block d of `S` goes to shard d, and block d
-    of the result came from shard d."""
+    """Exchanges blocks over 'model', along dim 1.
+
+    Args:
+      x: S blocks along dim 1. Block d goes to shard d.
+
+    Returns:
+      S blocks along dim 1. Block d came from shard d.
+    """
     if self.size(MODEL) == 1:
       return x
     return jax.lax.all_to_all(x, MODEL, 1, 1, tiled=True)
@@ -134,14 +191,16 @@ class Comm:
 
 def _dedup(idx: jax.Array, fill: int, size: int
            ) -> tuple[jax.Array, jax.Array]:
-  """Fixed-size unique: `[M]` ids <= fill -> (`[size]` sorted unique ids
-  padded with `fill`, `[M]` position of each id among them); `size` must be
-  at least the number of distinct ids.
+  """Fixed-size unique of `[M]` ids, each <= fill.
 
-  Equivalent to `jnp.unique(idx, size=size, fill_value=fill,
-  return_inverse=True)`, but built from a plain sort and a binary search,
-  which XLA runs several times faster on CPU than the two-operand sort
-  behind `jnp.unique`'s inverse.
+  Returns the `[size]` sorted unique ids padded with `fill`, and the `[M]`
+  position of each id among them. `size` must be at least the number of
+  distinct ids.
+
+  It equals `jnp.unique(idx, size=size, fill_value=fill,
+  return_inverse=True)`. But it is built from a plain sort and a binary
+  search. XLA runs those several times faster on CPU than the two-operand
+  sort behind `jnp.unique`'s inverse.
   """
   s = jnp.sort(idx)
   is_new = jnp.concatenate([jnp.ones((1,), bool), s[1:] != s[:-1]])
@@ -154,31 +213,47 @@ def _dedup(idx: jax.Array, fill: int, size: int
 
 def dedup_sum(idx: jax.Array, grads: jax.Array, fill: int
               ) -> tuple[jax.Array, jax.Array]:
-  """`[M]` local rows (`fill`: none) and `[M, G]` gradients -> the unique rows
-  (`[U]`, U = min(M, fill + 1), padded with `fill`) and `[U, G]` sums."""
+  """Sums the gradients of repeated rows.
+
+  Args:
+    idx: `[M]` local rows. `fill` means none.
+    grads: `[M, G]` gradients.
+    fill: the padding row, usually C.
+
+  Returns:
+    The `[U]` unique rows, padded with `fill`, and their `[U, G]` summed
+    gradients. U is `min(M, fill + 1)`.
+  """
   size = min(idx.shape[0], fill + 1)
   uniq, inv = _dedup(idx, fill, size)
   return uniq, jax.ops.segment_sum(grads, inv, num_segments=size)
 
 
 def _read_rows(table: jax.Array, idx: jax.Array, dtype: str) -> jax.Array:
-  """`[...]` local rows (>= C: zero) of a stored `[C, W]` table of logical
-  `dtype` -> `[..., W]` float32 values (16-bit tables are stored as uint16
-  and only the gathered rows are converted: `rounding.storage_dtype`)."""
+  """Gathers `[..., W]` float32 rows of a stored `[C, W]` table.
+
+  Rows >= C read as zero. 16-bit tables are stored as uint16, and only the
+  gathered rows are converted. See `rounding.storage_dtype`.
+  """
   return rounding.rows_to_float32(
       table.at[idx].get(mode='fill', fill_value=0), dtype)
 
 
 def _route_weights(r: routing.Routing, valid: jax.Array):
-  """`[X, L]` valid ids of a route -> their `[X, L]` float32 pooling weights,
-  or None when every bag holds one id."""
+  """Gives the `[X, L]` float32 pooling weights of a route's valid ids.
+
+  Returns None when every bag holds one id.
+  """
   return (pooling.bag_weights(valid, r.widths, r.combiners)
           if any(w > 1 for w in r.widths) else None)
 
 
 def _valid_cols(r: routing.Routing, ids: jax.Array):
-  """`[X, T]` packed ids -> (`[X, L]` valid mask of a route's columns, the
-  ids with invalid ones read as row 0)."""
+  """Takes a route's columns of `[X, T]` packed ids.
+
+  Returns the `[X, L]` valid mask and the ids, with invalid ones read as
+  row 0.
+  """
   cols = routing.take_cols(ids, r.cols, r.col_slice)
   valid = (cols >= 0) & (cols < r.num_rows)
   return valid, jnp.where(valid, cols, 0)
@@ -191,21 +266,23 @@ def _valid_cols(r: routing.Routing, ids: jax.Array):
 class SegmentExchange(abc.ABC):
   """Lookups and gradient routing of some of a stack's segments, per device.
 
-  A subclass is one way of serving segments (see the module docstring) and
-  says which segments it serves (`serves`); `EXCHANGES` lists them.
+  A subclass is one way of serving segments, as the module docstring
+  describes. Its `serves` says which segments it serves. `EXCHANGES` lists
+  the subclasses.
 
   Attributes:
     kind: the way's name.
     replicas: the mesh axes over which devices hold the same rows of these
       segments and must make the same update.
     dense_sum: whether an update may all-reduce a dense `[C, G + 1]`
-      gradient over `replicas`, where that moves less than the deduplicated
-      (row, gradient) pairs.
-    reset_gather: the mesh axes the rows `rows_to_reset` returns are then
-      all-gathered over, so that every replica resets the same rows.
+      gradient over `replicas`. It does so where that moves less than the
+      deduplicated row and gradient pairs.
+    reset_gather: the mesh axes over which the rows from `rows_to_reset` are
+      then all-gathered. So every replica resets the same rows.
     stack: the stack.
     segs: the positions of the served segments in `stack.segments`.
     comm: the mesh's collectives.
+    num_shards: S, the model shards.
 
   Args:
     stack: the stack.
@@ -243,7 +320,7 @@ class SegmentExchange(abc.ABC):
     """
 
   def shard_index(self) -> jax.Array:
-    """The block of the stack this device holds (its model shard)."""
+    """The block of the stack that this device holds, its model shard."""
     return self.comm.index(MODEL)
 
   def _rows(self, table: jax.Array, idx: jax.Array) -> jax.Array:
@@ -272,24 +349,30 @@ class SegmentExchange(abc.ABC):
         stack's segments.
 
     Returns:
-      `[M]` local rows (C: none) and their `[M, G]` gradients (combiner
-      weights applied).
+      `[M]` local rows and their `[M, G]` gradients. C means none. The
+      combiner weights are applied.
     """
 
   @abc.abstractmethod
   def rows_to_reset(self, rows: jax.Array) -> jax.Array:
-    """The rows held here that the served segments' devices name.
+    """Finds the rows held here that the served segments' devices name.
 
     Args:
-      rows: `[B_l, T]` rows named like packed ids (-1: none).
+      rows: `[B_l, T]` rows named like packed ids. -1 means none.
 
     Returns:
-      `[M]` local rows (C: none), before the gather over `reset_gather`.
+      `[M]` local rows, before the gather over `reset_gather`. C means none.
     """
 
 
 class ReplicatedExchange(SegmentExchange):
-  """Segments of a replicated stack: local lookups (module docstring)."""
+  """Segments of a replicated stack, looked up locally.
+
+  See the module docstring.
+
+  Attributes:
+    routing: the per-column `routing.Routing` of the served segments.
+  """
 
   kind = 'replicated'
   replicas = BATCH_AXES
@@ -302,20 +385,43 @@ class ReplicatedExchange(SegmentExchange):
 
   @classmethod
   def serves(cls, stack, seg, num_shards) -> bool:
+    """Serves every segment of a replicated stack.
+
+    Args:
+      stack: the stack holding the segment.
+      seg: the segment.
+      num_shards: S.
+
+    Returns:
+      Whether the stack is replicated.
+    """
     return stack.replicated
 
   def shard_index(self) -> jax.Array:
+    """Block 0: every device holds the whole stack."""
     return jnp.int32(0)
 
   def _route(self, ids: jax.Array):
-    """`[X, T]` packed ids -> (`[X, L]` local rows, C where invalid; their
-    `[X, L]` pooling weights or None)."""
+    """Routes `[X, T]` packed ids to local rows.
+
+    Returns the `[X, L]` local rows, C where invalid, and their `[X, L]`
+    pooling weights or None.
+    """
     r = self.routing
     valid, safe = _valid_cols(r, ids)
     local = jnp.where(valid, r.offsets[:, 0] + safe, self.stack.capacity)
     return local, _route_weights(r, valid)
 
   def lookup(self, table, ids):
+    """Pools rows of the local copy.
+
+    Args:
+      table: `[C, W]` rows, the full copy.
+      ids: `[B_l, T]` packed ids of this device's examples.
+
+    Returns:
+      `[B_l, K, W]` float32, segments in the order of `segs`.
+    """
     idx, wts = self._route(ids)
     rows = self._rows(table, idx)
     if wts is not None:
@@ -323,6 +429,15 @@ class ReplicatedExchange(SegmentExchange):
     return pooling.bag_sums(rows, self.routing.widths)
 
   def grads_here(self, ids, grads):
+    """Expands this device's pooled gradients to its ids.
+
+    Args:
+      ids: `[B_l, T]` packed ids of this device's examples.
+      grads: `[B_l, n_seg, G]` gradients of the pooled embeddings.
+
+    Returns:
+      `[M]` local rows and their `[M, G]` weighted gradients. C means none.
+    """
     g = grads.shape[-1]
     idx, w = self._route(ids)
     if w is not None:
@@ -331,6 +446,14 @@ class ReplicatedExchange(SegmentExchange):
     return idx.reshape(-1), grads.reshape(-1, g)
 
   def rows_to_reset(self, rows):
+    """Gathers the rows that any device names, over the whole mesh.
+
+    Args:
+      rows: `[B_l, T]` rows named like packed ids. -1 means none.
+
+    Returns:
+      `[M]` local rows. C means none.
+    """
     local, _ = self._route(self.comm.all_gather(rows, BATCH_AXES))
     return local.reshape(-1)
 
@@ -342,8 +465,15 @@ def _over_every_shard(seg: plan_lib.Segment, num_shards: int) -> bool:
 
 
 class RowWiseExchange(SegmentExchange):
-  """Segments whose rows are split over every model shard: all-gather and
-  reduce-scatter over 'model' (module docstring)."""
+  """Segments whose rows are split over every model shard.
+
+  They use an all-gather and a reduce-scatter over 'model'. See the module
+  docstring.
+
+  Attributes:
+    routing: the per-column `routing.Routing` of the served segments.
+    seg_index: `[K]` int32 positions of the served segments.
+  """
 
   kind = 'row_wise'
 
@@ -354,11 +484,25 @@ class RowWiseExchange(SegmentExchange):
 
   @classmethod
   def serves(cls, stack, seg, num_shards) -> bool:
+    """Serves the segments of a sharded stack split over every shard.
+
+    Args:
+      stack: the stack holding the segment.
+      seg: the segment.
+      num_shards: S.
+
+    Returns:
+      Whether the stack is sharded and the segment's rows are split over
+      every model shard.
+    """
     return not stack.replicated and _over_every_shard(seg, num_shards)
 
   def _route(self, ids: jax.Array, my: jax.Array):
-    """`[X, T]` packed ids -> (`[X, L]` local rows, C where not held here or
-    invalid; their `[X, L]` pooling weights or None)."""
+    """Routes `[X, T]` packed ids to the local rows of shard `my`.
+
+    Returns the `[X, L]` local rows, C where not held here or invalid, and
+    their `[X, L]` pooling weights or None.
+    """
     r = self.routing
     valid, safe = _valid_cols(r, ids)
     off = jnp.take(jnp.asarray(r.offsets), my, axis=1)
@@ -367,6 +511,15 @@ class RowWiseExchange(SegmentExchange):
     return local, _route_weights(r, valid)
 
   def lookup(self, table, ids):
+    """Pools the model group's ids on the rows held here and reduce-scatters.
+
+    Args:
+      table: `[C, W]` rows held here.
+      ids: `[B_l, T]` packed ids of this device's examples.
+
+    Returns:
+      `[B_l, K, W]` float32, segments in the order of `segs`.
+    """
     idx, wts = self._route(self.comm.all_gather(ids, MODEL),
                            self.shard_index())
     rows = self._rows(table, idx)
@@ -376,6 +529,15 @@ class RowWiseExchange(SegmentExchange):
                                   MODEL)
 
   def grads_here(self, ids, grads):
+    """All-gathers the model group's ids and gradients, keeps those held here.
+
+    Args:
+      ids: `[B_l, T]` packed ids of this device's examples.
+      grads: `[B_l, n_seg, G]` gradients of the pooled embeddings.
+
+    Returns:
+      `[M]` local rows and their `[M, G]` weighted gradients. C means none.
+    """
     g = grads.shape[-1]
     ids_grp = self.comm.all_gather(ids, MODEL)
     g_grp = self.comm.all_gather(
@@ -388,17 +550,27 @@ class RowWiseExchange(SegmentExchange):
     return idx.reshape(-1), g_grp.reshape(-1, g)
 
   def rows_to_reset(self, rows):
+    """All-gathers the model group's rows and keeps those held here.
+
+    Args:
+      rows: `[B_l, T]` rows named like packed ids. -1 means none.
+
+    Returns:
+      `[M]` local rows. C means none.
+    """
     local, _ = self._route(self.comm.all_gather(rows, MODEL),
                            self.shard_index())
     return local.reshape(-1)
 
 
 class OwnedExchange(SegmentExchange):
-  """Segments held by some model shards (table-wise, column-wise and
-  table-row-wise pieces): all-to-all over 'model' (module docstring).
+  """Segments held by some of the model shards, served by all-to-all.
+
+  These are table-wise, column-wise and table-row-wise pieces. See the module
+  docstring.
 
   Attributes:
-    plan: the all-to-all plan (`routing.Owned`).
+    plan: the all-to-all plan, a `routing.Owned`.
   """
 
   kind = 'owned'
@@ -409,11 +581,25 @@ class OwnedExchange(SegmentExchange):
 
   @classmethod
   def serves(cls, stack, seg, num_shards) -> bool:
+    """Serves the segments of a sharded stack not split over every shard.
+
+    Args:
+      stack: the stack holding the segment.
+      seg: the segment.
+      num_shards: S.
+
+    Returns:
+      Whether the stack is sharded and the segment is held by some shards
+      only.
+    """
     return not stack.replicated and not _over_every_shard(seg, num_shards)
 
   def _send_rows(self, ids: jax.Array) -> jax.Array:
-    """`[B_l, T]` -> `[B_l, S * L]` rows on each owner (C: nothing; C + 1:
-    a valid id whose row another shard of the group holds)."""
+    """Maps `[B_l, T]` ids to `[B_l, S * L]` rows on each owner.
+
+    C means nothing. C + 1 is a valid id whose row another shard of the
+    group holds.
+    """
     o = self.plan
     x = routing.take_cols(ids, o.cols.ravel(), o.col_slice)
     valid = (x >= 0) & (x < o.num_rows.ravel())
@@ -426,8 +612,10 @@ class OwnedExchange(SegmentExchange):
                      jnp.where(valid, cap + 1, cap))
 
   def _owner_weights(self, local: jax.Array, my: jax.Array):
-    """Owner side: `[X, S * L]` received rows -> `[X, S, L]` weights of the
-    ids in their bags (None when only valid masks would be needed)."""
+    """Owner side: the `[X, S, L]` weights of received `[X, S * L]` rows.
+
+    Returns None when only valid masks would be needed.
+    """
     o = self.plan
     s, n_cols = o.cols.shape
     valid = (local != self.stack.capacity).reshape(-1, s, n_cols)
@@ -468,8 +656,10 @@ class OwnedExchange(SegmentExchange):
     return out.reshape(x, -1, w)
 
   def _owner_expand(self, grads: jax.Array, weights, my) -> jax.Array:
-    """The transpose of `_owner_pool`: `[X, S * N, G]` bag gradients ->
-    `[X, S * L, G]` id gradients."""
+    """The transpose of `_owner_pool`.
+
+    It maps `[X, S * N, G]` bag gradients to `[X, S * L, G]` id gradients.
+    """
     o = self.plan
     if not o.multi:
       return grads
@@ -488,6 +678,15 @@ class OwnedExchange(SegmentExchange):
     return out.reshape(x, -1, g)
 
   def lookup(self, table, ids):
+    """Sends ids to their owners, pools there and sends the sums back.
+
+    Args:
+      table: `[C, W]` rows held here.
+      ids: `[B_l, T]` packed ids of this device's examples.
+
+    Returns:
+      `[B_l, K, W]` float32, segments in the order of `segs`.
+    """
     o, my = self.plan, self.shard_index()
     local = self.comm.all_to_all(self._send_rows(ids))
     rows = self._rows(table, local)
@@ -503,6 +702,15 @@ class OwnedExchange(SegmentExchange):
     return back
 
   def grads_here(self, ids, grads):
+    """Sends ids and pooled gradients to their owners and expands them there.
+
+    Args:
+      ids: `[B_l, T]` packed ids of this device's examples.
+      grads: `[B_l, n_seg, G]` gradients of the pooled embeddings.
+
+    Returns:
+      `[M]` local rows and their `[M, G]` weighted gradients. C means none.
+    """
     o, my = self.plan, self.shard_index()
     g = grads.shape[-1]
     local = self.comm.all_to_all(self._send_rows(ids))
@@ -518,12 +726,20 @@ class OwnedExchange(SegmentExchange):
     return local.reshape(-1), g_ids.reshape(-1, g)
 
   def rows_to_reset(self, rows):
+    """Sends the named rows to their owners by all-to-all.
+
+    Args:
+      rows: `[B_l, T]` rows named like packed ids. -1 means none.
+
+    Returns:
+      `[M]` local rows. C means none.
+    """
     local = self.comm.all_to_all(self._send_rows(rows))
     return jnp.minimum(local, self.stack.capacity).reshape(-1)
 
 
-# The ways, in the order a stack's parts are combined (owned before
-# row-wise: the order of the concatenations in the compiled step).
+# The ways, in the order in which a stack's parts are combined. Owned comes
+# before row-wise, the order of the concatenations in the compiled step.
 EXCHANGES: tuple[type[SegmentExchange], ...] = (
     ReplicatedExchange, OwnedExchange, RowWiseExchange)
 
@@ -566,19 +782,24 @@ class StackExchange:
     stack: the stack.
     parts: one `SegmentExchange` per way its segments are served, in the
       order of `EXCHANGES`.
-    full_width: F, the width of the full-width gradients `update` takes
-      (0: none).
+    full_width: F, the width of the full-width gradients that `update`
+      takes. 0 means none.
+    tables: the table specs.
+    comm: the mesh's collectives.
+    num_shards: S, the model shards.
+    n_seg: the number of the stack's segments.
+    dims: the embedding dim of each segment's feature.
 
   Args:
     stack: the stack.
     feature_dims: the embedding dim of every feature.
-    tables: the table specs (dims; names seed stochastic rounding).
+    tables: the table specs. Their names seed stochastic rounding.
     num_columns: T, the packed id columns.
     comm: the mesh's collectives.
 
   Raises:
-    ValueError: if the stack's parts disagree on where its rows are held
-      (a stack is replicated or sharded as a whole).
+    ValueError: if the stack's parts disagree on where its rows are held.
+      A stack is replicated or sharded as a whole.
   """
 
   def __init__(self, stack: plan_lib.Stack, feature_dims: Sequence[int],
@@ -614,7 +835,7 @@ class StackExchange:
 
   @property
   def owned(self) -> routing.Owned | None:
-    """The all-to-all plan of the owned segments (None: there are none)."""
+    """The all-to-all plan of the owned segments, or None without any."""
     for p in self.parts:
       if isinstance(p, OwnedExchange):
         return p.plan
@@ -627,11 +848,13 @@ class StackExchange:
     """The rows to reset that this device holds.
 
     Args:
-      rows: `[B_l, T]` rows named like packed ids (-1: none) on each device.
+      rows: `[B_l, T]` rows named like packed ids on each device. -1 means
+        none.
 
     Returns:
-      `[M]` local rows held here that some device names (C: none), sent the
-      way lookups send ids: every replica of a shard gets the same rows.
+      `[M]` local rows held here that some device names. C means none. They
+      are sent the way lookups send ids. Every replica of a shard gets the
+      same rows.
     """
     idx = _concat([p.rows_to_reset(rows) for p in self.parts])
     return self.comm.all_gather(idx, self.parts[0].reset_gather)
@@ -659,31 +882,39 @@ class StackExchange:
 
   def _grads_here(self, ids: jax.Array, grads: jax.Array
                   ) -> tuple[jax.Array, jax.Array]:
-    """`[B_l, T]` ids and `[B_l, n_seg, G]` pooled gradients -> the ids this
-    device holds among those it serves (`[M]` local rows, C for none) and
-    their `[M, G]` gradients."""
+    """Gathers the ids this device holds among those it serves.
+
+    Takes `[B_l, T]` ids and `[B_l, n_seg, G]` pooled gradients. Returns `[M]`
+    local rows, C for none, and their `[M, G]` gradients.
+    """
     idx, g = zip(*[p.grads_here(ids, grads) for p in self.parts])
     return _concat(idx), _concat(g)
 
   def _sgd_scatter_add(self) -> bool:
-    """Plain SGD is linear in the gradient: where no other device must make
-    the same update, a scatter-add sums repeated ids itself, with no
-    deduplication. (Low-precision tables, and SGD with weight decay, take
-    the dedup + float32 sum + one rounding path: `optimizers.scatter_add_ok`.)"""
+    """Whether the update may skip deduplication and scatter-add.
+
+    Plain SGD is linear in the gradient. Where no other device must make the
+    same update, a scatter-add sums repeated ids itself. Low-precision tables
+    and SGD with weight decay take the path of dedup, float32 sum and one
+    rounding. See `optimizers.scatter_add_ok`.
+    """
     shared = self.comm.size(self.parts[0].replicas) > 1
     return optimizers.scatter_add_ok(self.stack.optimizer,
                                      self.stack.dtype) and not shared
 
   def _combine(self, idx: jax.Array, g: jax.Array
                ) -> tuple[jax.Array, jax.Array]:
-    """`[M]` rows and `[M, G]` gradients of this device -> the unique rows
-    every device holding them must update and their summed gradients."""
+    """Combines this device's `[M]` rows and `[M, G]` gradients over replicas.
+
+    Returns the unique rows that every device holding them must update, and
+    their summed gradients.
+    """
     cap = self.stack.capacity
     comm = self.comm
     replicas = self.parts[0].replicas
     n = comm.size(replicas)
     # Per device, a ring all-reduce of the dense [C, G + 1] sums sends
-    # 2 (n-1)/n C rows; an all-gather of the deduplicated pairs (n-1) U.
+    # 2 (n-1)/n C rows. An all-gather of the deduplicated pairs sends (n-1) U.
     if (self.parts[0].dense_sum and n > 1 and
         2 * cap <= n * min(idx.shape[0], cap + 1)):
       ones = jnp.ones((g.shape[0], 1), g.dtype)
@@ -700,8 +931,11 @@ class StackExchange:
     return uniq, g_sum
 
   def _pieces_at(self, rows: jax.Array):
-    """`[U]` local rows -> (this device's `initialization.piece_tables`,
-    `[U]` the piece each row lies in)."""
+    """Finds the piece of each of `[U]` local rows.
+
+    Returns this device's `initialization.piece_tables` and the `[U]` piece
+    index of each row.
+    """
     arrs = initialization.piece_tables(self.stack, self.tables,
                                        self.num_shards)
     piece = {k: jnp.asarray(v)[self._shard_index()] for k, v in arrs.items()}
@@ -722,8 +956,8 @@ class StackExchange:
       slots: their optimizer state.
       ids: `[B_l, T]` ids of this device's examples.
       grads: `[B_l, n_seg, W]` float32 gradients of the pooled embeddings.
-      full_grads: `[B_l, n_seg, F]` full-width gradients (F =
-        `self.full_width`), or None when `self.full_width` is 0.
+      full_grads: `[B_l, n_seg, F]` full-width gradients, with F
+        `self.full_width`. None when `self.full_width` is 0.
       lr: the learning rate.
       step: the 0-based step.
 
@@ -755,11 +989,13 @@ class StackExchange:
 
   def _to_storage(self, rows: jax.Array, uniq: jax.Array,
                   step: jax.Array) -> jax.Array:
-    """Updated `[U, W]` float32 rows at local rows `uniq` in the table's
-    stored form: bfloat16/float16 tables stochastically rounded, hashed on
-    (table, step, logical row, logical column), so every replica, plan and
-    mesh draws the same bits for the same element, then as their uint16
-    patterns (`rounding.to_storage`)."""
+    """Casts updated `[U, W]` float32 rows at local rows `uniq` to storage.
+
+    bfloat16 and float16 tables are rounded stochastically. The bits hash the
+    table, step, logical row and logical column. So every replica, plan and
+    mesh draws the same bits for the same element. The rows are then kept as
+    uint16 patterns, by `rounding.to_storage`.
+    """
     dtype = jnp.dtype(self.stack.dtype)
     if dtype == jnp.float32:
       return rows
@@ -777,17 +1013,23 @@ class StackExchange:
 
 def _store_rows(table: jax.Array, rows: jax.Array, new_rows: jax.Array
                 ) -> jax.Array:
-  """Writes `[U, ...]` `new_rows` at unique local `rows` (those >= the
-  table's rows are dropped), cast to the table's dtype (16-bit tables get
-  rows already in their stored form: `StackExchange._to_storage`). The one
-  place updated rows are written back."""
+  """Writes `[U, ...]` `new_rows` at unique local `rows`.
+
+  Rows >= the table's rows are dropped. Values are cast to the table's dtype.
+  16-bit tables get rows already in their stored form, from
+  `StackExchange._to_storage`. This is the one place where updated rows are
+  written back.
+  """
   return table.at[rows].set(new_rows.astype(table.dtype), mode='drop',
                             unique_indices=True)
 
 
 def _sgd_store(table: jax.Array, rows: jax.Array, grads: jax.Array,
                lr: jax.Array) -> jax.Array:
-  """Plain SGD by scatter-add: `[M]` rows (repeats allowed, >= the table's
-  rows dropped), `[M, W]` float32 gradients."""
+  """Plain SGD by scatter-add.
+
+  It takes `[M]` rows and `[M, W]` float32 gradients. Rows may repeat. Rows
+  >= the table's rows are dropped.
+  """
   lr = jnp.asarray(lr, jnp.float32)
   return table.at[rows].add((-lr * grads).astype(table.dtype), mode='drop')

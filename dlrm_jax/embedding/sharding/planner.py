@@ -16,6 +16,29 @@ The layout packs the pieces into *stacks*: one array per (width, dtype,
 optimizer, replicated?) group, `[S * cap, width]` sharded over the model axis,
 so each device holds `[cap, width]` rows: the pieces placed on it, side by side,
 like FBGEMM's table-batched embeddings. One device is the special case S = 1.
+
+`auto_plan`'s rules:
+  * With one shard, every table is table_wise on it.
+  * A table is replicated when its bytes, optimizer state included, are at
+    most `replicate_bytes`, and, given `batch_per_device` B_l, replicating
+    it also moves fewer bytes. A replicated table's update all-reduces its
+    dense gradient and touch counts: `2 rows (D + 1)` values per device, by
+    ring. Sharding it sends `B_l lookups (2 D + 1)` by all-to-all: its ids
+    to the owner, the pooled embeddings back, and their gradients to the
+    owner. Both are scaled by (S-1)/S.
+  * A table bigger than an even share, with at least S rows, is row_wise
+    over all devices. An even share is 1/S of all sharded bytes, what greedy
+    packing could still balance. So is a table that alone needs more than
+    `device_memory_bytes`.
+  * The other tables are packed table_wise, largest first, onto the device
+    with the least load. Load weighs bytes and lookups (ids per example)
+    equally.
+  * `overrides` maps table names to a strategy. A row_wise table is then
+    placed over all devices, a column_wise one over the first gcd(D, S)
+    devices, and a table_wise one on the least-loaded device.
+  * With `row_group_size` g, where 0 < g < S and g divides S, tables that
+    would be row_wise are table_row_wise instead. They are row_wise over the
+    g consecutive devices `k g .. k g + g - 1` of the least-loaded group.
 """
 
 from __future__ import annotations
@@ -43,8 +66,8 @@ class TablePlacement:
   Attributes:
     table: the table's name.
     strategy: one of STRATEGIES.
-    devices: model-axis indices holding its pieces, in order (row blocks or
-      column pieces); empty for replicated (all devices).
+    devices: the model-axis indices that hold its row blocks or column
+      pieces, in order. It is empty for replicated, which is on all devices.
   """
 
   table: str
@@ -54,18 +77,35 @@ class TablePlacement:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """A sharding plan: one placement per table over `num_shards` devices."""
+  """A sharding plan: one placement per table over `num_shards` devices.
+
+  Attributes:
+    num_shards: S, the devices of the model axis.
+    placements: one `TablePlacement` per table.
+  """
 
   num_shards: int
   placements: tuple[TablePlacement, ...]
 
   def placement(self, table: str) -> TablePlacement:
+    """Finds the placement of a table.
+
+    Args:
+      table: the table's name.
+
+    Returns:
+      Its `TablePlacement`.
+
+    Raises:
+      KeyError: if the plan does not place the table.
+    """
     for p in self.placements:
       if p.table == table:
         return p
     raise KeyError(table)
 
   def to_json(self) -> str:
+    """The plan as JSON text, read back by `from_json`."""
     return json.dumps({
         'num_shards': self.num_shards,
         'placements': [dataclasses.asdict(p) for p in self.placements],
@@ -73,6 +113,14 @@ class Plan:
 
   @classmethod
   def from_json(cls, text: str) -> 'Plan':
+    """Reads a plan written by `to_json`.
+
+    Args:
+      text: the JSON text.
+
+    Returns:
+      The plan.
+    """
     d = json.loads(text)
     return cls(d['num_shards'], tuple(
         TablePlacement(p['table'], p['strategy'], tuple(p['devices']))
@@ -80,7 +128,14 @@ class Plan:
 
 
 def table_bytes(t: TableSpec) -> int:
-  """Bytes of a table plus its optimizer state."""
+  """Counts the bytes of a table plus its optimizer state.
+
+  Args:
+    t: the table spec.
+
+  Returns:
+    The bytes. Slots are counted as float32.
+  """
   total = t.num_rows * t.dim * _DTYPE_BYTES[t.dtype]
   for shape, _ in optimizers.slot_shapes(t.optimizer, t.num_rows,
                                          t.dim).values():
@@ -89,6 +144,16 @@ def table_bytes(t: TableSpec) -> int:
 
 
 def validate_plan(plan: Plan, tables: Sequence[TableSpec]) -> None:
+  """Checks that a plan places every table once and validly.
+
+  Args:
+    plan: the plan.
+    tables: the table specs.
+
+  Raises:
+    ValueError: if a table is unknown, placed twice or not placed, or if a
+      placement's strategy or devices are invalid.
+  """
   by_name = {t.name: t for t in tables}
   seen = set()
   s = plan.num_shards
@@ -141,28 +206,25 @@ def auto_plan(
 ) -> Plan:
   """Assigns each table a strategy and devices.
 
-  Rules: with one shard every table is table_wise on it. Otherwise a table
-  whose bytes (with optimizer state) are at most `replicate_bytes` is
-  replicated, if, given `batch_per_device` (B_l), replicating it also moves
-  fewer bytes: a replicated table's update all-reduces its dense gradient
-  and touch counts, `2 rows (D + 1)` values per device (ring), while
-  sharding it sends `B_l lookups (2 D + 1)` (its ids to the owner, the
-  pooled embeddings back and their gradients to the owner, by all-to-all;
-  both scaled by (S-1)/S); a table bigger than an even share of the budget
-  (its bytes over the shard count exceed what greedy packing could balance,
-  i.e. more than 1/num_shards of all sharded bytes) is row_wise over all
-  devices (also one that alone needs more than `device_memory_bytes`); the rest
-  are packed table_wise, largest first, onto the device with the least load,
-  where load weighs bytes and lookups (ids per example) equally. `overrides`
-  maps table names to a strategy, which is then placed over all devices
-  (row_wise, column_wise), or on the least-loaded one (table_wise).
+  The rules are in the module docstring.
 
-  With `row_group_size` g (0 < g < num_shards, dividing it), tables that
-  would be row_wise are table_row_wise instead: row_wise over the g
-  consecutive devices of the least-loaded group (devices k g .. k g + g - 1).
+  Args:
+    tables: the table specs.
+    num_shards: S, the devices of the model axis.
+    overrides: table name -> strategy, for tables whose strategy is fixed.
+    replicate_bytes: the most bytes of a table that may be replicated.
+    device_memory_bytes: the memory of one device, or None for no limit.
+    lookups: table name -> ids per example. A table not named counts 1.
+    batch_per_device: B_l, the per-device batch. None skips the traffic test
+      for replication.
+    row_group_size: g, the devices of a table_row_wise group. 0 is off.
+
+  Returns:
+    The plan.
 
   Raises:
-    ValueError: if a device would need more than `device_memory_bytes`.
+    ValueError: if an override or the row group is invalid, or if a device
+      would need more than `device_memory_bytes`.
   """
   overrides = dict(overrides or {})
   lookups = lookups or {}
@@ -190,7 +252,7 @@ def auto_plan(
 
 
 def _check_plan_request(tables, s, overrides, row_group_size):
-  """Validates `auto_plan`'s overrides and row group; returns (g, grouped)."""
+  """Validates `auto_plan`'s overrides and row group. Returns (g, grouped)."""
   for name, strategy in overrides.items():
     if name not in {t.name for t in tables}:
       raise ValueError(
@@ -214,7 +276,7 @@ def _check_plan_request(tables, s, overrides, row_group_size):
 
 
 def _single_shard_plan(tables, overrides) -> Plan:
-  """One shard: every table table_wise on it (or as overridden)."""
+  """One shard: every table table_wise on it, or as overridden."""
   placements = []
   for t in tables:
     strategy = overrides.get(t.name, 'table_wise')
@@ -225,7 +287,7 @@ def _single_shard_plan(tables, overrides) -> Plan:
 
 def _default_strategy(t, s, grouped, lookups, replicate_bytes, sharded_total,
                       device_memory_bytes, batch_per_device) -> str:
-  """`auto_plan`'s rule for a table without an override (see its docstring)."""
+  """`auto_plan`'s rule for a table without an override. See the module doc."""
   b = table_bytes(t)
   if b <= replicate_bytes and (
       batch_per_device is None or 2 * t.num_rows * (t.dim + 1) <=
@@ -251,7 +313,10 @@ class _Placer:
     self.placements: dict[str, TablePlacement] = {}
 
   def place_fixed(self, t, strategy, grouped) -> bool:
-    """Places `t` unless it is table_wise (left to packing): True if placed."""
+    """Places `t` unless it is table_wise, which is left to packing.
+
+    Returns True if it placed `t`.
+    """
     b = table_bytes(t)
     n = self.lookups.get(t.name, 1)
     mem, load, s, g = self.mem, self.load, self.s, self.g
@@ -305,6 +370,15 @@ def _check_device_memory(plan, tables, device_memory_bytes) -> None:
 
 
 def plan_bytes_per_device(plan: Plan, tables: Sequence[TableSpec]) -> np.ndarray:
+  """Counts the bytes that each model shard holds under a plan.
+
+  Args:
+    plan: the plan.
+    tables: its tables.
+
+  Returns:
+    `[S]` float bytes per model shard, optimizer state included.
+  """
   by_name = {t.name: t for t in tables}
   mem = np.zeros(plan.num_shards)
   for p in plan.placements:
@@ -324,12 +398,13 @@ def describe(plan: Plan, tables: Sequence[TableSpec],
   Args:
     plan: the plan.
     tables: its tables.
-    data_replicas: the devices along the mesh's data axis: each model shard
+    data_replicas: the devices along the mesh's data axis. Each model shard
       is held by that many devices.
 
   Returns:
-    One row per table (rows, dim, strategy, the model shards holding it,
-    bytes per device), then the bytes per device over all tables.
+    One row per table, then the bytes per device over all tables. A row
+    gives the table's rows, dim, strategy, the model shards that hold it and
+    its bytes per device.
   """
   by_name = {t.name: t for t in tables}
   rows = [('table', 'rows', 'dim', 'strategy', 'model shards',
@@ -372,9 +447,20 @@ def _human(n: float) -> str:
 class Piece:
   """A block of a table stored on one device of a stack.
 
-  `rows` logical rows from `row_start` and `width` columns from `col_start`,
-  stored at local rows `offset .. offset + capacity` on model device `device`
-  (-1: every device, replicated). `capacity >= rows` (row-wise padding).
+  The block is `rows` logical rows from `row_start` and `width` columns from
+  `col_start`. It is stored at local rows `offset .. offset + capacity` on
+  model device `device`.
+
+  Attributes:
+    table: the table's name.
+    device: the model device. -1 means every device, for replicated.
+    row_start: the first logical row.
+    rows: the logical rows.
+    capacity: the stored rows, `>= rows`. The extra rows are row-wise
+      padding.
+    col_start: the first column.
+    width: the columns.
+    offset: the first local row on the device.
   """
 
   table: str
@@ -391,23 +477,23 @@ class Piece:
 class FeatureRoute:
   """How one feature's ids reach one column piece of its table in a stack.
 
-  An id `i` of the feature is valid when `0 <= i < num_rows`; it lives on
-  model device `first_device + i // rows_per_shard` at local row
+  An id `i` of the feature is valid when `0 <= i < num_rows`. It lives on
+  model device `first_device + i // rows_per_shard`, at local row
   `offsets[device] + i % rows_per_shard`. A stack's `segments` are its
   routes.
 
   Attributes:
     feature: the feature's index among the features.
     id_offset: its first column in the packed ids.
-    max_ids: its columns there (ids per example).
+    max_ids: its columns there, the ids per example.
     num_rows: the rows of its table.
     col_start: the piece's first embedding column.
-    first_device: the model device holding the piece's first rows (0 when
-      replicated).
-    rows_per_shard: the rows of each device's block (`num_rows` when the
-      piece is not split by rows).
-    offsets: the piece's local row offset on each model device (-1: not on
-      it); replicated: one entry.
+    first_device: the model device that holds the piece's first rows. It is
+      0 when replicated.
+    rows_per_shard: the rows of each device's block. It is `num_rows` when
+      the piece is not split by rows.
+    offsets: the piece's local row offset on each model device. -1 means
+      not on it. A replicated piece has one entry.
     combiner: how the feature's ids are pooled.
   """
 
@@ -424,8 +510,21 @@ class FeatureRoute:
 
 @dataclasses.dataclass(frozen=True)
 class Stack:
-  """One stacked array: `[num_shards * capacity, width]` (or `[capacity,
-  width]` when replicated)."""
+  """One stacked array, of the pieces of tables that share a width and kind.
+
+  Its global shape is `[num_shards * capacity, width]`, or `[capacity, width]`
+  when replicated.
+
+  Attributes:
+    name: the stack's name, unique in the layout.
+    width: W, the columns.
+    dtype: the logical dtype of its tables.
+    optimizer: the sparse optimizer of its tables.
+    replicated: whether every device holds a full copy.
+    capacity: C, the rows on each device.
+    pieces: the table blocks it stores.
+    segments: the feature routes into it.
+  """
 
   name: str
   width: int
@@ -438,6 +537,7 @@ class Stack:
 
   @property
   def max_ids(self) -> int:
+    """The packed id columns of all its segments."""
     return sum(s.max_ids for s in self.segments)
 
 
@@ -448,7 +548,21 @@ def build_layout(
     *,
     row_multiple: int = 8,
 ) -> tuple[Stack, ...]:
-  """Packs the plan's pieces into stacks and routes the features to them."""
+  """Packs the plan's pieces into stacks and routes the features to them.
+
+  Args:
+    plan: the plan.
+    tables: the table specs.
+    features: the feature specs, in the order of the packed id columns.
+    row_multiple: each stack's capacity is rounded up to a multiple of it.
+
+  Returns:
+    The stacks.
+
+  Raises:
+    ValueError: if the plan is invalid, or if a row-split table's devices
+      are not consecutive.
+  """
   validate_plan(plan, tables)
   by_name = {t.name: t for t in tables}
   groups = _group_pieces(plan, tables)
@@ -468,8 +582,10 @@ def build_layout(
 
 
 def _group_pieces(plan: Plan, tables: Sequence[TableSpec]) -> dict[tuple, list]:
-  """{(width, dtype, optimizer, replicated): [piece fields]}, in first-seen
-  order; the fields are `Piece`'s without `offset`."""
+  """Groups piece fields by `(width, dtype, optimizer, replicated)`.
+
+  Groups come in first-seen order. The fields are `Piece`'s without `offset`.
+  """
   groups: dict[tuple, list] = {}
   for t in tables:
     p = plan.placement(t.name)
@@ -514,8 +630,10 @@ def _pack_stack(i, key, piece_fields, num_shards, row_multiple) -> Stack:
 
 
 def _segments(fi, f, t, p, s, id_offset, num_shards) -> list[FeatureRoute]:
-  """Feature `fi`'s segments in stack `s`: one per column piece of table `t`
-  (placement `p`) stored there."""
+  """Feature `fi`'s segments in stack `s`.
+
+  There is one per column piece of table `t`, with placement `p`, stored there.
+  """
   by_col: dict[int, list[Piece]] = {}
   for pc in s.pieces:
     if pc.table == t.name:

@@ -22,17 +22,34 @@ EmbeddingState = dict[str, Any]  # {'stacks': {name: W}, 'slots': {name: {..}}}
 
 
 def stack_shape(stack: plan_lib.Stack, num_shards: int) -> tuple[int, int]:
-  """The global `[rows, W]` shape of a stack's array."""
+  """Gives the global shape of a stack's array.
+
+  Args:
+    stack: the stack.
+    num_shards: S, the model shards.
+
+  Returns:
+    `(rows, W)`. `rows` is C for a replicated stack, else `S * C`.
+  """
   rows = stack.capacity if stack.replicated else num_shards * stack.capacity
   return (rows, stack.width)
 
 
 def abstract_state_of_layout(stacks: Sequence[plan_lib.Stack],
                              num_shards: int, mesh: Mesh) -> EmbeddingState:
-  """ShapeDtypeStructs of a state laid out as `stacks` over `num_shards`
-  shards, placed on `mesh` (rows split over every device where they divide
-  evenly, else replicated), for restoring a checkpoint that was written under
-  another plan."""
+  """Describes a state of another layout, for restoring its checkpoint.
+
+  An array's rows are split over every device of `mesh` where they divide
+  evenly. Otherwise the array is replicated.
+
+  Args:
+    stacks: the layout that the checkpoint was written under.
+    num_shards: the model shards of that layout.
+    mesh: the mesh to place the arrays on.
+
+  Returns:
+    A tree like the state, of ShapeDtypeStructs with shardings.
+  """
   n = int(mesh.devices.size)
 
   def struct(shape, dtype):
@@ -57,14 +74,24 @@ def relayout(new_stacks: Sequence[plan_lib.Stack], num_shards: int,
              old_stacks: Sequence[plan_lib.Stack],
              old_state: EmbeddingState,
              out_shardings: EmbeddingState) -> EmbeddingState:
-  """Moves tables and optimizer state from the `old_stacks` layout into
-  `new_stacks` (over `num_shards` model shards).
+  """Moves tables and optimizer state from one layout into another.
 
-  Every overlap of an old piece and a new piece of the same table (rows and
-  columns) is copied with static slices, so the compiler moves only those
-  blocks between devices. Tables are moved in their stored form (uint16 bit
-  patterns for 16-bit tables); a table whose dtype changed is rounded to
-  nearest into the new one.
+  Every overlap in rows and columns of an old piece and a new piece of the
+  same table is copied with static slices. So the compiler moves only those
+  blocks between devices. Tables are moved in their stored form, which is
+  uint16 bit patterns for 16-bit tables. A table whose dtype changed is
+  rounded to nearest into the new one.
+
+  Args:
+    new_stacks: the new layout.
+    num_shards: the model shards of the new layout.
+    old_stacks: the old layout.
+    old_state: the state in the old layout.
+    out_shardings: the shardings of the new state.
+
+  Returns:
+    The state in the new layout. Rows that no old piece covers start at zero
+    with initial slots.
   """
   old_by_table: dict[str, list[tuple[plan_lib.Stack, plan_lib.Piece]]] = {}
   for s in old_stacks:

@@ -21,27 +21,40 @@ from dlrm_jax.embedding.specs import COMBINERS
 
 @dataclasses.dataclass(frozen=True)
 class Routing:
-  """Per id column (L of them) of some of a stack's segments."""
+  """The routing of each of the L id columns of some of a stack's segments.
 
-  cols: np.ndarray        # [L] packed id column of each
-  col_slice: tuple[int, int] | None  # the same, when a contiguous range
-  seg_of_col: np.ndarray  # [L] position of its segment among these
-  num_rows: np.ndarray    # [L] rows of the table
-  first: np.ndarray       # [L] first model shard of the table
-  rps: np.ndarray         # [L] rows per shard
-  offsets: np.ndarray     # [L, S'] local row offset of the piece per shard
-  widths: tuple[int, ...]      # ids per example, per segment
-  combiners: tuple[str, ...]   # per segment
+  Attributes:
+    cols: `[L]` packed id column of each.
+    col_slice: `cols` as a `(start, stop)` range when contiguous, else None.
+    seg_of_col: `[L]` position of each column's segment among these.
+    num_rows: `[L]` rows of the table.
+    first: `[L]` first model shard of the table.
+    rps: `[L]` rows per shard.
+    offsets: `[L, S']` local row offset of the piece on each shard.
+    widths: the ids per example of each segment.
+    combiners: the combiner of each segment.
+  """
+
+  cols: np.ndarray
+  col_slice: tuple[int, int] | None
+  seg_of_col: np.ndarray
+  num_rows: np.ndarray
+  first: np.ndarray
+  rps: np.ndarray
+  offsets: np.ndarray
+  widths: tuple[int, ...]
+  combiners: tuple[str, ...]
 
 
 def routing_of(segments: Sequence[plan_lib.FeatureRoute]) -> Routing:
   """The per-column routing of some of a stack's segments.
 
   Args:
-    segments: the segments (`FeatureRoute`s), in order.
+    segments: the segments, as `FeatureRoute`s, in order.
 
   Returns:
-    Their `Routing`: one entry per id column, segments by position.
+    Their `Routing`, with one entry per id column. Segments are named by
+    position.
   """
   cols, seg_of_col, rows, first, rps, offsets = [], [], [], [], [], []
   for k, seg in enumerate(segments):
@@ -63,6 +76,14 @@ def routing_of(segments: Sequence[plan_lib.FeatureRoute]) -> Routing:
 
 
 def as_slice(cols: np.ndarray) -> tuple[int, int] | None:
+  """Gives a column list as a range when it is one.
+
+  Args:
+    cols: column numbers.
+
+  Returns:
+    `(start, stop)` when `cols` is non-empty and contiguous, else None.
+  """
   if len(cols) and np.array_equal(cols, np.arange(cols[0],
                                                   cols[0] + len(cols))):
     return int(cols[0]), int(cols[0]) + len(cols)
@@ -71,7 +92,16 @@ def as_slice(cols: np.ndarray) -> tuple[int, int] | None:
 
 def take_cols(ids: jax.Array, cols: np.ndarray,
                col_slice: tuple[int, int] | None) -> jax.Array:
-  """`[X, T]` -> `[X, len(cols)]`; columns >= T read as -1 (padding)."""
+  """Takes some columns of packed ids.
+
+  Args:
+    ids: `[X, T]` packed ids.
+    cols: the columns to take. Columns >= T read as -1, the padding.
+    col_slice: `cols` as a range, from `as_slice`, or None.
+
+  Returns:
+    `[X, len(cols)]` ids.
+  """
   if col_slice is not None:
     return ids[:, col_slice[0]:col_slice[1]]
   return jnp.take(ids, jnp.asarray(cols), axis=1, mode='fill', fill_value=-1)
@@ -81,29 +111,48 @@ def take_cols(ids: jax.Array, cols: np.ndarray,
 class Owned:
   """The all-to-all routing of a stack's segments held by a few shards.
 
-  Destination d serves bags `bag_seg[d, :N_d]` (stack segments) whose ids
-  fill slots `:L_d` of its `[L]` id block; the rest is padding. A segment
-  whose rows are split over a group of shards (table-row-wise) is served by
-  each of them: the sender routes an id to the one holding its row (the
-  others see it as held elsewhere) and sums the partial bags coming back.
+  Destination d serves the bags `bag_seg[d, :N_d]`, which are stack
+  segments. Their ids fill slots `:L_d` of its `[L]` id block. The rest is
+  padding. A table-row-wise segment has its rows split over a group of
+  shards, and each of them serves it. The sender routes an id to the shard
+  that holds its row. The others see the id as held elsewhere. The sender
+  sums the partial bags that come back.
+
+  Attributes:
+    segs: `[K]` stack segments served this way, in order.
+    cols: `[S, L]` packed id column of each slot. T marks padding.
+    col_slice: `cols.ravel()` as a range when contiguous, else None.
+    offset: `[S, L]` local row offset of the slot's piece.
+    num_rows: `[S, L]` rows of the slot's table. 0 marks padding.
+    block: `[S, L]` row block that the destination holds.
+    rps: `[S, L]` rows per block. It equals num_rows when not row-split.
+    col_bag: `[S, L]` bag slot of each id slot. N marks padding.
+    bag_seg: `[S, N]` stack segment of each bag. The segment count marks
+      padding.
+    bag_comb: `[S, N]` combiner code of each bag.
+    out_index: `[K, G]` slots `d * N + j` of each of `segs` coming back,
+      with G shards per segment. `S * N` marks padding.
+    widths0: shard 0's bag widths, for static pooling when S is 1.
+    combiners0: shard 0's bag combiners.
+    multi: whether some bag has several ids.
+    weighted: whether some bag of several ids is not sum-pooled.
   """
 
-  segs: np.ndarray       # [K] stack segments served this way, in order
-  cols: np.ndarray       # [S, L] packed id column of each slot (T: padding)
-  col_slice: tuple[int, int] | None  # cols.ravel(), when contiguous
-  offset: np.ndarray     # [S, L] local row offset of the slot's piece
-  num_rows: np.ndarray   # [S, L] rows of its table (0: padding)
-  block: np.ndarray      # [S, L] row block the destination holds
-  rps: np.ndarray        # [S, L] rows per block (num_rows: not row-split)
-  col_bag: np.ndarray    # [S, L] bag slot of each id slot (N: padding)
-  bag_seg: np.ndarray    # [S, N] stack segment of each bag (n_seg: padding)
-  bag_comb: np.ndarray   # [S, N] combiner code of each bag
-  out_index: np.ndarray  # [K, G] slots d * N + j of each of `segs` coming
-                         # back (S * N: padding), G shards per segment
-  widths0: tuple[int, ...]    # shard 0's bag widths (static pooling, S = 1)
+  segs: np.ndarray
+  cols: np.ndarray
+  col_slice: tuple[int, int] | None
+  offset: np.ndarray
+  num_rows: np.ndarray
+  block: np.ndarray
+  rps: np.ndarray
+  col_bag: np.ndarray
+  bag_seg: np.ndarray
+  bag_comb: np.ndarray
+  out_index: np.ndarray
+  widths0: tuple[int, ...]
   combiners0: tuple[str, ...]
-  multi: bool            # some bag has several ids
-  weighted: bool         # some bag of several ids is not sum-pooled
+  multi: bool
+  weighted: bool
 
 
 def owned_routing(stack: plan_lib.Stack, segs: Sequence[int],
@@ -112,10 +161,10 @@ def owned_routing(stack: plan_lib.Stack, segs: Sequence[int],
 
   Args:
     stack: the stack.
-    segs: the indices of the segments served by all-to-all (each held by
-      some of the shards, not row-split over all of them).
+    segs: the indices of the segments served by all-to-all. Each is held by
+      some of the shards, not row-split over all of them.
     num_shards: S, the model shards.
-    num_columns: T, the packed id columns (T itself marks a padding slot).
+    num_columns: T, the packed id columns. T itself marks a padding slot.
 
   Returns:
     The `Owned` routing of those segments.
@@ -171,8 +220,6 @@ def owned_routing(stack: plan_lib.Stack, segs: Sequence[int],
                    for k in segs))
 
 
-# The name exchange.py still calls (its owner switches to owned_routing).
-
 
 def holders(seg: plan_lib.FeatureRoute, num_shards: int) -> list[int]:
   """The model shards holding rows of a segment.
@@ -182,7 +229,7 @@ def holders(seg: plan_lib.FeatureRoute, num_shards: int) -> list[int]:
     num_shards: S, the model shards.
 
   Returns:
-    The shards, in order (`[0]` when replicated).
+    The shards, in order. A replicated segment gives `[0]`.
   """
   if len(seg.offsets) == 1:  # replicated
     return [0]
