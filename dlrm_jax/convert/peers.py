@@ -1260,8 +1260,8 @@ def export_checkpoint(workdir: str, peer: str, config=None,
 
 def default_base_config() -> config_dict.ConfigDict:
   """configs/criteo.py's default config (beside the dlrm_jax package)."""
-  path = os.path.join(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))), 'configs', 'criteo.py')
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__)))), 'configs', 'criteo.py')
   if not os.path.exists(path):
     raise ValueError(
         f'no --config given, and the default base config {path} is not there'
