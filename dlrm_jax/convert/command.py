@@ -41,17 +41,22 @@ def import_checkpoint(sd, peer: str, workdir: str, base_config,
                       table_features=None) -> config_dict.ConfigDict:
   """Writes a step-0 checkpoint of the peer's weights.
 
+  The workdir gets the checkpoint, `config.json` and `peer.json`, which holds
+  the peer's table and feature names.
+
   Args:
     sd: the peer's state dict.
     peer: 'facebook' or 'torchrec'.
-    workdir: the new run directory (made absolute here).
-    base_config: as `config_from_peer`.
-    trainer: a trainer of the resulting config (default: built here).
-    table_features: as `read_peer`.
+    workdir: the new run directory. It is made absolute here.
+    base_config: as `weights.config_from_peer` takes it.
+    trainer: a trainer of the resulting config. Default: one built here.
+    table_features: as `peers.read_peer` takes it.
 
   Returns:
-    The config, also written as `<workdir>/config.json`, beside the
-    checkpoint and `peer.json` (the peer's table and feature names).
+    The config, as written to `<workdir>/config.json`.
+
+  Raises:
+    ValueError: the state dict is refused.
   """
   workdir = cli.absolute(workdir)
   config = weights.config_from_peer(sd, peer, base_config, table_features)
@@ -70,11 +75,13 @@ def save_initial_checkpoint(trainer: trainer_lib.Trainer, state: trainer_lib.Tra
                             workdir: str) -> None:
   """Writes `state` as the step-0 checkpoint of a run of the trainer's spec.
 
+  `config.json` is written too. Training in the workdir starts from this
+  checkpoint as from a fresh initialization.
+
   Args:
     trainer: the run's trainer.
     state: the state to save.
-    workdir: the run directory (with `config.json` written too); training
-      in it starts from this checkpoint as from a fresh initialization.
+    workdir: the run directory.
   """
   workdir = cli.absolute(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -99,7 +106,14 @@ def save_initial_checkpoint(trainer: trainer_lib.Trainer, state: trainer_lib.Tra
 
 
 def config_of_workdir(workdir: str) -> config_dict.ConfigDict:
-  """The config a run (or an import) wrote as `config.json`."""
+  """Reads the config a run or an import wrote as `config.json`.
+
+  Args:
+    workdir: the run directory.
+
+  Returns:
+    The config.
+  """
   with open(os.path.join(workdir, 'config.json')) as f:
     return config_dict.ConfigDict(json.load(f))
 
@@ -109,8 +123,8 @@ class Export:
   """A dlrm_jax checkpoint in a peer's layout.
 
   Attributes:
-    state_dict: the peer's state dict (numpy).
-    tables: `peer_tables` (the peer's names, rows, pooling).
+    state_dict: the peer's state dict of numpy arrays.
+    tables: `weights.peer_tables` entries: the peer's names, rows, pooling.
     setup: the model setup it came from.
   """
 
@@ -121,16 +135,22 @@ class Export:
 
 def export_checkpoint(workdir: str, peer: str, config=None,
                       step: int | None = None) -> Export:
-  """The peer's state dict of a run's latest (or given) checkpoint.
+  """Reads a run's checkpoint as the peer's state dict.
+
+  The names an import recorded in `peer.json` are kept.
 
   Args:
     workdir: the run directory.
     peer: 'facebook' or 'torchrec'.
-    config: the run's config (default: `<workdir>/config.json`).
-    step: the checkpoint (default: the newest good one).
+    config: the run's config. Default: `<workdir>/config.json`.
+    step: the checkpoint. Default: the newest good one.
 
   Returns:
-    The export; the names an import recorded in `peer.json` are kept.
+    The export.
+
+  Raises:
+    ValueError: the peer cannot express the model. This is checked before
+      anything is restored.
   """
   from dlrm_jax.config import build as config_lib  # pylint: disable=g-import-not-at-top
   from dlrm_jax.serving import offline as inference  # pylint: disable=g-import-not-at-top
@@ -160,7 +180,12 @@ def export_checkpoint(workdir: str, peer: str, config=None,
 
 
 def default_base_config() -> config_dict.ConfigDict:
-  """configs/criteo.py's default config (beside the dlrm_jax package)."""
+  """Loads the default config of configs/criteo.py, beside the dlrm_jax package.
+
+  Raises:
+    ValueError: the file is not there, as when dlrm_jax is installed without
+      its configs/.
+  """
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__)))), 'configs', 'criteo.py')
   if not os.path.exists(path):
@@ -183,10 +208,14 @@ def _nearest_existing(path: str) -> str:
 def check_new_workdir(path: str) -> None:
   """Refuses, in one line, a --workdir an import cannot write.
 
+  The directory must be new or hold no run: no checkpoints/ and no
+  config.json. Its nearest existing parent must be a writable directory.
+
   Args:
-    path: the absolute directory: new, or holding no run (no checkpoints/ or
-      config.json); its nearest existing parent must be a writable
-      directory.
+    path: the absolute directory.
+
+  Raises:
+    ValueError: the directory breaks one of these rules.
   """
   if os.path.exists(path) and not os.path.isdir(path):
     raise ValueError(f'--workdir ({path}) is a file, not a directory.')
@@ -215,23 +244,34 @@ def _check_run_workdir(path: str, has_config: bool) -> None:
 
 
 def sidecar_path(output: str) -> str:
-  """Where a TorchRec export's tables and model arguments go."""
+  """Gives where a TorchRec export's tables and model arguments go.
+
+  Args:
+    output: the export's state dict file.
+
+  Returns:
+    `<output stem>.torchrec.json`.
+  """
   return os.path.splitext(output)[0] + TORCHREC_SIDECAR
 
 
 def run_import(input_path: str, peer: str, workdir: str, base_config=None,
                table_features: str | None = None) -> str:
-  """`--direction=import`: checks, converts, writes; returns the summary.
+  """Runs `--direction=import`: checks, converts and writes.
 
   Args:
-    input_path: the peer's file (absolute).
+    input_path: the peer's file, absolute.
     peer: 'facebook' or 'torchrec'.
-    workdir: the new run directory (absolute).
-    base_config: the base config (default: `default_base_config`).
+    workdir: the new run directory, absolute.
+    base_config: the base config. Default: `default_base_config`.
     table_features: the --table_features value.
 
   Returns:
-    The line to print.
+    The summary line to print.
+
+  Raises:
+    ValueError: the input, the workdir or the state dict is refused. Nothing
+      is written then.
   """
   files.check_input(input_path)
   check_new_workdir(workdir)
@@ -254,17 +294,20 @@ def run_import(input_path: str, peer: str, workdir: str, base_config=None,
 
 
 def run_export(workdir: str, peer: str, output: str, config=None) -> str:
-  """`--direction=export`: checks, converts, writes; returns the summary.
+  """Runs `--direction=export`: checks, converts and writes.
 
   Args:
-    workdir: the run directory (absolute).
+    workdir: the run directory, absolute.
     peer: 'facebook' or 'torchrec'.
-    output: the peer's file (absolute); for TorchRec also
+    output: the peer's file, absolute. A TorchRec export also writes
       `sidecar_path(output)`.
-    config: the run's config (default: its config.json).
+    config: the run's config. Default: its config.json.
 
   Returns:
-    The line to print.
+    The summary line to print.
+
+  Raises:
+    ValueError: the workdir, the output or the model is refused.
   """
   _check_run_workdir(workdir, config is not None)
   files.check_output(output)
@@ -287,7 +330,11 @@ def run_export(workdir: str, peer: str, output: str, config=None) -> str:
 
 
 def main(argv=None):
-  """`python -m dlrm_jax.convert --peer=facebook|torchrec --direction=...`"""
+  """Runs `python -m dlrm_jax.convert --peer=facebook|torchrec --direction=...`.
+
+  Args:
+    argv: the command line. Default: sys.argv.
+  """
   # pylint: disable=g-import-not-at-top,g-multiple-import
   from absl import flags, logging
   from ml_collections import config_flags
@@ -318,6 +365,15 @@ def main(argv=None):
       ' the .torchrec.json an export wrote. Default: one feature per table.')
 
   def run(argv):
+    """Checks the flags, then imports or exports.
+
+    Args:
+      argv: the arguments absl left over.
+
+    Raises:
+      cli.UserError: a flag is missing, wrong or meant for the other
+        direction.
+    """
     if len(argv) > 1:
       raise cli.UserError(f'unexpected arguments: {argv[1:]}')
     if flags.FLAGS.verbosity <= 0:  # orbax's INFO lines only with -v=1

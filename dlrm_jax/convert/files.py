@@ -39,10 +39,13 @@ def _torch():
 
 
 def _numpy_scalar_globals() -> list[Any]:
-  """What unpickling a numpy scalar (a --save-model file's test_acc,
-  train_loss) needs besides torch's defaults: `scalar` (under numpy 2's and
-  numpy 1's module names), `dtype`, and the types of numeric dtypes (their
-  state is set with BUILD). Nothing else of numpy (no arrays)."""
+  """What unpickling a numpy scalar needs besides torch's defaults.
+
+  A --save-model file holds numpy scalars: test_acc and train_loss. They need
+  `scalar`, under numpy 2's and numpy 1's module names, `dtype`, and the types
+  of the numeric dtypes, whose state is set with BUILD. Nothing else of numpy
+  is allowed, so no arrays.
+  """
   scalar = np._core.multiarray.scalar  # pylint: disable=protected-access
   codes = np.typecodes['AllInteger'] + np.typecodes['AllFloat'] + '?'
   dtypes = sorted({type(np.dtype(c)) for c in codes}, key=str)
@@ -66,7 +69,7 @@ def _torch_detail(e: BaseException) -> str:
 
 
 def _load_torch(path: str):
-  """`torch.load(weights_only=True)` with the numpy scalar types allowed."""
+  """`torch.load` with weights_only=True and the numpy scalar types allowed."""
   torch = _torch()
   if torch is None:
     raise ValueError(
@@ -95,16 +98,25 @@ def _load_torch(path: str):
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """A state dict from `.npz` (keys as saved) or a torch `.pt`/`.pth`.
+  """Reads a state dict from `.npz` or from a torch `.pt`/`.pth` file.
+
+  A `.pt` file may hold a dict with a 'state_dict' entry, as
+  facebookresearch's `dlrm_s_pytorch.py --save-model` writes. It may instead
+  hold a 'model_state_dict' entry. Either entry is read. Numpy scalars beside
+  it are allowed. Other objects are refused: the file is read with
+  weights_only=True.
 
   Args:
-    path: the file. A `.pt` holding a dict with a 'state_dict' entry
-      (facebookresearch's `dlrm_s_pytorch.py --save-model`) or a
-      'model_state_dict' entry reads that; numpy scalars beside it are
-      allowed, other objects refused (`weights_only=True`).
+    path: the file.
 
   Returns:
-    {key: array}, floating tensors as float32, in the file's order.
+    {key: array} in the file's order. Floating tensors come back as float32.
+    `.npz` keys are kept as saved.
+
+  Raises:
+    ValueError: the file is not readable, holds objects other than tensors
+      and numpy scalars, or holds no state dict. A torch file without torch
+      installed is refused too.
   """
   if path.endswith('.npz'):
     try:
@@ -130,11 +142,14 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
 
 
 def save_state_dict(sd: Mapping[str, np.ndarray], path: str) -> None:
-  """Writes the bare state dict: `.npz`, or `.pt`/`.pth` (torch tensors).
+  """Writes the bare state dict as `.npz`, or as `.pt`/`.pth` torch tensors.
 
   Args:
     sd: {key: array}.
-    path: the file; its extension picks the format.
+    path: the file. Its extension picks the format.
+
+  Raises:
+    ValueError: a torch file without torch installed.
   """
   if path.endswith('.npz'):
     np.savez(path, **sd)
@@ -152,30 +167,39 @@ def _tensors(torch, sd):
 
 
 def facebook_checkpoint(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
-  """The dict `dlrm_s_pytorch.py --load-model` reads (`run`), holding `sd`.
+  """Builds the dict `dlrm_s_pytorch.py --load-model` reads, holding `sd`.
 
-  iter and epoch are 0, so that training from the file starts at the first
-  batch: the reference skips `iter` batches of every epoch, and at
-  `epoch` > 0 its epoch loop never ends (`if k < skip_upto_epoch:
-  continue` comes before `k += 1`). nepochs, nbatches and nbatches_test
-  (printed only) and train_loss, total_loss, test_acc, test_auc are 0 (a
-  fresh run's best_acc_test). opt_state_dict is the state of a fresh
-  `torch.optim.SGD` at lr 0.01, the reference's default --optimizer and
-  --learning-rate: SGD without momentum keeps no state, so it is exact; the
-  saved lr serves the first step, LRPolicyScheduler sets it from the
-  second. With --optimizer=adagrad (or rwsadagrad) the reference's first
-  step fails on it (torch's Adagrad finds no lr_decay nor state): run it
-  with --inference-only, or load `state_dict` alone. Python numbers only,
-  so the reference's own `torch.load` (weights_only by default since torch
-  2.6) reads the file.
+  The reference reads it in `run`. iter and epoch are 0, so training from the
+  file starts at the first batch. The reference skips `iter` batches of every
+  epoch. At `epoch` > 0 its epoch loop never ends, because
+  `if k < skip_upto_epoch: continue` comes before `k += 1`.
+
+  nepochs, nbatches and nbatches_test are 0. The reference only prints them.
+  train_loss, total_loss, test_acc and test_auc are 0, as a fresh run's
+  best_acc_test is.
+
+  opt_state_dict is the state of a fresh `torch.optim.SGD` at lr 0.01. That is
+  the reference's default --optimizer and --learning-rate. SGD without
+  momentum keeps no state, so the state is exact. The saved lr serves the
+  first step. LRPolicyScheduler sets it from the second step on.
+
+  With --optimizer=adagrad or rwsadagrad, the reference's first step fails on
+  this state: torch's Adagrad finds no lr_decay and no state. Run such a model
+  with --inference-only, or load `state_dict` alone.
+
+  The dict holds Python numbers only. So the reference's own `torch.load`
+  reads the file with weights_only, the default since torch 2.6.
 
   Args:
-    sd: a facebookresearch state dict (numpy).
+    sd: a facebookresearch state dict of numpy arrays.
 
   Returns:
-    {state_dict (torch tensors), iter, epoch, nepochs, nbatches,
-    nbatches_test, train_loss, total_loss, test_acc, test_auc,
-    opt_state_dict}.
+    A dict with state_dict as torch tensors, iter, epoch, nepochs, nbatches,
+    nbatches_test, train_loss, total_loss, test_acc, test_auc and
+    opt_state_dict.
+
+  Raises:
+    ValueError: torch is not installed.
   """
   torch = _torch()
   if torch is None:
@@ -192,12 +216,16 @@ def facebook_checkpoint(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 def save_peer_file(sd: Mapping[str, np.ndarray], path: str, peer: str
                    ) -> None:
-  """Writes a peer's file: `.npz` the bare state dict; `.pt`/`.pth` the dict
-  --load-model reads for facebook (`facebook_checkpoint`), the bare state
-  dict for TorchRec (`model.load_state_dict(torch.load(path))`).
+  """Writes a peer's file.
+
+  A `.npz` file holds the bare state dict. A facebookresearch `.pt`/`.pth`
+  file holds the dict --load-model reads, from `facebook_checkpoint`. A
+  TorchRec `.pt`/`.pth` file holds the bare state dict, for
+  `model.load_state_dict(torch.load(path))`. A torch file needs torch:
+  `check_output` refuses one without it.
 
   Args:
-    sd: the peer's state dict (numpy).
+    sd: the peer's state dict of numpy arrays.
     path: the file.
     peer: 'facebook' or 'torchrec'.
   """
@@ -212,7 +240,15 @@ def save_peer_file(sd: Mapping[str, np.ndarray], path: str, peer: str
 
 
 def check_input(path: str) -> None:
-  """Refuses, in one line, an --input the import cannot read."""
+  """Refuses, in one line, an --input the import cannot read.
+
+  Args:
+    path: the file.
+
+  Raises:
+    ValueError: a wrong extension, a missing or unreadable file, or a torch
+      file without torch installed.
+  """
   if not path.endswith(EXTENSIONS):
     raise ValueError(f'--input ({path}) must end in {_EXT_WORDS}.')
   if not os.path.exists(path):
@@ -227,7 +263,15 @@ def check_input(path: str) -> None:
 
 
 def check_output(path: str) -> None:
-  """Refuses, in one line, an --output the export cannot write."""
+  """Refuses, in one line, an --output the export cannot write.
+
+  Args:
+    path: the file.
+
+  Raises:
+    ValueError: a wrong extension, a directory, a missing or read-only
+      parent directory, or a torch file without torch installed.
+  """
   if not path.endswith(EXTENSIONS):
     raise ValueError(f'--output ({path}) must end in {_EXT_WORDS}.')
   if os.path.isdir(path):

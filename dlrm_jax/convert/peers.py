@@ -73,8 +73,9 @@ class PeerTable:
   """One embedding table of a peer.
 
   Attributes:
-    name: its name (`emb_l.{k}`, or the TorchRec EBC's table name).
-    weight: `[rows, D]`.
+    name: its name. facebookresearch names it `emb_l.{k}`. TorchRec uses the
+      EBC's table name.
+    weight: the rows, `[rows, D]`.
     features: the names of the features it serves, in pooling order.
   """
 
@@ -85,15 +86,16 @@ class PeerTable:
 
 @dataclasses.dataclass(frozen=True)
 class PeerDLRM:
-  """A peer's DLRM as its state dict holds it (the peer's shapes).
+  """A peer's DLRM as its state dict holds it, in the peer's shapes.
 
   Attributes:
     peer: 'facebook' or 'torchrec'.
-    tables: in the peer's order (the order of its pooled features).
-    bottom: (weight `[out, in]`, bias `[out]`) of the dense arch's layers.
-    top: the same of the over arch's layers, the last one's out 1.
-    crossnet: (W `[I, r]`, V `[r, I]`, b `[I]`) per cross layer (TorchRec
-      DLRM_DCN), or None for the dot interaction.
+    tables: the tables in the peer's order, the order of its pooled features.
+    bottom: per layer of the dense arch, the weight `[out, in]` and the bias
+      `[out]`.
+    top: the same for the over arch. The last layer has one output.
+    crossnet: per cross layer of a TorchRec DLRM_DCN, W `[I, r]`, V `[r, I]`
+      and b `[I]`. None for the dot interaction.
     interaction_self: the dot interaction includes the diagonal.
   """
 
@@ -106,14 +108,17 @@ class PeerDLRM:
 
   @property
   def dim(self) -> int:
+    """The embedding dim D."""
     return int(self.tables[0].weight.shape[1])
 
   @property
   def num_dense(self) -> int:
+    """The number of dense inputs."""
     return int(self.bottom[0][0].shape[1])
 
   @property
   def num_features(self) -> int:
+    """The number of pooled features, over all tables."""
     return sum(len(t.features) for t in self.tables)
 
 
@@ -157,21 +162,42 @@ def _strip_prefix(sd: Mapping[str, np.ndarray], peer: str
 
 
 class _Keys:
-  """The state dict's entries, which of them were read, and the gaps in
-  numbered ones (refused after the keys it has no place for, which say
-  more)."""
+  """The state dict's entries, those read, and the gaps in numbered ones.
+
+  Gaps are refused after the keys it has no place for, which say more.
+  """
 
   def __init__(self, sd):
     self.sd, self.used, self.gaps = sd, set(), []
 
   def get(self, key):
+    """Returns an entry and marks it read.
+
+    Args:
+      key: the key.
+
+    Returns:
+      The array.
+    """
     self.used.add(key)
     return self.sd[key]
 
   def indexed(self, fmt: str, suffix: str, step: int = 1, start: int = 0
               ) -> list[int]:
-    """Indices i with `fmt.format(i) + suffix` a key (digits only): start,
-    start + step, ..., with none missing."""
+    """Finds the numbered keys `fmt.format(i) + suffix`, with i digits only.
+
+    A gap in the numbers is recorded in `gaps`.
+
+    Args:
+      fmt: the key before the suffix, with `{}` for the number.
+      suffix: what follows the number.
+      step: the step between numbers of a whole model.
+      start: the first number of a whole model.
+
+    Returns:
+      The numbers found, sorted. A whole model has start, start + step, and so
+      on, with none missing.
+    """
     pattern = re.compile('^' + re.escape(fmt).replace(r'\{\}', r'(\d+)') +
                          re.escape(suffix) + '$')
     idx = sorted(int(m.group(1)) for k in self.sd if (m := pattern.match(k)))
@@ -183,7 +209,19 @@ class _Keys:
     return idx
 
   def layers(self, fmt: str, step: int = 1, start: int = 0):
-    """(weight [out, in], bias [out]) of consecutive layers named by `fmt`."""
+    """Reads consecutive layers named by `fmt` and marks them read.
+
+    Args:
+      fmt: the layer's key prefix, with `{}` for the number.
+      step: the step between layer numbers.
+      start: the first layer number.
+
+    Returns:
+      Per layer, the weight `[out, in]` and the bias `[out]`.
+
+    Raises:
+      ValueError: a layer has no bias.
+    """
     out = []
     for i in self.indexed(fmt, '.weight', step, start):
       name = fmt.format(i)
@@ -193,6 +231,7 @@ class _Keys:
     return out
 
   def unused(self) -> list[str]:
+    """The keys not read yet, in the state dict's order."""
     return [k for k in self.sd if k not in self.used]
 
 
@@ -211,25 +250,30 @@ def _check_chain(layers, what: str):
 
 
 def _features_of_width(width: int, dim: int) -> int | None:
-  """F with `dim + F + F (F - 1) / 2 == width` (TorchRec DLRM's over arch
-  input), or None."""
+  """The feature count F of a TorchRec DLRM's over-arch input width.
+
+  That width is `dim + F + F (F - 1) / 2`. Returns None when no F gives it.
+  """
   pairs = width - dim  # F (F + 1) / 2
   f = (math.isqrt(8 * pairs + 1) - 1) // 2 if pairs > 0 else 0
   return f if f > 0 and f * (f + 1) // 2 == pairs else None
 
 
 def parse_table_features(value: str | None) -> dict[str, list[str]] | None:
-  """The `--table_features` mapping: which features each TorchRec table
-  serves.
+  """Parses `--table_features`: which features each TorchRec table serves.
 
   Args:
-    value: 't_a=f1,f2;t_b=f3' (each table's EmbeddingBagConfig.feature_names,
-      in order), or the path of a `.json` file holding that string under
-      'table_features' (what an export writes beside its output); None or ''
+    value: 't_a=f1,f2;t_b=f3', each table's EmbeddingBagConfig.feature_names
+      in order. Or the path of a `.json` file holding that string under
+      'table_features', as an export writes beside its output. None or ''
       for none.
 
   Returns:
     {table: [features]} in the order given, or None.
+
+  Raises:
+    ValueError: an unreadable file, an item not `table=feature,...`, or a
+      table or feature named twice.
   """
   if not value:
     return None
@@ -270,20 +314,24 @@ def parse_table_features(value: str | None) -> dict[str, list[str]] | None:
 def read_peer(sd: Mapping[str, np.ndarray], peer: str,
               table_features: Mapping[str, Sequence[str]] | None = None
               ) -> PeerDLRM:
-  """Reads a peer's DLRM from its state dict, refusing what dlrm_jax cannot
-  represent.
+  """Reads a peer's DLRM from its state dict.
+
+  It refuses what dlrm_jax cannot represent, in one line.
 
   Args:
-    sd: the state dict (numpy), possibly under a 'module.' or 'model.'
-      prefix.
+    sd: the state dict of numpy arrays. Its keys may carry a 'module.' or
+      'model.' prefix.
     peer: 'facebook' or 'torchrec'.
-    table_features: TorchRec only: {table: [features]}, which features each
-      table serves (`parse_table_features`); None: one each.
+    table_features: TorchRec only. {table: [features]} says which features
+      each table serves, as `parse_table_features` returns it. None: one
+      feature each.
 
   Returns:
-    The model. Raises ValueError, in one line, for keys it would drop,
-    shapes that do not chain, widths that fit no DLRM, or more features
-    than tables without `table_features`.
+    The model.
+
+  Raises:
+    ValueError: keys it would drop, shapes that do not chain, widths that fit
+      no DLRM, or more features than tables without `table_features`.
   """
   if peer not in PEERS:
     raise ValueError(f'peer ({peer!r}) must be one of {list(PEERS)}.')
@@ -331,8 +379,11 @@ def read_peer(sd: Mapping[str, np.ndarray], peer: str,
 
 
 def _read_keys(sd, peer):
-  """(table names, tables, bottom layers, top layers, cross layers or None)
-  under the peer's names; refuses keys it has no place for."""
+  """Reads the table names, tables, bottom layers, top layers and cross layers.
+
+  The cross layers are None for dot. Keys are the peer's names. Keys it has no
+  place for are refused.
+  """
   keys = _Keys(_strip_prefix(sd, peer))
   crossnet = None
   if peer == 'facebook':
@@ -374,7 +425,7 @@ def _read_keys(sd, peer):
 
 
 def _check_shapes(peer, names, tables, bottom, top) -> int:
-  """Checks the tables and MLPs of a DLRM; returns the embedding dim D."""
+  """Checks the tables and MLPs of a DLRM. Returns the embedding dim D."""
   who = PEER_NAMES[peer]
   if not names:
     raise ValueError(f'the {who} state dict has no embedding tables.')
@@ -402,7 +453,8 @@ def _check_shapes(peer, names, tables, bottom, top) -> int:
 
 
 def _check_crossnet(crossnet, dim: int, width: int) -> int:
-  """The feature count F of a LowRankCrossNet on [B, (F + 1) D] (checked)."""
+  """Checks a LowRankCrossNet on `[B, (F + 1) D]`. Returns the feature count F.
+  """
   w0 = crossnet[0][0]
   if w0.ndim != 2:
     raise ValueError(f'TorchRec W_kernels.0 has shape {list(w0.shape)};'
@@ -457,7 +509,7 @@ def _table_features(peer, names, n_features, given, source
 
 
 def state_dict_of(model: PeerDLRM) -> dict[str, np.ndarray]:
-  """The peer's state dict of a model: what `read_peer` reads back.
+  """Writes a model as the peer's state dict, which `read_peer` reads back.
 
   Args:
     model: the model, in the peer's shapes and order.
@@ -500,8 +552,11 @@ def state_dict_of(model: PeerDLRM) -> dict[str, np.ndarray]:
 
 
 def _pairs(n: int, self_interaction: bool, lower: bool) -> list[tuple]:
-  """Pair columns of an n-feature interaction, as (i, j) in the peer's
-  order of the product (i > j for facebookresearch's lower triangle)."""
+  """The pair columns of an n-feature interaction, in the peer's order.
+
+  Each pair is (i, j) of the product. facebookresearch's lower triangle has
+  i > j.
+  """
   if lower:  # facebookresearch: for i, for j < i (j <= i)
     return [(i, j) for i in range(n)
             for j in range(i + (1 if self_interaction else 0))]
@@ -512,21 +567,22 @@ def _pairs(n: int, self_interaction: bool, lower: bool) -> list[tuple]:
 def over_arch_columns(peer: str | None, n: int, dim: int,
                       self_interaction: bool,
                       order: Sequence[int] | None = None) -> list[tuple]:
-  """What each input column of the first over-arch layer holds (dot).
+  """Says what each input column of the first over-arch layer holds, for dot.
 
   Args:
-    peer: the peer's order; None: dlrm_jax's own (checked against
-      `interaction.triangle_indices`).
-    n: interaction features (the dense arch's output and the sparse ones).
+    peer: whose column order. None: dlrm_jax's own, checked against
+      `interaction.triangle_indices`.
+    n: the number of interaction features: the dense arch's output and the
+      sparse ones.
     dim: D, the dense arch's output width.
-    self_interaction: pairs include the diagonal.
+    self_interaction: the pairs include the diagonal.
     order: for a peer, `order[j]` is dlrm_jax's index of the peer's j-th
-      interaction feature (default: the same order).
+      interaction feature. Default: the same order.
 
   Returns:
-    Per column, ('d', k): the k-th output of the dense arch, or ('p', a, b):
-    the dot product of dlrm_jax's interaction features a <= b (0 is the
-    dense arch's output).
+    Per column, ('d', k) for the k-th output of the dense arch. Or ('p', a, b)
+    for the dot product of dlrm_jax's interaction features a <= b. Feature 0
+    is the dense arch's output.
   """
   dense = [('d', k) for k in range(dim)]
   if peer is None:
@@ -541,8 +597,20 @@ def over_arch_columns(peer: str | None, n: int, dim: int,
 def over_arch_permutation(peer: str, n: int, dim: int,
                           self_interaction: bool,
                           order: Sequence[int] | None = None) -> np.ndarray:
-  """`perm` with ours[:, r] = peer[:, perm[r]] for the first over-arch
-  layer's input columns (dot; arguments as `over_arch_columns`)."""
+  """Maps the first over-arch layer's input columns from the peer's order.
+
+  This is for the dot interaction.
+
+  Args:
+    peer: 'facebook' or 'torchrec'.
+    n: the number of interaction features, as `over_arch_columns` takes it.
+    dim: D, the dense arch's output width.
+    self_interaction: the pairs include the diagonal.
+    order: as `over_arch_columns` takes it.
+
+  Returns:
+    `perm` with ours[:, r] = peer[:, perm[r]].
+  """
   theirs = {c: i for i, c in enumerate(
       over_arch_columns(peer, n, dim, self_interaction, order))}
   return np.array([theirs[c] for c in
@@ -550,23 +618,34 @@ def over_arch_permutation(peer: str, n: int, dim: int,
 
 
 def crossnet_columns(dim: int, order: Sequence[int]) -> np.ndarray:
-  """`idx` with peer column c of the cross net's input (and output) holding
-  dlrm_jax's column idx[c]: blocks of D, the peer's j-th our order[j]."""
+  """Maps the cross net's input columns from ours to the peer's order.
+
+  The same map holds for its output. Columns come in blocks of D. The peer's
+  j-th block is our block order[j].
+
+  Args:
+    dim: D, the embedding dim.
+    order: `order[j]` is our index of the peer's j-th interaction feature.
+
+  Returns:
+    `idx` with peer column c holding dlrm_jax's column idx[c].
+  """
   order = np.asarray(order)
   c = np.arange(len(order) * dim)
   return order[c // dim] * dim + c % dim
 
 
 def peer_layout(setup) -> list[tuple[str, list[int]]]:
-  """The peer's order of a dlrm_jax model's tables and features.
+  """Gives the peer's order of a dlrm_jax model's tables and features.
+
+  Tables come in the order of their first feature. Each table's features come
+  in order. That is the pooling order of a TorchRec EBC of these tables.
 
   Args:
-    setup: the model setup (`trainer.spec`).
+    setup: the model setup, `trainer.spec`.
 
   Returns:
-    [(our table name, [indices in the sparse group of the features it
-    serves])], the tables in the order of their first feature, each one's
-    features in order: the pooling order of a TorchRec EBC of these tables.
+    [(our table name, [the indices in the sparse group of its features])].
   """
   groups: dict[str, list[int]] = {}
   for k, f in enumerate(setup.feature_specs):

@@ -40,28 +40,35 @@ from dlrm_jax.train import trainer as trainer_lib
 
 
 def _order(layout) -> list[int]:
-  """order[j]: our interaction index of the peer's j-th (0: dense)."""
+  """order[j] is our interaction index of the peer's j-th feature. 0 is dense.
+  """
   return [0] + [k + 1 for _, ks in layout for k in ks]
 
 
 def config_from_peer(sd: Mapping[str, np.ndarray], peer: str, base_config,
                      table_features=None) -> config_dict.ConfigDict:
-  """The config of the peer's model.
+  """Builds the config of the peer's model.
+
+  The dense features are int_0 .. int_{F-1}. The id features are cat_0 ..
+  cat_{N-1}, in the peer's pooling order. Their rows and dim come from the
+  tables. Features of one table share it through `embedding_name`. The MLP
+  widths are the peer's, and arch_with_sparse is off. The interaction is dot
+  or dcn. For dot, interaction_self is read from the top MLP's width. A
+  TorchRec model never has it.
 
   Args:
     sd: the peer's state dict.
     peer: 'facebook' or 'torchrec'.
-    base_config: data, optimizers and loop (its model, features and tables
-      are replaced).
-    table_features: TorchRec: which features each table serves
-      (`read_peer`).
+    base_config: gives the data, the optimizers and the loop. Its model,
+      features and tables are replaced.
+    table_features: TorchRec only. Which features each table serves, as
+      `peers.read_peer` takes it.
 
   Returns:
-    `base_config` with dense features int_0 .. int_{F-1}, id features cat_0
-    .. cat_{N-1} in the peer's pooling order (rows and dim from the tables;
-    features of one table share it through `embedding_name`), the MLP
-    widths, arch_with_sparse off, and the dot interaction (interaction_self
-    read from the top MLP's width; never for TorchRec) or the dcn one.
+    A copy of `base_config` with the peer's model, features and tables.
+
+  Raises:
+    ValueError: `peers.read_peer` refuses the state dict.
   """
   pm = peers.read_peer(sd, peer, table_features)
   config = config_dict.ConfigDict(base_config.to_dict())
@@ -129,16 +136,21 @@ def params_from_peer(sd, peer: str, trainer: trainer_lib.Trainer,
                      table_features=None
                      ) -> tuple[dict[str, Any], dict[str, np.ndarray],
                                 peers.PeerDLRM]:
-  """The peer's weights in dlrm_jax's layout.
+  """Puts the peer's weights in dlrm_jax's layout.
 
   Args:
     sd: the peer's state dict.
     peer: 'facebook' or 'torchrec'.
     trainer: a trainer of `config_from_peer`'s config.
-    table_features: as `read_peer`.
+    table_features: as `peers.read_peer` takes it.
 
   Returns:
-    (dense params, {our table name: [rows, D]}, the peer's model).
+    A tuple of the dense params, {our table name: `[rows, D]`} and the peer's
+    model.
+
+  Raises:
+    ValueError: the state dict is refused, or the trainer's model does not
+      have its tables and features.
   """
   pm = peers.read_peer(sd, peer, table_features)
   m = trainer.spec.model
@@ -177,18 +189,24 @@ def _check_tree(got, want, what):
 def state_from_peer(sd, peer: str, trainer: trainer_lib.Trainer, seed: int = 0,
                     table_features=None
                     ) -> tuple[trainer_lib.TrainState, list[dict[str, Any]]]:
-  """A fresh train state holding the peer's weights.
+  """Builds a fresh train state holding the peer's weights.
+
+  The optimizer state starts fresh.
 
   Args:
     sd: the peer's state dict.
     peer: 'facebook' or 'torchrec'.
     trainer: a trainer of `config_from_peer`'s config.
-    seed: seeds what the peer does not hold (the optimizer starts fresh).
-    table_features: as `read_peer`.
+    seed: seeds what the peer does not hold.
+    table_features: as `peers.read_peer` takes it.
 
   Returns:
-    (the state at step 0, the peer's names: `peer_tables`' entries, which
-    `peer_from_state` takes back).
+    A tuple of the state at step 0 and the peer's names. The names are
+    `peer_tables`' entries, which `peer_from_state` takes back.
+
+  Raises:
+    ValueError: the state dict is refused, or its weights do not fit the
+      trainer's model.
   """
   params, tables, pm = params_from_peer(sd, peer, trainer, table_features)
   state = trainer.init_state(seed)
@@ -215,23 +233,24 @@ _POOLING = {'sum': 'SUM', 'mean': 'MEAN'}  # torchrec PoolingType
 
 
 def _combiner(setup, k: int) -> str:
-  """The pooling of the k-th sparse feature (a bucketized raw one: sum)."""
+  """The pooling of the k-th sparse feature. A bucketized raw one sums."""
   return getattr(setup.transform.sparse[k], 'combiner', 'sum')
 
 
 def peer_tables(setup, peer: str, saved: Sequence[Mapping] | None = None
                 ) -> list[dict[str, Any]]:
-  """The peer's tables of a dlrm_jax model, in the peer's order.
+  """Lists the peer's tables of a dlrm_jax model, in the peer's order.
 
   Args:
-    setup: the model setup (`trainer.spec`).
+    setup: the model setup, `trainer.spec`.
     peer: 'facebook' or 'torchrec'.
-    saved: TorchRec: the names an import recorded (`state_from_peer`); a
-      table's feature names are used while it serves as many features.
+    saved: TorchRec only. The names an import recorded, from
+      `state_from_peer`. A table keeps its saved feature names while it serves
+      as many features.
 
   Returns:
-    Per table: name (the peer's), table (ours), features (ours),
-    feature_names (the peer's), num_embeddings, embedding_dim, pooling.
+    Per table, a dict. name and feature_names are the peer's. table and
+    features are ours. num_embeddings, embedding_dim and pooling follow.
   """
   by_table = {s.get('table'): s for s in saved or ()}
   rows = {t.name: t.num_rows for t in setup.tables}
@@ -256,7 +275,17 @@ def peer_tables(setup, peer: str, saved: Sequence[Mapping] | None = None
 
 
 def check_exportable(setup, peer: str) -> None:
-  """Refuses, in one line, a model the peer cannot express."""
+  """Refuses, in one line, a model the peer cannot express.
+
+  Args:
+    setup: the model setup, `trainer.spec`.
+    peer: 'facebook' or 'torchrec'.
+
+  Raises:
+    ValueError: no dense arch, MLPs other than relu with biases, or
+      arch_with_sparse. Self-interaction for TorchRec. A dcn interaction or
+      shared tables for facebookresearch. A combiner the peer lacks.
+  """
   m = setup.model
   who = 'facebookresearch DLRM_Net' if peer == 'facebook' else (
       'TorchRec DLRM_DCN' if m.interaction == 'dcn' else 'TorchRec DLRM')
@@ -299,19 +328,20 @@ def check_exportable(setup, peer: str) -> None:
 def peer_from_state(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState,
                     peer: str, names: Sequence[Mapping] | None = None
                     ) -> dict[str, np.ndarray]:
-  """The peer's state dict (numpy) of a dlrm_jax model.
+  """Writes a dlrm_jax model as the peer's state dict of numpy arrays.
 
   Args:
     trainer: the model's trainer.
     state: its state.
     peer: 'facebook' or 'torchrec'.
-    names: the peer's names an import recorded (`state_from_peer`).
+    names: the peer's names an import recorded, from `state_from_peer`.
 
   Returns:
-    The state dict. Raises ValueError, in one line, for a model the peer
-    cannot express: no dense arch, MLPs other than relu with biases,
-    arch_with_sparse, self-interaction for TorchRec, dcn or shared tables
-    for facebookresearch, combiners the peer lacks.
+    The state dict.
+
+  Raises:
+    ValueError: the peer cannot express the model, as `check_exportable`
+      says.
   """
   setup = trainer.spec
   check_exportable(setup, peer)
@@ -327,6 +357,15 @@ def peer_from_state(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState,
         m.interaction_self, order))
 
   def linear(p, first=False):
+    """The weight `[out, in]` and bias of a dense layer.
+
+    Args:
+      p: the layer's params.
+      first: the first over-arch layer, whose input columns are permuted.
+
+    Returns:
+      The weight and the bias.
+    """
     w = np.asarray(p['kernel'])
     return (w[idx] if first else w).T.copy(), np.asarray(p['bias'])
 
@@ -354,17 +393,20 @@ def peer_from_state(trainer: trainer_lib.Trainer, state: trainer_lib.TrainState,
 
 
 def torchrec_arguments(setup, tables: Sequence[Mapping]) -> dict[str, Any]:
-  """What builds the TorchRec model of an export (`torchrec/models/dlrm.py`).
+  """Says what builds the TorchRec model of an export.
+
+  The model is `torchrec/models/dlrm.py`'s DLRM or DLRM_DCN.
 
   Args:
     setup: the model setup.
     tables: `peer_tables(setup, 'torchrec')`.
 
   Returns:
-    model ('DLRM' or 'DLRM_DCN'), tables (EmbeddingBagConfig fields: name,
-    embedding_dim, num_embeddings, feature_names, pooling), the model's
-    constructor arguments, and table_features (the --table_features value
-    that imports the export back).
+    A dict. model is 'DLRM' or 'DLRM_DCN'. tables holds the
+    EmbeddingBagConfig fields: name, embedding_dim, num_embeddings,
+    feature_names and pooling. The model's constructor arguments follow.
+    table_features is the --table_features value that imports the export
+    back.
   """
   m = setup.model
   args = {
@@ -384,9 +426,18 @@ def torchrec_arguments(setup, tables: Sequence[Mapping]) -> dict[str, Any]:
 
 
 def facebook_flags(setup) -> str:
-  """The `dlrm_s_pytorch.py` flags that build an export's DLRM_Net (`run`:
-  --arch-mlp-bot with the dense input count, --arch-mlp-top without the
-  interaction width, --arch-embedding-size for random data)."""
+  """Gives the `dlrm_s_pytorch.py` flags that build an export's DLRM_Net.
+
+  The reference builds it in `run`. --arch-mlp-bot starts with the dense
+  input count. --arch-mlp-top leaves out the interaction width.
+  --arch-embedding-size serves random data.
+
+  Args:
+    setup: the model setup.
+
+  Returns:
+    The flags, one string.
+  """
   m = setup.model
   flags = [f'--arch-sparse-feature-size={m.embedding_dim}',
            '--arch-mlp-bot=' + '-'.join(
