@@ -42,13 +42,13 @@ class UserError(Exception):
 
 
 def absolute(path: str | os.PathLike | None) -> str | None:
-  """`path` with `~` expanded, made absolute against the current directory.
+  """Expands `~` in a path and makes it absolute against the current directory.
 
   Args:
-    path: a path; None or '' (not given) are returned as they are.
+    path: a path. None or '' mean not given and come back as they are.
 
   Returns:
-    The absolute path, normalized; None or '' unchanged.
+    The absolute path, normalized. None or '' unchanged.
   """
   if path is None or path == '':
     return path
@@ -56,15 +56,15 @@ def absolute(path: str | os.PathLike | None) -> str | None:
 
 
 def absolute_spec(spec: Any) -> Any:
-  """A file spec with every item made absolute (`absolute`).
+  """Makes every item of a file spec absolute, as `absolute` does.
 
   Args:
     spec: a path, a glob, a comma-separated string of those, or a list or
-      tuple of such strings; '' (not given) is returned as it is.
+      tuple of such strings. '' means not given and comes back as it is.
 
   Returns:
-    The same kind of spec (a string stays a comma-separated string, a list a
-    list) whose items are absolute. Globs stay globs.
+    The same kind of spec with absolute items. A string stays a
+    comma-separated string, a list stays a list. Globs stay globs.
   """
   if isinstance(spec, (str, os.PathLike)):
     parts = [p.strip() for p in os.fspath(spec).split(',')]
@@ -75,10 +75,12 @@ def absolute_spec(spec: Any) -> Any:
 
 
 def absolute_config_paths(config) -> None:
-  """Makes the config's path fields (`CONFIG_PATH_FIELDS`) absolute, in place.
+  """Makes the config's path fields absolute, in place.
+
+  The fields are `CONFIG_PATH_FIELDS`.
 
   Args:
-    config: an ml_collections ConfigDict (locked or not); fields it lacks are
+    config: an ml_collections ConfigDict, locked or not. Fields it lacks are
       skipped.
   """
   for field in CONFIG_PATH_FIELDS:
@@ -93,14 +95,15 @@ def absolute_config_paths(config) -> None:
 
 
 def show_traceback(argv: Sequence[str] | None = None) -> bool:
-  """Whether user errors are shown with their traceback.
+  """Says whether user errors are shown with their traceback.
 
   Args:
-    argv: the raw arguments, read before absl parses them; None: read
+    argv: the raw arguments, read before absl parses them. None reads
       absl's parsed `--verbosity`.
 
   Returns:
-    True with DLRM_JAX_TRACEBACK set (not '0') or a verbosity of at least 1.
+    True with DLRM_JAX_TRACEBACK set to anything but '0', or with a verbosity
+    of at least 1.
   """
   if os.environ.get('DLRM_JAX_TRACEBACK', '') not in ('', '0'):
     return True
@@ -118,10 +121,11 @@ def show_traceback(argv: Sequence[str] | None = None) -> bool:
 
 
 def fail(message: str) -> None:
-  """Prints `error: <message>` (one line) on stderr and exits with status 1.
+  """Prints `error: <message>` in one line on stderr and exits with status 1.
 
   Args:
-    message: what went wrong; whitespace runs are folded into single spaces.
+    message: what went wrong. Runs of whitespace are folded into single
+      spaces.
   """
   sys.stdout.flush()
   sys.stderr.write(f'error: {" ".join(str(message).split())}\n')
@@ -130,7 +134,10 @@ def fail(message: str) -> None:
 
 def run(main: Callable[..., Any], *args: Any,
         errors: tuple[type[BaseException], ...] = ()) -> Any:
-  """Calls `main(*args)`, a user's mistake printed as one line.
+  """Calls `main(*args)` and prints a user's mistake as one line.
+
+  A ValueError, an OSError, a UserError or one of `errors` ends the command
+  through `fail`. With `show_traceback`, it is raised instead.
 
   Args:
     main: the command's main function.
@@ -156,15 +163,15 @@ HELP_FLAGS = ('--help', '-help', '-?', '--helpshort', '-helpshort',
 
 def run_app(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None,
             **kwargs: Any) -> None:
-  """`absl.app.run(main, argv, **kwargs)`, with `--help` exiting 0.
+  """Runs `absl.app.run(main, argv, **kwargs)`, with `--help` exiting 0.
 
-  absl ends `--help`, `--helpshort` and `--helpfull` with status 1; a user
-  who asked for help got it, so here they end with 0.
+  absl ends `--help`, `--helpshort` and `--helpfull` with status 1. A user who
+  asked for help got it, so here they end with 0.
 
   Args:
     main: the command's main function.
-    argv: the arguments (default: sys.argv).
-    **kwargs: further `app.run` arguments (`flags_parser`).
+    argv: the arguments. Default: sys.argv.
+    **kwargs: further `app.run` arguments, such as `flags_parser`.
   """
   from absl import app  # pylint: disable=g-import-not-at-top
   try:
@@ -181,7 +188,15 @@ def run_app(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None,
 
 
 def flag_value(argv, name: str) -> tuple[int, str] | None:
-  """(index, value) of `--name=value` or `--name value` in argv, or None."""
+  """Finds `--name=value` or `--name value` in argv.
+
+  Args:
+    argv: the arguments.
+    name: the flag's name, without dashes.
+
+  Returns:
+    The index and the value, or None.
+  """
   for i, a in enumerate(argv):
     for prefix in (f'--{name}=', f'-{name}='):
       if a.startswith(prefix):
@@ -192,13 +207,20 @@ def flag_value(argv, name: str) -> tuple[int, str] | None:
 
 
 def config_argv(argv: Sequence[str]) -> list[str]:
-  """argv with its `--config` as ml_collections' config_flags takes it.
+  """Rewrites argv's `--config` as ml_collections' config_flags takes it.
 
-  A run's `config.json` is handed to `saved_config` (see there); a Python
-  config file is passed on as it is. Without --config, argv is unchanged.
+  A run's `config.json` is handed to `saved_config`, which explains it. A
+  Python config file is passed on as it is. Without --config, argv is
+  unchanged.
+
+  Args:
+    argv: the arguments.
+
+  Returns:
+    The new arguments.
 
   Raises:
-    UserError: if the config file does not exist.
+    UserError: the config file does not exist.
   """
   from dlrm_jax.config import saved as saved_config  # pylint: disable=g-import-not-at-top
   argv = list(argv)
@@ -225,7 +247,15 @@ _REASONS = (  # Python's parse errors -> what the flag takes.
 
 
 def flag_error(e: Exception, argv) -> str:
-  """One line for a mistake absl or config_flags found in the flags."""
+  """Words a mistake absl or config_flags found in the flags as one line.
+
+  Args:
+    e: the error absl or config_flags raised.
+    argv: the arguments, to name the flag.
+
+  Returns:
+    The line, without `error: `.
+  """
   text = str(e)
   if 'Error whilst parsing config file' in text:  # get_config raised
     last = [ln.strip() for ln in text.strip().splitlines() if ln.strip()][-1]
@@ -259,12 +289,13 @@ def flag_error(e: Exception, argv) -> str:
 def parse_flags(argv: Sequence[str],
                 prepare: Callable[[list[str]], list[str]] | None = None
                 ) -> list[str]:
-  """absl's flag parsing (an `app.run` flags_parser), every mistake in the
-  flags shown as one line (`flag_error`).
+  """Parses absl's flags, with every mistake in the flags shown as one line.
+
+  It serves as an `app.run` flags_parser. `flag_error` words the line.
 
   Args:
     argv: the command line.
-    prepare: rewrites argv before parsing (`config_argv`, say); its
+    prepare: rewrites argv before parsing, as `config_argv` does. Its
       UserError is shown as it is.
 
   Returns:

@@ -34,6 +34,14 @@ _CUDA_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin',
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
+  """Parses the first three parts of a version string.
+
+  Args:
+    version: a version such as '0.11.0' or '0.10.2rc1'.
+
+  Returns:
+    The numbers, such as (0, 11, 0). A part without digits counts 0.
+  """
   parts = []
   for x in version.split('.')[:3]:
     digits = ''.join(c for c in x if c.isdigit())
@@ -42,12 +50,20 @@ def version_tuple(version: str) -> tuple[int, ...]:
 
 
 def scatter_regression_affected(jaxlib_version: str) -> bool:
-  """Whether this jaxlib has the CAS-loop float32 scatter-add on GPU."""
+  """Says whether a jaxlib has the CAS-loop float32 scatter-add on GPU.
+
+  Args:
+    jaxlib_version: the jaxlib version.
+
+  Returns:
+    True for the versions in AFFECTED.
+  """
   lo, hi = AFFECTED
   return lo <= version_tuple(jaxlib_version) < hi
 
 
 def cuda_plugin_installed() -> bool:
+  """Whether a jax CUDA plugin can be imported."""
   for name in _CUDA_PLUGINS:
     try:
       if importlib.util.find_spec(name) is not None:
@@ -58,7 +74,14 @@ def cuda_plugin_installed() -> bool:
 
 
 def with_ftz_atomics(xla_flags: str) -> str:
-  """`xla_flags` with FTZ_ATOMICS_OPTION in --xla_backend_extra_options."""
+  """Adds FTZ_ATOMICS_OPTION to the --xla_backend_extra_options of XLA flags.
+
+  Args:
+    xla_flags: the XLA_FLAGS value.
+
+  Returns:
+    The flags with the option, added once.
+  """
   prefix = '--xla_backend_extra_options='
   tokens = xla_flags.split()
   for i, token in enumerate(tokens):
@@ -75,11 +98,12 @@ def apply_scatter_workaround(jaxlib_version: str | None = None,
                              cuda: bool | None = None) -> bool:
   """Adds the FTZ-atomics option to XLA_FLAGS where the regression is.
 
-  Must run before JAX starts its backends (XLA reads XLA_FLAGS then).
+  It must run before JAX starts its backends, because XLA reads XLA_FLAGS
+  then.
 
   Args:
-    jaxlib_version: defaults to the installed jaxlib's.
-    cuda: whether a CUDA plugin is installed; detected by default.
+    jaxlib_version: the jaxlib version. Default: the installed jaxlib's.
+    cuda: whether a CUDA plugin is installed. Default: detected.
 
   Returns:
     Whether XLA_FLAGS now carries the option because of this call.

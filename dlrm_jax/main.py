@@ -104,6 +104,17 @@ class _OwnInfoOnly(std_logging.Filter):
   """Keeps warnings and errors, and INFO lines from dlrm_jax itself."""
 
   def filter(self, record):
+    """Says whether a log record is shown.
+
+    A library's traceback is dropped from its record. The line stays, and
+    dlrm_jax's own error says what failed and where.
+
+    Args:
+      record: the log record.
+
+    Returns:
+      True for warnings, errors and dlrm_jax's own lines.
+    """
     own = f'{os.sep}dlrm_jax{os.sep}' in record.pathname
     if not own and record.exc_info:
       # A library's traceback (orbax logs one per failed save): its line
@@ -137,7 +148,14 @@ def _config_argv(argv: list[str]) -> list[str]:
 
 
 def parse_flags(argv):
-  """absl's flag parsing, every mistake in the flags shown as one line."""
+  """Parses absl's flags, with every mistake in the flags shown as one line.
+
+  Args:
+    argv: the command line.
+
+  Returns:
+    The arguments that are not flags.
+  """
   return cli.parse_flags(argv, prepare=_config_argv)
 
 
@@ -153,10 +171,10 @@ class Command:
     mode: one of MODES.
     spec: the run spec of the config.
     workdir: the run's directory.
-    checkpoint: eval/predict/export: 'best', 'latest', a step, or None
-      (best where the run keeps one).
-    inputs: eval/predict: the --input files.
-    output: predict/export/eval: where to write.
+    checkpoint: for eval, predict and export: 'best', 'latest', a step, or
+      None. None takes best where the run keeps one.
+    inputs: for eval and predict: the --input files.
+    output: for predict, export and eval: where to write.
   """
 
   mode: str
@@ -202,10 +220,15 @@ def _checkpoint_choice(value: str | None) -> str | int | None:
 
 
 def check_command() -> Command:
-  """The command line's flags and config, checked before anything is built.
+  """Checks the command line's flags and config before anything is built.
+
+  Returns:
+    The command.
 
   Raises:
-    cli.UserError, ValueError: naming the flag or config field.
+    cli.UserError: a flag is missing, wrong or meant for another mode. It
+      names the flag.
+    ValueError: the config breaks a rule. It names the config field.
   """
   mode = _MODE.value
   config = _CONFIG.value
@@ -268,6 +291,14 @@ def _check_run_dir(workdir: str) -> None:
 
 
 def main(argv):
+  """Runs the command the flags ask for: train, eval, predict or export.
+
+  Args:
+    argv: the arguments absl left over. Any is an error.
+
+  Raises:
+    cli.UserError: unexpected arguments, or a flag `check_command` refuses.
+  """
   if len(argv) > 1:
     raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(max(logging.INFO, flags.FLAGS.verbosity))
@@ -337,7 +368,14 @@ USER_ERRORS = (ckpt_lib.DamagedCheckpointError, ckpt_lib.CheckpointSaveError,
 
 
 def run_main(argv):
-  """`main`, with user errors printed as one line (see the module doc)."""
+  """Runs `main`, with user errors printed as one line.
+
+  The module docstring says which errors. A stopped training and Ctrl-C end
+  with one line and their own exit status.
+
+  Args:
+    argv: the arguments absl left over.
+  """
   try:
     cli.run(main, argv, errors=USER_ERRORS)
   except train_loop.TrainingInterrupted as e:  # saved; one line

@@ -28,7 +28,23 @@ BATCH_AXES = (DATA, MODEL)  # batches are split over both
 
 def resolve_axis_sizes(data: int, model: int, num_devices: int,
                        *, path: str = 'config.mesh') -> tuple[int, int]:
-  """Fills one -1 with the rest of the devices; checks the product."""
+  """Resolves the mesh's axis sizes.
+
+  One size may be -1. It takes the rest of the devices.
+
+  Args:
+    data: the 'data' axis size, or -1.
+    model: the 'model' axis size, or -1.
+    num_devices: the number of devices.
+    path: the config path to name in messages.
+
+  Returns:
+    The data and model sizes. Their product is `num_devices`.
+
+  Raises:
+    ValueError: a size is neither positive nor -1, both are -1, or the
+      devices do not split into these axes.
+  """
   sizes = {'data': int(data), 'model': int(model)}
   unknown = [k for k, v in sizes.items() if v == -1]
   for k, v in sizes.items():
@@ -53,7 +69,19 @@ def resolve_axis_sizes(data: int, model: int, num_devices: int,
 
 def create_mesh(data: int = 1, model: int = -1,
                 devices: Any = None) -> Mesh:
-  """A ('data', 'model') mesh over `devices` (default: all devices)."""
+  """Creates a ('data', 'model') mesh over `devices`.
+
+  Args:
+    data: the 'data' axis size, or -1.
+    model: the 'model' axis size, or -1.
+    devices: the devices. Default: all devices.
+
+  Returns:
+    The mesh, with Auto axes.
+
+  Raises:
+    ValueError: the devices do not split into these axes.
+  """
   devices = jax.devices() if devices is None else list(devices)
   d, m = resolve_axis_sizes(data, model, len(devices))
   return jax.make_mesh((d, m), (DATA, MODEL),
@@ -62,7 +90,15 @@ def create_mesh(data: int = 1, model: int = -1,
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-  """Splits the leading (batch) dim over every device."""
+  """Splits the leading batch dim over every device.
+
+  Args:
+    mesh: the mesh.
+    ndim: the array's number of dims.
+
+  Returns:
+    The sharding.
+  """
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
@@ -71,11 +107,19 @@ def initialize_distributed(coordinator_address: str | None = None,
                            process_id: int | None = None) -> None:
   """Starts `jax.distributed` when asked to or when a cluster is detected.
 
-  Values come from the arguments, else from the environment
-  (`DLRM_COORDINATOR_ADDRESS`, `DLRM_NUM_PROCESSES`, `DLRM_PROCESS_ID`). With
-  none set, JAX's own cluster detection runs when `DLRM_DISTRIBUTED=1` (TPU
-  VMs) or a SLURM or Open MPI job is found. Otherwise a single process does
-  nothing.
+  Values come from the arguments, else from the environment:
+  `DLRM_COORDINATOR_ADDRESS`, `DLRM_NUM_PROCESSES` and `DLRM_PROCESS_ID`.
+  With none set, JAX's own cluster detection runs when `DLRM_DISTRIBUTED=1`,
+  as on TPU VMs, or when a SLURM or Open MPI job is found. Otherwise a single
+  process does nothing.
+
+  Args:
+    coordinator_address: the coordinator's host:port.
+    num_processes: the number of processes.
+    process_id: this process's id.
+
+  Raises:
+    ValueError: a coordinator address without the process count and id.
   """
   env = os.environ
   coordinator_address = coordinator_address or env.get(

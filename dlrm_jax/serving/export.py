@@ -59,7 +59,13 @@ class ServingModel:
   """The inference function of a trained model, in plain jax.numpy.
 
   Attributes:
-    params: pytree of arrays the function takes (see `forward`).
+    trainer: the Trainer it came from.
+    transform: the feature transform of the trainer's spec.
+    multi_hot: the multi-hot scheme, or None.
+    id_tables: per feature name, the table that maps raw values to rows.
+    request_columns: the columns the tiled function takes once per request.
+    quantize: how the tables are stored: None, 'fp16' or 'int8'.
+    params: the pytree of arrays the function takes. `forward` says how.
   """
 
   def __init__(self, trainer, state, *, id_tables: dict[str, Any] | None = None,
@@ -71,27 +77,27 @@ class ServingModel:
     Args:
       trainer: the `dlrm_jax.train.trainer.Trainer`.
       state: its trained state.
-      id_tables: per feature name, (sorted raw values, their rows, the row of
-        values not in the table) mapping raw hashes to table rows
-        (vocabularies: unknown -> the out-of-vocabulary row 1; managed
-        collisions: unknown -> row 0); other id features use their modulo /
-        hash mapping. Missing values always read row 0.
-      request_columns: input columns (`int_<i>`, `cat_<j>`) that are the same
-        for every candidate of a request, for the tiled function.
-      quantize: None, 'fp16' or 'int8': how the tables are stored and served
-        (`dlrm_jax.serving.tables`); the in-process scores use the same
-        (dequantized) rows.
-      multi_hot: the training data's `loader.MultiHot` for a model trained
-        on synthetic multi-hot bags: each raw value is expanded into the
-        same bag inside the function (`dlrm_jax.data.multi_hot`).
-      admission: per feature name, (bool `[num_rows]` admitted rows, the
-        shared row of the others) of the run's rare-id admission filter
-        (`admission.IdAdmission.admitted_rows`); applied after the id
-        mapping (and bag expansion), as in training and eval.
+      id_tables: per feature name, the sorted raw values, their rows, and the
+        row of values not in the table. They map raw hashes to table rows. A
+        vocabulary maps an unknown value to the out-of-vocabulary row 1. A
+        managed collision maps it to row 0. Other id features use their modulo
+        or hash mapping. Missing values always read row 0.
+      request_columns: input columns, `int_<i>` or `cat_<j>`, that are the same
+        for every candidate of a request. The tiled function takes them once.
+      quantize: None, 'fp16' or 'int8'. It says how the tables are stored and
+        served, as `dlrm_jax.serving.tables` describes. The in-process scores
+        use the same dequantized rows.
+      multi_hot: the training data's `loader.MultiHot`, for a model trained on
+        synthetic multi-hot bags. The function expands each raw value into the
+        same bag, as `dlrm_jax.data.multi_hot` does.
+      admission: per feature name, the admitted rows as bool `[num_rows]` and
+        the shared row of the others. They come from the run's rare-id
+        admission filter, `admission.IdAdmission.admitted_rows`. They apply
+        after the id mapping and bag expansion, as in training and eval.
 
     Raises:
       ValueError: a feature with several ids per example but no multi-hot
-        scheme, a managed-collision feature without its table in
+        scheme. Or a managed-collision feature without its table in
         `id_tables`, a request column that names no input column, or an
         unknown `quantize`.
     """
@@ -132,8 +138,11 @@ class ServingModel:
 
   @property
   def params(self) -> dict[str, Any]:
-    """The function's parameters, tables on the host (for `__call__`: small
-    models only; `export` streams the tables instead)."""
+    """The function's parameters, with the tables on the host.
+
+    They serve `__call__`, for small models only. `export` streams the tables
+    instead.
+    """
     if self._params is None:
       engine = self.trainer.engine
       self._params = dict(self._small, tables={
@@ -179,7 +188,17 @@ class ServingModel:
                       for f in self.transform.dense], axis=1)
 
   def forward(self, params, ints, cat, present) -> jax.Array:
-    """Probabilities `[B]` of raw rows."""
+    """Computes the probabilities of raw rows.
+
+    Args:
+      params: the function's parameters, as `params` holds them.
+      ints: the integer columns, int32 `[B, 13]`.
+      cat: the categorical hashes, uint32 `[B, 26]`.
+      present: whether each hash is present, bool `[B, 26]`.
+
+    Returns:
+      The probabilities, `[B]`.
+    """
     sparse = self._sparse(params, ints, cat, present, self.transform.sparse)
     out = self.trainer.model.apply(params['variables'], self._dense(ints),
                                    sparse, train=False)
@@ -195,15 +214,40 @@ class ServingModel:
 
   def forward_tiled(self, params, req_int, req_cat, req_present, cand_int,
                     cand_cat, cand_present) -> jax.Array:
-    """Probabilities `[K]` of one request (`[1, n]` inputs) and K candidates.
+    """Computes the probabilities of one request and its K candidates.
 
     Sparse features of request-level columns are looked up once and tiled.
+
+    Args:
+      params: the function's parameters.
+      req_int: the request's integer columns, `[1, n]`.
+      req_cat: the request's categorical hashes, `[1, m]`.
+      req_present: whether each of them is present, `[1, m]`.
+      cand_int: the candidates' other integer columns, `[K, n']`.
+      cand_cat: the candidates' other categorical hashes, `[K, m']`.
+      cand_present: whether each of them is present, `[K, m']`.
+
+    Returns:
+      The probabilities, `[K]`.
     """
     k = cand_int.shape[0]
     ri, ci = self._split('int')
     rc, cc = self._split('cat')
 
     def assemble(req, cand, req_cols, cand_cols, n, rows):
+      """Puts request and candidate columns back in column order.
+
+      Args:
+        req: the request's columns, `[1, len(req_cols)]`.
+        cand: the candidates' columns, `[rows, len(cand_cols)]`.
+        req_cols: the column numbers of `req`.
+        cand_cols: the column numbers of `cand`.
+        n: the number of columns.
+        rows: the number of rows.
+
+      Returns:
+        The full columns, `[rows, n]`.
+      """
       full = [None] * n
       for j, c in enumerate(req_cols):
         full[c] = jnp.broadcast_to(req[:, j], (rows,))
@@ -246,15 +290,14 @@ class ServingModel:
         self.params, *(jnp.asarray(inputs[k]) for k in INPUTS)))
 
   def export(self, out_dir: str, batch_size: int | None = None) -> str:
-    """Writes the export directory (see the module docstring).
+    """Writes the export directory that the module docstring describes.
 
-    Collective with several processes: every process calls it and writes
-    the table rows its devices hold; process 0 writes the other files.
+    With several processes, it is collective. Every process calls it and
+    writes the table rows its devices hold. Process 0 writes the other files.
 
     Args:
-      out_dir: the directory (created if missing).
-      batch_size: the function's fixed batch size, or None for a symbolic
-        one.
+      out_dir: the directory. It is created if missing.
+      batch_size: the function's fixed batch size. None makes it symbolic.
 
     Returns:
       `out_dir`.
@@ -331,6 +374,14 @@ def _export(fn: Callable, leaves: list, treedef,
   `jax.tree.flatten` order), then the inputs."""
 
   def flat(*args):
+    """Calls `fn` on the params rebuilt from their leaves, then the inputs.
+
+    Args:
+      *args: the params' leaves, then the inputs.
+
+    Returns:
+      What `fn` returns.
+    """
     params = jax.tree.unflatten(treedef, args[:len(leaves)])
     return fn(params, *args[len(leaves):])
 
@@ -373,22 +424,24 @@ def _write(path: str, data: bytes) -> None:
 
 
 def sparse_ids(f, ints, cat, present, id_tables, xp=jnp):
-  """`[B]` table rows of one sparse feature of raw rows, as the exported
-  function maps them, by the feature transform's mappers
-  (`features.bucketize`, `features.lookup_sorted` for the `id_tables`
-  features, `features.map_ids` for the others).
+  """Maps one sparse feature of raw rows to table rows, as the export does.
+
+  It uses the feature transform's mappers. `features.bucketize` serves raw
+  features with boundaries. `features.lookup_sorted` serves the `id_tables`
+  features. `features.map_ids` serves the others.
 
   Args:
-    f: the feature (`features.RawFeature` with boundaries, or `IdFeature`).
-    ints: `[B, 13]` integer columns.
-    cat: `[B, 26]` uint32 raw hashes.
-    present: `[B, 26]` whether each hash is present.
-    id_tables: per feature name, (sorted raw values, their rows, the row of
-      values not in the table).
-    xp: jax.numpy (the export) or numpy.
+    f: the feature, a `features.RawFeature` with boundaries or an
+      `IdFeature`.
+    ints: the integer columns, `[B, 13]`.
+    cat: the raw hashes, uint32 `[B, 26]`.
+    present: whether each hash is present, `[B, 26]`.
+    id_tables: per feature name, the sorted raw values, their rows and the
+      row of values not in the table.
+    xp: jax.numpy for the export, or numpy.
 
   Returns:
-    `[B]` int32 rows.
+    The rows, int32 `[B]`.
   """
   if isinstance(f, features_lib.RawFeature):
     return features_lib.bucketize(ints[:, int(f.input[4:])], f, xp)

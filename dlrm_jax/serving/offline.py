@@ -33,8 +33,10 @@ from dlrm_jax.data import preprocess
 
 @dataclasses.dataclass
 class TrainedModel:
-  """A restored run: its spec, trainer, state and host-side id state
-  (managed-collision remappers, admission sketch).
+  """A restored run: its spec, trainer, state and host-side id state.
+
+  The host-side id state holds the managed-collision remappers and the
+  admission sketch.
 
   Attributes:
     spec: the run spec.
@@ -42,8 +44,8 @@ class TrainedModel:
     state: the restored train state.
     step: the step of the checkpoint.
     host: the run's host-side id state as of that step.
-    which: 'best' (the run's best checkpoint) or 'latest' / 'step' (one of
-      its checkpoints).
+    which: 'best' for the run's best checkpoint. 'latest' or 'step' for one
+      of its checkpoints.
     directory: the checkpoint's folder.
     best_metric: for the best checkpoint, the metric it is best by.
     best_eval: for the best checkpoint, its eval metrics.
@@ -72,9 +74,17 @@ class TrainedModel:
 
   def raw_to_model_rows(self, rows: dict[str, np.ndarray]
                         ) -> dict[str, np.ndarray]:
-    """Reader rows (raw hashes) -> raw batch for the feature transform,
-    mapping ids as the training data did (vocabularies of preprocessed
-    data)."""
+    """Maps reader rows of raw hashes to a raw batch for the feature transform.
+
+    Ids are mapped as the training data mapped them. That matters for the
+    vocabularies of preprocessed data.
+
+    Args:
+      rows: the reader's rows.
+
+    Returns:
+      The rows the batch maker takes.
+    """
     d = self.spec.data
     if d.source == 'binary':
       meta = binary.Metadata.load(d.binary_dir)
@@ -85,13 +95,24 @@ class TrainedModel:
     return rows
 
   def admission(self) -> dict[str, tuple[np.ndarray, int]]:
-    """The rare-id admission filter for the export: per filtered feature,
-    its admitted rows and the shared row of the others ({} without
-    `config.admission`)."""
+    """Gives the rare-id admission filter for the export.
+
+    Returns:
+      Per filtered feature, its admitted rows and the shared row of the
+      others. {} without `config.admission`.
+    """
     return self.host.admitted_rows(self.spec) if self.host else {}
 
   def id_tables(self) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
-    """Raw hash -> row tables for the export (vocabularies, remappers)."""
+    """Gives the raw hash to row tables for the export.
+
+    They come from the vocabularies of preprocessed data and from the
+    remappers.
+
+    Returns:
+      Per feature name, the sorted raw values, their rows and the row of values
+      not in the table.
+    """
     tables = {}
     d = self.spec.data
     if d.source == 'binary':
@@ -112,19 +133,20 @@ def load(config, workdir: str, step: int | None = None,
   Args:
     config: the run's config or RunSpec.
     workdir: the run's directory.
-    step: a checkpoint step (the same as `checkpoint=step`).
-    checkpoint: 'best' (`<workdir>/best_checkpoint`, kept with
-      `config.keep_best_metric`), 'latest' (the newest good one of
-      `<workdir>/checkpoints`; damaged ones are skipped, never moved) or a
-      step; None: 'best' where the run keeps one, else 'latest'.
+    step: a checkpoint step, the same as `checkpoint=step`.
+    checkpoint: 'best', 'latest' or a step. 'best' is
+      `<workdir>/best_checkpoint`, kept with `config.keep_best_metric`.
+      'latest' is the newest good one of `<workdir>/checkpoints`. Damaged
+      ones are skipped, never moved. None: 'best' where the run keeps one,
+      else 'latest'.
 
   Returns:
-    The restored model; `description` says which checkpoint it is.
+    The restored model. Its `description` says which checkpoint it is.
 
   Raises:
-    ValueError: if the workdir holds no such checkpoint.
-    IncompatibleCheckpointError: if the checkpoint is of another config.
-    DamagedCheckpointError: if it cannot be read back.
+    ValueError: the workdir holds no such checkpoint.
+    IncompatibleCheckpointError: the checkpoint is of another config.
+    DamagedCheckpointError: it cannot be read back.
   """
   spec = config_lib.run_spec(config)
   if step is not None:
@@ -137,6 +159,14 @@ def load(config, workdir: str, step: int | None = None,
   host = trainer.new_host_state()
 
   def restore(step):
+    """Restores one step: the state and the host state.
+
+    Args:
+      step: the checkpoint step.
+
+    Returns:
+      The state and the meta.
+    """
     state, meta = trainer.restore(ckpt, step)
     ckpt.restore_host_state(step, host)
     return state, meta
@@ -214,9 +244,22 @@ def _batches(model: TrainedModel, paths: Sequence[str], labeled: bool
 
 def predict(model: TrainedModel, paths: Sequence[str] | str,
             output: str) -> int:
-  """Writes one score per input row, in input order; returns the rows.
+  """Writes one score per input row, in input order.
 
-  Malformed lines stop it (a skipped line would shift every later score).
+  Malformed lines stop it, because a skipped line would shift every later
+  score.
+
+  Args:
+    model: the restored model.
+    paths: the Criteo files, or a glob.
+    output: the scores file, one probability a line.
+
+  Returns:
+    The number of rows scored.
+
+  Raises:
+    ValueError: the files mix labeled and unlabeled layouts, a line is
+      malformed, or the run has several processes.
   """
   paths = criteo.expand_paths(paths, field='--input')
   labeled = {_labeled(p) for p in paths}
@@ -245,8 +288,18 @@ def predict(model: TrainedModel, paths: Sequence[str] | str,
 def eval_predictions(model: TrainedModel,
                      paths: Sequence[str] | str | None = None
                      ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-  """(metrics, probabilities, labels) of the checkpoint on labeled files, or
-  on the config's eval set."""
+  """Evaluates the checkpoint on labeled files, or on the config's eval set.
+
+  Args:
+    model: the restored model.
+    paths: labeled Criteo files. None: the config's eval set.
+
+  Returns:
+    The metrics, the probabilities and the labels.
+
+  Raises:
+    ValueError: no files are given and the config has no eval set.
+  """
   if paths:
     paths = criteo.expand_paths(paths, field='--input')
     probs, labels = [], []
@@ -264,7 +317,18 @@ def eval_predictions(model: TrainedModel,
 
 def evaluate(model: TrainedModel, paths: Sequence[str] | str | None = None
              ) -> dict[str, float]:
-  """Eval metrics of the checkpoint on files, or on the config's eval set."""
+  """Computes the eval metrics of the checkpoint.
+
+  Args:
+    model: the restored model.
+    paths: labeled Criteo files. None: the config's eval set.
+
+  Returns:
+    The metrics.
+
+  Raises:
+    ValueError: no files are given and the config has no eval set.
+  """
   return eval_predictions(model, paths)[0]
 
 
@@ -272,20 +336,22 @@ def evaluate_and_report(model: TrainedModel, workdir: str,
                         paths: Sequence[str] | str | None = None,
                         print_fn=print, output: str | None = None
                         ) -> dict[str, float]:
-  """`--mode=eval`: prints the metrics as JSON and writes them to a file.
+  """Runs `--mode=eval`: prints the metrics as JSON and writes them to a file.
+
+  A file that cannot be written gets a warning. The printed metrics stand.
 
   Args:
     model: the restored model.
     workdir: the run's directory.
-    paths: labeled files to evaluate on; None: the config's eval set.
+    paths: labeled files to evaluate on. None: the config's eval set.
     print_fn: where the lines go.
-    output: the metrics file; default `<workdir>/eval_step<N>.json` for the
-      config's eval set, `<workdir>/eval_step<N>_<first input's name>.json`
-      for files, so an eval on other data never overwrites the run's own.
+    output: the metrics file. For the config's eval set, it defaults to
+      `<workdir>/eval_step<N>.json`. For files, it defaults to
+      `<workdir>/eval_step<N>_<first input's name>.json`. So an eval on other
+      data never overwrites the run's own.
 
   Returns:
-    The metrics. A file that cannot be written gets a warning; the printed
-    metrics stand.
+    The metrics.
   """
   result = {k: float(v) for k, v in evaluate(model, paths).items()}
   if jax.process_index() != 0:
@@ -312,8 +378,22 @@ def evaluate_and_report(model: TrainedModel, workdir: str,
 def export(model: TrainedModel, out_dir: str, *, batch_size: int | None = None,
            request_columns: Sequence[str] = (),
            quantize: str | None = None) -> str:
-  """Exports the inference function (see `dlrm_jax.serving.export`); `quantize`:
-  None, 'fp16' or 'int8' tables (`dlrm_jax.serving.tables`)."""
+  """Exports the inference function, as `dlrm_jax.serving.export` describes.
+
+  Args:
+    model: the restored model.
+    out_dir: the export directory.
+    batch_size: the function's fixed batch size. None makes it symbolic.
+    request_columns: the columns the tiled function takes once per request.
+    quantize: how the tables are stored: None, 'fp16' or 'int8'. See
+      `dlrm_jax.serving.tables`.
+
+  Returns:
+    `out_dir`.
+
+  Raises:
+    ValueError: `ServingModel` refuses the model or the arguments.
+  """
   sm = serving.ServingModel(model.trainer, model.state,
                             id_tables=model.id_tables(),
                             admission=model.admission(),

@@ -24,10 +24,24 @@ _DTYPES = {'int': np.int32, 'cat': np.uint32, 'cat_present': np.bool_}
 
 
 class LoadedModel:
-  """An exported model: `scores(int, cat, cat_present)` and, with
-  request-level columns, `scores_tiled(request, candidates)`."""
+  """An exported model, loaded.
+
+  `scores(int, cat, cat_present)` scores rows. An export with request-level
+  columns also has `scores_tiled(request, candidates)`.
+
+  Attributes:
+    signature: the export's signature.json.
+  """
 
   def __init__(self, export_dir: str):
+    """Loads an export.
+
+    Args:
+      export_dir: the export directory.
+
+    Raises:
+      ValueError: the directory holds no dlrm_jax export.
+    """
     with open(os.path.join(export_dir, 'signature.json')) as f:
       self.signature = json.load(f)
     if self.signature.get('format') != 'dlrm_jax.export':
@@ -53,7 +67,20 @@ class LoadedModel:
                             else name])
 
   def scores(self, int_, cat, cat_present) -> np.ndarray:
-    """Probabilities of B raw rows."""
+    """Scores B raw rows.
+
+    Args:
+      int_: the integer columns, `[B, 13]`.
+      cat: the categorical columns as unsigned ids, `[B, 26]`.
+      cat_present: whether each categorical value is present, `[B, 26]`.
+
+    Returns:
+      The probabilities, `[B]`.
+
+    Raises:
+      ValueError: a shape is wrong, the inputs disagree on B, or B differs
+        from an export's fixed batch size.
+    """
     a = self._check('int', int_, NUM_INT)
     b = self._check('cat', cat, NUM_CAT)
     c = self._check('cat_present', cat_present, NUM_CAT)
@@ -70,11 +97,21 @@ class LoadedModel:
 
   def scores_tiled(self, request: dict[str, np.ndarray],
                    candidates: dict[str, np.ndarray]) -> np.ndarray:
-    """Probabilities of K candidates of one request.
+    """Scores K candidates of one request.
 
-    `request` holds 'int', 'cat', 'cat_present' for the request-level columns
-    only (`[1, n]`), `candidates` the same for the other columns (`[K, m]`);
-    the column lists are in `signature['tiled']`.
+    The column lists are in `signature['tiled']`.
+
+    Args:
+      request: 'int', 'cat' and 'cat_present' of the request-level columns
+        only, each `[1, n]`.
+      candidates: the same for the other columns, each `[K, m]`.
+
+    Returns:
+      The probabilities, `[K]`.
+
+    Raises:
+      ValueError: the export has no request-level columns, or a shape is
+        wrong.
     """
     if self._tiled is None:
       raise ValueError('this export has no request-level columns (tiling).')
@@ -95,12 +132,19 @@ class LoadedModel:
 
 
 def load_params(export_dir: str, signature: dict) -> list:
-  """The function's parameters, in order, placed on the default device once.
+  """Loads the function's parameters, in order, onto the default device once.
 
-  Version 2 exports list each parameter's file in `param_files`: an entry
-  of `params.npz` (`params.npz:p00003`) or a table's `.npy`, read with
-  memory mapping, so a table is paged in from disk rather than read whole
-  into this process's heap before it goes to the device.
+  Version 2 exports list each parameter's file in `param_files`. It is an
+  entry of `params.npz`, such as `params.npz:p00003`, or a table's `.npy`. A
+  `.npy` is read with memory mapping. So a table is paged in from disk, not
+  read whole into this process's heap before it goes to the device.
+
+  Args:
+    export_dir: the export directory.
+    signature: its signature.json.
+
+  Returns:
+    The parameters as device arrays.
   """
   files = signature.get('param_files') or [
       f'params.npz:p{i:05d}' for i in range(signature['num_params'])]
@@ -116,32 +160,43 @@ def load_params(export_dir: str, signature: dict) -> list:
 
 
 def load_export(export_dir: str) -> LoadedModel:
+  """Loads an export.
+
+  Args:
+    export_dir: the export directory.
+
+  Returns:
+    The LoadedModel.
+
+  Raises:
+    ValueError: the directory holds no dlrm_jax export.
+  """
   return LoadedModel(export_dir)
 
 
 class RowError(ValueError):
-  """A malformed request row; the message is `row N: reason`."""
+  """A malformed request row. The message is `row N: reason`."""
 
 
 def parse_rows_checked(lines: Sequence[str | bytes], *,
                        labeled: bool | None = None, first_row: int = 1
                        ) -> tuple[dict[str, np.ndarray], list[str | None]]:
-  """Criteo text rows -> (inputs of the valid rows, per row its error).
+  """Parses Criteo text rows into inputs, and says each row's error.
 
-  The rules are the training reader's (`dlrm_jax.data.rows`); in addition an
-  integer must fit the export's int32 input. Every line is a row: an empty
+  The rules are the training reader's, in `dlrm_jax.data.rows`. Besides, an
+  integer must fit the export's int32 input. Every line is a row. An empty
   one is an error, not dropped, so no later row moves.
 
   Args:
-    lines: one row each (str or bytes; a line end at the end is allowed).
-    labeled: True: 40 fields with a 0/1 label first (checked, not used);
-      False: 39 feature fields; None: the layout of the first row of 39 or 40
-      fields, which every row must then have.
+    lines: one row each, str or bytes. A line end at the end is allowed.
+    labeled: True for 40 fields with a 0/1 label first, which is checked but
+      not used. False for 39 feature fields. None takes the layout of the
+      first row of 39 or 40 fields, which every row must then have.
     first_row: the number of `lines[0]` in messages.
 
   Returns:
-    {'int', 'cat', 'cat_present'} of the valid rows in order, and for each
-    line None (valid) or `'row N: reason'`.
+    {'int', 'cat', 'cat_present'} of the valid rows in order. And per line,
+    None when valid, else `'row N: reason'`.
   """
   if labeled is None:
     for line in lines:
@@ -177,9 +232,21 @@ def parse_rows_checked(lines: Sequence[str | bytes], *,
 
 def parse_rows(lines: Sequence[str | bytes], *, labeled: bool | None = None
                ) -> dict[str, np.ndarray]:
-  """Criteo text rows (39 feature fields, or 40 with a label first) ->
-  inputs; RowError (`row N: reason`) at the first malformed row. See
-  `parse_rows_checked` for the rules."""
+  """Parses Criteo text rows into inputs, refusing any malformed row.
+
+  A row has 39 feature fields, or 40 with a label first. `parse_rows_checked`
+  gives the rules.
+
+  Args:
+    lines: one row each, str or bytes.
+    labeled: as `parse_rows_checked` takes it.
+
+  Returns:
+    {'int', 'cat', 'cat_present'} of the rows.
+
+  Raises:
+    RowError: at the first malformed row, as `row N: reason`.
+  """
   inputs, errors = parse_rows_checked(lines, labeled=labeled)
   for e in errors:
     if e is not None:
@@ -190,8 +257,17 @@ def parse_rows(lines: Sequence[str | bytes], *, labeled: bool | None = None
 def score_lines(model: LoadedModel, lines: Sequence[str | bytes], *,
                 labeled: bool | None = None, first_row: int = 1
                 ) -> list[float | str]:
-  """Scores the valid rows of a request; per line, its probability or its
-  error (`'row N: reason'`). A bad row does not stop the others."""
+  """Scores the valid rows of a request. A bad row does not stop the others.
+
+  Args:
+    model: the loaded export.
+    lines: one row each, str or bytes.
+    labeled: as `parse_rows_checked` takes it.
+    first_row: the number of `lines[0]` in messages.
+
+  Returns:
+    Per line, its probability or its error, `'row N: reason'`.
+  """
   inputs, errors = parse_rows_checked(lines, labeled=labeled,
                                       first_row=first_row)
   n = len(inputs['int'])

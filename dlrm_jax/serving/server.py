@@ -62,7 +62,11 @@ INPUTS = export_runtime.INPUTS
 
 
 class BadRequest(ValueError):
-  """A malformed request; `row` is the index of the offending row, if any."""
+  """A malformed request.
+
+  Attributes:
+    row: the index of the offending row, or None.
+  """
 
   def __init__(self, message: str, row: int | None = None):
     super().__init__(message)
@@ -74,10 +78,21 @@ class BadRequest(ValueError):
 
 
 def parse_text_rows(lines: Sequence[str]) -> dict[str, np.ndarray]:
-  """Criteo text lines -> the export's inputs, by the strict row parser that
-  training and `predict` use (`export_runtime.parse_rows_checked`). A bad
-  line raises BadRequest naming its index (the first bad one; the message
-  lists up to five)."""
+  """Parses Criteo text lines into the export's inputs.
+
+  It uses the strict row parser that training and `predict` use,
+  `export_runtime.parse_rows_checked`.
+
+  Args:
+    lines: the request's "rows", one Criteo line each.
+
+  Returns:
+    {'int', 'cat', 'cat_present'} arrays.
+
+  Raises:
+    BadRequest: a line is not a string or is malformed. It names the first
+      bad line's index, and the message lists up to five.
+  """
   for i, line in enumerate(lines):
     if not isinstance(line, str):
       raise BadRequest(f'rows[{i}] must be a string, got'
@@ -87,6 +102,15 @@ def parse_text_rows(lines: Sequence[str]) -> dict[str, np.ndarray]:
   if not bad:
     return inputs
   def one(i, e):
+    """Words one bad row's error as `rows[i]: reason`.
+
+    Args:
+      i: the row's index.
+      e: the parser's error.
+
+    Returns:
+      The message.
+    """
     prefix = f'row {i}: '
     return f'rows[{i}]: {e[len(prefix):] if e.startswith(prefix) else e}'
   more = f' (and {len(bad) - 5} more bad rows)' if len(bad) > 5 else ''
@@ -97,19 +121,20 @@ _INT32 = (-2**31, 2**31 - 1)
 
 
 def parse_instances(instances: Sequence[Any]) -> dict[str, np.ndarray]:
-  """Feature dicts -> the export's inputs.
+  """Parses feature dicts into the export's inputs.
 
   Args:
-    instances: one dict per row: `int_<i>` a 32-bit integer; `cat_<j>` a hex
-      string of at most 8 digits (Criteo's text form: "12345" is 0x12345) or
-      an unsigned 32-bit integer (the value itself: 12345). Absent or null
-      features are missing (int 0, cat not present).
+    instances: one dict per row. `int_<i>` is a 32-bit integer. `cat_<j>` is
+      a hex string of at most 8 digits, Criteo's text form, so "12345" is
+      0x12345. Or it is an unsigned 32-bit integer, the value itself, so
+      12345 is 12345. Absent or null features are missing: int 0, cat not
+      present.
 
   Returns:
     {'int', 'cat', 'cat_present'} arrays.
 
   Raises:
-    BadRequest: naming the row and feature of a bad value.
+    BadRequest: a bad value. It names the row and the feature.
   """
   n = len(instances)
   ints = np.zeros((n, NUM_INT), np.int32)
@@ -161,7 +186,19 @@ def parse_instances(instances: Sequence[Any]) -> dict[str, np.ndarray]:
 
 
 def parse_request(body: bytes, max_rows: int) -> dict[str, np.ndarray]:
-  """A /score request body -> the export's inputs (BadRequest if bad)."""
+  """Parses a /score request body into the export's inputs.
+
+  Args:
+    body: the request body, JSON with "rows" or "instances".
+    max_rows: the most rows one request may hold.
+
+  Returns:
+    {'int', 'cat', 'cat_present'} arrays.
+
+  Raises:
+    BadRequest: the body is not such JSON, holds no rows or too many, or
+      holds a bad row.
+  """
   try:
     req = json.loads(body)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -187,16 +224,42 @@ def parse_request(body: bytes, max_rows: int) -> dict[str, np.ndarray]:
 
 def padded_scorer(model: export_runtime.LoadedModel
                   ) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-  """`score(inputs) -> [B]` for any B: padded to a power of two (symbolic
-  batch exports: few compiled shapes) or split and padded to the fixed
-  batch of the export."""
+  """Makes a scorer that takes any batch size B.
+
+  A symbolic-batch export gets batches padded to a power of two, so few
+  shapes compile. A fixed-batch export gets batches split and padded to its
+  batch size.
+
+  Args:
+    model: the loaded export.
+
+  Returns:
+    `score(inputs)`, which returns `[B]` probabilities.
+  """
   fixed = model.signature.get('batch_size')
 
   def pad(x, n):
+    """Pads an array with zero rows to `n` rows.
+
+    Args:
+      x: the array.
+      n: the rows wanted.
+
+    Returns:
+      The padded array, or `x` when it has `n` rows already.
+    """
     return np.concatenate([x, np.zeros((n - len(x),) + x.shape[1:],
                                        x.dtype)]) if n > len(x) else x
 
   def score(inputs):
+    """Scores a batch of any size.
+
+    Args:
+      inputs: {'int', 'cat', 'cat_present'} arrays of B rows.
+
+    Returns:
+      The probabilities, `[B]`.
+    """
     n = len(inputs['int'])
     if fixed:
       out = []
@@ -217,9 +280,18 @@ class _Item:
 
 
 class Batcher:
-  """Queues requests and scores them in batches of up to `max_batch` rows,
-  waiting at most `max_wait_s` after the first for more (a request is never
-  split; one larger than `max_batch` is scored alone)."""
+  """Queues requests and scores them in batches of up to `max_batch` rows.
+
+  After the first request of a batch, it waits at most `max_wait_s` for more.
+  A request is never split. One larger than `max_batch` is scored alone.
+
+  Attributes:
+    score: the scorer, run in a worker thread.
+    max_batch: the most rows of a batch.
+    max_wait_s: how long a batch waits for more requests.
+    batches: the batches scored so far.
+    rows: the rows scored so far.
+  """
 
   def __init__(self, score: Callable[[dict[str, np.ndarray]], np.ndarray],
                max_batch: int = 256, max_wait_s: float = 0.002):
@@ -234,9 +306,18 @@ class Batcher:
     self._held: _Item | None = None
 
   def start(self) -> None:
+    """Starts the batching task on the running event loop."""
     self._task = asyncio.get_running_loop().create_task(self._run())
 
   async def submit(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """Queues a request's rows and waits for their scores.
+
+    Args:
+      inputs: {'int', 'cat', 'cat_present'} arrays of the request.
+
+    Returns:
+      The request's probabilities.
+    """
     fut = asyncio.get_running_loop().create_future()
     await self._queue.put(_Item(inputs, fut))
     return await fut
@@ -285,6 +366,7 @@ class Batcher:
         start += n
 
   async def close(self) -> None:
+    """Stops the batching task and the worker thread."""
     if self._task is not None:
       self._task.cancel()
       try:
@@ -300,7 +382,17 @@ class Batcher:
 
 def make_app(batcher: Batcher, *, max_request_rows: int = 4096,
              max_body_bytes: int = 16 << 20, info: dict | None = None):
-  """The aiohttp application: /health and /score over `batcher`."""
+  """Builds the aiohttp application: /health and /score over `batcher`.
+
+  Args:
+    batcher: the batcher that scores the requests.
+    max_request_rows: the most rows one request may hold.
+    max_body_bytes: the largest request body.
+    info: extra fields for /health.
+
+  Returns:
+    The `aiohttp.web.Application`.
+  """
   from aiohttp import web  # pylint: disable=g-import-not-at-top
 
   state = {'draining': False}
@@ -352,18 +444,23 @@ async def serve(export_dir: str, *, host: str = '127.0.0.1', port: int = 0,
                 stop: asyncio.Event | None = None,
                 progress: Callable[[str], None] | None = None,
                 handle_signals: bool = True) -> None:
-  """Serves an export until SIGTERM/SIGINT (or `stop` is set).
+  """Serves an export until SIGTERM or SIGINT, or until `stop` is set.
 
   Args:
     export_dir: the export directory.
-    host, port: where to listen (port 0: any free port).
-    max_batch, max_wait_ms: the dynamic batching bounds.
-    max_request_rows: rows allowed in one request.
+    host: where to listen.
+    port: the port. 0 takes any free port.
+    max_batch: the most rows of a scored batch.
+    max_wait_ms: how long a batch waits for more requests.
+    max_request_rows: the most rows one request may hold.
     ready: called with the port once the server accepts connections.
-    stop: an event that stops the server (for embedding it in a program).
-    progress: called with a line at each start-up stage (loading, compiling).
-    handle_signals: whether SIGTERM and SIGINT set `stop` (the main thread
-      only; off for a server run in another thread).
+    stop: an event that stops the server, for embedding it in a program.
+    progress: called with a line at each start-up stage: loading, compiling.
+    handle_signals: whether SIGTERM and SIGINT set `stop`. That works in the
+      main thread only. Turn it off for a server run in another thread.
+
+  Raises:
+    ValueError: the directory holds no dlrm_jax export.
   """
   from aiohttp import web  # pylint: disable=g-import-not-at-top
 
@@ -410,11 +507,17 @@ async def serve(export_dir: str, *, host: str = '127.0.0.1', port: int = 0,
 
 
 def read_url(stdout) -> str:
-  """The URL a started `python -m dlrm_jax.serve` prints, read from its
-  stdout (a text stream) past the start-up lines.
+  """Reads the URL a started `python -m dlrm_jax.serve` prints.
+
+  Args:
+    stdout: the server's stdout, a text stream. The start-up lines before
+      the URL are skipped.
+
+  Returns:
+    The URL.
 
   Raises:
-    RuntimeError: if the output ends before the server listens.
+    RuntimeError: the output ends before the server listens.
   """
   seen = []
   for line in stdout:
@@ -425,6 +528,14 @@ def read_url(stdout) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """Runs `python -m dlrm_jax.serve`.
+
+  Args:
+    argv: the arguments. Default: sys.argv.
+
+  Returns:
+    The exit status, 0 after a clean shutdown.
+  """
   import argparse  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(prog='python -m dlrm_jax.serve',
                               description=__doc__.split('\n\n')[0])
@@ -445,6 +556,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.error(f'--max_wait_ms ({args.max_wait_ms}) must be >= 0.')
 
   def ready(port):
+    """Prints the URL the server listens on.
+
+    Args:
+      port: the port.
+    """
     print(f'serving {args.export} on http://{args.host}:{port}', flush=True)
 
   asyncio.run(serve(args.export, host=args.host, port=args.port,

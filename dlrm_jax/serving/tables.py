@@ -42,14 +42,31 @@ _EPS = 1e-8
 
 
 def check_quantize(quantize: str | None, path: str = 'quantize') -> None:
+  """Checks a quantization name.
+
+  Args:
+    quantize: None, 'fp16' or 'int8'.
+    path: the config path or flag to name in the message.
+
+  Raises:
+    ValueError: any other value.
+  """
   if quantize not in QUANTIZE:
     raise ValueError(
         f'{path} ({quantize!r}) must be one of {list(QUANTIZE)}.')
 
 
 def quantize_int8(w: np.ndarray) -> dict[str, np.ndarray]:
-  """FBGEMM's 8-bit row-wise quantization of `[R, D]` rows (see the module
-  docstring): {'q': uint8 [R, D], 'scale': float32 [R], 'bias': float32 [R]}."""
+  """Quantizes `[R, D]` rows in FBGEMM's 8-bit row-wise format.
+
+  The module docstring gives the formulas.
+
+  Args:
+    w: the rows.
+
+  Returns:
+    {'q': uint8 `[R, D]`, 'scale': float32 `[R]`, 'bias': float32 `[R]`}.
+  """
   w = np.asarray(w, np.float32)
   lo = w.min(axis=1)
   span = w.max(axis=1) - lo
@@ -61,7 +78,15 @@ def quantize_int8(w: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def quantize_rows(w: np.ndarray, quantize: str | None):
-  """Rows in the stored form of `quantize`: an array, or int8's dict."""
+  """Puts rows in the stored form of `quantize`.
+
+  Args:
+    w: the rows, `[R, D]`.
+    quantize: None, 'fp16' or 'int8'.
+
+  Returns:
+    An array, or int8's dict of arrays.
+  """
   if quantize == 'int8':
     return quantize_int8(w)
   if quantize == 'fp16':
@@ -70,7 +95,15 @@ def quantize_rows(w: np.ndarray, quantize: str | None):
 
 
 def take_rows(table, ids: jax.Array) -> jax.Array:
-  """`[..., D]` float32 rows `ids` of a stored table (dequantized)."""
+  """Gathers rows of a stored table as float32, dequantized.
+
+  Args:
+    table: the stored table: an array, or int8's dict.
+    ids: the row ids, any shape.
+
+  Returns:
+    The rows, `[..., D]`.
+  """
   if isinstance(table, dict):
     q = jnp.take(table['q'], ids, axis=0).astype(jnp.float32)
     return (q * jnp.take(table['scale'], ids)[..., None] +
@@ -79,7 +112,17 @@ def take_rows(table, ids: jax.Array) -> jax.Array:
 
 
 def stored_structs(spec, quantize: str | None):
-  """ShapeDtypeStructs of a table's stored form (what the function takes)."""
+  """Gives the ShapeDtypeStructs of a table's stored form.
+
+  That form is what the exported function takes.
+
+  Args:
+    spec: the table spec.
+    quantize: None, 'fp16' or 'int8'.
+
+  Returns:
+    One struct, or int8's dict of structs.
+  """
   r, d = spec.num_rows, spec.dim
   if quantize == 'int8':
     return {'q': jax.ShapeDtypeStruct((r, d), np.uint8),
@@ -90,7 +133,15 @@ def stored_structs(spec, quantize: str | None):
 
 
 def file_names(name: str, quantize: str | None):
-  """Relative file(s) of a table, in the structure of `stored_structs`."""
+  """Gives the files of a table, relative to the export directory.
+
+  Args:
+    name: the table's name.
+    quantize: None, 'fp16' or 'int8'.
+
+  Returns:
+    One name, or int8's dict of names, as `stored_structs` is shaped.
+  """
   if quantize == 'int8':
     return {k: f'tables/{name}.{k}.npy' for k in ('q', 'scale', 'bias')}
   return f'tables/{name}.npy'
@@ -117,13 +168,22 @@ def _writer_blocks(engine, state, name):
 
 def write_tables(engine, state, out_dir: str, quantize: str | None = None
                  ) -> dict[str, Any]:
-  """Writes every table of `state` (an engine state) under `out_dir/tables`.
+  """Writes every table of an engine state under `out_dir/tables`.
 
-  Collective with several processes (every process calls it): process 0
-  creates the files, then each process fills the rows its devices hold.
+  With several processes, it is collective: every process calls it. Process 0
+  creates the files. Then each process fills the rows its devices hold.
+
+  Args:
+    engine: the embedding engine.
+    state: the engine state.
+    out_dir: the export directory.
+    quantize: None, 'fp16' or 'int8'.
 
   Returns:
-    {table name: its file name(s) relative to out_dir (`file_names`)}.
+    {table name: its files relative to out_dir}, as `file_names` gives them.
+
+  Raises:
+    ValueError: `quantize` is not one of QUANTIZE.
   """
   check_quantize(quantize)
   os.makedirs(os.path.join(out_dir, 'tables'), exist_ok=True)

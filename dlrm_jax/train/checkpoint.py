@@ -53,7 +53,7 @@ class DamagedCheckpointError(RuntimeError):
 
 
 class CheckpointSaveError(RuntimeError):
-  """A save failed (disk full, permission, ...)."""
+  """A save failed, for example on a full disk or a missing permission."""
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
@@ -97,7 +97,16 @@ def _fingerprint_leaves(leaves):
 
 
 def fingerprints(tree: Any) -> dict[str, str]:
-  """Array path -> fingerprint (jax arrays: on the devices; numpy: crc32)."""
+  """Fingerprints every array of a tree.
+
+  A jax array is fingerprinted on its devices. A numpy array gets a crc32.
+
+  Args:
+    tree: a pytree of jax or numpy arrays.
+
+  Returns:
+    {array path: fingerprint}.
+  """
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   out = {}
   device = [(jax.tree_util.keystr(p), x) for p, x in flat
@@ -129,7 +138,16 @@ def _check_fingerprints(saved: dict[str, str] | None, tree: Any,
 
 def signature_diff(saved: dict[str, Any], current: dict[str, Any],
                    prefix: str = '') -> list[str]:
-  """Human-readable differences between two nested signature dicts."""
+  """Lists the differences between two nested signature dicts.
+
+  Args:
+    saved: the signature a checkpoint holds.
+    current: the current model's signature.
+    prefix: the path of these dicts inside the outer ones.
+
+  Returns:
+    One readable line per field that differs.
+  """
   out = []
   for k in sorted(set(saved) | set(current)):
     a, b = saved.get(k, '<absent>'), current.get(k, '<absent>')
@@ -152,25 +170,30 @@ def _item_handlers() -> dict[str, Any]:
 
 
 class Checkpointer:
-  """Saves and restores train states under `<workdir>/checkpoints`."""
+  """Saves and restores train states under `<workdir>/checkpoints`.
+
+  Attributes:
+    directory: the folder that holds the steps.
+    manager: the orbax CheckpointManager.
+  """
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3,
                async_save: bool = True, subdir: str = 'checkpoints',
                create: bool = True, **options: Any):
-    """Opens (and with `create`, makes) `<workdir>/<subdir>`.
+    """Opens `<workdir>/<subdir>`. With `create`, it makes the folder.
 
     Args:
-      workdir: the run's directory, absolute or relative to the current
-        directory (`~` expanded).
-      max_to_keep: checkpoints kept.
+      workdir: the run's directory. It may be absolute or relative to the
+        current directory. `~` is expanded.
+      max_to_keep: how many checkpoints are kept.
       async_save: whether saves are written in the background.
       subdir: the folder of `workdir` that holds the steps.
-      create: whether a missing folder is created; False for the modes that
-        only read (eval, predict, export), which must find it.
+      create: whether a missing folder is created. The modes that only read
+        pass False: eval, predict and export must find it.
       **options: further `ocp.CheckpointManagerOptions` fields.
 
     Raises:
-      ValueError: with `create` False, if the folder does not exist.
+      ValueError: `create` is False and the folder does not exist.
     """
     # orbax takes absolute paths only.
     self.directory = epath.Path(
@@ -190,23 +213,29 @@ class Checkpointer:
     )
 
   def latest_step(self) -> int | None:
+    """The newest step saved, or None."""
     return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
+    """All steps saved, oldest first."""
     return list(self.manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict[str, Any],
            data_iter: Any = None, remappers: Any = None,
            metrics: dict[str, float] | None = None) -> None:
-    """Saves a step; `data_iter`, the training data iterator (grain's, or a
-    `pipeline.TextBatchIterator`), saves its position;
-    `remappers`, numpy arrays of managed-collision remappers; `metrics`, the
-    eval metrics a `BestCheckpointer` ranks by. The arrays' fingerprints go
-    into the meta.
+    """Saves a step. The arrays' fingerprints go into the meta.
+
+    Args:
+      step: the step.
+      state: the train state.
+      meta: the JSON metadata: signature, plan, config.
+      data_iter: the training data iterator, whose position is saved. It is
+        grain's or a `pipeline.TextBatchIterator`.
+      remappers: the numpy arrays of the managed-collision remappers.
+      metrics: the eval metrics a `BestCheckpointer` ranks by.
 
     Raises:
-      CheckpointSaveError: if this save, or an earlier asynchronous one,
-        failed.
+      CheckpointSaveError: this save failed, or an earlier asynchronous one.
     """
     self.wait()  # An earlier asynchronous save that failed is named as such.
     meta = dict(meta, fingerprints={
@@ -244,8 +273,13 @@ class Checkpointer:
            ' intact' if good else '') + '.')
 
   def check_for_errors(self) -> None:
-    """Raises CheckpointSaveError if an asynchronous save has failed (cheap:
-    waits for nothing still being written)."""
+    """Raises if an asynchronous save has failed.
+
+    It is cheap: it waits for nothing still being written.
+
+    Raises:
+      CheckpointSaveError: an asynchronous save failed.
+    """
     try:
       self.manager.check_for_errors()
       if (self._pending is not None and
@@ -256,11 +290,20 @@ class Checkpointer:
       raise self._save_error(self._pending, e) from e
 
   def damaged_directory(self) -> epath.Path:
+    """Where damaged checkpoints go: `<workdir>/checkpoints_damaged`."""
     return self.directory.parent / 'checkpoints_damaged'
 
   def move_aside(self, step: int) -> str | None:
-    """Moves a step's folder to `checkpoints_damaged/` (on the primary
-    process); returns where, or None if there was nothing to move."""
+    """Moves a step's folder to `checkpoints_damaged/`.
+
+    Only the primary process moves it.
+
+    Args:
+      step: the step.
+
+    Returns:
+      Where it went, or None when there was nothing to move.
+    """
     src = self.directory / str(step)
     if not src.exists() or jax.process_index() != 0:
       return None
@@ -279,20 +322,25 @@ class Checkpointer:
                           move_aside: bool = True,
                           log: Callable[[str], None] = logging.warning
                           ) -> tuple[int | None, Any]:
-    """`restore_fn(step)` of the newest checkpoint that restores.
+    """Calls `restore_fn(step)` on the newest checkpoint that restores.
 
-    A checkpoint whose restore fails (except for IncompatibleCheckpointError,
-    a config mistake) is damaged: it is named by step and path in one line,
-    moved aside (`move_aside`; eval and predict only skip it) and the
-    previous one is tried.
+    A checkpoint whose restore fails is damaged. It is named by step and path
+    in one line, moved aside, and the previous one is tried.
+    IncompatibleCheckpointError is a config mistake, not damage, so it is
+    raised at once.
+
+    Args:
+      restore_fn: restores one step.
+      move_aside: whether a damaged checkpoint is moved aside. Eval and predict
+        pass False and only skip it.
+      log: where the line about a damaged checkpoint goes.
 
     Returns:
-      (step, what restore_fn returned), or (None, None) if there is no
-      checkpoint.
+      The step and what restore_fn returned. (None, None) without checkpoints.
 
     Raises:
-      DamagedCheckpointError: if there are checkpoints and none restores
-        (nothing is started afresh over them).
+      DamagedCheckpointError: there are checkpoints and none restores. Nothing
+        is started afresh over them.
       IncompatibleCheckpointError: from restore_fn.
     """
     damaged = []
@@ -317,7 +365,18 @@ class Checkpointer:
     return None, None
 
   def restore_remappers(self, step: int) -> Any:
-    """The managed-collision remappers' arrays saved at `step`."""
+    """Restores the managed-collision remappers' arrays saved at `step`.
+
+    Args:
+      step: the checkpoint step.
+
+    Returns:
+      The arrays, checked against their fingerprints.
+
+    Raises:
+      IncompatibleCheckpointError: the checkpoint holds no remappers.
+      DamagedCheckpointError: the arrays differ from their fingerprints.
+    """
     if 'remappers' not in self.manager.item_metadata(step):
       raise IncompatibleCheckpointError(
           f'the checkpoint at {self.directory / str(step)} holds no'
@@ -331,13 +390,16 @@ class Checkpointer:
     return remappers
 
   def restore_data_iterator(self, step: int, data_iter: Any) -> None:
-    """Sets a data iterator (a grain `DatasetIterator`, or one with
-    `get_state()`/`set_state()` of JSON bytes, `pipeline.TextBatchIterator`)
-    to where it was when `step` was saved.
+    """Sets a data iterator to where it was when `step` was saved.
+
+    Args:
+      step: the checkpoint step.
+      data_iter: a grain `DatasetIterator`, or one whose `get_state` and
+        `set_state` use JSON bytes, as `pipeline.TextBatchIterator` does.
 
     Raises:
-      IncompatibleCheckpointError: if the checkpoint holds no data state, or
-        that of another kind of source.
+      IncompatibleCheckpointError: the checkpoint holds no data state, or the
+        state of another kind of source.
     """
     where = self.directory / str(step)
     if 'data' not in self.manager.item_metadata(step):
@@ -349,12 +411,17 @@ class Checkpointer:
                                                              where))))
 
   def restore_host_state(self, step: int, host: Any) -> None:
-    """Loads a run's host-side id state (`embedding.ids.host_state`) saved
-    with `step`; nothing when `host` is empty.
+    """Loads a run's host-side id state saved with `step`.
+
+    The state is `embedding.ids.host_state`'s. An empty `host` loads nothing.
+
+    Args:
+      step: the checkpoint step.
+      host: the HostState to load into.
 
     Raises:
-      IncompatibleCheckpointError: if the saved state is of another config.
-      DamagedCheckpointError: if its arrays differ from their fingerprints.
+      IncompatibleCheckpointError: the saved state is of another config.
+      DamagedCheckpointError: its arrays differ from their fingerprints.
     """
     if not host:
       return
@@ -367,19 +434,30 @@ class Checkpointer:
           f'the checkpoint at {self.directory / str(step)}: {e}') from e
 
   def read_meta(self, step: int) -> dict[str, Any]:
+    """Reads the meta item of a step.
+
+    Args:
+      step: the checkpoint step.
+
+    Returns:
+      The JSON metadata.
+    """
     restored = self.manager.restore(
         step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return restored.meta
 
   def check_signature(self, step: int, meta: dict[str, Any],
                       signature: dict[str, Any]) -> None:
-    """Raises IncompatibleCheckpointError, naming every field that differs,
-    if the model signature saved in `meta` is not `signature`.
+    """Checks that the model signature saved in `meta` is `signature`.
 
     Args:
-      step: the checkpoint step (for the message).
-      meta: its meta item (`read_meta`).
-      signature: the current model's signature (`Trainer.signature`).
+      step: the checkpoint step, for the message.
+      meta: its meta item, from `read_meta`.
+      signature: the current model's signature, from `Trainer.signature`.
+
+    Raises:
+      IncompatibleCheckpointError: the signatures differ. It names every field
+        that differs.
     """
     diff = signature_diff(meta.get('signature', {}), signature)
     if diff:
@@ -397,12 +475,16 @@ class Checkpointer:
 
     Args:
       step: the checkpoint step.
-      abstract_state: ShapeDtypeStructs (with shardings) of the state.
-      signature: the current model signature; when given it must equal the
+      abstract_state: ShapeDtypeStructs of the state, with shardings.
+      signature: the current model signature. When given, it must equal the
         saved one.
 
+    Returns:
+      The state and the meta item.
+
     Raises:
-      IncompatibleCheckpointError: if the signatures differ.
+      IncompatibleCheckpointError: the signatures differ.
+      DamagedCheckpointError: the arrays differ from their fingerprints.
     """
     meta = self.read_meta(step)
     if signature is not None:
@@ -416,7 +498,11 @@ class Checkpointer:
     return restored.state, meta
 
   def wait(self) -> None:
-    """Waits for the asynchronous save; CheckpointSaveError if it failed."""
+    """Waits for the asynchronous save.
+
+    Raises:
+      CheckpointSaveError: the save failed.
+    """
     try:
       self.manager.wait_until_finished()
       self.manager.check_for_errors()
@@ -425,6 +511,7 @@ class Checkpointer:
     self._pending = None
 
   def close(self) -> None:
+    """Waits for the last save, then closes the manager."""
     try:
       self.wait()
     finally:
@@ -432,10 +519,13 @@ class Checkpointer:
 
 
 class _KindChecked:
-  """A data iterator as grain's checkpoint handler restores it (a state of
-  JSON bytes, then `start_prefetch`), refusing a state of another kind of
-  iterator before it is set: a text stream's state has a 'kind' key
-  (`TextBatchIterator.KIND`), a grain iterator's has none."""
+  """A data iterator as grain's checkpoint handler restores it.
+
+  The handler sets a state of JSON bytes, then calls `start_prefetch`. A state
+  of another kind of iterator is refused before it is set. A text stream's
+  state has a 'kind' key, `TextBatchIterator.KIND`. A grain iterator's has
+  none.
+  """
 
   _GRAIN = 'grain'
 
@@ -449,12 +539,28 @@ class _KindChecked:
     return kind if isinstance(kind, str) else cls._GRAIN
 
   def set_state(self, raw: bytes) -> None:
+    """Sets the iterator's state, after checking its kind.
+
+    Args:
+      raw: the saved state, JSON bytes.
+
+    Raises:
+      IncompatibleCheckpointError: the state is of another kind of iterator.
+    """
     state = json.loads(raw)
     is_grain = isinstance(self.data_iter, grain.DatasetIterator)
     want = self._GRAIN if is_grain else getattr(self.data_iter, 'KIND', None)
     saved = self._kind(state)
     if saved != want:
       def name(kind):
+        """Names a kind of source for the message.
+
+        Args:
+          kind: the kind.
+
+        Returns:
+          Its name.
+        """
         return ('a random-access source (grain)' if kind == self._GRAIN
                 else f'a {kind} (streamed text)')
       raise IncompatibleCheckpointError(
@@ -464,27 +570,48 @@ class _KindChecked:
     self.data_iter.set_state(state if is_grain else raw)
 
   def start_prefetch(self) -> None:
+    """Starts the iterator's prefetch."""
     self.data_iter.start_prefetch()
 
 
 class BestCheckpointer(Checkpointer):
-  """Keeps only the best checkpoint by an eval metric, under
-  `<workdir>/best_checkpoint` (orbax's `best_fn`/`best_mode`, max_to_keep 1,
-  checkpoints without metrics not kept). Saves need `metrics`."""
+  """Keeps only the best checkpoint by an eval metric.
+
+  It lives under `<workdir>/best_checkpoint`. orbax's `best_fn` and
+  `best_mode` rank the checkpoints, max_to_keep is 1, and checkpoints without
+  metrics are not kept. So every save needs `metrics`.
+
+  Attributes:
+    metric: the eval metric it ranks by.
+  """
 
   def __init__(self, workdir: str, metric: str, mode: str, *,
                async_save: bool = True):
+    """Opens `<workdir>/best_checkpoint`.
+
+    Args:
+      workdir: the run directory.
+      metric: the eval metric to rank by.
+      mode: 'max' or 'min'.
+      async_save: whether saves are written in the background.
+    """
     self.metric = metric
     super().__init__(workdir, max_to_keep=1, async_save=async_save,
                      subdir='best_checkpoint', best_fn=lambda m: m[metric],
                      best_mode=mode, keep_checkpoints_without_metrics=False)
 
   def best_step(self) -> int | None:
+    """The step of the best checkpoint, or None."""
     return self.manager.best_step()
 
 
 def write_json(path: str, obj: Any) -> None:
-  """Writes JSON atomically (temp file + rename)."""
+  """Writes JSON atomically, through a temporary file and a rename.
+
+  Args:
+    path: the file.
+    obj: the value. What JSON cannot hold is written as its str.
+  """
   path = os.fspath(path)
   tmp = path + '.tmp'
   try:

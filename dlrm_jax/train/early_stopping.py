@@ -26,18 +26,19 @@ MODES = ('max', 'min')
 
 
 def metric_mode(metric: str, mode: str | None = None) -> str:
-  """The direction in which `metric` improves.
+  """Gives the direction in which `metric` improves.
 
   Args:
     metric: an eval metric, one of METRIC_MODES.
-    mode: 'max' or 'min' to say it; None: the metric's own (METRIC_MODES).
+    mode: 'max' or 'min' to say it. None: the metric's own, from
+      METRIC_MODES.
 
   Returns:
     'max' or 'min'.
 
   Raises:
-    ValueError: if the metric is unknown (the config's are checked by
-      `config.checks.check_loop`).
+    ValueError: the metric is unknown. `config.checks.check_loop` checks the
+      config's metric first.
   """
   if metric not in METRIC_MODES:
     raise ValueError(f'metric {metric!r} must be one of'
@@ -47,12 +48,13 @@ def metric_mode(metric: str, mode: str | None = None) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class EarlyStoppingSpec:
-  """When to stop (`config.early_stopping`, mode resolved).
+  """When to stop: `config.early_stopping` with its mode resolved.
 
   Attributes:
-    metric: the eval metric's name (METRIC_MODES).
+    metric: the eval metric's name, one of METRIC_MODES.
     mode: 'max' or 'min'.
-    patience: evaluations without improvement before stopping (0: never).
+    patience: how many evaluations without improvement stop training. 0
+      never stops.
     min_delta: the least change that counts as an improvement.
   """
 
@@ -64,13 +66,13 @@ class EarlyStoppingSpec:
 
 @dataclasses.dataclass
 class EarlyStopping:
-  """Tracks an eval metric; `update` says when to stop.
+  """Tracks an eval metric. `update` says when to stop.
 
   Attributes:
     spec: the metric, its mode, the patience and min_delta.
-    best: the best value so far (None before the first evaluation).
-    best_step: its step.
-    since_best: evaluations since it.
+    best: the best value so far. None before the first evaluation.
+    best_step: the step of the best value.
+    since_best: the evaluations since the best value.
   """
 
   spec: EarlyStoppingSpec = EarlyStoppingSpec()
@@ -85,6 +87,14 @@ class EarlyStopping:
   min_delta = property(lambda self: self.spec.min_delta)
 
   def improved(self, value: float) -> bool:
+    """Says whether a value beats the best by more than min_delta.
+
+    Args:
+      value: the metric's new value.
+
+    Returns:
+      True when it improves on the best, or when there is no best yet.
+    """
     if self.best is None:
       return True
     if self.mode == 'max':
@@ -92,7 +102,17 @@ class EarlyStopping:
     return value < self.best - self.min_delta
 
   def update(self, step: int, result: dict[str, float]) -> bool:
-    """Records an evaluation; True when training should stop."""
+    """Records an evaluation.
+
+    A NaN value counts as no improvement.
+
+    Args:
+      step: the evaluation's step.
+      result: the eval metrics, holding `spec.metric`.
+
+    Returns:
+      True when training should stop.
+    """
     value = float(result[self.metric])
     if math.isnan(value):
       self.since_best += 1
@@ -103,10 +123,16 @@ class EarlyStopping:
     return bool(self.patience) and self.since_best >= self.patience
 
   def state_dict(self) -> dict[str, Any]:
+    """The tracker's state, for a checkpoint: best, best_step, since_best."""
     return {'best': self.best, 'best_step': self.best_step,
             'since_best': self.since_best}
 
   def load_state_dict(self, state: dict[str, Any] | None) -> None:
+    """Restores the state that `state_dict` returned.
+
+    Args:
+      state: the saved state. None or empty keeps the fresh state.
+    """
     if state:
       self.best = state.get('best')
       self.best_step = state.get('best_step')

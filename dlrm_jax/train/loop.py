@@ -61,8 +61,8 @@ class TrainingInterrupted(Exception):
   Attributes:
     signum: the signal.
     step: the step the run stopped at.
-    exit_code: what the command line exits with: 130 for SIGINT, 0 for
-      SIGTERM (a requested stop, nothing failed).
+    exit_code: what the command line exits with. It is 130 for SIGINT and 0
+      for SIGTERM, a requested stop where nothing failed.
   """
 
   def __init__(self, message: str, signum: int, step: int):
@@ -74,13 +74,17 @@ class TrainingInterrupted(Exception):
 class StopRequest:
   """Turns SIGINT and SIGTERM into a request the training loop answers.
 
-  Inside the `with` block the first SIGINT or SIGTERM only sets `signum`;
-  the loop then saves a checkpoint at the step it is at and stops
-  (`TrainingInterrupted`). A second one stops at once, without saving
-  (KeyboardInterrupt). With several processes the request is acted on at
-  the next log step, when every process has heard of it (one gather), so
-  that all save the same step. Off (`enabled` False, or outside the main
-  thread) it installs nothing.
+  Inside the `with` block, the first SIGINT or SIGTERM only sets `signum`.
+  The loop then saves a checkpoint at the step it is at and raises
+  `TrainingInterrupted`. A second signal stops at once, without saving, as
+  KeyboardInterrupt. With several processes, the request is acted on at the
+  next log step, when every process has heard of it through one gather. So
+  all processes save the same step. When off, it installs nothing. It is off
+  with `enabled` False or outside the main thread.
+
+  Attributes:
+    enabled: whether to install the signal handlers.
+    signum: the signal received, or None.
   """
 
   SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -113,7 +117,15 @@ class StopRequest:
         signal.Signals(signum).name)
 
   def requested(self, at_log_step: bool) -> int | None:
-    """The signal to stop for, agreed by every process; None: go on."""
+    """Gives the signal to stop for, agreed by every process.
+
+    Args:
+      at_log_step: whether this is a log step. With several processes, only a
+        log step gathers the request.
+
+    Returns:
+      The signal, or None to go on.
+    """
     if jax.process_count() == 1:
       return self.signum
     if not at_log_step:
@@ -128,7 +140,17 @@ def _fmt_eta(seconds: float) -> str:
 
 def num_train_steps(loop: config_lib.LoopSpec, data: inputs.DataSetup
                     ) -> int:
-  """The steps a run trains: `loop.num_train_steps`, else its epochs."""
+  """Gives the steps a run trains: `loop.num_train_steps`, else its epochs.
+
+  Small data trains at least `loop.min_train_steps`, in whole epochs.
+
+  Args:
+    loop: the loop spec.
+    data: the run's data.
+
+  Returns:
+    The number of steps.
+  """
   if loop.num_train_steps is not None:
     return loop.num_train_steps
   steps = int(loop.num_epochs * data.train.batches_per_epoch)
@@ -178,12 +200,19 @@ def _trainer_for(spec: config_lib.RunSpec, trainer: Trainer | None
 
 def check_window(acc: dict[str, Any], first: int, last: int,
                  ckpt: ckpt_lib.Checkpointer) -> None:
-  """Raises if the train steps `first..last` (their host-side accumulator
-  `acc`) had a non-finite loss or ids outside their tables.
+  """Checks the train steps `first..last` through their host-side accumulator.
+
+  Args:
+    acc: the accumulator of the steps, on the host.
+    first: the first step of the window.
+    last: the last step of the window.
+    ckpt: the run's checkpointer, to name the last good checkpoint.
 
   Raises:
-    NonFiniteLossError: naming the first bad step and the last checkpoint.
-    InvalidIdError: with the number of invalid ids.
+    NonFiniteLossError: a loss was not finite. It names the first bad step
+      and the last checkpoint.
+    InvalidIdError: ids outside their tables reached the step. It gives their
+      number.
   """
   first_bad = int(acc['first_nonfinite'])
   if first_bad >= 0:
@@ -201,15 +230,27 @@ def check_window(acc: dict[str, Any], first: int, last: int,
 
 
 class BatchRecorder:
-  """`config.data.record_batches`: appends what each step consumed (step,
-  process, crc32 of the ids) to `<workdir>/batches.jsonl`, for tests and
-  debugging. Disabled, it does nothing."""
+  """Records what each step consumed, for `config.data.record_batches`.
+
+  Each line of `<workdir>/batches.jsonl` holds the step, the process and the
+  crc32 of the ids. It serves tests and debugging. Disabled, it does nothing.
+
+  Args:
+    workdir: the run directory.
+    enabled: whether to record.
+  """
 
   def __init__(self, workdir: str, enabled: bool):
     self._file = (open(os.path.join(workdir, 'batches.jsonl'), 'a',
                        buffering=1) if enabled else None)
 
   def record(self, step: int, host_batch: dict[str, np.ndarray]) -> None:
+    """Appends a step's line.
+
+    Args:
+      step: the step.
+      host_batch: the batch on the host, with its 'ids'.
+    """
     if self._file is not None:
       self._file.write(json.dumps({
           'step': step, 'process': jax.process_index(),
@@ -217,13 +258,20 @@ class BatchRecorder:
               host_batch['ids']).tobytes())}) + '\n')
 
   def close(self) -> None:
+    """Closes the file."""
     if self._file is not None:
       self._file.close()
 
 
 class Throughput:
-  """Examples/s since the last `reset` and the ETA of the remaining steps;
-  the first step (compilation) is kept out of the figure."""
+  """Measures examples per second since the last `reset`, and the ETA.
+
+  The first step compiles, so it is kept out of the figure.
+
+  Attributes:
+    total_steps: the step the run ends at.
+    batch_size: the global batch size.
+  """
 
   def __init__(self, step: int, total_steps: int, batch_size: int):
     self.total_steps, self.batch_size = total_steps, batch_size
@@ -231,16 +279,34 @@ class Throughput:
     self.reset(step)
 
   def reset(self, step: int) -> None:
+    """Starts a new measurement at `step`.
+
+    Args:
+      step: the current step.
+    """
     self._start, self._step = time.time(), step
 
   def stepped(self, step: int, acc) -> None:
+    """Notes a step. After the first one, it waits for it and starts again.
+
+    Args:
+      step: the step reached.
+      acc: the step's metrics accumulator, to wait for.
+    """
     if not self._compiled:
       jax.block_until_ready(acc)
       self._compiled = True
       self.reset(step)
 
   def rate(self, step: int) -> tuple[float, str]:
-    """(examples per second, ETA as h:mm:ss) at `step`."""
+    """Gives the rate since the last reset, and the ETA.
+
+    Args:
+      step: the current step.
+
+    Returns:
+      The examples per second and the ETA as h:mm:ss.
+    """
     rate = (step - self._step) * self.batch_size / max(
         time.time() - self._start, 1e-9)
     eta = (self.total_steps - step) * self.batch_size / max(rate, 1e-9)
@@ -248,8 +314,15 @@ class Throughput:
 
 
 class BestKeeper:
-  """`config.keep_best_metric`: keeps the state of the best eval so far in
-  `<workdir>/best_checkpoint` (None when the config keeps none)."""
+  """Keeps the state of the best eval so far, for `config.keep_best_metric`.
+
+  The state goes to `<workdir>/best_checkpoint`.
+
+  Attributes:
+    metric: the eval metric it ranks by.
+    tracker: the EarlyStopping that tracks the best value.
+    ckpt: the BestCheckpointer.
+  """
 
   def __init__(self, workdir: str, metric: str):
     self.metric = metric
@@ -261,12 +334,29 @@ class BestKeeper:
   @classmethod
   def of(cls, loop: config_lib.LoopSpec, workdir: str
          ) -> 'BestKeeper | None':
+    """Builds the keeper a loop spec asks for.
+
+    Args:
+      loop: the loop spec.
+      workdir: the run directory.
+
+    Returns:
+      The keeper, or None when the config keeps no best checkpoint.
+    """
     metric = loop.keep_best_metric
     return cls(workdir, metric) if metric else None
 
   def update(self, step: int, result: dict[str, float], state: TrainState,
              meta: dict[str, Any], host: HostState) -> None:
-    """Keeps this step's state when its eval is the best."""
+    """Keeps this step's state when its eval is the best.
+
+    Args:
+      step: the step.
+      result: the eval metrics.
+      state: the train state.
+      meta: the checkpoint meta.
+      host: the host-side id state.
+    """
     if not self.tracker.improved(result[self.metric]):
       return
     self.tracker.update(step, result)
@@ -277,8 +367,11 @@ class BestKeeper:
                    remappers=host.state_dict(), metrics=result)
 
   def summary(self) -> dict[str, Any] | None:
-    """The best checkpoint's step, metric, value and folder; None if no eval
-    was kept."""
+    """Describes the best checkpoint.
+
+    Returns:
+      Its step, metric, value and folder. None if no eval was kept.
+    """
     t = self.tracker
     if t.best is None:
       return None
@@ -333,7 +426,7 @@ class _Run:
   @classmethod
   def open(cls, spec: config_lib.RunSpec, workdir: str, trainer: Trainer
            ) -> '_Run':
-    """The run, resumed from its newest good checkpoint or started afresh.
+    """Opens the run, resumed from its newest good checkpoint or started afresh.
 
     Args:
       spec: the run spec.
@@ -341,7 +434,7 @@ class _Run:
       trainer: a Trainer of the spec.
 
     Returns:
-      The run, every field set; `close` it.
+      The run, every field set. `close` it.
     """
     logging.info('mesh: %s; %d device(s), %d process(es)',
                  dict(trainer.mesh.shape), trainer.mesh.devices.size,
@@ -391,32 +484,40 @@ class _Run:
     return run
 
   def close(self) -> None:
-    """Waits for the checkpoints being written, stops the input threads."""
+    """Waits for the checkpoints being written and stops the input threads."""
     self._closing.close()
 
   @property
   def loop(self) -> config_lib.LoopSpec:
+    """The loop spec."""
     return self.spec.loop
 
   @property
   def step(self) -> int:
+    """The state's step, on the host."""
     return int(jax.device_get(self.state.step))
 
   @property
   def finished(self) -> bool:
-    """Whether the run is at its end already (nothing left to train)."""
+    """Whether the run is at its end already, with nothing left to train."""
     return self.step >= self.end
 
   # --------------------------------------------------------------------------
   # Train.
 
   def train(self, stop: StopRequest) -> None:
-    """Trains from the current step to `end`, an early stop or the target
-    AUC (`ended_by` says which).
+    """Trains from the current step to `end`, an early stop or the target AUC.
+
+    `ended_by` says which.
+
+    Args:
+      stop: the stop request to answer.
 
     Raises:
-      TrainingInterrupted: when `stop` was requested (a checkpoint of the
-        step reached is saved first).
+      TrainingInterrupted: a stop was requested. A checkpoint of the step
+        reached is saved first.
+      NonFiniteLossError: the loss became NaN or infinite.
+      InvalidIdError: ids outside their tables reached the train step.
     """
     loop, trainer, step = self.loop, self.trainer, self.step
     recorder = BatchRecorder(self.workdir, loop.record_batches)
@@ -501,7 +602,14 @@ class _Run:
     return ended_by
 
   def evaluate(self, step: int) -> dict[str, float] | None:
-    """Evaluates, logs and records the metrics; None without eval data."""
+    """Evaluates, logs and records the metrics.
+
+    Args:
+      step: the current step.
+
+    Returns:
+      The metrics, or None without eval data.
+    """
     data = self.data
     if data.eval is None:
       return None
@@ -525,12 +633,25 @@ class _Run:
     return result
 
   def base_meta(self, step: int) -> dict[str, Any]:
+    """Gives the checkpoint meta every save holds.
+
+    Args:
+      step: the step.
+
+    Returns:
+      The step, the signature, the plan and the config.
+    """
     return {'step': step, 'signature': self.trainer.signature(),
             'plan': self.trainer.plan.to_json(),
             'config': self.spec.config_json}
 
   def save(self, step: int, reached: bool = False) -> None:
-    """Checkpoints the state, the data position and the host state."""
+    """Checkpoints the state, the data position and the host state.
+
+    Args:
+      step: the step.
+      reached: whether the target AUC was reached at this step.
+    """
     meta = {**self.base_meta(step), 'target_auc_reached': reached,
             'early_stopping': self.stopper.state_dict(),
             'best_checkpoint': (self.best.tracker.state_dict() if self.best
@@ -542,11 +663,14 @@ class _Run:
   # Finish.
 
   def finish(self, kept: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Reports the run (process 0): the summary logged, summary.json and
-    the plots written, the summary box.
+    """Reports the run on process 0.
+
+    It logs the summary, writes summary.json and the plots, and logs the
+    summary box.
 
     Args:
-      kept: a finished run's own summary.json, kept as it is with its plots.
+      kept: a finished run's own summary.json. It is kept as it is, with its
+        plots.
 
     Returns:
       The summary.
@@ -570,7 +694,11 @@ class _Run:
     return summary
 
   def summary(self) -> dict[str, Any]:
-    """The run's results: step, losses, evals, best checkpoint, targets."""
+    """Collects the run's results.
+
+    Returns:
+      The step, losses, evals, best checkpoint and targets.
+    """
     data, stopper = self.data, self.stopper
     eval_bad = data.eval_bad_lines
     if data.bad_lines.count:
@@ -591,8 +719,10 @@ class _Run:
             eval_bad.count if eval_bad is not None else 0)}
 
   def results_again(self) -> None:
-    """A finished run without its summary.json: the final eval again, and
-    the last training loss from metrics.jsonl."""
+    """Gets a finished run's results again when its summary.json is missing.
+
+    It evaluates again and reads the last training loss from metrics.jsonl.
+    """
     step = self.step
     self.evaluate(step)
     losses = [r['loss'] for r in reporting.read_metrics(self.workdir)
@@ -608,6 +738,14 @@ def _resume(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, data_iter,
   state at step 0 and meta None."""
 
   def restore(step):
+    """Restores one step: the state, the data position and the host state.
+
+    Args:
+      step: the checkpoint step.
+
+    Returns:
+      The state and the meta.
+    """
     state, meta = trainer.restore(ckpt, step)
     ckpt.restore_data_iterator(step, data_iter)
     ckpt.restore_host_state(step, host)
@@ -639,22 +777,31 @@ def _log_finished(run: _Run) -> None:
 
 def train_and_evaluate(config, workdir: str, trainer: Trainer | None = None,
                        *, handle_signals: bool = False) -> dict[str, Any]:
-  """Trains (resuming from `workdir` if it holds checkpoints) and evaluates.
+  """Trains and evaluates, resuming from `workdir` if it holds checkpoints.
 
-  Process 0 holds `<workdir>/.lock` meanwhile (`workdir_lock`): a second run
-  on the same workdir gets WorkdirLockedError naming the first.
+  Process 0 holds `<workdir>/.lock` meanwhile, from `workdir_lock`. A second
+  run on the same workdir gets WorkdirLockedError naming the first.
 
   Args:
-    config: a config or its RunSpec (`config_lib.run_spec`).
-    workdir: the run's directory (relative to the current directory, or
-      absolute).
-    trainer: optionally, a Trainer built from a config with the same model,
-      so that several runs share compiled steps (tests, notebooks).
-    handle_signals: whether SIGINT and SIGTERM save a checkpoint and stop
-      (`StopRequest`, raising TrainingInterrupted); the command line's way.
+    config: a config or its RunSpec, from `config_lib.run_spec`.
+    workdir: the run's directory, absolute or relative to the current
+      directory.
+    trainer: optionally a Trainer built from a config with the same model.
+      Several runs then share compiled steps, as tests and notebooks do.
+    handle_signals: whether SIGINT and SIGTERM save a checkpoint and stop,
+      raising TrainingInterrupted. That is the command line's way.
 
   Returns:
-    The run's summary (`_Run.summary`).
+    The run's summary, as `_Run.summary` gives it.
+
+  Raises:
+    ValueError: the config breaks a rule, or `trainer` serves another model.
+    IncompatibleCheckpointError: the checkpoints are of another config.
+    DamagedCheckpointError: every checkpoint is damaged.
+    WorkdirLockedError: another run holds the workdir.
+    TrainingInterrupted: a signal stopped training.
+    NonFiniteLossError: the loss became NaN or infinite.
+    InvalidIdError: ids outside their tables reached the train step.
   """
   spec = config_lib.run_spec(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))

@@ -10,10 +10,18 @@ import numpy as np
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-  """Exact ROC AUC: P(score of a random positive > a random negative).
+  """Computes the exact ROC AUC.
 
-  Ties count one half, as in the Mann-Whitney statistic (and sklearn's
-  `roc_auc_score`). O(E log E). Returns NaN when a class is absent.
+  That is the chance that a random positive scores above a random negative.
+  Ties count one half, as in the Mann-Whitney statistic and sklearn's
+  `roc_auc_score`. It takes O(E log E) time for E examples.
+
+  Args:
+    scores: the scores, any shape.
+    labels: the labels, 0 or 1, as many as the scores.
+
+  Returns:
+    The AUC, or NaN when a class is absent.
   """
   scores = np.asarray(scores, np.float64).reshape(-1)
   labels = np.asarray(labels).reshape(-1) > 0.5
@@ -35,27 +43,62 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def log_loss(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-7) -> float:
-  """Mean binary cross-entropy of probabilities (clipped to [eps, 1-eps])."""
+  """Computes the mean binary cross-entropy of probabilities.
+
+  Args:
+    probs: the predicted probabilities. They are clipped to [eps, 1 - eps].
+    labels: the labels, 0 or 1.
+    eps: the clipping margin.
+
+  Returns:
+    The mean log loss.
+  """
   p = np.clip(np.asarray(probs, np.float64).reshape(-1), eps, 1.0 - eps)
   y = np.asarray(labels, np.float64).reshape(-1)
   return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
 
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-  """Share of examples where (prob > 0.5) equals the label."""
+  """Computes the share of examples whose rounded prediction equals the label.
+
+  A prediction above 0.5 counts as 1.
+
+  Args:
+    probs: the predicted probabilities.
+    labels: the labels, 0 or 1.
+
+  Returns:
+    The accuracy.
+  """
   p = np.asarray(probs).reshape(-1) > 0.5
   y = np.asarray(labels).reshape(-1) > 0.5
   return float(np.mean(p == y))
 
 
 def calibration(probs: np.ndarray, labels: np.ndarray) -> float:
-  """Mean prediction over mean label (1.0 is calibrated; NaN without clicks)."""
+  """Computes the mean prediction over the mean label.
+
+  Args:
+    probs: the predicted probabilities.
+    labels: the labels, 0 or 1.
+
+  Returns:
+    The ratio. 1.0 is calibrated. NaN when no label is 1.
+  """
   y = float(np.mean(labels))
   return float(np.mean(probs) / y) if y > 0 else float('nan')
 
 
 def evaluate(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-  """All eval metrics of a set of predictions."""
+  """Computes all eval metrics of a set of predictions.
+
+  Args:
+    probs: the predicted probabilities.
+    labels: the labels, 0 or 1.
+
+  Returns:
+    {'auc', 'log_loss', 'accuracy', 'calibration', 'num_examples'}.
+  """
   return {
       'auc': roc_auc(probs, labels),
       'log_loss': log_loss(probs, labels),
@@ -67,7 +110,16 @@ def evaluate(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 def roc_curve(scores: np.ndarray, labels: np.ndarray,
               max_points: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-  """(false positive rates, true positive rates), thinned to `max_points`."""
+  """Computes the ROC curve, thinned to at most `max_points` points.
+
+  Args:
+    scores: the scores.
+    labels: the labels, 0 or 1.
+    max_points: the most points to keep.
+
+  Returns:
+    The false positive rates and the true positive rates, both from 0.
+  """
   scores = np.asarray(scores, np.float64).reshape(-1)
   y = np.asarray(labels).reshape(-1) > 0.5
   order = np.argsort(-scores, kind='mergesort')

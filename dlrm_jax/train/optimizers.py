@@ -36,24 +36,42 @@ Transform = optax.GradientTransformation
 def scale_by_exact_adagrad(eps: float = 1e-8,
                            initial_accumulator_value: float = 0.0
                            ) -> Transform:
-  """torch.optim.Adagrad's scaling: g / (sqrt(acc) + eps), acc += g^2.
+  """Scales as torch.optim.Adagrad does: `g / (sqrt(acc) + eps)`.
 
-  optax.adagrad scales by 1 / sqrt(acc + eps) instead, with acc starting at
-  0.1.
+  The accumulator grows by g^2 each step. optax.adagrad scales by
+  `1 / sqrt(acc + eps)` instead, with acc starting at 0.1.
 
   Args:
     eps: added to sqrt(acc).
-    initial_accumulator_value: where acc starts (torch's 0).
+    initial_accumulator_value: where acc starts. torch starts at 0.
 
   Returns:
-    The transformation (without the learning rate).
+    The transformation. It does not apply the learning rate.
   """
   def init(params):
+    """Makes the accumulators.
+
+    Args:
+      params: the parameters.
+
+    Returns:
+      A float32 accumulator per parameter.
+    """
     return jax.tree.map(
         lambda p: jnp.full_like(p, initial_accumulator_value, jnp.float32),
         params)
 
   def update(updates, state, params=None):
+    """Scales the updates and grows the accumulators.
+
+    Args:
+      updates: the gradients.
+      state: the accumulators.
+      params: unused.
+
+    Returns:
+      The scaled updates and the new accumulators.
+    """
     del params
     acc = jax.tree.map(lambda a, g: a + jnp.square(g.astype(jnp.float32)),
                        state, updates)

@@ -22,13 +22,25 @@ PLOTS = ('loss.png', 'eval.png', 'roc.png')
 
 
 class MetricsLogger:
-  """metrics.jsonl and TensorBoard scalars of a run."""
+  """Writes a run's metrics.jsonl and TensorBoard scalars.
+
+  Attributes:
+    path: `<workdir>/metrics.jsonl`.
+    enabled: whether this process writes. Only process 0 does.
+  """
 
   def __init__(self, workdir: str, enabled: bool = True,
                resume_step: int | None = None):
-    """`resume_step`: the step the run goes on from; rows of later steps
-    (written before a crash, to be trained again) are dropped, so each step
-    appears once, and TensorBoard purges them too."""
+    """Opens the log. Rows a crashed run wrote past `resume_step` are dropped.
+
+    Those steps will be trained again, so each step appears once. TensorBoard
+    purges them too.
+
+    Args:
+      workdir: the run directory.
+      enabled: whether to write at all.
+      resume_step: the step the run goes on from. None for a fresh run.
+    """
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.enabled = enabled
     self._tb = None
@@ -41,6 +53,11 @@ class MetricsLogger:
           purge_step=None if resume_step is None else resume_step + 1)
 
   def write(self, row: dict[str, Any]) -> None:
+    """Appends a row to metrics.jsonl and its numbers to TensorBoard.
+
+    Args:
+      row: the row. It holds 'step', and 'type' is 'train' or 'eval'.
+    """
     if not self.enabled:
       return
     with open(self.path, 'a') as f:
@@ -53,13 +70,23 @@ class MetricsLogger:
     self._tb.flush()
 
   def close(self) -> None:
+    """Closes the TensorBoard writer."""
     if self._tb is not None:
       self._tb.close()
 
 
 def drop_rows_after(path: str, step: int) -> int:
-  """Rewrites a metrics.jsonl (atomically) without its rows after `step`;
-  returns how many were dropped."""
+  """Rewrites a metrics.jsonl without its rows after `step`.
+
+  The file is replaced atomically.
+
+  Args:
+    path: the metrics.jsonl file.
+    step: the last step to keep.
+
+  Returns:
+    How many rows were dropped.
+  """
   if not os.path.exists(path):
     return 0
   with open(path) as f:
@@ -75,7 +102,16 @@ def drop_rows_after(path: str, step: int) -> int:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """The rows of `<workdir>/metrics.jsonl` (a later row of a step wins)."""
+  """Reads the rows of `<workdir>/metrics.jsonl`.
+
+  A later row of the same type and step wins.
+
+  Args:
+    workdir: the run directory.
+
+  Returns:
+    The rows, sorted by step and type. Empty without the file.
+  """
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
@@ -95,13 +131,13 @@ def write_plots(workdir: str, probs: np.ndarray | None = None,
   """Draws the run's PNG plots into the workdir.
 
   Args:
-    workdir: the run's directory (its metrics.jsonl is read).
+    workdir: the run's directory. Its metrics.jsonl is read.
     probs: the final model's eval probabilities, for the ROC plot.
     labels: their labels.
     teacher_auc: the synthetic teacher's AUC, drawn as a line.
     final_step: the final model's step, for the ROC plot's title.
-    best: the best checkpoint (`BestKeeper.summary`), marked on the eval
-      plot.
+    best: the best checkpoint as `BestKeeper.summary` gives it. It is marked
+      on the eval plot.
 
   Returns:
     The paths written.
@@ -166,7 +202,16 @@ def _save(fig, workdir: str, name: str) -> str:
 
 def calibration_curve(probs: np.ndarray, labels: np.ndarray, bins: int = 10
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(mean prediction, click rate, count) per equal-count bin of predictions."""
+  """Bins predictions into equal-count bins.
+
+  Args:
+    probs: the predicted probabilities.
+    labels: the labels, 0 or 1.
+    bins: the number of bins.
+
+  Returns:
+    Per non-empty bin, the mean prediction, the click rate and the count.
+  """
   order = np.argsort(probs, kind='mergesort')
   groups = np.array_split(order, bins)
   mean_p = np.array([probs[g].mean() for g in groups if len(g)])
@@ -177,7 +222,16 @@ def calibration_curve(probs: np.ndarray, labels: np.ndarray, bins: int = 10
 
 def summary_text(summary: dict[str, Any], workdir: str,
                  plots: Sequence[str] = ()) -> str:
-  """The one-screen summary printed at the end of a run."""
+  """Formats the one-screen summary printed at the end of a run.
+
+  Args:
+    summary: the run's summary, as summary.json holds it.
+    workdir: the run directory.
+    plots: the plot files written.
+
+  Returns:
+    The text, several lines.
+  """
   lines = ['', '=' * 64, f'  run finished at step {summary["step"]}']
   if summary.get('train_loss') is not None:
     lines.append(f'  last training loss   {summary["train_loss"]:.4f}')

@@ -13,18 +13,21 @@ SCHEDULES = ('constant', 'warmup_poly', 'cosine')
 class ScheduleSpec:
   """A learning-rate schedule.
 
+  Three kinds exist. 'constant' keeps `learning_rate`. 'warmup_poly' warms up
+  linearly over `warmup_steps` and stays flat until `decay_start_step`. It then
+  decays polynomially, with `power`, to `end_learning_rate` over
+  `decay_steps`. That is the MLPerf and NVIDIA DLRM recipe. 'cosine' warms up
+  linearly, then decays as a cosine to `end_learning_rate`, reached
+  `decay_steps` after the warmup.
+
   Attributes:
-    kind: 'constant'; 'warmup_poly' (linear warmup over `warmup_steps`, flat
-      until `decay_start_step`, then polynomial decay of `power` to
-      `end_learning_rate` over `decay_steps`, as in the MLPerf/NVIDIA DLRM
-      recipes); or 'cosine' (linear warmup, then cosine decay to
-      `end_learning_rate` at `decay_steps` after the warmup).
+    kind: 'constant', 'warmup_poly' or 'cosine'.
     learning_rate: the peak rate.
-    warmup_steps: linear warmup length (warmup_poly, cosine).
-    decay_start_step: first step of the decay (warmup_poly).
-    decay_steps: decay length.
-    end_learning_rate: rate at the end of the decay.
-    power: polynomial power (warmup_poly); 2 in the MLPerf recipe.
+    warmup_steps: the warmup's length, for warmup_poly and cosine.
+    decay_start_step: the first step of the decay, for warmup_poly.
+    decay_steps: the decay's length.
+    end_learning_rate: the rate at the end of the decay.
+    power: the polynomial's power, for warmup_poly. The MLPerf recipe uses 2.
   """
 
   kind: str = 'constant'
@@ -37,7 +40,14 @@ class ScheduleSpec:
 
 
 def build(spec: ScheduleSpec) -> optax.Schedule:
-  """The optax schedule (a step -> rate function) of a spec."""
+  """Builds the optax schedule of a spec.
+
+  Args:
+    spec: the schedule.
+
+  Returns:
+    A function from the step to the rate.
+  """
   lr = spec.learning_rate
   if spec.kind == 'constant':
     return optax.constant_schedule(lr)

@@ -40,12 +40,12 @@ class TrainState:
   """Everything that changes during training.
 
   Attributes:
-    step: number of steps taken.
-    params: dense (MLP) parameters.
-    batch_stats: batch-norm running statistics ({} without batch norm).
-    opt_state: optax state of the dense parameters.
-    emb: embedding stacks and their sparse optimizer state.
-    rng: key data of the dropout RNG (folded with the step).
+    step: the number of steps taken.
+    params: the dense MLP parameters.
+    batch_stats: the batch-norm running statistics. {} without batch norm.
+    opt_state: the optax state of the dense parameters.
+    emb: the embedding stacks and their sparse optimizer state.
+    rng: the key data of the dropout RNG. It is folded with the step.
   """
 
   step: jax.Array
@@ -90,8 +90,23 @@ def _shape_fields(spec) -> Any:
 def make_plan(spec, tables, num_shards: int,
               num_devices: int | None = None,
               features: Sequence[Any] = ()) -> plan_lib.Plan:
-  """The embedding sharding plan a run (`spec`: a RunSpec or a config)
-  asks for."""
+  """Builds the embedding sharding plan a run asks for.
+
+  Args:
+    spec: a RunSpec, or a config to build one from.
+    tables: the table specs.
+    num_shards: the number of model shards.
+    num_devices: the number of devices, to size the batch per device. None
+      leaves it out.
+    features: the feature specs. They give the lookups per table.
+
+  Returns:
+    The plan.
+
+  Raises:
+    ValueError: the tables do not fit the request, for example the device
+      memory budget.
+  """
   spec = config_lib.run_spec(spec)
   request = spec.sharding
   overrides = dict(request.overrides)
@@ -118,25 +133,39 @@ def _lookups_per_table(features) -> dict[str, int]:
 
 
 class Trainer:
-  """A run's model, embedding engine, optimizers and compiled steps.
+  """Holds a run's model, embedding engine, optimizers and compiled steps.
+
+  It holds nothing of a run. A run's host-side id state is a `HostState`,
+  made by `new_host_state`. So runs can share one Trainer.
 
   Attributes:
-    spec: the run's RunSpec (built from the config by
-      `config_lib.run_spec`).
+    spec: the run's RunSpec, built from the config by `config_lib.run_spec`.
     mesh: the device mesh.
     engine: the embedding engine.
-    model: the Flax DLRM (dense and over arches).
+    model: the Flax DLRM, its dense and over arches.
     tx: the dense optimizer.
     resets_rows: whether batches carry managed-collision row resets.
-    needs_host_state: whether `predict`/`evaluate` need a run's HostState.
-
-  It holds nothing of a run: a run's host-side id state is a `HostState`
-  (`new_host_state`), so runs can share one Trainer.
+    needs_host_state: whether `predict` and `evaluate` need a run's
+      HostState.
+    has_bn: whether an MLP uses batch norm.
+    train_step: the compiled train step. It takes the state, a batch and the
+      metrics accumulator, and returns the new state and accumulator.
+    predict_step: the compiled predict step. It returns the probabilities.
   """
 
   def __init__(self, spec, *, mesh: Mesh | None = None,
                plan: plan_lib.Plan | None = None):
-    """`spec`: a RunSpec, or a config to build one from."""
+    """Builds the model, the engine, the optimizers and the compiled steps.
+
+    Args:
+      spec: a RunSpec, or a config to build one from.
+      mesh: the device mesh. Default: one made from `spec.mesh`.
+      plan: the embedding sharding plan. Default: `make_plan`'s.
+
+    Raises:
+      ValueError: the batch sizes do not fit the devices, or the plan cannot
+        place the tables.
+    """
     spec = config_lib.run_spec(spec)
     self.spec = spec
     self.mesh = mesh if mesh is not None else parallel.create_mesh(
@@ -172,13 +201,22 @@ class Trainer:
 
   @property
   def plan(self) -> plan_lib.Plan:
+    """The embedding sharding plan."""
     return self.engine.plan
 
   def new_host_state(self, spec: config_lib.RunSpec | None = None
                      ) -> HostState:
-    """A run's fresh host-side id state: empty managed-collision remappers
-    and, with rare-id admission (`admission` of the run's `spec`; default
-    the trainer's), an empty sketch."""
+    """Makes a run's fresh host-side id state.
+
+    It holds empty managed-collision remappers. With rare-id admission, it also
+    holds an empty sketch.
+
+    Args:
+      spec: the run's spec, whose `admission` counts. Default: the trainer's.
+
+    Returns:
+      The HostState.
+    """
     return HostState.of(spec or self.spec, process_index=jax.process_index(),
                         process_count=jax.process_count())
 
@@ -202,6 +240,7 @@ class Trainer:
     return jax.eval_shape(self._init_dense, jax.random.key(0))
 
   def state_shardings(self) -> TrainState:
+    """The shardings of a TrainState, as a TrainState."""
     params, bs, opt = self._dense_shapes()
     rep = lambda tree: jax.tree.map(lambda _: self._replicated, tree)
     return TrainState(step=self._replicated, params=rep(params),
@@ -209,10 +248,18 @@ class Trainer:
                       emb=self.engine.state_shardings(), rng=self._replicated)
 
   def abstract_state(self) -> TrainState:
-    """ShapeDtypeStructs (with shardings) of the state; allocates nothing."""
+    """ShapeDtypeStructs of the state, with shardings. It allocates nothing."""
     params, bs, opt = self._dense_shapes()
 
     def with_sharding(x):
+      """Gives an array's ShapeDtypeStruct, replicated.
+
+      Args:
+        x: the array or its shape.
+
+      Returns:
+        The ShapeDtypeStruct.
+      """
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated)
 
     key = jax.random.key_data(jax.random.key(0))
@@ -226,6 +273,14 @@ class Trainer:
                                  sharding=self._replicated))
 
   def init_state(self, seed: int) -> TrainState:
+    """Makes a fresh train state at step 0.
+
+    Args:
+      seed: seeds the dense params, the tables and the dropout RNG.
+
+    Returns:
+      The state, on the mesh.
+    """
     key = jax.random.key(seed)
     k_dense, k_emb, k_rng = jax.random.split(key, 3)
     rep = self.state_shardings()
@@ -242,11 +297,20 @@ class Trainer:
               ) -> tuple[TrainState, dict[str, Any]]:
     """Restores a checkpoint onto this trainer's mesh and plan.
 
-    A checkpoint written under another sharding plan (another number of
-    devices, say) is restored in its own layout and then moved into this one.
+    A checkpoint written under another sharding plan is restored in its own
+    layout, then moved into this one. That happens with another number of
+    devices, say.
+
+    Args:
+      ckpt: the checkpointer.
+      step: the checkpoint step.
+
+    Returns:
+      The state and the meta item.
 
     Raises:
-      IncompatibleCheckpointError: if the model signature differs.
+      IncompatibleCheckpointError: the model signature differs.
+      DamagedCheckpointError: the arrays differ from their fingerprints.
     """
     meta = ckpt.read_meta(step)
     # A config mismatch is named as one before the saved plan is read (it may
@@ -267,11 +331,15 @@ class Trainer:
     return state.replace(emb=self.engine.relayout(old_stacks, state.emb)), meta
 
   def signature(self) -> dict[str, Any]:
-    """What fixes the state's shapes; a checkpoint must match it.
+    """Says what fixes the state's shapes. A checkpoint must match it.
 
-    Derived from the specs (`_shape_fields`): every field is in it except
-    the hyperparameters in `_UNSHAPED_FIELDS`, so a field added to a spec is
-    checked on restore unless it is named there.
+    It is derived from the specs by `_shape_fields`. Every field is in it
+    except the hyperparameters in `_UNSHAPED_FIELDS`. So a field added to a
+    spec is checked on restore unless it is named there.
+
+    Returns:
+      The model, the tables, the dense optimizer's kind and whether gradients
+      are clipped.
     """
     model = _shape_fields(self.spec.model)
     tables = {t.name: _shape_fields(t) for t in self.spec.tables}
@@ -290,6 +358,14 @@ class Trainer:
   # Batches.
 
   def batch_shardings(self, with_label: bool = True) -> dict[str, Any]:
+    """Gives the shardings of a batch.
+
+    Args:
+      with_label: whether the batch holds labels and row resets.
+
+    Returns:
+      {name: sharding}. 'dense' is there only with dense features.
+    """
     sh = {'ids': parallel.batch_sharding(self.mesh, 2)}
     if self.spec.model.num_dense:
       sh['dense'] = parallel.batch_sharding(self.mesh, 2)
@@ -301,7 +377,15 @@ class Trainer:
 
   def put_batch(self, host_batch: dict[str, np.ndarray],
                 with_label: bool = True) -> dict[str, jax.Array]:
-    """This process's rows of a batch -> global, batch-sharded arrays."""
+    """Turns this process's rows of a batch into global, batch-sharded arrays.
+
+    Args:
+      host_batch: this process's rows, numpy.
+      with_label: whether to include the labels and row resets.
+
+    Returns:
+      {name: jax.Array}.
+    """
     shardings = self.batch_shardings(with_label)
     return {k: jax.make_array_from_process_local_data(s, host_batch[k])
             for k, s in shardings.items()}
@@ -331,6 +415,15 @@ class Trainer:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def loss_fn(params, emb):
+      """The loss of a batch.
+
+      Args:
+        params: the dense params.
+        emb: the looked-up embeddings.
+
+      Returns:
+        The mean loss and the new batch stats.
+      """
       out, new_bs = self._apply_model(params, state.batch_stats,
                                       batch.get('dense'), emb, train=True,
                                       rng=rng)
@@ -366,11 +459,21 @@ class Trainer:
 
   def predict(self, state: TrainState, host_batch,
               host: HostState | None = None) -> np.ndarray:
-    """Click probabilities of a batch (this process's rows of it in, the
-    whole global batch out), on the host.
+    """Computes the click probabilities of a batch, on the host.
 
-    `host`: the run's remappers and admission sketch (`new_host_state`,
-    loaded from the checkpoint); required when the config has either.
+    This process's rows go in. The whole global batch comes out.
+
+    Args:
+      state: the train state.
+      host_batch: this process's rows.
+      host: the run's remappers and admission sketch, from `new_host_state`
+        and loaded from the checkpoint. Required when the config has either.
+
+    Returns:
+      The probabilities of the global batch.
+
+    Raises:
+      ValueError: `host` is missing but the config needs it.
     """
     probs = self.predict_step(state, self.put_batch(
         self._eval_batch(host_batch, host), False))
@@ -381,13 +484,24 @@ class Trainer:
   def evaluate(self, state: TrainState, batches: pipeline.EvalBatches,
                host: HostState | None = None
                ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """Metrics over a whole eval set; also returns (probs, labels).
+    """Computes the metrics over a whole eval set.
 
-    Each process predicts its own rows (`batches` yields this process's
-    rows, padding masked out by the count of real rows); the predictions
-    and labels of all processes are gathered at the end and concatenated in
-    process order, which is the eval set's order by construction (see
-    `pipeline.EvalBatches`), so the metrics equal one process's exactly.
+    Each process predicts its own rows. `batches` yields this process's rows,
+    with the padding masked out by the count of real rows. The predictions and
+    labels of all processes are gathered at the end, in process order. That is
+    the eval set's order by construction, as `pipeline.EvalBatches` explains.
+    So the metrics equal one process's exactly.
+
+    Args:
+      state: the train state.
+      batches: the eval batches of this process.
+      host: the run's host state, as `predict` takes it.
+
+    Returns:
+      The metrics, the probabilities and the labels.
+
+    Raises:
+      ValueError: `host` is missing but the config needs it.
     """
     probs, labels = [], []
     for host_batch, n in batches:

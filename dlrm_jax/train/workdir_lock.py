@@ -48,17 +48,37 @@ def _describe(owner: dict[str, Any]) -> str:
 
 
 def is_stale(owner: dict[str, Any]) -> bool:
-  """Whether the owner named in a lock file is a process gone from this
-  host (a lock of another host cannot be judged and is not stale)."""
+  """Says whether a lock file's owner is a process gone from this host.
+
+  A lock of another host cannot be judged, so it is not stale.
+
+  Args:
+    owner: the owner the lock file names: host, pid, started, command.
+
+  Returns:
+    True when the owner is on this host and its pid is not alive.
+  """
   return (owner.get('host') == socket.gethostname() and
           isinstance(owner.get('pid'), int) and
           not _pid_alive(owner['pid']))
 
 
 class WorkdirLock:
-  """Context manager: holds `<workdir>/.lock` or raises WorkdirLockedError."""
+  """Holds `<workdir>/.lock` as a context manager.
+
+  Entering acquires the lock, leaving releases it.
+
+  Attributes:
+    path: the lock file.
+    stale_owner: the owner of a stale lock this one took over, or None.
+  """
 
   def __init__(self, workdir: str):
+    """Makes the lock. Nothing is taken before `acquire`.
+
+    Args:
+      workdir: the run directory.
+    """
     self.path = os.path.join(workdir, LOCK_NAME)
     self._fd: int | None = None
     self._flock = True
@@ -78,6 +98,17 @@ class WorkdirLock:
         ' or use another --workdir.')
 
   def acquire(self) -> 'WorkdirLock':
+    """Takes the lock and writes this process as its owner.
+
+    A stale lock is taken over, with a log line. Where the file system has no
+    flock, the file alone is the lock.
+
+    Returns:
+      The lock itself.
+
+    Raises:
+      WorkdirLockedError: another live process holds the lock.
+    """
     os.makedirs(os.path.dirname(self.path) or '.', exist_ok=True)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -143,6 +174,7 @@ class WorkdirLock:
     os.fsync(fd)
 
   def release(self) -> None:
+    """Releases the lock and removes its file. A lock not held does nothing."""
     if self._fd is None:
       return
     try:
