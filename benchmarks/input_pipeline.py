@@ -26,9 +26,9 @@ import sys
 import time
 
 from absl import flags
-from dlrm_jax import cli
 import numpy as np
 
+from dlrm_jax import cli
 from dlrm_jax.data import synthetic
 
 _ROWS = flags.DEFINE_list('rows', ['1000000', '3000000'],

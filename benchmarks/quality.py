@@ -29,9 +29,10 @@ import time
 import zlib
 
 from absl import flags
-from dlrm_jax import cli
 from absl import logging
 import numpy as np
+
+from dlrm_jax import cli
 
 _SEEDS = flags.DEFINE_list(
     'seeds', ['0'], 'Seeds of the split and the models; with several, each'
@@ -141,7 +142,7 @@ def dlrm(paths, seed, workdir, overrides=None):
   # pylint: disable=g-import-not-at-top
   from configs import criteo
   from dlrm_jax.config import build as config_lib
-  from dlrm_jax.train import checkpoint as ckpt_lib
+  from dlrm_jax.serving import offline
   from dlrm_jax.train import loop as train_loop
   from dlrm_jax.train import trainer as trainer_lib
   from dlrm_jax.data import inputs
@@ -158,18 +159,13 @@ def dlrm(paths, seed, workdir, overrides=None):
     target[last] = value
   trainer = trainer_lib.Trainer(config_lib.resolve_data(config))
   summary = train_loop.train_and_evaluate(config, workdir, trainer)
-  best = ckpt_lib.BestCheckpointer(workdir, config.keep_best_metric, 'max')
-  step = best.best_step()
-  state, _ = best.restore(step, trainer.abstract_state())
-  best.close()
+  best = offline.load(config, workdir, checkpoint='best')
+  step = best.step
   test_config = config_lib.resolve_data(config)
   test_config.data.eval_path = paths['test']
   data = inputs.make_data(test_config)
-  host = trainer.new_host_state()  # the kept step's remappers and sketch
-  ckpt = ckpt_lib.BestCheckpointer(workdir, config.keep_best_metric, 'max')
-  ckpt.restore_host_state(step, host)
-  ckpt.close()
-  test, _, _ = trainer.evaluate(state, data.eval, host)
+  # The kept step's state, remappers and sketch.
+  test, _, _ = best.trainer.evaluate(best.state, data.eval, best.host)
   return test, {'best_step': step, 'steps_run': summary['step'],
                 'valid_auc': summary['best_eval']}
 

@@ -18,8 +18,9 @@ import tempfile
 
 from absl import app
 from absl import flags
-from dlrm_jax import cli
 import numpy as np
+
+from dlrm_jax import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained run (default:'
                                ' train the tiny config on the shared sample).')

@@ -27,8 +27,9 @@ import threading
 import time
 
 from absl import flags
-from dlrm_jax import cli
 import numpy as np
+
+from dlrm_jax import cli
 
 _EXPORT = flags.DEFINE_string('export', None, 'An export directory (default:'
                               ' export a fresh model to a temp dir).')

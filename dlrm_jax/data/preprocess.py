@@ -42,9 +42,9 @@ from typing import Sequence
 import numpy as np
 from absl import app
 from absl import flags
-from dlrm_jax import cli
 from absl import logging
 
+from dlrm_jax import cli
 from dlrm_jax.data import features as features_lib
 from dlrm_jax.data import binary
 from dlrm_jax.data import criteo
@@ -575,6 +575,10 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
   f = {k: v.value for k, v in _FLAGS.items()}
+  # Paths relative to the current directory, made absolute once.
+  f['train'] = cli.absolute_spec(list(f['train']))
+  f['eval'] = cli.absolute_spec(list(f['eval']))
+  f['output_dir'] = cli.absolute(f['output_dir'])
   t0 = time.time()
   buckets = [int(b) for b in f['num_buckets']]
   meta = run(f['train'], f['output_dir'], eval_paths=f['eval'],

@@ -7,6 +7,7 @@ inference notebook.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -158,18 +159,7 @@ def load(config, workdir: str, step: int | None = None,
   trainer = trainer_lib.Trainer(spec)
   host = trainer.new_host_state()
 
-  def restore(step):
-    """Restores one step: the state and the host state.
-
-    Args:
-      step: the checkpoint step.
-
-    Returns:
-      The state and the meta.
-    """
-    state, meta = trainer.restore(ckpt, step)
-    ckpt.restore_host_state(step, host)
-    return state, meta
+  restore = functools.partial(trainer.restore, ckpt, host=host)
 
   try:
     steps = ckpt.all_steps()

@@ -55,6 +55,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from dlrm_jax import cli
 from dlrm_jax.serving import runtime as export_runtime
 
 NUM_INT, NUM_CAT = export_runtime.NUM_INT, export_runtime.NUM_CAT
@@ -549,6 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help='how long a batch waits for more requests')
   p.add_argument('--max_request_rows', type=int, default=4096)
   args = p.parse_args(argv)
+  args.export = cli.absolute(args.export)  # relative to the current directory
   for name in ('max_batch', 'max_request_rows'):
     if getattr(args, name) <= 0:
       p.error(f'--{name} ({getattr(args, name)}) must be positive.')

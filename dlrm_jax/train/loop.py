@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import signal
@@ -737,20 +738,8 @@ def _resume(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, data_iter,
   aside), with the data iterator and host state set to it; or a fresh
   state at step 0 and meta None."""
 
-  def restore(step):
-    """Restores one step: the state, the data position and the host state.
-
-    Args:
-      step: the checkpoint step.
-
-    Returns:
-      The state and the meta.
-    """
-    state, meta = trainer.restore(ckpt, step)
-    ckpt.restore_data_iterator(step, data_iter)
-    ckpt.restore_host_state(step, host)
-    return state, meta
-
+  restore = functools.partial(trainer.restore, ckpt, host=host,
+                              data_iter=data_iter)
   latest, restored = ckpt.restore_newest_good(restore)
   if latest is None:
     return 0, trainer.init_state(seed), None

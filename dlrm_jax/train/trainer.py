@@ -293,7 +293,8 @@ class Trainer:
                       opt_state=opt, emb=emb,
                       rng=put(jax.random.key_data(k_rng)))
 
-  def restore(self, ckpt: ckpt_lib.Checkpointer, step: int
+  def restore(self, ckpt: ckpt_lib.Checkpointer, step: int, *,
+              host: HostState | None = None, data_iter: Any = None
               ) -> tuple[TrainState, dict[str, Any]]:
     """Restores a checkpoint onto this trainer's mesh and plan.
 
@@ -304,6 +305,9 @@ class Trainer:
     Args:
       ckpt: the checkpointer.
       step: the checkpoint step.
+      host: a run's host-side id state, set to the step's if given.
+      data_iter: a training data iterator, set to the step's position if
+        given.
 
     Returns:
       The state and the meta item.
@@ -312,6 +316,15 @@ class Trainer:
       IncompatibleCheckpointError: the model signature differs.
       DamagedCheckpointError: the arrays differ from their fingerprints.
     """
+    state, meta = self._restore_state(ckpt, step)
+    if data_iter is not None:
+      ckpt.restore_data_iterator(step, data_iter)
+    if host is not None:
+      ckpt.restore_host_state(step, host)
+    return state, meta
+
+  def _restore_state(self, ckpt: ckpt_lib.Checkpointer, step: int
+                     ) -> tuple[TrainState, dict[str, Any]]:
     meta = ckpt.read_meta(step)
     # A config mismatch is named as one before the saved plan is read (it may
     # not place this config's tables).
