@@ -89,6 +89,43 @@ class ReadmeCommandsTest(absltest.TestCase):
           node = node[part]
         self.assertIsNotNone(node)
 
+  def test_every_dlrm_jax_name_it_mentions_exists(self):
+    # `from dlrm_jax.x import y` and `dlrm_jax.x.y` in the README, the
+    # notebooks and the examples name modules or attributes that import.
+    texts = [self.readme]
+    for folder in ('notebooks', 'examples'):
+      for name in sorted(os.listdir(os.path.join(_ROOT, folder))):
+        if name.endswith(('.py', '.ipynb', '.md')):
+          texts.append(open(os.path.join(_ROOT, folder, name)).read())
+    names = set()
+    for text in texts:
+      for mod, attrs in re.findall(
+          r'from (dlrm_jax(?:\.\w+)*) import ([\w, ]+)', text):
+        names.update(f'{mod}.{a.split()[0]}' for a in attrs.split(',')
+                     if a.strip())
+      names.update(n for n in re.findall(r'\b(dlrm_jax(?:\.\w+)+)', text)
+                   if not n.endswith(('.tar', '.gz')))
+    self.assertGreater(len(names), 10)
+    code = ('import importlib, sys\n'
+            'for name in sys.argv[1:]:\n'
+            '  parts = name.split(".")\n'
+            '  for i in range(len(parts), 0, -1):\n'
+            '    try:\n'
+            '      obj = importlib.import_module(".".join(parts[:i]))\n'
+            '      break\n'
+            '    except ModuleNotFoundError:\n'
+            '      continue\n'
+            '  try:\n'
+            '    for a in parts[i:]:\n'
+            '      obj = getattr(obj, a)\n'
+            '  except AttributeError:\n'
+            '    print(name)\n')
+    out = subprocess.run([sys.executable, '-c', code, *sorted(names)],
+                         cwd=_ROOT, capture_output=True, text=True, check=True,
+                         env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    self.assertEqual(out.stdout.split(), [],
+                     'names the README or notebooks use that do not exist')
+
 
 if __name__ == '__main__':
   absltest.main()

@@ -114,7 +114,7 @@ class TrainedRunTest(absltest.TestCase):
     inference.predict(self.model, path, scores_file)
     want = np.array([float(x) for x in open(scores_file)])
     code = ('import sys, numpy as np\n'
-            'from dlrm_jax import export_runtime as rt\n'
+            'from dlrm_jax.serving import runtime as rt\n'
             f'm = rt.load_export({export_dir!r})\n'
             f'rows = rt.parse_rows(open({path!r}).read().splitlines())\n'
             "s = m.scores(rows['int'], rows['cat'], rows['cat_present'])\n"

@@ -13,7 +13,7 @@ from dlrm_jax.train import workdir_lock
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HOLD = ('import sys, time\n'
-         'from dlrm_jax import workdir_lock\n'
+         'from dlrm_jax.train import workdir_lock\n'
          'workdir_lock.WorkdirLock(sys.argv[1]).acquire()\n'
          "print('locked', flush=True)\n"
          'time.sleep(120)\n')
