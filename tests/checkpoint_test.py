@@ -104,9 +104,9 @@ class CheckpointTopologyTest(absltest.TestCase):
     self.assertEqual(int(state8.step), 20)
 
   def test_bfloat16_tables_move_bit_exactly(self):
-    # bf16 tables are saved as their uint16 bit patterns; restored under
-    # another plan (8 devices -> 1) they are the same bits, and the saved
-    # signature says how they are stored.
+    # bf16 tables are saved as their bit patterns in float16 arrays;
+    # restored under another plan (8 devices -> 1) they are the same bits,
+    # and the saved signature says how they are stored.
     config = mixed_config(2)
     config.embedding.dtype = 'bfloat16'
     t8 = trainer_lib.Trainer(config, mesh=reference.mesh_of(1, 8))
@@ -116,10 +116,10 @@ class CheckpointTopologyTest(absltest.TestCase):
     train_loop.train_and_evaluate(config, workdir, t8)
     state8, meta = final_state(t8, workdir)
     self.assertEqual(
-        meta['signature']['tables']['cat_0'].get('storage'), 'uint16')
+        meta['signature']['tables']['cat_0'].get('storage'), 'float16')
     state1, _ = final_state(t1, workdir)
     for leaf in jax.tree.leaves(state1.emb['stacks']):
-      self.assertEqual(leaf.dtype, np.uint16)
+      self.assertEqual(leaf.dtype, np.float16)
     for t in t8.spec.tables:
       a = table_access.get_table(t8.engine, state8.emb, t.name)
       self.assertEqual(a.dtype, jax.numpy.bfloat16)

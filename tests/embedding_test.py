@@ -247,7 +247,7 @@ class PrecisionTest(absltest.TestCase):
     s32 = h32.engine.init(jax.random.key(0))
     s16 = h16.engine.init(jax.random.key(0))
     for leaf in jax.tree.leaves(s16['stacks']):  # bf16 bit patterns
-      self.assertEqual(leaf.dtype, jnp.uint16)
+      self.assertEqual(leaf.dtype, jnp.float16)
     for leaf in jax.tree.leaves(s16['slots']):
       self.assertEqual(leaf.dtype, jnp.float32)
     rng = np.random.default_rng(0)

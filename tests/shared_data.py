@@ -24,3 +24,16 @@ def criteo_file(test: absltest.TestCase, name: str) -> str:
         'the Criteo samples are not available: set DLRM_SHARED_DIR to the'
         " 'shared' folder, or put it beside the checkout (../shared).")
   return os.path.join(d, 'data', 'criteo', name)
+
+
+def movielens_dir(test: absltest.TestCase) -> str:
+  """The shared MovieLens 100K folder, or skips the test saying where it
+  looked."""
+  d = shared_dir()
+  path = d and os.path.join(d, 'data', 'movielens', 'ml-100k')
+  if not path or not os.path.isdir(path):
+    test.skipTest(
+        'the MovieLens sample is not available: set DLRM_SHARED_DIR to the'
+        " 'shared' folder (with data/movielens/ml-100k), or put it beside"
+        ' the checkout (../shared).')
+  return path

@@ -81,7 +81,7 @@ class TableAccessTest(parameterized.TestCase):
 
   @parameterized.parameters('bfloat16', 'float16')
   def test_low_precision_tables_stored_as_bits(self, dtype):
-    # 16-bit tables are stored as their uint16 bit patterns; get_table,
+    # 16-bit tables are stored as float16 arrays (bf16 as its bit patterns);
     # a plain host copy, lookups and exports see the logical values.
     tables, features = embedding_test.make_specs('adagrad', dtype=dtype)
     mesh = reference.mesh_of(2, 4)
@@ -89,9 +89,9 @@ class TableAccessTest(parameterized.TestCase):
                              sharding_test.mixed_plan(tables, 4))
     state = engine.init(jax.random.key(0))
     for leaf in jax.tree.leaves(state['stacks']):
-      self.assertEqual(leaf.dtype, np.uint16)
+      self.assertEqual(leaf.dtype, np.float16)
     for leaf in jax.tree.leaves(engine.abstract_state()['stacks']):
-      self.assertEqual(leaf.dtype, np.uint16)
+      self.assertEqual(leaf.dtype, np.float16)
     logical = jax.numpy.dtype(dtype)
     new = np.random.default_rng(1).normal(
         size=(tables[0].num_rows, tables[0].dim)).astype(np.float32)

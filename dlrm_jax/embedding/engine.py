@@ -157,8 +157,8 @@ class EmbeddingEngine:
   def abstract_state(self) -> EmbeddingState:
     """Describes the state without allocating it.
 
-    bfloat16 and float16 tables are stored as uint16 bit patterns, as in
-    `rounding.storage_dtype`. `table_access.get_table` gives their logical
+    bfloat16 and float16 tables are stored in float16 arrays (bfloat16 as its
+    bit patterns), as in `rounding.storage_dtype`. `table_access.get_table` gives their logical
     values. Optimizer slots are float32.
 
     Returns:

@@ -147,15 +147,29 @@ def round_nearest(x: jax.Array, dtype) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------
-# Storage: bfloat16/float16 tables are kept as their 16-bit patterns (uint16).
+# Storage: bfloat16 and float16 tables are kept in float16 arrays. A float16
+# table holds its values; a bfloat16 table holds its bit patterns, the
+# bfloat16 bits read as float16 (the same two bytes, never a float16 value).
 #
-# XLA:CPU has no native bf16/f16 scatter or dynamic-update: it normalizes one
-# to float32, converting the WHOLE table there and back on every step (1.4 s
-# for a 2.6M x 64 table); a bitcast of the table to uint16 inside the step
-# still copies it in and out of the view. A table stored as uint16 scatters
-# the touched rows in place (ms). So the engine state holds uint16 arrays for
-# low-precision tables, and only rows are bitcast, at the boundaries:
-# gathered rows -> `rows_to_float32`; updated rows -> rounded -> `to_storage`.
+# Why float16, not bfloat16: XLA:CPU has no native bf16 scatter or
+# dynamic-update. It normalizes one to float32, converting the WHOLE table
+# there and back on every step (0.9 s for a 2.6M x 64 table), and a bitcast
+# of the whole table to another dtype inside the step copies it too (0.44 s).
+# Its float16 scatter is native: 0.3 ms for the same 4096 rows. So only rows
+# are bitcast, at the boundaries: gathered rows -> `rows_to_float32`; updated
+# rows -> rounded -> `to_storage`.
+#
+# Why a float type, not uint16 (the earlier carrier): the tables are
+# variables of a Flax module (`dlrm_jax.models.embed`), and the sparse
+# update reaches them as the cotangent of a `jax.custom_vjp`, which must
+# have its primal's dtype. An integer primal has float0 cotangents, which
+# carry nothing; a float16 one carries the new table. The carrier is only
+# copied and scattered, never computed with, so every bit pattern survives:
+# and a bfloat16 value read as float16 is a float16 NaN or infinity only
+# when its magnitude is at least 2^121 (the bfloat16 bits 14..10 are then
+# all ones), far beyond any trained weight.
+
+CARRIER = jnp.dtype(jnp.float16)
 
 
 def storage_dtype(dtype) -> np.dtype:
@@ -165,11 +179,11 @@ def storage_dtype(dtype) -> np.dtype:
     dtype: the logical table dtype.
 
   Returns:
-    uint16 for bfloat16 and float16, which are kept as bit patterns.
+    float16 for bfloat16 and float16 (bfloat16 as its bit patterns).
     Otherwise `dtype` itself.
   """
   dtype = jnp.dtype(dtype)
-  return jnp.dtype(jnp.uint16) if dtype.name in LOW_PRECISION else dtype
+  return CARRIER if dtype.name in LOW_PRECISION else dtype
 
 
 def to_storage(x, dtype):
@@ -187,19 +201,23 @@ def to_storage(x, dtype):
   """
   dtype = jnp.dtype(dtype)
   if storage_dtype(dtype) == dtype:
+    if isinstance(x, np.ndarray):
+      return np.asarray(x, dtype)
+    if x.dtype != dtype and dtype == jnp.float16:
+      return round_nearest(x, dtype)
     return x.astype(dtype)
   if isinstance(x, np.ndarray):
-    return np.asarray(x, dtype).view(np.uint16)
+    return np.asarray(x, dtype).view(np.float16)
   if x.dtype != dtype:
     x = round_nearest(x, dtype)
-  return jax.lax.bitcast_convert_type(x, jnp.uint16)
+  return jax.lax.bitcast_convert_type(x, CARRIER)
 
 
 def to_logical(x, dtype):
   """Converts stored values to the logical `dtype`.
 
-  A 16-bit table takes a bitcast. Anything else is returned as is. numpy in
-  gives numpy out.
+  A bfloat16 table takes a bitcast. Anything else is returned as is. numpy
+  in gives numpy out.
 
   Args:
     x: stored values.
@@ -209,7 +227,7 @@ def to_logical(x, dtype):
     The values in the logical dtype.
   """
   dtype = jnp.dtype(dtype)
-  if storage_dtype(dtype) == dtype or x.dtype != jnp.uint16:
+  if storage_dtype(dtype) == dtype or x.dtype != CARRIER:
     return x
   if isinstance(x, np.ndarray):
     return x.view(dtype)
@@ -229,7 +247,7 @@ def rows_to_float32(x: jax.Array, dtype) -> jax.Array:
     float32 rows, of the shape of `x`.
   """
   dtype = jnp.dtype(dtype)
-  if dtype == jnp.bfloat16 and x.dtype == jnp.uint16:
-    u = x.astype(jnp.uint32) << 16
+  if dtype == jnp.bfloat16 and x.dtype == CARRIER:
+    u = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16
     return jax.lax.bitcast_convert_type(u, jnp.float32)
   return to_logical(x, dtype).astype(jnp.float32)

@@ -122,7 +122,7 @@ def get_table(engine, state: EmbeddingState, name: str,
   Returns:
     `[R, D]` in the table's logical dtype, or `[R]` float32 for a row-wise
     slot. A bfloat16 table comes back as bfloat16, though it is stored as
-    uint16 bit patterns.
+    its bit patterns in a float16 array.
 
   Raises:
     ValueError: if the table or the slot is unknown.

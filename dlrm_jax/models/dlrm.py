@@ -12,9 +12,10 @@ over arch sees only the output of a low-rank cross network on the flattened
 `[B, (N + 1) * D]` concatenation of the dense arch output and the N pooled
 embeddings; see `dlrm_jax.models.dcn`).
 
-The embedding tables are not part of this module: the embedding engine
-(`dlrm_jax.embedding`) looks up the pooled `[B, N, D]` embeddings and applies
-their sparse updates. The module holds the dense parameters only.
+`DLRM` holds the dense parameters only: it takes the pooled `[B, N, D]`
+embeddings. `DLRMModel` is the whole model, from ids to logits: a
+`SparseEmbed` (the sharded tables, `dlrm_jax.models.embed`) and `DLRM`
+(named 'arches'), the model that `dlrm_jax.train.Trainer` trains.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 
 from dlrm_jax.models import interaction
 from dlrm_jax.models.dcn import DCNSpec, LowRankCrossNet
+from dlrm_jax.models.embed import SparseEmbed
 from dlrm_jax.models.mlp import MLP, MLPSpec
 
 
@@ -175,3 +177,49 @@ class DLRM(nn.Module):
     logits = nn.Dense(1, dtype=self.dtype, name='output')(x)[:, 0]
     logits = logits.astype(jnp.float32)
     return {'logits': logits, 'probs': jax.nn.sigmoid(logits)}
+
+
+class DLRMModel(nn.Module):
+  """The whole DLRM, from packed ids to logits.
+
+  Parameters: `embed/sparse_state` (the tables and their optimizer slots,
+  see `SparseEmbed`) and `arches/...` (the dense arches of `DLRM`). A
+  `jax.grad` of the loss over them gives the dense gradients and the new
+  tables; `dlrm_jax.train.table_updates` applies both.
+
+  Attributes:
+    spec: the dense arches.
+    embed: the embedding tables. Its features give the N pooled `[B, D]`
+      inputs of the interaction, in their order.
+    dtype: the compute dtype of the arches (`DLRM.dtype`).
+  """
+
+  spec: DLRMSpec
+  embed: SparseEmbed
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self,
+      ids: jax.Array,
+      dense: jax.Array | None,
+      *,
+      train: bool,
+      step: jax.Array | int = 0,
+      resets: jax.Array | None = None,
+  ) -> dict[str, jax.Array]:
+    """Runs the model.
+
+    Args:
+      ids: `[B, T]` int32 packed ids, batch-sharded.
+      dense: `[B, F]` normalized dense inputs, or None without a dense group.
+      train: training mode (batch statistics, dropout).
+      step: the 0-based training step, for the table optimizers.
+      resets: `[B, T]` managed-collision rows to zero first, or None.
+
+    Returns:
+      A dict with `[B]` float32 'logits' and `[B]` float32 'probs'.
+    """
+    pooled = self.embed(ids, step=step, resets=resets)
+    return DLRM(self.spec, dtype=self.dtype, name='arches')(
+        dense, pooled, train=train)

@@ -200,7 +200,7 @@ class ServingModel:
       The probabilities, `[B]`.
     """
     sparse = self._sparse(params, ints, cat, present, self.transform.sparse)
-    out = self.trainer.model.apply(params['variables'], self._dense(ints),
+    out = self.trainer.arches.apply(params['variables'], self._dense(ints),
                                    sparse, train=False)
     return out['probs']
 
@@ -277,7 +277,7 @@ class ServingModel:
     for j, f in enumerate(cand_feats):
       per[f.name] = cand_emb[:, j]
     sparse = jnp.stack([per[f.name] for f in self.transform.sparse], axis=1)
-    out = self.trainer.model.apply(params['variables'], self._dense(ints),
+    out = self.trainer.arches.apply(params['variables'], self._dense(ints),
                                    sparse, train=False)
     return out['probs']
 

@@ -24,15 +24,17 @@ from dlrm_jax import parallel
 from dlrm_jax.config import build as config_lib
 from dlrm_jax.config import checks as config_checks
 from dlrm_jax.data import pipeline
-from dlrm_jax.embedding import EmbeddingEngine
 from dlrm_jax.embedding import rounding
+from dlrm_jax.embedding.lookup import STATE_KEY
 from dlrm_jax.embedding import specs as emb_specs
 from dlrm_jax.embedding.ids.host_state import HostState
 from dlrm_jax.embedding.sharding import planner as plan_lib
-from dlrm_jax.models import DLRM, MLPSpec
+from dlrm_jax.models import DLRM, DLRMModel, MLPSpec, SparseEmbed
+from dlrm_jax.models.embed import embedding_engine
 from dlrm_jax.train import checkpoint as ckpt_lib
 from dlrm_jax.train import metrics as metrics_lib
 from dlrm_jax.train import optimizers as dense_optimizers
+from dlrm_jax.train import table_updates
 
 
 @flax.struct.dataclass
@@ -41,10 +43,11 @@ class TrainState:
 
   Attributes:
     step: the number of steps taken.
-    params: the dense MLP parameters.
+    params: the dense parameters (the model's 'arches').
     batch_stats: the batch-norm running statistics. {} without batch norm.
     opt_state: the optax state of the dense parameters.
-    emb: the embedding stacks and their sparse optimizer state.
+    emb: the embedding stacks and their sparse optimizer state (the model's
+      'embed/sparse_state').
     rng: the key data of the dropout RNG. It is folded with the step.
   """
 
@@ -141,8 +144,9 @@ class Trainer:
   Attributes:
     spec: the run's RunSpec, built from the config by `config_lib.run_spec`.
     mesh: the device mesh.
-    engine: the embedding engine.
-    model: the Flax DLRM, its dense and over arches.
+    engine: the embedding engine of the model's `SparseEmbed`.
+    model: the Flax model, `DLRMModel`: ids to logits.
+    arches: its dense and over arches, `DLRM` (pooled embeddings to logits).
     tx: the dense optimizer.
     resets_rows: whether batches carry managed-collision row resets.
     needs_host_state: whether `predict` and `evaluate` need a run's
@@ -175,9 +179,13 @@ class Trainer:
     if plan is None:
       plan = make_plan(spec, spec.tables, self.mesh.shape['model'], n_dev,
                        spec.feature_specs)
-    self.engine = EmbeddingEngine(self.spec.tables, self.spec.feature_specs,
-                                  self.mesh, plan)
-    self.model = DLRM(self.spec.model, dtype=self.spec.compute_dtype)
+    embed = SparseEmbed(self.spec.tables, self.spec.feature_specs,
+                        self.mesh, plan)
+    self.engine = embedding_engine(self.spec.tables, self.spec.feature_specs,
+                                   self.mesh, plan)
+    self.arches = DLRM(self.spec.model, dtype=self.spec.compute_dtype)
+    self.model = DLRMModel(self.spec.model, embed,
+                           dtype=self.spec.compute_dtype)
     # Rows given to new managed-collision values are reset by the step.
     self.resets_rows = any(getattr(f, 'managed_collision', None)
                            for f in self.spec.transform.sparse)
@@ -231,8 +239,8 @@ class Trainer:
     m = self.spec.model
     dense = jnp.zeros((2, m.num_dense)) if m.num_dense else None
     sparse = jnp.zeros((2, m.num_sparse, m.embedding_dim))
-    variables = self.model.init({'params': key, 'dropout': key}, dense, sparse,
-                                train=False)
+    variables = self.arches.init({'params': key, 'dropout': key}, dense,
+                                 sparse, train=False)
     params = variables['params']
     return params, variables.get('batch_stats', {}), self.tx.init(params)
 
@@ -358,8 +366,8 @@ class Trainer:
     tables = {t.name: _shape_fields(t) for t in self.spec.tables}
     for t in self.spec.tables:
       if t.dtype in rounding.LOW_PRECISION:
-        # 16-bit tables are stored as uint16 bit patterns.
-        tables[t.name]['storage'] = 'uint16'
+        # 16-bit tables are stored in float16 arrays (rounding.CARRIER).
+        tables[t.name]['storage'] = 'float16'
     return {
         'model': model,
         'tables': tables,
@@ -406,51 +414,46 @@ class Trainer:
   # --------------------------------------------------------------------------
   # Steps.
 
-  def _apply_model(self, params, batch_stats, dense, sparse, *, train,
-                   rng=None):
-    variables = {'params': params}
+  def _variables(self, params, batch_stats, emb) -> dict[str, Any]:
+    """The model's variables, from the parts a TrainState keeps."""
+    variables = {'params': {'arches': params, 'embed': {STATE_KEY: emb}}}
     if self.has_bn:
-      variables['batch_stats'] = batch_stats
-    rngs = {'dropout': rng} if rng is not None else None
-    if train and self.has_bn:
-      out, updates = self.model.apply(variables, dense, sparse, train=True,
-                                      rngs=rngs, mutable=['batch_stats'])
-      return out, updates['batch_stats']
-    out = self.model.apply(variables, dense, sparse, train=train, rngs=rngs)
-    return out, batch_stats
+      variables['batch_stats'] = {'arches': batch_stats}
+    return variables
 
   def _train_step(self, state: TrainState, batch, acc):
-    if 'reset' in batch:  # rows given to new managed-collision values
-      state = state.replace(emb=self.engine.reset_rows(state.emb,
-                                                       batch['reset']))
-    emb, invalid = self.engine.lookup_stacked(state.emb['stacks'],
-                                              batch['ids'])
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
-    def loss_fn(params, emb):
+    def loss_fn(params):
       """The loss of a batch.
 
       Args:
-        params: the dense params.
-        emb: the looked-up embeddings.
+        params: the model's parameters: 'arches' (dense) and 'embed' (the
+          tables and slots, whose gradient is their new value).
 
       Returns:
-        The mean loss and the new batch stats.
+        The mean loss, and the new batch stats and the invalid-id count.
       """
-      out, new_bs = self._apply_model(params, state.batch_stats,
-                                      batch.get('dense'), emb, train=True,
-                                      rng=rng)
+      variables = self._variables(params['arches'], state.batch_stats,
+                                  params['embed'][STATE_KEY])
+      out, mutated = self.model.apply(
+          variables, batch['ids'], batch.get('dense'), train=True,
+          step=state.step, resets=batch.get('reset'), rngs={'dropout': rng},
+          mutable=['batch_stats', 'intermediates'])
       loss = optax.sigmoid_binary_cross_entropy(out['logits'],
                                                 batch['label']).mean()
-      return loss, new_bs
+      new_bs = (mutated['batch_stats']['arches'] if self.has_bn
+                else state.batch_stats)
+      invalid = mutated['intermediates']['embed']['invalid_ids'][0]
+      return loss, (new_bs, invalid)
 
-    (loss, new_bs), (g_params, g_emb) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True)(state.params, emb)
-    updates, opt_state = self.tx.update(g_params, state.opt_state,
-                                        state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_emb = self.engine.apply_gradients(state.emb, batch['ids'], g_emb,
-                                          state.step)
+    params = {'arches': state.params, 'embed': {STATE_KEY: state.emb}}
+    (loss, (new_bs, invalid)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(params)
+    dense_updates, opt_state = self.tx.update(
+        grads['arches'], state.opt_state, state.params)
+    params = table_updates.apply_updates(
+        params, {'arches': dense_updates, 'embed': grads['embed']})
     bad = ~jnp.isfinite(loss) & (acc['first_nonfinite'] < 0)
     acc = {
         'loss_sum': acc['loss_sum'] + loss,
@@ -459,15 +462,15 @@ class Trainer:
                                      acc['first_nonfinite']),
         'invalid_ids': acc['invalid_ids'] + invalid,
     }
-    new_state = state.replace(step=state.step + 1, params=params,
+    new_state = state.replace(step=state.step + 1, params=params['arches'],
                               batch_stats=new_bs, opt_state=opt_state,
-                              emb=new_emb)
+                              emb=params['embed'][STATE_KEY])
     return new_state, acc
 
   def _predict(self, state: TrainState, batch):
-    emb, _ = self.engine.lookup_stacked(state.emb['stacks'], batch['ids'])
-    out, _ = self._apply_model(state.params, state.batch_stats,
-                               batch.get('dense'), emb, train=False)
+    out = self.model.apply(
+        self._variables(state.params, state.batch_stats, state.emb),
+        batch['ids'], batch.get('dense'), train=False, step=state.step)
     return out['probs']
 
   def predict(self, state: TrainState, host_batch,

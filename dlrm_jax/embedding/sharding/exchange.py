@@ -232,7 +232,7 @@ def dedup_sum(idx: jax.Array, grads: jax.Array, fill: int
 def _read_rows(table: jax.Array, idx: jax.Array, dtype: str) -> jax.Array:
   """Gathers `[..., W]` float32 rows of a stored `[C, W]` table.
 
-  Rows >= C read as zero. 16-bit tables are stored as uint16, and only the
+  Rows >= C read as zero. 16-bit tables are stored in float16 arrays, and only the
   gathered rows are converted. See `rounding.storage_dtype`.
   """
   return rounding.rows_to_float32(
@@ -994,7 +994,7 @@ class StackExchange:
     bfloat16 and float16 tables are rounded stochastically. The bits hash the
     table, step, logical row and logical column. So every replica, plan and
     mesh draws the same bits for the same element. The rows are then kept as
-    uint16 patterns, by `rounding.to_storage`.
+    float16 carriers, by `rounding.to_storage`.
     """
     dtype = jnp.dtype(self.stack.dtype)
     if dtype == jnp.float32:
