@@ -228,11 +228,18 @@ def save_peer_file(sd: Mapping[str, np.ndarray], path: str, peer: str
     sd: the peer's state dict of numpy arrays.
     path: the file.
     peer: 'facebook' or 'torchrec'.
+
+  Raises:
+    ValueError: a facebookresearch torch file is asked for without torch.
   """
   if path.endswith('.npz') or peer != 'facebook':
     save_state_dict(sd, path)
-  else:
-    _torch().save(facebook_checkpoint(sd), path)
+    return
+  torch = _torch()
+  if torch is None:
+    raise ValueError(
+        f'{path}: writing torch files needs torch ({_TORCH_HINT}).')
+  torch.save(facebook_checkpoint(sd), path)
 
 
 # ----------------------------------------------------------------------------

@@ -288,19 +288,6 @@ class EmbeddingEngine:
         out_specs=(out_spec, P()))
     return fn(stacks, ids)
 
-  def lookup_stacked(self, stacks: dict[str, jax.Array], ids: jax.Array
-                     ) -> tuple[jax.Array, jax.Array]:
-    """Looks up pooled embeddings as one array, as `lookup(..., stacked=True)`.
-
-    Args:
-      stacks: the state's 'stacks'.
-      ids: `[B, T]` int32 packed ids, batch-sharded.
-
-    Returns:
-      The `[B, N, D]` float32 embeddings and the number of invalid ids.
-    """
-    return self.lookup(stacks, ids, stacked=True)
-
   def _each_stack(self, state: EmbeddingState, fn) -> EmbeddingState:
     """Maps `fn(stack, table, slots) -> (table, slots)` over the stacks.
 
