@@ -2,6 +2,7 @@
 
   python -m tools.step_memory                  # configs/criteo.py's default
   python -m tools.step_memory --rows=1000000   # every table 1e6 rows
+  python -m tools.step_memory --rows=1000000 --dtype=bfloat16
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
     python -m tools.step_memory --rows=1000000 --sharding=row_wise
 
@@ -55,10 +56,13 @@ def main(argv=None):
                       help='num_buckets of every table (default: the config)')
   parser.add_argument('--sharding', default=None)
   parser.add_argument('--optimizer', default=None)
+  parser.add_argument('--dtype', default=None,
+                      help='config.embedding.dtype (float32, bfloat16, ...)')
   parser.add_argument('--batch', type=int, default=2048)
   args = parser.parse_args(argv)
-  config = step_hlo.make_config(sharding=args.sharding,
-                                optimizer=args.optimizer)
+  config = step_hlo.make_config(
+      sharding=args.sharding, optimizer=args.optimizer,
+      overrides={'embedding.dtype': args.dtype} if args.dtype else None)
   if args.rows:
     for name in config.features:
       if 'num_buckets' in config.features[name]:
