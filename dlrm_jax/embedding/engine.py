@@ -9,6 +9,10 @@ over both axes (every device is a data-parallel replica of the MLPs). Stacks
 are split over 'model' and repeated over 'data' (replicated stacks are on
 every device).
 
+Models reach the engine through `lookup.sparse_lookup`, a custom_vjp whose
+backward pass is `apply_gradients`, and the Flax modules built on it
+(`dlrm_jax.models.embed.SparseEmbed`, linen and NNX).
+
 The engine holds the layout and the shardings and runs each stack's
 exchange (`exchange.StackExchange`, which combines one `SegmentExchange` per
 way its segments are served: `OwnedExchange`, all-to-all for table-wise,

@@ -2,6 +2,9 @@
 
   trainer        Trainer (model, embedding engine, optimizers, compiled
                  train/predict/eval steps), TrainState, make_plan
+  table_updates  optax with SparseEmbed: with_tables (dense transform,
+                 tables passed through), apply_updates (tables replaced),
+                 nnx_update
   loop           train_and_evaluate (resume, train, finish), StopRequest,
                  TrainingInterrupted, NonFiniteLossError, InvalidIdError
   checkpoint     Checkpointer (orbax, fingerprinted), BestCheckpointer
