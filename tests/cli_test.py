@@ -6,6 +6,7 @@ Every command is a real subprocess started in a temporary current directory
 that is not the checkout, with relative paths only.
 """
 
+import concurrent.futures
 import json
 import os
 import re
@@ -231,9 +232,13 @@ class OneLineErrorsTest(absltest.TestCase):
          'error: --mode=bogus: value should be one of'
          ' <train|eval|predict|export>'),
     ]
-    for args, want in cases:
+    # The mistakes are independent: their commands run side by side.
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+      outs = list(pool.map(
+          lambda c: run(['-m', 'dlrm_jax.main', *c[0]], cwd, timeout=120),
+          cases))
+    for (args, want), out in zip(cases, outs):
       with self.subTest(' '.join(args)):
-        out = run(['-m', 'dlrm_jax.main', *args], cwd, timeout=120)
         self.assertEqual(out.returncode, 1, out.stderr[-2000:])
         self.assertEqual(out.stderr.strip(), want)
         self.assertEqual(out.stdout, '')

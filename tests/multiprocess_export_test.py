@@ -17,8 +17,8 @@ from dlrm_jax import convert
 from dlrm_jax.embedding import table_access
 from dlrm_jax.serving import runtime as export_runtime
 from dlrm_jax.serving import tables as export_tables
-from dlrm_jax.serving import offline as inference
 from dlrm_jax.serving import export as serving
+from dlrm_jax.train import checkpoint as ckpt_lib
 from dlrm_jax.train import trainer as trainer_lib
 from tests import export_tables_test
 from tests import reference
@@ -52,11 +52,16 @@ class MultiProcessExportTest(parameterized.TestCase):
         cwd=_ROOT, env=env, capture_output=True, text=True, timeout=600,
         check=False)
     self.assertEqual(out.returncode, 0, out.stderr[-3000:])
-    model = inference.load(config, workdir)
+    # The model restored in one process, on the 4 devices it was saved from
+    # (the same values as on any other mesh; checkpoint_test moves them).
+    ckpt = ckpt_lib.Checkpointer(workdir, create=False)
+    host = trainer.new_host_state()
+    state, _ = trainer.restore(ckpt, ckpt.latest_step(), host=host)
+    ckpt.close()
     # Every table on disk is the logical table, rows from both processes.
-    for t in model.trainer.spec.tables:
+    for t in trainer.spec.tables:
       want = export_tables.quantize_rows(
-          table_access.get_table(model.trainer.engine, model.state.emb, t.name),
+          table_access.get_table(trainer.engine, state.emb, t.name),
           quantize)
       names = export_tables.file_names(t.name, quantize)
       if quantize is None:
@@ -65,8 +70,8 @@ class MultiProcessExportTest(parameterized.TestCase):
         np.testing.assert_array_equal(np.load(os.path.join(export_dir, rel)),
                                       want[k], err_msg=rel)
     inputs = export_tables_test.random_inputs(128, seed=4)
-    want = serving.ServingModel(model.trainer, model.state,
-                                id_tables=model.id_tables(),
+    want = serving.ServingModel(trainer, state,
+                                id_tables=host.export_id_tables(),
                                 quantize=quantize)(inputs)
     got = export_runtime.load_export(export_dir).scores(
         inputs['int'], inputs['cat'], inputs['cat_present'])

@@ -4,8 +4,8 @@ shrunk to run here, `--mode=predict`, the export loaded by `export_runtime`,
 
 Each variant keeps what makes it itself (features and their normalizers,
 rare-id admission, multi-hot bags, DCN, optimizers); only table sizes,
-batch sizes and steps are cut. Training reads the real Criteo sample; the
-scored rows are another real sample. The reference is `--mode=predict`'s
+widths (of the 128-wide variants), batch sizes and steps are cut. Training
+reads the real Criteo sample; the scored rows are another real sample. The reference is `--mode=predict`'s
 output (`inference.predict`, seven decimals).
 """
 
@@ -33,15 +33,32 @@ from tests import shared_data
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ROWS = 96  # scored rows
 _MAX_ROWS = 1000  # table rows kept
+_WIDTH = 16  # the embedding dim of the narrowed wide variants
 
 
 def shrunk(variant: str, train_path: str):
-  """The variant's config with small tables, batches and runs."""
+  """The variant's config with small tables, batches and runs.
+
+  The 128-wide variants (mlperf_dcnv2, tzrec_criteo, torchrec_criteo) are
+  narrowed by one factor everywhere, to the width of the others (16): the
+  embedding dim, every MLP layer and the DCN rank. Layer counts, the
+  interaction, bags, dtypes and optimizers stay; the dense MLP still ends at
+  the embedding dim.
+  """
   config = criteo_config.get_config(variant)
+  dims = [f.embedding_dim for f in config.features.values()
+          if f.get('embedding_dim')]
+  factor = max(1, max(dims) // _WIDTH)
+  narrow = lambda n: max(1, n // factor)
   for f in config.features.values():
     for field in ('num_buckets', 'hash_bucket_size'):
       if f.get(field):
         f[field] = min(f[field], _MAX_ROWS)
+    if f.get('embedding_dim'):
+      f.embedding_dim = narrow(f.embedding_dim)
+  for mlp in (config.model.dense_mlp, config.model.final):
+    mlp.hidden_units = [narrow(n) for n in mlp.hidden_units]
+  config.model.dcn.rank = narrow(config.model.dcn.rank)
   config.data.train_path = train_path
   config.batch_size, config.eval_batch_size = 64, 256
   config.num_train_steps = 12
