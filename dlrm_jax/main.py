@@ -100,6 +100,12 @@ _LIBRARY_LOGS = flags.DEFINE_bool(
     " dlrm_jax's own INFO lines and everyone's warnings are shown.")
 
 
+# The package's own folder. A path test on '/dlrm_jax/' alone would also let
+# through every library of a virtual environment made inside a clone named
+# dlrm_jax (the README's set-up: `.venv` in the checkout).
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
 class _OwnInfoOnly(std_logging.Filter):
   """Keeps warnings and errors, and INFO lines from dlrm_jax itself."""
 
@@ -115,7 +121,7 @@ class _OwnInfoOnly(std_logging.Filter):
     Returns:
       True for warnings, errors and dlrm_jax's own lines.
     """
-    own = f'{os.sep}dlrm_jax{os.sep}' in record.pathname
+    own = os.path.abspath(record.pathname).startswith(_PACKAGE_DIR)
     if not own and record.exc_info:
       # A library's traceback (orbax logs one per failed save): its line
       # stays; dlrm_jax's own error says what failed and where.

@@ -5,8 +5,9 @@ shrunk to run here, `--mode=predict`, the export loaded by `export_runtime`,
 Each variant keeps what makes it itself (features and their normalizers,
 rare-id admission, multi-hot bags, DCN, optimizers); only table sizes,
 widths (of the 128-wide variants), batch sizes and steps are cut. Training
-reads the real Criteo sample; the scored rows are another real sample. The reference is `--mode=predict`'s
-output (`inference.predict`, seven decimals).
+reads the real Criteo sample; the scored rows are another real sample. The
+reference is `--mode=predict`'s output (`inference.predict`, seven
+decimals).
 """
 
 import asyncio
