@@ -280,12 +280,9 @@ class KilledRunTest(absltest.TestCase):
     summary = json.load(open(os.path.join(workdir, 'summary.json')))
     self.assertEqual(summary['step'], 400)
 
-    # The straight run: in this process, on one device as the command line's
-    # runs above (the batches do not depend on the mesh; one device keeps
-    # the 400 steps quick).
     straight = self.create_tempdir().full_path
     config = tiny_config(**overrides)
-    train_loop.train_and_evaluate(config, straight, shared_trainer())
+    train_loop.train_and_evaluate(config, straight)
 
     def digests(d):  # step -> digest; a replayed step's last record wins
       rows = [json.loads(l) for l in open(os.path.join(d, 'batches.jsonl'))]

@@ -434,7 +434,7 @@ def make_app(batcher: Batcher, *, max_request_rows: int = 4096,
   app.on_startup.append(on_startup)
   app.on_shutdown.append(on_shutdown)
   app.on_cleanup.append(on_cleanup)
-  app[web.AppKey('state', dict)] = state
+  app['state'] = state
   return app
 
 
