@@ -162,8 +162,8 @@ class EmbeddingEngine:
     """Describes the state without allocating it.
 
     bfloat16 and float16 tables are stored in float16 arrays (bfloat16 as its
-    bit patterns), as in `rounding.storage_dtype`. `table_access.get_table` gives their logical
-    values. Optimizer slots are float32.
+    bit patterns), as in `rounding.storage_dtype`. `table_access.get_table`
+    gives their logical values. Optimizer slots are float32.
 
     Returns:
       A tree like the state, of ShapeDtypeStructs with shardings.

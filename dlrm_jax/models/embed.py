@@ -55,11 +55,9 @@ def _cached_engine(tables, features, mesh, plan_key) -> EmbeddingEngine:
         overrides = {t.name: plan_key for t in tables}
     else:
       overrides = dict(plan_key[1])
-    lookups = {}
-    for f in features:
-      lookups[f.table] = lookups.get(f.table, 0) + f.max_ids
     plan = plan_lib.auto_plan(tables, int(mesh.shape['model']),
-                              overrides=overrides, lookups=lookups)
+                              overrides=overrides,
+                              lookups=plan_lib.lookups_per_table(features))
   return EmbeddingEngine(tables, features, mesh, plan)
 
 
@@ -83,6 +81,42 @@ def embedding_engine(tables: Sequence[TableSpec],
     ValueError: if the specs or the plan are invalid for the mesh.
   """
   return _cached_engine(tuple(tables), tuple(features), mesh, _plan_key(plan))
+
+
+def check_output(output: str) -> None:
+  """Refuses an unknown `output` of a SparseEmbed, naming it."""
+  if output not in OUTPUTS:
+    raise ValueError(f'output ({output!r}) must be one of {list(OUTPUTS)}.')
+
+
+def pooled_lookup(engine: EmbeddingEngine, state, ids: jax.Array, step,
+                  resets, output: str) -> tuple[Any, jax.Array]:
+  """The lookup of both modules: checks `ids`, looks up, names the features.
+
+  Args:
+    engine: the module's engine.
+    state: its tables and slots.
+    ids: `[B, T]` int32 packed ids.
+    step: the 0-based training step.
+    resets: `[B, T]` rows to zero first, or None.
+    output: 'stacked' or 'features'.
+
+  Returns:
+    The pooled embeddings in the `output` form, and the invalid-id count.
+
+  Raises:
+    ValueError: if `ids` is not `[B, T]`.
+  """
+  if ids.ndim != 2 or ids.shape[1] != engine.num_id_columns:
+    raise ValueError(
+        f'ids have shape {ids.shape}, expected [B, {engine.num_id_columns}]'
+        ' (each feature takes max_ids columns).')
+  stacked = output == 'stacked'
+  pooled, invalid = lookup_lib.sparse_lookup(engine, state, ids, step, resets,
+                                             stacked=stacked)
+  if not stacked:
+    pooled = {f.name: x for f, x in zip(engine.features, pooled)}
+  return pooled, invalid
 
 
 class SparseEmbed(nn.Module):
@@ -135,19 +169,10 @@ class SparseEmbed(nn.Module):
       ValueError: if `output` is unknown, or 'stacked' with features of
         different dims, or `ids` is not `[B, T]`.
     """
-    if self.output not in OUTPUTS:
-      raise ValueError(
-          f'output ({self.output!r}) must be one of {list(OUTPUTS)}.')
+    check_output(self.output)
     engine = self.engine
-    if ids.ndim != 2 or ids.shape[1] != engine.num_id_columns:
-      raise ValueError(
-          f'ids have shape {ids.shape}, expected [B, {engine.num_id_columns}]'
-          ' (each feature takes max_ids columns).')
     state = self.param(lookup_lib.STATE_KEY, lambda key: engine.init(key))
-    stacked = self.output == 'stacked'
-    pooled, invalid = lookup_lib.sparse_lookup(engine, state, ids, step,
-                                               resets, stacked=stacked)
+    pooled, invalid = pooled_lookup(engine, state, ids, step, resets,
+                                    self.output)
     self.sow('intermediates', 'invalid_ids', invalid)
-    if stacked:
-      return pooled
-    return {f.name: x for f, x in zip(engine.features, pooled)}
+    return pooled

@@ -49,9 +49,7 @@ class SparseEmbed(nnx.Module):
   def __init__(self, tables: Sequence[TableSpec],
                features: Sequence[FeatureSpec], mesh: Mesh, plan: Any = None,
                *, output: str = 'stacked', rngs: nnx.Rngs):
-    if output not in linen_embed.OUTPUTS:
-      raise ValueError(
-          f'output ({output!r}) must be one of {list(linen_embed.OUTPUTS)}.')
+    linen_embed.check_output(output)
     self.engine: EmbeddingEngine = linen_embed.embedding_engine(
         tables, features, mesh, plan)
     self.output = output
@@ -98,15 +96,7 @@ class SparseEmbed(nnx.Module):
     Raises:
       ValueError: if `ids` is not `[B, T]`.
     """
-    engine = self.engine
-    if ids.ndim != 2 or ids.shape[1] != engine.num_id_columns:
-      raise ValueError(
-          f'ids have shape {ids.shape}, expected [B, {engine.num_id_columns}]'
-          ' (each feature takes max_ids columns).')
-    stacked = self.output == 'stacked'
-    pooled, invalid = lookup_lib.sparse_lookup(
-        engine, self.state, ids, step, resets, stacked=stacked)
+    pooled, invalid = linen_embed.pooled_lookup(self.engine, self.state, ids,
+                                                step, resets, self.output)
     self.invalid_ids.set_value(invalid)
-    if stacked:
-      return pooled
-    return {f.name: x for f, x in zip(engine.features, pooled)}
+    return pooled

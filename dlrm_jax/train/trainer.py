@@ -30,7 +30,6 @@ from dlrm_jax.embedding import specs as emb_specs
 from dlrm_jax.embedding.ids.host_state import HostState
 from dlrm_jax.embedding.sharding import planner as plan_lib
 from dlrm_jax.models import DLRM, DLRMModel, MLPSpec, SparseEmbed
-from dlrm_jax.models.embed import embedding_engine
 from dlrm_jax.train import checkpoint as ckpt_lib
 from dlrm_jax.train import metrics as metrics_lib
 from dlrm_jax.train import optimizers as dense_optimizers
@@ -120,19 +119,11 @@ def make_plan(spec, tables, num_shards: int,
   return plan_lib.auto_plan(
       tables, num_shards, overrides=overrides,
       replicate_bytes=request.replicate_bytes,
-      lookups=_lookups_per_table(features) or None,
+      lookups=plan_lib.lookups_per_table(features) or None,
       row_group_size=request.row_group_size,
       batch_per_device=(spec.loop.batch_size // num_devices if num_devices
                         else None),
       device_memory_bytes=None if budget is None else int(budget * 2**30))
-
-
-def _lookups_per_table(features) -> dict[str, int]:
-  """Table name -> ids per example read from it (over its features)."""
-  out: dict[str, int] = {}
-  for f in features:
-    out[f.table] = out.get(f.table, 0) + f.max_ids
-  return out
 
 
 class Trainer:
@@ -181,8 +172,7 @@ class Trainer:
                        spec.feature_specs)
     embed = SparseEmbed(self.spec.tables, self.spec.feature_specs,
                         self.mesh, plan)
-    self.engine = embedding_engine(self.spec.tables, self.spec.feature_specs,
-                                   self.mesh, plan)
+    self.engine = embed.engine
     self.arches = DLRM(self.spec.model, dtype=self.spec.compute_dtype)
     self.model = DLRMModel(self.spec.model, embed,
                            dtype=self.spec.compute_dtype)

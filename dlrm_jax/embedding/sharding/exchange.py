@@ -232,8 +232,8 @@ def dedup_sum(idx: jax.Array, grads: jax.Array, fill: int
 def _read_rows(table: jax.Array, idx: jax.Array, dtype: str) -> jax.Array:
   """Gathers `[..., W]` float32 rows of a stored `[C, W]` table.
 
-  Rows >= C read as zero. 16-bit tables are stored in float16 arrays, and only the
-  gathered rows are converted. See `rounding.storage_dtype`.
+  Rows >= C read as zero. 16-bit tables are stored in float16 arrays, and
+  only the gathered rows are converted. See `rounding.storage_dtype`.
   """
   return rounding.rows_to_float32(
       table.at[idx].get(mode='fill', fill_value=0), dtype)

@@ -193,6 +193,22 @@ def validate_plan(plan: Plan, tables: Sequence[TableSpec]) -> None:
     raise ValueError(f'the sharding plan does not place tables {sorted(missing)}.')
 
 
+def lookups_per_table(features: Sequence[FeatureSpec]) -> dict[str, int]:
+  """Table name -> ids per example read from it, over its features.
+
+  Args:
+    features: the feature specs.
+
+  Returns:
+    The ids per example of each table that a feature reads; `auto_plan`'s
+    `lookups`.
+  """
+  out: dict[str, int] = {}
+  for f in features:
+    out[f.table] = out.get(f.table, 0) + f.max_ids
+  return out
+
+
 def auto_plan(
     tables: Sequence[TableSpec],
     num_shards: int,

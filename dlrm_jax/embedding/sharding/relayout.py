@@ -79,8 +79,8 @@ def relayout(new_stacks: Sequence[plan_lib.Stack], num_shards: int,
   Every overlap in rows and columns of an old piece and a new piece of the
   same table is copied with static slices. So the compiler moves only those
   blocks between devices. Tables are moved in their stored form, which is
-  float16 arrays for 16-bit tables (bfloat16 as its bit patterns). A table whose dtype changed is
-  rounded to nearest into the new one.
+  float16 arrays for 16-bit tables (bfloat16 as its bit patterns). A table
+  whose dtype changed is rounded to nearest into the new one.
 
   Args:
     new_stacks: the new layout.
