@@ -84,6 +84,21 @@ def _features(embedding_dim, num_buckets, normalizer):
   return features
 
 
+def table_config(label='label', label_rule=''):
+  """`config.data.table`: the layout of a tabular source (source 'table')."""
+  return config_dict.ConfigDict(dict(
+      format='auto',        # csv, tsv, parquet or auto (by file name)
+      delimiter='',         # text field separator; '': the format's own
+      header=True,          # text files start with the column names
+      columns=[],           # column names of text without a header
+      encoding='utf8',      # text encoding, e.g. latin-1
+      quote_char='"',       # text quote character; '': none
+      label=label,          # the label column ('' for unlabeled data)
+      label_rule=label_rule,  # '': 0/1 labels; e.g. '>= 4': 1 where it holds
+      side_tables=config_dict.ConfigDict(),  # name -> dict(path, key, join_on, format fields)
+  ))
+
+
 def _table_overrides():
   """Per-table overrides, unset (None), for the tables cat_0..cat_25, so
   that `--config.embedding.tables.cat_3.dtype=bfloat16` works; tables of
@@ -95,7 +110,8 @@ def _table_overrides():
   )) for i in range(NUM_CAT)})
 
 
-def _mlp(hidden_units):
+def mlp(hidden_units):
+  """An MLP group of `hidden_units`, with the fields every MLP takes."""
   return config_dict.ConfigDict(dict(
       hidden_units=list(hidden_units),  # layer widths
       activation='relu',   # relu, gelu, silu, sigmoid, tanh, none, ...
@@ -144,8 +160,8 @@ def _small_data(config):
   """Settings for a few thousand real rows (benchmarks/quality.py; chosen on
   its validation part). Each counters a way a DLRM overfits small data."""
   config.features = _features(8, KAGGLE_NUM_BUCKETS, 'log(x+1)')  # small dim: fewer free parameters per id
-  config.model.dense_mlp = _mlp([64, 8])          # last = embedding dim
-  config.model.final = _mlp([64, 32])
+  config.model.dense_mlp = mlp([64, 8])          # last = embedding dim
+  config.model.final = mlp([64, 32])
   config.model.final.dropout_ratio = 0.2          # dropout in the over arch
   config.model.arch_with_sparse = False           # over arch sees the interaction only (reference DLRM)
   config.embedding.optimizer.kind = 'adagrad'     # exact Adagrad (FBGEMM)
@@ -182,7 +198,7 @@ def get_config(arg=None):
 
   # ----- Data ---------------------------------------------------------------
   config.data = config_dict.ConfigDict()
-  config.data.source = 'auto'        # auto, synthetic, criteo_tsv, binary, tfds
+  config.data.source = 'auto'        # auto, synthetic, criteo_tsv, binary, tfds, table
                                      # (auto: criteo_tsv if train_path, else synthetic)
   config.data.train_path = ''        # criteo_tsv: file, glob, comma list or list
   config.data.eval_path = ''         # criteo_tsv: same; empty: eval_fraction split
@@ -205,6 +221,7 @@ def get_config(arg=None):
   config.data.multi_hot.enabled = False  # MLPerf DLRM-DCNv2 synthetic bags
   config.data.multi_hot.hotness = list(MLPERF_HOTNESS)  # bag size per id feature
   config.data.multi_hot.distribution = 'uniform'  # extra ids: uniform or pareto
+  config.data.table = table_config()  # source 'table': see configs/avazu.py
   config.data.synthetic = config_dict.ConfigDict()
   config.data.synthetic.num_train = 3_000_000  # rows in the synthetic train split
   config.data.synthetic.num_eval = 100_000     # rows in the synthetic eval split
@@ -221,8 +238,8 @@ def get_config(arg=None):
       dense=[f'int_{i}' for i in range(NUM_INT)],   # optional dense group
       sparse=[f'cat_{i}' for i in range(NUM_CAT)],  # required sparse group
   ))
-  config.model.dense_mlp = _mlp([64, 16])    # dense arch; last = embedding dim
-  config.model.final = _mlp([64, 32])        # over arch
+  config.model.dense_mlp = mlp([64, 16])    # dense arch; last = embedding dim
+  config.model.final = mlp([64, 32])        # over arch
   config.model.arch_with_sparse = True       # feed sparse embeddings to final
   config.model.interaction_self = False      # include the diagonal
   config.model.compute_dtype = 'float32'     # MLP and cross-net compute: float32
@@ -304,8 +321,8 @@ def get_config(arg=None):
 
   if variant == 'terabyte':
     config.features = _features(16, TERABYTE_NUM_BUCKETS, 'log(x+3)')
-    config.model.dense_mlp = _mlp([64, 16])
-    config.model.final = _mlp([64, 32])
+    config.model.dense_mlp = mlp([64, 16])
+    config.model.final = mlp([64, 32])
     config.embedding.optimizer.kind = 'adagrad'
     config.embedding.optimizer.schedule = _schedule(0.001)
     config.optimizer.kind = 'adam'
@@ -321,8 +338,8 @@ def get_config(arg=None):
     # TorchEasyRec's benchmark `dlrm.config` (as summarized in issue 11):
     # expected AUC 0.796 on Criteo 1TB.
     config.features = _features(128, TERABYTE_NUM_BUCKETS, 'log(x+3)')  # dim 128
-    config.model.dense_mlp = _mlp([512, 256, 128])          # dense MLP 512-256-128
-    config.model.final = _mlp([1024, 1024, 512, 256])       # final 1024-1024-512-256
+    config.model.dense_mlp = mlp([512, 256, 128])          # dense MLP 512-256-128
+    config.model.final = mlp([1024, 1024, 512, 256])       # final 1024-1024-512-256
     config.model.arch_with_sparse = False                   # arch_with_sparse: false
     config.embedding.optimizer.kind = 'adagrad'             # Adagrad for tables,
     config.embedding.optimizer.schedule = _schedule(0.006)  # lr 0.006
@@ -344,8 +361,8 @@ def get_config(arg=None):
     # optimizer.kind = 'exact_adagrad',
     # and a smaller learning rate for it).
     config.features = _features(128, TERABYTE_NUM_BUCKETS, 'log(x+3)')  # 40M-capped tables, as --num_embeddings_per_feature
-    config.model.dense_mlp = _mlp([512, 256, 128])          # dense_arch_layer_sizes
-    config.model.final = _mlp([1024, 1024, 512, 256])       # over_arch_layer_sizes (+ the logit)
+    config.model.dense_mlp = mlp([512, 256, 128])          # dense_arch_layer_sizes
+    config.model.final = mlp([1024, 1024, 512, 256])       # over_arch_layer_sizes (+ the logit)
     config.model.arch_with_sparse = False                   # TorchRec's over arch sees the interaction only
     config.model.interaction_self = False                   # InteractionArch: pairs i < j
     config.embedding.optimizer.kind = 'sgd'                 # default optimizer: SGD
@@ -364,8 +381,8 @@ def get_config(arg=None):
     _small_data(config)
   elif variant == 'tiny':
     config.features = _features(8, (101,) * NUM_CAT, 'log(x+1)')
-    config.model.dense_mlp = _mlp([16, 8])
-    config.model.final = _mlp([16])
+    config.model.dense_mlp = mlp([16, 8])
+    config.model.final = mlp([16])
     _tiny_loop(config)
   elif variant in ('mlperf_dcnv2', 'mlperf_dcnv2_tiny'):
     _mlperf_dcnv2(config, tiny=variant == 'mlperf_dcnv2_tiny')
@@ -386,17 +403,17 @@ def _mlperf_dcnv2(config, tiny: bool):
     # inputs log(x + 3) as TorchRec's Criteo preprocessing (which maps
     # negatives through the same log; we clamp them to 0 first).
     config.features = _features(128, TERABYTE_NUM_BUCKETS, 'log(x+3)')
-    config.model.dense_mlp = _mlp([512, 256, 128])  # [ref] --dense_arch_layer_sizes
+    config.model.dense_mlp = mlp([512, 256, 128])  # [ref] --dense_arch_layer_sizes
     # [ref] --over_arch_layer_sizes 1024,1024,512,256,1: ReLU layers, then
     # the model's own linear output layer (the final 1).
-    config.model.final = _mlp([1024, 1024, 512, 256])
+    config.model.final = mlp([1024, 1024, 512, 256])
     config.model.dcn.num_layers = 3    # [ref] --dcn_num_layers=3
     config.model.dcn.rank = 512        # [ref] --dcn_low_rank_dim=512
     lr = 0.005                         # [ref] --learning_rate 0.005
   else:
     config.features = _features(8, (101,) * NUM_CAT, 'log(x+3)')
-    config.model.dense_mlp = _mlp([16, 8])
-    config.model.final = _mlp([32, 16])
+    config.model.dense_mlp = mlp([16, 8])
+    config.model.final = mlp([32, 16])
     config.model.dcn.num_layers = 2
     config.model.dcn.rank = 4
     lr = 0.05                          # 40 steps must learn something

@@ -29,6 +29,7 @@ from dlrm_jax.config.spec import (DataSpec, DenseOptimizerSpec, LoopSpec,
                                   ShardingRequest)
 from dlrm_jax.data import binary
 from dlrm_jax.data import features as features_lib
+from dlrm_jax.data import table as table_lib
 from dlrm_jax.data import synthetic as synthetic_lib
 from dlrm_jax.embedding import specs as emb_specs
 from dlrm_jax.embedding.ids import admission as admission_lib
@@ -84,6 +85,14 @@ def build_feature(name: str, cfg: Mapping[str, Any]) -> features_lib.Feature:
   """
   checks.check_feature(name, cfg)
   kind = cfg['type']
+  if kind == 'combo':
+    return features_lib.ComboFeature(
+        name=name, inputs=tuple(cfg['inputs']),
+        embedding_dim=cfg['embedding_dim'],
+        num_buckets=cfg.get('num_buckets'),
+        hash_bucket_size=cfg.get('hash_bucket_size'),
+        embedding_name=cfg.get('embedding_name'),
+        value_dtype=cfg.get('value_dtype'))
   common = dict(name=name, input=cfg.get('input') or name,
                 embedding_name=cfg.get('embedding_name'))
   if kind == 'raw':
@@ -94,14 +103,22 @@ def build_feature(name: str, cfg: Mapping[str, Any]) -> features_lib.Feature:
             float(b) for b in boundaries),
         embedding_dim=cfg.get('embedding_dim'), **common)
   num_buckets, hash_bucket_size, policy = _id_rows(cfg)
+  if cfg.get('vocab_list'):
+    num_buckets = hash_bucket_size = None
   common.update(embedding_dim=cfg['embedding_dim'], num_buckets=num_buckets,
                 hash_bucket_size=hash_bucket_size)
   if kind == 'sequence_id':
     return features_lib.SequenceIdFeature(
         sequence_length=int(cfg.get('sequence_length') or 1), **common)
+  flags = cfg.get('flag_columns')
+  vocab = cfg.get('vocab_list')
   return features_lib.IdFeature(
       max_ids=cfg.get('max_ids', 1), combiner=cfg.get('combiner') or 'sum',
-      managed_collision=policy, **common)
+      managed_collision=policy, value_dtype=cfg.get('value_dtype'),
+      separator=cfg.get('separator'),
+      vocab_list=tuple(vocab) if vocab else None,
+      default_bucketize_value=int(cfg.get('default_bucketize_value') or 0),
+      flag_columns=tuple(flags) if flags else None, **common)
 
 
 def _id_rows(cfg: Mapping[str, Any]
@@ -371,7 +388,64 @@ def _data_source(d) -> str:
   return source
 
 
-def build_data(config) -> DataSpec:
+_TABLE_FORMAT_FIELDS = ('format', 'delimiter', 'header', 'columns',
+                        'encoding', 'quote_char')
+
+
+def _table_format(cfg: Mapping[str, Any], path: str) -> table_lib.TableFormat:
+  """A `TableFormat` of `config.data.table` or of a side table."""
+  fmt = cfg.get('format', 'auto')
+  checks.check_one_of(fmt, table_lib.FORMATS, f'{path}.format')
+  return table_lib.TableFormat(
+      format=fmt, delimiter=cfg.get('delimiter') or '',
+      header=bool(cfg.get('header', True)),
+      columns=tuple(cfg.get('columns') or ()),
+      encoding=cfg.get('encoding') or 'utf8',
+      quote_char=cfg.get('quote_char', '"') or '')
+
+
+def build_table(config, features) -> table_lib.TableSpec:
+  """`config.data.table`: what the tabular source reads.
+
+  Args:
+    config: the config.
+    features: the features of the model's groups.
+
+  Returns:
+    The table's spec.
+
+  Raises:
+    ValueError: naming the field of `config.data.table` that breaks a rule.
+  """
+  t = _to_dict(config.data.get('table') or {})
+  path = 'config.data.table'
+  checks.check_fields(t, _TABLE_FORMAT_FIELDS + (
+      'label', 'label_rule', 'side_tables'), path)
+  label = table_lib.LabelRule(t['label'], t.get('label_rule') or '') if (
+      t.get('label')) else None
+  if label is not None:
+    label.parse()
+  sides = []
+  for name, side in (t.get('side_tables') or {}).items():
+    side = _to_dict(side)
+    side_path = f'{path}.side_tables.{name}'
+    checks.check_fields(side, _TABLE_FORMAT_FIELDS + (
+        'path', 'key', 'join_on'), side_path)
+    for field in ('path', 'key'):
+      if not side.get(field):
+        raise ValueError(f'{side_path}.{field} is empty.')
+    file_path = os.path.abspath(os.path.expanduser(side['path']))
+    if not os.path.isfile(file_path):
+      raise ValueError(
+          f'{side_path}.path: the file {file_path} does not exist.')
+    sides.append(table_lib.SideTable(
+        name, file_path, side['key'], side.get('join_on') or side['key'],
+        _table_format(side, side_path)))
+  return table_lib.TableSpec(_table_format(t, path), label,
+                             table_lib.column_reads(features), tuple(sides))
+
+
+def build_data(config, features=()) -> DataSpec:
   """`config.data`, its source resolved.
 
   Args:
@@ -392,6 +466,7 @@ def build_data(config) -> DataSpec:
       DataSpec, d, source=source, train_path=_paths(d.train_path),
       eval_path=_paths(d.eval_path), multi_hot=bool(d.multi_hot.enabled),
       multi_hot_distribution=d.multi_hot.distribution,
+      table=build_table(config, features) if source == 'table' else None,
       synthetic=(_copy(synthetic_lib.SyntheticSpec, d.synthetic,
                        seed=config.seed)
                  if source == 'synthetic' else None))
@@ -469,7 +544,8 @@ def build(config) -> RunSpec:
       sharding=build_sharding_request(config, [t.name for t in model.tables]),
       mesh=build_mesh(config),
       dense_optimizer=build_dense_optimizer_spec(config.optimizer),
-      data=build_data(config), loop=build_loop(config),
+      data=build_data(config, model.transform.dense + model.transform.sparse),
+      loop=build_loop(config),
       admission=build_admission(config.admission, model.transform),
       config_json=config.to_json_best_effort())
 

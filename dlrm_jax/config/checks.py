@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from absl import flags
@@ -56,9 +57,9 @@ from dlrm_jax.train import early_stopping
 from dlrm_jax.train import optimizers as dense_optimizers
 from dlrm_jax.train import schedules
 
-FEATURE_TYPES = ('raw', 'id', 'sequence_id')
+FEATURE_TYPES = ('raw', 'id', 'combo', 'sequence_id')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
-DATA_SOURCES = ('auto', 'synthetic', 'criteo_tsv', 'binary', 'tfds')
+DATA_SOURCES = ('auto', 'synthetic', 'criteo_tsv', 'binary', 'tfds', 'table')
 DENSE_OPTIMIZERS = tuple(dense_optimizers.KINDS)
 MC_POLICIES = ('lru', 'lfu')
 TABLE_FIELDS = ('initializer', 'init_scale', 'dtype', 'optimizer')
@@ -204,6 +205,9 @@ def _check_one_of(value, choices: Sequence[Any], path: str) -> None:
     raise ValueError(f'{path} ({value!r}) must be one of {list(choices)}.')
 
 
+check_one_of = _check_one_of
+
+
 # ----- Features and model -----------------------------------------------------
 
 
@@ -221,9 +225,24 @@ def check_feature(name: str, cfg: Mapping[str, Any]) -> None:
   path = f'config.features.{name}'
   kind = cfg.get('type')
   _check_one_of(kind, FEATURE_TYPES, f'{path}.type')
-  column = cfg.get('input') or name
-  col_kind, _ = features_lib.parse_input(column, path=f'{path}.input')
   fields = set(cfg) - {'type', 'input'}
+  if kind == 'combo':
+    check_fields(fields, {'inputs', 'embedding_dim', 'num_buckets',
+                          'hash_bucket_size', 'embedding_name',
+                          'value_dtype'}, path, 'a combo feature')
+    inputs = cfg.get('inputs')
+    if isinstance(inputs, str) or not inputs or len(inputs) < 2 or not all(
+        isinstance(c, str) and c for c in inputs):
+      raise ValueError(
+          f'{path}.inputs ({inputs!r}) must list two or more columns.')
+    check_positive_int(cfg.get('embedding_dim'), f'{path}.embedding_dim')
+    _check_value_dtype(cfg, path)
+    _check_id_rows(path, cfg)
+    return
+  column = cfg.get('input') or name
+  if not isinstance(column, str):
+    raise ValueError(f'{path}.input ({column!r}) must name a column.')
+  col_kind = _column_kind(column)
   if kind == 'raw':
     check_fields(fields, {'normalizer', 'boundaries', 'embedding_dim',
                           'embedding_name'}, path, 'a raw feature')
@@ -231,15 +250,39 @@ def check_feature(name: str, cfg: Mapping[str, Any]) -> None:
     return
   allowed = {'embedding_dim', 'num_buckets', 'hash_bucket_size',
              'embedding_name'}
-  allowed |= ({'max_ids', 'combiner', 'managed_collision'} if kind == 'id'
-              else {'sequence_length'})
+  allowed |= ({'max_ids', 'combiner', 'managed_collision', 'value_dtype',
+               'separator', 'vocab_list', 'default_bucketize_value',
+               'flag_columns'} if kind == 'id' else {'sequence_length'})
   check_fields(fields, allowed, path, f'an {kind} feature')
-  if col_kind != 'cat':
+  if col_kind == 'int':
     raise ValueError(
         f'{path}.input ({column!r}) must be a categorical column (cat_<i>)'
         f' for an {kind} feature.')
   check_positive_int(cfg.get('embedding_dim'), f'{path}.embedding_dim')
-  managed = _check_id_rows(path, cfg)
+  vocab = cfg.get('vocab_list')
+  if vocab:
+    if cfg.get('num_buckets') is not None or cfg.get(
+        'hash_bucket_size') is not None:
+      raise ValueError(
+          f'{path}: give one of vocab_list, num_buckets and'
+          ' hash_bucket_size.')
+    if len(set(vocab)) != len(vocab) or not all(
+        isinstance(v, str) for v in vocab):
+      raise ValueError(f'{path}.vocab_list must hold distinct strings.')
+    default = cfg.get('default_bucketize_value') or 0
+    if not 0 <= default < len(vocab):
+      raise ValueError(
+          f'{path}.default_bucketize_value ({default}) must be a row of'
+          f' the vocabulary, 0..{len(vocab) - 1}.')
+    managed = False
+  else:
+    managed = _check_id_rows(path, cfg)
+  _check_value_dtype(cfg, path)
+  flags = cfg.get('flag_columns')
+  if flags is not None and (isinstance(flags, str) or not flags):
+    raise ValueError(
+        f'{path}.flag_columns ({flags!r}) must list the 0/1 columns of the'
+        ' bag.')
   if kind == 'id':
     max_ids = cfg.get('max_ids', 1)
     check_positive_int(max_ids, f'{path}.max_ids')
@@ -249,11 +292,30 @@ def check_feature(name: str, cfg: Mapping[str, Any]) -> None:
       raise ValueError(
           f'{path}: managed_collision takes single-valued features; max_ids'
           f' is {max_ids}.')
+    sep = cfg.get('separator')
+    if sep is not None and (not isinstance(sep, str) or not sep):
+      raise ValueError(f'{path}.separator ({sep!r}) must be a non-empty'
+                       ' string.')
 
 
-def _check_raw_feature(path: str, column: str, col_kind: str,
+VALUE_DTYPES = ('string', 'int', 'hex')
+
+
+def _check_value_dtype(cfg: Mapping[str, Any], path: str) -> None:
+  dtype = cfg.get('value_dtype')
+  if dtype is not None:
+    _check_one_of(dtype, VALUE_DTYPES, f'{path}.value_dtype')
+
+
+def _column_kind(column: str) -> str | None:
+  """'int' or 'cat' for Criteo's column names, None for any other name."""
+  m = re.match(r'^(int|cat)_(\d+)$', column)
+  return m.group(1) if m else None
+
+
+def _check_raw_feature(path: str, column: str, col_kind: str | None,
                        cfg: Mapping[str, Any]) -> None:
-  if col_kind != 'int':
+  if col_kind == 'cat':
     raise ValueError(
         f'{path}.input ({column!r}) must be an integer column (int_<i>)'
         ' for a raw feature.')
@@ -609,10 +671,10 @@ def check_data_source(d: Mapping[str, Any], source: str) -> None:
     raise ValueError(
         "config.data.source is 'binary' but config.data.binary_dir is"
         ' empty.')
-  if source == 'criteo_tsv' and not d['train_path']:
+  if source in ('criteo_tsv', 'table') and not d['train_path']:
     raise ValueError(
         "config.data.train_path is empty but config.data.source is"
-        " 'criteo_tsv'; give the Criteo train file(s).")
+        f" {source!r}; give the train file(s).")
 
 
 def check_data(config, source: str) -> None:
@@ -631,11 +693,36 @@ def check_data(config, source: str) -> None:
     raise ValueError(
         f"config.data.bad_lines ({d['bad_lines']!r}) must be 'error' or"
         " 'skip'.")
+  if source != 'table':
+    _check_criteo_columns(config, source)
   num_eval = _get(config, 'data.synthetic.num_eval')
   if source == 'synthetic' and num_eval is not _MISSING and num_eval < 1:
     raise ValueError(
         f'config.data.synthetic.num_eval ({num_eval}) must be at least 1'
         " with config.data.source 'synthetic'.")
+
+
+def _check_criteo_columns(config, source: str) -> None:
+  """Criteo's sources have the columns int_<i> and cat_<i> only."""
+  groups = config['model']['feature_groups']
+  names = list(groups.get('dense') or []) + list(groups.get('sparse') or [])
+  for name in names:
+    cfg = config['features'].get(name)
+    if cfg is None:
+      continue
+    path = f'config.features.{name}'
+    for field in ('separator', 'flag_columns', 'value_dtype', 'vocab_list'):
+      if cfg.get(field) is not None and (field != 'vocab_list' or cfg.get(
+          field)):
+        raise ValueError(
+            f'{path}.{field} is for the tabular source'
+            f" (config.data.source='table'), not {source!r}.")
+    columns = cfg.get('inputs') if cfg.get('type') == 'combo' else [
+        cfg.get('input') or name]
+    for column in columns:
+      features_lib.parse_input(
+          column, path=f'{path}.input' + (
+              f' ({source} data has Criteo\'s columns)'))
 
 
 def check_multi_hot(mh: Mapping[str, Any], id_features: Sequence[str]

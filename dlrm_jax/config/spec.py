@@ -17,6 +17,7 @@ from typing import Any
 
 from dlrm_jax.data import features as features_lib
 from dlrm_jax.data import synthetic as synthetic_lib
+from dlrm_jax.data import table as table_lib
 from dlrm_jax.embedding import specs as emb_specs
 from dlrm_jax.embedding.ids import admission as admission_lib
 from dlrm_jax.models import DLRMSpec
@@ -163,7 +164,8 @@ class DataSpec:
   """`config.data`, its source resolved: the fields of the same names.
 
   Attributes:
-    source: 'synthetic', 'criteo_tsv', 'binary' or 'tfds' (never 'auto').
+    source: 'synthetic', 'criteo_tsv', 'binary', 'tfds' or 'table' (never
+      'auto').
     train_path: criteo_tsv: file, glob or comma list, or a tuple of those.
     eval_path: criteo_tsv: the same; empty: the eval_fraction split.
     eval_fraction: share of the train rows held out for eval.
@@ -184,6 +186,8 @@ class DataSpec:
     multi_hot_distribution: `config.data.multi_hot.distribution`.
     synthetic: the generator of `config.data.synthetic`, seeded by
       `config.seed`, when the source is 'synthetic'; None otherwise.
+    table: what the tabular source reads (`config.data.table` and the
+      features' columns), when the source is 'table'; None otherwise.
   """
 
   source: str
@@ -206,6 +210,7 @@ class DataSpec:
   multi_hot: bool
   multi_hot_distribution: str
   synthetic: synthetic_lib.SyntheticSpec | None
+  table: table_lib.TableSpec | None = None
 
 
 @dataclasses.dataclass(frozen=True)

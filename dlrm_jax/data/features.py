@@ -8,7 +8,10 @@ A *raw batch* is what the data readers produce, as numpy arrays:
   (preprocessed data),
   and optionally one `[B, L]` int64 array per multi-valued input column, keyed
   by the column name (padding -1).
-Input columns are named `int_<i>` and `cat_<i>`.
+Input columns are named `int_<i>` and `cat_<i>` for Criteo's sources. The
+tabular source (`dlrm_jax.data.table`) keys each column by its own name
+instead: float64 `[B]` for raw features, int64 `[B]` encoded values for id
+features (in [0, 2^32), -1 missing) and `[B, L]` for bags (padding -1).
 
 A *model batch* is what the train step consumes:
   'label': `[B]` float32,
@@ -114,11 +117,60 @@ class IdFeature:
   max_ids: int = 1
   combiner: str = 'sum'
   managed_collision: str | None = None
+  value_dtype: str | None = None
+  separator: str | None = None
+  vocab_list: tuple[str, ...] | None = None
+  default_bucketize_value: int = 0
+  flag_columns: tuple[str, ...] | None = None
 
   @property
   def is_sparse(self) -> bool:
     """Always True: an id feature is sparse."""
     return True
+
+  @property
+  def num_rows(self) -> int:
+    """The rows of its table: `num_buckets`, `hash_bucket_size` or the
+    vocabulary's length (TorchEasyRec's `IdFeature.num_embeddings`)."""
+    if self.vocab_list:
+      return len(self.vocab_list)
+    return int(self.num_buckets or self.hash_bucket_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class ComboFeature:
+  """A cross of two or more columns, TorchEasyRec's `ComboFeature`.
+
+  The encoded values of `inputs` (see `dlrm_jax.data.table`: strings
+  hashed, integers folded to 32 bits) are chained through `cross_values`
+  and mapped to rows as an id feature's are. A missing input makes the
+  cross missing (row MISSING_ID). Inputs are single-valued.
+
+  Attributes:
+    name: the feature name, used in feature groups.
+    inputs: the input columns, two or more.
+    embedding_dim: the embedding width.
+    hash_bucket_size: the table rows, by hash.
+    num_buckets: the table rows, by modulo.
+    embedding_name: the optional name of a table shared with other features.
+    value_dtype: how the inputs are read: 'string' (the default), 'int' or
+      'hex'.
+  """
+
+  name: str
+  inputs: tuple[str, ...]
+  embedding_dim: int
+  hash_bucket_size: int | None = None
+  num_buckets: int | None = None
+  embedding_name: str | None = None
+  value_dtype: str | None = None
+
+  input = property(lambda self: self.inputs[0])
+  is_sparse = property(lambda self: True)
+  max_ids = property(lambda self: 1)
+  combiner = property(lambda self: 'sum')
+  managed_collision = property(lambda self: None)
+  vocab_list = property(lambda self: None)
 
   @property
   def num_rows(self) -> int:
@@ -151,10 +203,10 @@ class SequenceIdFeature:
   is_sparse: bool = False
 
 
-Feature = RawFeature | IdFeature | SequenceIdFeature
+Feature = RawFeature | IdFeature | ComboFeature | SequenceIdFeature
 
 
-def table_name(feature: RawFeature | IdFeature) -> str:
+def table_name(feature: RawFeature | IdFeature | ComboFeature) -> str:
   """Names the embedding table that a sparse feature reads.
 
   Args:
@@ -204,6 +256,73 @@ def normalize(x, normalizer: str, xp=np):
   if normalizer == 'log(x+3)':
     return xp.log(x + 3.0)
   return x
+
+
+def cross_values(columns, xp=np):
+  """Chains the encoded values of a cross's columns into one uint32 value.
+
+  `h = mix32(h * 0x9E3779B1 + v + 1)` over the columns in order, from
+  `h = 0`: order matters, and equal values in different columns differ.
+
+  Args:
+    columns: the columns' raw values, int64 in [0, 2^32), -1 missing.
+    xp: numpy or jax.numpy.
+
+  Returns:
+    int64 values in [0, 2^32), -1 where any column is missing.
+  """
+  h = xp.zeros(columns[0].shape, xp.uint32)
+  missing = xp.zeros(columns[0].shape, bool)
+  for v in columns:
+    missing = missing | (v < 0)
+    u = xp.where(v < 0, 0, v).astype(xp.uint32)
+    h = hashing.mix32(h * xp.uint32(0x9E3779B1) + u + xp.uint32(1), xp)
+  return xp.where(missing, -1, h.astype(xp.int64))
+
+
+def vocab_keys(vocab: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+  """The sorted hashes of a vocabulary and the row of each.
+
+  Args:
+    vocab: the vocabulary, row i for entry i.
+
+  Returns:
+    `(keys, rows)`: `[V]` sorted uint32 string hashes and their rows.
+
+  Raises:
+    ValueError: if two entries hash alike.
+  """
+  from dlrm_jax.data import table  # pylint: disable=g-import-not-at-top
+  hashes = table.hash_strings(list(vocab))
+  order = np.argsort(hashes, kind='stable')
+  keys = hashes[order]
+  if len(keys) > 1 and (keys[1:] == keys[:-1]).any():
+    raise ValueError('two vocabulary entries hash to the same 32-bit value.')
+  return keys, order.astype(np.int32)
+
+
+def map_vocab_ids(values, feature: IdFeature, xp=np):
+  """Maps string hashes to vocabulary rows (TorchEasyRec's vocab_list).
+
+  The table has `len(vocab_list)` rows, entry i in row i. Values not in
+  the vocabulary, and missing ones, get `default_bucketize_value`.
+
+  Args:
+    values: int64 string hashes, -1 missing; `[B]` or `[B, L]`.
+    feature: the id feature with a vocab_list.
+    xp: numpy or jax.numpy.
+
+  Returns:
+    int32 rows of the shape of `values`.
+  """
+  keys, rows = vocab_keys(feature.vocab_list)
+  missing = values < 0
+  u = xp.where(missing, 0, values).astype(xp.uint32)
+  flat = lookup_sorted(u.reshape(-1), xp.asarray(keys), xp.asarray(rows),
+                       feature.default_bucketize_value, missing.reshape(-1),
+                       xp)
+  flat = xp.where(missing.reshape(-1), feature.default_bucketize_value, flat)
+  return flat.reshape(values.shape).astype(xp.int32)
 
 
 def map_ids(values, feature: IdFeature, xp=np, missing=None):
@@ -289,7 +408,7 @@ class FeatureTransform:
   """
 
   dense: tuple[RawFeature, ...]
-  sparse: tuple[RawFeature | IdFeature, ...]
+  sparse: tuple[RawFeature | IdFeature | ComboFeature, ...]
 
   @property
   def num_dense(self) -> int:
@@ -342,10 +461,17 @@ class FeatureTransform:
       out['dense'] = xp.stack(cols, axis=1)
     id_cols = []
     for f in self.sparse:
-      col = None if ('ids' in raw and isinstance(f, IdFeature)) else (
-          self._column(raw, f.input))
+      col = None if ('ids' in raw and isinstance(f, IdFeature)) or (
+          isinstance(f, ComboFeature)) else self._column(raw, f.input)
       if isinstance(f, RawFeature):
         ids = bucketize(col, f, xp)
+      elif isinstance(f, ComboFeature):
+        ids = map_ids(cross_values([self._column(raw, c) for c in f.inputs],
+                                   xp), f, xp)
+      elif f.vocab_list:
+        ids = map_vocab_ids(col, f, xp)
+        if col.ndim == 2:
+          ids = xp.where(col < 0, -1, ids)
       elif f.managed_collision:
         # Raw values go to the remapper, which fills the ids in. It keeps
         # state, so it runs in order, outside the input threads.

@@ -42,6 +42,7 @@ from dlrm_jax.data import criteo
 from dlrm_jax.data import loader
 from dlrm_jax.data import pipeline
 from dlrm_jax.data import synthetic
+from dlrm_jax.data import table
 
 _READ_CHUNK = criteo.CHUNK_ROWS
 
@@ -153,7 +154,7 @@ def check_sources(spec) -> None:
     ValueError: naming the config field and the path that is missing.
   """
   d = config_lib.run_spec(spec).data
-  if d.source == 'criteo_tsv':
+  if d.source in ('criteo_tsv', 'table'):
     criteo.expand_paths(d.train_path, field='config.data.train_path')
     if d.eval_path:
       criteo.expand_paths(d.eval_path, field='config.data.eval_path')
@@ -188,8 +189,10 @@ def make_data(spec, *, process_index: int = 0, process_count: int = 1,
   make_batch = make_batch_maker(spec)
   pi, pc = process_index, process_count
   report = criteo.BadLineReport()
-  if kind == 'criteo_tsv' and pc > 1:
+  if kind in ('criteo_tsv', 'table') and pc > 1:
     src = _tsv_shared_sources(spec, pi, pc, gather or gather_ints, report)
+  elif kind == 'table':
+    src = _table_sources(d, report)
   elif kind == 'synthetic':
     src = _synthetic_sources(d.synthetic)
   elif kind == 'criteo_tsv':
@@ -253,12 +256,12 @@ def _train_data(spec, src: _Sources, make_batch, pi, pc):
   Text sources stream in order. The others go through grain.
   """
   d, batch, seed = spec.data, spec.loop.batch_size, spec.loop.seed
-  if d.source == 'criteo_tsv' and pc > 1:
+  if d.source in ('criteo_tsv', 'table') and pc > 1:
     return pipeline.TrainBatches(
         src.train, make_batch, batch // pc, seed=seed,
         shuffle_window=d.shuffle_buffer // pc,
         batches_per_epoch=src.batches_per_epoch, prefetch=d.prefetch)
-  if d.source == 'criteo_tsv':
+  if d.source in ('criteo_tsv', 'table'):
     return pipeline.TrainBatches(
         src.train, make_batch, batch, seed=seed,
         shuffle_window=d.shuffle_buffer, process_index=pi, process_count=pc,
@@ -278,12 +281,47 @@ def _tsv_shared_sources(spec, pi, pc, gather, report) -> _Sources:
                                  chunk_rows=d.chunk_rows),
       report, eval_report)
   description = (
-      f'Criteo files over {pc} processes, this one\'s share: train'
+      f'{_KIND_NAME[d.source]} over {pc} processes, this one\'s share: train'
       f' {train_src.description} ({bpe} steps an epoch)' + (
           f'; eval {eval_src.description}' if eval_src else '; no eval set'))
   return _Sources(train_src, eval_src, description, eval_report,
                   cache_eval=not d.eval_path, batches_per_epoch=bpe,
                   eval_counts=eval_counts, lines=lines)
+
+
+_KIND_NAME = {'criteo_tsv': 'Criteo files', 'table': 'Table files'}
+
+
+def _table_sources(d: spec_lib.DataSpec, report) -> _Sources:
+  """table in one process: eval from `eval_path` or the train tail."""
+  train_paths = table.expand(d.train_path, 'config.data.train_path')
+  kw = dict(bad_lines=d.bad_lines, chunk_rows=d.chunk_rows)
+  side = table.load_side_tables(d.table, d.bad_lines)
+  eval_report = criteo.BadLineReport()
+  if d.eval_path:
+    eval_paths = table.expand(d.eval_path, 'config.data.eval_path')
+    train_src = table.TableSource(train_paths, d.table, report=report,
+                                  side=side, **kw)
+    eval_src = table.TableSource(
+        eval_paths, d.table, report=eval_report, labeled=d.labeled_eval,
+        side=side, field='config.data.eval_path', **kw)
+    cache_eval = False
+  else:
+    whole = table.TableSource(train_paths, d.table, report=report,
+                              side=side, **kw)
+    n_eval = int(whole.num_rows * d.eval_fraction)
+    train_src = table.TableSource(train_paths, d.table, report=report,
+                                  side=side, stop=whole.num_rows - n_eval,
+                                  **kw)
+    eval_src = table.TableSource(
+        train_paths, d.table, report=eval_report, side=side,
+        start=whole.num_rows - n_eval, stop=whole.num_rows, **kw
+    ) if n_eval else None
+    cache_eval = True
+  description = f'Table files: train {train_src.description}' + (
+      f'; eval {eval_src.description}' if eval_src else '; no eval set')
+  return _Sources(train_src, eval_src, description, eval_report,
+                  cache_eval=cache_eval)
 
 
 def _synthetic_sources(s: synthetic.SyntheticSpec) -> _Sources:
@@ -406,19 +444,19 @@ def _tsv_shares(spec, pi, pc, gather, kw, report, eval_report):
     raise ValueError(
         f'config.batch_size ({batch}) must divide evenly over {pc}'
         ' processes.')
+  kind = _ShareKind(d)
   train_paths = criteo.expand_paths(d.train_path,
                                     field='config.data.train_path')
   if d.eval_path:
-    train = criteo.split_into_shares(train_paths, pc)
-    evals = criteo.split_into_shares(
+    train = kind.split(train_paths, pc)
+    evals = kind.split(
         criteo.expand_paths(d.eval_path, field='config.data.eval_path'),
         pc) if d.labeled_eval else None
     eval_field = 'config.data.eval_path'
   else:
     frac = d.eval_fraction
-    train = criteo.split_into_shares(train_paths, pc,
-                                     span=(0.0, 1.0 - frac))
-    evals = criteo.split_into_shares(
+    train = kind.split(train_paths, pc, span=(0.0, 1.0 - frac))
+    evals = kind.split(
         train_paths, pc, span=(1.0 - frac, 1.0)) if frac else None
     eval_field = 'config.data.eval_fraction'
     if evals is not None and not any(evals):
@@ -427,19 +465,49 @@ def _tsv_shares(spec, pi, pc, gather, kw, report, eval_report):
                         (evals, eval_field)):
     if shares is not None and (error := criteo.share_error(shares, field)):
       raise ValueError(error)
-  counts = gather([criteo.count_rows(train[pi]),
-                   criteo.count_rows(evals[pi]) if evals else 0])
+  counts = gather([kind.count(train[pi]),
+                   kind.count(evals[pi]) if evals else 0])
   per = batch // pc
   bpe = int(counts[:, 0].min()) // per
-  logging.info('criteo_tsv over %d processes: train lines per process %s'
-               ' (%d steps an epoch of %d rows each), eval lines %s', pc,
+  logging.info('%s over %d processes: train lines per process %s'
+               ' (%d steps an epoch of %d rows each), eval lines %s',
+               d.source, pc,
                counts[:, 0].tolist(), bpe, per, counts[:, 1].tolist())
   lines = criteo.LineCounter(), criteo.LineCounter()
-  train_src = pipeline.TsvSource(train[pi], stop=int(counts[pi, 0]),
-                                 counter=lines[0], report=report, **kw)
-  eval_src = pipeline.TsvSource(
+  train_src = kind.source(train[pi], stop=int(counts[pi, 0]),
+                          counter=lines[0], report=report, **kw)
+  eval_src = kind.source(
       evals[pi], stop=int(counts[pi, 1]), counter=lines[1],
       report=eval_report, **kw) if evals else None
   return (train_src, eval_src, bpe,
           counts[:, 1].tolist() if evals else None, lines)
 
+
+
+class _ShareKind:
+  """How criteo_tsv and table sources cut, count and read shares."""
+
+  def __init__(self, d: spec_lib.DataSpec):
+    self.d = d
+    self.side = (table.load_side_tables(d.table, d.bad_lines)
+                 if d.source == 'table' else None)
+
+  def split(self, paths, pc, span=(0.0, 1.0)):
+    """Each process's share of the files."""
+    if self.d.source == 'table':
+      return table.shares(paths, self.d.table.format, pc, span=span)
+    return criteo.split_into_shares(paths, pc, span=span)
+
+  def count(self, share) -> int:
+    """The lines (rows) of a share, without a parse."""
+    if self.d.source == 'table':
+      return table.TableSource(share, self.d.table, side=self.side,
+                               stop=0).count(valid=False)
+    return criteo.count_rows(share)
+
+  def source(self, share, **kw):
+    """The streamed source of a share."""
+    if self.d.source == 'table':
+      kw.pop('counter', None)
+      return table.TableSource(share, self.d.table, side=self.side, **kw)
+    return pipeline.TsvSource(share, **kw)
