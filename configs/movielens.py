@@ -15,8 +15,9 @@ value, and bucketized into an id).
   python -m dlrm_jax.main --config=configs/movielens.py \
       --config.data.train_path=../shared/data/movielens/ml-100k/u.data.first20000
 
-The side tables are found beside the ratings file (`u.item`, `u.user`);
-`--config=configs/movielens.py:<dir>` names another folder for them.
+The side tables `u.item` and `u.user` are read from `../shared` beside the
+checkout (or `$DLRM_SHARED_DIR`); `--config=configs/movielens.py:<dir>`
+names another folder for them.
 """
 
 import os
@@ -33,8 +34,9 @@ ITEM_COLUMNS = ('item_id', 'title', 'release_date', 'video_release_date',
                 'url') + GENRES
 USER_COLUMNS = ('user_id', 'age', 'gender', 'occupation', 'zip')
 DEFAULT_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..',
-    'shared', 'data', 'movielens', 'ml-100k')
+    os.environ.get('DLRM_SHARED_DIR') or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..',
+        'shared'), 'data', 'movielens', 'ml-100k')
 DIM = 8
 
 

@@ -37,3 +37,15 @@ def movielens_dir(test: absltest.TestCase) -> str:
         " 'shared' folder (with data/movielens/ml-100k), or put it beside"
         ' the checkout (../shared).')
   return path
+
+
+def avazu_file(test: absltest.TestCase) -> str:
+  """The shared Avazu sample, or skips the test saying where it looked."""
+  d = shared_dir()
+  path = d and os.path.join(d, 'data', 'avazu', 'avazu_train_head_9999.csv')
+  if not path or not os.path.isfile(path):
+    test.skipTest(
+        'the Avazu sample is not available: set DLRM_SHARED_DIR to the'
+        " 'shared' folder (with data/avazu), or put it beside the checkout"
+        ' (../shared).')
+  return path

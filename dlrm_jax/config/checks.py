@@ -720,9 +720,12 @@ def _check_criteo_columns(config, source: str) -> None:
     columns = cfg.get('inputs') if cfg.get('type') == 'combo' else [
         cfg.get('input') or name]
     for column in columns:
-      features_lib.parse_input(
-          column, path=f'{path}.input' + (
-              f' ({source} data has Criteo\'s columns)'))
+      if _column_kind(column) is None:
+        field = 'inputs' if cfg.get('type') == 'combo' else 'input'
+        raise ValueError(
+            f'{path}.{field} ({column!r}): {source} data has Criteo\'s'
+            " columns only, int_<i> and cat_<i>; read a table's own"
+            " columns with config.data.source='table'.")
 
 
 def check_multi_hot(mh: Mapping[str, Any], id_features: Sequence[str]
