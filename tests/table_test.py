@@ -308,6 +308,33 @@ class FeaturesTest(absltest.TestCase):
     np.testing.assert_array_equal(raw['label'], [1, 0, 1, 0])
 
 
+class ConfigsTrainTest(absltest.TestCase):
+  """configs/avazu.py and configs/movielens.py learn from their samples."""
+
+  def _train(self, config, path):
+    from dlrm_jax.train import loop as train_loop  # pylint: disable=g-import-not-at-top
+    config.data.train_path = path
+    config.num_train_steps = 60
+    config.min_train_steps = 0
+    config.early_stopping.patience = 0
+    config.eval_every_steps = 60
+    config.batch_size = 256
+    summary = train_loop.train_and_evaluate(
+        config, self.create_tempdir().full_path)
+    return summary['eval']['auc']
+
+  def test_movielens_learns(self):
+    from configs import movielens  # pylint: disable=g-import-not-at-top
+    folder = shared_data.movielens_dir(self)
+    auc = self._train(movielens.get_config(folder),
+                      os.path.join(folder, 'u.data.first20000'))
+    self.assertGreater(auc, 0.65)  # rating >= 4 from ids, genres, users
+
+  def test_avazu_learns(self):
+    auc = self._train(avazu.get_config(), shared_data.avazu_file(self))
+    self.assertGreater(auc, 0.6)
+
+
 class BadInputTest(absltest.TestCase):
   """Each bad input: one line naming the file, line (row) and column."""
 
