@@ -1,10 +1,11 @@
 """Worker of input_multiprocess_test (not a test by itself).
 
   python -m tests.input_multiprocess PORT PROCESS_ID NUM_PROCESSES OUT_JSON \
-      TRAIN_FILE EVAL_FILE
+      TRAIN_FILE EVAL_FILE [SOURCE]
 
 With NUM_PROCESSES > 1 the processes join over 127.0.0.1 (jax.distributed).
-Each builds the criteo_tsv data of the tiny config, reads its training share
+Each builds the criteo_tsv data of the tiny config (or, with SOURCE
+'table' after the files, the same files read by the tabular source), reads its training share
 once (counting the lines its reader hands to the parser), takes a few
 lockstep train steps through the checkpointable text stream, saves it in a
 checkpoint and restores it, and evaluates the initial state on the eval file.
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 
 
-def main(port, pid, num, out, train_file, eval_file):
+def main(port, pid, num, out, train_file, eval_file, source='criteo_tsv'):
   if num > 1:
     jax.distributed.initialize(f'127.0.0.1:{port}', num, pid)
   from dlrm_jax.config import build as config_lib  # pylint: disable=g-import-not-at-top
@@ -27,17 +28,26 @@ def main(port, pid, num, out, train_file, eval_file):
   from dlrm_jax.data import inputs  # pylint: disable=g-import-not-at-top
   from dlrm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from tests import train_test  # pylint: disable=g-import-not-at-top
-  config = config_lib.resolve_data(train_test.tiny_config(**{
-      'data.source': 'criteo_tsv', 'data.train_path': train_file,
+  config = train_test.tiny_config(**{
+      'data.source': source, 'data.train_path': train_file,
       'data.eval_path': eval_file, 'data.shuffle_buffer': 1024,
-      'batch_size': 64, 'eval_batch_size': 256}))
+      'batch_size': 64, 'eval_batch_size': 256})
+  if source == 'table':  # Criteo's files read as a table of named columns
+    config.data.table.format = 'tsv'
+    config.data.table.header = False
+    config.data.table.columns = ['label'] + [
+        f'int_{i}' for i in range(13)] + [f'cat_{i}' for i in range(26)]
+    for i in range(26):
+      config.features[f'cat_{i}'].value_dtype = 'hex'
+  config = config_lib.resolve_data(config)
   trainer = trainer_lib.Trainer(config)
   data = inputs.make_data(config,
                           process_index=jax.process_index(),
                           process_count=jax.process_count())
   share = data.train.source
   rows = list(share.iter_rows())  # the whole share, once
-  cat = np.concatenate([r['cat'] for r in rows])
+  cat = np.concatenate([r['cat'] if 'cat' in r else np.stack(
+      [r[f'cat_{i}'] for i in range(26)], 1) for r in rows])
   train_lines = data.train_lines.lines if data.train_lines else None
   state = trainer.init_state(config.seed)
   acc = trainer.zero_metrics()
@@ -83,4 +93,4 @@ def main(port, pid, num, out, train_file, eval_file):
 
 if __name__ == '__main__':
   main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
-       sys.argv[5], sys.argv[6])
+       sys.argv[5], sys.argv[6], *sys.argv[7:])

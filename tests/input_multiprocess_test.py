@@ -30,15 +30,21 @@ def _free_port() -> int:
 class TwoProcessInputTest(absltest.TestCase):
 
   def test_two_processes_read_their_own_rows(self):
+    self._check('criteo_tsv')
+
+  def test_two_processes_read_their_own_rows_of_a_table(self):
+    self._check('table')
+
+  def _check(self, source):
     train_file = shared_data.criteo_file(self, 'kaggle_train_head_4000.tsv')
     eval_file = shared_data.criteo_file(self, 'kaggle_train_random_1000.tsv')
     tmp = self.create_tempdir().full_path
     env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=_ROOT)
 
     def worker(pid, num, devices, port=0):
-      out = os.path.join(tmp, f'{num}_{pid}.json')
+      out = os.path.join(tmp, f'{source}_{num}_{pid}.json')
       cmd = [sys.executable, '-m', 'tests.input_multiprocess', str(port),
-             str(pid), str(num), out, train_file, eval_file]
+             str(pid), str(num), out, train_file, eval_file, source]
       return out, subprocess.Popen(
           cmd, cwd=_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
           text=True, env=dict(env, XLA_FLAGS=(

@@ -508,6 +508,5 @@ class _ShareKind:
   def source(self, share, **kw):
     """The streamed source of a share."""
     if self.d.source == 'table':
-      kw.pop('counter', None)
       return table.TableSource(share, self.d.table, side=self.side, **kw)
     return pipeline.TsvSource(share, **kw)

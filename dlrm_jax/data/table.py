@@ -648,6 +648,9 @@ class TableSource:
     chunk_rows: rows per Parquet batch.
     report: where skipped rows are recorded.
     field: the config field naming the files, for messages.
+    side: the loaded side tables (`load_side_tables`); None loads them.
+    counter: counts the rows (lines) read, valid or not, as
+      `criteo.LineCounter` does for Criteo files.
   """
 
   def __init__(self, paths: Sequence[str | Piece], spec: TableSpec, *,
@@ -655,7 +658,9 @@ class TableSource:
                bad_lines: str = 'error', chunk_rows: int = 65536,
                report: criteo.BadLineReport | None = None,
                field: str = 'config.data.train_path',
-               side: dict[str, Any] | None = None):
+               side: dict[str, Any] | None = None,
+               counter: criteo.LineCounter | None = None):
+    self.counter = counter
     self.pieces = [p if not isinstance(p, str) else pieces([p], spec.format)[0]
                    for p in paths]
     self.spec = spec
@@ -676,15 +681,12 @@ class TableSource:
         ' ...' if len(self.pieces) > 3 else '')
     self.description = f'{names} (rows {start:,}..{stop:,})'
 
+  @property
+  def paths(self) -> list[Piece]:
+    """The pieces read, as `pipeline.TsvSource.paths`."""
+    return self.pieces
+
   # -- columns
-
-  def _main_reads(self) -> list[ColumnRead]:
-    side_cols = {c for t in self.side.values() for c in t.columns}
-    return [r for r in self.spec.reads
-            if not set(r.sources) <= side_cols or self._in_main(r)]
-
-  def _in_main(self, read: ColumnRead) -> bool:
-    return set(read.sources) <= set(self._names)
 
   def _check_columns(self) -> None:
     first = self.pieces[0].path if self.pieces else None
@@ -812,6 +814,7 @@ class TableSource:
         return
       raise criteo.MalformedLineError(f'{p.name}: cannot be read: {e}') from e
     reported = 0
+    self._counted_drops = 0
     while True:
       try:
         batch = reader.read_next_batch()
@@ -823,6 +826,9 @@ class TableSource:
             f' {int(rows.lines(np.array([rows.valid]))[0])}: {e}') from e
       # Rows dropped for their field count, up to this batch's end.
       n = batch.num_rows
+      if self.counter is not None and not quiet:
+        self.counter.lines += n + len(rows.dropped) - self._counted_drops
+        self._counted_drops = len(rows.dropped)
       if not quiet:
         last_line = int(rows.lines(np.array([rows.valid + n]))[0]) if n else (
             1 << 62)
@@ -846,6 +852,8 @@ class TableSource:
         out = {key: v[~bad] for key, v in out.items()}
       out['_n'] = np.zeros(int((~bad).sum()), np.int8)
       yield out
+    if self.counter is not None and not quiet:
+      self.counter.lines += len(rows.dropped) - self._counted_drops
     if not quiet:
       for line, fields, _ in rows.dropped[reported:]:
         self._bad(p.name, line, None,
@@ -867,6 +875,8 @@ class TableSource:
       for batch in f.iter_batches(batch_size=self.chunk_rows,
                                   row_groups=[g], columns=cols):
         n = batch.num_rows
+        if self.counter is not None and not quiet:
+          self.counter.lines += n
         out, bad, why = self._encode(batch, p.path)
         if bad.any():
           if not quiet:
