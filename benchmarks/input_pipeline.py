@@ -13,8 +13,14 @@
    examples/s.
 4. Streams the largest text file through the criteo_tsv training iterator
    (parse, shuffle window, transform): examples/s.
-5. Times the default config's training step at the same batch size.
-The last line is `input_over_step=<slower input / training step>`.
+5. Writes the same rows as a CSV with a header and as Parquet (--table) and
+   streams each through the tabular source (`config.data.source='table'`,
+   the default config's features reading the columns `int_0..int_12` as
+   raw and `cat_0..cat_25` as hex ids): rows/s beside the Criteo reader's,
+   and `input_over_step_table_<format>`.
+6. Times the default config's training step at the same batch size.
+The last line is `input_over_step=<slower input / training step>` of the
+random-access sources (binary, TFDS).
 """
 
 import json
@@ -41,6 +47,71 @@ _WORK = flags.DEFINE_string('work_dir', '/tmp/dlrm_input_bench',
                             'Scratch directory (big files).')
 _WORKERS = flags.DEFINE_integer('workers', None, 'Preprocessing processes.')
 _CHILD = flags.DEFINE_string('child', '', 'Internal: one measurement.')
+_TABLE = flags.DEFINE_bool('table', True,
+                           'Measure the tabular source (CSV and Parquet).')
+_TFDS = flags.DEFINE_bool('tfds', True, 'Measure TFDS when installed.')
+
+
+def criteo_table_config(path: str, batch: int):
+  """The default config reading Criteo's rows as a table by column name.
+
+  Args:
+    path: a CSV (with a header) or Parquet file with the columns label,
+      int_0..int_12 and cat_0..cat_25.
+    batch: the batch size.
+
+  Returns:
+    The config: `data.source='table'`, raw features `int_<i>`, hex id
+    features `cat_<i>`.
+  """
+  from configs import criteo as criteo_config  # pylint: disable=g-import-not-at-top
+  config = criteo_config.get_config()
+  config.data.source = 'table'
+  config.data.table = criteo_config.table_config(label='label')
+  for i in range(criteo_config.NUM_CAT):
+    config.features[f'cat_{i}'].input = f'cat_{i}'
+    config.features[f'cat_{i}'].value_dtype = 'hex'
+  for name in config.model.feature_groups.dense:
+    config.features[name].input = name
+  config.data.train_path = path
+  config.data.eval_fraction = 0.0
+  config.data.shuffle_buffer = 4 * batch
+  config.batch_size = batch
+  return config
+
+
+def write_tables(text: str, out_dir: str) -> dict[str, str]:
+  """Writes Criteo text rows as a CSV with a header and as Parquet.
+
+  Args:
+    text: a Criteo TSV (label, 13 ints, 26 hex values, no header).
+    out_dir: where to write.
+
+  Returns:
+    'csv' and 'parquet' -> the file.
+  """
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.csv as pa_csv  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  names = (['label'] + [f'int_{i}' for i in range(13)] +
+           [f'cat_{i}' for i in range(26)])
+  stem = os.path.join(out_dir, os.path.basename(text).rsplit('.', 1)[0])
+  paths = {'csv': stem + '.csv', 'parquet': stem + '.parquet'}
+  if all(os.path.exists(p) for p in paths.values()):
+    return paths
+  types = {n: pa.string() for n in names}
+  types.update({n: pa.int64() for n in names[:14]})
+  t = pa_csv.read_csv(
+      text, read_options=pa_csv.ReadOptions(column_names=names),
+      parse_options=pa_csv.ParseOptions(delimiter='\t'),
+      convert_options=pa_csv.ConvertOptions(
+          column_types=types, strings_can_be_null=True, null_values=['']))
+  pa_csv.write_csv(t, paths['csv'] + '.tmp', pa_csv.WriteOptions(
+      quoting_style='none'))
+  os.replace(paths['csv'] + '.tmp', paths['csv'])
+  pq.write_table(t, paths['parquet'] + '.tmp', row_group_size=1 << 17)
+  os.replace(paths['parquet'] + '.tmp', paths['parquet'])
+  return paths
 
 
 def peak_rss_gb() -> float:
@@ -113,6 +184,14 @@ def child(task: dict) -> dict:
       return time_batches(it, task)
     finally:
       it.close()
+  if kind == 'stream_table':
+    from dlrm_jax.data import inputs  # pylint: disable=g-import-not-at-top
+    config = criteo_table_config(task['input'], task['batch'])
+    it = inputs.make_data(config).train.iterator(prefetch=2)
+    try:
+      return time_batches(it, task)
+    finally:
+      it.close()
   if kind == 'train_step':
     import jax  # pylint: disable=g-import-not-at-top
     from configs import criteo as criteo_config  # pylint: disable=g-import-not-at-top
@@ -179,6 +258,7 @@ def main(argv):
           f'{res["rows"] / res["seconds"]:>10,.0f} '
           f'{res["peak_rss_gb"]:>12.2f}', flush=True)
     last_bin = out
+  text_last = text
   stream = run_child({'kind': 'stream_tsv', 'input': text,
                       'batch': _BATCH.value, 'batches': _BATCHES.value})
   rates = {}
@@ -190,7 +270,7 @@ def main(argv):
     have_tfds = True
   except ImportError:
     have_tfds = False
-  if have_tfds:
+  if have_tfds and _TFDS.value:
     text = os.path.join(_WORK.value, f'criteo_{_TFDS_ROWS.value}.txt')
     if not os.path.exists(text):
       synthetic.write_criteo_tsv(text, _TFDS_ROWS.value, seed=1)
@@ -204,6 +284,13 @@ def main(argv):
     res = run_child({'kind': 'read_tfds', 'dir': tfds_dir,
                      'batch': _BATCH.value, 'batches': _BATCHES.value})
     rates['tfds'] = res['examples_per_s']
+  tables = {}
+  if _TABLE.value:
+    paths = write_tables(text_last, _WORK.value)
+    for fmt, path in paths.items():
+      tables[fmt] = run_child({'kind': 'stream_table', 'input': path,
+                               'batch': _BATCH.value,
+                               'batches': _BATCHES.value})['examples_per_s']
   step = run_child({'kind': 'train_step', 'batch': _BATCH.value})
   print(f'input pipeline, batches of {_BATCH.value}, shuffled, default'
         ' config transform:')
@@ -212,8 +299,14 @@ def main(argv):
   print(f'  {"text":8s} {stream["examples_per_s"]:>12,.0f} examples/s'
         ' (criteo_tsv streamed in order, shuffle window of 4 batches; not'
         ' in input_over_step)')
+  for fmt, v in tables.items():
+    print(f'  {"table " + fmt:8s} {v:>12,.0f} examples/s (tabular source on'
+          f' the same rows, streamed in order, shuffle window of 4 batches;'
+          f' {v / stream["examples_per_s"]:.2f}x the criteo_tsv reader)')
   print(f'training step (default config, batch {_BATCH.value}): '
         f'{step["examples_per_s"]:,.0f} examples/s')
+  for fmt, v in tables.items():
+    print(f'input_over_step_table_{fmt}={v / step["examples_per_s"]:.2f}')
   print(f'input_over_step={min(rates.values()) / step["examples_per_s"]:.2f}')
 
 

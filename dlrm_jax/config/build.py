@@ -569,8 +569,9 @@ def resolve_data(config):
   source = _data_source(config.data)
   id_features = [n for n in config.model.feature_groups.sparse
                  if (config.features.get(n) or {}).get('type') == 'id']
-  if source == 'binary':
-    meta = binary.Metadata.load(config.data.binary_dir)
+  meta = (binary.Metadata.load(config.data.binary_dir)
+          if source == 'binary' else None)
+  if meta is not None and meta.layout == 'criteo':
     for name in id_features:
       f = config.features[name]
       index = int(f.get('input', name).split('_')[-1])

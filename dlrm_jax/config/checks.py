@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
+import os
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -693,13 +695,24 @@ def check_data(config, source: str) -> None:
     raise ValueError(
         f"config.data.bad_lines ({d['bad_lines']!r}) must be 'error' or"
         " 'skip'.")
-  if source != 'table':
+  if source != 'table' and not (source == 'binary'
+                                and _model_layout(d['binary_dir'])):
     _check_criteo_columns(config, source)
   num_eval = _get(config, 'data.synthetic.num_eval')
   if source == 'synthetic' and num_eval is not _MISSING and num_eval < 1:
     raise ValueError(
         f'config.data.synthetic.num_eval ({num_eval}) must be at least 1'
         " with config.data.source 'synthetic'.")
+
+
+def _model_layout(binary_dir) -> bool:
+  """Whether a preprocessed dataset holds a table config's model batches
+  (`binary.Metadata.layout == 'model'`), whose features name any column."""
+  path = os.path.join(binary_dir or '', 'metadata.json')
+  if not binary_dir or not os.path.isfile(path):
+    return False
+  with open(path) as f:
+    return json.load(f).get('layout') == 'model'
 
 
 def _check_criteo_columns(config, source: str) -> None:

@@ -10,6 +10,14 @@ table ids (already mapped by modulo or by a vocabulary, see `preprocess`):
   footer  chunks x uint32 CRC32 of each chunk of `chunk_rows` records, then
           the magic b'DLRMEND1'
 
+Tabular configs (`preprocess --config=...` with `config.data.source='table'`)
+write the model batch instead (`Metadata.layout == 'model'`): records of
+1 + F + T int32 fields, the label and the F normalized dense values as
+float32 bit patterns, then the T packed ids of `FeatureTransform.apply`.
+`BinarySource` gives them back as a model batch (`MODEL_BATCH` marks it),
+which the transform passes through unchanged; `check_features` refuses a
+config whose features differ from those the data was written with.
+
 A file whose size disagrees with its header (truncated, or grown) is rejected
 when opened; a chunk whose CRC32 disagrees is rejected when first read. Both
 errors name the file, so a damaged file is never read as data.
@@ -18,6 +26,7 @@ errors name the file, so a damaged file is never read as data.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import struct
@@ -33,41 +42,48 @@ NUM_FIELDS = 40  # label, 13 ints, 26 ids
 CHUNK_ROWS = 65536
 _HEADER = struct.Struct('<8sQIII')
 METADATA = 'metadata.json'
+LAYOUTS = ('criteo', 'model')
+MODEL_BATCH = '_model_batch'  # raw-batch key: rows already model batches
 
 
 class CorruptFileError(ValueError):
   """A binary part file is truncated, damaged or not one."""
 
 
-def _file_size(rows: int, chunk_rows: int) -> tuple[int, int]:
+def _file_size(rows: int, chunk_rows: int,
+               fields: int = NUM_FIELDS) -> tuple[int, int]:
   chunks = -(-rows // chunk_rows) if rows else 0
-  return HEADER_BYTES + rows * NUM_FIELDS * 4 + 4 * chunks + len(END_MAGIC), (
+  return HEADER_BYTES + rows * fields * 4 + 4 * chunks + len(END_MAGIC), (
       chunks)
 
 
 def write_part(path: str, records: np.ndarray,
-               chunk_rows: int = CHUNK_ROWS) -> None:
+               chunk_rows: int = CHUNK_ROWS,
+               fields: int = NUM_FIELDS) -> None:
   """Writes int32 records to a part file, atomically.
 
   The file is written under a temporary name, then renamed.
 
   Args:
     path: the part file.
-    records: `[n, 40]` int32 records.
+    records: `[n, fields]` int32 records.
     chunk_rows: the records per checksummed chunk.
+    fields: the int32 fields of a record: 40 for Criteo's layout, 1 + F + T
+      for the model layout.
 
   Raises:
-    ValueError: if `records` is not `[n, 40]`.
+    ValueError: if `records` is not `[n, fields]`.
   """
   records = np.ascontiguousarray(records, dtype='<i4')
-  if records.ndim != 2 or records.shape[1] != NUM_FIELDS:
-    raise ValueError(f'records must be [n, {NUM_FIELDS}], got {records.shape}.')
+  if records.ndim != 2 or records.shape[1] != fields:
+    raise ValueError(f'{path}: records must be [n, {fields}], got'
+                     f' {records.shape}.')
   rows = records.shape[0]
-  _, chunks = _file_size(rows, chunk_rows)
+  _, chunks = _file_size(rows, chunk_rows, fields)
   crcs = np.array([
       zlib.crc32(records[c * chunk_rows:(c + 1) * chunk_rows].tobytes())
       for c in range(chunks)], '<u4')
-  header = _HEADER.pack(MAGIC, rows, NUM_FIELDS, chunk_rows, chunks)
+  header = _HEADER.pack(MAGIC, rows, fields, chunk_rows, chunks)
   tmp = f'{path}.tmp-{os.getpid()}'
   with open(tmp, 'wb') as f:
     f.write(header.ljust(HEADER_BYTES, b'\0'))
@@ -84,19 +100,20 @@ class PartFile:
 
   Args:
     path: the part file.
+    fields: the int32 fields of a record the metadata expects.
 
   Attributes:
     path: the part file.
     num_rows: its records.
     chunk_rows: the records per checksummed chunk.
-    records: the `[num_rows, 40]` int32 records, memory-mapped.
+    records: the `[num_rows, fields]` int32 records, memory-mapped.
 
   Raises:
     CorruptFileError: if the file cannot be read, or if its header, size or
       footer is wrong.
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, fields: int = NUM_FIELDS):
     self.path = path
     try:
       size = os.path.getsize(path)
@@ -108,10 +125,14 @@ class PartFile:
       raise CorruptFileError(
           f'{path}: not a dlrm_jax binary part (bad header); re-run'
           ' preprocessing for it.')
-    _, rows, fields, chunk_rows, chunks = _HEADER.unpack(
+    _, rows, have_fields, chunk_rows, chunks = _HEADER.unpack(
         head[:_HEADER.size])
-    want, want_chunks = _file_size(rows, chunk_rows)
-    if fields != NUM_FIELDS or chunks != want_chunks or size != want:
+    if have_fields != fields:
+      raise CorruptFileError(
+          f'{path}: records of {have_fields} fields, but {METADATA} describes'
+          f' {fields}; re-run preprocessing for it.')
+    want, want_chunks = _file_size(rows, chunk_rows, fields)
+    if chunks != want_chunks or size != want:
       raise CorruptFileError(
           f'{path}: {size} bytes, but its header describes {rows} records'
           f' ({want} bytes); the file is truncated or damaged. Delete it and'
@@ -119,14 +140,14 @@ class PartFile:
     self.num_rows = rows
     self.chunk_rows = chunk_rows
     with open(path, 'rb') as f:
-      f.seek(HEADER_BYTES + rows * NUM_FIELDS * 4)
+      f.seek(HEADER_BYTES + rows * fields * 4)
       self._crcs = np.frombuffer(f.read(4 * chunks), '<u4')
       if f.read(len(END_MAGIC)) != END_MAGIC:
         raise CorruptFileError(f'{path}: bad footer; the file is damaged.')
     self.records = np.memmap(path, dtype='<i4', mode='r',
                              offset=HEADER_BYTES,
-                             shape=(rows, NUM_FIELDS)) if rows else np.zeros(
-                                 (0, NUM_FIELDS), '<i4')
+                             shape=(rows, fields)) if rows else np.zeros(
+                                 (0, fields), '<i4')
     self._checked = np.zeros(chunks, bool)
 
   def check_chunks(self, chunks: np.ndarray) -> None:
@@ -182,6 +203,13 @@ class Metadata:
     bad_lines: the 'count' of skipped malformed lines and a few 'examples'.
     sources: the 'train' and 'eval' text files.
     version: the format version.
+    layout: 'criteo' (label, 13 ints, 26 ids) or 'model' (label, F dense
+      values, T packed ids: model batches of a table config).
+    num_dense: the model layout's F.
+    num_id_columns: the model layout's T.
+    features: the model layout's features, dense then sparse, by name.
+    features_fingerprint: the model layout's `features_fingerprint`.
+    unlabeled_splits: the model layout's splits written without labels.
   """
 
   id_scheme: str
@@ -191,6 +219,19 @@ class Metadata:
   bad_lines: dict | None = None
   sources: dict | None = None
   version: int = 1
+  layout: str = 'criteo'
+  num_dense: int = 0
+  num_id_columns: int = 0
+  features: list[str] | None = None
+  features_fingerprint: str | None = None
+  unlabeled_splits: list[str] | None = None
+
+  @property
+  def fields(self) -> int:
+    """The int32 fields of a record."""
+    if self.layout == 'model':
+      return 1 + self.num_dense + self.num_id_columns
+    return NUM_FIELDS
 
   @classmethod
   def load(cls, directory: str) -> 'Metadata':
@@ -232,7 +273,9 @@ class BinarySource:
   """Rows of one split of a preprocessed dataset, with random access.
 
   `read(indices)` returns a raw batch with mapped ids:
-  {'label': float32 [n], 'int': int64 [n, 13], 'ids': int32 [n, 26]}.
+  {'label': float32 [n], 'int': int64 [n, 13], 'ids': int32 [n, 26]}; of
+  the model layout, a model batch: {'label': float32 [n], 'dense': float32
+  [n, F] (when F > 0), 'ids': int32 [n, T], MODEL_BATCH: int8 [n]}.
 
   Args:
     directory: the preprocessed dataset.
@@ -264,7 +307,12 @@ class BinarySource:
           f'{directory} has no split {split!r}; it has'
           f' {sorted(self.metadata.splits)}.')
     self.split = split
-    self.parts = [PartFile(os.path.join(directory, p['file']))
+    if self.metadata.layout not in LAYOUTS:
+      raise ValueError(
+          f'{directory}/{METADATA}: layout {self.metadata.layout!r} is not'
+          f' one of {", ".join(LAYOUTS)}.')
+    self.parts = [PartFile(os.path.join(directory, p['file']),
+                           self.metadata.fields)
                   for p in self.metadata.splits[split]]
     for part, info in zip(self.parts, self.metadata.splits[split]):
       if part.num_rows != info['rows']:
@@ -298,10 +346,14 @@ class BinarySource:
     """
     idx = np.asarray(indices, np.int64) + self.offset
     part = np.searchsorted(self._starts, idx, side='right') - 1
-    out = np.empty((len(idx), NUM_FIELDS), np.int32)
+    out = np.empty((len(idx), self.metadata.fields), np.int32)
     for p in np.unique(part):
       sel = part == p
       out[sel] = self.parts[p].read(idx[sel] - self._starts[p])
+    if self.metadata.layout == 'model':
+      return model_batch(out, self.metadata.num_dense,
+                         self.split not in (self.metadata.unlabeled_splits
+                                            or ()))
     return {'label': out[:, 0].astype(np.float32),
             'int': out[:, 1:14].astype(np.int64),
             'ids': out[:, 14:]}
@@ -317,6 +369,105 @@ class BinarySource:
       A raw batch, as `read` gives.
     """
     return self.read(np.arange(start, start + count))
+
+
+def model_records(batch: dict[str, np.ndarray], num_dense: int,
+                  num_id_columns: int) -> np.ndarray:
+  """Packs a model batch into the model layout's int32 records.
+
+  Args:
+    batch: `FeatureTransform.apply`'s 'label' (absent: -1 is written),
+      'dense' `[n, F]` and 'ids' `[n, T]`.
+    num_dense: F.
+    num_id_columns: T.
+
+  Returns:
+    `[n, 1 + F + T]` int32 records; label and dense as float32 bits.
+  """
+  ids = np.asarray(batch['ids'])
+  n = len(ids)
+  rec = np.empty((n, 1 + num_dense + num_id_columns), np.int32)
+  label = np.asarray(batch['label'], np.float32) if 'label' in batch else (
+      np.full(n, -1, np.float32))
+  rec[:, 0] = label.view(np.int32)
+  if num_dense:
+    rec[:, 1:1 + num_dense] = np.ascontiguousarray(
+        batch['dense'], np.float32).view(np.int32)
+  rec[:, 1 + num_dense:] = ids.astype(np.int32)
+  return rec
+
+
+def model_batch(records: np.ndarray, num_dense: int,
+                labeled: bool = True) -> dict[str, np.ndarray]:
+  """Unpacks model-layout records (`model_records`) into a model batch.
+
+  Args:
+    records: `[n, 1 + F + T]` int32 records.
+    num_dense: F.
+    labeled: whether to give the label.
+
+  Returns:
+    'label' (when labeled), 'dense' (when F > 0), 'ids' and MODEL_BATCH.
+  """
+  records = np.ascontiguousarray(records, np.int32)
+  out = {}
+  if labeled:
+    out['label'] = records[:, 0].copy().view(np.float32)
+  if num_dense:
+    out['dense'] = np.ascontiguousarray(
+        records[:, 1:1 + num_dense]).view(np.float32)
+  out['ids'] = np.ascontiguousarray(records[:, 1 + num_dense:])
+  out[MODEL_BATCH] = np.zeros(len(records), np.int8)
+  return out
+
+
+_NOT_DATA = ('embedding_dim', 'embedding_name', 'combiner')
+
+
+def features_fingerprint(transform) -> str:
+  """A digest of what a transform makes of raw rows.
+
+  The features' fields, in group order, less those that do not change the
+  model batch (embedding width and name, combiner).
+
+  Args:
+    transform: a `features.FeatureTransform`.
+
+  Returns:
+    16 hex digits.
+  """
+  parts = []
+  for group, feats in (('dense', transform.dense),
+                       ('sparse', transform.sparse)):
+    for f in feats:
+      d = {k: v for k, v in dataclasses.asdict(f).items()
+           if k not in _NOT_DATA}
+      parts.append([group, type(f).__name__, d])
+  text = json.dumps(parts, sort_keys=True, default=repr)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_features(directory: str, transform) -> None:
+  """Refuses a config whose features differ from a model-layout dataset's.
+
+  Args:
+    directory: the preprocessed dataset.
+    transform: the run's `features.FeatureTransform`.
+
+  Raises:
+    ValueError: naming both fingerprints, when they differ.
+  """
+  meta = Metadata.load(directory)
+  if meta.layout != 'model':
+    return
+  have = features_fingerprint(transform)
+  if have != meta.features_fingerprint:
+    names = [f.name for f in transform.dense + transform.sparse]
+    raise ValueError(
+        f'config.features (fingerprint {have}, features {names}) differ from'
+        f' those {directory} was preprocessed with (fingerprint'
+        f' {meta.features_fingerprint}, features {meta.features}); re-run'
+        ' python -m dlrm_jax.data.preprocess with this config.')
 
 
 def split_files(directory: str, split: str) -> Sequence[str]:

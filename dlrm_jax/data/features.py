@@ -446,12 +446,18 @@ class FeatureTransform:
 
     Returns:
       The model batch, with 'label' when `raw` has one, 'dense' when there is
-      a dense group, and 'ids'. Managed-collision features add their raw
+      a dense group, and 'ids'. A raw batch that is already a model batch
+      (its '_model_batch' key, preprocessed table data) is given back
+      without that key. Managed-collision features add their raw
       values under 'mc_raw' and leave -1 ids for the remapper to fill.
 
     Raises:
       ValueError: if a feature gets more ids per example than its max_ids.
     """
+    if '_model_batch' in raw:
+      # Model batches written ahead of time (preprocessed table configs,
+      # `binary.MODEL_BATCH`): passed through as they are.
+      return {k: v for k, v in raw.items() if k != '_model_batch'}
     out = {}
     if 'label' in raw:
       out['label'] = raw['label'].astype(xp.float32)

@@ -186,6 +186,8 @@ def make_data(spec, *, process_index: int = 0, process_count: int = 1,
   """
   spec = config_lib.run_spec(spec)
   d, kind = spec.data, spec.data.source
+  if kind == 'binary':
+    binary.check_features(d.binary_dir, spec.transform)
   make_batch = make_batch_maker(spec)
   pi, pc = process_index, process_count
   report = criteo.BadLineReport()

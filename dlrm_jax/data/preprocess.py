@@ -21,6 +21,19 @@ Id schemes, as the peers offer:
 Table sizes go to `<output_dir>/metadata.json`, which the trainer reads
 (`config.data.source='binary'`, `config.data.binary_dir=<output_dir>`).
 
+Table configs (`config.data.source='table'`, `dlrm_jax.data.table`):
+
+  python -m dlrm_jax.data.preprocess --config=configs/avazu.py \
+      --config.data.train_path=/data/avazu/train.csv --output_dir=/data/avazu_bin
+
+streams `config.data.train_path` (and `eval_path`) through `TableSource`
+once, in one process, and writes the model batches that
+`FeatureTransform.apply` gives (label, normalized dense values, packed ids:
+`binary.Metadata.layout == 'model'`), with a fingerprint of the features.
+Training on it (`config.data.source='binary'`) takes them as they are and
+refuses a config whose features differ. `--train`/`--eval` override the
+config's paths; the id-scheme flags do not apply (the features map ids).
+
 Each finished unit leaves a marker under `<output_dir>/_work/`; a restarted run
 skips finished units (and finished counting passes), so an interrupted run
 loses at most the units in flight. Malformed lines follow `--bad_lines`.
@@ -43,6 +56,7 @@ import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
+from ml_collections import config_flags
 
 from dlrm_jax import cli
 from dlrm_jax.data import features as features_lib
@@ -534,6 +548,140 @@ def run(train: Sequence[str], output_dir: str, *,
   return meta
 
 
+def run_table(config, output_dir: str, *, train: Sequence[str] = (),
+              eval_paths: Sequence[str] = (), bad_lines: str | None = None,
+              part_rows: int = 1 << 20,
+              progress: bool = True) -> binary.Metadata:
+  """Preprocesses a table config's files into model batches.
+
+  Rows are streamed through `table.TableSource` and mapped by the config's
+  `FeatureTransform.apply` once; the binary parts hold the model layout
+  (`binary.model_records`), `part_rows` rows each.
+
+  Args:
+    config: a config with `data.source='table'`.
+    output_dir: where to write.
+    train: the training files or globs; empty takes
+      `config.data.train_path`.
+    eval_paths: the eval files or globs; empty takes
+      `config.data.eval_path` (none: the trainer takes the train tail).
+    bad_lines: 'error' or 'skip'; None takes `config.data.bad_lines`.
+    part_rows: the rows of each part file.
+    progress: log progress.
+
+  Returns:
+    The metadata it wrote.
+
+  Raises:
+    ValueError: if the config is not a table config, has managed-collision
+      features (their ids are assigned while training), a file is missing,
+      or a row is bad under bad_lines='error'.
+  """
+  from dlrm_jax.config import build as config_lib  # pylint: disable=g-import-not-at-top
+  from dlrm_jax.data import table as table_lib  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references() if hasattr(
+      config, 'copy_and_resolve_references') else config
+  if config.data.source != 'table':
+    raise ValueError(
+        f"config.data.source ({config.data.source!r}) must be 'table' for"
+        ' --config; Criteo text takes --train without --config.')
+  if part_rows < 1:
+    raise ValueError(f'part_rows ({part_rows}) must be >= 1.')
+  with config.unlocked() if hasattr(config, 'unlocked') else _null():
+    if train:
+      config.data.train_path = ','.join(train)
+    if eval_paths:
+      config.data.eval_path = ','.join(eval_paths)
+    if bad_lines:
+      config.data.bad_lines = bad_lines
+    config.data.multi_hot.enabled = False  # bags are expanded when training
+  spec = config_lib.run_spec(config)
+  d, transform = spec.data, spec.transform
+  mc = [f.name for f in transform.sparse
+        if getattr(f, 'managed_collision', None)]
+  if mc:
+    raise ValueError(
+        f'config.features.{mc[0]}.managed_collision: managed-collision ids'
+        ' are assigned while training, so they cannot be preprocessed; use'
+        " config.data.source='table'.")
+  os.makedirs(output_dir, exist_ok=True)
+  side = table_lib.load_side_tables(d.table, d.bad_lines)
+  todo = [('train', table_lib.expand(d.train_path, 'config.data.train_path'),
+           'config.data.train_path', True)]
+  if d.eval_path:
+    todo.append(('eval', table_lib.expand(d.eval_path, 'config.data.eval_path'),
+                 'config.data.eval_path', d.labeled_eval))
+  num_dense, num_ids = transform.num_dense, transform.num_id_columns
+  fields = 1 + num_dense + num_ids
+  splits: dict[str, list[dict]] = {}
+  unlabeled = []
+  bad = {'count': 0, 'examples': []}
+  t0 = time.time()
+  for split, paths, field, labeled in todo:
+    report = criteo.BadLineReport()
+    src = table_lib.TableSource(paths, d.table, labeled=labeled,
+                                bad_lines=d.bad_lines, report=report,
+                                field=field, side=side, stop=1 << 62)
+    if not src.labeled:
+      unlabeled.append(split)
+    os.makedirs(os.path.join(output_dir, split), exist_ok=True)
+    pending, count, parts = [], 0, []
+    rows = 0
+
+    def flush(pending=pending, parts=parts, split=split):
+      if not pending:
+        return
+      records = np.concatenate(pending)
+      pending.clear()
+      name = os.path.join(split, f'part-{len(parts):05d}.bin')
+      binary.write_part(os.path.join(output_dir, name), records,
+                        fields=fields)
+      parts.append({'file': name, 'rows': len(records), 'source': paths,
+                    'byte_range': [None, None]})
+
+    for raw in src.iter_rows():
+      batch = transform.apply(raw)
+      transform.check_ids(batch['ids'], spec.table_rows)
+      rec = binary.model_records(batch, num_dense, num_ids)
+      while len(rec):
+        take = rec[:part_rows - count]
+        pending.append(take)
+        count += len(take)
+        rows += len(take)
+        rec = rec[len(take):]
+        if count == part_rows:
+          flush()
+          count = 0
+      if progress:
+        logging.log_every_n_seconds(
+            logging.INFO, '%s: %s rows, %.0f rows/s', 30, split,
+            f'{rows:,}', rows / max(time.time() - t0, 1e-9))
+    flush()
+    splits[split] = parts
+    bad['count'] += report.count
+    bad['examples'] += report.examples[:max(0, 10 - len(bad['examples']))]
+  meta = binary.Metadata(
+      id_scheme='table', num_buckets=list(spec.table_rows), splits=splits,
+      bad_lines=bad, sources={'train': d.train_path, 'eval': d.eval_path},
+      layout='model', num_dense=num_dense, num_id_columns=num_ids,
+      features=[f.name for f in transform.dense + transform.sparse],
+      features_fingerprint=binary.features_fingerprint(transform),
+      unlabeled_splits=unlabeled)
+  meta.save(output_dir)
+  if bad['count']:
+    logging.warning('%d bad row(s) skipped; first: %s', bad['count'],
+                    '; '.join(bad['examples']))
+  return meta
+
+
+class _null:  # pylint: disable=invalid-name
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
 def define_flags() -> dict:
   """The command line's flags (defined only when run as a program)."""
   return dict(
@@ -559,6 +707,12 @@ def define_flags() -> dict:
                                    'Processes (default: CPUs).'),
       range_mb=flags.DEFINE_integer(
           'range_mb', 128, 'Plain files are cut into ranges of this size.'),
+      part_rows=flags.DEFINE_integer(
+          'part_rows', 1 << 20, 'Table configs: rows per part file.'),
+      config=config_flags.DEFINE_config_file(
+          'config', None, 'A table config (config.data.source=table), with'
+          ' --config.<field> overrides; without it, Criteo text.',
+          lock_config=False),
   )
 
 
@@ -575,11 +729,27 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
   f = {k: v.value for k, v in _FLAGS.items()}
+  if not f['output_dir']:
+    raise app.UsageError('--output_dir is required.')
   # Paths relative to the current directory, made absolute once.
-  f['train'] = cli.absolute_spec(list(f['train']))
+  f['train'] = cli.absolute_spec(list(f['train'] or []))
   f['eval'] = cli.absolute_spec(list(f['eval']))
   f['output_dir'] = cli.absolute(f['output_dir'])
   t0 = time.time()
+  if f['config'] is not None:
+    bad_lines = 'skip' if f['bad_lines'] == 'skip' else None
+    meta = run_table(f['config'], f['output_dir'], train=f['train'],
+                     eval_paths=f['eval'], bad_lines=bad_lines,
+                     part_rows=f['part_rows'])
+    rows = sum(p['rows'] for parts in meta.splits.values() for p in parts)
+    dt = time.time() - t0
+    logging.info('%s rows in %.1fs (%.0f rows/s): model batches of %d dense'
+                 ' and %d id columns; metadata in %s', f'{rows:,}', dt,
+                 rows / max(dt, 1e-9), meta.num_dense, meta.num_id_columns,
+                 os.path.join(f['output_dir'], binary.METADATA))
+    return
+  if not f['train']:
+    raise app.UsageError('--train is required without --config.')
   buckets = [int(b) for b in f['num_buckets']]
   meta = run(f['train'], f['output_dir'], eval_paths=f['eval'],
              id_scheme=f['id_scheme'],
@@ -602,5 +772,4 @@ _FLAGS: dict = {}
 
 if __name__ == '__main__':
   _FLAGS = define_flags()
-  flags.mark_flags_as_required(['train', 'output_dir'])
   cli.run_app(main)
