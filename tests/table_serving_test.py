@@ -41,10 +41,10 @@ def _train(config, workdir):
   config.min_train_steps = 0
   config.eval_every_steps = 20
   config.checkpoint_every_steps = 20
-  train_loop.train_and_evaluate(
-      config, workdir,
-      trainer_lib.Trainer(config, mesh=reference.single_device_mesh()))
-  return offline.load(config, workdir)
+  mesh = reference.single_device_mesh()
+  train_loop.train_and_evaluate(config, workdir,
+                                trainer_lib.Trainer(config, mesh=mesh))
+  return offline.load(config, workdir, mesh=mesh)
 
 
 def _predict(model, path, workdir):

@@ -129,7 +129,7 @@ class TrainedModel:
 
 
 def load(config, workdir: str, step: int | None = None,
-         checkpoint: str | int | None = None) -> TrainedModel:
+         checkpoint: str | int | None = None, mesh=None) -> TrainedModel:
   """Restores a checkpoint of a run.
 
   Args:
@@ -141,6 +141,8 @@ def load(config, workdir: str, step: int | None = None,
       'latest' is the newest good one of `<workdir>/checkpoints`. Damaged
       ones are skipped, never moved. None: 'best' where the run keeps one,
       else 'latest'.
+    mesh: the device mesh of the restored Trainer; None: its default (all
+      devices).
 
   Returns:
     The restored model. Its `description` says which checkpoint it is.
@@ -157,7 +159,7 @@ def load(config, workdir: str, step: int | None = None,
     checkpoint = 'best' if _best_steps(workdir) else 'latest'
   subdir = 'best_checkpoint' if checkpoint == 'best' else 'checkpoints'
   ckpt = ckpt_lib.Checkpointer(workdir, subdir=subdir, create=False)
-  trainer = trainer_lib.Trainer(spec)
+  trainer = trainer_lib.Trainer(spec, mesh=mesh)
   host = trainer.new_host_state()
 
   restore = functools.partial(trainer.restore, ckpt, host=host)
