@@ -263,6 +263,7 @@ def padded_scorer(model: export_runtime.LoadedModel
     `score(inputs)`, which returns `[B]` probabilities.
   """
   fixed = model.signature.get('batch_size')
+  table = getattr(model, 'is_table', False)
 
   def pad(x, n):
     """Pads an array with zero rows to `n` rows.
@@ -288,7 +289,7 @@ def padded_scorer(model: export_runtime.LoadedModel
       The probabilities, `[B]`.
     """
     n = _num_rows(inputs)
-    if model.is_table:
+    if table:
       call = lambda part: model.scores_columns(part)
     else:
       call = lambda part: model.scores(*(part[k] for k in INPUTS))
