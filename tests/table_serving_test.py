@@ -8,11 +8,15 @@ one-line errors naming the instance and the column.
 """
 
 import asyncio
+import contextlib
 import csv
+import io
 import itertools
 import json
 import os
+import runpy
 import shutil
+import sys
 import tempfile
 import threading
 import unittest
@@ -33,6 +37,28 @@ from tests import reference
 from tests import shared_data
 
 _ROWS = 200  # rows scored by predict and by the export
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _serve_stdin(export_dir: str, lines: list[str]) -> tuple[int, list[str]]:
+  """`examples/serve_stdin.py export_dir < lines`, in this process: its exit
+  status and output lines."""
+  stdout, stderr = io.StringIO(), io.StringIO()
+  argv, stdin = sys.argv, sys.stdin
+  sys.argv = ['serve_stdin.py', export_dir, '--batch', '3']
+  sys.stdin = io.StringIO(''.join(l + '\n' for l in lines))
+  code = 0
+  try:
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(
+        stderr):
+      try:
+        runpy.run_path(os.path.join(_ROOT, 'examples', 'serve_stdin.py'),
+                       run_name='__main__')
+      except SystemExit as e:
+        code = e.code or 0
+  finally:
+    sys.argv, sys.stdin = argv, stdin
+  return code, stdout.getvalue().splitlines()
 
 
 def _train(config, workdir):
@@ -264,6 +290,19 @@ class MovieLensServingTest(absltest.TestCase):
       np.testing.assert_array_equal(direct[k], joined[k], err_msg=k)
     np.testing.assert_allclose(self.loaded.scores_columns(direct),
                                self.want[:20], atol=1e-6)
+
+  def test_stdin_json_lines(self):
+    lines = [json.dumps({'user_id': int(u), 'item_id': int(i)})
+             for u, i, _, _ in self.ratings[:5]]
+    lines.insert(2, json.dumps({'user_id': 1}))
+    lines.insert(4, 'not json')
+    code, out = _serve_stdin(self.export_dir, lines)
+    self.assertEqual(code, 1)
+    self.assertEqual(out[2], "error\tinstances[2]: column 'item_id' is"
+                     ' missing.')
+    self.assertRegex(out[4], r'^error\tinstances\[4\]: not valid JSON')
+    got = [float(x) for k, x in enumerate(out) if k not in (2, 4)]
+    np.testing.assert_allclose(got, self.want[:5], atol=1e-6)
 
   def test_bad_requests_name_the_instance_and_column(self):
     good = {'user_id': 196, 'item_id': 242}

@@ -268,3 +268,35 @@ class ColumnEncoder:
       v, b, reason = table.encode_bag(arr, r)
       values[idx], bad[idx] = v, b
     return values, bad, reason
+
+
+def score_instances(model, encoder: ColumnEncoder, instances: Sequence[Any],
+                    first: int = 0) -> list[float | str]:
+  """Scores the valid instances of a tabular export; a bad one does not stop
+  the others.
+
+  Args:
+    model: the loaded export (`runtime.LoadedModel`).
+    encoder: its encoder.
+    instances: one dict per row.
+    first: the index of `instances[0]` in messages.
+
+  Returns:
+    Per instance, its probability or its one-line error,
+    `instances[N]...`.
+  """
+  from dlrm_jax.serving import server  # pylint: disable=g-import-not-at-top
+  errors: dict[int, str] = {}
+  live = list(range(len(instances)))
+  while live:
+    try:
+      inputs = encoder.encode([instances[i] for i in live])
+      break
+    except ColumnError as e:
+      i = live[e.row]
+      errors[i] = str(e).replace(f'instances[{e.row}]',
+                                 f'instances[{first + i}]', 1)
+      live.remove(i)
+  probs = iter(server.padded_scorer(model)(inputs).tolist() if live else [])
+  return [errors[i] if i in errors else next(probs)
+          for i in range(len(instances))]
