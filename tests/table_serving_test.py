@@ -131,6 +131,32 @@ class _Server:
     self._thread.join(30)
 
 
+class ColumnEncoderTest(absltest.TestCase):
+  """The encoder alone: the reader's functions on request values."""
+
+  def test_bags_as_lists_or_joined_text_and_the_readers_ids(self):
+    from dlrm_jax.data import table  # pylint: disable=g-import-not-at-top
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    tags = table.ColumnRead('tags', 'string', separator='|', max_len=3)
+    n = table.ColumnRead('n', 'int')
+    enc = columns_lib.ColumnEncoder([tags, n])
+    got = enc.encode([{'tags': 'a|b', 'n': 7}, {'tags': ['a', 'b'], 'n': '7'},
+                      {'tags': None, 'n': None}, {'tags': '', 'n': ''}])
+    want, _, _ = table.encode_bag(pa.array(['a|b'] * 2 + [None, ''],
+                                           pa.string()), tags)
+    np.testing.assert_array_equal(got['tags:present'], want >= 0)
+    np.testing.assert_array_equal(got['tags'], np.where(want >= 0, want, 0))
+    np.testing.assert_array_equal(got['n'], [7, 7, 0, 0])
+    np.testing.assert_array_equal(got['n:present'], [1, 1, 0, 0])
+    with self.assertRaisesRegex(
+        columns_lib.ColumnError,
+        r"^instances\[1\]\.tags \('a\|b\|c\|d'\) is not text, at most 3"):
+      enc.encode([{'tags': 'a', 'n': 1}, {'tags': 'a|b|c|d', 'n': 1}])
+    with self.assertRaisesRegex(columns_lib.ColumnError,
+                                r"^instances\[0\]\.n \(True\) must be"):
+      enc.encode([{'tags': 'a', 'n': True}])
+
+
 class AvazuServingTest(absltest.TestCase):
   """Avazu: a CSV with a header, every column hashed as text, a cross."""
 
