@@ -75,7 +75,8 @@ _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', None, 'eval/predict/export: best, latest or a step'
     ' (default: best where the run keeps one, else latest).')
 _INPUT = flags.DEFINE_list(
-    'input', [], 'eval/predict: Criteo text files (file, glob or list).')
+    'input', [], 'eval/predict: Criteo text files, or a tabular config\'s'
+    ' files (file, glob or list).')
 _OUTPUT = flags.DEFINE_string(
     'output', None, 'predict: the scores file; export: the directory;'
     ' eval with --input: the metrics file.')

@@ -49,3 +49,17 @@ def avazu_file(test: absltest.TestCase) -> str:
         " 'shared' folder (with data/avazu), or put it beside the checkout"
         ' (../shared).')
   return path
+
+
+def avazu_sample() -> str | None:
+  """The shared Avazu sample (9,999 rows with a header), or None."""
+  d = shared_dir()
+  path = d and os.path.join(d, 'data', 'avazu', 'avazu_train_head_9999.csv')
+  return path if path and os.path.isfile(path) else None
+
+
+def movielens_sample() -> str | None:
+  """The shared MovieLens 100K folder, or None (`movielens_dir` skips)."""
+  d = shared_dir()
+  path = d and os.path.join(d, 'data', 'movielens', 'ml-100k')
+  return path if path and os.path.isdir(path) else None

@@ -20,7 +20,18 @@ The function takes, for B rows:
   int:         int32  [B, 13]  Criteo's integer columns, missing written 0
   cat:         uint32 [B, 26]  the categorical hashes (the 8 hex digits)
   cat_present: bool   [B, 26]  False where a categorical value is missing
-and returns float32 [B] probabilities. `load_export` loads it with jax and
+and returns float32 [B] probabilities. For a config of the tabular source
+(`config.data.source='table'`) it takes instead one input per column the
+features read (`dlrm_jax.data.table.ColumnRead`), in the order of
+`signature['columns']`, encoded on the host by `dlrm_jax.serving.columns`
+with the training reader's own functions:
+  <column>:         float32 [B] for a 'float' read (missing written 0);
+                    uint32 [B] (or [B, L] for a bag) encoded values, else
+  <column>:present  bool, the same shape: False where a value is missing
+                    (or a bag slot is padding)
+and maps them to rows with `FeatureTransform.apply(raw, xp=jnp)`, the
+transform of training; the side tables are copied into `side/` for the
+host's join. `load_export` loads it with jax and
 numpy only (`dlrm_jax.serving.runtime`, a file without other dlrm_jax
 imports), checks inputs and calls it.
 
@@ -40,6 +51,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any, Callable, Sequence
 
 import jax
@@ -53,6 +65,7 @@ from dlrm_jax.embedding import table_access
 from dlrm_jax.serving import tables as export_tables
 from dlrm_jax.serving.runtime import INPUTS, NUM_CAT, NUM_INT  # pylint: disable=unused-import
 from dlrm_jax.serving.runtime import LoadedModel, load_export, parse_rows  # pylint: disable=unused-import
+from dlrm_jax.serving.runtime import column_inputs
 
 
 class ServingModel:
@@ -109,7 +122,14 @@ class ServingModel:
     self._table_of = {f.name: f.table for f in setup.feature_specs}
     self._combiner = {t.name: t.combiner for t in setup.tables}
     self.id_tables = dict(id_tables or {})
+    data = getattr(setup, 'data', None)
+    self.table = data.table if getattr(data, 'source', None) == 'table' else (
+        None)
     self._check_sparse_features()
+    if self.table is not None and request_columns:
+      raise ValueError(
+          f'request_columns ({list(request_columns)}): input tiling takes'
+          " Criteo's int_<i>/cat_<j> columns; a tabular config has none.")
     for c in request_columns:
       features_lib.parse_input(c, path='request_columns')
     self.request_columns = tuple(request_columns)
@@ -120,8 +140,11 @@ class ServingModel:
     self._params = None
 
   def _check_sparse_features(self) -> None:
-    """Each sparse feature can be computed from one raw value per row."""
+    """Each sparse feature can be computed from one raw value per row (a
+    tabular config's bags are inputs themselves)."""
     for f in self.transform.sparse:
+      if self.table is not None:
+        break
       hot = (1 if self.multi_hot is None else
              self.multi_hot.hotness[self._packed_index[f.name]])
       if f.max_ids != hot:
@@ -204,6 +227,79 @@ class ServingModel:
                                    sparse, train=False)
     return out['probs']
 
+  def columns_signature(self) -> list[dict[str, Any]]:
+    """The column reads of a tabular config, as signature.json holds them."""
+    return [{'name': r.name, 'kind': r.kind, 'separator': r.separator,
+             'max_len': r.max_len, 'bag': r.is_bag,
+             'flags': list(r.flags) if r.flags else None,
+             'feature': r.feature} for r in self.table.reads]
+
+  def forward_columns(self, params, *columns) -> jax.Array:
+    """Computes the probabilities of encoded columns (a tabular config).
+
+    Args:
+      params: the function's parameters, as `params` holds them.
+      *columns: the inputs of `runtime.column_inputs`, in its order: float32
+        `[B]` per 'float' read; uint32 `[B]` or `[B, L]` values and their
+        bool present mask per other read.
+
+    Returns:
+      The probabilities, `[B]`.
+    """
+    args = dict(zip((n for n, _, _ in column_inputs(
+        self.columns_signature())), columns))
+    # The id mapping runs on int64 values, -1 missing, as on the host; the
+    # inputs stay uint32 so that the export is called without x64.
+    with jax.enable_x64(True):
+      raw = {}
+      for r in self.table.reads:
+        if r.kind == 'float':
+          raw[r.name] = args[r.name]
+        else:
+          raw[r.name] = jnp.where(args[r.name + ':present'],
+                                  args[r.name].astype(jnp.int64), -1)
+      batch = self.transform.apply(raw, xp=jnp)
+      ids = batch['ids'].astype(jnp.int32)
+      for name, values in batch.get('mc_raw', {}).items():
+        ids = self._remap(params, ids, name, values)
+      dense = batch.get('dense')
+    embs = []
+    for f, off in zip(self.transform.sparse, self.transform.id_offsets):
+      cols = ids[:, off:off + f.max_ids]
+      admitted = params['admission'].get(f.name)
+      if admitted is not None:
+        cols = jnp.where(cols >= 0, _admit(jnp.maximum(cols, 0), admitted),
+                         cols)
+      table = params['tables'][self._table_of[f.name]]
+      if f.max_ids == 1:
+        embs.append(export_tables.take_rows(table, cols[:, 0]))
+      else:
+        embs.append(pooling.pool(
+            export_tables.take_rows(table, jnp.maximum(cols, 0)), cols >= 0,
+            self._combiner[self._table_of[f.name]]))
+    out = self.trainer.arches.apply(params['variables'], dense,
+                                   jnp.stack(embs, axis=1), train=False)
+    return out['probs']
+
+  def _remap(self, params, ids, name: str, values):
+    """`ids` with a managed-collision feature's columns mapped by its table
+    (`[B, L]` int64 raw values, -1 missing or padding)."""
+    k = self._packed_index[name]
+    off = self.transform.id_offsets[k]
+    width = self.transform.id_widths[k]
+    keys, rows, unknown = params['id_tables'][name]
+    missing = values < 0
+    mapped = features_lib.lookup_sorted(
+        jnp.where(missing, 0, values).astype(jnp.uint32).reshape(-1), keys,
+        rows, unknown, missing.reshape(-1), jnp).reshape(values.shape)
+    if width > 1:
+      mapped = jnp.where(missing, -1, mapped)
+    pad = width - mapped.shape[1]
+    if pad:
+      mapped = jnp.concatenate(
+          [mapped, jnp.full((mapped.shape[0], pad), -1, jnp.int32)], axis=1)
+    return ids.at[:, off:off + width].set(mapped.astype(jnp.int32))
+
   def _split(self, kind: str) -> tuple[list[int], list[int]]:
     """The request-level and the candidate columns of one kind ('int' or
     'cat'), as column numbers."""
@@ -285,7 +381,19 @@ class ServingModel:
   # In-process scores and the export.
 
   def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    """In-process scores (the reference the export is checked against)."""
+    """In-process scores (the reference the export is checked against).
+
+    Args:
+      inputs: {'int', 'cat', 'cat_present'}, or for a tabular config the
+        encoded columns (`dlrm_jax.serving.columns.ColumnEncoder`).
+
+    Returns:
+      The probabilities, `[B]`.
+    """
+    if self.table is not None:
+      names = [n for n, _, _ in column_inputs(self.columns_signature())]
+      return np.asarray(jax.jit(self.forward_columns)(
+          self.params, *(jnp.asarray(inputs[k]) for k in names)))
     return np.asarray(jax.jit(self.forward)(
         self.params, *(jnp.asarray(inputs[k]) for k in INPUTS)))
 
@@ -307,8 +415,12 @@ class ServingModel:
     leaves, treedef = jax.tree.flatten(self._abstract_params())
     b = jax.export.symbolic_shape('b')[0] if batch_size is None else int(
         batch_size)
-    exported = _export(self.forward, leaves, treedef,
-                       _row_specs(b, NUM_INT, NUM_CAT))
+    if self.table is not None:
+      exported = _export(self.forward_columns, leaves, treedef,
+                         _column_specs(b, self.columns_signature()))
+    else:
+      exported = _export(self.forward, leaves, treedef,
+                         _row_specs(b, NUM_INT, NUM_CAT))
     if chief:
       _write(os.path.join(out_dir, 'model.stablehlo'), exported.serialize())
     table_files = export_tables.write_tables(self.trainer.engine, self._emb,
@@ -325,6 +437,12 @@ class ServingModel:
         _write(os.path.join(out_dir, 'tiled.stablehlo'), tiled.serialize())
       sig['tiled'] = {'request_int': ri, 'request_cat': rc,
                       'candidate_int': ci, 'candidate_cat': cc}
+    if self.table is not None:
+      sig['inputs'] = {n: [*shape, dtype] for n, shape, dtype in
+                       column_inputs(self.columns_signature())}
+      sig['source'] = 'table'
+      sig['columns'] = self.columns_signature()
+      sig['side_tables'] = _side_tables(self.table, out_dir, chief)
     if chief:
       _write_small_params(out_dir, leaves, files)
       with open(os.path.join(out_dir, 'signature.json'), 'w') as f:
@@ -366,6 +484,32 @@ def _row_specs(rows, num_int: int, num_cat: int) -> list[jax.ShapeDtypeStruct]:
   return [jax.ShapeDtypeStruct((rows, num_int), np.int32),
           jax.ShapeDtypeStruct((rows, num_cat), np.uint32),
           jax.ShapeDtypeStruct((rows, num_cat), np.bool_)]
+
+
+def _column_specs(rows, reads: list[dict[str, Any]]
+                  ) -> list[jax.ShapeDtypeStruct]:
+  """The column inputs of `rows` rows (`runtime.column_inputs`)."""
+  return [jax.ShapeDtypeStruct((rows,) + tuple(shape[1:]), np.dtype(dtype))
+          for _, shape, dtype in column_inputs(reads)]
+
+
+def _side_tables(spec, out_dir: str, chief: bool) -> list[dict[str, Any]]:
+  """Copies a table spec's side tables into `out_dir/side/` (process 0) and
+  says how to read them back (signature.json's 'side_tables')."""
+  out = []
+  for t in spec.side_tables:
+    rel = os.path.join('side', t.name + '_' + os.path.basename(t.path))
+    if chief:
+      os.makedirs(os.path.join(out_dir, 'side'), exist_ok=True)
+      shutil.copyfile(t.path, os.path.join(out_dir, rel))
+    f = t.format
+    out.append({'name': t.name, 'file': rel, 'key': t.key,
+                'join_on': t.join_on,
+                'format': {'format': f.format, 'delimiter': f.delimiter,
+                           'header': f.header, 'columns': list(f.columns),
+                           'encoding': f.encoding,
+                           'quote_char': f.quote_char}})
+  return out
 
 
 def _export(fn: Callable, leaves: list, treedef,

@@ -30,6 +30,7 @@ from dlrm_jax.data import inputs
 from dlrm_jax.data import pipeline
 from dlrm_jax.data import rows as rows_lib
 from dlrm_jax.data import preprocess
+from dlrm_jax.data import table as table_lib
 
 
 @dataclasses.dataclass
@@ -128,7 +129,7 @@ class TrainedModel:
 
 
 def load(config, workdir: str, step: int | None = None,
-         checkpoint: str | int | None = None) -> TrainedModel:
+         checkpoint: str | int | None = None, mesh=None) -> TrainedModel:
   """Restores a checkpoint of a run.
 
   Args:
@@ -140,6 +141,8 @@ def load(config, workdir: str, step: int | None = None,
       'latest' is the newest good one of `<workdir>/checkpoints`. Damaged
       ones are skipped, never moved. None: 'best' where the run keeps one,
       else 'latest'.
+    mesh: the device mesh of the restored Trainer; None: its default (all
+      devices).
 
   Returns:
     The restored model. Its `description` says which checkpoint it is.
@@ -156,7 +159,7 @@ def load(config, workdir: str, step: int | None = None,
     checkpoint = 'best' if _best_steps(workdir) else 'latest'
   subdir = 'best_checkpoint' if checkpoint == 'best' else 'checkpoints'
   ckpt = ckpt_lib.Checkpointer(workdir, subdir=subdir, create=False)
-  trainer = trainer_lib.Trainer(spec)
+  trainer = trainer_lib.Trainer(spec, mesh=mesh)
   host = trainer.new_host_state()
 
   restore = functools.partial(trainer.restore, ckpt, host=host)
@@ -232,6 +235,48 @@ def _batches(model: TrainedModel, paths: Sequence[str], labeled: bool
     yield maker(model.raw_to_model_rows(chunk)), n
 
 
+def _table_batches(model: TrainedModel, paths: Sequence[str],
+                   labeled: bool | None = None
+                   ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+  """Model batches of a tabular config's files in order (the training
+  reader, `table.TableSource`, side tables joined); the last is padded.
+
+  Args:
+    model: the restored model.
+    paths: the files.
+    labeled: whether to read the label; None: where the first file has the
+      label column.
+  """
+  b = model.spec.loop.eval_batch_size
+  spec = model.spec.data.table
+  if labeled is None:
+    labeled = spec.label is not None and spec.label.column in (
+        table_lib.file_columns(paths[0], spec.format))
+  src = table_lib.TableSource(paths, spec, labeled=labeled,
+                              bad_lines='error', field='--input')
+  maker = inputs.make_batch_maker(model.spec)
+  held: list[dict[str, np.ndarray]] = []
+  count = 0
+
+  def cut(rows: dict[str, np.ndarray]):
+    n = len(next(iter(rows.values())))
+    rows = pipeline.pad_rows(rows, b)
+    if not labeled:
+      rows['label'] = np.zeros(b, np.float32)
+    return maker(rows), n
+
+  for chunk in src.iter_rows():
+    held.append(chunk)
+    count += len(next(iter(chunk.values())))
+    while count >= b:
+      rows = {k: np.concatenate([h[k] for h in held]) for k in held[0]}
+      yield cut({k: v[:b] for k, v in rows.items()})
+      held, count = [{k: v[b:] for k, v in rows.items()}], count - b
+  if count:
+    rows = {k: np.concatenate([h[k] for h in held]) for k in held[0]}
+    yield cut(rows)
+
+
 def predict(model: TrainedModel, paths: Sequence[str] | str,
             output: str) -> int:
   """Writes one score per input row, in input order.
@@ -241,7 +286,9 @@ def predict(model: TrainedModel, paths: Sequence[str] | str,
 
   Args:
     model: the restored model.
-    paths: the Criteo files, or a glob.
+    paths: the Criteo files, or a glob; for a tabular config
+      (`config.data.source='table'`), files of its table, read as training
+      reads them (side tables joined), labeled or not.
     output: the scores file, one probability a line.
 
   Returns:
@@ -252,17 +299,20 @@ def predict(model: TrainedModel, paths: Sequence[str] | str,
       malformed, or the run has several processes.
   """
   paths = criteo.expand_paths(paths, field='--input')
-  labeled = {_labeled(p) for p in paths}
-  if len(labeled) != 1:
-    raise ValueError(f'--input mixes labeled and unlabeled files: {paths}.')
-  labeled = labeled.pop()
+  if model.spec.data.source == 'table':
+    batches = _table_batches(model, paths)
+  else:
+    labeled = {_labeled(p) for p in paths}
+    if len(labeled) != 1:
+      raise ValueError(f'--input mixes labeled and unlabeled files: {paths}.')
+    batches = _batches(model, paths, labeled.pop())
   if jax.process_count() > 1:
     raise ValueError('--mode=predict runs in one process.')
   total = 0
   tmp = output + '.tmp'
   try:
     with open(tmp, 'w') as out:
-      for batch, n in _batches(model, paths, labeled):
+      for batch, n in batches:
         probs = model.trainer.predict(model.state, batch, model.host)[:n]
         out.write(''.join(f'{p:.7f}\n' for p in probs))
         total += n
@@ -293,7 +343,10 @@ def eval_predictions(model: TrainedModel,
   if paths:
     paths = criteo.expand_paths(paths, field='--input')
     probs, labels = [], []
-    for batch, n in _batches(model, paths, True):
+    batches = (_table_batches(model, paths, True)
+               if model.spec.data.source == 'table' else
+               _batches(model, paths, True))
+    for batch, n in batches:
       probs.append(model.trainer.predict(model.state, batch, model.host)[:n])
       labels.append(batch['label'][:n])
     probs, labels = np.concatenate(probs), np.concatenate(labels)

@@ -23,6 +23,29 @@ INPUTS = ('int', 'cat', 'cat_present')
 _DTYPES = {'int': np.int32, 'cat': np.uint32, 'cat_present': np.bool_}
 
 
+def column_inputs(reads: Sequence[dict]) -> list[tuple[str, tuple, str]]:
+  """The inputs of a tabular export's function, in the order it takes them.
+
+  Args:
+    reads: the column reads, as signature.json's 'columns' holds them.
+
+  Returns:
+    `(name, shape, dtype)` per input: `(column, ('B',), 'float32')` for a
+    'float' read; else `(column, shape, 'uint32')` and
+    `(column + ':present', shape, 'bool')`, shape `('B',)`, or
+    `('B', max_len)` for a bag.
+  """
+  out = []
+  for r in reads:
+    shape = ('B', r['max_len']) if r['bag'] else ('B',)
+    if r['kind'] == 'float':
+      out.append((r['name'], shape, 'float32'))
+    else:
+      out.append((r['name'], shape, 'uint32'))
+      out.append((r['name'] + ':present', shape, 'bool'))
+  return out
+
+
 class LoadedModel:
   """An exported model, loaded.
 
@@ -49,6 +72,9 @@ class LoadedModel:
     with open(os.path.join(export_dir, 'model.stablehlo'), 'rb') as f:
       self._fn = jax.export.deserialize(bytearray(f.read()))
     self._params = load_params(export_dir, self.signature)
+    self.columns = self.signature.get('columns')
+    self.inputs = (column_inputs(self.columns) if self.columns is not None
+                   else None)
     self._tiled = None
     tiled_path = os.path.join(export_dir, 'tiled.stablehlo')
     if os.path.exists(tiled_path):
@@ -81,6 +107,10 @@ class LoadedModel:
       ValueError: a shape is wrong, the inputs disagree on B, or B differs
         from an export's fixed batch size.
     """
+    if self.columns is not None:
+      raise ValueError(
+          'this export reads columns by name (a tabular config): call'
+          ' scores_columns with the encoded columns, not int/cat/cat_present.')
     a = self._check('int', int_, NUM_INT)
     b = self._check('cat', cat, NUM_CAT)
     c = self._check('cat_present', cat_present, NUM_CAT)
@@ -94,6 +124,46 @@ class LoadedModel:
           f'this export takes batches of exactly {fixed} rows, got'
           f' {a.shape[0]}; export with a symbolic batch size to take any.')
     return np.asarray(self._fn.call(*self._params, a, b, c))
+
+  @property
+  def is_table(self) -> bool:
+    """Whether it takes named columns (`scores_columns`)."""
+    return self.columns is not None
+
+  def scores_columns(self, columns: dict[str, np.ndarray]) -> np.ndarray:
+    """Scores B rows of a tabular export's encoded columns.
+
+    Args:
+      columns: one array per input of `self.inputs` (`column_inputs`), as
+        `dlrm_jax.serving.columns.ColumnEncoder.encode` gives them.
+
+    Returns:
+      The probabilities, `[B]`.
+
+    Raises:
+      ValueError: the export is Criteo's, an input is missing, a shape is
+        wrong or the inputs disagree on B.
+    """
+    if self.inputs is None:
+      raise ValueError('this export takes int/cat/cat_present: call scores.')
+    args, rows = [], None
+    for name, shape, dtype in self.inputs:
+      if name not in columns:
+        raise ValueError(f'input {name!r} is missing.')
+      x = np.asarray(columns[name])
+      rows = x.shape[0] if rows is None and x.ndim else rows
+      if x.ndim != len(shape) or x.shape[0] != rows or (
+          tuple(x.shape[1:]) != tuple(shape[1:])):
+        raise ValueError(
+            f'input {name!r} must have shape {[rows, *shape[1:]]}, got'
+            f' {list(x.shape)}.')
+      args.append(x.astype(dtype))
+    fixed = self.signature.get('batch_size')
+    if fixed is not None and rows != fixed:
+      raise ValueError(
+          f'this export takes batches of exactly {fixed} rows, got {rows};'
+          ' export with a symbolic batch size to take any.')
+    return np.asarray(self._fn.call(*self._params, *args))
 
   def scores_tiled(self, request: dict[str, np.ndarray],
                    candidates: dict[str, np.ndarray]) -> np.ndarray:

@@ -18,6 +18,13 @@ Endpoints (JSON in and out):
                 400 {"error": "...", "row": i} for a malformed request (bad
                 JSON, wrong field count, a bad value: the error names the
                 row); the server keeps serving.
+                A tabular export (`config.data.source='table'`) takes
+                {"instances": [{"site_id": "1fbe01fe", "C1": 1005, ...}]}:
+                objects keyed by the config's column names, encoded as
+                training encodes them (`dlrm_jax.serving.columns`: side-table
+                columns by their join key or given directly); a column that
+                is absent or a value that does not parse is a 400 naming the
+                instance and the column.
 
 Dynamic batching: requests are queued; one worker takes the first, adds
 queued requests until `max_batch` rows or `max_wait_ms` have passed, scores
@@ -186,12 +193,15 @@ def parse_instances(instances: Sequence[Any]) -> dict[str, np.ndarray]:
   return {'int': ints, 'cat': cat, 'cat_present': present}
 
 
-def parse_request(body: bytes, max_rows: int) -> dict[str, np.ndarray]:
+def parse_request(body: bytes, max_rows: int, encoder=None
+                  ) -> dict[str, np.ndarray]:
   """Parses a /score request body into the export's inputs.
 
   Args:
     body: the request body, JSON with "rows" or "instances".
     max_rows: the most rows one request may hold.
+    encoder: for a tabular export, its `columns.ColumnEncoder`: the body
+      then holds "instances" keyed by column name.
 
   Returns:
     {'int', 'cat', 'cat_present'} arrays.
@@ -216,7 +226,22 @@ def parse_request(body: bytes, max_rows: int) -> dict[str, np.ndarray]:
   if len(items) > max_rows:
     raise BadRequest(
         f'"{key}" has {len(items)} entries; at most {max_rows} per request.')
+  if encoder is not None:
+    if key == 'rows':
+      raise BadRequest(
+          'this export reads columns by name: send "instances", objects keyed'
+          f' by column ({", ".join(encoder.columns[:4])}, ...), not "rows".')
+    from dlrm_jax.serving import columns as columns_lib  # pylint: disable=g-import-not-at-top
+    try:
+      return encoder.encode(items)
+    except columns_lib.ColumnError as e:
+      raise BadRequest(str(e), e.row) from e
   return parse_text_rows(items) if key == 'rows' else parse_instances(items)
+
+
+def _num_rows(inputs: dict[str, np.ndarray]) -> int:
+  """B, the rows of a batch of inputs."""
+  return len(next(iter(inputs.values())))
 
 
 # ----------------------------------------------------------------------------
@@ -238,6 +263,7 @@ def padded_scorer(model: export_runtime.LoadedModel
     `score(inputs)`, which returns `[B]` probabilities.
   """
   fixed = model.signature.get('batch_size')
+  table = getattr(model, 'is_table', False)
 
   def pad(x, n):
     """Pads an array with zero rows to `n` rows.
@@ -256,20 +282,25 @@ def padded_scorer(model: export_runtime.LoadedModel
     """Scores a batch of any size.
 
     Args:
-      inputs: {'int', 'cat', 'cat_present'} arrays of B rows.
+      inputs: {'int', 'cat', 'cat_present'} arrays of B rows, or a tabular
+        export's columns.
 
     Returns:
       The probabilities, `[B]`.
     """
-    n = len(inputs['int'])
+    n = _num_rows(inputs)
+    if table:
+      call = lambda part: model.scores_columns(part)
+    else:
+      call = lambda part: model.scores(*(part[k] for k in INPUTS))
     if fixed:
       out = []
       for a in range(0, n, fixed):
-        part = [pad(inputs[k][a:a + fixed], fixed) for k in INPUTS]
-        out.append(model.scores(*part)[:min(fixed, n - a)])
+        part = {k: pad(v[a:a + fixed], fixed) for k, v in inputs.items()}
+        out.append(call(part)[:min(fixed, n - a)])
       return np.concatenate(out)
     size = max(8, 1 << (n - 1).bit_length())
-    return model.scores(*(pad(inputs[k], size) for k in INPUTS))[:n]
+    return call({k: pad(v, size) for k, v in inputs.items()})[:n]
 
   return score
 
@@ -327,7 +358,7 @@ class Batcher:
     loop = asyncio.get_running_loop()
     first = self._held or await self._queue.get()
     self._held = None
-    batch, rows = [first], len(first.inputs['int'])
+    batch, rows = [first], _num_rows(first.inputs)
     deadline = loop.time() + self.max_wait_s
     while rows < self.max_batch:
       timeout = deadline - loop.time()
@@ -336,7 +367,7 @@ class Batcher:
                 await asyncio.wait_for(self._queue.get(), timeout))
       except (asyncio.TimeoutError, asyncio.QueueEmpty):
         break
-      n = len(item.inputs['int'])
+      n = _num_rows(item.inputs)
       if rows + n > self.max_batch:
         self._held = item  # opens the next batch
         break
@@ -349,7 +380,7 @@ class Batcher:
     while True:
       batch = await self._next_batch()
       inputs = {k: np.concatenate([it.inputs[k] for it in batch])
-                for k in INPUTS}
+                for k in batch[0].inputs}
       try:
         scores = await loop.run_in_executor(self._pool, self.score, inputs)
       except Exception as e:  # pylint: disable=broad-except
@@ -361,7 +392,7 @@ class Batcher:
       self.rows += len(scores)
       start = 0
       for it in batch:
-        n = len(it.inputs['int'])
+        n = _num_rows(it.inputs)
         if not it.future.done():
           it.future.set_result(scores[start:start + n])
         start += n
@@ -382,7 +413,8 @@ class Batcher:
 
 
 def make_app(batcher: Batcher, *, max_request_rows: int = 4096,
-             max_body_bytes: int = 16 << 20, info: dict | None = None):
+             max_body_bytes: int = 16 << 20, info: dict | None = None,
+             encoder=None):
   """Builds the aiohttp application: /health and /score over `batcher`.
 
   Args:
@@ -390,6 +422,7 @@ def make_app(batcher: Batcher, *, max_request_rows: int = 4096,
     max_request_rows: the most rows one request may hold.
     max_body_bytes: the largest request body.
     info: extra fields for /health.
+    encoder: a tabular export's `columns.ColumnEncoder`, or None.
 
   Returns:
     The `aiohttp.web.Application`.
@@ -408,7 +441,8 @@ def make_app(batcher: Batcher, *, max_request_rows: int = 4096,
 
   async def score(request):
     try:
-      inputs = parse_request(await request.read(), max_request_rows)
+      inputs = parse_request(await request.read(), max_request_rows,
+                             encoder)
     except BadRequest as e:
       body = {'error': str(e)}
       if e.row is not None:
@@ -469,11 +503,20 @@ async def serve(export_dir: str, *, host: str = '127.0.0.1', port: int = 0,
   progress(f'loading the export {export_dir}')
   model = export_runtime.load_export(export_dir)
   score = padded_scorer(model)
+  encoder = None
+  if model.is_table:
+    from dlrm_jax.serving import columns as columns_lib  # pylint: disable=g-import-not-at-top
+    progress('loading the side tables')
+    encoder = columns_lib.ColumnEncoder.from_export(export_dir,
+                                                    model.signature)
   batcher = Batcher(score, max_batch=max_batch, max_wait_s=max_wait_ms / 1e3)
   # Compile the shapes the batcher uses before taking traffic.
-  warm = {k: np.zeros((1,) + s, d) for k, s, d in (
-      ('int', (NUM_INT,), np.int32), ('cat', (NUM_CAT,), np.uint32),
-      ('cat_present', (NUM_CAT,), bool))}
+  if model.is_table:
+    warm = {k: np.zeros((1,) + tuple(s[1:]), d) for k, s, d in model.inputs}
+  else:
+    warm = {k: np.zeros((1,) + s, d) for k, s, d in (
+        ('int', (NUM_INT,), np.int32), ('cat', (NUM_CAT,), np.uint32),
+        ('cat_present', (NUM_CAT,), bool))}
   size = 1
   progress('compiling the batch sizes the server uses (up to'
            f' {model.signature.get("batch_size") or max_batch} rows)')
@@ -484,7 +527,8 @@ async def serve(export_dir: str, *, host: str = '127.0.0.1', port: int = 0,
     size *= 2
   app = make_app(batcher, max_request_rows=max_request_rows,
                  info={'export': export_dir,
-                       'quantize': model.signature.get('quantize')})
+                       'quantize': model.signature.get('quantize')},
+                 encoder=encoder)
   runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=30.0)
   await runner.setup()
   sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
