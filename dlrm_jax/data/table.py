@@ -48,10 +48,8 @@ streams its own share.
 from __future__ import annotations
 
 import dataclasses
-import glob as glob_lib
 import io
 import operator
-import os
 import re
 from typing import Any, Iterator, Sequence
 
@@ -446,21 +444,6 @@ def _parse_hex(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     values[rows] = out
     bad[rows[wrong]] = True
   return values, bad, missing
-
-
-def _parse_hex_fixed(text: np.ndarray) -> np.ndarray:
-  """Parses an array of hex strings (valid, 1..16 digits) to uint64."""
-  codes = text.view(np.uint32).reshape(len(text), -1)  # 0-padded on the right
-  width = codes.shape[1]
-  lengths = np.char.str_len(text)
-  digit = np.where(codes >= ord('a'), codes - ord('a') + 10,
-                   np.where(codes >= ord('A'), codes - ord('A') + 10,
-                            codes - ord('0'))).astype(np.uint64)
-  out = np.zeros(len(text), np.uint64)
-  for j in range(width):
-    live = lengths > j
-    out = np.where(live, (out << np.uint64(4)) | digit[:, j], out)
-  return out
 
 
 def encode_bag(arr: pa.Array, read: ColumnRead
@@ -1110,8 +1093,3 @@ def _read_keys(t: SideTable) -> pa.Array:
             column_types={c: pa.string() for c in names},
             include_columns=[t.key]))
   return tab.column(0).combine_chunks()
-
-
-def glob_paths(pattern: str) -> list[str]:
-  """Sorted matches of a glob (for side tables given as globs)."""
-  return sorted(glob_lib.glob(os.path.expanduser(pattern)))
