@@ -33,12 +33,8 @@ def main(port, pid, num, out, train_file, eval_file, source='criteo_tsv'):
       'data.eval_path': eval_file, 'data.shuffle_buffer': 1024,
       'batch_size': 64, 'eval_batch_size': 256})
   if source == 'table':  # Criteo's files read as a table of named columns
-    config.data.table.format = 'tsv'
-    config.data.table.header = False
-    config.data.table.columns = ['label'] + [
-        f'int_{i}' for i in range(13)] + [f'cat_{i}' for i in range(26)]
-    for i in range(26):
-      config.features[f'cat_{i}'].value_dtype = 'hex'
+    from tests import table_test  # pylint: disable=g-import-not-at-top
+    table_test.criteo_as_table(config)
   config = config_lib.resolve_data(config)
   trainer = trainer_lib.Trainer(config)
   data = inputs.make_data(config,

@@ -202,6 +202,18 @@ def build_batch(spec, path):
   return inputs.make_batch_maker(spec)(raw)
 
 
+def criteo_as_table(config):
+  """Makes a Criteo config read Criteo's TSV files as a table of named
+  columns (label, int_0..int_12, cat_0..cat_25 as hex)."""
+  config.data.table.format = 'tsv'
+  config.data.table.header = False
+  config.data.table.columns = ['label'] + [
+      f'int_{i}' for i in range(13)] + [f'cat_{i}' for i in range(26)]
+  for i in range(26):
+    config.features[f'cat_{i}'].value_dtype = 'hex'
+  return config
+
+
 class CriteoThroughTableTest(absltest.TestCase):
   """Criteo's files read as a table give the Criteo reader's batches."""
 
@@ -211,12 +223,7 @@ class CriteoThroughTableTest(absltest.TestCase):
     criteo_spec = build.run_spec(config)
     config.data.source = 'table'
     config.data.train_path = path
-    config.data.table.format = 'tsv'
-    config.data.table.header = False
-    config.data.table.columns = ['label'] + [
-        f'int_{i}' for i in range(13)] + [f'cat_{i}' for i in range(26)]
-    for i in range(26):
-      config.features[f'cat_{i}'].value_dtype = 'hex'
+    criteo_as_table(config)
     spec = build.run_spec(config)
     want = [criteo_spec.transform.apply(c) for c in criteo.read_criteo(path)]
     got = [spec.transform.apply(c) for c in table.TableSource(
