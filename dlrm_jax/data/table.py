@@ -266,6 +266,14 @@ def _sep_text(read: ColumnRead) -> str:
 # ----- Encoding ---------------------------------------------------------------
 
 
+def _string_buffers(arr: pa.Array
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """`criteo._buffers` of a string column, its data at least one byte long
+  (so that a gather at offset 0 stays in bounds when every value is empty)."""
+  offsets, data, lengths = criteo._buffers(arr)  # pylint: disable=protected-access
+  return offsets, data if data.size else np.zeros(1, np.uint8), lengths
+
+
 def hash_strings(values) -> np.ndarray:
   """32-bit FNV-1a of each string's UTF-8 bytes, vectorized.
 
@@ -284,12 +292,7 @@ def hash_strings(values) -> np.ndarray:
   out = np.full(n, -1, np.int64)
   if not n:
     return out
-  bufs = arr.buffers()
-  offsets = np.frombuffer(bufs[1], np.int32, count=n + 1,
-                          offset=arr.offset * 4).astype(np.int64)
-  data = (np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None
-          and bufs[2].size else np.zeros(1, np.uint8))
-  lengths = np.diff(offsets)
+  offsets, data, lengths = _string_buffers(arr)
   h = np.full(n, _FNV_OFFSET, np.uint32)
   start = offsets[:-1]
   with np.errstate(over='ignore'):
@@ -416,12 +419,7 @@ def _parse_hex(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   values = np.zeros(n, np.uint64)
   if not n:
     return values, np.zeros(0, bool), np.zeros(0, bool)
-  bufs = arr.buffers()
-  offsets = np.frombuffer(bufs[1], np.int32, count=n + 1,
-                          offset=arr.offset * 4).astype(np.int64)
-  data = (np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None
-          and bufs[2].size else np.zeros(1, np.uint8))
-  lengths = np.diff(offsets)
+  offsets, data, lengths = _string_buffers(arr)
   valid = np.asarray(arr.is_valid())
   missing = ~valid | (lengths == 0)
   bad = ~missing & (lengths > 16)
