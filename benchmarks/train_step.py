@@ -24,6 +24,7 @@ import sys
 import time
 
 from absl import flags
+from benchmarks import step_shape
 from dlrm_jax import cli
 
 _ROWS = flags.DEFINE_list('rows', ['10000', '100000', '1000000', '10000000'],
@@ -61,24 +62,10 @@ _MEM_FRACTION = flags.DEFINE_float(
 
 
 def config_for(rows: int):
-  from configs import criteo  # pylint: disable=g-import-not-at-top
-  config = criteo.get_config()
-  for i in range(26):
-    f = config.features[f'cat_{i}']
-    f.num_buckets = rows
-    f.embedding_dim = _DIM.value
-  config.model.dense_mlp.hidden_units = [512, 256, _DIM.value]
-  config.model.final.hidden_units = [512, 256]
-  config.model.arch_with_sparse = _ARCH_WITH_SPARSE.value
-  config.embedding.optimizer.kind = _SPARSE_OPT.value
-  config.embedding.dtype = _CHILD_DTYPE.value
-  config.embedding.optimizer.schedule.learning_rate = 0.01
-  config.optimizer.kind = 'sgd'
-  config.optimizer.schedule.learning_rate = 0.01
-  config.batch_size = _BATCH.value
-  config.eval_batch_size = _BATCH.value
-  config.mesh.data, config.mesh.model = 1, -1
-  return config
+  return step_shape.config_for(
+      rows, batch=_BATCH.value, dim=_DIM.value,
+      arch_with_sparse=_ARCH_WITH_SPARSE.value,
+      sparse_optimizer=_SPARSE_OPT.value, table_dtype=_CHILD_DTYPE.value)
 
 
 def run_one(rows: int) -> dict:
@@ -93,17 +80,7 @@ def run_one(rows: int) -> dict:
   state = trainer.init_state(0)
   jax.block_until_ready(state)
   init_s = time.time() - t0
-  rng = np.random.default_rng(0)
-  batches = []
-  b = _BATCH.value // jax.process_count()
-  for _ in range(4):
-    host = {
-        'dense': rng.normal(size=(b, 13)).astype(np.float32),
-        # Uniform over the whole table: the worst case for caches.
-        'ids': rng.integers(0, rows, (b, 26)).astype(np.int32),
-        'label': (rng.random(b) < 0.25).astype(np.float32),
-    }
-    batches.append(trainer.put_batch(host))
+  batches = step_shape.random_batches(trainer, rows, _BATCH.value)
   acc = trainer.zero_metrics()
   t0 = time.time()
   state, acc = trainer.train_step(state, batches[0], acc)

@@ -160,14 +160,17 @@ class DLRM(nn.Module):
             f' expected [B, {spec.num_dense}].')
       dense_out = MLP(spec.dense_mlp, dtype=self.dtype, name='dense_mlp')(
           dense.astype(self.dtype), train=train)
-      feats = jnp.concatenate([dense_out[:, None, :], sparse], axis=1)
     if spec.interaction == 'dcn':
+      if dense_out is not None:
+        feats = jnp.concatenate([dense_out[:, None, :], sparse], axis=1)
       # TorchRec InteractionDCNArch: cross net on [B, (N + 1) * D], its
       # output alone feeds the over arch.
       x = LowRankCrossNet(spec.dcn, dtype=self.dtype, name='crossnet')(
           feats.reshape(b, -1))
     else:
-      parts = [interaction.dot_interaction(feats, spec.interaction_self)]
+      # [dense_out, sparse...] interact without being stacked.
+      parts = [interaction.dot_interaction(sparse, spec.interaction_self,
+                                           lead=dense_out)]
       if dense_out is not None:
         parts.append(dense_out)
       if spec.arch_with_sparse:

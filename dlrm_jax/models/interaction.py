@@ -51,7 +51,9 @@ def _upper_from_flat(z: jax.Array, n: int, self_interaction: bool
   """`[B, P]` triangle values -> `[B, N, N]` upper-triangular matrices.
 
   The inverse placement of `triangle_indices`. It is built from pads and a
-  concatenation rather than a scatter, which XLA runs slowly on CPU.
+  concatenation rather than a scatter, which XLA runs slowly on CPU, or a
+  gather (on XLA:CPU a gather that no elementwise op follows is emitted
+  without vectorising).
   """
   b = z.shape[0]
   k = 0 if self_interaction else 1
@@ -64,15 +66,31 @@ def _upper_from_flat(z: jax.Array, n: int, self_interaction: bool
   return jnp.stack(rows, axis=1).reshape(b, n, n)
 
 
+def _triangle(x: jax.Array, self_interaction: bool) -> jax.Array:
+  """`[B, N, D]` -> `[B, P]`: the upper triangle of each `X Xᵀ`, row major."""
+  b, n, _ = x.shape
+  gram = jnp.einsum('bnd,bmd->bnm', x, x)
+  idx = triangle_indices(n, self_interaction)
+  return jnp.take(gram.reshape(b, n * n), jnp.asarray(idx), axis=1,
+                  mode='clip')
+
+
+def _triangle_bwd(x: jax.Array, z_bar: jax.Array, self_interaction: bool
+                  ) -> jax.Array:
+  """The gradient of `_triangle` at `x` for the `[B, P]` cotangent `z_bar`.
+
+  d/dX of sum_{i<=j} zbar_ij <x_i, x_j> = (G + Gᵀ) X, G the upper triangle
+  of zbar: one batched matmul instead of autodiff's two plus a scatter-add
+  through the gather.
+  """
+  g = _upper_from_flat(z_bar.astype(x.dtype), x.shape[1], self_interaction)
+  g = g + jnp.swapaxes(g, 1, 2)
+  return jnp.einsum('bnm,bmd->bnd', g, x)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _interact(features: jax.Array, self_interaction: bool) -> jax.Array:
-  b, n, _ = features.shape
-  # X (Xᵀ materialized): XLA:CPU multiplies [N, D] x [D, N] faster than
-  # it contracts two minor dims; elsewhere the transpose is noise.
-  xt = jax.lax.optimization_barrier(jnp.swapaxes(features, 1, 2))
-  gram = jnp.einsum('bnd,bdm->bnm', features, xt)
-  idx = triangle_indices(n, self_interaction)
-  return jnp.take(gram.reshape(b, n * n), jnp.asarray(idx), axis=1)
+  return _triangle(features, self_interaction)
 
 
 def _interact_fwd(features, self_interaction):
@@ -80,37 +98,81 @@ def _interact_fwd(features, self_interaction):
 
 
 def _interact_bwd(self_interaction, features, z_bar):
-  # d/dX of sum_{i<=j} zbar_ij <x_i, x_j> = (G + G^T) X, G the upper
-  # triangle of zbar: one batched matmul instead of autodiff's two plus a
-  # scatter-add through the gather.
-  n = features.shape[1]
-  g = _upper_from_flat(z_bar.astype(features.dtype), n, self_interaction)
-  g = g + jnp.swapaxes(g, 1, 2)
-  return (jnp.einsum('bnm,bmd->bnd', g, features),)
+  return (_triangle_bwd(features, z_bar, self_interaction),)
 
 
 _interact.defvjp(_interact_fwd, _interact_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _interact_lead(lead: jax.Array, features: jax.Array,
+                   self_interaction: bool) -> jax.Array:
+  # Row 0 of the stacked triangle is <lead, x_j>, j = 1..N (and <lead, lead>
+  # first with the diagonal); the rows after it are the features' own
+  # triangle. A multiply-reduce per pair, not a matmul of one row.
+  first = jnp.sum(lead[:, None, :] * features, axis=-1)
+  parts = [first, _triangle(features, self_interaction)]
+  if self_interaction:
+    parts.insert(0, jnp.sum(lead * lead, axis=-1, keepdims=True))
+  return jnp.concatenate(parts, axis=1)
+
+
+def _interact_lead_fwd(lead, features, self_interaction):
+  return _interact_lead(lead, features, self_interaction), (lead, features)
+
+
+def _interact_lead_bwd(self_interaction, residuals, z_bar):
+  lead, features = residuals
+  n = features.shape[1]
+  z_bar = z_bar.astype(features.dtype)
+  k = 1 if self_interaction else 0
+  z_first = z_bar[:, k:k + n]
+  features_bar = (_triangle_bwd(features, z_bar[:, k + n:], self_interaction)
+                  + z_first[:, :, None] * lead[:, None, :])
+  lead_bar = jnp.sum(z_first[:, :, None] * features, axis=1)
+  if self_interaction:
+    lead_bar = lead_bar + 2.0 * z_bar[:, :1] * lead
+  return lead_bar, features_bar
+
+
+_interact_lead.defvjp(_interact_lead_fwd, _interact_lead_bwd)
+
+
 def dot_interaction(
-    features: jax.Array, self_interaction: bool = False) -> jax.Array:
+    features: jax.Array, self_interaction: bool = False, *,
+    lead: jax.Array | None = None) -> jax.Array:
   """Pairwise dot products of the stacked features.
 
   Args:
     features: `[B, N, D]`.
     self_interaction: include each feature's dot product with itself.
+    lead: an optional `[B, D]` feature stacked before `features` (DLRM's
+      dense arch output). The result is that of `[B, N + 1, D]`
+      `concatenate([lead[:, None], features], 1)`, computed without forming
+      the concatenation: on XLA:CPU that concatenation, with the embedding
+      gather fused into it, took a sixth of the train step
+      (`benchmarks.step_breakdown`).
 
   Returns:
-    `[B, N(N-1)/2]`, or `[B, N(N+1)/2]` with self-interaction. It holds the
-    elements `(i, j)` with `i < j` of `X Xᵀ`, or `i <= j` with
-    self-interaction. They come in row-major order of the upper triangle.
-    The static indices of `triangle_indices` gather them.
+    `[B, M(M-1)/2]`, or `[B, M(M+1)/2]` with self-interaction, for the M
+    stacked features (N, or N + 1 with `lead`). It holds the elements
+    `(i, j)` with `i < j` of `X Xᵀ`, or `i <= j` with self-interaction.
+    They come in row-major order of the upper triangle. The static indices
+    of `triangle_indices` gather them.
 
   Raises:
-    ValueError: if `features` is not three-dimensional.
+    ValueError: if `features` is not three-dimensional, or `lead` is not
+      `[B, D]` of the same B and D.
   """
   if features.ndim != 3:
     raise ValueError(
         f'dot_interaction expects [B, N, D] features, got shape'
         f' {features.shape}.')
-  return _interact(features, self_interaction)
+  if lead is None:
+    return _interact(features, self_interaction)
+  if lead.shape != (features.shape[0], features.shape[2]):
+    raise ValueError(
+        f'dot_interaction expects a [B, D] lead of B={features.shape[0]},'
+        f' D={features.shape[2]}, got shape {lead.shape}.')
+  return _interact_lead(lead.astype(features.dtype), features,
+                        self_interaction)
