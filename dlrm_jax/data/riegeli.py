@@ -47,32 +47,67 @@ _MUL0 = np.array([0xdbe6d5d5fe4cce2f, 0xa4093822299f31d0,
 _MUL1 = np.array([0x3bd39e10cb0ef593, 0xc0acf169b5f18a8c,
                   0xbe5466cf34e90c6c, 0x452821e638d01377], np.uint64)
 _BYTE = [_U(0xff << (8 * i)) for i in range(8)]
+_SHIFT = {k: _U(k) for k in (8, 16, 24, 32, 48, 56)}
 _HASH_ROWS = 8192  # Rows hashed at a time (bounds the temporaries).
 
 
-def _zipper_merge_add(hi, lo, add_hi, add_lo) -> None:
-  """HighwayHash's ZipperMergeAndAdd on lane pairs, in place."""
-  b = _BYTE
-  add_lo += ((((lo & b[3]) | (hi & b[4])) >> _U(24)) |
-             (((lo & b[5]) | (hi & b[6])) >> _U(16)) |
-             (lo & b[2]) | ((lo & b[1]) << _U(32)) |
-             ((hi & b[7]) >> _U(8)) | (lo << _U(56)))
-  add_hi += ((((hi & b[3]) | (lo & b[4])) >> _U(24)) |
-             (hi & b[2]) | ((hi & b[5]) >> _U(16)) |
-             ((hi & b[1]) << _U(24)) | ((lo & b[6]) >> _U(8)) |
-             ((hi & b[0]) << _U(48)) | (lo & b[7]))
+def _zipper_merge_add(hi, lo, add_hi, add_lo, t, u) -> None:
+  """HighwayHash's ZipperMergeAndAdd on lane pairs, in place.
+
+  The byte permutation of (hi, lo) added to (add_hi, add_lo), one masked
+  shift at a time into the scratch arrays t and u (of hi's shape).
+  """
+  b, s = _BYTE, _SHIFT
+  and_, or_, right, left = (np.bitwise_and, np.bitwise_or, np.right_shift,
+                            np.left_shift)
+  # add_lo's bytes: lo3, hi4, lo2, lo5, hi6, lo1, hi7, lo0.
+  and_(lo, b[3], out=t), and_(hi, b[4], out=u), or_(t, u, out=t)
+  right(t, s[24], out=t)
+  add_lo += t
+  and_(lo, b[5], out=t), and_(hi, b[6], out=u), or_(t, u, out=t)
+  right(t, s[16], out=t)
+  add_lo += t
+  and_(lo, b[2], out=t)
+  add_lo += t
+  and_(lo, b[1], out=t), left(t, s[32], out=t)
+  add_lo += t
+  and_(hi, b[7], out=t), right(t, s[8], out=t)
+  add_lo += t
+  left(lo, s[56], out=t)
+  add_lo += t
+  # add_hi's bytes: hi3, lo4, hi2, hi5, hi1, lo6, hi0, lo7.
+  and_(hi, b[3], out=t), and_(lo, b[4], out=u), or_(t, u, out=t)
+  right(t, s[24], out=t)
+  add_hi += t
+  and_(hi, b[2], out=t)
+  add_hi += t
+  and_(hi, b[5], out=t), right(t, s[16], out=t)
+  add_hi += t
+  and_(hi, b[1], out=t), left(t, s[24], out=t)
+  add_hi += t
+  and_(lo, b[6], out=t), right(t, s[8], out=t)
+  add_hi += t
+  and_(hi, b[0], out=t), left(t, s[48], out=t)
+  add_hi += t
+  and_(lo, b[7], out=t)
+  add_hi += t
 
 
 def _update(state, packet) -> None:
-  """One HighwayHash packet update. state: 4 x [4, n]; packet: [4, n]."""
-  v0, v1, mul0, mul1 = state
+  """One HighwayHash packet update.
+
+  Args:
+    state: v0, v1, mul0, mul1, each uint64 [4, n], then two [2, n] scratch.
+    packet: uint64 [4, n], the packet's lanes.
+  """
+  v0, v1, mul0, mul1, t, u = state
   v1 += mul0
   v1 += packet
-  mul0 ^= (v1 & _M32) * (v0 >> _U(32))
+  mul0 ^= (v1 & _M32) * (v0 >> _SHIFT[32])
   v0 += mul1
-  mul1 ^= (v0 & _M32) * (v1 >> _U(32))
-  _zipper_merge_add(v1[1::2], v1[0::2], v0[1::2], v0[0::2])
-  _zipper_merge_add(v0[1::2], v0[0::2], v1[1::2], v1[0::2])
+  mul1 ^= (v0 & _M32) * (v1 >> _SHIFT[32])
+  _zipper_merge_add(v1[1::2], v1[0::2], v0[1::2], v0[0::2], t, u)
+  _zipper_merge_add(v0[1::2], v0[0::2], v1[1::2], v1[0::2], t, u)
 
 
 def _rotate32(lanes: np.ndarray, count: int) -> np.ndarray:
@@ -121,6 +156,7 @@ def highway_hash(data: np.ndarray) -> np.ndarray:
       m = packets.shape[2]
       state = [np.repeat(v[:, None], m, 1) for v in (
           _MUL0 ^ _KEY, _MUL1 ^ swapped, _MUL0, _MUL1)]
+      state += [np.empty((2, m), np.uint64) for _ in range(2)]
       for p in range(size // 32):
         _update(state, packets[p])
       if r:
@@ -130,7 +166,7 @@ def highway_hash(data: np.ndarray) -> np.ndarray:
       for _ in range(4):
         v0 = state[0][[2, 3, 0, 1]]
         _update(state, (v0 >> _U(32)) | (v0 << _U(32)))
-      out[lo:lo + m] = sum(s[0] for s in state)
+      out[lo:lo + m] = sum(s[0] for s in state[:4])
   return out
 
 
