@@ -38,94 +38,66 @@ _SIGNATURE = ord('s')  # The file signature chunk's type, 0 records.
 _CHECK_ROWS = 1 << 16  # Chunk headers checked at a time when opening.
 
 # HighwayHash-64 (github.com/google/highwayhash, its portable C version) with
-# riegeli/chunk_encoding/hash.cc's key.
+# riegeli/chunk_encoding/hash.cc's key. The state is row-major, uint64
+# [n, 4] per vector, so that a lane pair's 16 bytes are adjacent.
 _U = np.uint64
 _M32 = _U(0xffffffff)
+_S32 = _U(32)
 _KEY = np.array([0x2f696c6567656952, 0x0a7364726f636572] * 2, np.uint64)
 _MUL0 = np.array([0xdbe6d5d5fe4cce2f, 0xa4093822299f31d0,
                   0x13198a2e03707344, 0x243f6a8885a308d3], np.uint64)
 _MUL1 = np.array([0x3bd39e10cb0ef593, 0xc0acf169b5f18a8c,
                   0xbe5466cf34e90c6c, 0x452821e638d01377], np.uint64)
-_BYTE = [_U(0xff << (8 * i)) for i in range(8)]
-_SHIFT = {k: _U(k) for k in (8, 16, 24, 32, 48, 56)}
+# ZipperMerge as a byte permutation of a lane pair (lo bytes 0-7, hi 8-15):
+# the new lo is lo3 hi4 lo2 lo5 hi6 lo1 hi7 lo0, the new hi is hi3 lo4 hi2
+# hi5 hi1 lo6 hi0 lo7. Then the same for the second pair.
+_ZIPPER = np.array([3, 12, 2, 5, 14, 1, 15, 0, 11, 4, 10, 13, 9, 6, 8, 7])
+_ZIPPER = np.concatenate([_ZIPPER, _ZIPPER + 16])
 _HASH_ROWS = 8192  # Rows hashed at a time (bounds the temporaries).
 
 
-def _zipper_merge_add(hi, lo, add_hi, add_lo, t, u) -> None:
-  """HighwayHash's ZipperMergeAndAdd on lane pairs, in place.
-
-  The byte permutation of (hi, lo) added to (add_hi, add_lo), one masked
-  shift at a time into the scratch arrays t and u (of hi's shape).
-  """
-  b, s = _BYTE, _SHIFT
-  and_, or_, right, left = (np.bitwise_and, np.bitwise_or, np.right_shift,
-                            np.left_shift)
-  # add_lo's bytes: lo3, hi4, lo2, lo5, hi6, lo1, hi7, lo0.
-  and_(lo, b[3], out=t), and_(hi, b[4], out=u), or_(t, u, out=t)
-  right(t, s[24], out=t)
-  add_lo += t
-  and_(lo, b[5], out=t), and_(hi, b[6], out=u), or_(t, u, out=t)
-  right(t, s[16], out=t)
-  add_lo += t
-  and_(lo, b[2], out=t)
-  add_lo += t
-  and_(lo, b[1], out=t), left(t, s[32], out=t)
-  add_lo += t
-  and_(hi, b[7], out=t), right(t, s[8], out=t)
-  add_lo += t
-  left(lo, s[56], out=t)
-  add_lo += t
-  # add_hi's bytes: hi3, lo4, hi2, hi5, hi1, lo6, hi0, lo7.
-  and_(hi, b[3], out=t), and_(lo, b[4], out=u), or_(t, u, out=t)
-  right(t, s[24], out=t)
-  add_hi += t
-  and_(hi, b[2], out=t)
-  add_hi += t
-  and_(hi, b[5], out=t), right(t, s[16], out=t)
-  add_hi += t
-  and_(hi, b[1], out=t), left(t, s[24], out=t)
-  add_hi += t
-  and_(lo, b[6], out=t), right(t, s[8], out=t)
-  add_hi += t
-  and_(hi, b[0], out=t), left(t, s[48], out=t)
-  add_hi += t
-  and_(lo, b[7], out=t)
-  add_hi += t
-
-
 def _update(state, packet) -> None:
-  """One HighwayHash packet update.
+  """One HighwayHash packet update, in place.
 
   Args:
-    state: v0, v1, mul0, mul1, each uint64 [4, n], then two [2, n] scratch.
-    packet: uint64 [4, n], the packet's lanes.
+    state: v0, v1, mul0, mul1, each uint64 [n, 4], then three [n, 4] scratch
+      arrays.
+    packet: uint64 [n, 4], the packet's lanes.
   """
-  v0, v1, mul0, mul1, t, u = state
+  v0, v1, mul0, mul1, a, b, zipped = state
   v1 += mul0
   v1 += packet
-  mul0 ^= (v1 & _M32) * (v0 >> _SHIFT[32])
+  np.bitwise_and(v1, _M32, out=a)
+  np.right_shift(v0, _S32, out=b)
+  a *= b
+  mul0 ^= a
   v0 += mul1
-  mul1 ^= (v0 & _M32) * (v1 >> _SHIFT[32])
-  _zipper_merge_add(v1[1::2], v1[0::2], v0[1::2], v0[0::2], t, u)
-  _zipper_merge_add(v0[1::2], v0[0::2], v1[1::2], v1[0::2], t, u)
+  np.bitwise_and(v0, _M32, out=a)
+  np.right_shift(v1, _S32, out=b)
+  a *= b
+  mul1 ^= a
+  np.take(v1.view(np.uint8), _ZIPPER, axis=1, out=zipped.view(np.uint8))
+  v0 += zipped
+  np.take(v0.view(np.uint8), _ZIPPER, axis=1, out=zipped.view(np.uint8))
+  v1 += zipped
 
 
 def _rotate32(lanes: np.ndarray, count: int) -> np.ndarray:
   """Rotates both 32-bit halves of each lane left by `count` (1..31)."""
   def rot(half):
     return ((half << _U(count)) | (half >> _U(32 - count))) & _M32
-  return rot(lanes & _M32) | (rot(lanes >> _U(32)) << _U(32))
+  return rot(lanes & _M32) | (rot(lanes >> _S32) << _S32)
 
 
 def _packets(data: np.ndarray) -> np.ndarray:
-  """The hash's 32-byte packets of each row, the remainder's last: [P, 4, n]."""
+  """The hash's 32-byte packets of each row, the remainder's last: [n, P, 4]."""
   n, size = data.shape
   full, r = divmod(size, 32)
-  packets = np.zeros((full + (r > 0), n, 32), np.uint8)
-  packets[:full] = data[:, :full * 32].reshape(n, full, 32).transpose(1, 0, 2)
+  packets = np.zeros((n, full + (r > 0), 32), np.uint8)
+  packets[:, :full] = data[:, :full * 32].reshape(n, full, 32)
   if r:
     body, mod4 = r & ~3, r & 3
-    rest, last = data[:, full * 32:], packets[full]
+    rest, last = data[:, full * 32:], packets[:, full]
     last[:, :body] = rest[:, :body]
     if r & 16:
       last[:, 28:32] = rest[:, body + mod4 - 4:body + mod4]
@@ -133,7 +105,7 @@ def _packets(data: np.ndarray) -> np.ndarray:
       last[:, 16] = rest[:, body]
       last[:, 17] = rest[:, body + (mod4 >> 1)]
       last[:, 18] = rest[:, body + mod4 - 1]
-  return np.ascontiguousarray(packets.view('<u8').transpose(0, 2, 1))
+  return packets.view('<u8')
 
 
 def highway_hash(data: np.ndarray) -> np.ndarray:
@@ -149,24 +121,24 @@ def highway_hash(data: np.ndarray) -> np.ndarray:
   n, size = data.shape
   out = np.empty(n, np.uint64)
   r = size % 32
-  swapped = (_KEY >> _U(32)) | (_KEY << _U(32))
+  swapped = (_KEY >> _S32) | (_KEY << _S32)
   with np.errstate(over='ignore'):
     for lo in range(0, n, _HASH_ROWS):
       packets = _packets(data[lo:lo + _HASH_ROWS])
-      m = packets.shape[2]
-      state = [np.repeat(v[:, None], m, 1) for v in (
+      m = len(packets)
+      state = [np.tile(v, (m, 1)) for v in (
           _MUL0 ^ _KEY, _MUL1 ^ swapped, _MUL0, _MUL1)]
-      state += [np.empty((2, m), np.uint64) for _ in range(2)]
+      state += [np.empty((m, 4), np.uint64) for _ in range(3)]
       for p in range(size // 32):
-        _update(state, packets[p])
+        _update(state, packets[:, p])
       if r:
         state[0] += _U((r << 32) + r)
         state[1][:] = _rotate32(state[1], r)
-        _update(state, packets[-1])
+        _update(state, packets[:, -1])
       for _ in range(4):
-        v0 = state[0][[2, 3, 0, 1]]
-        _update(state, (v0 >> _U(32)) | (v0 << _U(32)))
-      out[lo:lo + m] = sum(s[0] for s in state[:4])
+        v0 = state[0][:, [2, 3, 0, 1]]
+        _update(state, (v0 >> _S32) | (v0 << _S32))
+      out[lo:lo + m] = sum(v[:, 0] for v in state[:4])
   return out
 
 
