@@ -294,7 +294,9 @@ class _CriteoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         `info.metadata['bad_lines']`.
       shard_rows: the rows per ArrayRecord shard file.
       compression: the compression of the ArrayRecord records:
-        'zstd[:level]', 'snappy', 'brotli[:level]' or 'uncompressed'.
+        'zstd[:level]', 'snappy', 'brotli[:level]' or 'uncompressed' (the
+        default; only uncompressed shards are read directly, see
+        `TfdsCriteoSource`).
       file_format: only 'array_record', the default, can be written.
       **kwargs: passed to `tfds.core.GeneratorBasedBuilder`.
 
