@@ -69,19 +69,23 @@ class DirectShardTest(absltest.TestCase):
     return path, array_record_module.ArrayRecordReader(path)
 
   def test_reads_what_array_record_reads(self):
-    # 3000 records of 101 bytes: chunks of 145 bytes, some across blocks.
+    # Chunks of 40 + 3 + L bytes over 1-2 MB: some straddle a block header,
+    # and with L = 53 (chunks of 96 bytes, which divide 65512 - 40) chunk 682
+    # begins exactly at a block boundary. The footer spans blocks too.
     rng = np.random.default_rng(2)
-    records = [rng.integers(0, 256, 101, np.uint8).tobytes()
-               for _ in range(3000)]
-    path, reader = self._file(records)
-    shard = riegeli.DirectShard.open(path, reader.num_records())
-    self.assertEqual((shard.num_direct, shard.record_bytes), (3000, 101))
-    rows = rng.permutation(3000)
-    ok, values = shard.read(rows)
-    self.assertTrue(ok.all())
-    want = np.frombuffer(b''.join(reader.read(rows.tolist())),
-                         np.uint8).reshape(3000, 101)
-    np.testing.assert_array_equal(values, want)
+    for length in (101, 53):
+      records = [rng.integers(0, 256, length, np.uint8).tobytes()
+                 for _ in range(12_000)]
+      path, reader = self._file(records)
+      shard = riegeli.DirectShard.open(path, reader.num_records())
+      self.assertEqual((shard.num_direct, shard.record_bytes),
+                       (12_000, length))
+      rows = np.concatenate([rng.permutation(12_000)[:3000], [681, 682, 683]])
+      ok, values = shard.read(rows)
+      self.assertTrue(ok.all())
+      want = np.frombuffer(b''.join(reader.read(rows.tolist())),
+                           np.uint8).reshape(len(rows), length)
+      np.testing.assert_array_equal(values, want)
 
   def test_a_damaged_chunk_is_left_to_array_record(self):
     records = [bytes([i]) * 30 for i in range(200)]
@@ -99,14 +103,18 @@ class DirectShardTest(absltest.TestCase):
     # Compressed: not read directly.
     path, reader = self._file([b'x' * 40] * 10, 'snappy')
     self.assertIsNone(riegeli.DirectShard.open(path, reader.num_records()))
-    # Lengths that change: only the records before the change.
+    # Lengths that change: the footer is not where the layout puts it.
     path, reader = self._file([b'a' * 20] * 6 + [b'b' * 21] + [b'c' * 20] * 5)
+    self.assertIsNone(riegeli.DirectShard.open(path, reader.num_records()))
+    # Lengths that change and change back: read directly up to the first
+    # record not where computed, except the one of the other length.
+    records = [b'a' * 20] * 6 + [b'b' * 21, b'c' * 19] + [b'd' * 20] * 4
+    path, reader = self._file(records)
     shard = riegeli.DirectShard.open(path, reader.num_records())
-    self.assertEqual(shard.num_direct, 6)
-    ok, values = shard.read(np.arange(6))
-    self.assertTrue(ok.all())
+    self.assertEqual(shard.num_direct, 7)
+    ok, values = shard.read(np.arange(7))
+    np.testing.assert_array_equal(ok, np.arange(7) < 6)
     self.assertEqual(values.tobytes(), b'a' * 120)
-
 
 if __name__ == '__main__':
   absltest.main()

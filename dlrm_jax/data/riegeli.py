@@ -12,13 +12,16 @@ same length, every chunk has the same size C and record i's chunk starts at
 `40 + i * C` bytes of the stream without block headers.
 
 `DirectShard` maps such a file and reads a batch of records with one numpy
-gather. At open it checks every chunk header at its computed position (data
-size, type, record count, decoded size), so a file of any other layout, or
-one whose records vary in length, reads only the rows before its first
-mismatch. Each batch's chunks are checked against their headers and their
-data hash, HighwayHash-64 with Riegeli's key, computed here with numpy for
-all chunks of the batch at once. Chunks that fail a check are left to the
-caller (ArrayRecord's own reader, which raises its error for a corrupt one).
+gather. At open it reads ArrayRecord's footer, the chunk after the last
+record's (its header hash checked): one small record per record chunk whose
+first field is the chunk's file offset. Records are read here only up to the
+first whose offset is not the computed one, so a file of any other layout,
+or one whose records vary in length, is read directly only as far as it is
+laid out as computed. Each batch's chunks are then checked against their
+headers and their data hash, HighwayHash-64 with Riegeli's key, computed here
+with numpy for all chunks of the batch at once. Chunks that fail a check are
+left to the caller (ArrayRecord's own reader, which raises its error for a
+corrupt one).
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ CHUNK_HEADER = 40
 _USABLE = BLOCK - BLOCK_HEADER
 _SIMPLE_ONE_RECORD = 1 << 8 | ord('r')  # Simple chunk of 1 record.
 _SIGNATURE = ord('s')  # The file signature chunk's type, 0 records.
-_CHECK_ROWS = 1 << 16  # Chunk headers checked at a time when opening.
 
 # HighwayHash-64 (github.com/google/highwayhash, its portable C version) with
 # riegeli/chunk_encoding/hash.cc's key. The state is row-major, uint64
@@ -54,6 +56,7 @@ _MUL1 = np.array([0x3bd39e10cb0ef593, 0xc0acf169b5f18a8c,
 _ZIPPER = np.array([3, 12, 2, 5, 14, 1, 15, 0, 11, 4, 10, 13, 9, 6, 8, 7])
 _ZIPPER = np.concatenate([_ZIPPER, _ZIPPER + 16])
 _HASH_ROWS = 8192  # Rows hashed at a time (bounds the temporaries).
+_VARINT_ROWS = 1 << 16  # Varints decoded at a time.
 
 
 def _update(state, packet) -> None:
@@ -156,6 +159,34 @@ def _physical(stream: np.ndarray) -> np.ndarray:
   return stream // _USABLE * BLOCK + BLOCK_HEADER + stream % _USABLE
 
 
+def _varints_at(buf: np.ndarray, starts: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray] | None:
+  """The varints that begin at `starts` in `buf`, and where each ends.
+
+  Returns:
+    `(values, ends)`, uint64 and int64 [len(starts)], or None when one runs
+    past the buffer or past 10 bytes.
+  """
+  values = np.empty(len(starts), np.uint64)
+  ends = np.empty(len(starts), np.int64)
+  shifts = _U(7) * np.arange(10, dtype=np.uint64)
+  for lo in range(0, len(starts), _VARINT_ROWS):
+    where = starts[lo:lo + _VARINT_ROWS, None] + np.arange(10)
+    inside = where < len(buf)
+    got = np.full(where.shape, 0x80, np.uint8)  # Past the end: unterminated.
+    got[inside] = buf[where[inside]]
+    more = got >= 0x80
+    if more.all(axis=1).any():
+      return None
+    length = np.argmin(more, axis=1) + 1
+    parts = (got & 0x7f).astype(np.uint64) << shifts
+    values[lo:lo + len(got)] = np.where(
+        np.arange(10) < length[:, None], parts, _U(0)).sum(axis=1,
+                                                           dtype=np.uint64)
+    ends[lo:lo + len(got)] = where[:, 0] + length
+  return values, ends
+
+
 class DirectShard:
   """Reads the records of one shard with numpy, as the module docstring says.
 
@@ -166,8 +197,7 @@ class DirectShard:
       their computed positions. Others are not read here.
   """
 
-  def __init__(self, path: str, num_records: int, data: np.ndarray,
-               record_bytes: int):
+  def __init__(self, path: str, data: np.ndarray, record_bytes: int):
     self.path = path
     self.record_bytes = record_bytes
     self._data = data
@@ -177,7 +207,7 @@ class DirectShard:
     self._data_size = len(self._prefix) + record_bytes
     self._chunk = CHUNK_HEADER + self._data_size
     self._window = stride_tricks.sliding_window_view(data, self._chunk)
-    self.num_direct = self._check_headers(num_records)
+    self.num_direct = 0
 
   @classmethod
   def open(cls, path: str, num_records: int) -> DirectShard | None:
@@ -189,13 +219,14 @@ class DirectShard:
 
     Returns:
       The shard, or None when its first record chunk is not an uncompressed
-      one-record chunk (a compressed file, say).
+      one-record chunk (a compressed file, say) or its footer is not where
+      the layout puts it.
     """
     if num_records < 1:
       return None
     with open(path, 'rb') as f:
       size = os.fstat(f.fileno()).st_size
-      if size < BLOCK_HEADER + 2 * CHUNK_HEADER:
+      if size < BLOCK_HEADER + 2 * CHUNK_HEADER + 1:
         return None
       mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     data = np.frombuffer(mapped, np.uint8)
@@ -203,31 +234,79 @@ class DirectShard:
     sig = data[BLOCK_HEADER:first].view('<u8')
     head = data[first:first + CHUNK_HEADER].view('<u8')
     if (sig[1] != 0 or sig[3] != _SIGNATURE or
-        head[3] != _SIMPLE_ONE_RECORD or data[first + CHUNK_HEADER] != 0):
+        head[3] != _SIMPLE_ONE_RECORD or data[first + CHUNK_HEADER] != 0 or
+        not 0 < head[4] < size):
       return None
-    record_bytes = int(head[4])
-    shard = cls(path, num_records, data, record_bytes)
-    if head[1] != shard._data_size:
+    shard = cls(path, data, int(head[4]))
+    if head[1] != shard._data_size or shard._chunk > size:
       return None
+    offsets = shard._footer_offsets(num_records)
+    if offsets is None:
+      return None
+    stream = shard._stream(np.arange(num_records))
+    # A chunk that begins at a block boundary begins before its header.
+    computed = _physical(stream) - BLOCK_HEADER * (stream % _USABLE == 0)
+    wrong = np.flatnonzero(offsets != computed)
+    shard.num_direct = int(wrong[0]) if wrong.size else num_records
     return shard
 
   def _headers(self, stream: np.ndarray) -> np.ndarray:
     """uint64 [n, 5], the header fields of the chunks at `stream` offsets."""
-    where = _physical(stream[:, None] + np.arange(CHUNK_HEADER))
+    return self._bytes(stream, CHUNK_HEADER).view('<u8')
+
+  def _bytes(self, stream: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [n, size], the bytes from each stream offset; 0 past the end."""
+    where = _physical(stream[:, None] + np.arange(size))
     inside = where < len(self._data)
     got = np.zeros(where.shape, np.uint8)
     got[inside] = self._data[where[inside]]
-    return got.view('<u8')
+    return got
 
-  def _check_headers(self, num_records: int) -> int:
-    """The records before the first chunk not where it is computed to be."""
-    for lo in range(0, num_records, _CHECK_ROWS):
-      head = self._headers(self._stream(
-          np.arange(lo, min(num_records, lo + _CHECK_ROWS))))
-      ok = self._header_ok(head)
-      if not ok.all():
-        return lo + int(np.argmin(ok))
-    return num_records
+  def _footer_offsets(self, num_records: int) -> np.ndarray | None:
+    """The chunk offsets of ArrayRecord's footer, if it is where computed.
+
+    The footer is a simple chunk, uncompressed as the records are, of
+    `num_records + 1` records: the writer's options, then one
+    `ArrayRecordFooter` proto per record chunk, its field 1 the offset.
+    """
+    at = self._stream(np.array([num_records]))
+    head = self._bytes(at, CHUNK_HEADER)
+    fields = head.view('<u8')[0]
+    if (highway_hash(head[:, 8:])[0] != fields[0] or
+        fields[3] != (num_records + 1) << 8 | ord('r') or
+        not 1 < fields[1] < len(self._data)):
+      return None
+    # The footer's data, without the block headers inside it.
+    begin = int(_physical(at + CHUNK_HEADER)[0])
+    end = int(_physical(at + CHUNK_HEADER + int(fields[1]) - 1)[0]) + 1
+    if end > len(self._data):
+      return None
+    cuts = [begin] + list(range(begin // BLOCK * BLOCK + BLOCK, end, BLOCK))
+    body = np.concatenate([
+        self._data[max(c, c // BLOCK * BLOCK + BLOCK_HEADER):
+                   min(end, c // BLOCK * BLOCK + BLOCK)] for c in cuts])
+    if body[0] != 0:  # Compressed.
+      return None
+    got = _varints_at(body, np.array([1]))  # The sizes' byte count.
+    if got is None:
+      return None
+    sizes_begin = int(got[1][0])
+    sizes_end = sizes_begin + int(got[0][0])
+    # The sizes: back-to-back varints, one per record.
+    last = np.flatnonzero(body[sizes_begin:sizes_end] < 0x80)
+    if len(last) != num_records + 1 or sizes_end > len(body) or (
+        last[-1] != sizes_end - sizes_begin - 1):
+      return None
+    got = _varints_at(body, sizes_begin + np.concatenate([[0], last[:-1] + 1]))
+    if got is None:
+      return None
+    sizes = got[0].astype(np.int64)
+    starts = sizes_end + np.cumsum(sizes)[:-1]
+    if starts[-1] + sizes[-1] != len(body) or not (
+        body[starts] == 0x08).all():  # Field 1, a varint.
+      return None
+    got = _varints_at(body, starts + 1)
+    return None if got is None else got[0]
 
   def _header_ok(self, head: np.ndarray) -> np.ndarray:
     return ((head[:, 1] == self._data_size) &
