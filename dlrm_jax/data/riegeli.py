@@ -56,7 +56,6 @@ _MUL1 = np.array([0x3bd39e10cb0ef593, 0xc0acf169b5f18a8c,
 _ZIPPER = np.array([3, 12, 2, 5, 14, 1, 15, 0, 11, 4, 10, 13, 9, 6, 8, 7])
 _ZIPPER = np.concatenate([_ZIPPER, _ZIPPER + 16])
 _HASH_ROWS = 8192  # Rows hashed at a time (bounds the temporaries).
-_VARINT_ROWS = 1 << 16  # Varints decoded at a time.
 
 
 def _update(state, packet) -> None:
@@ -167,23 +166,20 @@ def _varints_at(buf: np.ndarray, starts: np.ndarray
     `(values, ends)`, uint64 and int64 [len(starts)], or None when one runs
     past the buffer or past 10 bytes.
   """
-  values = np.empty(len(starts), np.uint64)
-  ends = np.empty(len(starts), np.int64)
-  shifts = _U(7) * np.arange(10, dtype=np.uint64)
-  for lo in range(0, len(starts), _VARINT_ROWS):
-    where = starts[lo:lo + _VARINT_ROWS, None] + np.arange(10)
-    inside = where < len(buf)
-    got = np.full(where.shape, 0x80, np.uint8)  # Past the end: unterminated.
-    got[inside] = buf[where[inside]]
-    more = got >= 0x80
-    if more.all(axis=1).any():
-      return None
-    length = np.argmin(more, axis=1) + 1
-    parts = (got & 0x7f).astype(np.uint64) << shifts
-    values[lo:lo + len(got)] = np.where(
-        np.arange(10) < length[:, None], parts, _U(0)).sum(axis=1,
-                                                           dtype=np.uint64)
-    ends[lo:lo + len(got)] = where[:, 0] + length
+  padded = np.concatenate([buf, np.zeros(10, np.uint8)])  # Zero ends one.
+  byte = padded[starts]
+  values = (byte & 0x7f).astype(np.uint64)
+  ends = starts + 1
+  rest = np.flatnonzero(byte >= 0x80)  # The varints still going.
+  for j in range(1, 10):
+    if not rest.size:
+      break
+    byte = padded[starts[rest] + j]
+    values[rest] |= (byte & 0x7f).astype(np.uint64) << _U(7 * j)
+    ends[rest] += 1
+    rest = rest[byte >= 0x80]
+  if rest.size or (ends > len(buf)).any():
+    return None
   return values, ends
 
 
