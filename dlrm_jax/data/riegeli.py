@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 
 import numpy as np
 from numpy.lib import stride_tricks
@@ -56,6 +57,7 @@ _MUL1 = np.array([0x3bd39e10cb0ef593, 0xc0acf169b5f18a8c,
 _ZIPPER = np.array([3, 12, 2, 5, 14, 1, 15, 0, 11, 4, 10, 13, 9, 6, 8, 7])
 _ZIPPER = np.concatenate([_ZIPPER, _ZIPPER + 16])
 _HASH_ROWS = 8192  # Rows hashed at a time (bounds the temporaries).
+_SCRATCH = threading.local()
 
 
 def _update(state, packet) -> None:
@@ -91,15 +93,31 @@ def _rotate32(lanes: np.ndarray, count: int) -> np.ndarray:
   return rot(lanes & _M32) | (rot(lanes >> _S32) << _S32)
 
 
+def _scratch(key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+  """A per-thread buffer of `shape`, reused from call to call.
+
+  Fresh arrays of megabytes come from mmap and cost a page fault per 4 KiB
+  at first touch, about a third of the hash's time; these are kept instead.
+  Contents are left from the last use.
+  """
+  cache = _SCRATCH.__dict__
+  size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  buf = cache.get(key)
+  if buf is None or len(buf) < size:
+    buf = cache[key] = np.empty(size, np.uint8)
+  return buf[:size].view(dtype).reshape(shape)
+
+
 def _packets(data: np.ndarray) -> np.ndarray:
   """The hash's 32-byte packets of each row, the remainder's last: [n, P, 4]."""
   n, size = data.shape
   full, r = divmod(size, 32)
-  packets = np.zeros((n, full + (r > 0), 32), np.uint8)
+  packets = _scratch('packets', (n, full + (r > 0), 32), np.uint8)
   packets[:, :full] = data[:, :full * 32].reshape(n, full, 32)
   if r:
     body, mod4 = r & ~3, r & 3
     rest, last = data[:, full * 32:], packets[:, full]
+    last[:] = 0
     last[:, :body] = rest[:, :body]
     if r & 16:
       last[:, 28:32] = rest[:, body + mod4 - 4:body + mod4]
@@ -123,14 +141,15 @@ def highway_hash(data: np.ndarray) -> np.ndarray:
   n, size = data.shape
   out = np.empty(n, np.uint64)
   r = size % 32
-  swapped = (_KEY >> _S32) | (_KEY << _S32)
+  start = (_MUL0 ^ _KEY, _MUL1 ^ ((_KEY >> _S32) | (_KEY << _S32)), _MUL0,
+           _MUL1)
   with np.errstate(over='ignore'):
     for lo in range(0, n, _HASH_ROWS):
       packets = _packets(data[lo:lo + _HASH_ROWS])
       m = len(packets)
-      state = [np.tile(v, (m, 1)) for v in (
-          _MUL0 ^ _KEY, _MUL1 ^ swapped, _MUL0, _MUL1)]
-      state += [np.empty((m, 4), np.uint64) for _ in range(3)]
+      state = list(_scratch('state', (7, m, 4), np.uint64))
+      for vector, value in zip(state, start):
+        vector[:] = value
       for p in range(size // 32):
         _update(state, packets[:, p])
       if r:
