@@ -13,15 +13,16 @@ same length, every chunk has the same size C and record i's chunk starts at
 
 `DirectShard` maps such a file and reads a batch of records with one numpy
 gather. At open it reads ArrayRecord's footer, the chunk after the last
-record's (its header hash checked): one small record per record chunk whose
-first field is the chunk's file offset. Records are read here only up to the
-first whose offset is not the computed one, so a file of any other layout,
-or one whose records vary in length, is read directly only as far as it is
-laid out as computed. Each batch's chunks are then checked against their
-headers and their data hash, HighwayHash-64 with Riegeli's key, computed here
-with numpy for all chunks of the batch at once. Chunks that fail a check are
-left to the caller (ArrayRecord's own reader, which raises its error for a
-corrupt one).
+record's (its header hash checked; ArrayRecord's reader, opened first, has
+checked its data): one small record per record chunk whose first field is
+the chunk's file offset (a chunk that begins at a block boundary begins
+before that block's header). Records are read here only up to the first
+whose offset is not the computed one; a file whose records vary in length
+has its footer elsewhere and is not read here at all. Each batch's chunks
+are then checked against their headers and their data hash, HighwayHash-64
+with Riegeli's key, computed here with numpy for all chunks of the batch at
+once. Chunks that fail a check are left to the caller (ArrayRecord's own
+reader, which raises its error for a corrupt one).
 """
 
 from __future__ import annotations
