@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from dlrm_jax.data import criteo
+from dlrm_jax.data import loader
 from dlrm_jax.data import riegeli
 from dlrm_jax.data import tfds_criteo
 from tests import shared_data
@@ -190,6 +191,28 @@ class KaggleTest(absltest.TestCase):
     self.assertRowsEqual(test.read(np.arange(TEST_ROWS)[::-1]),
                          {k: v[::-1] for k, v in self.test.items()})
     self.assertIsNotNone(test._direct[0])
+
+  def test_grain_batches_shares_and_resume(self):
+    # Through the grain loader: each process's batch k holds its rows of
+    # the epoch's shuffle, over epochs, and a restored iterator goes on.
+    source = tfds_criteo.TfdsCriteoSource('criteo_kaggle', 'train',
+                                          self.data_dir)
+    for process in (0, 1):
+      data = loader.GrainTrainData(source, lambda raw: raw, 500,
+                                   num_batches=10, seed=4,
+                                   process_index=process, process_count=2)
+      it = data.iterator()
+      for k in range(4):
+        self.assertRowsEqual(next(it), {key: v[data.elements.rows_of(k)]
+                                        for key, v in self.train.items()})
+      state = it.get_state()
+      rest = [next(it) for _ in range(6)]  # Into the second epoch.
+      resumed = data.iterator()
+      resumed.set_state(state)
+      for k, want in enumerate(rest, 4):
+        self.assertRowsEqual(next(resumed), want)
+        self.assertRowsEqual(want, {key: v[data.elements.rows_of(k)]
+                                    for key, v in self.train.items()})
 
   def test_compressed_shards_are_read_by_array_record(self):
     data_dir = self.create_tempdir().full_path
