@@ -98,7 +98,7 @@ def _scratch(key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
   """A per-thread buffer of `shape`, reused from call to call.
 
   Fresh arrays of megabytes come from mmap and cost a page fault per 4 KiB
-  at first touch, about a third of the hash's time; these are kept instead.
+  at first touch (a third of a batch's read, measured); these are kept.
   Contents are left from the last use.
   """
   cache = _SCRATCH.__dict__
