@@ -19,8 +19,10 @@
    raw and `cat_0..cat_25` as hex ids): rows/s beside the Criteo reader's,
    and `input_over_step_table_<format>`.
 6. Times the default config's training step at the same batch size.
-The last line is `input_over_step=<slower input / training step>` of the
-random-access sources (binary, TFDS).
+Then `slowest_source=<name>`, the source of least input over step of all
+measured (binary, TFDS, the tables). The last line is
+`input_over_step=<slower input / training step>` of the random-access
+sources (binary, TFDS).
 """
 
 import json
@@ -50,6 +52,9 @@ _CHILD = flags.DEFINE_string('child', '', 'Internal: one measurement.')
 _TABLE = flags.DEFINE_bool('table', True,
                            'Measure the tabular source (CSV and Parquet).')
 _TFDS = flags.DEFINE_bool('tfds', True, 'Measure TFDS when installed.')
+_TFDS_COMPRESSION = flags.DEFINE_string(
+    'tfds_compression', None,
+    "The TFDS shards' compression (e.g. 'snappy'); default: the builder's.")
 
 
 def criteo_table_config(path: str, batch: int):
@@ -149,7 +154,8 @@ def child(task: dict) -> dict:
     if not os.path.exists(target):
       os.symlink(task['input'], target)
     t0 = time.time()
-    builder = tfds.builder('criteo_kaggle', data_dir=task['data_dir'])
+    builder = tfds.builder('criteo_kaggle', data_dir=task['data_dir'],
+                           compression=task['compression'])
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=task['manual']))
     return {'seconds': time.time() - t0}
@@ -266,7 +272,7 @@ def main(argv):
                    'batch': _BATCH.value, 'batches': _BATCHES.value})
   rates['binary'] = res['examples_per_s']
   try:
-    import dlrm_jax.data.tfds_criteo  # pylint: disable=g-import-not-at-top,unused-import
+    from dlrm_jax.data import tfds_criteo  # pylint: disable=g-import-not-at-top
     have_tfds = True
   except ImportError:
     have_tfds = False
@@ -276,10 +282,12 @@ def main(argv):
       synthetic.write_criteo_tsv(text, _TFDS_ROWS.value, seed=1)
     tfds_dir = os.path.join(_WORK.value, f'tfds_{_TFDS_ROWS.value}')
     shutil.rmtree(tfds_dir, ignore_errors=True)  # time a full preparation
+    compression = (_TFDS_COMPRESSION.value or
+                   tfds_criteo.DEFAULT_COMPRESSION)
     prep = run_child({'kind': 'tfds_prepare', 'input': text,
                       'manual': os.path.join(_WORK.value, 'manual'),
-                      'data_dir': tfds_dir})
-    print(f'TFDS prepare of {_TFDS_ROWS.value:,} rows: '
+                      'data_dir': tfds_dir, 'compression': compression})
+    print(f'TFDS prepare of {_TFDS_ROWS.value:,} rows ({compression}): '
           f'{_TFDS_ROWS.value / prep["seconds"]:,.0f} rows/s')
     res = run_child({'kind': 'read_tfds', 'dir': tfds_dir,
                      'batch': _BATCH.value, 'batches': _BATCHES.value})
@@ -307,6 +315,10 @@ def main(argv):
         f'{step["examples_per_s"]:,.0f} examples/s')
   for fmt, v in tables.items():
     print(f'input_over_step_table_{fmt}={v / step["examples_per_s"]:.2f}')
+  every = dict(rates, **{f'table_{fmt}': v for fmt, v in tables.items()})
+  slowest = min(every, key=every.get)
+  print(f'slowest_source={slowest} (input_over_step'
+        f' {every[slowest] / step["examples_per_s"]:.2f})')
   print(f'input_over_step={min(rates.values()) / step["examples_per_s"]:.2f}')
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -17,10 +18,13 @@ import unittest
 from unittest import mock
 
 from absl.testing import absltest
+from array_record.python import array_record_module
 import numpy as np
 import tensorflow_datasets as tfds
 
 from dlrm_jax.data import criteo
+from dlrm_jax.data import loader
+from dlrm_jax.data import riegeli
 from dlrm_jax.data import tfds_criteo
 from tests import shared_data
 
@@ -146,6 +150,99 @@ class KaggleTest(absltest.TestCase):
     self.assertRowsEqual(got, {k: v[order] for k, v in self.train.items()})
     empty = source.read(np.zeros(0, np.int64))
     self.assertEqual(empty['cat'].shape, (0, 26))
+
+  def _per_record(self, data_dir: str, split: str,
+                  rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The plain reference: one ArrayRecord read and TFDS decode per row."""
+    builder = tfds.builder('criteo_kaggle', data_dir=data_dir)
+    files = [(os.fspath(f.filename), f.take)
+             for f in builder.info.splits[split].file_instructions]
+    examples = []
+    for row in rows.tolist():
+      for path, size in files:
+        if row < size:
+          reader = array_record_module.ArrayRecordReader(path)
+          examples.append(builder.info.features.deserialize_example_np(
+              reader.read([row])[0]))
+          reader.close()
+          break
+        row -= size
+    return _stack(examples)
+
+  def test_block_reads_match_per_record_reads(self):
+    source = tfds_criteo.TfdsCriteoSource('criteo_kaggle', 'train',
+                                          self.data_dir)
+    rows = np.random.default_rng(2).permutation(4000)[:700]
+    got = source.read(rows)
+    self.assertRowsEqual(got, self._per_record(self.data_dir, 'train', rows))
+    # Every shard was read directly; ArrayRecord's readers were closed.
+    self.assertEqual([source._direct[f].num_direct for f in range(3)],
+                     [1500, 1500, 1000])
+    self.assertEqual(source._readers, {})
+    # Some of those chunks straddle a block header.
+    chunk = riegeli.CHUNK_HEADER + source._direct[0]._data_size
+    stream = riegeli.CHUNK_HEADER + (rows % 1500) * chunk
+    self.assertGreater(
+        np.sum(stream % (riegeli.BLOCK - riegeli.BLOCK_HEADER) + chunk >
+               riegeli.BLOCK - riegeli.BLOCK_HEADER), 0)
+    # A copy in another process (grain workers) reads the same.
+    self.assertRowsEqual(pickle.loads(pickle.dumps(source)).read(rows), got)
+    test = tfds_criteo.TfdsCriteoSource('criteo_kaggle', 'test', self.data_dir)
+    self.assertRowsEqual(test.read(np.arange(TEST_ROWS)[::-1]),
+                         {k: v[::-1] for k, v in self.test.items()})
+    self.assertIsNotNone(test._direct[0])
+
+  def test_grain_batches_shares_and_resume(self):
+    # Through the grain loader: each process's batch k holds its rows of
+    # the epoch's shuffle, over epochs, and a restored iterator goes on.
+    source = tfds_criteo.TfdsCriteoSource('criteo_kaggle', 'train',
+                                          self.data_dir)
+    for process in (0, 1):
+      data = loader.GrainTrainData(source, lambda raw: raw, 500,
+                                   num_batches=10, seed=4,
+                                   process_index=process, process_count=2)
+      it = data.iterator()
+      for k in range(4):
+        self.assertRowsEqual(next(it), {key: v[data.elements.rows_of(k)]
+                                        for key, v in self.train.items()})
+      state = it.get_state()
+      rest = [next(it) for _ in range(6)]  # Into the second epoch.
+      resumed = data.iterator()
+      resumed.set_state(state)
+      for k, want in enumerate(rest, 4):
+        self.assertRowsEqual(next(resumed), want)
+        self.assertRowsEqual(want, {key: v[data.elements.rows_of(k)]
+                                    for key, v in self.train.items()})
+
+  def test_compressed_shards_are_read_by_array_record(self):
+    data_dir = self.create_tempdir().full_path
+    tfds.builder('criteo_kaggle', data_dir=data_dir, shard_rows=400,
+                 compression='snappy').download_and_prepare(
+                     download_config=tfds.download.DownloadConfig(
+                         manual_dir=self.manual_dir,
+                         max_examples_per_split=1000))
+    source = tfds_criteo.TfdsCriteoSource('criteo_kaggle', 'train', data_dir)
+    rows = np.random.default_rng(3).permutation(1000)
+    self.assertRowsEqual(source.read(rows),
+                         {k: v[rows] for k, v in self.train.items()})
+    self.assertEqual(source._direct, {0: None, 1: None, 2: None})
+
+  def test_a_damaged_value_names_the_file_and_row(self):
+    data_dir, shard = self._copy_data()
+    source = tfds_criteo.TfdsCriteoSource('criteo_kaggle', 'train', data_dir)
+    chunk = riegeli.CHUNK_HEADER + source._direct_shard(1)._data_size
+    with open(shard, 'r+b') as f:  # A value byte of the shard's record 5.
+      f.seek(riegeli.BLOCK_HEADER + riegeli.CHUNK_HEADER + 5 * chunk +
+             chunk - 20)
+      byte = f.read(1)
+      f.seek(-1, os.SEEK_CUR)
+      f.write(bytes([byte[0] ^ 0x5a]))
+    source = tfds_criteo.TfdsCriteoSource('criteo_kaggle', 'train', data_dir)
+    with self.assertRaisesRegex(tfds_criteo.CorruptDataError,
+                                os.path.basename(shard)):
+      source.read(np.array([3, 1505, 2000]))
+    self.assertRowsEqual(source.read(np.array([3, 1504, 1506])), {
+        k: v[[3, 1504, 1506]] for k, v in self.train.items()})
 
   def test_source_reads_a_slice_of_a_split(self):
     source = tfds_criteo.TfdsCriteoSource('criteo_kaggle', 'train[2000:3600]',

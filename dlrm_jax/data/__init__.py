@@ -10,6 +10,7 @@
   binary       the preprocessed binary format
   preprocess   `python -m dlrm_jax.data.preprocess`: text -> binary
   tfds_criteo  TFDS builders (ArrayRecord, no TensorFlow)
+  riegeli      direct, vectorised reads of uncompressed ArrayRecord shards
   synthetic    the built-in click logs with a hidden teacher
   multi_hot    MLPerf's synthetic multi-hot bags
 """
