@@ -87,6 +87,11 @@ from dlrm_jax.parallel import BATCH_AXES, DATA, MODEL
 
 Axes = str | tuple[str, ...]
 
+# The name scope of `BucketizedExchange`'s worst-case branch. The collectives
+# traced in it carry it in their HLO op_name (benchmarks/comm_volume.py costs
+# them apart, as the rarely taken path).
+FALLBACK_SCOPE = 'bucketized_worst_case'
+
 # ----------------------------------------------------------------------------
 # Collectives over the mesh, skipped on axes of size 1.
 
@@ -281,6 +286,15 @@ def _route_weights(r: routing.Routing, valid: jax.Array):
   """
   return (pooling.bag_weights(valid, r.widths, r.combiners)
           if any(w > 1 for w in r.widths) else None)
+
+
+def _owner_of(r: routing.Routing, safe: jax.Array) -> jax.Array:
+  """The `[X, L]` model shard holding each of `[X, L]` valid ids' rows."""
+  n_cols, n_blocks = r.owner.shape
+  if n_blocks == 1:
+    return jnp.broadcast_to(jnp.asarray(r.owner[:, 0]), safe.shape)
+  block = jnp.minimum(safe // r.rps, n_blocks - 1)
+  return jnp.asarray(r.owner)[jnp.arange(n_cols)[None, :], block]
 
 
 def _valid_cols(r: routing.Routing, ids: jax.Array):
@@ -499,6 +513,12 @@ def _over_every_shard(seg: plan_lib.Segment, num_shards: int) -> bool:
           len(routing.holders(seg, num_shards)) == num_shards)
 
 
+def _bucketized(stack: plan_lib.Stack, seg: plan_lib.Segment) -> bool:
+  """Whether a row-split segment's ids go only to the shard of their row."""
+  return (not stack.replicated and seg.rows_per_shard < seg.num_rows and
+          seg.row_exchange == 'bucketized')
+
+
 class RowWiseExchange(SegmentExchange):
   """Segments whose rows are split over every model shard.
 
@@ -530,7 +550,8 @@ class RowWiseExchange(SegmentExchange):
       Whether the stack is sharded and the segment's rows are split over
       every model shard.
     """
-    return not stack.replicated and _over_every_shard(seg, num_shards)
+    return (not stack.replicated and _over_every_shard(seg, num_shards) and
+            not _bucketized(stack, seg))
 
   def _route(self, ids: jax.Array, my: jax.Array):
     """Routes `[X, T]` packed ids to the local rows of shard `my`.
@@ -541,7 +562,7 @@ class RowWiseExchange(SegmentExchange):
     r = self.routing
     valid, safe = _valid_cols(r, ids)
     off = jnp.take(jnp.asarray(r.offsets), my, axis=1)
-    mine = valid & (r.first + safe // r.rps == my) & (off >= 0)
+    mine = valid & (_owner_of(r, safe) == my) & (off >= 0)
     local = jnp.where(mine, off + safe % r.rps, self.stack.capacity)
     return local, _route_weights(r, valid)
 
@@ -627,7 +648,8 @@ class OwnedExchange(SegmentExchange):
       Whether the stack is sharded and the segment is held by some shards
       only.
     """
-    return not stack.replicated and not _over_every_shard(seg, num_shards)
+    return (not stack.replicated and not _over_every_shard(seg, num_shards)
+            and not _bucketized(stack, seg))
 
   def _send_rows(self, ids: jax.Array) -> jax.Array:
     """Maps `[B_l, T]` ids to `[B_l, S * L]` rows on each owner.
@@ -773,10 +795,307 @@ class OwnedExchange(SegmentExchange):
     return jnp.minimum(local, self.stack.capacity).reshape(-1)
 
 
+class BucketizedExchange(SegmentExchange):
+  """Row-split segments whose ids go only to the shard holding their row.
+
+  These are the row_wise and table_row_wise pieces whose route says
+  'bucketized' (`planner.choose_row_exchange` picks it by bytes). See the
+  module docstring for the exchange itself.
+
+  Capacity. All-to-all blocks have static shapes, so each destination gets
+  a block of `cap` ids and one of `bag_cap` partial bags (a bag's ids that
+  one shard holds, pooled there) from every sender, with
+  `planner.bucket_capacity` of the load expected under uniform ids
+  (`routing.bucket_shares`, times B_l): a slack of 15% plus two standard
+  deviations, rounded up to 8. Single-id bags make one partial bag per id,
+  so `bag_cap` is `cap`.
+
+  Fallback. Each sender counts what it sends each destination; the counts
+  over the blocks set a flag, psum'ed over 'model', so every device of the
+  model group sees the same value and `lax.cond` takes the same branch on
+  all of them: either the capacity blocks or blocks of the worst case
+  (`B_l L` ids, `B_l K` partial bags: every id on one shard), which always
+  fit. Both branches compute the same sums, so the result does not depend
+  on the ids' distribution. Where the capacity already reaches the worst
+  case there is no `cond`.
+
+  Encoding. An id is sent as its local row on the owner; for multi-id bags
+  the first id of a bag on that owner is sent as `-1 - row`, so the owner
+  numbers the partial bags of each sender's block by a running count
+  (the sender keeps the ids of a bag together, in example order).
+
+  Attributes:
+    routing: the per-column `routing.Routing` of the served segments.
+    seg_index: `[K]` int32 positions of the served segments.
+    multi: whether some bag has several ids.
+    id_share: `[S]` expected ids per example that go to each shard.
+    bag_share: `[S]` expected partial bags per example that come from each
+      shard.
+  """
+
+  kind = 'bucketized'
+
+  def __init__(self, stack, segs, num_columns, comm):
+    super().__init__(stack, segs, num_columns, comm)
+    self.routing = routing.routing_of([stack.segments[k] for k in segs])
+    self.seg_index = np.array(segs, np.int32)
+    self.multi = any(w > 1 for w in self.routing.widths)
+    self.id_share, self.bag_share = routing.bucket_shares(self.routing,
+                                                          self.num_shards)
+
+  @classmethod
+  def serves(cls, stack, seg, num_shards) -> bool:
+    """Serves the row-split segments routed 'bucketized'.
+
+    Args:
+      stack: the stack holding the segment.
+      seg: the segment.
+      num_shards: S.
+
+    Returns:
+      Whether the stack is sharded, the segment split by rows and its
+      `row_exchange` 'bucketized'.
+    """
+    return _bucketized(stack, seg)
+
+  def capacities(self, batch: int) -> tuple[int, int, int, int]:
+    """The block sizes for a per-device batch.
+
+    Args:
+      batch: B_l.
+
+    Returns:
+      `(cap, bag_cap, worst, worst_bags)`: ids and partial bags per
+      destination at the capacity and in the worst case.
+    """
+    r = self.routing
+    worst, worst_bags = batch * len(r.cols), batch * len(r.widths)
+    cap = plan_lib.bucket_capacity(batch * float(self.id_share.max()), worst)
+    if not self.multi:
+      return cap, cap, worst, worst_bags
+    bag_cap = plan_lib.bucket_capacity(batch * float(self.bag_share.max()),
+                                       worst_bags)
+    return cap, bag_cap, worst, worst_bags
+
+  def _bucketize(self, ids: jax.Array) -> dict[str, jax.Array]:
+    """Sender side: where each of `[X, T]` packed ids goes.
+
+    Returns `[E]` arrays (E = X L, example-major): `valid`, `dest` (the
+    model shard), `local` (the row there), `new` (the first id of its bag on
+    that shard), `pos` (its place among the ids to `dest`), `slot` (its
+    bag's place among the partial bags to `dest`); `[S]` `counts` of ids and
+    `bag_counts` of partial bags per destination; `valid2d`, `[X, L]`.
+    """
+    r, s = self.routing, self.num_shards
+    valid, safe = _valid_cols(r, ids)
+    n_cols = valid.shape[1]
+    dest = _owner_of(r, safe)
+    off = jnp.asarray(r.offsets)[jnp.arange(n_cols)[None, :], dest]
+    local = off + safe % r.rps
+    new = valid
+    if self.multi:
+      parts, start = [], 0
+      for w in r.widths:
+        d, v = dest[:, start:start + w], valid[:, start:start + w]
+        if w > 1:  # an earlier valid id of the bag on the same shard
+          seen = (d[:, :, None] == d[:, None, :]) & v[:, :, None]
+          v = v & ~jnp.any(seen & np.triu(np.ones((w, w), bool), 1), axis=1)
+        parts.append(v)
+        start += w
+      new = _concat(parts, axis=1)
+    out = {'valid2d': valid}
+    valid, dest, local, new = (a.reshape(-1) for a in (valid, dest, local,
+                                                        new))
+    hot = (dest[:, None] == jnp.arange(s)[None, :]) & valid[:, None]
+    out.update(valid=valid, dest=dest, local=local, new=new,
+               pos=_running_count(hot, dest),
+               counts=jnp.sum(hot, axis=0, dtype=jnp.int32))
+    if self.multi:
+      hot = hot & new[:, None]
+      out.update(slot=_running_count(hot, dest),
+                 bag_counts=jnp.sum(hot, axis=0, dtype=jnp.int32))
+    else:
+      out.update(slot=out['pos'], bag_counts=out['counts'])
+    return out
+
+  def _send_ids(self, b: dict, cap: int) -> jax.Array:
+    """Sends the ids to their owners in `[S * cap]` blocks.
+
+    Returns the `[S * cap]` received values: local rows, C for none, the
+    first id of a partial bag as `-1 - row` when bags hold several ids.
+    """
+    s, e = self.num_shards, b['dest'].shape[0]
+    val = jnp.where(b['new'], -1 - b['local'], b['local']) if self.multi \
+        else b['local']
+    at = jnp.where(b['valid'] & (b['pos'] < cap), b['dest'] * cap + b['pos'],
+                   s * cap + jnp.arange(e))
+    send = jnp.full((s * cap,), self.stack.capacity, jnp.int32).at[at].set(
+        val, mode='drop', unique_indices=True)
+    return self.comm.all_to_all(send[None])[0]
+
+  def _owner_slots(self, got: jax.Array, cap: int, bag_cap: int):
+    """Owner side: decodes `[S * cap]` received values.
+
+    Returns the `[S * cap]` local rows (C for none) and the partial bag of
+    each among the `[S * bag_cap]` going back (`S * bag_cap` for none), or
+    None when each id is its own bag.
+    """
+    if not self.multi:
+      return got, None
+    s, c = self.num_shards, self.stack.capacity
+    first = got < 0
+    local = jnp.where(first, -1 - got, got)
+    run = jnp.cumsum(first.reshape(s, cap), axis=1, dtype=jnp.int32) - 1
+    slot = (jnp.arange(s, dtype=jnp.int32)[:, None] * bag_cap + run).ravel()
+    return local, jnp.where(local < c, slot, s * bag_cap)
+
+  def _wanted(self, b: dict, bag_cap: int) -> jax.Array:
+    """`[E]` place of each id's partial bag among `[S * bag_cap]`.
+
+    Only the first id of a bag on a shard names it; the others name
+    `S * bag_cap`, none.
+    """
+    s, e = self.num_shards, b['dest'].shape[0]
+    return jnp.where(b['valid'] & b['new'] & (b['slot'] < bag_cap),
+                     b['dest'] * bag_cap + b['slot'], s * bag_cap +
+                     jnp.arange(e))
+
+  def _bag_scale(self, valid: jax.Array):
+    """`[X, K]` float32 combiner weight of each bag, or None if all are 1.
+
+    Mean and sqrtn weigh every id of a bag alike, `1 / n` or `1 / sqrt(n)`
+    (`pooling.combiner_weights`), so the requester applies them to whole
+    bags: to the summed partial bags and to the gradients it sends.
+    """
+    r = self.routing
+    if not any(w > 1 and c != 'sum' for w, c in zip(r.widths, r.combiners)):
+      return None
+    parts, start = [], 0
+    for w, c in zip(r.widths, r.combiners):
+      n = jnp.maximum(jnp.sum(valid[:, start:start + w], axis=1,
+                              dtype=jnp.float32), 1.0)
+      if w == 1 or c == 'sum':
+        parts.append(jnp.ones_like(n))
+      else:
+        parts.append(1.0 / n if c == 'mean' else jax.lax.rsqrt(n))
+      start += w
+    return jnp.stack(parts, axis=1)
+
+  def _choose(self, b: dict, batch: int, run):
+    """Runs `run(cap, bag_cap)` at the capacity, or the worst case if any
+    device of the model group would overflow a block. See the class doc."""
+    cap, bag_cap, worst, worst_bags = self.capacities(batch)
+    if cap >= worst and bag_cap >= worst_bags:
+      return run(worst, worst_bags)
+    over = (jnp.max(b['counts']) > cap) | (jnp.max(b['bag_counts']) > bag_cap)
+    over = self.comm.psum(over.astype(jnp.int32), MODEL) > 0
+
+    def fallback():
+      with jax.named_scope(FALLBACK_SCOPE):  # named in the HLO's op_name
+        return run(worst, worst_bags)
+
+    return jax.lax.cond(over, fallback, lambda: run(cap, bag_cap))
+
+  def lookup(self, table, ids):
+    """Sends ids to their rows' owners, pools there, sums the partial bags.
+
+    Args:
+      table: `[C, W]` rows held here.
+      ids: `[B_l, T]` packed ids of this device's examples.
+
+    Returns:
+      `[B_l, K, W]` float32, segments in the order of `segs`.
+    """
+    s, x = self.num_shards, ids.shape[0]
+    b = self._bucketize(ids)
+
+    def run(cap, bag_cap):
+      local, slot = self._owner_slots(self._send_ids(b, cap), cap, bag_cap)
+      rows = self._rows(table, local)  # [S * cap, W]
+      if slot is not None:
+        rows = jax.ops.segment_sum(rows, slot, num_segments=s * bag_cap)
+      back = self.comm.all_to_all(rows[None])[0]  # [S * bag_cap, W]
+      got = back.at[self._wanted(b, bag_cap)].get(mode='fill', fill_value=0)
+      return pooling.bag_sums(got.reshape(x, len(self.routing.cols), -1),
+                              self.routing.widths)
+
+    pooled = self._choose(b, x, run)
+    scale = self._bag_scale(b['valid2d'])
+    return pooled if scale is None else pooled * scale[..., None]
+
+  def grads_here(self, ids, grads):
+    """Sends the pooled gradients of the partial bags to their owners.
+
+    The owner hands each id the gradient of its partial bag. The worst
+    case's `[S * B_l * L]` rows come back from either branch (the capacity
+    branch padded with C), as `lax.cond` needs.
+
+    Args:
+      ids: `[B_l, T]` packed ids of this device's examples.
+      grads: `[B_l, n_seg, G]` gradients of the pooled embeddings.
+
+    Returns:
+      `[M]` local rows and their `[M, G]` weighted gradients. C means none.
+    """
+    s, x, g = self.num_shards, ids.shape[0], grads.shape[-1]
+    r = self.routing
+    b = self._bucketize(ids)
+    if not np.array_equal(self.seg_index, np.arange(grads.shape[1])):
+      grads = jnp.take(grads, jnp.asarray(self.seg_index), axis=1)
+    scale = self._bag_scale(b['valid2d'])
+    if scale is not None:
+      grads = grads * scale[..., None]
+    if self.multi:
+      grads = jnp.take(grads, jnp.asarray(r.seg_of_col), axis=1)
+    g_cols = grads.reshape(-1, g)  # [E, G]
+    m = s * self.capacities(x)[2]
+
+    def run(cap, bag_cap):
+      send = jnp.zeros((s * bag_cap, g), g_cols.dtype).at[
+          self._wanted(b, bag_cap)].set(g_cols, mode='drop',
+                                        unique_indices=True)
+      got = self.comm.all_to_all(send[None])[0]  # [S * bag_cap, G]
+      local, slot = self._owner_slots(self._send_ids(b, cap), cap, bag_cap)
+      if slot is not None:
+        got = got.at[slot].get(mode='fill', fill_value=0)
+      pad = m - local.shape[0]
+      if pad:
+        local = jnp.concatenate(
+            [local, jnp.full((pad,), self.stack.capacity, local.dtype)])
+        got = jnp.concatenate([got, jnp.zeros((pad, g), got.dtype)])
+      return local, got
+
+    return self._choose(b, x, run)
+
+  def rows_to_reset(self, rows):
+    """Sends the named rows to their owners, in worst-case blocks.
+
+    Args:
+      rows: `[B_l, T]` rows named like packed ids. -1 means none.
+
+    Returns:
+      `[M]` local rows. C means none.
+    """
+    _, _, worst, worst_bags = self.capacities(rows.shape[0])
+    local, _ = self._owner_slots(self._send_ids(self._bucketize(rows), worst),
+                                 worst, worst_bags)
+    return jnp.minimum(local, self.stack.capacity)
+
+
+def _running_count(hot: jax.Array, dest: jax.Array) -> jax.Array:
+  """`[E]` place of each entry among those with its destination.
+
+  Takes the `[E, S]` bool hits (entry e goes to shard d) and the `[E]`
+  destinations; entries that are not hits get junk.
+  """
+  run = jnp.cumsum(hot, axis=0, dtype=jnp.int32)
+  return jnp.take_along_axis(run, dest[:, None], axis=1)[:, 0] - 1
+
+
 # The ways, in the order in which a stack's parts are combined. Owned comes
 # before row-wise, the order of the concatenations in the compiled step.
 EXCHANGES: tuple[type[SegmentExchange], ...] = (
-    ReplicatedExchange, OwnedExchange, RowWiseExchange)
+    ReplicatedExchange, OwnedExchange, RowWiseExchange, BucketizedExchange)
 
 
 def exchange_of(stack: plan_lib.Stack, seg: plan_lib.Segment,
