@@ -806,7 +806,7 @@ class BucketizedExchange(SegmentExchange):
   a block of `cap` ids and one of `bag_cap` partial bags (a bag's ids that
   one shard holds, pooled there) from every sender, with
   `planner.bucket_capacity` of the load expected under uniform ids
-  (`routing.bucket_shares`, times B_l): a slack of 15% plus two standard
+  (`routing.bucket_shares`, times B_l): a slack of 2% plus four standard
   deviations, rounded up to 8. Single-id bags make one partial bag per id,
   so `bag_cap` is `cap`.
 
@@ -817,7 +817,9 @@ class BucketizedExchange(SegmentExchange):
   (`B_l L` ids, `B_l K` partial bags: every id on one shard), which always
   fit. Both branches compute the same sums, so the result does not depend
   on the ids' distribution. Where the capacity already reaches the worst
-  case there is no `cond`.
+  case there is no `cond`. The capacity blocks of ids are sent before the
+  `cond` (once a step: the lookup's and the update's are merged), so an
+  overflowing step sends them in vain and then the worst case's.
 
   Encoding. An id is sent as its local row on the owner; for multi-id bags
   the first id of a bag on that owner is sent as `-1 - row`, so the owner
@@ -982,19 +984,26 @@ class BucketizedExchange(SegmentExchange):
     return jnp.stack(parts, axis=1)
 
   def _choose(self, b: dict, batch: int, run):
-    """Runs `run(cap, bag_cap)` at the capacity, or the worst case if any
-    device of the model group would overflow a block. See the class doc."""
+    """Runs `run(cap, bag_cap, got)` at the capacity, or the worst case if
+    any device of the model group would overflow a block.
+
+    `got` is what the owners received of the ids (`_send_ids`). The
+    capacity blocks of ids are sent before the `cond`, so the lookup's and
+    the update's sends are one computation, which the compiler merges; the
+    worst-case branch sends its own. See the class doc.
+    """
     cap, bag_cap, worst, worst_bags = self.capacities(batch)
     if cap >= worst and bag_cap >= worst_bags:
-      return run(worst, worst_bags)
+      return run(worst, worst_bags, self._send_ids(b, worst))
     over = (jnp.max(b['counts']) > cap) | (jnp.max(b['bag_counts']) > bag_cap)
     over = self.comm.psum(over.astype(jnp.int32), MODEL) > 0
+    got = self._send_ids(b, cap)
 
     def fallback():
       with jax.named_scope(FALLBACK_SCOPE):  # named in the HLO's op_name
-        return run(worst, worst_bags)
+        return run(worst, worst_bags, self._send_ids(b, worst))
 
-    return jax.lax.cond(over, fallback, lambda: run(cap, bag_cap))
+    return jax.lax.cond(over, fallback, lambda: run(cap, bag_cap, got))
 
   def lookup(self, table, ids):
     """Sends ids to their rows' owners, pools there, sums the partial bags.
@@ -1009,8 +1018,8 @@ class BucketizedExchange(SegmentExchange):
     s, x = self.num_shards, ids.shape[0]
     b = self._bucketize(ids)
 
-    def run(cap, bag_cap):
-      local, slot = self._owner_slots(self._send_ids(b, cap), cap, bag_cap)
+    def run(cap, bag_cap, got_ids):
+      local, slot = self._owner_slots(got_ids, cap, bag_cap)
       rows = self._rows(table, local)  # [S * cap, W]
       if slot is not None:
         rows = jax.ops.segment_sum(rows, slot, num_segments=s * bag_cap)
@@ -1050,12 +1059,12 @@ class BucketizedExchange(SegmentExchange):
     g_cols = grads.reshape(-1, g)  # [E, G]
     m = s * self.capacities(x)[2]
 
-    def run(cap, bag_cap):
+    def run(cap, bag_cap, got_ids):
       send = jnp.zeros((s * bag_cap, g), g_cols.dtype).at[
           self._wanted(b, bag_cap)].set(g_cols, mode='drop',
                                         unique_indices=True)
       got = self.comm.all_to_all(send[None])[0]  # [S * bag_cap, G]
-      local, slot = self._owner_slots(self._send_ids(b, cap), cap, bag_cap)
+      local, slot = self._owner_slots(got_ids, cap, bag_cap)
       if slot is not None:
         got = got.at[slot].get(mode='fill', fill_value=0)
       pad = m - local.shape[0]
