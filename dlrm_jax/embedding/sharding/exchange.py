@@ -5,16 +5,17 @@ R data replicas (the mesh's 'data' axis), C a stack's rows per device, W its
 width, L_d the id columns device d owns (L = max_d L_d, the padded share),
 N_d its bags (N = max_d N_d), K the segments one way serves.
 
-A stack's segments (feature x column piece) are served in one of three ways,
+A stack's segments (feature x column piece) are served in one of four ways,
 all inside `jax.shard_map`, per device; each is one `SegmentExchange` class
 (TorchRec's sharding classes: `tw_sharding.py`, `rw_sharding.py`, ...), and
 the plan's placement of a segment's table picks it (`EXCHANGES`,
 `exchange_of`):
 
   OwnedExchange (placements table_wise and column_wise: one model shard
-         holds all rows of a piece; table_row_wise: rows split over a group
-         of shards, each id sent to the one holding its row, partial bags
-         summed by the sender):
+         holds all rows of a piece; table_row_wise routed 'every_holder':
+         rows split over a group of shards, each id sent to every shard of
+         the group, the one holding its row reading it, partial bags summed
+         by the sender):
     lookup   the ids of the bags each destination owns are routed to its
              local rows and sent by one `all_to_all` over 'model'
              (`[B_l, S * L]` int32, padded to the largest share); the owner
@@ -24,10 +25,29 @@ the plan's placement of a segment's table picks it (`EXCHANGES`,
     update   the transpose: the ids again and the pooled gradients go to the
              owners by `all_to_all`; each owner expands them to its
              `S * B_l * L` ids (combiner weights) and deduplicates those only.
-  RowWiseExchange (placement row_wise: rows split over every shard,
-         TorchRec's row-wise pattern; a row split over fewer shards, one
-         shard included, is served as owned, one over every shard as
-         row-wise, whatever the placement's name):
+  BucketizedExchange (placements row_wise and table_row_wise whose
+         features the planner routes 'bucketized', the default where it
+         sends fewer bytes: `planner.choose_row_exchange`; TorchRec's
+         row-wise bucketize, `bucketize_kjt_before_all2all`, with static
+         shapes):
+    lookup   each id goes only to the shard holding its row (bucketized by
+             row block), by one `all_to_all` over 'model' of `[S * cap]`
+             int32; the owner pools the ids of a bag that it holds (one
+             partial bag per bag and owner) and a second `all_to_all` sends
+             `[S * bag_cap, W]` partial bags back, summed by the requester.
+             `cap` and `bag_cap` are the expected loads plus a slack
+             (`planner.bucket_capacity`); if any device of the model group
+             would overflow a block, a psum'ed flag makes all of them take
+             the `lax.cond` branch with worst-case blocks instead, so the
+             result never depends on the ids' distribution.
+    update   the transpose: the partial bags' gradients go to the owners by
+             `all_to_all` (the ids' blocks are the lookup's: the compiler
+             merges the two sends); each owner hands every id it received
+             its partial bag's gradient and deduplicates those only.
+  RowWiseExchange (placement row_wise, features routed 'every_holder':
+         rows split over every shard, TorchRec's row-wise pattern; a row
+         split over fewer shards, one shard included, is served as owned,
+         one over every shard as row-wise, whatever the placement's name):
     lookup   all-gather the model group's ids (`[S * B_l, T]`), pool the rows
              this shard holds (others read as zero), reduce-scatter the
              partial sums over 'model'.

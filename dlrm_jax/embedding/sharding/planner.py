@@ -39,6 +39,16 @@ like FBGEMM's table-batched embeddings. One device is the special case S = 1.
   * With `row_group_size` g, where 0 < g < S and g divides S, tables that
     would be row_wise are table_row_wise instead. They are row_wise over the
     g consecutive devices `k g .. k g + g - 1` of the least-loaded group.
+  * A row-split table's row blocks go to its devices rotated so that the
+    expected ids per device (uniform ids; a small table's last blocks hold
+    fewer rows) stay even: the bucketized all-to-all's blocks are as large
+    as its busiest destination's share.
+
+How a row-split feature's ids travel (`TablePlacement.exchange`, else chosen
+per feature by `choose_row_exchange` when the layout is built): 'bucketized'
+(each id to the shard of its row, in capacity blocks: `bucket_capacity`) or
+'every_holder' (each id to every shard of the table), whichever
+`row_exchange_bytes` finds cheaper, as replication is chosen by bytes.
 """
 
 from __future__ import annotations
@@ -477,9 +487,11 @@ def describe(plan: Plan, tables: Sequence[TableSpec],
       devices, per = 'all', b
     else:
       devices = ','.join(map(str, p.devices)) if len(p.devices) <= 4 else (
-          f'{p.devices[0]}..{p.devices[-1]}')
+          f'{min(p.devices)}..{max(p.devices)}' +
+          (f' from {p.devices[0]}' if p.devices[0] != min(p.devices) else ''))
       per = b / len(p.devices)
-    rows.append((p.table, f'{t.num_rows:,}', str(t.dim), p.strategy, devices,
+    strategy = p.strategy + (f'/{p.exchange}' if p.exchange else '')
+    rows.append((p.table, f'{t.num_rows:,}', str(t.dim), strategy, devices,
                  _human(per)))
   per_device = plan_bytes_per_device(plan, tables)
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
