@@ -232,16 +232,20 @@ class BucketizedShardingTest(parameterized.TestCase):
 
   Steps 0 and 2 draw ids uniformly (capacity blocks); step 1 sends every id
   of a table to one shard, which overflows the blocks and takes the
-  worst-case branch. Single-id bags are bit-for-bit equal.
+  worst-case branch (on a 2 x 4 mesh only the first data row's examples do:
+  its model group takes one branch, the other group the other). Single-id
+  bags are bit-for-bit equal (with data replicas, until the first update).
   """
 
-  @parameterized.product(strategy=('row_wise', 'table_row_wise'),
-                         kind=('sgd', 'adagrad'))
-  def test_matches_single_device(self, strategy, kind):
+  @parameterized.parameters(
+      ('row_wise', 'sgd', (1, 8)), ('row_wise', 'adagrad', (1, 8)),
+      ('table_row_wise', 'sgd', (1, 8)), ('table_row_wise', 'adagrad', (1, 8)),
+      ('row_wise', 'adagrad', (2, 4)))
+  def test_matches_single_device(self, strategy, kind, mesh_shape):
     tables, features = bucket_specs(kind)
-    plan = uniform_plan(tables, strategy, 8)
-    sharded = embedding_test.EngineHarness(tables, features,
-                                           reference.mesh_of(1, 8), plan)
+    plan = uniform_plan(tables, strategy, mesh_shape[1])
+    sharded = embedding_test.EngineHarness(
+        tables, features, reference.mesh_of(*mesh_shape), plan)
     parts = bucketized_parts(sharded.engine)
     self.assertLen(parts, 1)
     cap, _, worst, _ = parts[0].capacities(_BUCKET_B_L)
@@ -255,17 +259,24 @@ class BucketizedShardingTest(parameterized.TestCase):
     rng = np.random.default_rng(0)
     batch = 8 * _BUCKET_B_L
     for step in range(3):
-      ids = (first_block_ids(rng, features, tables, batch, plan) if step == 1
-             else uniform_ids(rng, features, tables, batch))
+      ids = uniform_ids(rng, features, tables, batch)
+      if step == 1:  # the first data row's examples (all of them on 1 x 8)
+        rows = batch // mesh_shape[0]
+        ids[:rows] = first_block_ids(rng, features, tables, batch, plan)[:rows]
       most = most_ids_to_one_shard(parts[0], ids, _BUCKET_B_L)
       if step == 1:
         self.assertGreater(most, cap)  # the worst-case branch
+        if mesh_shape[0] > 1:  # the other data row's group: capacity
+          self.assertLessEqual(
+              most_ids_to_one_shard(parts[0], ids[rows:], _BUCKET_B_L), cap)
       else:
         self.assertLessEqual(most, cap)  # the capacity branch
       a, emb_a, _ = sharded.sparse_step(a, ids, step)
       b, emb_b, _ = single.sparse_step(b, ids, step)
       for f, x, y in zip(features, emb_a, emb_b):
-        if f.max_ids == 1:
+        # Data replicas sum a row's gradients in another order, so after an
+        # update only the unreplicated tables stay bit-for-bit equal.
+        if f.max_ids == 1 and (step == 0 or mesh_shape[0] == 1):
           np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
                                         err_msg=f'{f.name} step {step}')
         else:
