@@ -947,8 +947,9 @@ class BucketizedExchange(SegmentExchange):
     first id of a partial bag as `-1 - row` when bags hold several ids.
     """
     s, e = self.num_shards, b['dest'].shape[0]
-    val = jnp.where(b['new'], -1 - b['local'], b['local']) if self.multi \
-        else b['local']
+    val = b['local']
+    if self.multi:
+      val = jnp.where(b['new'], -1 - val, val)
     at = jnp.where(b['valid'] & (b['pos'] < cap), b['dest'] * cap + b['pos'],
                    s * cap + jnp.arange(e))
     send = jnp.full((s * cap,), self.stack.capacity, jnp.int32).at[at].set(
@@ -1004,10 +1005,10 @@ class BucketizedExchange(SegmentExchange):
     return jnp.stack(parts, axis=1)
 
   def _choose(self, b: dict, batch: int, run):
-    """Runs `run(cap, bag_cap, got)` at the capacity, or the worst case if
-    any device of the model group would overflow a block.
+    """Runs `run(cap, bag_cap, got)` at the capacity or, on overflow, worst.
 
-    `got` is what the owners received of the ids (`_send_ids`). The
+    The worst case is taken when any device of the model group would
+    overflow a block. `got` is what the owners received of the ids (`_send_ids`). The
     capacity blocks of ids are sent before the `cond`, so the lookup's and
     the update's sends are one computation, which the compiler merges; the
     worst-case branch sends its own. See the class doc.
