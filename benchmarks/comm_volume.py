@@ -36,7 +36,8 @@ both; the collectives of the worst-case branch (their op_name carries
 (`planner.row_exchange_bytes`, times B_l).
 
 `dedup ids` is the number of ids each device sorts to deduplicate per step
-(the sizes of the HLO's 1-D int32 sorts). The last line is
+(the sizes of the HLO's 1-D int32 sorts; those of the worst-case branch are
+left out). The last line is
 `comm_over_bound_8=<ratio>` for `auto` at 8 devices (embedding traffic over
 the bound).
 
@@ -140,7 +141,8 @@ def collective_bytes(hlo: str, num_devices: int) -> dict:
   `get-tuple-element` that reads it.
   """
   out = {'emb': collections.Counter(), 'other': collections.Counter(),
-         'fallback': collections.Counter(), 'dedup': 0, 'ops': []}
+         'fallback': collections.Counter(), 'dedup': 0, 'dedup_fallback': 0,
+         'ops': []}
   lines = hlo.splitlines()
   gtes: dict[str, dict[int, str]] = collections.defaultdict(dict)
   for line in lines:
@@ -150,7 +152,8 @@ def collective_bytes(hlo: str, num_devices: int) -> dict:
   for line in lines:
     m = _SORT.search(line)
     if m:
-      out['dedup'] += int(m.group(1))
+      key = 'dedup_fallback' if _where(line) == 'fallback' else 'dedup'
+      out[key] += int(m.group(1))
       continue
     m = _OP.search(line)
     if not m:

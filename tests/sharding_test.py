@@ -408,6 +408,9 @@ class ExchangeHloTest(parameterized.TestCase):
         if kind != 'all-to-all':  # the overflow flag, the invalid-id count
           self.assertEqual(kind, 'all-reduce')
           self.assertLessEqual(x, 4)
+    # Each branch deduplicates the ids its blocks brought: S * cap of them.
+    self.assertEqual(found['dedup'], 8 * cap)
+    self.assertEqual(found['dedup_fallback'], 8 * worst)
 
 
 def trainer_config(strategy):

@@ -88,6 +88,7 @@ over an axis of size 1 is skipped (XLA:CPU would run it as a copy).
 from __future__ import annotations
 
 import abc
+import functools
 import zlib
 from typing import ClassVar, Sequence
 
@@ -1004,27 +1005,48 @@ class BucketizedExchange(SegmentExchange):
       start += w
     return jnp.stack(parts, axis=1)
 
-  def _choose(self, b: dict, batch: int, run):
-    """Runs `run(cap, bag_cap, got)` at the capacity or, on overflow, worst.
+  def prepare(self, ids: jax.Array) -> dict:
+    """The sender's side of a step: routes, capacity blocks, overflow.
 
-    The worst case is taken when any device of the model group would
-    overflow a block. `got` is what the owners received of the ids (`_send_ids`). The
-    capacity blocks of ids are sent before the `cond`, so the lookup's and
-    the update's sends are one computation, which the compiler merges; the
-    worst-case branch sends its own. See the class doc.
+    The capacity blocks of ids are sent here, before any `cond`, so the
+    lookup's and the update's sends are one computation, which the compiler
+    merges; the worst case sends its own.
+
+    Args:
+      ids: `[B_l, T]` packed ids of this device's examples.
+
+    Returns:
+      A dict: 'b', the routes (`_bucketize`); 'got', what the owners
+      received of the capacity blocks; 'over', whether a block of this
+      device would overflow (a bool scalar, not yet psum'ed). 'got' and
+      'over' are None where the capacity is the worst case (no `cond`).
     """
-    cap, bag_cap, worst, worst_bags = self.capacities(batch)
+    b = self._bucketize(ids)
+    cap, bag_cap, worst, worst_bags = self.capacities(ids.shape[0])
     if cap >= worst and bag_cap >= worst_bags:
-      return run(worst, worst_bags, self._send_ids(b, worst))
+      return {'b': b, 'got': None, 'over': None}
     over = (jnp.max(b['counts']) > cap) | (jnp.max(b['bag_counts']) > bag_cap)
-    over = self.comm.psum(over.astype(jnp.int32), MODEL) > 0
-    got = self._send_ids(b, cap)
+    return {'b': b, 'got': self._send_ids(b, cap), 'over': over}
 
-    def fallback():
-      with jax.named_scope(FALLBACK_SCOPE):  # named in the HLO's op_name
-        return run(worst, worst_bags, self._send_ids(b, worst))
+  def _blocks(self, prep: dict, batch: int, worst: bool):
+    """`(cap, bag_cap, got)` of one branch: the capacity's or the worst's."""
+    cap, bag_cap, w_ids, w_bags = self.capacities(batch)
+    if worst or prep['got'] is None:
+      return w_ids, w_bags, self._send_ids(prep['b'], w_ids)
+    return cap, bag_cap, prep['got']
 
-    return jax.lax.cond(over, fallback, lambda: run(cap, bag_cap, got))
+  def _pool(self, table, prep: dict, batch: int, worst: bool) -> jax.Array:
+    """One branch of `lookup`: `[B_l, K, W]` sums of the partial bags."""
+    s, b = self.num_shards, prep['b']
+    cap, bag_cap, got_ids = self._blocks(prep, batch, worst)
+    local, slot = self._owner_slots(got_ids, cap, bag_cap)
+    rows = self._rows(table, local)  # [S * cap, W]
+    if slot is not None:
+      rows = jax.ops.segment_sum(rows, slot, num_segments=s * bag_cap)
+    back = self.comm.all_to_all(rows[None])[0]  # [S * bag_cap, W]
+    got = back.at[self._wanted(b, bag_cap)].get(mode='fill', fill_value=0)
+    return pooling.bag_sums(got.reshape(batch, len(self.routing.cols), -1),
+                            self.routing.widths)
 
   def lookup(self, table, ids):
     """Sends ids to their rows' owners, pools there, sums the partial bags.
@@ -1036,29 +1058,61 @@ class BucketizedExchange(SegmentExchange):
     Returns:
       `[B_l, K, W]` float32, segments in the order of `segs`.
     """
-    s, x = self.num_shards, ids.shape[0]
-    b = self._bucketize(ids)
-
-    def run(cap, bag_cap, got_ids):
-      local, slot = self._owner_slots(got_ids, cap, bag_cap)
-      rows = self._rows(table, local)  # [S * cap, W]
-      if slot is not None:
-        rows = jax.ops.segment_sum(rows, slot, num_segments=s * bag_cap)
-      back = self.comm.all_to_all(rows[None])[0]  # [S * bag_cap, W]
-      got = back.at[self._wanted(b, bag_cap)].get(mode='fill', fill_value=0)
-      return pooling.bag_sums(got.reshape(x, len(self.routing.cols), -1),
-                              self.routing.widths)
-
-    pooled = self._choose(b, x, run)
-    scale = self._bag_scale(b['valid2d'])
+    x = ids.shape[0]
+    prep = self.prepare(ids)
+    if prep['over'] is None:
+      pooled = self._pool(table, prep, x, True)
+    else:
+      pooled = jax.lax.cond(
+          overflow(self.comm, [prep['over']]),
+          in_fallback_scope(lambda: self._pool(table, prep, x, True)),
+          lambda: self._pool(table, prep, x, False))
+    scale = self._bag_scale(prep['b']['valid2d'])
     return pooled if scale is None else pooled * scale[..., None]
 
-  def grads_here(self, ids, grads):
-    """Sends the pooled gradients of the partial bags to their owners.
+  def grads_at(self, prep: dict, grads: jax.Array, worst: bool
+               ) -> tuple[jax.Array, jax.Array]:
+    """One branch of the update: the ids held here and their gradients.
 
-    The owner hands each id the gradient of its partial bag. The worst
-    case's `[S * B_l * L]` rows come back from either branch (the capacity
-    branch padded with C), as `lax.cond` needs.
+    The pooled gradients of the partial bags go to their owners; the owner
+    hands each id it received the gradient of its partial bag.
+    `StackExchange.update` runs the whole update of the stack in the branch
+    that `prepare`'s overflow flags choose, so the capacity branch
+    deduplicates `S * cap` ids, not the worst case's.
+
+    Args:
+      prep: from `prepare`.
+      grads: `[B_l, n_seg, G]` gradients of the pooled embeddings.
+      worst: whether to use the worst-case blocks.
+
+    Returns:
+      `[S * cap]` local rows and their `[S * cap, G]` weighted gradients,
+      `cap` the branch's ids per block. C means none.
+    """
+    s, x, g = self.num_shards, grads.shape[0], grads.shape[-1]
+    b = prep['b']
+    if not np.array_equal(self.seg_index, np.arange(grads.shape[1])):
+      grads = jnp.take(grads, jnp.asarray(self.seg_index), axis=1)
+    scale = self._bag_scale(b['valid2d'])
+    if scale is not None:
+      grads = grads * scale[..., None]
+    if self.multi:
+      grads = jnp.take(grads, jnp.asarray(self.routing.seg_of_col), axis=1)
+    cap, bag_cap, got_ids = self._blocks(prep, x, worst)
+    send = jnp.zeros((s * bag_cap, g), grads.dtype).at[
+        self._wanted(b, bag_cap)].set(grads.reshape(-1, g), mode='drop',
+                                      unique_indices=True)
+    got = self.comm.all_to_all(send[None])[0]  # [S * bag_cap, G]
+    local, slot = self._owner_slots(got_ids, cap, bag_cap)
+    if slot is not None:
+      got = got.at[slot].get(mode='fill', fill_value=0)
+    return local, got
+
+  def grads_here(self, ids, grads):
+    """The ids held here and their gradients, by worst-case blocks.
+
+    `StackExchange.update` uses `prepare` and `grads_at` instead, under the
+    overflow `cond`; this is the same exchange without one.
 
     Args:
       ids: `[B_l, T]` packed ids of this device's examples.
@@ -1067,35 +1121,7 @@ class BucketizedExchange(SegmentExchange):
     Returns:
       `[M]` local rows and their `[M, G]` weighted gradients. C means none.
     """
-    s, x, g = self.num_shards, ids.shape[0], grads.shape[-1]
-    r = self.routing
-    b = self._bucketize(ids)
-    if not np.array_equal(self.seg_index, np.arange(grads.shape[1])):
-      grads = jnp.take(grads, jnp.asarray(self.seg_index), axis=1)
-    scale = self._bag_scale(b['valid2d'])
-    if scale is not None:
-      grads = grads * scale[..., None]
-    if self.multi:
-      grads = jnp.take(grads, jnp.asarray(r.seg_of_col), axis=1)
-    g_cols = grads.reshape(-1, g)  # [E, G]
-    m = s * self.capacities(x)[2]
-
-    def run(cap, bag_cap, got_ids):
-      send = jnp.zeros((s * bag_cap, g), g_cols.dtype).at[
-          self._wanted(b, bag_cap)].set(g_cols, mode='drop',
-                                        unique_indices=True)
-      got = self.comm.all_to_all(send[None])[0]  # [S * bag_cap, G]
-      local, slot = self._owner_slots(got_ids, cap, bag_cap)
-      if slot is not None:
-        got = got.at[slot].get(mode='fill', fill_value=0)
-      pad = m - local.shape[0]
-      if pad:
-        local = jnp.concatenate(
-            [local, jnp.full((pad,), self.stack.capacity, local.dtype)])
-        got = jnp.concatenate([got, jnp.zeros((pad, g), got.dtype)])
-      return local, got
-
-    return self._choose(b, x, run)
+    return self.grads_at(self.prepare(ids), grads, True)
 
   def rows_to_reset(self, rows):
     """Sends the named rows to their owners, in worst-case blocks.
@@ -1110,6 +1136,29 @@ class BucketizedExchange(SegmentExchange):
     local, _ = self._owner_slots(self._send_ids(self._bucketize(rows), worst),
                                  worst, worst_bags)
     return jnp.minimum(local, self.stack.capacity)
+
+
+def overflow(comm: Comm, flags: Sequence[jax.Array]) -> jax.Array:
+  """Whether any device of the model group overflows a bucketized block.
+
+  Args:
+    comm: the mesh's collectives.
+    flags: this device's bool scalars, one per block kind.
+
+  Returns:
+    A bool scalar, the same on every device of the model group, so a
+    `lax.cond` on it takes the same branch on all of them.
+  """
+  over = functools.reduce(jnp.logical_or, flags)
+  return comm.psum(over.astype(jnp.int32), MODEL) > 0
+
+
+def in_fallback_scope(fn):
+  """`fn` traced in `FALLBACK_SCOPE`, named in its collectives' op_name."""
+  def run():
+    with jax.named_scope(FALLBACK_SCOPE):
+      return fn()
+  return run
 
 
 def _running_count(hot: jax.Array, dest: jax.Array) -> jax.Array:
@@ -1264,16 +1313,6 @@ class StackExchange:
   # --------------------------------------------------------------------------
   # Update.
 
-  def _grads_here(self, ids: jax.Array, grads: jax.Array
-                  ) -> tuple[jax.Array, jax.Array]:
-    """Gathers the ids this device holds among those it serves.
-
-    Takes `[B_l, T]` ids and `[B_l, n_seg, G]` pooled gradients. Returns `[M]`
-    local rows, C for none, and their `[M, G]` gradients.
-    """
-    idx, g = zip(*[p.grads_here(ids, grads) for p in self.parts])
-    return _concat(idx), _concat(g)
-
   def _sgd_scatter_add(self) -> bool:
     """Whether the update may skip deduplication and scatter-add.
 
@@ -1348,18 +1387,47 @@ class StackExchange:
     Returns:
       The new table and slots.
     """
-    w = self.stack.width
     if full_grads is not None:
       grads = jnp.concatenate([grads, full_grads], axis=-1)
-    idx, g = self._grads_here(ids, grads)
+    # The other parts' exchanges run before any cond: the compiler merges
+    # their id sends with the lookup's.
+    here = {k: p.prepare(ids) if isinstance(p, BucketizedExchange)
+            else p.grads_here(ids, grads) for k, p in enumerate(self.parts)}
+    flags = [h['over'] for h in here.values()
+             if isinstance(h, dict) and h['over'] is not None]
+    args = (table, slots, grads, full_grads is not None, lr, step, here)
+    if not flags:
+      return self._update(*args, worst=True)
+    # Every bucketized part's blocks by capacity, or all by the worst case:
+    # the whole update in the branch, so the capacity branch deduplicates
+    # its own ids only.
+    return jax.lax.cond(
+        overflow(self.comm, flags),
+        in_fallback_scope(lambda: self._update(*args, worst=True)),
+        lambda: self._update(*args, worst=False))
+
+  def _update(self, table, slots, grads, full: bool, lr, step, here: dict,
+              worst: bool):
+    """`update` with the bucketized parts at their capacity or worst case.
+
+    Takes `update`'s arguments, the gradients already joined with the
+    full-width ones (`full` says whether), and, by position in `parts`, the
+    other parts' `grads_here` and the bucketized parts' `prepare`; `worst`
+    picks the bucketized blocks. Returns the new table and slots.
+    """
+    w = self.stack.width
+    idx, g = zip(*[p.grads_at(here[k], grads, worst)
+                   if isinstance(p, BucketizedExchange) else here[k]
+                   for k, p in enumerate(self.parts)])
+    idx, g = _concat(idx), _concat(g)
     if self._sgd_scatter_add():
       return _sgd_store(table, idx, g, lr), slots
     uniq, g_sum = self._combine(idx, g)
     row_msq = None
-    if full_grads is not None:
-      full = g_sum[:, w:]
+    if full:
+      wide = g_sum[:, w:]
       g_sum = g_sum[:, :w]
-      row_msq = jnp.sum(full * full, axis=-1) / jnp.maximum(
+      row_msq = jnp.sum(wide * wide, axis=-1) / jnp.maximum(
           self._row_dims(uniq), 1.0)
     w_rows = _read_rows(table, uniq, self.stack.dtype)
     slot_rows = {k: gather_rows(v, uniq) for k, v in slots.items()}
