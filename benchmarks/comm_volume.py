@@ -22,10 +22,22 @@ partitions, the loss) are printed apart and left out of the comparison with
 the all-to-all lower bound of the issue: the ids to their owners, the pooled
 embeddings back and their gradients to the owners, each once,
 
-  bound = (2 B_l N D 4 + B_l N 4) (S-1)/S bytes   (N features of dim D).
+  bound = (2 B_l N D 4 + B_l N L 4) (S-1)/S bytes   (N features of dim D,
+                                                    bags of L ids).
+
+Row-split tables whose ids travel bucketized (`exchange.BucketizedExchange`)
+exchange capacity-sized blocks inside a `lax.cond` whose other branch, taken
+only when a block would overflow, exchanges worst-case blocks. The HLO holds
+both; the collectives of the worst-case branch (their op_name carries
+`exchange.FALLBACK_SCOPE`) are left out of `emb tot` and printed apart as
+`fallbk`, so `emb tot` and `ratio` are the common case. Under each table,
+`row exchange` gives the planner's choice for the row-split features
+(`planner.choose_row_exchange`) and its estimate of both ways' bytes
+(`planner.row_exchange_bytes`, times B_l).
 
 `dedup ids` is the number of ids each device sorts to deduplicate per step
-(the sizes of the HLO's 1-D int32 sorts). The last line is
+(the sizes of the HLO's 1-D int32 sorts; those of the worst-case branch are
+left out). The last line is
 `comm_over_bound_8=<ratio>` for `auto` at 8 devices (embedding traffic over
 the bound).
 
@@ -34,6 +46,11 @@ the bound).
       --strategies=table_wise,auto,row_wise
   python -m benchmarks.comm_volume --strategies=table_row_wise \
       --row_group_size=2 --devices=4,8
+  python -m benchmarks.comm_volume --strategies=row_wise,table_row_wise \
+      --devices=2,4,8 --max_ids=4
+
+(table_row_wise without --row_group_size takes groups of S/2 devices, so at
+S=2 groups of one: table-wise.)
 
 (run from the repository root; it sets XLA_FLAGS for 8 fake CPU devices
 before JAX starts.)
@@ -58,7 +75,10 @@ _DEVICES = flags.DEFINE_list('devices', ['1', '2', '4', '8'],
                              'Model-axis sizes S to compile for.')
 _BATCH = flags.DEFINE_integer('batch_per_device', 256, 'B_l.')
 _ROW_GROUP = flags.DEFINE_integer(
-    'row_group_size', 0, 'config.embedding.row_group_size (table_row_wise).')
+    'row_group_size', 0, 'config.embedding.row_group_size (table_row_wise);'
+    ' 0: S/2.')
+_MAX_IDS = flags.DEFINE_integer(
+    'max_ids', 1, 'ids per bag L of every feature (sum-pooled bags).')
 _STRATEGIES = flags.DEFINE_list(
     'strategies', ['table_wise', 'auto', 'row_wise'],
     'config.embedding.sharding values.')
@@ -100,21 +120,29 @@ _NAME = re.compile(r'^\s*(?:ROOT\s+)?%(\S+)\s*=')
 _GTE = re.compile(r'get-tuple-element\(%(\S+?)\), index=(\d+)')
 
 
-def _is_embedding(line: str) -> bool:
-  """The engine's collectives are traced inside its shard_map."""
+def _where(line: str) -> str:
+  """'emb', 'fallback' or 'other', by the op_name of an HLO line.
+
+  The engine's collectives are traced inside its shard_map; those of the
+  bucketized exchange's worst-case branch also in its name scope.
+  """
+  from dlrm_jax.embedding.sharding import exchange  # pylint: disable=g-import-not-at-top
   m = re.search(r'op_name="([^"]*)"', line)
-  return bool(m) and 'shard_map' in m.group(1)
+  if not m or 'shard_map' not in m.group(1):
+    return 'other'
+  return 'fallback' if exchange.FALLBACK_SCOPE in m.group(1) else 'emb'
 
 
 def collective_bytes(hlo: str, num_devices: int) -> dict:
-  """Per-device bytes sent by kind, embedding vs other, from HLO text.
+  """Per-device bytes sent by kind, embedding, fallback or other, from HLO.
 
   The compiler combines collectives into tuples (the MLP gradients with the
   engine's psums, say): each element is classified by the metadata of the
   `get-tuple-element` that reads it.
   """
   out = {'emb': collections.Counter(), 'other': collections.Counter(),
-         'dedup': 0, 'ops': []}
+         'fallback': collections.Counter(), 'dedup': 0, 'dedup_fallback': 0,
+         'ops': []}
   lines = hlo.splitlines()
   gtes: dict[str, dict[int, str]] = collections.defaultdict(dict)
   for line in lines:
@@ -124,7 +152,8 @@ def collective_bytes(hlo: str, num_devices: int) -> dict:
   for line in lines:
     m = _SORT.search(line)
     if m:
-      out['dedup'] += int(m.group(1))
+      key = 'dedup_fallback' if _where(line) == 'fallback' else 'dedup'
+      out[key] += int(m.group(1))
       continue
     m = _OP.search(line)
     if not m:
@@ -146,7 +175,7 @@ def collective_bytes(hlo: str, num_devices: int) -> dict:
       src = gtes[name].get(i + offset, '') if len(sizes) > 1 else ''
       if 'op_name=' not in src:
         src = line
-      where = 'emb' if _is_embedding(src) else 'other'
+      where = _where(src)
       out[where][kind] += sent
       out['ops'].append((where, kind, x, n, sent))
   return out
@@ -163,8 +192,12 @@ def compile_step(strategy: str, s: int, batch_per_device: int) -> dict:
   config = criteo.get_config()
   config.batch_size = config.eval_batch_size = batch_per_device * s
   config.embedding.sharding = strategy
-  g = _ROW_GROUP.value
+  g = _ROW_GROUP.value or (max(1, s // 2) if strategy == 'table_row_wise'
+                           else 0)
   config.embedding.row_group_size = g if 0 < g < s and s % g == 0 else 0
+  for name in config.features:
+    if 'max_ids' in config.features[name]:  # categorical, not raw, features
+      config.features[name].max_ids = _MAX_IDS.value
   mesh = parallel.create_mesh(1, s, devices=jax.devices()[:s])
   trainer = trainer_lib.Trainer(config, mesh=mesh)
   sh = trainer.batch_shardings()
@@ -189,10 +222,35 @@ def compile_step(strategy: str, s: int, batch_per_device: int) -> dict:
   n_feat = len(trainer.spec.feature_specs)
   dim = trainer.engine.feature_dims[0]
   res['bound'] = ((2 * batch_per_device * n_feat * dim * 4 +
-                   batch_per_device * n_feat * 4) * (s - 1) / s)
+                   batch_per_device * n_feat * _MAX_IDS.value * 4) *
+                  (s - 1) / s)
   res['strategies'] = collections.Counter(
       p.strategy for p in trainer.plan.placements)
+  res['row_exchange'] = row_exchange_choice(trainer.engine.stacks, s,
+                                            batch_per_device)
   return res
+
+
+def row_exchange_choice(stacks, s: int, batch_per_device: int) -> dict:
+  """The planner's way for the row-split segments, and both ways' bytes.
+
+  Returns the count of segments per chosen way and, summed over them, the
+  estimated bytes per device per step of each way.
+  """
+  from dlrm_jax.embedding.sharding import planner  # pylint: disable=g-import-not-at-top
+  from dlrm_jax.embedding.sharding import routing  # pylint: disable=g-import-not-at-top
+  chosen = collections.Counter()
+  cost = collections.Counter()
+  for stack in stacks:
+    for seg in stack.segments:
+      if not seg.row_exchange:
+        continue
+      chosen[seg.row_exchange] += 1
+      est = planner.row_exchange_bytes(
+          seg.max_ids, stack.width, len(routing.holders(seg, s)), s)
+      for way, b in est.items():
+        cost[way] += b * batch_per_device
+  return {'chosen': chosen, 'bytes': cost}
 
 
 def main(argv):
@@ -210,8 +268,8 @@ def main(argv):
   for strategy in _STRATEGIES.value:
     print(f'\nsharding={strategy}')
     head = (f'{"S":>2} {"a2a":>8} {"a-gath":>8} {"r-scat":>8} {"a-red":>8}'
-            f' {"emb tot":>8} {"bound":>8} {"ratio":>6} {"mlp a-red":>9}'
-            f' {"dedup ids":>9}  plan')
+            f' {"emb tot":>8} {"bound":>8} {"ratio":>6} {"fallbk":>8}'
+            f' {"mlp a-red":>9} {"dedup ids":>9}  plan')
     print(head)
     for s in sizes:
       r = compile_step(strategy, s, bl)
@@ -224,8 +282,15 @@ def main(argv):
             f' {e["reduce-scatter"] / 1e3:>8.1f}'
             f' {e["all-reduce"] / 1e3:>8.1f} {tot / 1e3:>8.1f}'
             f' {r["bound"] / 1e3:>8.1f} {ratio:>6.2f}'
+            f' {sum(r["fallback"].values()) / 1e3:>8.1f}'
             f' {sum(r["other"].values()) / 1e3:>9.1f} {r["dedup"]:>9d}  {plan}',
             flush=True)
+      rx = r['row_exchange']
+      if rx['chosen']:
+        ways = ','.join(f'{k}:{v}' for k, v in sorted(rx['chosen'].items()))
+        est = ', '.join(f'{k} {v / 1e3:.1f} KB'
+                        for k, v in sorted(rx['bytes'].items()))
+        print(f'   row exchange {ways} (planner estimate: {est})')
       if e['collective-permute']:
         print(f'   (collective-permute {e["collective-permute"] / 1e3:.1f} KB'
               ' included)')

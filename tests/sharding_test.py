@@ -19,6 +19,7 @@ from benchmarks import comm_volume
 from configs import criteo as criteo_config
 from dlrm_jax.train import trainer as trainer_lib
 from dlrm_jax.embedding import EmbeddingEngine
+from dlrm_jax.embedding.sharding import exchange as exchange_lib
 from dlrm_jax.embedding.sharding import planner as plan_lib
 from dlrm_jax.embedding import table_access
 from tests import embedding_test
@@ -28,9 +29,16 @@ STRATEGIES = ('replicated', 'table_wise', 'row_wise', 'column_wise')
 
 
 def uniform_plan(tables, strategy, num_shards):
-  return plan_lib.auto_plan(
+  """Every table `strategy`; 'row_wise/every_holder' fixes the row exchange."""
+  strategy, _, exchange = strategy.partition('/')
+  plan = plan_lib.auto_plan(
       tables, num_shards, overrides={t.name: strategy for t in tables},
       row_group_size=num_shards // 2 if strategy == 'table_row_wise' else 0)
+  if not exchange:
+    return plan
+  return dataclasses.replace(plan, placements=tuple(
+      dataclasses.replace(p, exchange=exchange)
+      if p.strategy in plan_lib.ROW_SPLIT else p for p in plan.placements))
 
 
 def mixed_plan(tables, num_shards):
@@ -60,7 +68,11 @@ _CASES = (
     [('mixed', 'adam', (1, 8)), ('mixed', 'sgd', (2, 4))] +
     # Rows split over half the model axis (bags of mean-pooled ids included).
     [('table_row_wise', 'adagrad', (1, 8)),
-     ('table_row_wise', 'rowwise_adagrad', (2, 4))])
+     ('table_row_wise', 'rowwise_adagrad', (2, 4))] +
+    # Row-split tables whose ids go to every holder (the planner's choice
+    # for bags of many ids on few shards) rather than bucketized.
+    [('row_wise/every_holder', 'adagrad', (1, 8)),
+     ('table_row_wise/every_holder', 'adagrad', (1, 8))])
 
 
 class EngineShardingTest(parameterized.TestCase):
@@ -161,6 +173,153 @@ class EngineShardingTest(parameterized.TestCase):
       plan_lib.auto_plan(tables, 4, overrides={'shared': 'diagonal'})
 
 
+# Bucketized row-split exchanges: tables large enough, and a per-device batch
+# B_l of 32 on 8 devices, for capacity blocks smaller than the worst case.
+_BUCKET_B_L = 32
+
+
+def bucket_specs(kind):
+  """make_specs' tables and features (bags of 1, 2 and 4 ids), more rows."""
+  tables, features = embedding_test.make_specs(kind)
+  return tuple(dataclasses.replace(t, num_rows=r)
+               for t, r in zip(tables, (203, 157, 61))), features
+
+
+def uniform_ids(rng, features, tables, batch):
+  """Ids drawn uniformly over each table's rows; bags padded at random."""
+  rows = {t.name: t.num_rows for t in tables}
+  cols = []
+  for f in features:
+    c = rng.integers(0, rows[f.table], (batch, f.max_ids))
+    if f.max_ids > 1:
+      c = np.where(rng.random(c.shape) < 0.3, -1, c)
+    cols.append(c)
+  return np.concatenate(cols, axis=1).astype(np.int32)
+
+
+def first_block_ids(rng, features, tables, batch, plan):
+  """Every id in its table's first row block: all on one shard per table."""
+  ids = []
+  for f in features:
+    t = next(t for t in tables if t.name == f.table)
+    rps = -(-t.num_rows // len(plan.placement(t.name).devices))
+    ids.append(rng.integers(0, rps, (batch, f.max_ids)))
+  return np.concatenate(ids, axis=1).astype(np.int32)
+
+
+def bucketized_parts(engine):
+  return [p for ex in engine.exchanges.values() for p in ex.parts
+          if isinstance(p, exchange_lib.BucketizedExchange)]
+
+
+def most_ids_to_one_shard(part, ids, b_l):
+  """The most ids one device sends one shard, as `part` routes them."""
+  r = part.routing
+  cols = ids[:, r.cols]
+  valid = (cols >= 0) & (cols < r.num_rows)
+  block = np.minimum(np.where(valid, cols, 0) // r.rps, r.owner.shape[1] - 1)
+  dest = r.owner[np.arange(len(r.cols)), block]
+  return max(np.bincount(dest[k:k + b_l][valid[k:k + b_l]],
+                         minlength=part.num_shards).max()
+             for k in range(0, ids.shape[0], b_l))
+
+
+_SINGLE_BUCKET = {}
+
+
+class BucketizedShardingTest(parameterized.TestCase):
+  """Bucketized row-split tables on 8 devices equal one device.
+
+  Steps 0 and 2 draw ids uniformly (capacity blocks); step 1 sends every id
+  of a table to one shard, which overflows the blocks and takes the
+  worst-case branch (on a 2 x 4 mesh only the first data row's examples do:
+  its model group takes one branch, the other group the other). Single-id
+  bags are bit-for-bit equal (with data replicas, until the first update).
+  """
+
+  @parameterized.parameters(
+      ('row_wise', 'sgd', (1, 8)), ('row_wise', 'adagrad', (1, 8)),
+      ('table_row_wise', 'sgd', (1, 8)), ('table_row_wise', 'adagrad', (1, 8)),
+      ('row_wise', 'adagrad', (2, 4)))
+  def test_matches_single_device(self, strategy, kind, mesh_shape):
+    tables, features = bucket_specs(kind)
+    plan = uniform_plan(tables, strategy, mesh_shape[1])
+    sharded = embedding_test.EngineHarness(
+        tables, features, reference.mesh_of(*mesh_shape), plan)
+    parts = bucketized_parts(sharded.engine)
+    self.assertLen(parts, 1)
+    cap, _, worst, _ = parts[0].capacities(_BUCKET_B_L)
+    self.assertLess(cap, worst)
+    if kind not in _SINGLE_BUCKET:
+      _SINGLE_BUCKET[kind] = embedding_test.EngineHarness(
+          tables, features, reference.single_device_mesh())
+    single = _SINGLE_BUCKET[kind]
+    a = sharded.engine.init(jax.random.key(4))
+    b = single.engine.init(jax.random.key(4))
+    rng = np.random.default_rng(0)
+    batch = 8 * _BUCKET_B_L
+    for step in range(3):
+      ids = uniform_ids(rng, features, tables, batch)
+      if step == 1:  # the first data row's examples (all of them on 1 x 8)
+        rows = batch // mesh_shape[0]
+        ids[:rows] = first_block_ids(rng, features, tables, batch, plan)[:rows]
+      most = most_ids_to_one_shard(parts[0], ids, _BUCKET_B_L)
+      if step == 1:
+        self.assertGreater(most, cap)  # the worst-case branch
+        if mesh_shape[0] > 1:  # the other data row's group: capacity
+          self.assertLessEqual(
+              most_ids_to_one_shard(parts[0], ids[rows:], _BUCKET_B_L), cap)
+      else:
+        self.assertLessEqual(most, cap)  # the capacity branch
+      a, emb_a, _ = sharded.sparse_step(a, ids, step)
+      b, emb_b, _ = single.sparse_step(b, ids, step)
+      for f, x, y in zip(features, emb_a, emb_b):
+        # Data replicas sum a row's gradients in another order, so after an
+        # update only the unreplicated tables stay bit-for-bit equal.
+        if f.max_ids == 1 and (step == 0 or mesh_shape[0] == 1):
+          np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                        err_msg=f'{f.name} step {step}')
+        else:
+          np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6,
+                                     atol=1e-6, err_msg=f'{f.name} {step}')
+    for t in tables:
+      np.testing.assert_allclose(
+          table_access.get_table(sharded.engine, a, t.name),
+          table_access.get_table(single.engine, b, t.name),
+          rtol=1e-5, atol=1e-6, err_msg=t.name)
+      for slot in a['slots'].get(next(iter(a['slots']), ''), {}):
+        np.testing.assert_allclose(
+            table_access.get_table(sharded.engine, a, t.name, slot),
+            table_access.get_table(single.engine, b, t.name, slot),
+            rtol=1e-5, atol=1e-6, err_msg=f'{t.name} {slot}')
+
+  def test_planner_chooses_row_exchange_by_bytes(self):
+    # Bucketized sends each id once and a partial bag per shard the bag
+    # reaches; every holder, each id and a partial bag to each holder. Only
+    # long bags of wide rows (every shard reached: no saving on the bags)
+    # make the bucketized blocks' slack cost more than the ids it saves.
+    self.assertEqual(plan_lib.choose_row_exchange(8, 128, 2, 2),
+                     'every_holder')
+    for args in ((1, 8, 8, 8), (4, 8, 4, 8), (16, 8, 2, 2)):
+      self.assertEqual(plan_lib.choose_row_exchange(*args), 'bucketized')
+    cost = plan_lib.row_exchange_bytes(1, 16, 8, 8)  # single ids, S = 8
+    self.assertLess(cost['bucketized'], cost['every_holder'] / 7)
+    tables, features = bucket_specs('sgd')
+    ways = {}
+    for exchange in ('', 'every_holder'):
+      plan = uniform_plan(tables, 'row_wise/' + exchange, 4)
+      self.assertEqual(plan_lib.Plan.from_json(plan.to_json()), plan)
+      stacks = plan_lib.build_layout(plan, tables, features)
+      ways[exchange] = {g.row_exchange for st in stacks for g in st.segments}
+    self.assertEqual(ways, {'': {'bucketized'},
+                            'every_holder': {'every_holder'}})
+    plan = uniform_plan(tables, 'table_wise', 2)
+    with self.assertRaisesRegex(ValueError, 'exchange'):
+      plan_lib.validate_plan(dataclasses.replace(plan, placements=tuple(
+          dataclasses.replace(p, exchange='bucketized')
+          for p in plan.placements)), tables)
+
+
 class ExchangeHloTest(parameterized.TestCase):
   """The compiled exchange moves what the all-to-all design says, no more."""
 
@@ -211,6 +370,47 @@ class ExchangeHloTest(parameterized.TestCase):
       want_dedup += m + (data * min(m, ex.stack.capacity + 1) if data > 1
                          else 0)
     self.assertEqual(found['dedup'], want_dedup)
+
+  @parameterized.parameters('row_wise', 'table_row_wise')
+  def test_row_split_moves_capacity_blocks(self, strategy):
+    tables, features = bucket_specs('adagrad')
+    mesh = reference.mesh_of(1, 8)
+    engine = EmbeddingEngine(tables, features, mesh,
+                             uniform_plan(tables, strategy, 8))
+    (part,) = bucketized_parts(engine)
+
+    def step(state, ids):
+      embs, _ = engine.lookup(state['stacks'], ids)
+      return engine.apply_gradients(state, ids, [jnp.sin(e) for e in embs],
+                                    jnp.int32(0))
+
+    b_l = _BUCKET_B_L
+    ids = jax.ShapeDtypeStruct(
+        (b_l * 8, engine.num_id_columns), jnp.int32,
+        sharding=jax.sharding.NamedSharding(mesh, engine.ids_spec()))
+    hlo = jax.jit(step).lower(engine.abstract_state(),
+                              ids).compile().as_text()
+    found = comm_volume.collective_bytes(hlo, 8)
+    cap, bag_cap, worst, worst_bags = part.capacities(b_l)
+    self.assertLess(cap, worst)
+    # Per branch: the ids to their owners (lookup and update, int32
+    # [S * cap]), the partial bags back and their gradients to the owners
+    # (float32 [S * bag_cap, W]); nothing else of any size.
+    for where, (c, cb) in (('emb', (cap, bag_cap)),
+                           ('fallback', (worst, worst_bags))):
+      ops = [(kind, x) for w, kind, x, _, _ in found['ops'] if w == where]
+      a2a = sum(x for kind, x in ops if kind == 'all-to-all')
+      self.assertIn(a2a, (8 * c * 4 + 2 * 8 * cb * 8 * 4,
+                          2 * 8 * c * 4 + 2 * 8 * cb * 8 * 4), where)
+      if where == 'emb':  # the lookup's and the update's ids merged
+        self.assertEqual(a2a, 8 * c * 4 + 2 * 8 * cb * 8 * 4)
+      for kind, x in ops:
+        if kind != 'all-to-all':  # the overflow flag, the invalid-id count
+          self.assertEqual(kind, 'all-reduce')
+          self.assertLessEqual(x, 4)
+    # Each branch deduplicates the ids its blocks brought: S * cap of them.
+    self.assertEqual(found['dedup'], 8 * cap)
+    self.assertEqual(found['dedup_fallback'], 8 * worst)
 
 
 def trainer_config(strategy):

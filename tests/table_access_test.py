@@ -175,10 +175,16 @@ class TwoProcessTest(absltest.TestCase):
       for r in res:
         self.assertTrue(r[strategy]['equal'], strategy)
         self.assertTrue(r[strategy]['acc_equal'], strategy)
-    # Row-wise over 4 devices (2 per process): 10 rows per device, process 0
-    # holds rows 0..19 and reads only those, process 1 the rest.
-    self.assertEqual(res[0]['row_wise']['rows_read'], list(range(20)))
-    self.assertEqual(res[1]['row_wise']['rows_read'], list(range(20, 37)))
+    # Row-wise over 4 devices (2 per process): blocks of 10 rows on the
+    # plan's devices, in its (rotated) order; each process reads only the
+    # blocks its two devices hold.
+    tables, _ = embedding_test.make_specs('rowwise_adagrad')
+    devices = sharding_test.uniform_plan(tables, 'row_wise',
+                                         4).placement('bag').devices
+    for pid, r in enumerate(res):
+      want = [row for k, d in enumerate(devices) if d // 2 == pid
+              for row in range(10 * k, min(37, 10 * k + 10))]
+      self.assertEqual(r['row_wise']['rows_read'], sorted(want))
     # Table-wise on one device: only its process reads the table.
     self.assertEqual(sorted(len(r['table_wise']['rows_read']) for r in res),
                      [0, 37])

@@ -17,8 +17,11 @@ The engine holds the layout and the shardings and runs each stack's
 exchange (`exchange.StackExchange`, which combines one `SegmentExchange` per
 way its segments are served: `OwnedExchange`, all-to-all for table-wise,
 column-wise and table-row-wise pieces; `RowWiseExchange`, all-gather /
-reduce-scatter for row-wise ones; `ReplicatedExchange`, local lookups for
-replicated stacks) inside one `jax.shard_map`. Initialization is in
+reduce-scatter for row-wise ones; `BucketizedExchange`, all-to-all of each
+row-split id to the shard of its row, in capacity blocks with a worst-case
+fallback, for the row-wise and table-row-wise pieces the planner routes so;
+`ReplicatedExchange`, local lookups for replicated stacks) inside one
+`jax.shard_map`. Initialization is in
 `initialization.py`, moving state between layouts in `relayout.py`, reading
 and writing whole logical tables in `table_access.py`. No device ever reads
 or writes rows it does not own, nothing is table-sized but the tables and

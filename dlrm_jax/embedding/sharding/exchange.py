@@ -5,16 +5,17 @@ R data replicas (the mesh's 'data' axis), C a stack's rows per device, W its
 width, L_d the id columns device d owns (L = max_d L_d, the padded share),
 N_d its bags (N = max_d N_d), K the segments one way serves.
 
-A stack's segments (feature x column piece) are served in one of three ways,
+A stack's segments (feature x column piece) are served in one of four ways,
 all inside `jax.shard_map`, per device; each is one `SegmentExchange` class
 (TorchRec's sharding classes: `tw_sharding.py`, `rw_sharding.py`, ...), and
 the plan's placement of a segment's table picks it (`EXCHANGES`,
 `exchange_of`):
 
   OwnedExchange (placements table_wise and column_wise: one model shard
-         holds all rows of a piece; table_row_wise: rows split over a group
-         of shards, each id sent to the one holding its row, partial bags
-         summed by the sender):
+         holds all rows of a piece; table_row_wise routed 'every_holder':
+         rows split over a group of shards, each id sent to every shard of
+         the group, the one holding its row reading it, partial bags summed
+         by the sender):
     lookup   the ids of the bags each destination owns are routed to its
              local rows and sent by one `all_to_all` over 'model'
              (`[B_l, S * L]` int32, padded to the largest share); the owner
@@ -24,10 +25,29 @@ the plan's placement of a segment's table picks it (`EXCHANGES`,
     update   the transpose: the ids again and the pooled gradients go to the
              owners by `all_to_all`; each owner expands them to its
              `S * B_l * L` ids (combiner weights) and deduplicates those only.
-  RowWiseExchange (placement row_wise: rows split over every shard,
-         TorchRec's row-wise pattern; a row split over fewer shards, one
-         shard included, is served as owned, one over every shard as
-         row-wise, whatever the placement's name):
+  BucketizedExchange (placements row_wise and table_row_wise whose
+         features the planner routes 'bucketized', the default where it
+         sends fewer bytes: `planner.choose_row_exchange`; TorchRec's
+         row-wise bucketize, `bucketize_kjt_before_all2all`, with static
+         shapes):
+    lookup   each id goes only to the shard holding its row (bucketized by
+             row block), by one `all_to_all` over 'model' of `[S * cap]`
+             int32; the owner pools the ids of a bag that it holds (one
+             partial bag per bag and owner) and a second `all_to_all` sends
+             `[S * bag_cap, W]` partial bags back, summed by the requester.
+             `cap` and `bag_cap` are the expected loads plus a slack
+             (`planner.bucket_capacity`); if any device of the model group
+             would overflow a block, a psum'ed flag makes all of them take
+             the `lax.cond` branch with worst-case blocks instead, so the
+             result never depends on the ids' distribution.
+    update   the transpose: the partial bags' gradients go to the owners by
+             `all_to_all` (the ids' blocks are the lookup's: the compiler
+             merges the two sends); each owner hands every id it received
+             its partial bag's gradient and deduplicates those only.
+  RowWiseExchange (placement row_wise, features routed 'every_holder':
+         rows split over every shard, TorchRec's row-wise pattern; a row
+         split over fewer shards, one shard included, is served as owned,
+         one over every shard as row-wise, whatever the placement's name):
     lookup   all-gather the model group's ids (`[S * B_l, T]`), pool the rows
              this shard holds (others read as zero), reduce-scatter the
              partial sums over 'model'.
@@ -68,6 +88,7 @@ over an axis of size 1 is skipped (XLA:CPU would run it as a copy).
 from __future__ import annotations
 
 import abc
+import functools
 import zlib
 from typing import ClassVar, Sequence
 
@@ -86,6 +107,11 @@ from dlrm_jax.embedding.specs import TableSpec
 from dlrm_jax.parallel import BATCH_AXES, DATA, MODEL
 
 Axes = str | tuple[str, ...]
+
+# The name scope of `BucketizedExchange`'s worst-case branch. The collectives
+# traced in it carry it in their HLO op_name (benchmarks/comm_volume.py costs
+# them apart, as the rarely taken path).
+FALLBACK_SCOPE = 'bucketized_worst_case'
 
 # ----------------------------------------------------------------------------
 # Collectives over the mesh, skipped on axes of size 1.
@@ -281,6 +307,15 @@ def _route_weights(r: routing.Routing, valid: jax.Array):
   """
   return (pooling.bag_weights(valid, r.widths, r.combiners)
           if any(w > 1 for w in r.widths) else None)
+
+
+def _owner_of(r: routing.Routing, safe: jax.Array) -> jax.Array:
+  """The `[X, L]` model shard holding each of `[X, L]` valid ids' rows."""
+  n_cols, n_blocks = r.owner.shape
+  if n_blocks == 1:
+    return jnp.broadcast_to(jnp.asarray(r.owner[:, 0]), safe.shape)
+  block = jnp.minimum(safe // r.rps, n_blocks - 1)
+  return jnp.asarray(r.owner)[jnp.arange(n_cols)[None, :], block]
 
 
 def _valid_cols(r: routing.Routing, ids: jax.Array):
@@ -499,6 +534,12 @@ def _over_every_shard(seg: plan_lib.Segment, num_shards: int) -> bool:
           len(routing.holders(seg, num_shards)) == num_shards)
 
 
+def _bucketized(stack: plan_lib.Stack, seg: plan_lib.Segment) -> bool:
+  """Whether a row-split segment's ids go only to the shard of their row."""
+  return (not stack.replicated and seg.rows_per_shard < seg.num_rows and
+          seg.row_exchange == 'bucketized')
+
+
 class RowWiseExchange(SegmentExchange):
   """Segments whose rows are split over every model shard.
 
@@ -530,7 +571,8 @@ class RowWiseExchange(SegmentExchange):
       Whether the stack is sharded and the segment's rows are split over
       every model shard.
     """
-    return not stack.replicated and _over_every_shard(seg, num_shards)
+    return (not stack.replicated and _over_every_shard(seg, num_shards) and
+            not _bucketized(stack, seg))
 
   def _route(self, ids: jax.Array, my: jax.Array):
     """Routes `[X, T]` packed ids to the local rows of shard `my`.
@@ -541,7 +583,7 @@ class RowWiseExchange(SegmentExchange):
     r = self.routing
     valid, safe = _valid_cols(r, ids)
     off = jnp.take(jnp.asarray(r.offsets), my, axis=1)
-    mine = valid & (r.first + safe // r.rps == my) & (off >= 0)
+    mine = valid & (_owner_of(r, safe) == my) & (off >= 0)
     local = jnp.where(mine, off + safe % r.rps, self.stack.capacity)
     return local, _route_weights(r, valid)
 
@@ -627,7 +669,8 @@ class OwnedExchange(SegmentExchange):
       Whether the stack is sharded and the segment is held by some shards
       only.
     """
-    return not stack.replicated and not _over_every_shard(seg, num_shards)
+    return (not stack.replicated and not _over_every_shard(seg, num_shards)
+            and not _bucketized(stack, seg))
 
   def _send_rows(self, ids: jax.Array) -> jax.Array:
     """Maps `[B_l, T]` ids to `[B_l, S * L]` rows on each owner.
@@ -773,10 +816,365 @@ class OwnedExchange(SegmentExchange):
     return jnp.minimum(local, self.stack.capacity).reshape(-1)
 
 
+class BucketizedExchange(SegmentExchange):
+  """Row-split segments whose ids go only to the shard holding their row.
+
+  These are the row_wise and table_row_wise pieces whose route says
+  'bucketized' (`planner.choose_row_exchange` picks it by bytes). See the
+  module docstring for the exchange itself.
+
+  Capacity. All-to-all blocks have static shapes, so each destination gets
+  a block of `cap` ids and one of `bag_cap` partial bags (a bag's ids that
+  one shard holds, pooled there) from every sender, with
+  `planner.bucket_capacity` of the load expected under uniform ids
+  (`routing.bucket_shares`, times B_l): a slack of 2% plus four standard
+  deviations, rounded up to 8. Single-id bags make one partial bag per id,
+  so `bag_cap` is `cap`.
+
+  Fallback. Each sender counts what it sends each destination; the counts
+  over the blocks set a flag, psum'ed over 'model', so every device of the
+  model group sees the same value and `lax.cond` takes the same branch on
+  all of them: either the capacity blocks or blocks of the worst case
+  (`B_l L` ids, `B_l K` partial bags: every id on one shard), which always
+  fit. Both branches compute the same sums, so the result does not depend
+  on the ids' distribution. Where the capacity already reaches the worst
+  case there is no `cond`. The capacity blocks of ids are sent before the
+  `cond` (once a step: the lookup's and the update's are merged), so an
+  overflowing step sends them in vain and then the worst case's.
+
+  Encoding. An id is sent as its local row on the owner; for multi-id bags
+  the first id of a bag on that owner is sent as `-1 - row`, so the owner
+  numbers the partial bags of each sender's block by a running count
+  (the sender keeps the ids of a bag together, in example order).
+
+  Attributes:
+    routing: the per-column `routing.Routing` of the served segments.
+    seg_index: `[K]` int32 positions of the served segments.
+    multi: whether some bag has several ids.
+    id_share: `[S]` expected ids per example that go to each shard.
+    bag_share: `[S]` expected partial bags per example that come from each
+      shard.
+  """
+
+  kind = 'bucketized'
+
+  def __init__(self, stack, segs, num_columns, comm):
+    super().__init__(stack, segs, num_columns, comm)
+    self.routing = routing.routing_of([stack.segments[k] for k in segs])
+    self.seg_index = np.array(segs, np.int32)
+    self.multi = any(w > 1 for w in self.routing.widths)
+    self.id_share, self.bag_share = routing.bucket_shares(self.routing,
+                                                          self.num_shards)
+
+  @classmethod
+  def serves(cls, stack, seg, num_shards) -> bool:
+    """Serves the row-split segments routed 'bucketized'.
+
+    Args:
+      stack: the stack holding the segment.
+      seg: the segment.
+      num_shards: S.
+
+    Returns:
+      Whether the stack is sharded, the segment split by rows and its
+      `row_exchange` 'bucketized'.
+    """
+    return _bucketized(stack, seg)
+
+  def capacities(self, batch: int) -> tuple[int, int, int, int]:
+    """The block sizes for a per-device batch.
+
+    Args:
+      batch: B_l.
+
+    Returns:
+      `(cap, bag_cap, worst, worst_bags)`: ids and partial bags per
+      destination at the capacity and in the worst case.
+    """
+    r = self.routing
+    worst, worst_bags = batch * len(r.cols), batch * len(r.widths)
+    cap = plan_lib.bucket_capacity(batch * float(self.id_share.max()), worst)
+    if not self.multi:
+      return cap, cap, worst, worst_bags
+    bag_cap = plan_lib.bucket_capacity(batch * float(self.bag_share.max()),
+                                       worst_bags)
+    return cap, bag_cap, worst, worst_bags
+
+  def _bucketize(self, ids: jax.Array) -> dict[str, jax.Array]:
+    """Sender side: where each of `[X, T]` packed ids goes.
+
+    Returns `[E]` arrays (E = X L, example-major): `valid`, `dest` (the
+    model shard), `local` (the row there), `new` (the first id of its bag on
+    that shard), `pos` (its place among the ids to `dest`), `slot` (its
+    bag's place among the partial bags to `dest`); `[S]` `counts` of ids and
+    `bag_counts` of partial bags per destination; `valid2d`, `[X, L]`.
+    """
+    r, s = self.routing, self.num_shards
+    valid, safe = _valid_cols(r, ids)
+    n_cols = valid.shape[1]
+    dest = _owner_of(r, safe)
+    off = jnp.asarray(r.offsets)[jnp.arange(n_cols)[None, :], dest]
+    local = off + safe % r.rps
+    new = valid
+    if self.multi:
+      parts, start = [], 0
+      for w in r.widths:
+        d, v = dest[:, start:start + w], valid[:, start:start + w]
+        if w > 1:  # an earlier valid id of the bag on the same shard
+          seen = (d[:, :, None] == d[:, None, :]) & v[:, :, None]
+          v = v & ~jnp.any(seen & np.triu(np.ones((w, w), bool), 1), axis=1)
+        parts.append(v)
+        start += w
+      new = _concat(parts, axis=1)
+    out = {'valid2d': valid}
+    valid, dest, local, new = (a.reshape(-1) for a in (valid, dest, local,
+                                                        new))
+    hot = (dest[:, None] == jnp.arange(s)[None, :]) & valid[:, None]
+    out.update(valid=valid, dest=dest, local=local, new=new,
+               pos=_running_count(hot, dest),
+               counts=jnp.sum(hot, axis=0, dtype=jnp.int32))
+    if self.multi:
+      hot = hot & new[:, None]
+      out.update(slot=_running_count(hot, dest),
+                 bag_counts=jnp.sum(hot, axis=0, dtype=jnp.int32))
+    else:
+      out.update(slot=out['pos'], bag_counts=out['counts'])
+    return out
+
+  def _send_ids(self, b: dict, cap: int) -> jax.Array:
+    """Sends the ids to their owners in `[S * cap]` blocks.
+
+    Returns the `[S * cap]` received values: local rows, C for none, the
+    first id of a partial bag as `-1 - row` when bags hold several ids.
+    """
+    s, e = self.num_shards, b['dest'].shape[0]
+    val = b['local']
+    if self.multi:
+      val = jnp.where(b['new'], -1 - val, val)
+    at = jnp.where(b['valid'] & (b['pos'] < cap), b['dest'] * cap + b['pos'],
+                   s * cap + jnp.arange(e))
+    send = jnp.full((s * cap,), self.stack.capacity, jnp.int32).at[at].set(
+        val, mode='drop', unique_indices=True)
+    return self.comm.all_to_all(send[None])[0]
+
+  def _owner_slots(self, got: jax.Array, cap: int, bag_cap: int):
+    """Owner side: decodes `[S * cap]` received values.
+
+    Returns the `[S * cap]` local rows (C for none) and the partial bag of
+    each among the `[S * bag_cap]` going back (`S * bag_cap` for none), or
+    None when each id is its own bag.
+    """
+    if not self.multi:
+      return got, None
+    s, c = self.num_shards, self.stack.capacity
+    first = got < 0
+    local = jnp.where(first, -1 - got, got)
+    run = jnp.cumsum(first.reshape(s, cap), axis=1, dtype=jnp.int32) - 1
+    slot = (jnp.arange(s, dtype=jnp.int32)[:, None] * bag_cap + run).ravel()
+    return local, jnp.where(local < c, slot, s * bag_cap)
+
+  def _wanted(self, b: dict, bag_cap: int) -> jax.Array:
+    """`[E]` place of each id's partial bag among `[S * bag_cap]`.
+
+    Only the first id of a bag on a shard names it; the others name
+    `S * bag_cap`, none.
+    """
+    s, e = self.num_shards, b['dest'].shape[0]
+    return jnp.where(b['valid'] & b['new'] & (b['slot'] < bag_cap),
+                     b['dest'] * bag_cap + b['slot'], s * bag_cap +
+                     jnp.arange(e))
+
+  def _bag_scale(self, valid: jax.Array):
+    """`[X, K]` float32 combiner weight of each bag, or None if all are 1.
+
+    Mean and sqrtn weigh every id of a bag alike, `1 / n` or `1 / sqrt(n)`
+    (`pooling.combiner_weights`), so the requester applies them to whole
+    bags: to the summed partial bags and to the gradients it sends.
+    """
+    r = self.routing
+    if not any(w > 1 and c != 'sum' for w, c in zip(r.widths, r.combiners)):
+      return None
+    parts, start = [], 0
+    for w, c in zip(r.widths, r.combiners):
+      n = jnp.maximum(jnp.sum(valid[:, start:start + w], axis=1,
+                              dtype=jnp.float32), 1.0)
+      if w == 1 or c == 'sum':
+        parts.append(jnp.ones_like(n))
+      else:
+        parts.append(1.0 / n if c == 'mean' else jax.lax.rsqrt(n))
+      start += w
+    return jnp.stack(parts, axis=1)
+
+  def prepare(self, ids: jax.Array) -> dict:
+    """The sender's side of a step: routes, capacity blocks, overflow.
+
+    The capacity blocks of ids are sent here, before any `cond`, so the
+    lookup's and the update's sends are one computation, which the compiler
+    merges; the worst case sends its own.
+
+    Args:
+      ids: `[B_l, T]` packed ids of this device's examples.
+
+    Returns:
+      A dict: 'b', the routes (`_bucketize`); 'got', what the owners
+      received of the capacity blocks; 'over', whether a block of this
+      device would overflow (a bool scalar, not yet psum'ed). 'got' and
+      'over' are None where the capacity is the worst case (no `cond`).
+    """
+    b = self._bucketize(ids)
+    cap, bag_cap, worst, worst_bags = self.capacities(ids.shape[0])
+    if cap >= worst and bag_cap >= worst_bags:
+      return {'b': b, 'got': None, 'over': None}
+    over = (jnp.max(b['counts']) > cap) | (jnp.max(b['bag_counts']) > bag_cap)
+    return {'b': b, 'got': self._send_ids(b, cap), 'over': over}
+
+  def _blocks(self, prep: dict, batch: int, worst: bool):
+    """`(cap, bag_cap, got)` of one branch: the capacity's or the worst's."""
+    cap, bag_cap, w_ids, w_bags = self.capacities(batch)
+    if worst or prep['got'] is None:
+      return w_ids, w_bags, self._send_ids(prep['b'], w_ids)
+    return cap, bag_cap, prep['got']
+
+  def _pool(self, table, prep: dict, batch: int, worst: bool) -> jax.Array:
+    """One branch of `lookup`: `[B_l, K, W]` sums of the partial bags."""
+    s, b = self.num_shards, prep['b']
+    cap, bag_cap, got_ids = self._blocks(prep, batch, worst)
+    local, slot = self._owner_slots(got_ids, cap, bag_cap)
+    rows = self._rows(table, local)  # [S * cap, W]
+    if slot is not None:
+      rows = jax.ops.segment_sum(rows, slot, num_segments=s * bag_cap)
+    back = self.comm.all_to_all(rows[None])[0]  # [S * bag_cap, W]
+    got = back.at[self._wanted(b, bag_cap)].get(mode='fill', fill_value=0)
+    return pooling.bag_sums(got.reshape(batch, len(self.routing.cols), -1),
+                            self.routing.widths)
+
+  def lookup(self, table, ids):
+    """Sends ids to their rows' owners, pools there, sums the partial bags.
+
+    Args:
+      table: `[C, W]` rows held here.
+      ids: `[B_l, T]` packed ids of this device's examples.
+
+    Returns:
+      `[B_l, K, W]` float32, segments in the order of `segs`.
+    """
+    x = ids.shape[0]
+    prep = self.prepare(ids)
+    if prep['over'] is None:
+      pooled = self._pool(table, prep, x, True)
+    else:
+      pooled = jax.lax.cond(
+          overflow(self.comm, [prep['over']]),
+          in_fallback_scope(lambda: self._pool(table, prep, x, True)),
+          lambda: self._pool(table, prep, x, False))
+    scale = self._bag_scale(prep['b']['valid2d'])
+    return pooled if scale is None else pooled * scale[..., None]
+
+  def grads_at(self, prep: dict, grads: jax.Array, worst: bool
+               ) -> tuple[jax.Array, jax.Array]:
+    """One branch of the update: the ids held here and their gradients.
+
+    The pooled gradients of the partial bags go to their owners; the owner
+    hands each id it received the gradient of its partial bag.
+    `StackExchange.update` runs the whole update of the stack in the branch
+    that `prepare`'s overflow flags choose, so the capacity branch
+    deduplicates `S * cap` ids, not the worst case's.
+
+    Args:
+      prep: from `prepare`.
+      grads: `[B_l, n_seg, G]` gradients of the pooled embeddings.
+      worst: whether to use the worst-case blocks.
+
+    Returns:
+      `[S * cap]` local rows and their `[S * cap, G]` weighted gradients,
+      `cap` the branch's ids per block. C means none.
+    """
+    s, x, g = self.num_shards, grads.shape[0], grads.shape[-1]
+    b = prep['b']
+    if not np.array_equal(self.seg_index, np.arange(grads.shape[1])):
+      grads = jnp.take(grads, jnp.asarray(self.seg_index), axis=1)
+    scale = self._bag_scale(b['valid2d'])
+    if scale is not None:
+      grads = grads * scale[..., None]
+    if self.multi:
+      grads = jnp.take(grads, jnp.asarray(self.routing.seg_of_col), axis=1)
+    cap, bag_cap, got_ids = self._blocks(prep, x, worst)
+    send = jnp.zeros((s * bag_cap, g), grads.dtype).at[
+        self._wanted(b, bag_cap)].set(grads.reshape(-1, g), mode='drop',
+                                      unique_indices=True)
+    got = self.comm.all_to_all(send[None])[0]  # [S * bag_cap, G]
+    local, slot = self._owner_slots(got_ids, cap, bag_cap)
+    if slot is not None:
+      got = got.at[slot].get(mode='fill', fill_value=0)
+    return local, got
+
+  def grads_here(self, ids, grads):
+    """The ids held here and their gradients, by worst-case blocks.
+
+    `StackExchange.update` uses `prepare` and `grads_at` instead, under the
+    overflow `cond`; this is the same exchange without one.
+
+    Args:
+      ids: `[B_l, T]` packed ids of this device's examples.
+      grads: `[B_l, n_seg, G]` gradients of the pooled embeddings.
+
+    Returns:
+      `[M]` local rows and their `[M, G]` weighted gradients. C means none.
+    """
+    return self.grads_at(self.prepare(ids), grads, True)
+
+  def rows_to_reset(self, rows):
+    """Sends the named rows to their owners, in worst-case blocks.
+
+    Args:
+      rows: `[B_l, T]` rows named like packed ids. -1 means none.
+
+    Returns:
+      `[M]` local rows. C means none.
+    """
+    _, _, worst, worst_bags = self.capacities(rows.shape[0])
+    local, _ = self._owner_slots(self._send_ids(self._bucketize(rows), worst),
+                                 worst, worst_bags)
+    return jnp.minimum(local, self.stack.capacity)
+
+
+def overflow(comm: Comm, flags: Sequence[jax.Array]) -> jax.Array:
+  """Whether any device of the model group overflows a bucketized block.
+
+  Args:
+    comm: the mesh's collectives.
+    flags: this device's bool scalars, one per block kind.
+
+  Returns:
+    A bool scalar, the same on every device of the model group, so a
+    `lax.cond` on it takes the same branch on all of them.
+  """
+  over = functools.reduce(jnp.logical_or, flags)
+  return comm.psum(over.astype(jnp.int32), MODEL) > 0
+
+
+def in_fallback_scope(fn):
+  """`fn` traced in `FALLBACK_SCOPE`, named in its collectives' op_name."""
+  def run():
+    with jax.named_scope(FALLBACK_SCOPE):
+      return fn()
+  return run
+
+
+def _running_count(hot: jax.Array, dest: jax.Array) -> jax.Array:
+  """`[E]` place of each entry among those with its destination.
+
+  Takes the `[E, S]` bool hits (entry e goes to shard d) and the `[E]`
+  destinations; entries that are not hits get junk.
+  """
+  run = jnp.cumsum(hot, axis=0, dtype=jnp.int32)
+  return jnp.take_along_axis(run, dest[:, None], axis=1)[:, 0] - 1
+
+
 # The ways, in the order in which a stack's parts are combined. Owned comes
 # before row-wise, the order of the concatenations in the compiled step.
 EXCHANGES: tuple[type[SegmentExchange], ...] = (
-    ReplicatedExchange, OwnedExchange, RowWiseExchange)
+    ReplicatedExchange, OwnedExchange, RowWiseExchange, BucketizedExchange)
 
 
 def exchange_of(stack: plan_lib.Stack, seg: plan_lib.Segment,
@@ -915,16 +1313,6 @@ class StackExchange:
   # --------------------------------------------------------------------------
   # Update.
 
-  def _grads_here(self, ids: jax.Array, grads: jax.Array
-                  ) -> tuple[jax.Array, jax.Array]:
-    """Gathers the ids this device holds among those it serves.
-
-    Takes `[B_l, T]` ids and `[B_l, n_seg, G]` pooled gradients. Returns `[M]`
-    local rows, C for none, and their `[M, G]` gradients.
-    """
-    idx, g = zip(*[p.grads_here(ids, grads) for p in self.parts])
-    return _concat(idx), _concat(g)
-
   def _sgd_scatter_add(self) -> bool:
     """Whether the update may skip deduplication and scatter-add.
 
@@ -999,18 +1387,47 @@ class StackExchange:
     Returns:
       The new table and slots.
     """
-    w = self.stack.width
     if full_grads is not None:
       grads = jnp.concatenate([grads, full_grads], axis=-1)
-    idx, g = self._grads_here(ids, grads)
+    # The other parts' exchanges run before any cond: the compiler merges
+    # their id sends with the lookup's.
+    here = {k: p.prepare(ids) if isinstance(p, BucketizedExchange)
+            else p.grads_here(ids, grads) for k, p in enumerate(self.parts)}
+    flags = [h['over'] for h in here.values()
+             if isinstance(h, dict) and h['over'] is not None]
+    args = (table, slots, grads, full_grads is not None, lr, step, here)
+    if not flags:
+      return self._update(*args, worst=True)
+    # Every bucketized part's blocks by capacity, or all by the worst case:
+    # the whole update in the branch, so the capacity branch deduplicates
+    # its own ids only.
+    return jax.lax.cond(
+        overflow(self.comm, flags),
+        in_fallback_scope(lambda: self._update(*args, worst=True)),
+        lambda: self._update(*args, worst=False))
+
+  def _update(self, table, slots, grads, full: bool, lr, step, here: dict,
+              worst: bool):
+    """`update` with the bucketized parts at their capacity or worst case.
+
+    Takes `update`'s arguments, the gradients already joined with the
+    full-width ones (`full` says whether), and, by position in `parts`, the
+    other parts' `grads_here` and the bucketized parts' `prepare`; `worst`
+    picks the bucketized blocks. Returns the new table and slots.
+    """
+    w = self.stack.width
+    idx, g = zip(*[p.grads_at(here[k], grads, worst)
+                   if isinstance(p, BucketizedExchange) else here[k]
+                   for k, p in enumerate(self.parts)])
+    idx, g = _concat(idx), _concat(g)
     if self._sgd_scatter_add():
       return _sgd_store(table, idx, g, lr), slots
     uniq, g_sum = self._combine(idx, g)
     row_msq = None
-    if full_grads is not None:
-      full = g_sum[:, w:]
+    if full:
+      wide = g_sum[:, w:]
       g_sum = g_sum[:, :w]
-      row_msq = jnp.sum(full * full, axis=-1) / jnp.maximum(
+      row_msq = jnp.sum(wide * wide, axis=-1) / jnp.maximum(
           self._row_dims(uniq), 1.0)
     w_rows = _read_rows(table, uniq, self.stack.dtype)
     slot_rows = {k: gather_rows(v, uniq) for k, v in slots.items()}

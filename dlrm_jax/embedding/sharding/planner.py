@@ -39,6 +39,16 @@ like FBGEMM's table-batched embeddings. One device is the special case S = 1.
   * With `row_group_size` g, where 0 < g < S and g divides S, tables that
     would be row_wise are table_row_wise instead. They are row_wise over the
     g consecutive devices `k g .. k g + g - 1` of the least-loaded group.
+  * A row-split table's row blocks go to its devices rotated so that the
+    expected ids per device (uniform ids; a small table's last blocks hold
+    fewer rows) stay even: the bucketized all-to-all's blocks are as large
+    as its busiest destination's share.
+
+How a row-split feature's ids travel (`TablePlacement.exchange`, else chosen
+per feature by `choose_row_exchange` when the layout is built): 'bucketized'
+(each id to the shard of its row, in capacity blocks: `bucket_capacity`) or
+'every_holder' (each id to every shard of the table), whichever
+`row_exchange_bytes` finds cheaper, as replication is chosen by bytes.
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ from dlrm_jax.embedding import optimizers
 STRATEGIES = ('replicated', 'table_wise', 'row_wise', 'column_wise',
               'table_row_wise')
 ROW_SPLIT = ('row_wise', 'table_row_wise')
+ROW_EXCHANGES = ('', 'bucketized', 'every_holder')
 _DTYPE_BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
 
 
@@ -68,11 +79,18 @@ class TablePlacement:
     strategy: one of STRATEGIES.
     devices: the model-axis indices that hold its row blocks or column
       pieces, in order. It is empty for replicated, which is on all devices.
+    exchange: how the ids of a row-split table (row_wise, table_row_wise)
+      travel, one of `ROW_EXCHANGES`: 'bucketized' (each id to the shard
+      holding its row, by all-to-all of capacity-sized blocks),
+      'every_holder' (each id to every shard holding rows of the table: an
+      all-gather for row_wise, a worst-case all-to-all for table_row_wise),
+      or '' to choose per feature by bytes (`choose_row_exchange`).
   """
 
   table: str
   strategy: str
   devices: tuple[int, ...] = ()
+  exchange: str = ''
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +141,8 @@ class Plan:
     """
     d = json.loads(text)
     return cls(d['num_shards'], tuple(
-        TablePlacement(p['table'], p['strategy'], tuple(p['devices']))
+        TablePlacement(p['table'], p['strategy'], tuple(p['devices']),
+                       p.get('exchange', ''))
         for p in d['placements']))
 
 
@@ -176,6 +195,14 @@ def validate_plan(plan: Plan, tables: Sequence[TableSpec]) -> None:
       raise ValueError(
           f'table {p.table!r}: devices {p.devices} repeat a device.')
     t = by_name[p.table]
+    if p.exchange not in ROW_EXCHANGES:
+      raise ValueError(
+          f'table {p.table!r}: exchange ({p.exchange!r}) must be one of'
+          f' {list(ROW_EXCHANGES)}.')
+    if p.exchange and p.strategy not in ROW_SPLIT:
+      raise ValueError(
+          f'table {p.table!r}: exchange ({p.exchange!r}) applies to'
+          f' {list(ROW_SPLIT)} only, not {p.strategy}.')
     if p.strategy == 'replicated' and p.devices:
       raise ValueError(f'table {p.table!r}: replicated takes no devices.')
     if p.strategy == 'table_wise' and len(p.devices) != 1:
@@ -326,6 +353,7 @@ class _Placer:
     self.all_devices = tuple(range(s))
     self.mem = np.zeros(s)
     self.load = np.zeros(s)
+    self.row_load = np.zeros(s)  # expected ids of row-split tables
     self.placements: dict[str, TablePlacement] = {}
 
   def place_fixed(self, t, strategy, grouped) -> bool:
@@ -342,12 +370,12 @@ class _Placer:
     elif strategy == 'row_wise' or (strategy == 'table_row_wise' and
                                     not grouped):
       self.placements[t.name] = TablePlacement(
-          t.name, 'row_wise', self.all_devices)
+          t.name, 'row_wise', self._rotated(t, self.all_devices, n))
       mem += b / s
       load += n / s
     elif strategy == 'table_row_wise':
       k = int(np.argmin(mem.reshape(-1, g).sum(axis=1)))
-      group = self.all_devices[k * g:(k + 1) * g]
+      group = self._rotated(t, self.all_devices[k * g:(k + 1) * g], n)
       self.placements[t.name] = TablePlacement(t.name, 'table_row_wise', group)
       mem[k * g:(k + 1) * g] += b / g
       load[k * g:(k + 1) * g] += n
@@ -360,6 +388,33 @@ class _Placer:
     else:
       return False
     return True
+
+  def _rotated(self, t, group, n) -> tuple[int, ...]:
+    """The devices of a row-split table's blocks: `group`, rotated.
+
+    Blocks hold `rps = ceil(rows / g)` rows, the last ones fewer or none, so
+    a table of few rows sends more of its ids to the first devices. Block 0
+    goes to the rotation of `group` that keeps the expected row-wise ids per
+    example (`row_load`, uniform ids, `n` per example) most even (least sum
+    of squares); ties keep `group` as it is. All-to-all blocks are as large as the
+    busiest destination's share (`planner.bucket_capacity`), so this keeps
+    them small.
+    """
+    g = len(group)
+    rps = -(-t.num_rows // g)
+    share = np.array([max(0, min(rps, t.num_rows - k * rps)) for k in
+                      range(g)]) * n / max(t.num_rows, 1)
+    idx = np.array(group)
+    best, best_cost = 0, None
+    for r in range(g):
+      load = self.row_load.copy()
+      load[np.roll(idx, -r)] += share
+      cost = round(float(np.sum(load * load)), 9)
+      if best_cost is None or cost < best_cost:
+        best, best_cost = r, cost
+    devices = tuple(int(d) for d in np.roll(idx, -best))
+    self.row_load[np.array(devices)] += share
+    return devices
 
   def pack_table_wise(self, to_pack) -> None:
     """Largest first, each onto the device with the least bytes + lookups."""
@@ -432,9 +487,11 @@ def describe(plan: Plan, tables: Sequence[TableSpec],
       devices, per = 'all', b
     else:
       devices = ','.join(map(str, p.devices)) if len(p.devices) <= 4 else (
-          f'{p.devices[0]}..{p.devices[-1]}')
+          f'{min(p.devices)}..{max(p.devices)}' +
+          (f' from {p.devices[0]}' if p.devices[0] != min(p.devices) else ''))
       per = b / len(p.devices)
-    rows.append((p.table, f'{t.num_rows:,}', str(t.dim), p.strategy, devices,
+    strategy = p.strategy + (f'/{p.exchange}' if p.exchange else '')
+    rows.append((p.table, f'{t.num_rows:,}', str(t.dim), strategy, devices,
                  _human(per)))
   per_device = plan_bytes_per_device(plan, tables)
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -453,6 +510,94 @@ def _human(n: float) -> str:
       return f'{n:.1f} {unit}' if unit != 'B' else f'{int(n)} B'
     n /= 1024
   return str(n)
+
+
+# ----------------------------------------------------------------------------
+# How the ids of row-split tables travel.
+
+# The capacity rule of the bucketized exchange (`exchange.BucketizedExchange`).
+CAPACITY_SLACK = 1.02
+CAPACITY_SIGMAS = 4.0
+
+
+def bucket_capacity(expected: float, worst: int, multiple: int = 8) -> int:
+  """The static block size of a bucketized all-to-all, per destination.
+
+  The block must hold what one device sends one destination: ids, or the
+  partial bags they make. With uniformly drawn ids the count is about
+  binomial, mean `expected` and standard deviation at most its root, so the
+  block is `CAPACITY_SLACK * expected + CAPACITY_SIGMAS * sqrt(expected)`
+  (2% and four standard deviations: of the S x S counts of a step, one
+  exceeds its block about once in 500 steps at S = 8), rounded up to
+  `multiple` and at most `worst`, the count when every id goes to one
+  destination. jax-tpu-embedding sizes its blocks by a user-given
+  `max_ids_per_partition`; TorchRec's row-wise bucketize
+  (`torchrec/distributed/embedding_sharding.py`, `bucketize_kjt_before_all2all`)
+  sends variable-length blocks, which static shapes cannot. A batch that
+  overflows a block takes the exchange's exact worst-case path instead.
+
+  Args:
+    expected: the mean count per destination.
+    worst: the largest possible count.
+    multiple: the rounding.
+
+  Returns:
+    The block size, in `[1, worst]`.
+  """
+  cap = math.ceil(CAPACITY_SLACK * expected +
+                  CAPACITY_SIGMAS * math.sqrt(max(expected, 0.0)))
+  cap = -(-max(cap, 1) // multiple) * multiple
+  return int(max(1, min(cap, worst)))
+
+
+def row_exchange_bytes(max_ids: int, dim: int, group: int,
+                       num_shards: int) -> dict[str, float]:
+  """Bytes per example that one row-split feature sends, for each way.
+
+  With a bag of L ids over g shards, uniform ids reach
+  `P = g (1 - (1 - 1/g)^L)` of them, at most min(L, g). Either way, the ids
+  go to their owners once (the compiler merges the lookup's and the
+  update's identical sends), then the partial bags back and their
+  gradients to the owners. 'bucketized' sends them in blocks
+  `CAPACITY_SLACK` larger than the mean: `slack (L 4 + 2 P D 4) (S-1)/S`.
+  'every_holder' sends each id and a partial bag to each of the g holders:
+  `(S-1) (L 4 + 2 D 4)` by all-gather and reduce-scatter when g = S,
+  `g (L 4 + 2 D 4) (S-1)/S` by all-to-all otherwise. Bucketized is cheaper
+  unless bags are long next to the shards (P near g) and rows wide.
+
+  Args:
+    max_ids: L, the ids per example of the feature.
+    dim: D, the width of the table's piece.
+    group: g, the shards holding its rows.
+    num_shards: S, the model shards.
+
+  Returns:
+    The bytes per local example, by way.
+  """
+  s, g, l, f = num_shards, group, max_ids, (num_shards - 1) / num_shards
+  partials = g * (1.0 - (1.0 - 1.0 / g) ** l)
+  per_holder = 4 * l + 2 * 4 * dim
+  every = (s - 1) * per_holder if g == s else f * g * per_holder
+  return {'bucketized': f * CAPACITY_SLACK * (4 * l + 2 * 4 * dim * partials),
+          'every_holder': every}
+
+
+def choose_row_exchange(max_ids: int, dim: int, group: int,
+                        num_shards: int) -> str:
+  """The cheaper way by `row_exchange_bytes`: 'bucketized' on a tie.
+
+  Args:
+    max_ids: L, the ids per example of the feature.
+    dim: D, the width of the table's piece.
+    group: g, the shards holding its rows.
+    num_shards: S, the model shards.
+
+  Returns:
+    'bucketized' or 'every_holder'.
+  """
+  cost = row_exchange_bytes(max_ids, dim, group, num_shards)
+  return ('bucketized' if cost['bucketized'] <= cost['every_holder']
+          else 'every_holder')
 
 
 # ----------------------------------------------------------------------------
@@ -494,7 +639,8 @@ class FeatureRoute:
   """How one feature's ids reach one column piece of its table in a stack.
 
   An id `i` of the feature is valid when `0 <= i < num_rows`. It lives on
-  model device `first_device + i // rows_per_shard`, at local row
+  model device `block_devices[i // rows_per_shard]` (`first_device` when the
+  piece is not split by rows), at local row
   `offsets[device] + i % rows_per_shard`. A stack's `segments` are its
   routes.
 
@@ -511,6 +657,11 @@ class FeatureRoute:
     offsets: the piece's local row offset on each model device. -1 means
       not on it. A replicated piece has one entry.
     combiner: how the feature's ids are pooled.
+    row_exchange: for a piece split by rows, how its ids travel:
+      'bucketized' or 'every_holder' (see `TablePlacement.exchange`). ''
+      otherwise.
+    block_devices: for a piece split by rows, the model device of each row
+      block, in block order: the placement's devices. Empty otherwise.
   """
 
   feature: int
@@ -522,6 +673,8 @@ class FeatureRoute:
   rows_per_shard: int
   offsets: tuple[int, ...]
   combiner: str
+  row_exchange: str = ''
+  block_devices: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -666,12 +819,19 @@ def _segments(fi, f, t, p, s, id_offset, num_shards) -> list[FeatureRoute]:
       offsets = tuple(offsets_arr)
       if p.strategy in ROW_SPLIT:
         first, rps = p.devices[0], pcs[0].capacity
-        if tuple(p.devices) != tuple(range(first, first + len(p.devices))):
+        lo = min(p.devices)
+        if sorted(p.devices) != list(range(lo, lo + len(p.devices))):
           raise ValueError(
               f'table {t.name!r}: {p.strategy} devices {p.devices} must be'
-              ' consecutive.')
+              ' consecutive, in any order.')
       else:
         first, rps = pcs[0].device, t.num_rows
+    row_exchange, block_devices = '', ()
+    if not s.replicated and p.strategy in ROW_SPLIT and rps < t.num_rows:
+      row_exchange = p.exchange or choose_row_exchange(
+          f.max_ids, pcs[0].width, len(p.devices), num_shards)
+      block_devices = tuple(p.devices)
     out.append(FeatureRoute(fi, id_offset, f.max_ids, t.num_rows, col_start,
-                            first, rps, offsets, t.combiner))
+                            first, rps, offsets, t.combiner, row_exchange,
+                            block_devices))
   return out

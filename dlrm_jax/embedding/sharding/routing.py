@@ -2,8 +2,10 @@
 
 Computed once per stack from the layout (NumPy constants baked into the
 compiled step); `exchange.py` uses them to build its all-to-all blocks
-(`OwnedExchange`) and its row-wise and replicated routes (`RowWiseExchange`,
-`ReplicatedExchange`). Shape letters as in `exchange.py`.
+(`OwnedExchange`), its row-wise, bucketized and replicated routes
+(`RowWiseExchange`, `BucketizedExchange`, `ReplicatedExchange`) and the
+expected loads that size the bucketized blocks (`bucket_shares`). Shape
+letters as in `exchange.py`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ class Routing:
     num_rows: `[L]` rows of the table.
     first: `[L]` first model shard of the table.
     rps: `[L]` rows per shard.
+    owner: `[L, G]` model shard of each row block (`i // rps`), G the most
+      blocks of a column, padded with the last block's shard (the padding
+      blocks hold no rows).
     offsets: `[L, S']` local row offset of the piece on each shard.
     widths: the ids per example of each segment.
     combiners: the combiner of each segment.
@@ -41,6 +46,7 @@ class Routing:
   num_rows: np.ndarray
   first: np.ndarray
   rps: np.ndarray
+  owner: np.ndarray
   offsets: np.ndarray
   widths: tuple[int, ...]
   combiners: tuple[str, ...]
@@ -57,6 +63,7 @@ def routing_of(segments: Sequence[plan_lib.FeatureRoute]) -> Routing:
     position.
   """
   cols, seg_of_col, rows, first, rps, offsets = [], [], [], [], [], []
+  owners = []
   for k, seg in enumerate(segments):
     for j in range(seg.max_ids):
       cols.append(seg.id_offset + j)
@@ -65,12 +72,17 @@ def routing_of(segments: Sequence[plan_lib.FeatureRoute]) -> Routing:
       first.append(seg.first_device)
       rps.append(seg.rows_per_shard)
       offsets.append(seg.offsets)
+      owners.append(block_devices(seg))
   cols = np.array(cols, np.int32)
+  n_blocks = max((len(o) for o in owners), default=1)
+  owner = np.array([o + (o[-1],) * (n_blocks - len(o)) for o in owners],
+                   np.int32).reshape(len(owners), n_blocks)
   return Routing(
       cols=cols, col_slice=as_slice(cols),
       seg_of_col=np.array(seg_of_col, np.int32),
       num_rows=np.array(rows, np.int32), first=np.array(first, np.int32),
-      rps=np.array(rps, np.int32), offsets=np.array(offsets, np.int32),
+      rps=np.array(rps, np.int32), owner=owner,
+      offsets=np.array(offsets, np.int32),
       widths=tuple(seg.max_ids for seg in segments),
       combiners=tuple(seg.combiner for seg in segments))
 
@@ -204,7 +216,7 @@ def owned_routing(stack: plan_lib.Stack, segs: Sequence[int],
         cols[d, c] = seg.id_offset + i
         offset[d, c] = seg.offsets[d]
         num_rows[d, c] = seg.num_rows
-        block[d, c] = d - seg.first_device
+        block[d, c] = block_devices(seg).index(d)
         rps[d, c] = min(seg.rows_per_shard, seg.num_rows)
         col_bag[d, c] = j
         c += 1
@@ -219,6 +231,47 @@ def owned_routing(stack: plan_lib.Stack, segs: Sequence[int],
       weighted=any(segments[k].max_ids > 1 and segments[k].combiner != 'sum'
                    for k in segs))
 
+
+
+def bucket_shares(r: Routing, num_shards: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """The expected load of each shard under bucketized routing, per example.
+
+  Ids are taken as drawn uniformly over each table's rows. So column c sends
+  shard d a share `rows of c on d / rows of c`, and a bag of w ids reaches
+  shard d with probability `1 - (1 - share)^w`.
+
+  Args:
+    r: the routing of some row-split segments.
+    num_shards: S, the model shards.
+
+  Returns:
+    `[S]` expected ids and `[S]` expected partial bags (bags with an id on
+    the shard) that one example sends each shard.
+  """
+  n_cols, n_blocks = r.owner.shape
+  share = np.zeros((n_cols, num_shards))
+  for k in range(n_blocks):  # padding blocks hold no rows
+    held = np.clip(r.num_rows - k * r.rps, 0, r.rps)
+    np.add.at(share, (np.arange(n_cols), r.owner[:, k]),
+              held / np.maximum(r.num_rows, 1))
+  bags, start = np.zeros(num_shards), 0
+  for w in r.widths:
+    bags += 1.0 - (1.0 - share[start]) ** w
+    start += w
+  return share.sum(axis=0), bags
+
+
+def block_devices(seg: plan_lib.FeatureRoute) -> tuple[int, ...]:
+  """The model shard of each row block of a segment, in block order.
+
+  Args:
+    seg: the segment.
+
+  Returns:
+    `seg.block_devices`, or `(first_device,)` when not split by rows.
+  """
+  return tuple(seg.block_devices) or (seg.first_device,)
 
 
 def holders(seg: plan_lib.FeatureRoute, num_shards: int) -> list[int]:
