@@ -48,6 +48,10 @@ _BATCH = flags.DEFINE_integer('batch', 2048, 'Global batch size.')
 _DIM = flags.DEFINE_integer('dim', 64, 'Embedding dim.')
 _SPARSE_OPT = flags.DEFINE_string('sparse_optimizer', 'sgd',
                                   'The tables\' optimizer kind.')
+_ARCH_WITH_SPARSE = flags.DEFINE_bool(
+    'arch_with_sparse', False,
+    'Feed the sparse embeddings to the final MLP too (TorchEasyRec\'s'
+    ' default); the reference DLRM and TorchRec do not.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per round.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timed rounds.')
 _TRACE_STEPS = flags.DEFINE_integer('trace_steps', 10, 'Steps to trace.')
@@ -215,6 +219,7 @@ def main(argv):
 
   rows, batch = _ROWS.value, _BATCH.value
   config = step_shape.config_for(rows, batch=batch, dim=_DIM.value,
+                                 arch_with_sparse=_ARCH_WITH_SPARSE.value,
                                  sparse_optimizer=_SPARSE_OPT.value)
   trainer = trainer_lib.Trainer(config)
   state = trainer.init_state(0)
@@ -240,7 +245,8 @@ def main(argv):
   device = jax.devices()[0]
   print(f'device: {device.device_kind} ({device.platform}), {jax.device_count()}'
         f' device(s); batch {batch}, 26 tables x {rows:,} rows x dim'
-        f' {_DIM.value}, sparse optimizer {_SPARSE_OPT.value}')
+        f' {_DIM.value}, sparse optimizer {_SPARSE_OPT.value},'
+        f' arch_with_sparse={_ARCH_WITH_SPARSE.value}')
   gflop = sum(d['flops'] for d in dots) / 1e9
   print(f'train step     {step_best * 1e3:8.2f} ms  (median'
         f' {step_med * 1e3:.2f})  {batch / step_best:,.0f} examples/s')

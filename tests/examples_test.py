@@ -23,7 +23,8 @@ class TwoTowerTest(absltest.TestCase):
   def test_beats_the_popularity_baseline_on_eight_devices(self):
     data = shared_data.movielens_dir(self)
     env = dict(os.environ, JAX_PLATFORMS='cpu',
-               XLA_FLAGS='--xla_force_host_platform_device_count=8')
+               XLA_FLAGS='--xla_force_host_platform_device_count=8'
+               ' --xla_cpu_collective_call_terminate_timeout_seconds=600')
     out = subprocess.run(
         [sys.executable, '-m', 'examples.two_tower', f'--data={data}'],
         cwd=_ROOT, env=env, capture_output=True, text=True, timeout=900)
