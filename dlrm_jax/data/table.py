@@ -323,6 +323,67 @@ def _bad_mask(arr: pa.Array, pattern: str) -> np.ndarray:
   return ~np.asarray(ok)
 
 
+# Text to numbers. The rules are the regular expressions `_FLOAT_RE` and
+# `_INT_RE`; matching them costs more than the CSV parse, so a column is
+# first cast whole by Arrow, whose syntax is the rule's or wider, and the
+# rule only judges what Arrow's cast cannot tell apart from it:
+#   float  Arrow takes `[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?`, the rule
+#          without its blanks, and also 'nan', 'inf', 'infinity' (any case,
+#          signed) and 'nan(...)'. Every one of those gives a non-finite
+#          value, as does '1e999', so a column that casts keeps its finite
+#          values and sends its non-finite ones through the rule (which
+#          takes '1e999' as inf and refuses 'nan'). A column that does not
+#          cast (blanks, junk, '') goes through the rule whole.
+#   int    Arrow takes `-?\d+` within int64 and also '0x1f', so a column
+#          casts only when its bytes are digits and '-' and no value is
+#          longer than 18 characters (the rule's 18 digits); else the rule.
+
+
+def _cast_floats(arr: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
+  """`_floats_by_rule` of a string column by Arrow's cast; None if it fails."""
+  try:
+    cast = pc.cast(arr, pa.float64())
+  except pa.ArrowInvalid:
+    return None
+  values = cast.fill_null(0.0).to_numpy(zero_copy_only=False)
+  bad = np.zeros(len(values), bool)
+  odd = np.flatnonzero(~np.isfinite(values))
+  if odd.size:
+    values = values.copy()
+    values[odd], bad[odd] = _floats_by_rule(arr.take(pa.array(odd)))
+  return values, bad
+
+
+def _floats_by_rule(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+  """float64 values of a string column (missing 0) and where it is bad."""
+  bad = _bad_mask(arr, _FLOAT_RE)
+  arr = pc.if_else(pa.array(bad), pa.scalar(None, pa.string()), arr)
+  return (pc.cast(pc.utf8_trim_whitespace(arr), pa.float64())
+          .fill_null(0.0).to_numpy(zero_copy_only=False), bad)
+
+
+_INT_BYTES = np.zeros(256, bool)
+_INT_BYTES[np.frombuffer(b'-0123456789', np.uint8)] = True
+
+
+def _cast_ints(arr: pa.Array) -> np.ndarray | None:
+  """Encoded 'int' values of a string column by Arrow's cast (missing -1),
+  or None when the rule must judge it."""
+  if not len(arr):
+    return None
+  offsets, data, lengths = criteo._buffers(arr)  # pylint: disable=protected-access
+  if lengths.max() > 18 or not _INT_BYTES[data[offsets[0]:offsets[-1]]].all():
+    return None
+  try:
+    cast = pc.cast(arr, pa.int64())
+  except pa.ArrowInvalid:
+    return None
+  missing = np.asarray(cast.is_null())
+  values = fold64(cast.fill_null(0).to_numpy(zero_copy_only=False))
+  values[missing] = -1
+  return values
+
+
 def encode(arr: pa.Array, kind: str) -> tuple[np.ndarray, np.ndarray, str]:
   """Encodes one single-valued column.
 
@@ -347,11 +408,11 @@ def encode(arr: pa.Array, kind: str) -> tuple[np.ndarray, np.ndarray, str]:
   if kind == 'float':
     if _is_text(t):
       arr = arr.cast(pa.string())
-      bad = _bad_mask(arr, _FLOAT_RE)
-      arr = pc.if_else(pa.array(bad), pa.scalar(None, pa.string()), arr)
-      return (pc.cast(pc.utf8_trim_whitespace(arr), pa.float64())
-              .fill_null(0.0).to_numpy(zero_copy_only=False), bad,
-              'a number')
+      fast = _cast_floats(arr)
+      if fast is not None:
+        return fast[0], fast[1], 'a number'
+      values, bad = _floats_by_rule(arr)
+      return values, bad, 'a number'
     if pa.types.is_integer(t) or pa.types.is_floating(t) or (
         pa.types.is_boolean(t)):
       return (pc.cast(arr, pa.float64()).fill_null(0.0)
@@ -377,6 +438,9 @@ def encode(arr: pa.Array, kind: str) -> tuple[np.ndarray, np.ndarray, str]:
     if not _is_text(t):
       raise TableError(f'has type {t}, not an integer or text')
     arr = arr.cast(pa.string())
+    fast = _cast_ints(arr)
+    if fast is not None:
+      return fast, bad, 'a decimal integer'
     arr = pc.if_else(pc.equal(arr, ''), pa.scalar(None, pa.string()), arr)
     bad = _bad_mask(arr, _INT_RE)
     missing = np.asarray(arr.is_null())
