@@ -889,34 +889,47 @@ class TableSource:
       else:
         yield from self._text(p, quiet)
 
-  def _text(self, p: criteo.FileRange, quiet: bool):
+  def text_reader(self, p: criteo.FileRange, on_invalid=None):
+    """pyarrow's streaming CSV reader of a text piece, as `iter_rows` reads
+    it: the columns to read, as strings, one thread.
+
+    Args:
+      p: the piece.
+      on_invalid: pyarrow's invalid-row handler; None: pyarrow's error.
+
+    Returns:
+      The reader.
+
+    Raises:
+      pa.ArrowInvalid: if pyarrow cannot start reading (an empty file, say).
+    """
     fmt = self.spec.format
-    header = self._header_lines(p)
-    rows = _Rows(header)
-    cols = self._columns_to_read()
-    policy = self.bad_lines
+    stream = p.stream()
+    source = stream if stream is not None else criteo.open_file(p.path)
+    return pa_csv.open_csv(
+        _Readable(source),
+        read_options=pa_csv.ReadOptions(
+            column_names=list(self._names), skip_rows=self._header_lines(p),
+            block_size=_BLOCK_BYTES, use_threads=False,
+            encoding=fmt.encoding),
+        parse_options=pa_csv.ParseOptions(
+            delimiter=fmt.sep(p.path), quote_char=fmt.quote_char or False,
+            newlines_in_values=False, ignore_empty_lines=False,
+            invalid_row_handler=on_invalid),
+        convert_options=pa_csv.ConvertOptions(
+            column_types={c: pa.string() for c in self._names},
+            include_columns=self._columns_to_read(), strings_can_be_null=True,
+            null_values=['']))
+
+  def _text(self, p: criteo.FileRange, quiet: bool):
+    rows = _Rows(self._header_lines(p))
 
     def on_invalid(row):
       rows.dropped.append((row.number, row.actual_columns, row.text))
       return 'skip'
 
-    stream = p.stream()
-    source = stream if stream is not None else criteo.open_file(p.path)
     try:
-      reader = pa_csv.open_csv(
-          _Readable(source),
-          read_options=pa_csv.ReadOptions(
-              column_names=list(self._names), skip_rows=header,
-              block_size=_BLOCK_BYTES, use_threads=False,
-              encoding=fmt.encoding),
-          parse_options=pa_csv.ParseOptions(
-              delimiter=fmt.sep(p.path), quote_char=fmt.quote_char or False,
-              newlines_in_values=False, ignore_empty_lines=False,
-              invalid_row_handler=on_invalid),
-          convert_options=pa_csv.ConvertOptions(
-              column_types={c: pa.string() for c in self._names},
-              include_columns=cols, strings_can_be_null=True,
-              null_values=['']))
+      reader = self.text_reader(p, on_invalid)
     except pa.ArrowInvalid as e:
       if 'Empty CSV file' in str(e):
         return
