@@ -1029,6 +1029,8 @@ class TableSource:
 
     def note(mask, column, reason):
       nonlocal bad
+      if not mask.any():
+        return
       for i in np.flatnonzero(mask & ~bad):
         why[int(i)] = (column, reason)
       bad = bad | mask
