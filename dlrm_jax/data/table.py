@@ -25,6 +25,16 @@ null) value; `features.FeatureTransform` maps them to rows, the one id
 mapping of training, export and serving. A column with a `separator` (or a
 Parquet list column) is a bag: `[B, max_ids]`, padding -1.
 
+Text numbers are parsed by Arrow's cast of a whole column, much quicker
+than matching their rule (`_FLOAT_RE`, `_INT_RE`), and the rule judges
+only where the two may differ: a float column's non-finite values (Arrow
+also takes 'nan', 'inf', 'infinity' and 'nan(...)', any case, and '1e999'
+overflows to inf, which the rule takes), and a column that does not cast
+whole (blanks, junk); an int column casts only when its bytes are digits
+and '-' and no value is over 18 bytes long (Arrow also takes '0x1f' and
+19 digits). Hex is read from the string buffers two digits at a time
+(`_parse_hex`).
+
 The label is a column (`config.data.table.label`), 0 or 1, or any number
 with a rule such as `>= 4` (`LabelRule`).
 
@@ -323,20 +333,8 @@ def _bad_mask(arr: pa.Array, pattern: str) -> np.ndarray:
   return ~np.asarray(ok)
 
 
-# Text to numbers. The rules are the regular expressions `_FLOAT_RE` and
-# `_INT_RE`; matching them costs more than the CSV parse, so a column is
-# first cast whole by Arrow, whose syntax is the rule's or wider, and the
-# rule only judges what Arrow's cast cannot tell apart from it:
-#   float  Arrow takes `[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?`, the rule
-#          without its blanks, and also 'nan', 'inf', 'infinity' (any case,
-#          signed) and 'nan(...)'. Every one of those gives a non-finite
-#          value, as does '1e999', so a column that casts keeps its finite
-#          values and sends its non-finite ones through the rule (which
-#          takes '1e999' as inf and refuses 'nan'). A column that does not
-#          cast (blanks, junk, '') goes through the rule whole.
-#   int    Arrow takes `-?\d+` within int64 and also '0x1f', so a column
-#          casts only when its bytes are digits and '-' and no value is
-#          longer than 18 characters (the rule's 18 digits); else the rule.
+# Text to numbers: Arrow's cast first, the rule at its edges (module
+# docstring).
 
 
 def _cast_floats(arr: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
