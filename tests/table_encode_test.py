@@ -1,4 +1,5 @@
-"""The tabular source's text conversions (`table.encode`) against Python.
+"""The tabular source's text conversions (`table.encode`, `hash_strings`)
+against Python.
 
 `encode` casts a text column with Arrow first and sends to its rule only
 what the cast cannot judge (see `dlrm_jax.data.table`); each value here is
@@ -96,6 +97,28 @@ class EncodeTest(absltest.TestCase):
       got, bad, _ = table.encode(pa.array(column, pa.string()), 'hex')
       self.assertFalse(bad.any())
       self.assertEqual(got.tolist(), [reference(t, 'hex')[0] for t in column])
+
+
+  def test_hash_strings_of_one_few_and_many_lengths(self):
+    rng = np.random.default_rng(1)
+
+    def fnv(text: str) -> int:
+      h = 2166136261
+      for b in text.encode('utf-8'):
+        h = ((h ^ b) * 16777619) & 0xFFFFFFFF
+      return h
+
+    def texts(lengths, letters='ab\u00e9\u6f22'):
+      return [''.join(rng.choice(list(letters), int(k))) for k in lengths]
+
+    for full in (texts([8] * 50, 'xyz'), texts(rng.choice([1, 3, 8], 50),
+                                               'xyz'),
+                 texts(rng.integers(0, 40, 200))):
+      holed = [None if i % 7 == 3 else t for i, t in enumerate(full)]
+      for arr in (pa.array(full, pa.string()), pa.array(holed, pa.string()),
+                  pa.array(holed, pa.string()).slice(5)):
+        want = [-1 if t is None else fnv(t) for t in arr.to_pylist()]
+        self.assertEqual(table.hash_strings(arr).tolist(), want)
 
 
 if __name__ == '__main__':

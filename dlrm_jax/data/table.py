@@ -303,16 +303,54 @@ def hash_strings(values) -> np.ndarray:
   if not n:
     return out
   offsets, data, lengths = _string_buffers(arr)
-  h = np.full(n, _FNV_OFFSET, np.uint32)
-  start = offsets[:-1]
+  sizes = np.flatnonzero(np.bincount(lengths))
+  if len(sizes) > _HASH_GROUPS:
+    h = _fnv_by_position(offsets[:-1], data, lengths)
+  elif len(sizes) == 1:
+    h = _fnv_of_width(offsets[:-1], data, int(sizes[0]))
+  else:
+    h = np.empty(n, np.uint32)
+    for size in sizes:
+      rows = np.flatnonzero(lengths == size)
+      h[rows] = _fnv_of_width(offsets[:-1][rows], data, int(size))
+  valid = _valid(arr)
+  out[valid] = h[valid]
+  return out
+
+
+# hash_strings hashes the strings of each length together (a few lengths:
+# ids of fixed width, small integers), else byte position by position.
+_HASH_GROUPS = 8
+
+
+def _fnv_of_width(start: np.ndarray, data: np.ndarray, width: int
+                  ) -> np.ndarray:
+  """FNV-1a of the `width` bytes at each of `start` in `data`."""
+  h = np.full(len(start), _FNV_OFFSET, np.uint32)
+  if not width:
+    return h
+  if start[-1] - start[0] == (len(start) - 1) * width:
+    # Back to back (each string takes `width` bytes after the last one).
+    chars = data[start[0]:start[0] + len(start) * width].reshape(-1, width)
+  else:
+    chars = data[start[:, None] + np.arange(width)]
+  with np.errstate(over='ignore'):
+    for j in range(width):
+      h ^= chars[:, j]
+      h *= _FNV_PRIME
+  return h
+
+
+def _fnv_by_position(start: np.ndarray, data: np.ndarray,
+                     lengths: np.ndarray) -> np.ndarray:
+  """FNV-1a of strings of many lengths, one byte position at a time."""
+  h = np.full(len(start), _FNV_OFFSET, np.uint32)
   with np.errstate(over='ignore'):
     for j in range(int(lengths.max(initial=0))):
       live = lengths > j
       byte = data[np.where(live, start + j, 0)].astype(np.uint32)
       h = np.where(live, (h ^ byte) * _FNV_PRIME, h)
-  valid = np.asarray(arr.is_valid())
-  out[valid] = h[valid]
-  return out
+  return h
 
 
 def fold64(values: np.ndarray) -> np.ndarray:
