@@ -60,7 +60,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import operator
+import queue
 import re
+import threading
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -959,9 +961,10 @@ class TableSource:
 
   def _text(self, p: criteo.FileRange, quiet: bool):
     rows = _Rows(self._header_lines(p))
+    dropped = []  # by pyarrow's handler, in the reading thread
 
     def on_invalid(row):
-      rows.dropped.append((row.number, row.actual_columns, row.text))
+      dropped.append((row.number, row.actual_columns, row.text))
       return 'skip'
 
     try:
@@ -970,17 +973,29 @@ class TableSource:
       if 'Empty CSV file' in str(e):
         return
       raise criteo.MalformedLineError(f'{p.name}: cannot be read: {e}') from e
+    ahead = _ReadAhead(reader, dropped)
+    try:
+      yield from self._text_batches(p, quiet, rows, ahead, dropped)
+    finally:
+      ahead.close()
+
+  def _text_batches(self, p, quiet, rows, ahead, dropped):
+    """`_text`'s loop: each batch with the drops known when pyarrow gave
+    it, as if read in this thread."""
     reported = 0
     self._counted_drops = 0
     while True:
-      try:
-        batch = reader.read_next_batch()
-      except StopIteration:
+      batch, error, known = ahead.next()
+      rows.dropped.extend(dropped[len(rows.dropped):known])
+      if isinstance(error, StopIteration):
         break
-      except pa.ArrowInvalid as e:
+      if isinstance(error, pa.ArrowInvalid):
         raise criteo.MalformedLineError(
             f'{p.name}: cannot be parsed near line'
-            f' {int(rows.lines(np.array([rows.valid]))[0])}: {e}') from e
+            f' {int(rows.lines(np.array([rows.valid]))[0])}: {error}'
+        ) from error
+      if error is not None:
+        raise error
       # Rows dropped for their field count, up to this batch's end.
       n = batch.num_rows
       if self.counter is not None and not quiet:
@@ -1104,6 +1119,56 @@ class TableSource:
     if r.is_bag or pa.types.is_list(arrays[0].type):
       return encode_bag(arrays[0], r)
     return encode(arrays[0], r.kind)
+
+
+class _ReadAhead:
+  """Reads a pyarrow batch reader one batch ahead, in a thread.
+
+  pyarrow parses the next block (without the GIL) while the caller encodes
+  this one. Each batch comes with the number of rows the invalid-row
+  handler had dropped when pyarrow returned it, so the caller sees the
+  drops as a reader in its own thread would; an error or the end comes in
+  its place in the order.
+
+  Args:
+    reader: the pyarrow reader.
+    dropped: the list that the reader's invalid-row handler appends to.
+  """
+
+  def __init__(self, reader, dropped: list):
+    self._queue = queue.Queue(maxsize=1)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, args=(reader, dropped),
+                                    daemon=True)
+    self._thread.start()
+
+  def _run(self, reader, dropped) -> None:
+    error = None
+    while error is None and not self._stop.is_set():
+      batch = None
+      try:
+        batch = reader.read_next_batch()
+      except BaseException as e:  # pylint: disable=broad-except
+        error = e  # StopIteration at the end; raised by `next`
+      item = (batch, error, len(dropped))
+      while not self._stop.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+
+  def next(self) -> tuple[pa.RecordBatch | None, BaseException | None, int]:
+    """The next `(batch, error, rows dropped so far)`; error or batch None."""
+    return self._queue.get()
+
+  def close(self) -> None:
+    """Stops reading ahead."""
+    self._stop.set()
+    try:
+      self._queue.get_nowait()
+    except queue.Empty:
+      pass
 
 
 class _Readable(io.RawIOBase):
