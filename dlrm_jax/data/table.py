@@ -33,7 +33,10 @@ overflows to inf, which the rule takes), and a column that does not cast
 whole (blanks, junk); an int column casts only when its bytes are digits
 and '-' and no value is over 18 bytes long (Arrow also takes '0x1f' and
 19 digits). Hex is read from the string buffers two digits at a time
-(`_parse_hex`).
+(`_parse_hex`). A text file is read one pyarrow batch ahead in a thread
+(`_ReadAhead`), so pyarrow parses the next block while this one is
+encoded; each batch comes with the rows pyarrow had dropped by then, so
+line numbers, reports and errors are those of a reader in one thread.
 
 The label is a column (`config.data.table.label`), 0 or 1, or any number
 with a rule such as `>= 4` (`LabelRule`).
