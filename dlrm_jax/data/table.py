@@ -60,12 +60,11 @@ streams its own share.
 
 from __future__ import annotations
 
+from concurrent import futures
 import dataclasses
 import io
 import operator
-import queue
 import re
-import threading
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -1125,13 +1124,15 @@ class TableSource:
 
 
 class _ReadAhead:
-  """Reads a pyarrow batch reader one batch ahead, in a thread.
+  """Reads a pyarrow batch reader one batch ahead, in a worker thread.
 
   pyarrow parses the next block (without the GIL) while the caller encodes
   this one. Each batch comes with the number of rows the invalid-row
   handler had dropped when pyarrow returned it, so the caller sees the
   drops as a reader in its own thread would; an error or the end comes in
-  its place in the order.
+  its place in the order. The worker is a `concurrent.futures` thread, which
+  the interpreter waits for at exit (one read at most), never leaving
+  pyarrow mid-parse.
 
   Args:
     reader: the pyarrow reader.
@@ -1139,39 +1140,28 @@ class _ReadAhead:
   """
 
   def __init__(self, reader, dropped: list):
-    self._queue = queue.Queue(maxsize=1)
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._run, args=(reader, dropped),
-                                    daemon=True)
-    self._thread.start()
+    self._reader, self._dropped = reader, dropped
+    self._pool = futures.ThreadPoolExecutor(
+        1, thread_name_prefix='table-read-ahead')
+    self._next = self._pool.submit(self._read)
 
-  def _run(self, reader, dropped) -> None:
-    error = None
-    while error is None and not self._stop.is_set():
-      batch = None
-      try:
-        batch = reader.read_next_batch()
-      except BaseException as e:  # pylint: disable=broad-except
-        error = e  # StopIteration at the end; raised by `next`
-      item = (batch, error, len(dropped))
-      while not self._stop.is_set():
-        try:
-          self._queue.put(item, timeout=0.1)
-          break
-        except queue.Full:
-          continue
+  def _read(self) -> tuple[pa.RecordBatch | None, BaseException | None, int]:
+    try:
+      batch, error = self._reader.read_next_batch(), None
+    except BaseException as e:  # pylint: disable=broad-except
+      batch, error = None, e  # StopIteration at the end
+    return batch, error, len(self._dropped)
 
   def next(self) -> tuple[pa.RecordBatch | None, BaseException | None, int]:
     """The next `(batch, error, rows dropped so far)`; error or batch None."""
-    return self._queue.get()
+    item = self._next.result()
+    if item[1] is None:
+      self._next = self._pool.submit(self._read)
+    return item
 
   def close(self) -> None:
-    """Stops reading ahead."""
-    self._stop.set()
-    try:
-      self._queue.get_nowait()
-    except queue.Empty:
-      pass
+    """Stops reading ahead (a read under way ends in the worker)."""
+    self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _Readable(io.RawIOBase):
