@@ -17,7 +17,9 @@
    streams each through the tabular source (`config.data.source='table'`,
    the default config's features reading the columns `int_0..int_12` as
    raw and `cat_0..cat_25` as hex ids): rows/s beside the Criteo reader's,
-   and `input_over_step_table_<format>`.
+   and `input_over_step_table_<format>`. Also pyarrow's CSV reader alone on
+   the CSV, opened as the source opens it (`TableSource.text_reader`): the
+   floor of the CSV path.
 6. Times the default config's training step at the same batch size.
 Then `slowest_source=<name>`, the source of least input over step of all
 measured (binary, TFDS, the tables). The last line is
@@ -198,6 +200,15 @@ def child(task: dict) -> dict:
       return time_batches(it, task)
     finally:
       it.close()
+  if kind == 'parse_csv':
+    from dlrm_jax.config import build  # pylint: disable=g-import-not-at-top
+    from dlrm_jax.data import table  # pylint: disable=g-import-not-at-top
+    config = criteo_table_config(task['input'], task['batch'])
+    src = table.TableSource([task['input']], build.run_spec(config).data.table,
+                            stop=0)
+    t0 = time.time()
+    rows = sum(b.num_rows for b in src.text_reader(src.pieces[0]))
+    return {'rows_per_s': rows / (time.time() - t0)}
   if kind == 'train_step':
     import jax  # pylint: disable=g-import-not-at-top
     from configs import criteo as criteo_config  # pylint: disable=g-import-not-at-top
@@ -299,6 +310,8 @@ def main(argv):
       tables[fmt] = run_child({'kind': 'stream_table', 'input': path,
                                'batch': _BATCH.value,
                                'batches': _BATCHES.value})['examples_per_s']
+    csv_parse = run_child({'kind': 'parse_csv', 'input': paths['csv'],
+                           'batch': _BATCH.value})['rows_per_s']
   step = run_child({'kind': 'train_step', 'batch': _BATCH.value})
   print(f'input pipeline, batches of {_BATCH.value}, shuffled, default'
         ' config transform:')
@@ -311,6 +324,10 @@ def main(argv):
     print(f'  {"table " + fmt:8s} {v:>12,.0f} examples/s (tabular source on'
           f' the same rows, streamed in order, shuffle window of 4 batches;'
           f' {v / stream["examples_per_s"]:.2f}x the criteo_tsv reader)')
+  if tables:
+    print(f'  {"csv parse":8s} {csv_parse:>12,.0f} rows/s (pyarrow\'s CSV reader'
+          ' alone, as the tabular source opens it: string columns, one'
+          ' thread; the floor of table csv)')
   print(f'training step (default config, batch {_BATCH.value}): '
         f'{step["examples_per_s"]:,.0f} examples/s')
   for fmt, v in tables.items():

@@ -25,6 +25,19 @@ null) value; `features.FeatureTransform` maps them to rows, the one id
 mapping of training, export and serving. A column with a `separator` (or a
 Parquet list column) is a bag: `[B, max_ids]`, padding -1.
 
+Text numbers are parsed by Arrow's cast of a whole column, much quicker
+than matching their rule (`_FLOAT_RE`, `_INT_RE`), and the rule judges
+only where the two may differ: a float column's non-finite values (Arrow
+also takes 'nan', 'inf', 'infinity' and 'nan(...)', any case, and '1e999'
+overflows to inf, which the rule takes), and a column that does not cast
+whole (blanks, junk); an int column casts only when its bytes are digits
+and '-' and no value is over 18 bytes long (Arrow also takes '0x1f' and
+19 digits). Hex is read from the string buffers two digits at a time
+(`_parse_hex`). A text file is read one pyarrow batch ahead in a thread
+(`_ReadAhead`), so pyarrow parses the next block while this one is
+encoded; each batch comes with the rows pyarrow had dropped by then, so
+line numbers, reports and errors are those of a reader in one thread.
+
 The label is a column (`config.data.table.label`), 0 or 1, or any number
 with a rule such as `>= 4` (`LabelRule`).
 
@@ -47,6 +60,7 @@ streams its own share.
 
 from __future__ import annotations
 
+from concurrent import futures
 import dataclasses
 import io
 import operator
@@ -69,7 +83,7 @@ _OPS = {'>=': operator.ge, '<=': operator.le, '==': operator.eq,
 _FLOAT_RE = r'^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$'
 _INT_RE = r'^\s*[-+]?\d{1,18}\s*$'
 _HEX_RE = r'^[0-9a-fA-F]{1,16}$'
-_BLOCK_BYTES = 1 << 20
+_BLOCK_BYTES = 4 << 20  # as criteo._BLOCK_BYTES: fewer, larger batches
 _FNV_OFFSET, _FNV_PRIME = np.uint32(2166136261), np.uint32(16777619)
 
 
@@ -293,16 +307,54 @@ def hash_strings(values) -> np.ndarray:
   if not n:
     return out
   offsets, data, lengths = _string_buffers(arr)
-  h = np.full(n, _FNV_OFFSET, np.uint32)
-  start = offsets[:-1]
+  sizes = np.flatnonzero(np.bincount(lengths))
+  if len(sizes) > _HASH_GROUPS:
+    h = _fnv_by_position(offsets[:-1], data, lengths)
+  elif len(sizes) == 1:
+    h = _fnv_of_width(offsets[:-1], data, int(sizes[0]))
+  else:
+    h = np.empty(n, np.uint32)
+    for size in sizes:
+      rows = np.flatnonzero(lengths == size)
+      h[rows] = _fnv_of_width(offsets[:-1][rows], data, int(size))
+  valid = _valid(arr)
+  out[valid] = h[valid]
+  return out
+
+
+# hash_strings hashes the strings of each length together (a few lengths:
+# ids of fixed width, small integers), else byte position by position.
+_HASH_GROUPS = 8
+
+
+def _fnv_of_width(start: np.ndarray, data: np.ndarray, width: int
+                  ) -> np.ndarray:
+  """FNV-1a of the `width` bytes at each of `start` in `data`."""
+  h = np.full(len(start), _FNV_OFFSET, np.uint32)
+  if not width:
+    return h
+  if start[-1] - start[0] == (len(start) - 1) * width:
+    # Back to back (each string takes `width` bytes after the last one).
+    chars = data[start[0]:start[0] + len(start) * width].reshape(-1, width)
+  else:
+    chars = data[start[:, None] + np.arange(width)]
+  with np.errstate(over='ignore'):
+    for j in range(width):
+      h ^= chars[:, j]
+      h *= _FNV_PRIME
+  return h
+
+
+def _fnv_by_position(start: np.ndarray, data: np.ndarray,
+                     lengths: np.ndarray) -> np.ndarray:
+  """FNV-1a of strings of many lengths, one byte position at a time."""
+  h = np.full(len(start), _FNV_OFFSET, np.uint32)
   with np.errstate(over='ignore'):
     for j in range(int(lengths.max(initial=0))):
       live = lengths > j
       byte = data[np.where(live, start + j, 0)].astype(np.uint32)
       h = np.where(live, (h ^ byte) * _FNV_PRIME, h)
-  valid = np.asarray(arr.is_valid())
-  out[valid] = h[valid]
-  return out
+  return h
 
 
 def fold64(values: np.ndarray) -> np.ndarray:
@@ -321,6 +373,55 @@ def _bad_mask(arr: pa.Array, pattern: str) -> np.ndarray:
   """Where a present text value does not match `pattern`."""
   ok = pc.match_substring_regex(arr, pattern).fill_null(True)
   return ~np.asarray(ok)
+
+
+# Text to numbers: Arrow's cast first, the rule at its edges (module
+# docstring).
+
+
+def _cast_floats(arr: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
+  """`_floats_by_rule` of a string column by Arrow's cast; None if it fails."""
+  try:
+    cast = pc.cast(arr, pa.float64())
+  except pa.ArrowInvalid:
+    return None
+  values = cast.fill_null(0.0).to_numpy(zero_copy_only=False)
+  bad = np.zeros(len(values), bool)
+  odd = np.flatnonzero(~np.isfinite(values))
+  if odd.size:
+    values = values.copy()
+    values[odd], bad[odd] = _floats_by_rule(arr.take(pa.array(odd)))
+  return values, bad
+
+
+def _floats_by_rule(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+  """float64 values of a string column (missing 0) and where it is bad."""
+  bad = _bad_mask(arr, _FLOAT_RE)
+  arr = pc.if_else(pa.array(bad), pa.scalar(None, pa.string()), arr)
+  return (pc.cast(pc.utf8_trim_whitespace(arr), pa.float64())
+          .fill_null(0.0).to_numpy(zero_copy_only=False), bad)
+
+
+_INT_BYTES = np.zeros(256, bool)
+_INT_BYTES[np.frombuffer(b'-0123456789', np.uint8)] = True
+
+
+def _cast_ints(arr: pa.Array) -> np.ndarray | None:
+  """Encoded 'int' values of a string column by Arrow's cast (missing -1),
+  or None when the rule must judge it."""
+  if not len(arr):
+    return None
+  offsets, data, lengths = criteo._buffers(arr)  # pylint: disable=protected-access
+  if lengths.max() > 18 or not _INT_BYTES[data[offsets[0]:offsets[-1]]].all():
+    return None
+  try:
+    cast = pc.cast(arr, pa.int64())
+  except pa.ArrowInvalid:
+    return None
+  missing = np.asarray(cast.is_null())
+  values = fold64(cast.fill_null(0).to_numpy(zero_copy_only=False))
+  values[missing] = -1
+  return values
 
 
 def encode(arr: pa.Array, kind: str) -> tuple[np.ndarray, np.ndarray, str]:
@@ -347,11 +448,11 @@ def encode(arr: pa.Array, kind: str) -> tuple[np.ndarray, np.ndarray, str]:
   if kind == 'float':
     if _is_text(t):
       arr = arr.cast(pa.string())
-      bad = _bad_mask(arr, _FLOAT_RE)
-      arr = pc.if_else(pa.array(bad), pa.scalar(None, pa.string()), arr)
-      return (pc.cast(pc.utf8_trim_whitespace(arr), pa.float64())
-              .fill_null(0.0).to_numpy(zero_copy_only=False), bad,
-              'a number')
+      fast = _cast_floats(arr)
+      if fast is not None:
+        return fast[0], fast[1], 'a number'
+      values, bad = _floats_by_rule(arr)
+      return values, bad, 'a number'
     if pa.types.is_integer(t) or pa.types.is_floating(t) or (
         pa.types.is_boolean(t)):
       return (pc.cast(arr, pa.float64()).fill_null(0.0)
@@ -377,6 +478,9 @@ def encode(arr: pa.Array, kind: str) -> tuple[np.ndarray, np.ndarray, str]:
     if not _is_text(t):
       raise TableError(f'has type {t}, not an integer or text')
     arr = arr.cast(pa.string())
+    fast = _cast_ints(arr)
+    if fast is not None:
+      return fast, bad, 'a decimal integer'
     arr = pc.if_else(pc.equal(arr, ''), pa.scalar(None, pa.string()), arr)
     bad = _bad_mask(arr, _INT_RE)
     missing = np.asarray(arr.is_null())
@@ -388,60 +492,79 @@ def encode(arr: pa.Array, kind: str) -> tuple[np.ndarray, np.ndarray, str]:
   if kind == 'hex':
     if not _is_text(t):
       raise TableError(f'has type {t}, not text of hex digits')
-    values, bad, missing = _parse_hex(arr.cast(pa.string()))
-    out = fold64(values.view(np.int64))
-    out[bad | missing] = -1
-    return out, bad, '1 to 16 hex digits'
+    values, bad = _parse_hex(arr.cast(pa.string()))
+    return values, bad, '1 to 16 hex digits'
   raise ValueError(f'unknown column kind {kind!r}')
 
 
-_HEX_DIGITS = np.full(256, 255, np.uint8)
-_HEX_DIGITS[np.frombuffer(b'0123456789', np.uint8)] = np.arange(10)
-_HEX_DIGITS[np.frombuffer(b'abcdef', np.uint8)] = np.arange(10, 16)
-_HEX_DIGITS[np.frombuffer(b'ABCDEF', np.uint8)] = np.arange(10, 16)
+def _valid(arr: pa.Array) -> np.ndarray:
+  """`[n]` where a value is not null, from the validity bitmap."""
+  n = len(arr)
+  bitmap = arr.buffers()[0]
+  if not arr.null_count or bitmap is None:
+    return np.ones(n, bool)
+  bits = np.unpackbits(np.frombuffer(bitmap, np.uint8), count=arr.offset + n,
+                       bitorder='little')
+  return bits[arr.offset:].view(bool)
 
 
-def _parse_hex(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Parses a string array of hex numbers from its Arrow buffers.
+def _parse_hex(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+  """Encodes a string array of hex numbers from its Arrow buffers.
 
   The rule is `_HEX_RE`'s (1 to 16 ASCII hex digits, nothing else); null and
-  empty values are missing.
+  empty values are missing. As `criteo._parse_hex` does for 8 digits, each
+  value is left-padded with '0' to W = 8 (or 16) characters, read two at a
+  time through `criteo._HEX_PAIR` (-1: not a hex pair), and the W / 2 bytes
+  are one big-endian number, folded by `fold64` (a no-op below 2^32). When
+  every present value has W digits they lie back to back in the data buffer
+  and are read in place.
 
   Args:
     arr: a pyarrow string array.
 
   Returns:
-    `(values, bad, missing)`: `[n]` uint64 values (0 where bad or
-    missing), the mask of present values that are not hex, and the mask of
-    null or empty values.
+    `(values, bad)`: `[n]` int64 encoded values, -1 where bad or missing,
+    and the mask of present values that are not hex.
   """
   n = len(arr)
-  values = np.zeros(n, np.uint64)
+  out = np.full(n, -1, np.int64)
+  bad = np.zeros(n, bool)
   if not n:
-    return values, np.zeros(0, bool), np.zeros(0, bool)
+    return out, bad
   offsets, data, lengths = _string_buffers(arr)
-  valid = np.asarray(arr.is_valid())
-  missing = ~valid | (lengths == 0)
-  bad = ~missing & (lengths > 16)
-  rows = np.flatnonzero(~missing & ~bad)
-  if len(rows):
-    start, length = offsets[:-1][rows], lengths[rows]
-    width = int(length.max())
-    # Up to 8 digits fit 32 bits, which are quicker to shift.
-    dtype = np.uint32 if width <= 8 else np.uint64
-    out = np.zeros(len(rows), dtype)
-    wrong = np.zeros(len(rows), bool)
-    four = dtype(4)
-    for j in range(width):
-      live = length > j
-      digit = _HEX_DIGITS[data[np.where(live, start + j, 0)]]
-      wrong |= live & (digit == 255)
-      step = (out << four) | digit.astype(dtype)
-      np.copyto(out, step, where=live)
-    out[wrong] = 0
-    values[rows] = out
-    bad[rows[wrong]] = True
-  return values, bad, missing
+  present = lengths > 0
+  if arr.null_count:
+    present &= _valid(arr)
+  m = int(np.count_nonzero(present))
+  if not m:
+    return out, bad
+  top = int(lengths.max())
+  width = 8 if top <= 8 else 16
+  if top == width and offsets[-1] - offsets[0] == width * m and (
+      np.count_nonzero(lengths == width) == m):
+    # Every present value has W digits and every other is empty.
+    rows = present
+    chars = data[offsets[0]:offsets[-1]]
+  else:
+    bad = present & (lengths > 16)
+    rows = np.flatnonzero(present & ~bad)
+    if not rows.size:
+      return out, bad
+    k = np.arange(width)
+    pad = k[None, :] < (width - lengths[rows])[:, None]
+    idx = np.where(pad, 0, offsets[rows + 1][:, None] - width + k[None, :])
+    chars = np.where(pad, np.uint8(ord('0')), data[idx]).astype(
+        np.uint8).reshape(-1)
+  pairs = criteo._HEX_PAIR.take(chars.view('<u2')).reshape(-1, width // 2)  # pylint: disable=protected-access
+  number = pairs.astype(np.uint8).view(f'>u{width // 2}').reshape(-1)
+  values = number.astype(np.int64) if width == 8 else fold64(
+      number.astype(np.uint64).view(np.int64))
+  if pairs.min() < 0:
+    wrong = (pairs < 0).any(axis=1)
+    values[wrong] = -1
+    bad[rows] |= wrong
+  out[rows] = values
+  return out, bad
 
 
 def encode_bag(arr: pa.Array, read: ColumnRead
@@ -806,49 +929,75 @@ class TableSource:
       else:
         yield from self._text(p, quiet)
 
-  def _text(self, p: criteo.FileRange, quiet: bool):
+  def text_reader(self, p: criteo.FileRange, on_invalid=None):
+    """pyarrow's streaming CSV reader of a text piece, as `iter_rows` reads
+    it: the columns to read, as strings, one thread.
+
+    Args:
+      p: the piece.
+      on_invalid: pyarrow's invalid-row handler; None: pyarrow's error.
+
+    Returns:
+      The reader.
+
+    Raises:
+      pa.ArrowInvalid: if pyarrow cannot start reading (an empty file, say).
+    """
     fmt = self.spec.format
-    header = self._header_lines(p)
-    rows = _Rows(header)
-    cols = self._columns_to_read()
-    policy = self.bad_lines
-
-    def on_invalid(row):
-      rows.dropped.append((row.number, row.actual_columns, row.text))
-      return 'skip'
-
     stream = p.stream()
     source = stream if stream is not None else criteo.open_file(p.path)
+    return pa_csv.open_csv(
+        _Readable(source),
+        read_options=pa_csv.ReadOptions(
+            column_names=list(self._names), skip_rows=self._header_lines(p),
+            block_size=_BLOCK_BYTES, use_threads=False,
+            encoding=fmt.encoding),
+        parse_options=pa_csv.ParseOptions(
+            delimiter=fmt.sep(p.path), quote_char=fmt.quote_char or False,
+            newlines_in_values=False, ignore_empty_lines=False,
+            invalid_row_handler=on_invalid),
+        convert_options=pa_csv.ConvertOptions(
+            column_types={c: pa.string() for c in self._names},
+            include_columns=self._columns_to_read(), strings_can_be_null=True,
+            null_values=['']))
+
+  def _text(self, p: criteo.FileRange, quiet: bool):
+    rows = _Rows(self._header_lines(p))
+    dropped = []  # by pyarrow's handler, in the reading thread
+
+    def on_invalid(row):
+      dropped.append((row.number, row.actual_columns, row.text))
+      return 'skip'
+
     try:
-      reader = pa_csv.open_csv(
-          _Readable(source),
-          read_options=pa_csv.ReadOptions(
-              column_names=list(self._names), skip_rows=header,
-              block_size=_BLOCK_BYTES, use_threads=False,
-              encoding=fmt.encoding),
-          parse_options=pa_csv.ParseOptions(
-              delimiter=fmt.sep(p.path), quote_char=fmt.quote_char or False,
-              newlines_in_values=False, ignore_empty_lines=False,
-              invalid_row_handler=on_invalid),
-          convert_options=pa_csv.ConvertOptions(
-              column_types={c: pa.string() for c in self._names},
-              include_columns=cols, strings_can_be_null=True,
-              null_values=['']))
+      reader = self.text_reader(p, on_invalid)
     except pa.ArrowInvalid as e:
       if 'Empty CSV file' in str(e):
         return
       raise criteo.MalformedLineError(f'{p.name}: cannot be read: {e}') from e
+    ahead = _ReadAhead(reader, dropped)
+    try:
+      yield from self._text_batches(p, quiet, rows, ahead, dropped)
+    finally:
+      ahead.close()
+
+  def _text_batches(self, p, quiet, rows, ahead, dropped):
+    """`_text`'s loop: each batch with the drops known when pyarrow gave
+    it, as if read in this thread."""
     reported = 0
     self._counted_drops = 0
     while True:
-      try:
-        batch = reader.read_next_batch()
-      except StopIteration:
+      batch, error, known = ahead.next()
+      rows.dropped.extend(dropped[len(rows.dropped):known])
+      if isinstance(error, StopIteration):
         break
-      except pa.ArrowInvalid as e:
+      if isinstance(error, pa.ArrowInvalid):
         raise criteo.MalformedLineError(
             f'{p.name}: cannot be parsed near line'
-            f' {int(rows.lines(np.array([rows.valid]))[0])}: {e}') from e
+            f' {int(rows.lines(np.array([rows.valid]))[0])}: {error}'
+        ) from error
+      if error is not None:
+        raise error
       # Rows dropped for their field count, up to this batch's end.
       n = batch.num_rows
       if self.counter is not None and not quiet:
@@ -933,6 +1082,8 @@ class TableSource:
 
     def note(mask, column, reason):
       nonlocal bad
+      if not mask.any():
+        return
       for i in np.flatnonzero(mask & ~bad):
         why[int(i)] = (column, reason)
       bad = bad | mask
@@ -970,6 +1121,47 @@ class TableSource:
     if r.is_bag or pa.types.is_list(arrays[0].type):
       return encode_bag(arrays[0], r)
     return encode(arrays[0], r.kind)
+
+
+class _ReadAhead:
+  """Reads a pyarrow batch reader one batch ahead, in a worker thread.
+
+  pyarrow parses the next block (without the GIL) while the caller encodes
+  this one. Each batch comes with the number of rows the invalid-row
+  handler had dropped when pyarrow returned it, so the caller sees the
+  drops as a reader in its own thread would; an error or the end comes in
+  its place in the order. The worker is a `concurrent.futures` thread, which
+  the interpreter waits for at exit (one read at most), never leaving
+  pyarrow mid-parse.
+
+  Args:
+    reader: the pyarrow reader.
+    dropped: the list that the reader's invalid-row handler appends to.
+  """
+
+  def __init__(self, reader, dropped: list):
+    self._reader, self._dropped = reader, dropped
+    self._pool = futures.ThreadPoolExecutor(
+        1, thread_name_prefix='table-read-ahead')
+    self._next = self._pool.submit(self._read)
+
+  def _read(self) -> tuple[pa.RecordBatch | None, BaseException | None, int]:
+    try:
+      batch, error = self._reader.read_next_batch(), None
+    except BaseException as e:  # pylint: disable=broad-except
+      batch, error = None, e  # StopIteration at the end
+    return batch, error, len(self._dropped)
+
+  def next(self) -> tuple[pa.RecordBatch | None, BaseException | None, int]:
+    """The next `(batch, error, rows dropped so far)`; error or batch None."""
+    item = self._next.result()
+    if item[1] is None:
+      self._next = self._pool.submit(self._read)
+    return item
+
+  def close(self) -> None:
+    """Stops reading ahead (a read under way ends in the worker)."""
+    self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _Readable(io.RawIOBase):
