@@ -27,7 +27,7 @@ os.environ.setdefault('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
   os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=8'
 # Eight fake devices share two loaded cores under xdist: XLA:CPU aborts the
-# process when a collective's rendezvous waits 40 s (its default) for one of
+# process when a collective's rendezvous waits past its default timeout for one of
 # them, which a busy CI machine can exceed without anything being wrong.
 if 'collective_call_terminate_timeout' not in os.environ['XLA_FLAGS']:
   os.environ['XLA_FLAGS'] += (
