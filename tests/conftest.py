@@ -27,8 +27,8 @@ os.environ.setdefault('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
   os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=8'
 # Eight fake devices share two loaded cores under xdist: XLA:CPU aborts the
-# process when a collective's rendezvous waits past its default timeout for one of
-# them, which a busy CI machine can exceed without anything being wrong.
+# process when a collective's rendezvous waits past its default timeout for
+# one of them, which a busy CI machine can exceed with nothing wrong.
 if 'collective_call_terminate_timeout' not in os.environ['XLA_FLAGS']:
   os.environ['XLA_FLAGS'] += (
       ' --xla_cpu_collective_call_terminate_timeout_seconds=600')
