@@ -69,6 +69,10 @@ def _upper_from_flat(z: jax.Array, n: int, self_interaction: bool
 def _triangle(x: jax.Array, self_interaction: bool) -> jax.Array:
   """`[B, N, D]` -> `[B, P]`: the upper triangle of each `X Xᵀ`, row major."""
   b, n, _ = x.shape
+  # Both operands read in place. A materialized Xᵀ (as before issue 24)
+  # suits XLA:CPU's batched matmul better, but its copy re-fuses the
+  # embedding gather's mask and leaves the gather bare and slow
+  # (`exchange.gather_rows`), which cost more than it saved.
   gram = jnp.einsum('bnd,bmd->bnm', x, x)
   idx = triangle_indices(n, self_interaction)
   return jnp.take(gram.reshape(b, n * n), jnp.asarray(idx), axis=1,
