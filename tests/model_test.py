@@ -294,6 +294,33 @@ class ConfigErrorTest(parameterized.TestCase):
 
 class TerabyteConfigTest(absltest.TestCase):
 
+  def test_refuses_to_allocate_what_cannot_fit(self):
+    # Issue 25: on a host short of memory, init_state stops before
+    # allocating, with one line naming the need and the largest tables.
+    from unittest import mock  # pylint: disable=g-import-not-at-top
+    from dlrm_jax.embedding.sharding import planner  # pylint: disable=g-import-not-at-top
+    from dlrm_jax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+    config = criteo_config.get_config('terabyte')
+    mesh = jax.make_mesh((1, 1), ('data', 'model'),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                         devices=jax.devices()[:1])
+    trainer = trainer_lib.Trainer(config, mesh=mesh)
+    need = sum(planner.table_bytes(t) for t in trainer.spec.tables)
+    allocate = mock.patch.object(  # fails cleanly if it got that far
+        trainer.engine, 'init',
+        side_effect=AssertionError('init_state allocated the tables'))
+    with allocate, mock.patch.object(planner, 'host_available_bytes',
+                                     return_value=need - 1):
+      with self.assertRaisesRegex(
+          ValueError, r'need 24\.\d GiB of host memory for 1 CPU device\(s\),'
+          r' more than .* \(largest tables: cat_\d+ \(4\.8 GiB\).*'
+          r'rowwise_adagrad'):
+        trainer.init_state(0)
+    tiny = trainer_lib.Trainer(criteo_config.get_config('tiny'), mesh=mesh)
+    with mock.patch.object(planner, 'host_available_bytes',
+                           return_value=need - 1):
+      tiny.check_memory()  # a few MB: passes
+
   def test_builds_abstractly(self):
     from dlrm_jax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
     config = criteo_config.get_config('terabyte')

@@ -270,6 +270,38 @@ class Trainer:
         rng=jax.ShapeDtypeStruct(key.shape, key.dtype,
                                  sharding=self._replicated))
 
+  def check_memory(self) -> None:
+    """Refuses, before allocating, tables that this process cannot hold.
+
+    On an accelerator each local device must hold its shard in its own
+    memory (`memory_stats()['bytes_limit']`); on CPU the local devices share
+    the host's available memory. Unknown limits pass. The dense parameters
+    and activations are small next to such tables and are not counted.
+
+    Raises:
+      ValueError: one line naming the need, the memory and the largest
+        tables (`planner.check_fits`).
+    """
+    model_axis = list(self.mesh.axis_names).index(parallel.MODEL)
+    shard_of = {d.id: int(i[model_axis])
+                for i, d in np.ndenumerate(self.mesh.devices)}
+    local = [d for d in self.mesh.devices.flat
+             if d.process_index == jax.process_index()]
+    cpu = [d for d in local if d.platform == 'cpu']
+    if cpu:
+      available = plan_lib.host_available_bytes()
+      if available is not None:
+        plan_lib.check_fits(self.plan, self.spec.tables,
+                            [shard_of[d.id] for d in cpu], available,
+                            f'host memory for {len(cpu)} CPU device(s)')
+    for d in local:
+      if d.platform == 'cpu':
+        continue
+      stats = d.memory_stats() or {}
+      if 'bytes_limit' in stats:
+        plan_lib.check_fits(self.plan, self.spec.tables, [shard_of[d.id]],
+                            stats['bytes_limit'], f'{d.device_kind} {d.id}')
+
   def init_state(self, seed: int) -> TrainState:
     """Makes a fresh train state at step 0.
 
@@ -278,7 +310,11 @@ class Trainer:
 
     Returns:
       The state, on the mesh.
+
+    Raises:
+      ValueError: if the tables cannot fit (`check_memory`).
     """
+    self.check_memory()
     key = jax.random.key(seed)
     k_dense, k_emb, k_rng = jax.random.split(key, 3)
     rep = self.state_shardings()
@@ -313,6 +349,7 @@ class Trainer:
     Raises:
       IncompatibleCheckpointError: the model signature differs.
       DamagedCheckpointError: the arrays differ from their fingerprints.
+      ValueError: if the tables cannot fit (`check_memory`).
     """
     state, meta = self._restore_state(ckpt, step)
     if data_iter is not None:
@@ -327,6 +364,7 @@ class Trainer:
     # A config mismatch is named as one before the saved plan is read (it may
     # not place this config's tables).
     ckpt.check_signature(step, meta, self.signature())
+    self.check_memory()
     saved = plan_lib.Plan.from_json(meta['plan'])
     abstract = self.abstract_state()
     if saved == self.plan:

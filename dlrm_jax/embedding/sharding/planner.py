@@ -440,6 +440,54 @@ def _check_device_memory(plan, tables, device_memory_bytes) -> None:
         ' smaller tables, bfloat16 storage or rowwise_adagrad.')
 
 
+def host_available_bytes() -> int | None:
+  """The host memory available to new allocations (Linux's MemAvailable).
+
+  Returns:
+    Bytes, or None where /proc/meminfo does not say.
+  """
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def check_fits(plan: Plan, tables: Sequence[TableSpec],
+               shards: Sequence[int], budget_bytes: float,
+               budget_name: str) -> None:
+  """Refuses a plan whose tables cannot be allocated, before allocating.
+
+  Args:
+    plan: the plan.
+    tables: its tables.
+    shards: the model shard of each device that shares the budget: one
+      entry for a device's own memory, every local device for host memory.
+    budget_bytes: the memory they share.
+    budget_name: what the memory is, for the message.
+
+  Raises:
+    ValueError: one line, if the tables and their optimizer state need more
+      than `budget_bytes`: the need, the budget, the largest tables and the
+      ways out.
+  """
+  per_shard = plan_bytes_per_device(plan, tables)
+  need = float(sum(per_shard[s] for s in shards))
+  if need <= budget_bytes:
+    return
+  largest = sorted(tables, key=table_bytes, reverse=True)[:3]
+  names = ', '.join(f'{t.name} ({_human(table_bytes(t))})' for t in largest)
+  raise ValueError(
+      f'the embedding tables and their optimizer state need {_human(need)}'
+      f' of {budget_name}, more than the {_human(budget_bytes)} available'
+      f' (largest tables: {names}); use more devices or hosts'
+      ' (config.mesh), smaller num_buckets, config.embedding.dtype='
+      "'bfloat16' or config.embedding.optimizer.kind='rowwise_adagrad'.")
+
+
 def plan_bytes_per_device(plan: Plan, tables: Sequence[TableSpec]) -> np.ndarray:
   """Counts the bytes that each model shard holds under a plan.
 
