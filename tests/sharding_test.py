@@ -232,8 +232,9 @@ class BucketizedShardingTest(parameterized.TestCase):
 
   Steps 0 and 2 draw ids uniformly (capacity blocks); step 1 sends every id
   of a table to one shard, which overflows the blocks and takes the
-  worst-case branch (on a 2 x 4 mesh only the first data row's examples do:
-  its model group takes one branch, the other group the other). Single-id
+  worst-case branch (on a 2 x 4 mesh only the first data row's examples
+  overflow, and the mesh-wide flag sends both model groups to the worst
+  case). Single-id
   bags are bit-for-bit equal (with data replicas, until the first update).
   """
 
@@ -266,7 +267,7 @@ class BucketizedShardingTest(parameterized.TestCase):
       most = most_ids_to_one_shard(parts[0], ids, _BUCKET_B_L)
       if step == 1:
         self.assertGreater(most, cap)  # the worst-case branch
-        if mesh_shape[0] > 1:  # the other data row's group: capacity
+        if mesh_shape[0] > 1:  # the other group alone would fit
           self.assertLessEqual(
               most_ids_to_one_shard(parts[0], ids[rows:], _BUCKET_B_L), cap)
       else:

@@ -36,8 +36,8 @@ the plan's placement of a segment's table picks it (`EXCHANGES`,
              partial bag per bag and owner) and a second `all_to_all` sends
              `[S * bag_cap, W]` partial bags back, summed by the requester.
              `cap` and `bag_cap` are the expected loads plus a slack
-             (`planner.bucket_capacity`); if any device of the model group
-             would overflow a block, a psum'ed flag makes all of them take
+             (`planner.bucket_capacity`); if any device of the mesh would
+             overflow a block, a psum'ed flag makes all of them take
              the `lax.cond` branch with worst-case blocks instead, so the
              result never depends on the ids' distribution.
     update   the transpose: the partial bags' gradients go to the owners by
@@ -832,9 +832,9 @@ class BucketizedExchange(SegmentExchange):
   so `bag_cap` is `cap`.
 
   Fallback. Each sender counts what it sends each destination; the counts
-  over the blocks set a flag, psum'ed over 'model', so every device of the
-  model group sees the same value and `lax.cond` takes the same branch on
-  all of them: either the capacity blocks or blocks of the worst case
+  over the blocks set a flag, psum'ed over the whole mesh, so every device
+  sees the same value and `lax.cond` takes the same branch on all of them
+  (the update's branch also holds the replicas' collectives over 'data'): either the capacity blocks or blocks of the worst case
   (`B_l L` ids, `B_l K` partial bags: every id on one shard), which always
   fit. Both branches compute the same sums, so the result does not depend
   on the ids' distribution. Where the capacity already reaches the worst
@@ -1139,18 +1139,22 @@ class BucketizedExchange(SegmentExchange):
 
 
 def overflow(comm: Comm, flags: Sequence[jax.Array]) -> jax.Array:
-  """Whether any device of the model group overflows a bucketized block.
+  """Whether any device of the mesh overflows a bucketized block.
+
+  The flag is summed over the whole mesh, not only the model group: the
+  update's branch holds collectives over 'data' too (the replicas'
+  combine), which must pair devices that take the same branch.
 
   Args:
     comm: the mesh's collectives.
     flags: this device's bool scalars, one per block kind.
 
   Returns:
-    A bool scalar, the same on every device of the model group, so a
-    `lax.cond` on it takes the same branch on all of them.
+    A bool scalar, the same on every device, so a `lax.cond` on it takes
+    the same branch on all of them.
   """
   over = functools.reduce(jnp.logical_or, flags)
-  return comm.psum(over.astype(jnp.int32), MODEL) > 0
+  return comm.psum(over.astype(jnp.int32), BATCH_AXES) > 0
 
 
 def in_fallback_scope(fn):
