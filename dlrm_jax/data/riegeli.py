@@ -164,7 +164,9 @@ def highway_hash(data: np.ndarray) -> np.ndarray:
   return out
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+  """Protobuf/Riegeli varint of an int64. Negatives: their 64-bit complement."""
+  value &= (1 << 64) - 1
   out = bytearray()
   while value >= 0x80:
     out.append(value & 0x7f | 0x80)
@@ -218,7 +220,7 @@ class DirectShard:
     self.record_bytes = record_bytes
     self._data = data
     self._prefix = np.frombuffer(
-        b'\0' + _varint(len(_varint(record_bytes))) + _varint(record_bytes),
+        b'\0' + varint(len(varint(record_bytes))) + varint(record_bytes),
         np.uint8)
     self._data_size = len(self._prefix) + record_bytes
     self._chunk = CHUNK_HEADER + self._data_size

@@ -98,20 +98,10 @@ _BYTES_LIST = 1
 _INT64_LIST = 3
 
 
-def _varint(value: int) -> bytes:
-  """Protobuf varint of an int64. Negatives become their 64-bit complement."""
-  value &= (1 << 64) - 1
-  out = bytearray()
-  while value >= 0x80:
-    out.append(value & 0x7f | 0x80)
-    value >>= 7
-  out.append(value)
-  return bytes(out)
-
-
 def _field(number: int, payload: bytes) -> bytes:
   """A length-delimited protobuf field."""
-  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+  return (riegeli.varint(number << 3 | 2) + riegeli.varint(len(payload))
+          + payload)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +132,7 @@ class _Layout:
 
 def _make_layout(labeled: bool) -> _Layout:
   """The layout of labeled records, label 0 or 1, or unlabeled ones, -1."""
-  label = _varint(0 if labeled else _UNLABELED)
+  label = riegeli.varint(0 if labeled else _UNLABELED)
   # Map entries in key order. (TFDS's own serializer writes them in the
   # order of its protobuf map, which is not specified; any order parses.)
   values = (('cat', _BYTES_LIST, bytes(_CAT_BYTES)),
