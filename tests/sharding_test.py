@@ -321,6 +321,20 @@ class BucketizedShardingTest(parameterized.TestCase):
           for p in plan.placements)), tables)
 
 
+def step_hlo(engine, mesh, b_l):
+  """The optimized HLO of a lookup and update at `b_l` examples per device."""
+
+  def step(state, ids):
+    embs, _ = engine.lookup(state['stacks'], ids)
+    return engine.apply_gradients(state, ids, [jnp.sin(e) for e in embs],
+                                  jnp.int32(0))
+
+  ids = jax.ShapeDtypeStruct(
+      (b_l * 8, engine.num_id_columns), jnp.int32,
+      sharding=jax.sharding.NamedSharding(mesh, engine.ids_spec()))
+  return jax.jit(step).lower(engine.abstract_state(), ids).compile().as_text()
+
+
 class ExchangeHloTest(parameterized.TestCase):
   """The compiled exchange moves what the all-to-all design says, no more."""
 
@@ -332,18 +346,8 @@ class ExchangeHloTest(parameterized.TestCase):
     engine = EmbeddingEngine(tables, features, mesh,
                              uniform_plan(tables, 'table_wise', s))
 
-    def step(state, ids):
-      embs, _ = engine.lookup(state['stacks'], ids)
-      return engine.apply_gradients(state, ids, [jnp.sin(e) for e in embs],
-                                    jnp.int32(0))
-
     b_l = 4
-    ids = jax.ShapeDtypeStruct(
-        (b_l * 8, engine.num_id_columns), jnp.int32,
-        sharding=jax.sharding.NamedSharding(mesh, engine.ids_spec()))
-    hlo = jax.jit(step).lower(engine.abstract_state(),
-                              ids).compile().as_text()
-    found = comm_volume.collective_bytes(hlo, 8)
+    found = comm_volume.collective_bytes(step_hlo(engine, mesh, b_l), 8)
     emb = [(kind, x, n) for where, kind, x, n, _ in found['ops']
            if where == 'emb']
     # Ids (int32) to the owners, pooled sums back and their gradients to the
@@ -380,18 +384,8 @@ class ExchangeHloTest(parameterized.TestCase):
                              uniform_plan(tables, strategy, 8))
     (part,) = bucketized_parts(engine)
 
-    def step(state, ids):
-      embs, _ = engine.lookup(state['stacks'], ids)
-      return engine.apply_gradients(state, ids, [jnp.sin(e) for e in embs],
-                                    jnp.int32(0))
-
     b_l = _BUCKET_B_L
-    ids = jax.ShapeDtypeStruct(
-        (b_l * 8, engine.num_id_columns), jnp.int32,
-        sharding=jax.sharding.NamedSharding(mesh, engine.ids_spec()))
-    hlo = jax.jit(step).lower(engine.abstract_state(),
-                              ids).compile().as_text()
-    found = comm_volume.collective_bytes(hlo, 8)
+    found = comm_volume.collective_bytes(step_hlo(engine, mesh, b_l), 8)
     cap, bag_cap, worst, worst_bags = part.capacities(b_l)
     self.assertLess(cap, worst)
     # Per branch: the ids to their owners (lookup and update, int32
