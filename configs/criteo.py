@@ -270,6 +270,14 @@ def get_config(arg=None):
   config.embedding.replicate_bytes = 1 << 20  # auto: replicate tables this small
   config.embedding.row_group_size = 0  # >0: big tables row-wise over groups this size
   config.embedding.device_memory_gb = config_dict.placeholder(float)  # auto: budget
+  # Tables larger than device memory: `cached` tables keep all rows (and
+  # optimizer state) in a host store and a cache of hot rows on the devices.
+  config.embedding.cache = config_dict.ConfigDict()
+  config.embedding.cache.tables = ''         # cached tables: comma-separated, 'all', or '' (none)
+  config.embedding.cache.fraction = 0.2      # cache rows per cached table, as a share of its rows
+  config.embedding.cache.rows = config_dict.placeholder(int)  # or this many cache rows each
+  config.embedding.cache.directory = 'store'  # store memmap files (relative: in the workdir); '': RAM
+  config.embedding.cache.min_hit_rate = 0.5  # warn when a log window's hit rate is below this
 
   # ----- Dense optimizer -----------------------------------------------------
   config.optimizer = config_dict.ConfigDict()

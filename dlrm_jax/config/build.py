@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import importlib.util
 import os
 from typing import Any, Mapping, Sequence
@@ -24,6 +25,7 @@ from absl import logging
 from ml_collections import config_dict
 
 from dlrm_jax.config import checks
+from dlrm_jax.config import spec as spec_lib
 from dlrm_jax.config.spec import (DataSpec, DenseOptimizerSpec, LoopSpec,
                                   MeshSpec, ModelSetup, RunSpec,
                                   ShardingRequest)
@@ -332,6 +334,40 @@ def build_sharding_request(config, table_names: Sequence[str]
       device_memory_gb=e.device_memory_gb)
 
 
+def build_cache_request(config, tables) -> spec_lib.CacheRequest:
+  """`config.embedding.cache`: which tables are cached, and their cache rows.
+
+  Args:
+    config: the config.
+    tables: the table specs.
+
+  Returns:
+    The request. A table's cache rows are `cache.rows`, else
+    `ceil(cache.fraction * rows)`, at most its rows.
+
+  Raises:
+    ValueError: naming the field (`checks.check_cache`).
+  """
+  e = config.embedding
+  cfg = e.get('cache') if hasattr(e, 'get') else None
+  if cfg is None or not cfg.get('tables'):
+    return spec_lib.CacheRequest()
+  checks.check_cache(cfg, tables)
+  names = ([t.name for t in tables] if cfg.tables == 'all' else
+           [n.strip() for n in cfg.tables.split(',') if n.strip()])
+  by_name = {t.name: t for t in tables}
+  rows = []
+  for n in names:
+    r = by_name[n].num_rows
+    c = cfg.rows if cfg.get('rows') is not None else math.ceil(
+        cfg.fraction * r)
+    rows.append((n, int(min(max(c, 1), r))))
+  return spec_lib.CacheRequest(rows=tuple(rows),
+                               directory=cfg.get('directory') or '',
+                               min_hit_rate=float(cfg.get('min_hit_rate',
+                                                          0.5)))
+
+
 # ----- Mesh, dense optimizer, data, loop, admission ---------------------------
 
 
@@ -538,10 +574,13 @@ def build(config) -> RunSpec:
       `config.checks`.
   """
   model = build_model(config)
+  sharding = build_sharding_request(config, [t.name for t in model.tables])
+  sharding = dataclasses.replace(
+      sharding, cache=build_cache_request(config, model.tables))
   return RunSpec(
       **{f.name: getattr(model, f.name)
          for f in dataclasses.fields(ModelSetup)},
-      sharding=build_sharding_request(config, [t.name for t in model.tables]),
+      sharding=sharding,
       mesh=build_mesh(config),
       dense_optimizer=build_dense_optimizer_spec(config.optimizer),
       data=build_data(config, model.transform.dense + model.transform.sparse),

@@ -623,6 +623,45 @@ def check_dense_optimizer(cfg: Mapping[str, Any]) -> None:
       raise ValueError(f'{path}.{k} ({float(cfg[k])}) must be >= 0.')
 
 
+def check_cache(cache, tables) -> None:
+  """Checks `config.embedding.cache` (tables placed `cached`).
+
+  Args:
+    cache: `config.embedding.cache`, with `tables` set.
+    tables: the table specs.
+
+  Raises:
+    ValueError: naming the field: an unknown table, a fraction outside
+      (0, 1], rows below 1, a hit rate outside [0, 1], or a table that
+      cannot be cached (not float32).
+  """
+  by_name = {t.name: t for t in tables}
+  names = (list(by_name) if cache['tables'] == 'all' else
+           [n.strip() for n in cache['tables'].split(',') if n.strip()])
+  for n in names:
+    if n not in by_name:
+      raise ValueError(
+          f'config.embedding.cache.tables names unknown table {n!r}; the'
+          f' tables are {sorted(by_name)} (or use \'all\').')
+    if by_name[n].dtype != 'float32':
+      raise ValueError(
+          f'config.embedding.cache.tables: table {n!r} is'
+          f' {by_name[n].dtype}; cached tables must be float32.')
+  fraction = cache.get('fraction', 0.2)
+  if not (_is_number(fraction) and 0 < fraction <= 1):
+    raise ValueError(
+        f'config.embedding.cache.fraction ({fraction!r}) must be in (0, 1].')
+  rows = cache.get('rows')
+  if rows is not None and not (_is_int(rows) and rows >= 1):
+    raise ValueError(
+        f'config.embedding.cache.rows ({rows!r}) must be an integer, at'
+        ' least 1, or None (use the fraction).')
+  hit = cache.get('min_hit_rate', 0.5)
+  if not (_is_number(hit) and 0 <= hit <= 1):
+    raise ValueError(
+        f'config.embedding.cache.min_hit_rate ({hit!r}) must be in [0, 1].')
+
+
 def check_sharding(config, table_names: Iterable[str]) -> None:
   """Checks what `config.embedding` asks of the sharding planner.
 

@@ -106,6 +106,23 @@ class MeshSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class CacheRequest:
+  """`config.embedding.cache`: tables placed `cached` (`embedding.cache`).
+
+  Attributes:
+    rows: (table, cache rows) pairs, one per cached table.
+    directory: where the stores' memmap files live: absolute, or relative
+      to the workdir. '' keeps the stores in host memory.
+    min_hit_rate: a warning is logged when a table's hit rate over a log
+      window is below this.
+  """
+
+  rows: tuple[tuple[str, int], ...] = ()
+  directory: str = ''
+  min_hit_rate: float = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
 class ShardingRequest:
   """What `config.embedding` asks of the sharding planner.
 
@@ -119,6 +136,7 @@ class ShardingRequest:
     replicate_bytes: auto: tables this small are replicated.
     row_group_size: >0: big tables row-wise over groups of this size.
     device_memory_gb: auto: the per-device budget; None: none.
+    cache: the tables placed `cached`, with their cache sizes.
   """
 
   strategy: str
@@ -126,6 +144,7 @@ class ShardingRequest:
   replicate_bytes: int
   row_group_size: int
   device_memory_gb: float | None
+  cache: CacheRequest = CacheRequest()
 
 
 @dataclasses.dataclass(frozen=True)

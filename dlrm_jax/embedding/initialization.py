@@ -41,6 +41,54 @@ def hash_uniform(seed: jax.Array, row: jax.Array, col: jax.Array
   return (z >> 8).astype(jnp.float32) * np.float32(2.0**-23) - 1.0
 
 
+def element_values(seed: jax.Array, kind: jax.Array, scale: jax.Array,
+                   row: jax.Array, col: jax.Array) -> jax.Array:
+  """The float32 initial value of elements of tables.
+
+  Args:
+    seed: uint32 seeds of the elements' tables (`table_seeds`).
+    kind: int32 index of each table's initializer in
+      `specs.INITIALIZERS`.
+    scale: float32 scale of each table (`TableSpec.scale`).
+    row: uint32 logical rows.
+    col: uint32 logical columns.
+
+  Returns:
+    float32 values, of the broadcast shape of the inputs.
+  """
+  u = hash_uniform(seed, row, col)
+  sqrt2 = np.float32(math.sqrt(2.0))
+  trunc = np.float32(math.erf(2.0 / math.sqrt(2.0)))
+  normal = sqrt2 * jax.scipy.special.erfinv(u * 0.999999)
+  tnormal = sqrt2 * jax.scipy.special.erfinv(u * trunc)
+  return jnp.select([kind == 0, kind == 1, kind == 2], [u, normal, tnormal],
+                    jnp.zeros_like(u)) * scale
+
+
+def table_rows(seed: jax.Array, table: TableSpec, row_start: jax.Array,
+               num_rows: int) -> jax.Array:
+  """Initial rows of one logical table, as `init` makes them on devices.
+
+  Args:
+    seed: the table's uint32 seed, `table_seeds(key, T)[t]` for its index t.
+    table: its spec. Its `scale` and `initializer` count.
+    row_start: the first row, a traced int32 scalar (one compile for every
+      chunk of a table).
+    num_rows: the rows to make, static.
+
+  Returns:
+    `[num_rows, D]` float32 values, rounded to the table's dtype and back
+    (the logical values `table_access.get_table` reads).
+  """
+  row = (row_start + jnp.arange(num_rows, dtype=jnp.int32)).astype(
+      jnp.uint32)
+  col = jnp.arange(table.dim, dtype=jnp.uint32)
+  kind = jnp.int32(specs_lib.INITIALIZERS.index(table.initializer))
+  val = element_values(seed, kind, jnp.float32(table.scale), row[:, None],
+                       col[None, :])
+  return val.astype(jnp.dtype(table.dtype)).astype(jnp.float32)
+
+
 def piece_tables(stack: plan_lib.Stack, tables: Sequence[TableSpec],
                  num_shards: int) -> dict[str, np.ndarray]:
   """Lists the pieces each device holds of a stack, as arrays.
@@ -116,8 +164,6 @@ def init_stack_local(stack: plan_lib.Stack, tables: Sequence[TableSpec],
       np.int32))
   scales = jnp.asarray(np.array([t.scale for t in tables], np.float32))
   width, dtype = stack.width, jnp.dtype(stack.dtype)
-  sqrt2 = np.float32(math.sqrt(2.0))
-  trunc = np.float32(math.erf(2.0 / math.sqrt(2.0)))
 
   def rows_values(j):  # [n] local rows -> [n, W]
     p = piece_at(piece, j)
@@ -127,12 +173,8 @@ def init_stack_local(stack: plan_lib.Stack, tables: Sequence[TableSpec],
     row = (piece['row_start'][p] + r).astype(jnp.uint32)
     col = (piece['col_start'][p][:, None] +
            jnp.arange(width, dtype=jnp.int32)[None, :]).astype(jnp.uint32)
-    u = hash_uniform(seeds[t][:, None], row[:, None], col)
-    kind = kinds[t][:, None]
-    normal = sqrt2 * jax.scipy.special.erfinv(u * 0.999999)
-    tnormal = sqrt2 * jax.scipy.special.erfinv(u * trunc)
-    val = jnp.select([kind == 0, kind == 1, kind == 2], [u, normal, tnormal],
-                     jnp.zeros_like(u)) * scales[t][:, None]
+    val = element_values(seeds[t][:, None], kinds[t][:, None],
+                         scales[t][:, None], row[:, None], col)
     return rounding.to_storage(
         jnp.where(valid[:, None], val, 0.0).astype(dtype), dtype)
 

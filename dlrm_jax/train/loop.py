@@ -26,6 +26,8 @@ import datetime
 import functools
 import json
 import os
+import itertools
+import shutil
 import signal
 import threading
 import time
@@ -39,6 +41,7 @@ from jax.experimental import multihost_utils
 
 from dlrm_jax.config import build as config_lib
 from dlrm_jax.data import inputs
+from dlrm_jax.embedding import cache as cache_lib
 from dlrm_jax.embedding.ids.host_state import HostState
 from dlrm_jax.embedding.sharding import planner as plan_lib
 from dlrm_jax.train import checkpoint as ckpt_lib
@@ -458,6 +461,11 @@ class _Run:
           data.train.iterator()))
       stopper = early_stopping.EarlyStopping(loop.early_stopping)
       host = trainer.new_host_state(spec)
+      if trainer.cached and best is not None:
+        raise ValueError(
+            'config.keep_best_metric: a best checkpoint is not kept for'
+            ' cached tables (config.embedding.cache.tables) yet; unset one.')
+      trainer.attach_store(workdir)
       step, state, meta = _resume(trainer, ckpt, data_iter, host, loop.seed)
       if meta is not None:
         stopper.load_state_dict(meta.get('early_stopping'))
@@ -525,11 +533,16 @@ class _Run:
     acc = trainer.zero_metrics()
     throughput = Throughput(step, self.end, loop.batch_size)
     window_start = step
+    feed = (_CachedFeed(self, step) if trainer.cached else None)
+    self._feed = feed
     try:
       while step < self.end:
-        host_batch = next(self.data_iter)
-        recorder.record(step + 1, host_batch)
-        host_batch = self.host.train(host_batch, step)  # in step order
+        if feed is None:
+          host_batch = next(self.data_iter)
+          recorder.record(step + 1, host_batch)
+          host_batch = self.host.train(host_batch, step)  # in step order
+        else:  # mapped to cache slots, the rows swapped in
+          host_batch = feed.next(recorder, step)
         self.state, acc = trainer.train_step(
             self.state, trainer.put_batch(host_batch), acc)
         step += 1
@@ -554,6 +567,8 @@ class _Run:
           if ended_by is not None:
             self.end, self.ended_by = step, ended_by
             break
+        if feed is not None:
+          feed.after_step()
         signum = stop.requested(do_log)
         if signum:
           if not saved:
@@ -567,14 +582,51 @@ class _Run:
               ' same command again to resume.', signum, step)
     finally:
       recorder.close()
+      if feed is not None:
+        feed.close()
+        self._feed = None
 
   def _log_train(self, step: int, host_acc, throughput: Throughput) -> None:
     self.last_loss = float(host_acc['loss_sum']) / int(host_acc['steps'])
     rate, eta = throughput.rate(step)
-    logging.info('step %d/%d | %s ex/s | loss %.4f | eta %s', step, self.end,
-                 f'{rate:,.0f}', self.last_loss, eta)
+    cache = self._cache_window()
+    logging.info('step %d/%d | %s ex/s | loss %.4f%s | eta %s', step,
+                 self.end, f'{rate:,.0f}', self.last_loss,
+                 f' | cache hit {cache["cache_hit_rate"]:.3f}' if cache
+                 else '', eta)
     self.writer.write({'type': 'train', 'step': step, 'loss': self.last_loss,
-                       'examples_per_sec': rate, 'time': time.time()})
+                       'examples_per_sec': rate, 'time': time.time(),
+                       **cache})
+
+  _cache_counts = None  # the cache counts at the log window's start
+
+  def _cache_window(self) -> dict[str, Any]:
+    """Cache hit rates over the log window, and a warning when low.
+
+    The id hit rate is the share of lookups whose row was cached
+    (TorchRec's `cache_hit_rate`); misses are the unique rows loaded.
+    """
+    if not self.trainer.cached:
+      return {}
+    now = self.trainer.cached.counts()
+    before = self._cache_counts or {n: (0, 0, 0, 0) for n in now}
+    self._cache_counts = now
+    d = {n: [a - b for a, b in zip(now[n], before[n])] for n in now}
+    ids = sum(v[3] for v in d.values())
+    by_table = {n: (v[2] / v[3] if v[3] else 1.0) for n, v in d.items()}
+    out = {'cache_hit_rate': (sum(v[2] for v in d.values()) / ids
+                              if ids else 1.0),
+           'cache_misses': int(sum(v[1] for v in d.values())),
+           'cache_hit_rate_by_table': by_table}
+    floor = self.spec.sharding.cache.min_hit_rate
+    low = sorted((r, n) for n, r in by_table.items() if r < floor)
+    if low:
+      logging.warning(
+          'cached tables hit below config.embedding.cache.min_hit_rate=%g:'
+          ' %s; a larger config.embedding.cache.fraction (or rows) makes'
+          ' fewer loads.', floor,
+          ', '.join(f'{n} {r:.3f}' for r, n in low[:5]))
+    return out
 
   def _evaluate_and_decide(self, step: int) -> str | None:
     """Evaluates, keeps the best state, and asks the early stopper and the
@@ -615,8 +667,14 @@ class _Run:
     if data.eval is None:
       return None
     t = time.time()
-    result, probs, labels = self.trainer.evaluate(self.state, data.eval,
-                                                  self.host)
+    if self.trainer.cached:
+      if self._feed is not None:
+        self._feed.pipe.drain()
+      result, probs, labels, self.state = self.trainer.evaluate_cached(
+          self.state, data.eval, self.host)
+    else:
+      result, probs, labels = self.trainer.evaluate(self.state, data.eval,
+                                                    self.host)
     self.final_eval.update(probs=probs, labels=labels)
     result = {k: float(v) for k, v in result.items()}
     extra = ''
@@ -644,6 +702,7 @@ class _Run:
     """
     return {'step': step, 'signature': self.trainer.signature(),
             'plan': self.trainer.plan.to_json(),
+            'cache_rows': self.trainer.cache_rows(),
             'config': self.spec.config_json}
 
   def save(self, step: int, reached: bool = False) -> None:
@@ -657,8 +716,38 @@ class _Run:
             'early_stopping': self.stopper.state_dict(),
             'best_checkpoint': (self.best.tracker.state_dict() if self.best
                                 else None)}
-    self.ckpt.save(step, self.state, meta, data_iter=self.data_iter,
+    data_iter = self.data_iter
+    if self.trainer.cached:
+      data_iter = self._save_stores(step)
+    self.ckpt.save(step, self.state, meta, data_iter=data_iter,
                    remappers=self.host.state_dict())
+    if self.trainer.cached:
+      _prune_store_checkpoints(self.ckpt, step)
+
+  _feed = None  # the `_CachedFeed` while `train` runs with cached tables
+
+  def _save_stores(self, step: int) -> Any:
+    """Writes the stores of step `step` beside its checkpoint.
+
+    Every write-back lands first, then every cached row is flushed to the
+    stores, then they are saved in chunks (`CachedTables.save`).
+
+    Returns:
+      What the checkpoint saves as the data position: the input's position
+      after this step's batch (the pipeline has read one further).
+    """
+    cached = self.trainer.cached
+    position = None
+    if self._feed is not None:
+      self._feed.pipe.drain()
+      position = self._feed.position
+    cached.flush(self.state.emb, self.trainer.engine)
+    where = cache_lib.store_checkpoint_dir(self.ckpt.directory, step)
+    t = time.time()
+    cached.save(where)
+    logging.info('cached tables: stores of step %d saved to %s in %.1fs',
+                 step, where, time.time() - t)
+    return self.data_iter if position is None else _SavedPosition(position)
 
   # --------------------------------------------------------------------------
   # Finish.
@@ -729,6 +818,76 @@ class _Run:
     losses = [r['loss'] for r in reporting.read_metrics(self.workdir)
               if r['type'] == 'train' and r['step'] <= step]
     self.last_loss = losses[-1] if losses else None
+
+
+class _CachedFeed:
+  """Training batches for cached tables, prepared one ahead.
+
+  A `cache.CachePipeline` over the run's data maps each batch to cache slots
+  on its thread; `next` swaps the rows in on the device and gives the host
+  batch with slot ids. The pipeline pauses after the batch of each eval
+  step, so an evaluation can swap rows itself.
+
+  Args:
+    run: the run.
+    step: the step training starts from.
+  """
+
+  def __init__(self, run: '_Run', step: int):
+    self.run = run
+    loop, start, end = run.loop, step, run.end
+
+    def pause_after(j: int) -> bool:
+      s = start + j + 1
+      return s % loop.eval_every_steps == 0 or s == end
+
+    self.pipe = cache_lib.CachePipeline(
+        run.trainer.cached,
+        itertools.islice(run.data_iter, max(end - step, 0)),
+        position_fn=run.data_iter.get_state, pause_after=pause_after)
+    self.position, self.index = None, -1
+
+  def next(self, recorder: BatchRecorder, step: int) -> dict[str, Any]:
+    """The next host batch, its rows swapped into the caches."""
+    prepared, host_batch = next(self.pipe)
+    recorder.record(step + 1, host_batch)
+    trainer = self.run.trainer
+    emb, evicted = trainer.swap_step(self.run.state.emb, prepared.swaps)
+    self.run.state = self.run.state.replace(emb=emb)
+    self.pipe.evicted(prepared, evicted)
+    self.position, self.index = prepared.position, prepared.index
+    return dict(host_batch, ids=prepared.ids)
+
+  def after_step(self) -> None:
+    """Lets the pipeline go on after an eval step's bookkeeping."""
+    self.pipe.resume(self.index)
+
+  def close(self) -> None:
+    """Writes back what is handed over and stops the thread."""
+    self.pipe.finish()
+
+
+class _SavedPosition:
+  """A data iterator's saved position, in the form grain's checkpoint
+  handler saves (`get_state()` bytes)."""
+
+  def __init__(self, state):
+    self._state = state
+
+  def get_state(self) -> bytes:
+    if isinstance(self._state, bytes):
+      return self._state
+    return json.dumps(self._state, indent=4).encode()
+
+
+def _prune_store_checkpoints(ckpt: ckpt_lib.Checkpointer, step: int) -> None:
+  """Removes the store checkpoints of steps the checkpointer no longer
+  keeps."""
+  root = os.path.dirname(cache_lib.store_checkpoint_dir(ckpt.directory, 0))
+  keep = set(ckpt.all_steps()) | {step}
+  for name in os.listdir(root) if os.path.isdir(root) else ():
+    if name.isdigit() and int(name) not in keep and int(name) < step:
+      shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def _resume(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, data_iter,

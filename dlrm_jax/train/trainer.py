@@ -9,6 +9,7 @@ drives it (`train_and_evaluate`, the loop behind `python -m dlrm_jax.main`).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Sequence
 
 import flax
@@ -24,6 +25,7 @@ from dlrm_jax import parallel
 from dlrm_jax.config import build as config_lib
 from dlrm_jax.config import checks as config_checks
 from dlrm_jax.data import pipeline
+from dlrm_jax.embedding import cache as cache_lib
 from dlrm_jax.embedding import rounding
 from dlrm_jax.embedding.lookup import STATE_KEY
 from dlrm_jax.embedding import specs as emb_specs
@@ -167,12 +169,26 @@ class Trainer:
         spec.mesh.data, spec.mesh.model)
     n_dev = self.mesh.devices.size
     config_checks.check_batch_sizes(spec.loop, n_dev)
+    # Cached tables: the engine holds their caches; the host their stores.
+    self.cached = None
+    if spec.sharding.cache.rows:
+      self._check_cacheable(spec)
+      self.cached = cache_lib.CachedTables(
+          spec.tables, spec.feature_specs, dict(spec.sharding.cache.rows),
+          max(spec.loop.batch_size, spec.loop.eval_batch_size))
+      for c in self.cached.caches.values():
+        c.hint = (' (raise config.embedding.cache.fraction or'
+                  ' config.embedding.cache.rows)')
+    self.device_tables = (self.cached.device_tables if self.cached
+                          else spec.tables)
     if plan is None:
-      plan = make_plan(spec, spec.tables, self.mesh.shape['model'], n_dev,
-                       spec.feature_specs)
-    embed = SparseEmbed(self.spec.tables, self.spec.feature_specs,
+      plan = make_plan(spec, self.device_tables, self.mesh.shape['model'],
+                       n_dev, spec.feature_specs)
+    embed = SparseEmbed(self.device_tables, self.spec.feature_specs,
                         self.mesh, plan)
     self.engine = embed.engine
+    self.swap_step = (cache_lib.swap_fn(self.engine, self.cached.cached)
+                      if self.cached else None)
     self.arches = DLRM(self.spec.model, dtype=self.spec.compute_dtype)
     self.model = DLRMModel(self.spec.model, embed,
                            dtype=self.spec.compute_dtype)
@@ -196,6 +212,37 @@ class Trainer:
     self.predict_step = jax.jit(
         self._predict, in_shardings=(shardings, self.batch_shardings(False)),
         out_shardings=NamedSharding(self.mesh, P(parallel.BATCH_AXES)))
+
+  @staticmethod
+  def _check_cacheable(spec) -> None:
+    """Refuses what cached tables do not support yet, naming the field."""
+    if any(getattr(f, 'managed_collision', None)
+           for f in spec.transform.sparse) or spec.admission.min_count > 1:
+      raise ValueError(
+          'config.embedding.cache.tables: cached tables do not work with'
+          ' managed-collision features or config.admission yet (both map ids'
+          ' on the host in step order, which the cache runs one batch'
+          ' ahead of).')
+    if jax.process_count() > 1:
+      raise ValueError('config.embedding.cache.tables: cached tables run in'
+                       ' a single process for now.')
+
+  def attach_store(self, workdir: str | None) -> None:
+    """Places the cached tables' stores (`config.embedding.cache.directory`).
+
+    A relative directory is taken under `workdir`; '' (or no workdir)
+    keeps the stores in host memory. Call it before `init_state` or
+    `restore`.
+
+    Args:
+      workdir: the run's directory, or None.
+    """
+    if not self.cached:
+      return
+    d = self.spec.sharding.cache.directory
+    if d and not os.path.isabs(d):
+      d = os.path.join(workdir, d) if workdir else ''
+    self.cached.directory = d or None
 
   @property
   def plan(self) -> plan_lib.Plan:
@@ -291,15 +338,16 @@ class Trainer:
     if cpu:
       available = plan_lib.host_available_bytes()
       if available is not None:
-        plan_lib.check_fits(self.plan, self.spec.tables,
+        plan_lib.check_fits(self.plan, self.device_tables,
                             [shard_of[d.id] for d in cpu], available,
-                            f'host memory for {len(cpu)} CPU device(s)')
+                            f'host memory for {len(cpu)} CPU device(s)',
+                            extra_bytes=self._store_ram_bytes())
     for d in local:
       if d.platform == 'cpu':
         continue
       stats = d.memory_stats() or {}
       if 'bytes_limit' in stats:
-        plan_lib.check_fits(self.plan, self.spec.tables, [shard_of[d.id]],
+        plan_lib.check_fits(self.plan, self.device_tables, [shard_of[d.id]],
                             stats['bytes_limit'], f'{d.device_kind} {d.id}')
 
   def init_state(self, seed: int) -> TrainState:
@@ -322,6 +370,10 @@ class Trainer:
         self._init_dense,
         out_shardings=(rep.params, rep.batch_stats, rep.opt_state))(k_dense)
     emb = self.engine.init(k_emb)
+    if self.cached:  # every row in the store, as the engine would make it
+      for c in self.cached.caches.values():
+        c.clear()
+      self.cached.create(k_emb)
     put = lambda x: jax.device_put(x, self._replicated)
     return TrainState(step=put(jnp.int32(0)), params=params, batch_stats=bs,
                       opt_state=opt, emb=emb,
@@ -352,6 +404,7 @@ class Trainer:
       ValueError: if the tables cannot fit (`check_memory`).
     """
     state, meta = self._restore_state(ckpt, step)
+    self.restore_store(ckpt, step)
     if data_iter is not None:
       ckpt.restore_data_iterator(step, data_iter)
     if host is not None:
@@ -366,10 +419,16 @@ class Trainer:
     ckpt.check_signature(step, meta, self.signature())
     self.check_memory()
     saved = plan_lib.Plan.from_json(meta['plan'])
+    saved_cache = dict(meta.get('cache_rows') or {})
+    if self.cached or saved_cache:
+      self._check_saved_cache(ckpt, step, saved_cache)
     abstract = self.abstract_state()
-    if saved == self.plan:
+    if saved == self.plan and saved_cache == self.cache_rows():
       return ckpt.restore(step, abstract, self.signature())
-    old_stacks = plan_lib.build_layout(saved, self.spec.tables,
+    old_tables = tuple(
+        cache_lib.cache_table_spec(t, saved_cache[t.name])
+        if t.name in saved_cache else t for t in self.spec.tables)
+    old_stacks = plan_lib.build_layout(saved, old_tables,
                                        self.spec.feature_specs)
     abstract = abstract.replace(emb=self.engine.abstract_state_of_layout(
         old_stacks, saved.num_shards))
@@ -378,6 +437,47 @@ class Trainer:
                  ' (%d model shards) to this one (%d)', saved.num_shards,
                  self.plan.num_shards)
     return state.replace(emb=self.engine.relayout(old_stacks, state.emb)), meta
+
+  def cache_rows(self) -> dict[str, int]:
+    """The cached tables' cache rows, for the checkpoint meta."""
+    return dict(self.spec.sharding.cache.rows) if self.cached else {}
+
+  def _store_ram_bytes(self) -> int:
+    """The bytes of the stores kept in host memory (none on disk)."""
+    if not self.cached or self.cached.directory:
+      return 0
+    return sum(cache_lib.HostStore.bytes_of(t) for t in self.spec.tables
+               if t.name in self.cached.caches)
+
+  def _check_saved_cache(self, ckpt, step: int, saved: dict[str, int]):
+    """A checkpoint's cached tables must be this config's, and its store
+    checkpoint complete."""
+    if set(saved) != set(self.cache_rows()):
+      raise ckpt_lib.IncompatibleCheckpointError(
+          f'checkpoint {step} in {ckpt.directory} has cached tables'
+          f' {sorted(saved)}, but config.embedding.cache.tables gives'
+          f' {sorted(self.cache_rows())}; the placement of a table cannot'
+          ' change on resume.')
+    where = cache_lib.store_checkpoint_dir(ckpt.directory, step)
+    if saved and not os.path.exists(os.path.join(where, 'complete')):
+      raise ckpt_lib.DamagedCheckpointError(
+          f'checkpoint {step} has cached tables but its store checkpoint'
+          f' {where} is missing or incomplete.')
+
+  def restore_store(self, ckpt: ckpt_lib.Checkpointer, step: int) -> None:
+    """Loads the cached tables' stores saved with checkpoint `step`.
+
+    The caches start empty, so the cache size may differ from the saved
+    run's.
+
+    Args:
+      ckpt: the checkpointer.
+      step: the checkpoint step.
+    """
+    if not self.cached:
+      return
+    self.cached.allocate()
+    self.cached.load(cache_lib.store_checkpoint_dir(ckpt.directory, step))
 
   def signature(self) -> dict[str, Any]:
     """Says what fixes the state's shapes. A checkpoint must match it.
@@ -519,6 +619,10 @@ class Trainer:
     Raises:
       ValueError: `host` is missing but the config needs it.
     """
+    if self.cached:
+      raise ValueError(
+          'this trainer has cached tables (config.embedding.cache.tables):'
+          ' predict through the export, which reads the stores.')
     probs = self.predict_step(state, self.put_batch(
         self._eval_batch(host_batch, host), False))
     return np.asarray(
@@ -547,6 +651,11 @@ class Trainer:
     Raises:
       ValueError: `host` is missing but the config needs it.
     """
+    if self.cached:
+      raise ValueError(
+          'this trainer has cached tables (config.embedding.cache.tables):'
+          ' evaluate with Trainer.evaluate_cached, which returns the new'
+          ' state, or export the model.')
     probs, labels = [], []
     for host_batch, n in batches:
       probs.append(self._process_rows(self.predict_step(
@@ -557,6 +666,42 @@ class Trainer:
     if jax.process_count() > 1:
       probs, labels = _gather_in_process_order(probs, labels)
     return metrics_lib.evaluate(probs, labels), probs, labels
+
+  def evaluate_cached(self, state: TrainState, batches: pipeline.EvalBatches,
+                      host: HostState | None = None
+                      ) -> tuple[dict[str, float], np.ndarray, np.ndarray,
+                                 TrainState]:
+    """`evaluate` for a trainer with cached tables; it also returns the state.
+
+    Each batch's rows are swapped into the caches first, as in training,
+    with the evicted rows written back at once; nothing is trained. Call it
+    with no prepared batch pending (`CachePipeline`'s `pause_after`) and
+    every write-back done (`CachePipeline.drain`).
+
+    Args:
+      state: the train state. It is donated: use the one returned.
+      batches: the eval batches.
+      host: the run's host state, as `predict` takes it.
+
+    Returns:
+      The metrics, the probabilities, the labels and the new state.
+    """
+    probs, labels = [], []
+    for i, (host_batch, n) in enumerate(batches):
+      host_batch = self._eval_batch(host_batch, host)
+      prepared = self.cached.prepare(-1 - i, host_batch['ids'], None,
+                                     count=False)
+      emb, evicted = self.swap_step(state.emb, prepared.swaps)
+      state = state.replace(emb=emb)
+      self.cached.swapped(prepared)
+      self.cached.write_back(prepared, evicted)
+      probs.append(self._process_rows(self.predict_step(
+          state, self.put_batch(dict(host_batch, ids=prepared.ids),
+                                False)))[:n])
+      labels.append(host_batch['label'][:n])
+    probs = np.concatenate(probs) if probs else np.zeros(0, np.float32)
+    labels = np.concatenate(labels) if labels else np.zeros(0, np.float32)
+    return metrics_lib.evaluate(probs, labels), probs, labels, state
 
   def _eval_batch(self, host_batch, host: HostState | None):
     """A host batch with the run's id remapping and admission applied."""

@@ -458,7 +458,7 @@ def host_available_bytes() -> int | None:
 
 def check_fits(plan: Plan, tables: Sequence[TableSpec],
                shards: Sequence[int], budget_bytes: float,
-               budget_name: str) -> None:
+               budget_name: str, extra_bytes: int = 0) -> None:
   """Refuses a plan whose tables cannot be allocated, before allocating.
 
   Args:
@@ -468,6 +468,8 @@ def check_fits(plan: Plan, tables: Sequence[TableSpec],
       entry for a device's own memory, every local device for host memory.
     budget_bytes: the memory they share.
     budget_name: what the memory is, for the message.
+    extra_bytes: more bytes the same memory must hold (cached tables'
+      stores kept in host memory).
 
   Raises:
     ValueError: one line, if the tables and their optimizer state need more
@@ -475,7 +477,7 @@ def check_fits(plan: Plan, tables: Sequence[TableSpec],
       ways out.
   """
   per_shard = plan_bytes_per_device(plan, tables)
-  need = float(sum(per_shard[s] for s in shards))
+  need = float(sum(per_shard[s] for s in shards)) + extra_bytes
   if need <= budget_bytes:
     return
   largest = sorted(tables, key=table_bytes, reverse=True)[:3]
@@ -484,8 +486,10 @@ def check_fits(plan: Plan, tables: Sequence[TableSpec],
       f'the embedding tables and their optimizer state need {_human(need)}'
       f' of {budget_name}, more than the {_human(budget_bytes)} available'
       f' (largest tables: {names}); use more devices or hosts'
-      ' (config.mesh), smaller num_buckets, config.embedding.dtype='
-      "'bfloat16' or config.embedding.optimizer.kind='rowwise_adagrad'.")
+      ' (config.mesh), cached tables (config.embedding.cache.tables, with'
+      ' the store on disk: config.embedding.cache.directory), smaller'
+      " num_buckets, config.embedding.dtype='bfloat16' or"
+      " config.embedding.optimizer.kind='rowwise_adagrad'.")
 
 
 def plan_bytes_per_device(plan: Plan, tables: Sequence[TableSpec]) -> np.ndarray:
