@@ -15,6 +15,8 @@ import numpy as np
 from configs import criteo as criteo_config
 from dlrm_jax.embedding import cache as cache_lib
 from dlrm_jax.embedding import table_access
+from dlrm_jax.serving import offline
+from dlrm_jax.serving import tables as export_tables
 from dlrm_jax.train import checkpoint as ckpt_lib
 from dlrm_jax.train import loop as train_loop
 from dlrm_jax.train import trainer as trainer_lib
@@ -102,6 +104,22 @@ class CachedLoopTest(absltest.TestCase):
     train_loop.train_and_evaluate(_config(40, 0.25), workdir, again)
     self.assertEqual(_losses(workdir), _losses(self.ref_dir))
     self._check_stores(workdir, again)
+
+  def test_offline_eval_and_export_read_the_stores(self):
+    workdir = os.path.join(self.root, 'offline')
+    config = _config(40, 0.15)
+    trainer = trainer_lib.Trainer(config, mesh=self.mesh)
+    train_loop.train_and_evaluate(config, workdir, trainer)
+    model = offline.load(config, workdir, mesh=self.mesh)
+    ref = offline.load(_config(40), self.ref_dir, mesh=self.mesh)
+    got, want = offline.eval_predictions(model), offline.eval_predictions(ref)
+    np.testing.assert_array_equal(got[1], want[1])
+    out = os.path.join(self.root, 'offline_export')
+    offline.export(model, out)
+    for t in trainer.spec.tables:
+      np.testing.assert_array_equal(
+          np.load(os.path.join(out, export_tables.file_names(t.name, None))),
+          self.ref_tables[t.name][0], err_msg=t.name)
 
   def test_eval_and_predict_of_a_cached_trainer_are_named(self):
     trainer = trainer_lib.Trainer(_config(40, 0.15), mesh=self.mesh)

@@ -14,6 +14,7 @@ cached tables get 32 cache rows, and their row counts make that 1%, 10% or
 so rows are evicted and loaded again.
 """
 
+import dataclasses
 import os
 import tempfile
 
@@ -201,15 +202,23 @@ class CachedTablesTest(parameterized.TestCase):
 
   def test_store_starts_as_the_engine_does(self):
     tables, features = _specs(0.5)
+    # uniform (DLRM's and the default) is exact; the normal ones go through
+    # erfinv, whose float32 polynomial XLA fuses differently on and off the
+    # devices: they agree to an ulp.
+    tables = (tables[0], dataclasses.replace(tables[1],
+                                             initializer='truncated_normal'),
+              dataclasses.replace(tables[2], initializer='normal'))
     engine = _engine(tables, features, 1, 'table_wise')
     state = engine.init(jax.random.key(3))
-    cached = cache_lib.CachedTables(tables, features, {'a': 8, 'b': 8},
-                                    BATCH)
+    cached = cache_lib.CachedTables(tables, features,
+                                    {'a': 8, 'b': 8, 'c': 8}, BATCH)
     cached.create(jax.random.key(3))
-    for t in ('a', 'b'):
-      np.testing.assert_array_equal(
+    np.testing.assert_array_equal(cached.stores['a'].arrays['weights'],
+                                  table_access.get_table(engine, state, 'a'))
+    for t in ('b', 'c'):
+      np.testing.assert_allclose(
           cached.stores[t].arrays['weights'],
-          table_access.get_table(engine, state, t))
+          table_access.get_table(engine, state, t), rtol=3e-7, atol=0)
 
   def test_too_small_a_cache_is_named(self):
     tables, features = _specs(0.1)

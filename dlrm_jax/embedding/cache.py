@@ -165,6 +165,8 @@ class HostStore:
     # Per array and chunk: written since initialize, and since the last save.
     self.touched = {k: np.zeros(self.num_chunks, bool) for k in shapes}
     self.dirty = {k: np.zeros(self.num_chunks, bool) for k in shapes}
+    # Whether an array's file is as `create` made it (zeros), unwritten.
+    self._fresh = {k: bool(create) for k in shapes}
     if directory is not None:
       os.makedirs(directory, exist_ok=True)
     for name, (shape, _) in shapes.items():
@@ -235,6 +237,7 @@ class HostStore:
     self._write_block(name, r0, block)
 
   def _write_block(self, name: str, r0: int, block: np.ndarray) -> None:
+    self._fresh[name] = False
     if self.directory is None:
       self.arrays[name][r0:r0 + len(block)] = block
       return
@@ -275,6 +278,7 @@ class HostStore:
     chunks = np.unique(np.asarray(rows) // self.rows_per_chunk)
     for k, a in self.arrays.items():
       a[rows] = values[k]
+      self._fresh[k] = False
       self.touched[k][chunks] = True
       self.dirty[k][chunks] = True
 
@@ -381,7 +385,8 @@ class HostStore:
         self.touched[name][c] = ch['kind'] == 'data'
         if ch['kind'] == 'init':
           self._init_chunk(name, c)
-          if name != 'weights' and self.directory is not None:
+          if (name != 'weights' and self.directory is not None
+              and not self._fresh[name]):  # a fresh file reads as zeros
             self._write_block(name, c * self.rows_per_chunk, np.full(
                 (min(self.rows_per_chunk,
                      self.shapes[name][0][0] - c * self.rows_per_chunk),)

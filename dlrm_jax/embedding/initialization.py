@@ -48,7 +48,7 @@ def element_values(seed: jax.Array, kind: jax.Array, scale: jax.Array,
   Args:
     seed: uint32 seeds of the elements' tables (`table_seeds`).
     kind: int32 index of each table's initializer in
-      `specs.INITIALIZERS`.
+      `specs.INITIALIZERS`, or a Python int for one table.
     scale: float32 scale of each table (`TableSpec.scale`).
     row: uint32 logical rows.
     col: uint32 logical columns.
@@ -59,10 +59,14 @@ def element_values(seed: jax.Array, kind: jax.Array, scale: jax.Array,
   u = hash_uniform(seed, row, col)
   sqrt2 = np.float32(math.sqrt(2.0))
   trunc = np.float32(math.erf(2.0 / math.sqrt(2.0)))
-  normal = sqrt2 * jax.scipy.special.erfinv(u * 0.999999)
-  tnormal = sqrt2 * jax.scipy.special.erfinv(u * trunc)
-  return jnp.select([kind == 0, kind == 1, kind == 2], [u, normal, tnormal],
-                    jnp.zeros_like(u)) * scale
+  branches = (lambda: u,
+              lambda: sqrt2 * jax.scipy.special.erfinv(u * 0.999999),
+              lambda: sqrt2 * jax.scipy.special.erfinv(u * trunc),
+              lambda: jnp.zeros_like(u))
+  if isinstance(kind, int):  # one table: only its initializer is computed
+    return branches[kind]() * scale
+  return jnp.select([kind == 0, kind == 1, kind == 2],
+                    [f() for f in branches[:3]], branches[3]()) * scale
 
 
 def table_rows(seed: jax.Array, table: TableSpec, row_start: jax.Array,
@@ -83,7 +87,7 @@ def table_rows(seed: jax.Array, table: TableSpec, row_start: jax.Array,
   row = (row_start + jnp.arange(num_rows, dtype=jnp.int32)).astype(
       jnp.uint32)
   col = jnp.arange(table.dim, dtype=jnp.uint32)
-  kind = jnp.int32(specs_lib.INITIALIZERS.index(table.initializer))
+  kind = specs_lib.INITIALIZERS.index(table.initializer)
   val = element_values(seed, kind, jnp.float32(table.scale), row[:, None],
                        col[None, :])
   return val.astype(jnp.dtype(table.dtype)).astype(jnp.float32)

@@ -167,13 +167,22 @@ class ServingModel:
     instead.
     """
     if self._params is None:
-      engine = self.trainer.engine
+      engine, stores = self.trainer.engine, self._stores()
       self._params = dict(self._small, tables={
           t.name: export_tables.quantize_rows(
-              table_access.get_table(engine, self._emb, t.name),
+              np.asarray(stores[t.name].arrays['weights']) if t.name in stores
+              else table_access.get_table(engine, self._emb, t.name),
               self.quantize)
           for t in self.trainer.spec.tables})
     return self._params
+
+  def _stores(self) -> dict[str, Any]:
+    """The cached tables' stores, flushed: where their rows are."""
+    cached = self.trainer.cached
+    if not cached:
+      return {}
+    cached.flush(self._emb, self.trainer.engine)
+    return cached.stores
 
   def _abstract_params(self) -> dict[str, Any]:
     """`params` with ShapeDtypeStructs for the tables (nothing read)."""
@@ -424,7 +433,8 @@ class ServingModel:
     if chief:
       _write(os.path.join(out_dir, 'model.stablehlo'), exported.serialize())
     table_files = export_tables.write_tables(self.trainer.engine, self._emb,
-                                             out_dir, self.quantize)
+                                             out_dir, self.quantize,
+                                             stores=self._stores())
     files = _param_files(leaves, treedef, table_files)
     sig = self._signature(len(leaves), batch_size, files)
     if self.request_columns:

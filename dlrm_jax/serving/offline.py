@@ -6,6 +6,7 @@ inference notebook.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -23,6 +24,7 @@ from dlrm_jax.config import spec as spec_lib
 from dlrm_jax.train import metrics as metrics_lib
 from dlrm_jax.serving import export as serving
 from dlrm_jax.train import trainer as trainer_lib
+from dlrm_jax.train import workdir_lock
 from dlrm_jax.embedding.ids import host_state
 from dlrm_jax.data import binary
 from dlrm_jax.data import criteo
@@ -161,26 +163,33 @@ def load(config, workdir: str, step: int | None = None,
   ckpt = ckpt_lib.Checkpointer(workdir, subdir=subdir, create=False)
   trainer = trainer_lib.Trainer(spec, mesh=mesh)
   host = trainer.new_host_state()
+  lock = contextlib.nullcontext()
+  if trainer.cached:
+    # The checkpoint's stores are loaded into the run's store files, as a
+    # resume does: not while the run trains (a resume reloads them).
+    trainer.attach_store(workdir)
+    lock = workdir_lock.WorkdirLock(workdir)
 
   restore = functools.partial(trainer.restore, ckpt, host=host)
 
-  try:
-    steps = ckpt.all_steps()
-    if checkpoint == 'latest':  # The newest good one, damaged ones left.
-      step, restored = ckpt.restore_newest_good(restore, move_aside=False)
-      if step is None:
-        raise ValueError(
-            f'{workdir} holds no checkpoint (looked in {ckpt.directory});'
-            ' train first, or pass the --workdir of a run.')
-    else:
-      step = steps[-1] if checkpoint == 'best' and steps else checkpoint
-      if step not in steps:
-        raise ValueError(
-            f'{workdir} holds no checkpoint {checkpoint} (it has'
-            f' {steps or "none"} in {ckpt.directory}).')
-      restored = _restore_step(ckpt, step, restore)
-  finally:
-    ckpt.close()
+  with lock:
+    try:
+      steps = ckpt.all_steps()
+      if checkpoint == 'latest':  # The newest good one, damaged ones left.
+        step, restored = ckpt.restore_newest_good(restore, move_aside=False)
+        if step is None:
+          raise ValueError(
+              f'{workdir} holds no checkpoint (looked in {ckpt.directory});'
+              ' train first, or pass the --workdir of a run.')
+      else:
+        step = steps[-1] if checkpoint == 'best' and steps else checkpoint
+        if step not in steps:
+          raise ValueError(
+              f'{workdir} holds no checkpoint {checkpoint} (it has'
+              f' {steps or "none"} in {ckpt.directory}).')
+        restored = _restore_step(ckpt, step, restore)
+    finally:
+      ckpt.close()
   state, meta = restored
   which = ('best' if checkpoint == 'best' else
            'latest' if checkpoint == 'latest' else 'step')
@@ -313,7 +322,7 @@ def predict(model: TrainedModel, paths: Sequence[str] | str,
   try:
     with open(tmp, 'w') as out:
       for batch, n in batches:
-        probs = model.trainer.predict(model.state, batch, model.host)[:n]
+        probs = _predict(model, batch)[:n]
         out.write(''.join(f'{p:.7f}\n' for p in probs))
         total += n
     os.replace(tmp, output)
@@ -347,7 +356,7 @@ def eval_predictions(model: TrainedModel,
                if model.spec.data.source == 'table' else
                _batches(model, paths, True))
     for batch, n in batches:
-      probs.append(model.trainer.predict(model.state, batch, model.host)[:n])
+      probs.append(_predict(model, batch)[:n])
       labels.append(batch['label'][:n])
     probs, labels = np.concatenate(probs), np.concatenate(labels)
     return metrics_lib.evaluate(probs, labels), probs, labels
@@ -355,7 +364,20 @@ def eval_predictions(model: TrainedModel,
                           process_count=jax.process_count())
   if data.eval is None:
     raise ValueError('the config has no eval set; pass --input files.')
+  if model.trainer.cached:
+    result, probs, labels, model.state = model.trainer.evaluate_cached(
+        model.state, data.eval, model.host)
+    return result, probs, labels
   return model.trainer.evaluate(model.state, data.eval, model.host)
+
+
+def _predict(model: TrainedModel, batch) -> np.ndarray:
+  """A batch's probabilities; cached tables swap their rows in first."""
+  if model.trainer.cached:
+    probs, model.state = model.trainer.predict_cached(model.state, batch,
+                                                      model.host)
+    return probs
+  return model.trainer.predict(model.state, batch, model.host)
 
 
 def evaluate(model: TrainedModel, paths: Sequence[str] | str | None = None

@@ -26,6 +26,7 @@ gathers (`take_rows`), so the tables stay small in memory.
 
 from __future__ import annotations
 
+import mmap
 import os
 from typing import Any
 
@@ -166,8 +167,8 @@ def _writer_blocks(engine, state, name):
   return out
 
 
-def write_tables(engine, state, out_dir: str, quantize: str | None = None
-                 ) -> dict[str, Any]:
+def write_tables(engine, state, out_dir: str, quantize: str | None = None,
+                 stores: dict[str, Any] | None = None) -> dict[str, Any]:
   """Writes every table of an engine state under `out_dir/tables`.
 
   With several processes, it is collective: every process calls it. Process 0
@@ -178,6 +179,9 @@ def write_tables(engine, state, out_dir: str, quantize: str | None = None
     state: the engine state.
     out_dir: the export directory.
     quantize: None, 'fp16' or 'int8'.
+    stores: the `cache.HostStore` of each cached table: those tables are
+      read from their stores (flushed), chunk by chunk, and not from the
+      engine, which holds only their caches. One process only.
 
   Returns:
     {table name: its files relative to out_dir}, as `file_names` gives them.
@@ -186,10 +190,13 @@ def write_tables(engine, state, out_dir: str, quantize: str | None = None
     ValueError: `quantize` is not one of QUANTIZE.
   """
   check_quantize(quantize)
+  stores = stores or {}
+  tables = [stores[t.name].table if t.name in stores else t
+            for t in engine.tables]
   os.makedirs(os.path.join(out_dir, 'tables'), exist_ok=True)
-  files = {t.name: file_names(t.name, quantize) for t in engine.tables}
+  files = {t.name: file_names(t.name, quantize) for t in tables}
   if jax.process_index() == 0:
-    for t in engine.tables:
+    for t in tables:
       structs = stored_structs(t, quantize)
       for rel, st in zip(jax.tree.leaves(files[t.name]),
                          jax.tree.leaves(structs)):
@@ -197,12 +204,23 @@ def write_tables(engine, state, out_dir: str, quantize: str | None = None
                                       dtype=st.dtype, shape=st.shape)
         del m
   _sync('dlrm_jax.serving.tables.created')
-  for t in engine.tables:
+  for t in tables:
     pieces = list(table_access.pieces(engine, t.name))
     split_cols = any(pc.width != t.dim for _, pc, _ in pieces)
     open_ = lambda rel: np.load(os.path.join(out_dir, rel), mmap_mode='r+')
     outs = jax.tree.map(open_, files[t.name])
-    if quantize == 'int8' and split_cols:
+    if t.name in stores:  # a cached table: every row is in its store
+      weights = stores[t.name].arrays['weights']
+      for a in range(0, t.num_rows, CHUNK_ROWS):
+        b = min(a + CHUNK_ROWS, t.num_rows)
+        _put(outs, slice(a, b), slice(None),
+             quantize_rows(np.array(weights[a:b]), quantize))
+        if (a // CHUNK_ROWS) % 64 == 63:  # keep the resident set small
+          stores[t.name].release()
+          for m in jax.tree.leaves(outs):
+            _release(m)
+      stores[t.name].release()
+    elif quantize == 'int8' and split_cols:
       # Row-wise scales need whole rows; column pieces may sit on other
       # processes: read the table (collective), process 0 writes it.
       w = table_access.get_table(engine, state, t.name)
@@ -224,6 +242,14 @@ def write_tables(engine, state, out_dir: str, quantize: str | None = None
     del outs
   _sync('dlrm_jax.serving.tables.written')
   return files
+
+
+def _release(m: np.ndarray) -> None:
+  """Writes a memmap's dirty pages and drops them from the resident set."""
+  m.flush()
+  mm = getattr(m, '_mmap', None)
+  if mm is not None and hasattr(mmap, 'MADV_DONTNEED'):
+    mm.madvise(mmap.MADV_DONTNEED)
 
 
 def _put(outs, rows, cols, stored):

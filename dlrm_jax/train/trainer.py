@@ -687,21 +687,43 @@ class Trainer:
       The metrics, the probabilities, the labels and the new state.
     """
     probs, labels = [], []
-    for i, (host_batch, n) in enumerate(batches):
-      host_batch = self._eval_batch(host_batch, host)
-      prepared = self.cached.prepare(-1 - i, host_batch['ids'], None,
-                                     count=False)
-      emb, evicted = self.swap_step(state.emb, prepared.swaps)
-      state = state.replace(emb=emb)
-      self.cached.swapped(prepared)
-      self.cached.write_back(prepared, evicted)
-      probs.append(self._process_rows(self.predict_step(
-          state, self.put_batch(dict(host_batch, ids=prepared.ids),
-                                False)))[:n])
+    for host_batch, n in batches:
+      p, state = self.predict_cached(state, host_batch, host)
+      probs.append(p[:n])
       labels.append(host_batch['label'][:n])
     probs = np.concatenate(probs) if probs else np.zeros(0, np.float32)
     labels = np.concatenate(labels) if labels else np.zeros(0, np.float32)
     return metrics_lib.evaluate(probs, labels), probs, labels, state
+
+  def predict_cached(self, state: TrainState, host_batch,
+                     host: HostState | None = None
+                     ) -> tuple[np.ndarray, TrainState]:
+    """`predict` for a trainer with cached tables; it also returns the state.
+
+    The batch's rows are swapped into the caches first, as in training,
+    and the evicted rows written back at once; nothing is trained.
+
+    Args:
+      state: the train state. It is donated: use the one returned.
+      host_batch: the batch.
+      host: the run's host state, as `predict` takes it.
+
+    Returns:
+      The probabilities and the new state.
+    """
+    host_batch = self._eval_batch(host_batch, host)
+    self._eval_batches += 1
+    prepared = self.cached.prepare(-self._eval_batches, host_batch['ids'],
+                                   None, count=False)
+    emb, evicted = self.swap_step(state.emb, prepared.swaps)
+    state = state.replace(emb=emb)
+    self.cached.swapped(prepared)
+    self.cached.write_back(prepared, evicted)
+    probs = self.predict_step(state, self.put_batch(
+        dict(host_batch, ids=prepared.ids), False))
+    return self._process_rows(probs), state
+
+  _eval_batches = 0  # eval swaps so far: their batch numbers are negative
 
   def _eval_batch(self, host_batch, host: HostState | None):
     """A host batch with the run's id remapping and admission applied."""
