@@ -8,6 +8,7 @@ checkpoint and resumed with another cache size.
 
 import json
 import os
+import tempfile
 
 from absl.testing import absltest
 import numpy as np
@@ -53,7 +54,7 @@ class CachedLoopTest(absltest.TestCase):
     super().setUpClass()
     mesh = reference.single_device_mesh()
     cls.mesh = mesh
-    cls.root = absltest.get_default_test_tmpdir()
+    cls.root = tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir())
     cls.ref_dir = os.path.join(cls.root, 'on_device')
     ref = trainer_lib.Trainer(_config(40), mesh=mesh)
     train_loop.train_and_evaluate(_config(40), cls.ref_dir, ref)

@@ -244,39 +244,56 @@ class CachedTablesTest(parameterized.TestCase):
       store = cached.stores['a']
       store.write(np.array([1, 2]), {'weights': np.ones((2, 8), np.float32)})
       cached.save(os.path.join(d, 'c'))
-      path = os.path.join(d, 'c', 'a', 'weights.000000.f32')
+      path = os.path.join(d, 'c', 'a', '000000.weights.bin')
       with open(path, 'r+b') as f:
-        f.seek(40)
+        f.seek(4)
         f.write(b'\x01')
       with self.assertRaisesRegex(
-          ValueError, 'weights.000000.f32: chunk 0 .*damaged'):
+          ValueError, r'000000.weights.bin: chunk 0 \(weights\).*damaged'):
         cached.load(os.path.join(d, 'c'))
 
   def test_store_checkpoints_are_incremental(self):
-    # Chunks never written are remade from the seed; unchanged ones are
-    # hard links to the previous save; the rest are written.
-    t = TableSpec('big', 3 * (cache_lib._CHUNK_BYTES // 16), 4)
+    # A save holds the rows written since init (the rest is remade from the
+    # seed); chunks unchanged since the previous save are hard links.
+    t = TableSpec('big', 3 * cache_lib._CHUNK_ROWS, 2,
+                  optimizer=SparseOptimizerSpec(
+                      'adagrad', initial_accumulator_value=0.5))
+    per = cache_lib._CHUNK_ROWS
     with tempfile.TemporaryDirectory() as d:
       store = cache_lib.HostStore(t, os.path.join(d, 's'))
       store.initialize(jnp.uint32(5))
-      first = store.read(np.arange(t.num_rows))['weights']
+      first = store.read(np.arange(t.num_rows))
       self.assertEqual(store.num_chunks, 3)
-      ones = {'weights': np.ones((1, 4), np.float32)}
-      store.write(np.array([store.rows_per_chunk + 7]), ones)
+      ones = {'weights': np.ones((2, 2), np.float32),
+              'acc': np.full((2, 2), 3.0, np.float32)}
+      store.write(np.array([per + 7, per + 9]), ones)
       store.save(os.path.join(d, 'c1'))
       self.assertEqual(sorted(os.listdir(os.path.join(d, 'c1'))),
-                       ['store.json', 'weights.000001.f32'])
-      store.write(np.array([2 * store.rows_per_chunk]), ones)
+                       ['000001.acc.bin', '000001.rows.bin',
+                        '000001.weights.bin', 'store.json'])
+      self.assertEqual(
+          os.path.getsize(os.path.join(d, 'c1', '000001.weights.bin')), 16)
+      store.write(np.array([2 * per, 2 * per + 1]), ones)
       store.save(os.path.join(d, 'c2'), os.path.join(d, 'c1'))
       self.assertEqual(
-          os.stat(os.path.join(d, 'c2', 'weights.000001.f32')).st_ino,
-          os.stat(os.path.join(d, 'c1', 'weights.000001.f32')).st_ino)
-      want = first.copy()
-      want[[store.rows_per_chunk + 7, 2 * store.rows_per_chunk]] = 1.0
-      other = cache_lib.HostStore(t, os.path.join(d, 's2'))
-      other.load(os.path.join(d, 'c2'))
-      np.testing.assert_array_equal(
-          other.read(np.arange(t.num_rows))['weights'], want)
+          os.stat(os.path.join(d, 'c2', '000001.weights.bin')).st_ino,
+          os.stat(os.path.join(d, 'c1', '000001.weights.bin')).st_ino)
+      want = {k: v.copy() for k, v in first.items()}
+      for k in want:
+        want[k][[per + 7, per + 9, 2 * per, 2 * per + 1]] = (
+            1.0 if k == 'weights' else 3.0)
+      for target in ('s2', 's'):  # a fresh store, and the used one
+        other = cache_lib.HostStore(t, os.path.join(d, target),
+                                    create=target == 's2')
+        if target == 's':
+          other.write(np.array([5]), ones_one := {
+              'weights': np.full((1, 2), 9.0, np.float32),
+              'acc': np.full((1, 2), 9.0, np.float32)})
+          del ones_one
+        other.load(os.path.join(d, 'c2'))
+        got = other.read(np.arange(t.num_rows))
+        for k in want:
+          np.testing.assert_array_equal(got[k], want[k], err_msg=target + k)
 
 
 if __name__ == '__main__':

@@ -78,7 +78,7 @@ from dlrm_jax.embedding.specs import FeatureSpec, TableSpec
 from dlrm_jax.parallel import MODEL
 
 POLICY = 'lru'
-_CHUNK_BYTES = 16 << 20
+_CHUNK_ROWS = 1 << 20
 
 
 def cache_table_spec(table: TableSpec, cache_rows: int) -> TableSpec:
@@ -157,14 +157,13 @@ class HostStore:
     shapes.update(_slot_layout(table))
     self.shapes = shapes
     self.arrays: dict[str, np.ndarray] = {}
-    row_bytes = table.dim * 4
-    self.rows_per_chunk = max(1, min(table.num_rows, _CHUNK_BYTES // row_bytes))
+    self.rows_per_chunk = min(table.num_rows, _CHUNK_ROWS)
     self.num_chunks = -(-table.num_rows // self.rows_per_chunk)
     self.seed = 0
     self._rows_fn = None
-    # Per array and chunk: written since initialize, and since the last save.
-    self.touched = {k: np.zeros(self.num_chunks, bool) for k in shapes}
-    self.dirty = {k: np.zeros(self.num_chunks, bool) for k in shapes}
+    # Rows written since initialize; chunks written since the last save.
+    self.written = np.zeros(table.num_rows, bool)
+    self.dirty = np.zeros(self.num_chunks, bool)
     # Whether an array's file is as `create` made it (zeros), unwritten.
     self._fresh = {k: bool(create) for k in shapes}
     if directory is not None:
@@ -213,13 +212,14 @@ class HostStore:
     self.seed = int(np.asarray(seed))
     for name in self.shapes:
       for c in range(self.num_chunks):
-        self._init_chunk(name, c)
+        self._init_chunk(name, c, clear=not self._fresh[name])
       self.release()
-    self.touched = {k: np.zeros(self.num_chunks, bool) for k in self.shapes}
-    self.dirty = {k: np.zeros(self.num_chunks, bool) for k in self.shapes}
+    self.written[:] = False
+    self.dirty[:] = False
 
-  def _init_chunk(self, name: str, c: int) -> None:
-    """Writes the initial values of chunk `c` of array `name`."""
+  def _init_chunk(self, name: str, c: int, clear: bool = True) -> None:
+    """Writes the initial values of chunk `c` of array `name` (zeros only
+    when `clear`: a fresh file reads as zeros)."""
     shape, value = self.shapes[name]
     r0 = c * self.rows_per_chunk
     n = min(self.rows_per_chunk, shape[0] - r0)
@@ -230,7 +230,7 @@ class HostStore:
             s, table, r, chunk))
       block = np.asarray(self._rows_fn(jnp.uint32(self.seed),
                                        jnp.int32(r0)))[:n]
-    elif value == 0.0 and self.directory is not None:
+    elif value == 0.0 and self.directory is not None and not clear:
       return  # the sparse file already reads as zeros
     else:
       block = np.full((n,) + tuple(shape[1:]), value, np.float32)
@@ -245,17 +245,6 @@ class HostStore:
     with open(self.path(name), 'r+b') as f:
       f.seek(r0 * row_bytes)
       f.write(np.ascontiguousarray(block).tobytes())
-
-  def _read_block(self, name: str, c: int) -> bytes:
-    shape = self.shapes[name][0]
-    r0 = c * self.rows_per_chunk
-    n = min(self.rows_per_chunk, shape[0] - r0)
-    if self.directory is None:
-      return self.arrays[name][r0:r0 + n].tobytes()
-    row_bytes = int(np.prod(shape[1:])) * 4
-    with open(self.path(name), 'rb') as f:
-      f.seek(r0 * row_bytes)
-      return f.read(n * row_bytes)
 
   def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
     """Reads rows of every array.
@@ -275,12 +264,12 @@ class HostStore:
       rows: `[n]` unique rows.
       values: array name -> `[n, ...]` float32.
     """
-    chunks = np.unique(np.asarray(rows) // self.rows_per_chunk)
+    rows = np.asarray(rows)
     for k, a in self.arrays.items():
       a[rows] = values[k]
       self._fresh[k] = False
-      self.touched[k][chunks] = True
-      self.dirty[k][chunks] = True
+    self.written[rows] = True
+    self.dirty[np.unique(rows // self.rows_per_chunk)] = True
 
   def release(self) -> None:
     """Drops the mapped pages from the resident set (memmap files only)."""
@@ -295,14 +284,15 @@ class HostStore:
   # Checkpoints.
 
   def save(self, directory: str, previous: str | None = None) -> None:
-    """Writes the store to `directory`, chunk by chunk, with a crc32 each.
+    """Writes the rows written since `initialize`, chunk by chunk.
 
-    A chunk never written since `initialize` is recorded as 'init' (its
-    values are remade from the seed on load). A chunk unchanged since the
-    save in `previous` is hard-linked to that save's file. The rest is
-    read with plain reads (not through the mapping, so the resident set
-    does not grow) and written. Nothing larger than one chunk (16 MiB) is
-    held in memory.
+    A checkpoint holds, per chunk of rows, the rows ever written (their
+    numbers and their values in every array, with a crc32); the other
+    rows are remade from the seed on load. A chunk none of whose rows was
+    written since the save in `previous` is hard-linked to that save's
+    files. Values are read through the mapping chunk by chunk and the
+    pages dropped after each, so the resident set stays small; nothing
+    larger than one chunk's written rows is held in memory.
 
     Args:
       directory: a new directory.
@@ -310,44 +300,47 @@ class HostStore:
     """
     os.makedirs(directory, exist_ok=True)
     meta = {'table': self.table.name, 'seed': self.seed,
-            'rows_per_chunk': self.rows_per_chunk, 'arrays': {}}
+            'rows_per_chunk': self.rows_per_chunk,
+            'arrays': sorted(self.shapes), 'chunks': []}
     prev_meta = None
     if previous and os.path.exists(os.path.join(previous, 'store.json')):
       with open(os.path.join(previous, 'store.json')) as f:
         prev_meta = json.load(f)
       if prev_meta.get('rows_per_chunk') != self.rows_per_chunk:
         prev_meta = None
-    for name, (shape, _) in self.shapes.items():
-      chunks = []
-      for c in range(self.num_chunks):
-        if not self.touched[name][c]:
-          chunks.append({'kind': 'init'})
+    for c in range(self.num_chunks):
+      r0 = c * self.rows_per_chunk
+      written = np.flatnonzero(
+          self.written[r0:r0 + self.rows_per_chunk]).astype(np.int64) + r0
+      if not len(written):
+        meta['chunks'].append(None)
+        continue
+      before = prev_meta['chunks'][c] if prev_meta else None
+      if not self.dirty[c] and before is not None:
+        try:
+          for f in before['files'].values():
+            os.link(os.path.join(previous, f), os.path.join(directory, f))
+          meta['chunks'].append(before)
           continue
-        file = f'{name}.{c:06d}.f32'
-        before = (prev_meta['arrays'].get(name, [None] * (c + 1))[c]
-                  if prev_meta else None)
-        if (not self.dirty[name][c] and before
-            and before['kind'] == 'data'):
-          try:
-            os.link(os.path.join(previous, before['file']),
-                    os.path.join(directory, file))
-            chunks.append({'kind': 'data', 'file': file,
-                           'crc32': before['crc32']})
-            continue
-          except OSError:
-            pass  # another file system: copy below
-        data = self._read_block(name, c)
-        with open(os.path.join(directory, file), 'wb') as out:
+        except OSError:
+          pass  # another file system: write below
+      files, crcs = {}, {}
+      values = {'rows': written}
+      values.update(self.read(written))
+      for name, v in values.items():
+        f = f'{c:06d}.{name}.bin'
+        data = np.ascontiguousarray(v).tobytes()
+        with open(os.path.join(directory, f), 'wb') as out:
           out.write(data)
-        chunks.append({'kind': 'data', 'file': file,
-                       'crc32': zlib.crc32(data)})
-      meta['arrays'][name] = chunks
+        files[name], crcs[name] = f, zlib.crc32(data)
+      self.release()
+      meta['chunks'].append({'count': len(written), 'files': files,
+                             'crc32': crcs})
     tmp = os.path.join(directory, 'store.json.tmp')
     with open(tmp, 'w') as f:
       json.dump(meta, f)
     os.replace(tmp, os.path.join(directory, 'store.json'))
-    for k in self.dirty:
-      self.dirty[k][:] = False
+    self.dirty[:] = False
 
   def load(self, directory: str) -> None:
     """Reads a store saved by `save` into this one, checking every chunk.
@@ -367,45 +360,40 @@ class HostStore:
       meta = json.load(f)
     if (meta.get('table') != self.table.name
         or meta.get('rows_per_chunk') != self.rows_per_chunk
-        or set(meta['arrays']) != set(self.shapes)):
+        or meta.get('arrays') != sorted(self.shapes)
+        or len(meta.get('chunks', ())) != self.num_chunks):
       raise ValueError(
           f'{directory} is a store of table {meta.get("table")!r} with'
-          f' arrays {sorted(meta["arrays"])} in chunks of'
-          f' {meta.get("rows_per_chunk")} rows; table {self.table.name!r}'
-          f' needs {sorted(self.shapes)} in chunks of'
-          f' {self.rows_per_chunk} rows.')
+          f' arrays {meta.get("arrays")} in {len(meta.get("chunks", ()))}'
+          f' chunks of {meta.get("rows_per_chunk")} rows; table'
+          f' {self.table.name!r} needs {sorted(self.shapes)} in'
+          f' {self.num_chunks} chunks of {self.rows_per_chunk} rows.')
     self.seed = meta['seed']
-    for name in self.shapes:
-      chunks = meta['arrays'][name]
-      if len(chunks) != self.num_chunks:
-        raise ValueError(
-            f'{directory}: {name!r} has {len(chunks)} chunks, table'
-            f' {self.table.name!r} needs {self.num_chunks}.')
-      for c, ch in enumerate(chunks):
-        self.touched[name][c] = ch['kind'] == 'data'
-        if ch['kind'] == 'init':
-          self._init_chunk(name, c)
-          if (name != 'weights' and self.directory is not None
-              and not self._fresh[name]):  # a fresh file reads as zeros
-            self._write_block(name, c * self.rows_per_chunk, np.full(
-                (min(self.rows_per_chunk,
-                     self.shapes[name][0][0] - c * self.rows_per_chunk),)
-                + tuple(self.shapes[name][0][1:]), self.shapes[name][1],
-                np.float32))
-          continue
-        with open(os.path.join(directory, ch['file']), 'rb') as src:
+    self.written[:] = False
+    for c, ch in enumerate(meta['chunks']):
+      for name in self.shapes:  # the chunk as initialized
+        self._init_chunk(name, c, clear=not self._fresh[name])
+      if ch is None:
+        continue
+      values = {}
+      for name, f in ch['files'].items():
+        with open(os.path.join(directory, f), 'rb') as src:
           data = src.read()
-        if zlib.crc32(data) != ch['crc32']:
+        if zlib.crc32(data) != ch['crc32'][name]:
           raise ValueError(
-              f'{directory}/{ch["file"]}: chunk {c} of {name!r} fails its'
-              ' crc32: the store checkpoint is damaged.')
-        shape = self.shapes[name][0]
-        block = np.frombuffer(data, np.float32).reshape(
-            (-1,) + tuple(shape[1:]))
-        self._write_block(name, c * self.rows_per_chunk, block)
+              f'{directory}/{f}: chunk {c} ({name}) fails its crc32: the'
+              ' store checkpoint is damaged.')
+        dtype = np.int64 if name == 'rows' else np.float32
+        tail = () if name == 'rows' else tuple(self.shapes[name][0][1:])
+        values[name] = np.frombuffer(data, dtype).reshape((-1,) + tail)
+      rows = values.pop('rows')
+      for name, a in self.arrays.items():
+        a[rows] = values[name]
+      self.written[rows] = True
       self.release()
-    for k in self.dirty:
-      self.dirty[k][:] = False
+    self.dirty[:] = False
+    for k in self._fresh:
+      self._fresh[k] = False
 
 
 def store_checkpoint_dir(checkpoint_dir, step: int) -> str:

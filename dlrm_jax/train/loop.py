@@ -443,9 +443,8 @@ class _Run:
     logging.info('mesh: %s; %d device(s), %d process(es)',
                  dict(trainer.mesh.shape), trainer.mesh.devices.size,
                  jax.process_count())
-    logging.info('embedding plan:\n%s',
-                 plan_lib.describe(trainer.plan, trainer.spec.tables,
-                                   trainer.mesh.shape['data']))
+    trainer.attach_store(workdir)
+    logging.info('embedding plan:\n%s', trainer.describe_plan())
     data = inputs.make_data(spec, process_index=jax.process_index(),
                             process_count=jax.process_count())
     logging.info('data: %s', data.description)
@@ -465,7 +464,6 @@ class _Run:
         raise ValueError(
             'config.keep_best_metric: a best checkpoint is not kept for'
             ' cached tables (config.embedding.cache.tables) yet; unset one.')
-      trainer.attach_store(workdir)
       step, state, meta = _resume(trainer, ckpt, data_iter, host, loop.seed)
       if meta is not None:
         stopper.load_state_dict(meta.get('early_stopping'))

@@ -244,6 +244,17 @@ class Trainer:
       d = os.path.join(workdir, d) if workdir else ''
     self.cached.directory = d or None
 
+  def describe_plan(self) -> str:
+    """The embedding plan as text (`planner.describe`): cached tables show
+    their caches, counted in device memory, and their stores apart."""
+    stores = None
+    if self.cached:
+      where = self.cached.directory or 'host memory'
+      stores = {t.name: (t.num_rows, cache_lib.HostStore.bytes_of(t), where)
+                for t in self.spec.tables if t.name in self.cached.caches}
+    return plan_lib.describe(self.plan, self.device_tables,
+                             self.mesh.shape['data'], stores=stores)
+
   @property
   def plan(self) -> plan_lib.Plan:
     """The embedding sharding plan."""

@@ -515,7 +515,8 @@ def plan_bytes_per_device(plan: Plan, tables: Sequence[TableSpec]) -> np.ndarray
 
 
 def describe(plan: Plan, tables: Sequence[TableSpec],
-             data_replicas: int = 1) -> str:
+             data_replicas: int = 1,
+             stores: dict[str, tuple[int, int, str]] | None = None) -> str:
   """The plan as a text table.
 
   Args:
@@ -523,6 +524,9 @@ def describe(plan: Plan, tables: Sequence[TableSpec],
     tables: its tables.
     data_replicas: the devices along the mesh's data axis. Each model shard
       is held by that many devices.
+    stores: for cached tables (whose `tables` entry is the device cache),
+      `(rows, bytes, where)` of their stores: the table's own rows, its
+      rows' and optimizer slots' bytes, and 'host memory' or a directory.
 
   Returns:
     One row per table, then the bytes per device over all tables. A row
@@ -543,7 +547,11 @@ def describe(plan: Plan, tables: Sequence[TableSpec],
           (f' from {p.devices[0]}' if p.devices[0] != min(p.devices) else ''))
       per = b / len(p.devices)
     strategy = p.strategy + (f'/{p.exchange}' if p.exchange else '')
-    rows.append((p.table, f'{t.num_rows:,}', str(t.dim), strategy, devices,
+    n_rows = f'{t.num_rows:,}'
+    if stores and p.table in stores:
+      strategy = 'cached, ' + strategy
+      n_rows = f'{t.num_rows:,} of {stores[p.table][0]:,}'
+    rows.append((p.table, n_rows, str(t.dim), strategy, devices,
                  _human(per)))
   per_device = plan_bytes_per_device(plan, tables)
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -553,6 +561,13 @@ def describe(plan: Plan, tables: Sequence[TableSpec],
       f'per device: min {_human(per_device.min())}, max '
       f'{_human(per_device.max())}; {plan.num_shards} model shard(s), each'
       f' held by {data_replicas} device(s) of the mesh\'s data axis')
+  if stores:
+    total = sum(v[1] for v in stores.values())
+    wheres = sorted({v[2] for v in stores.values()})
+    lines.append(
+        f'cached tables: {len(stores)}, their caches counted above; their'
+        f' stores (all rows and optimizer state) {_human(total)} in'
+        f' {", ".join(wheres)}')
   return '\n'.join(lines)
 
 
