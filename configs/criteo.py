@@ -6,6 +6,10 @@ Variants, chosen with a suffix: `--config=configs/criteo.py:<variant>`.
             2-core CPU.
   terabyte: TorchEasyRec's `examples/dlrm_criteo.config` on Criteo 1TB
             (40M-row tables; needs accelerators with ~20 GB for the tables).
+  terabyte_cached: `terabyte` at embedding dim 32: 49 GiB of tables and
+            Adagrad state, cached (2% of each table's rows on the devices,
+            every row in memmap files under the workdir), so it trains on
+            a machine with less memory than its tables.
   tiny:     a very small model and data set for tests.
   mlperf_dcnv2: the MLPerf Training DLRM-DCNv2 recipe on Criteo 1TB with
             multi-hot bags (DCNv2 cross network, Adagrad, batch 65,536, stop
@@ -140,7 +144,7 @@ def _schedule(learning_rate, kind='constant'):
 MLPERF_TRAIN_SAMPLES = 4_195_197_692
 MLPERF_BATCH_SIZE = 65_536
 
-VARIANTS = ('default', 'terabyte', 'tiny', 'mlperf_dcnv2', 'mlperf_dcnv2_tiny',
+VARIANTS = ('default', 'terabyte', 'terabyte_cached', 'tiny', 'mlperf_dcnv2', 'mlperf_dcnv2_tiny',
             'tzrec_criteo', 'torchrec_criteo', 'small_data')
 
 
@@ -275,6 +279,7 @@ def get_config(arg=None):
   config.embedding.cache = config_dict.ConfigDict()
   config.embedding.cache.tables = ''         # cached tables: comma-separated, 'all', or '' (none)
   config.embedding.cache.fraction = 0.2      # cache rows per cached table, as a share of its rows
+                                             # (at least what two batches can need)
   config.embedding.cache.rows = config_dict.placeholder(int)  # or this many cache rows each
   config.embedding.cache.directory = 'store'  # store memmap files (relative: in the workdir); '': RAM
   config.embedding.cache.min_hit_rate = 0.5  # warn when a log window's hit rate is below this
@@ -327,7 +332,7 @@ def get_config(arg=None):
   config.admission.width = 1 << 18          # counters per sketch row
   config.admission.features = []            # [] : every id feature
 
-  if variant == 'terabyte':
+  if variant in ('terabyte', 'terabyte_cached'):
     config.features = _features(16, TERABYTE_NUM_BUCKETS, 'log(x+3)')
     config.model.dense_mlp = mlp([64, 16])
     config.model.final = mlp([64, 32])
@@ -342,6 +347,12 @@ def get_config(arg=None):
     config.log_every_steps = 1000
     config.eval_every_steps = 50_000
     config.checkpoint_every_steps = 10_000
+    if variant == 'terabyte_cached':
+      config.features = _features(32, TERABYTE_NUM_BUCKETS, 'log(x+3)')
+      config.model.dense_mlp = mlp([64, 32])          # ends at the dim
+      config.embedding.cache.tables = 'all'           # every table cached,
+      config.embedding.cache.fraction = 0.02          # 2% of its rows on device
+      config.embedding.cache.directory = 'store'      # the rest on disk
   elif variant == 'tzrec_criteo':
     # TorchEasyRec's benchmark `dlrm.config` (as summarized in issue 11):
     # expected AUC 0.796 on Criteo 1TB.

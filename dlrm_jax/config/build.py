@@ -334,16 +334,20 @@ def build_sharding_request(config, table_names: Sequence[str]
       device_memory_gb=e.device_memory_gb)
 
 
-def build_cache_request(config, tables) -> spec_lib.CacheRequest:
+def build_cache_request(config, tables, features) -> spec_lib.CacheRequest:
   """`config.embedding.cache`: which tables are cached, and their cache rows.
 
   Args:
     config: the config.
     tables: the table specs.
+    features: the feature specs (their ids per example).
 
   Returns:
     The request. A table's cache rows are `cache.rows`, else
-    `ceil(cache.fraction * rows)`, at most its rows.
+    `ceil(cache.fraction * rows)` but at least the most unique rows two
+    training batches, or one eval batch, can hold (its ids per example
+    times the larger of 2 * batch_size and eval_batch_size), so the cache
+    never runs out; at most its rows.
 
   Raises:
     ValueError: naming the field (`checks.check_cache`).
@@ -356,11 +360,17 @@ def build_cache_request(config, tables) -> spec_lib.CacheRequest:
   names = ([t.name for t in tables] if cfg.tables == 'all' else
            [n.strip() for n in cfg.tables.split(',') if n.strip()])
   by_name = {t.name: t for t in tables}
+  ids_per_example = {t.name: 0 for t in tables}
+  for f in features:
+    ids_per_example[f.table] += f.max_ids
+  batch = max(2 * config.batch_size, config.eval_batch_size)
   rows = []
   for n in names:
     r = by_name[n].num_rows
-    c = cfg.rows if cfg.get('rows') is not None else math.ceil(
-        cfg.fraction * r)
+    if cfg.get('rows') is not None:
+      c = cfg.rows
+    else:
+      c = max(math.ceil(cfg.fraction * r), batch * ids_per_example[n])
     rows.append((n, int(min(max(c, 1), r))))
   return spec_lib.CacheRequest(rows=tuple(rows),
                                directory=cfg.get('directory') or '',
@@ -576,7 +586,8 @@ def build(config) -> RunSpec:
   model = build_model(config)
   sharding = build_sharding_request(config, [t.name for t in model.tables])
   sharding = dataclasses.replace(
-      sharding, cache=build_cache_request(config, model.tables))
+      sharding, cache=build_cache_request(config, model.tables,
+                                          model.feature_specs))
   return RunSpec(
       **{f.name: getattr(model, f.name)
          for f in dataclasses.fields(ModelSetup)},

@@ -79,6 +79,8 @@ from dlrm_jax.parallel import MODEL
 
 POLICY = 'lru'
 _CHUNK_ROWS = 1 << 20
+# Batches between drops of the stores' mapped pages from the resident set.
+_RELEASE_EVERY = 8
 
 
 def cache_table_spec(table: TableSpec, cache_rows: int) -> TableSpec:
@@ -681,6 +683,7 @@ class CachedTables:
     # slots, their old rows). `flush` undoes them to see the device's map.
     self._unswapped: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     self.lock = threading.RLock()  # prepare and flush see one map
+    self._prepared = 0
 
   def create(self, key: jax.Array) -> None:
     """Makes the stores and writes their initial values.
@@ -784,6 +787,10 @@ class CachedTables:
     self._in_flight[index] = {n: np.sort(r[r >= 0])
                               for n, r in evict_rows.items()}
     self._unswapped[index] = undo
+    self._prepared += 1
+    if self._prepared % _RELEASE_EVERY == 0:  # keep the resident set small
+      for store in self.stores.values():
+        store.release()
     return Prepared(index, ids, swaps, evict_rows)
 
   def rollback(self) -> None:
