@@ -122,6 +122,27 @@ class CachedLoopTest(absltest.TestCase):
           np.load(os.path.join(out, export_tables.file_names(t.name, None))),
           self.ref_tables[t.name][0], err_msg=t.name)
 
+  def test_eight_devices_row_wise_equal_one_device_on_device(self):
+    # 2 x 4 devices, the big tables row-wise: each shard swaps only the
+    # cache slots it holds, and replicas over 'data' swap alike.
+    workdir = os.path.join(self.root, 'eight')
+    config = _config(40, 0.15)
+    config.mesh.data, config.mesh.model = 2, 4
+    config.embedding.sharding = 'row_wise'
+    trainer = trainer_lib.Trainer(config, mesh=reference.mesh_of(2, 4))
+    self.assertEqual({p.strategy for p in trainer.plan.placements},
+                     {'row_wise'})
+    train_loop.train_and_evaluate(config, workdir, trainer)
+    got, want = _losses(workdir), _losses(self.ref_dir)
+    np.testing.assert_allclose([l for _, l in got[0]],
+                               [l for _, l in want[0]], rtol=1e-5)
+    for t in trainer.spec.tables:
+      store = cache_lib.HostStore(t, os.path.join(workdir, 'store'),
+                                  create=False)
+      np.testing.assert_allclose(store.arrays['weights'],
+                                 self.ref_tables[t.name][0], rtol=1e-4,
+                                 atol=1e-6, err_msg=t.name)
+
   def test_eval_and_predict_of_a_cached_trainer_are_named(self):
     trainer = trainer_lib.Trainer(_config(40, 0.15), mesh=self.mesh)
     with self.assertRaisesRegex(ValueError, 'evaluate_cached'):

@@ -41,15 +41,24 @@ The hazards, and how they are closed:
   be at least the unique rows of two consecutive batches. A cache of the
   whole table always hits once every row is loaded (HugeCTR#278).
 
-Checkpoints flush every cached row to the store first (`flush`), then write
-the store in chunks (`HostStore.save`, never one host array). A restore
-reads the store back and starts with an empty cache, so it works onto any
-cache size, and training after it is exact: a row's value does not depend on
-where it was cached.
+Checkpoints flush every cached row to the store first (`flush`), then save
+the store chunk by chunk (`HostStore.save`, never one host array): per chunk
+of 2^20 rows, the rows written since initialization and their values; the
+rest is remade from the seed on load, and a chunk unchanged since the last
+save is a hard link to it. A restore reads the store back and starts with an
+empty cache, so it works onto any cache size, and training after it is
+exact: a row's value does not depend on where it was cached.
+
+The store starts with the values `EmbeddingEngine.init` gives the same
+table, bit for bit for the 'uniform' and 'zeros' initializers; 'normal' and
+'truncated_normal' go through XLA's float32 erfinv, which it fuses
+differently on and off the devices, and agree to an ulp.
 
 Cached tables are float32 with a single process. 16-bit tables round
 stochastically with a hash of the row number, which a slot number would
-change.
+change. On a row-wise table each shard caches the slots it holds; which
+rows those are is the LRU's choice, not the row's shard in an uncached
+layout.
 
 Shape letters: R a table's rows, D its dim, K the most swaps per step of a
 table (`max_swaps`), C cache rows.
