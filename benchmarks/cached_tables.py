@@ -14,7 +14,7 @@ all tables on device, for:
   rows are not the low row numbers), a different one for each table.
 
   python -m benchmarks.cached_tables                  # the full grid
-  python -m benchmarks.cached_tables --quick          # 5%, 20%, 100%; fewer steps
+  python -m benchmarks.cached_tables --quick          # 5%, 20%, 100%, short
   python -m benchmarks.cached_tables --fractions=0.2 --distributions=zipf1.05
   python -m benchmarks.cached_tables --rows=1000000 --steps=10 --profile_prepare
 
@@ -437,8 +437,8 @@ def main(argv):
     cached_res = results.get(key)
     share = ''
     if isinstance(cached_res, dict):
-      share = (f'; prepare + write_back = '
-               f'{(alone["prepare_s"] + alone["write_back_s"]) / cached_res["step_s"]:.0%}'
+      host_s = alone['prepare_s'] + alone['write_back_s']
+      share = (f'; prepare + write_back = {host_s / cached_res["step_s"]:.0%}'
                ' of the cached step')
     print(f'host alone, {_RATIO_FRACTION:.0%} cache, {_RATIO_DIST} ids'
           f' ({alone["batches"]} batches after {warmup}): prepare'
