@@ -196,8 +196,9 @@ class OneLineErrorsTest(absltest.TestCase):
     config = os.path.relpath(os.path.join(_ROOT, 'configs', 'criteo.py'),
                              cwd)
     os.makedirs(os.path.join(cwd, 'empty'))
-    variants = ('default, terabyte, tiny, mlperf_dcnv2, mlperf_dcnv2_tiny,'
-                ' tzrec_criteo, torchrec_criteo, small_data')
+    variants = ('default, terabyte, terabyte_cached, tiny, mlperf_dcnv2,'
+                ' mlperf_dcnv2_tiny, tzrec_criteo, torchrec_criteo,'
+                ' small_data')
     cases = [
         ([f'--config={config}:smalldata'],
          f'error: --config={config}:smalldata: unknown variant \'smalldata\''
