@@ -128,6 +128,10 @@ def main(argv):
     params, opt_state, loss = train_step(
         params, opt_state, put(users[train_u[rows]]),
         put(items[train_i[rows]]), put(train_i[rows]), step)
+    # One step in flight: with several queued, XLA:CPU's fake devices can
+    # deadlock in a collective on a loaded machine (some devices' threads
+    # never join the rendezvous).
+    loss.block_until_ready()
     if step % 100 == 0 or step == _STEPS.value - 1:
       print(f'step {step} loss {float(loss):.4f}', flush=True)
 
