@@ -24,9 +24,9 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import itertools
 import json
 import os
-import itertools
 import shutil
 import signal
 import threading
@@ -43,7 +43,6 @@ from dlrm_jax.config import build as config_lib
 from dlrm_jax.data import inputs
 from dlrm_jax.embedding import cache as cache_lib
 from dlrm_jax.embedding.ids.host_state import HostState
-from dlrm_jax.embedding.sharding import planner as plan_lib
 from dlrm_jax.train import checkpoint as ckpt_lib
 from dlrm_jax.train import early_stopping
 from dlrm_jax.train import reporting
