@@ -511,11 +511,6 @@ class RowCache:
     self.last_use[self.slot_of_row[rows]] = self.clock
     return victims.astype(np.int32), loads, old
 
-  def occupied(self) -> tuple[np.ndarray, np.ndarray]:
-    """The occupied slots and their rows."""
-    slots = np.flatnonzero(self.row_of_slot >= 0)
-    return slots.astype(np.int32), self.row_of_slot[slots]
-
   def clear(self) -> None:
     """Empties the cache map (after a restore)."""
     self.slot_of_row[:] = -1
@@ -738,12 +733,6 @@ class CachedTables:
     for t in self.tables:
       if t.name in self.caches:
         self.stores[t.name] = HostStore(t, self.directory, create=True)
-
-  def open(self) -> None:
-    """Opens stores whose files exist (a resumed run's)."""
-    for t in self.tables:
-      if t.name in self.caches:
-        self.stores[t.name] = HostStore(t, self.directory, create=False)
 
   @property
   def nbytes(self) -> int:
